@@ -7,7 +7,10 @@
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod inputs;
 pub mod model;
 pub mod progress;
+pub mod project;
 pub mod qemu_img;
+pub mod realise;
 pub mod store;

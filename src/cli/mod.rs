@@ -1,4 +1,111 @@
-//! Command-line interface (being written).
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! Command-line interface: clap definitions, one file per subcommand; each turns its
+//! arguments into options and calls the library. Exit codes: 0 success, 1 failure,
+//! 2 bad input (invalid farm.toml, unknown name, bad flags).
+
+mod build;
+mod check;
+mod show;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ConfigError;
+use crate::progress::Reporter;
+use crate::project::ProjectOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "farm",
+    version,
+    about = "Build cached, verified VM images from one farm.toml and run nested VM labs from them"
+)]
+pub struct Cli {
+    /// The project's farm.toml; `images/` and `platforms/` beside it are read too.
+    #[arg(
+        short = 'f',
+        long,
+        global = true,
+        env = "FARM_CONFIG",
+        default_value = "farm.toml"
+    )]
+    pub config: PathBuf,
+
+    /// The store directory [default: `cache/` beside farm.toml].
+    #[arg(long, global = true, env = "FARM_STORE")]
+    pub store: Option<PathBuf>,
+
+    /// Print no progress or status lines (errors are still printed).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Realise derivations into the store: fetch and verify images, build platform layers.
+    Build(build::BuildArgs),
+    /// Print what `farm build` would do: cached, fetch, or build, for each derivation.
+    Plan(build::PlanArgs),
+    /// Print a derivation and its hash.
+    Show(show::ShowArgs),
+    /// Validate farm.toml and print the topology it describes.
+    Check(check::CheckArgs),
+    /// Inspect and verify the store.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+}
+
+/// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}\nhint: {hint}")]
+pub struct UsageError {
+    pub message: String,
+    pub hint: String,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let reporter = Reporter::new(cli.quiet);
+    let options = ProjectOptions {
+        config: cli.config.clone(),
+        store: cli.store.clone(),
+    };
+    let result = match cli.command {
+        Command::Build(args) => build::run(&options, args, &reporter),
+        Command::Plan(args) => build::plan(&options, args),
+        Command::Show(args) => show::run(&options, args),
+        Command::Check(args) => check::run(&options, args),
+        Command::Store(command) => store::run(&options, command, &reporter),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&err);
+            exit_code_for(&err)
+        }
+    }
+}
+
+fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    let bad_input = err.chain().any(|cause| {
+        cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<UsageError>().is_some()
+    });
+    ExitCode::from(if bad_input { 2 } else { 1 })
+}
+
+fn print_error(err: &anyhow::Error) {
+    if let Some(ConfigError::Invalid { rendered, .. }) = err.downcast_ref::<ConfigError>() {
+        eprintln!("{rendered}");
+        return;
+    }
+    eprintln!("error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
 }

@@ -1,0 +1,98 @@
+//! `farm build [NAME…]` and `farm plan`: load → validate → plan → print or apply.
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::model::derivation::DrvId;
+use crate::model::plan::{BuildPlan, plan_build};
+use crate::progress::Reporter;
+use crate::project::{Project, ProjectOptions};
+use crate::realise::{RealiseOptions, present_hashes, realise};
+use crate::store::Store;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Images, platforms, `<platform>_<target>` names or VMs to build [default: all that
+    /// farm.toml's VMs use, every unused platform, and every image].
+    pub names: Vec<String>,
+    /// Print the plan (cached / fetch / build for each derivation) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How many times a download is attempted, each resuming where the last stopped.
+    #[arg(long, env = "FARM_FETCH_ATTEMPTS", default_value_t = crate::realise::DEFAULT_FETCH_ATTEMPTS)]
+    pub fetch_attempts: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// As for `farm build`.
+    pub names: Vec<String>,
+}
+
+/// The derivations named on the command line, or the project's default set.
+fn wanted(project: &Project, names: &[String]) -> anyhow::Result<Vec<DrvId>> {
+    if names.is_empty() {
+        let mut all = project.wanted.clone();
+        all.extend(
+            project
+                .graph
+                .nodes
+                .keys()
+                .filter(|id| matches!(id, DrvId::Image { .. }))
+                .cloned(),
+        );
+        return Ok(all);
+    }
+    let mut ids = Vec::new();
+    for name in names {
+        ids.extend(project.resolve(name)?);
+    }
+    Ok(ids)
+}
+
+fn make_plan(project: &Project, store: &Store, names: &[String]) -> anyhow::Result<BuildPlan> {
+    let ids = wanted(project, names)?;
+    let closure = project.graph.closure(&ids);
+    let present = present_hashes(store, closure)?;
+    Ok(plan_build(
+        &project.loaded.config,
+        &project.graph,
+        &ids,
+        &present,
+    ))
+}
+
+pub fn plan(options: &ProjectOptions, args: PlanArgs) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    let store = open_store(&project)?;
+    print!("{}", make_plan(&project, &store, &args.names)?);
+    Ok(())
+}
+
+pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    let store = open_store(&project)?;
+    let plan = make_plan(&project, &store, &args.names)?;
+    if args.dry_run {
+        print!("{plan}");
+        return Ok(());
+    }
+    if plan.is_noop() {
+        reporter.line(format!(
+            "{:>12} all {} derivations are cached",
+            "done",
+            plan.steps.len()
+        ));
+        return Ok(());
+    }
+    let options = RealiseOptions {
+        fetch_attempts: args.fetch_attempts.max(1),
+    };
+    realise(&project.loaded.config, &plan, &store, &options, reporter)?;
+    Ok(())
+}
+
+pub fn open_store(project: &Project) -> anyhow::Result<Store> {
+    Store::open(&project.store_dir)
+        .with_context(|| format!("Cannot open the store `{}`", project.store_dir.display()))
+}

@@ -1,0 +1,52 @@
+//! `farm check`: validate farm.toml and show the topology it describes.
+
+use clap::Args;
+
+use crate::model::topology::{Placement, Topology};
+use crate::project::{Project, ProjectOptions};
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {}
+
+pub fn run(options: &ProjectOptions, _args: CheckArgs) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    let config = &project.loaded.config;
+    println!(
+        "`{}` is valid: {} images, {} platforms, {} targets, {} networks, {} VMs",
+        options.config.display(),
+        config.images.len(),
+        config.platforms.len(),
+        config.targets.len(),
+        config.networks.len(),
+        project.loaded.topology.vms.len()
+    );
+    print!("{}", render_tree(&project.loaded.topology));
+    Ok(())
+}
+
+/// The topology as an indented tree: hosts, then the VMs each runs, at every depth.
+pub fn render_tree(topology: &Topology) -> String {
+    fn walk(topology: &Topology, placement: &Placement, depth: usize, out: &mut String) {
+        for vm in topology.children(placement) {
+            let port = vm
+                .ssh_port
+                .map(|p| format!(", ssh port {p}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{}{} ({} on {}, L{}{port})\n",
+                "  ".repeat(depth),
+                vm.name,
+                vm.platform,
+                vm.target,
+                vm.level
+            ));
+            walk(topology, &Placement::Vm(vm.name.clone()), depth + 1, out);
+        }
+    }
+    let mut out = String::new();
+    for host in topology.hosts.keys() {
+        out.push_str(&format!("{host} (host)\n"));
+        walk(topology, &Placement::Host(host.clone()), 1, &mut out);
+    }
+    out
+}

@@ -1,0 +1,430 @@
+//! Raw (as written) → model (as meant): attach file ids to spans, resolve relative paths
+//! against the declaring file's directory, parse hashes, and merge files into one `Config`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::raw::{
+    RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawPlatform, RawVm,
+};
+use crate::model::config::{
+    Attachment, Config, DebianSpec, Deploy, DuplicateDefinition, FileId, Forward, Host, Image,
+    ImageSource, KeyGrant, Located, Network, NetworkKind, Nic, Origin, Platform, Resources, Steps,
+    Target, VmDecl,
+};
+use crate::model::diagnostic::Diagnostic;
+use crate::model::hash::{ExpectedHash, HashAlgo};
+
+/// The default Debian mirror; offline labs point `mirror` at their own.
+pub const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// Everything lowering needs to know about the file being lowered.
+pub struct FileContext<'a> {
+    pub file: FileId,
+    /// Relative paths in the file are relative to this directory.
+    pub dir: &'a Path,
+    /// For `~/` in paths; None leaves `~` alone (and the path will not be found).
+    pub home: Option<&'a Path>,
+}
+
+impl FileContext<'_> {
+    fn origin<T>(&self, spanned: &Spanned<T>) -> Origin {
+        Origin {
+            file: self.file,
+            span: spanned.span(),
+        }
+    }
+
+    fn located<T: Clone>(&self, spanned: &Spanned<T>) -> Located<T> {
+        Located::new(spanned.get_ref().clone(), self.origin(spanned))
+    }
+
+    fn path(&self, spanned: &Spanned<String>) -> Located<PathBuf> {
+        let text = spanned.get_ref();
+        let path = match (text.strip_prefix("~/"), self.home) {
+            (Some(rest), Some(home)) => home.join(rest),
+            _ => self.dir.join(text),
+        };
+        Located::new(path, self.origin(spanned))
+    }
+
+    fn names(&self, list: &[Spanned<String>]) -> Vec<Located<String>> {
+        list.iter().map(|s| self.located(s)).collect()
+    }
+}
+
+/// Adds one parsed file's definitions to `config`; problems go to `problems`.
+pub fn merge_file(
+    config: &mut Config,
+    raw: RawFile,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) {
+    for (name, image) in raw.images {
+        if let Some(image) = check_name(&name, cx, "image", problems)
+            .then(|| lower_image(cx.located(&name), image, cx, problems))
+            .flatten()
+        {
+            insert(config, |c| &mut c.images, "image", image);
+        }
+    }
+    for (name, target) in raw.targets {
+        if check_name(&name, cx, "target", problems) {
+            let target = Target {
+                name: cx.located(&name),
+                arch: target.arch,
+                machine: target.machine,
+                cpu: target.cpu,
+                accel: target.accel,
+            };
+            insert(config, |c| &mut c.targets, "target", target);
+        }
+    }
+    for (name, platform) in raw.platforms {
+        if check_name(&name, cx, "platform", problems) {
+            let platform = lower_platform(cx.located(&name), platform, cx);
+            insert(config, |c| &mut c.platforms, "platform", platform);
+        }
+    }
+    for (name, network) in raw.networks {
+        if check_name(&name, cx, "network", problems) {
+            let network = Network {
+                name: cx.located(&name),
+                kind: match network.kind {
+                    RawNetworkKind::Vde => NetworkKind::Vde {
+                        url: network.url,
+                        subnet: network.subnet,
+                    },
+                },
+            };
+            insert(config, |c| &mut c.networks, "network", network);
+        }
+    }
+    for (name, host) in raw.hosts {
+        if check_name(&name, cx, "host", problems) {
+            let host = lower_host(cx.located(&name), host, cx);
+            insert(config, |c| &mut c.hosts, "host", host);
+        }
+    }
+    for (name, vm) in raw.vms {
+        if check_name(&name, cx, "VM", problems) {
+            let vm = lower_vm(cx.located(&name), vm, cx);
+            insert(config, |c| &mut c.vms, "VM", vm);
+        }
+    }
+}
+
+/// Lowers `platforms/NAME.toml`, whose top level is one platform named after the file.
+pub fn merge_platform_file(
+    config: &mut Config,
+    name: Located<String>,
+    raw: RawPlatform,
+    cx: &FileContext,
+) {
+    let platform = lower_platform(name, raw, cx);
+    insert(config, |c| &mut c.platforms, "platform", platform);
+}
+
+/// Lowers `images/NAME.toml`, whose top level is one image named after the file.
+pub fn merge_image_file(
+    config: &mut Config,
+    name: Located<String>,
+    raw: RawImage,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) {
+    if let Some(image) = lower_image(name, raw, cx, problems) {
+        insert(config, |c| &mut c.images, "image", image);
+    }
+}
+
+/// Names become store directory names and hostnames: keep them to a safe alphabet.
+fn check_name(
+    name: &Spanned<String>,
+    cx: &FileContext,
+    kind: &str,
+    problems: &mut Vec<Diagnostic>,
+) -> bool {
+    let ok = is_valid_name(name.get_ref());
+    if !ok {
+        problems.push(
+            Diagnostic::new(
+                format!("The {kind} name `{}` is not allowed", name.get_ref()),
+                cx.origin(name),
+            )
+            .hint("names use letters, digits, `-`, `_` and `.`, and start with a letter or digit"),
+        );
+    }
+    ok
+}
+
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Definitions carry their name and where it was written, so duplicates can report both places.
+trait Named {
+    fn located_name(&self) -> &Located<String>;
+}
+
+macro_rules! named {
+    ($($ty:ty),*) => {
+        $(impl Named for $ty {
+            fn located_name(&self) -> &Located<String> {
+                &self.name
+            }
+        })*
+    };
+}
+named!(Image, Target, Platform, Network, Host, VmDecl);
+
+/// Inserts a definition; a second one with the same name is recorded for validation to
+/// report, and the first is kept.
+fn insert<T: Named>(
+    config: &mut Config,
+    table: impl Fn(&mut Config) -> &mut BTreeMap<String, T>,
+    kind: &'static str,
+    value: T,
+) {
+    let name = value.located_name().value.clone();
+    let second = value.located_name().at.clone();
+    if let Some(existing) = table(config).get(&name) {
+        let first = existing.located_name().at.clone();
+        config.duplicates.push(DuplicateDefinition {
+            kind,
+            name,
+            first,
+            second,
+        });
+    } else {
+        table(config).insert(name, value);
+    }
+}
+
+fn lower_image(
+    name: Located<String>,
+    raw: RawImage,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) -> Option<Image> {
+    let hashes: Vec<(HashAlgo, &Spanned<String>)> = [
+        (HashAlgo::Sha256, &raw.sha256),
+        (HashAlgo::Sha512, &raw.sha512),
+        (HashAlgo::Blake3, &raw.blake3),
+    ]
+    .into_iter()
+    .filter_map(|(algo, text)| text.as_ref().map(|t| (algo, t)))
+    .collect();
+    if hashes.len() > 1 {
+        problems.push(
+            Diagnostic::new(
+                format!("Image `{}` declares more than one hash", name.value),
+                cx.origin(hashes[1].1),
+            )
+            .hint("keep one of `sha256`, `sha512` or `blake3`"),
+        );
+        return None;
+    }
+    let hash = match hashes.first() {
+        Some((algo, text)) => match ExpectedHash::parse(*algo, text.get_ref()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                problems.push(
+                    Diagnostic::new(
+                        format!(
+                            "Image `{}` has a malformed {}: {e}",
+                            name.value,
+                            algo.name()
+                        ),
+                        cx.origin(text),
+                    )
+                    .hint("copy the digest from the publisher's SHA256SUMS/SHA512SUMS file"),
+                );
+                return None;
+            }
+        },
+        None => None,
+    };
+    let sources = [
+        raw.url.as_ref().map(|s| cx.origin(s)),
+        raw.path.as_ref().map(|s| cx.origin(s)),
+        raw.debian.as_ref().map(|s| cx.origin(s)),
+    ];
+    let given: Vec<&Origin> = sources.iter().flatten().collect();
+    if given.len() != 1 {
+        let at = given
+            .get(1)
+            .map(|o| (*o).clone())
+            .unwrap_or(name.at.clone());
+        problems.push(
+            Diagnostic::new(
+                format!(
+                    "Image `{}` must have exactly one source: `url`, `path` or `debian`",
+                    name.value
+                ),
+                at,
+            )
+            .hint("e.g. `url = \"https://…/disk.qcow2\"` with `sha512 = \"…\"`"),
+        );
+        return None;
+    }
+    let source = if let Some(url) = &raw.url {
+        let Some(hash) = hash else {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "Image `{}` is downloaded from a URL but declares no hash to verify it against",
+                        name.value
+                    ),
+                    cx.origin(url),
+                )
+                .hint("add `sha256 = \"…\"` or `sha512 = \"…\"` as published next to the image"),
+            );
+            return None;
+        };
+        ImageSource::Url {
+            url: cx.located(url),
+            hash,
+        }
+    } else if let Some(path) = &raw.path {
+        ImageSource::Path {
+            path: cx.path(path),
+            hash,
+        }
+    } else {
+        let debian = raw.debian.expect("one source is present").into_inner();
+        ImageSource::Debian(DebianSpec {
+            suite: debian.suite,
+            mirror: debian
+                .mirror
+                .unwrap_or_else(|| DEFAULT_DEBIAN_MIRROR.to_string()),
+            variant: debian.variant.unwrap_or_else(|| "minbase".to_string()),
+            packages: debian.packages,
+        })
+    };
+    Some(Image {
+        name,
+        source,
+        arch: raw.arch,
+        format: raw.format,
+    })
+}
+
+fn lower_platform(name: Located<String>, raw: RawPlatform, cx: &FileContext) -> Platform {
+    let authorized_keys = match raw.authorized_keys {
+        None => Vec::new(),
+        Some(RawKeys::ForRoot(keys)) => keys
+            .iter()
+            .map(|k| KeyGrant {
+                user: "root".to_string(),
+                key_file: cx.path(k),
+            })
+            .collect(),
+        Some(RawKeys::PerUser(users)) => users
+            .iter()
+            .flat_map(|(user, keys)| {
+                keys.iter().map(move |k| KeyGrant {
+                    user: user.clone(),
+                    key_file: cx.path(k),
+                })
+            })
+            .collect(),
+    };
+    Platform {
+        name,
+        from: cx.located(&raw.from),
+        steps: Steps {
+            authorized_keys,
+            upgrade: raw.upgrade,
+            packages: raw.packages,
+            files: raw
+                .files
+                .iter()
+                .map(|(guest, local)| (guest.clone(), cx.path(local)))
+                .collect(),
+            run: raw.run,
+        },
+        resources: Resources {
+            memory: raw.memory,
+            cpus: raw.cpus,
+            disk_size: raw.disk_size,
+        },
+    }
+}
+
+fn lower_deploy(raw: &RawDeploy, cx: &FileContext) -> Deploy {
+    Deploy {
+        targets: cx.names(&raw.targets),
+        platforms: cx.names(&raw.platforms),
+    }
+}
+
+fn lower_attach(
+    raw: &BTreeMap<Spanned<String>, Spanned<crate::model::values::IpCidr>>,
+    cx: &FileContext,
+) -> Vec<Attachment> {
+    raw.iter()
+        .map(|(network, address)| Attachment {
+            network: cx.located(network),
+            address: cx.located(address),
+        })
+        .collect()
+}
+
+fn lower_host(name: Located<String>, raw: RawHost, cx: &FileContext) -> Host {
+    Host {
+        name,
+        address: raw.address,
+        deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
+        attach: lower_attach(&raw.attach, cx),
+    }
+}
+
+fn lower_vm(name: Located<String>, raw: RawVm, cx: &FileContext) -> VmDecl {
+    VmDecl {
+        name,
+        platform: raw.platform.as_ref().map(|s| cx.located(s)),
+        target: raw.target.as_ref().map(|s| cx.located(s)),
+        host: raw.host.as_ref().map(|s| cx.located(s)),
+        hostname: raw.hostname,
+        ssh_port: raw.ssh_port.as_ref().map(|s| cx.located(s)),
+        forwards: raw
+            .forwards
+            .iter()
+            .map(|f| {
+                Located::new(
+                    Forward {
+                        host: f.get_ref().host,
+                        guest: f.get_ref().guest,
+                    },
+                    cx.origin(f),
+                )
+            })
+            .collect(),
+        user_network: raw.user_network.unwrap_or(true),
+        nics: raw
+            .nics
+            .iter()
+            .map(|n| Nic {
+                network: cx.located(&n.network),
+                ip: n.ip.as_ref().map(|s| cx.located(s)),
+                gateway: n.gateway,
+                mac: n.mac.as_ref().map(|s| cx.located(s)),
+            })
+            .collect(),
+        attach: lower_attach(&raw.attach, cx),
+        deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
+        resources: Resources {
+            memory: raw.memory,
+            cpus: raw.cpus,
+            disk_size: raw.disk_size,
+        },
+    }
+}

@@ -1,0 +1,155 @@
+//! farm.toml as written: serde types that keep spans and reject unknown keys.
+//! `lower` turns them into the model's `Config`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    #[serde(default)]
+    pub images: BTreeMap<Spanned<String>, RawImage>,
+    #[serde(default)]
+    pub targets: BTreeMap<Spanned<String>, RawTarget>,
+    #[serde(default)]
+    pub platforms: BTreeMap<Spanned<String>, RawPlatform>,
+    #[serde(default)]
+    pub networks: BTreeMap<Spanned<String>, RawNetwork>,
+    #[serde(default)]
+    pub hosts: BTreeMap<Spanned<String>, RawHost>,
+    #[serde(default)]
+    pub vms: BTreeMap<Spanned<String>, RawVm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImage {
+    pub url: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub debian: Option<Spanned<RawDebian>>,
+    pub sha256: Option<Spanned<String>>,
+    pub sha512: Option<Spanned<String>>,
+    pub blake3: Option<Spanned<String>>,
+    pub arch: Option<Arch>,
+    pub format: Option<DiskFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDebian {
+    pub suite: String,
+    pub mirror: Option<String>,
+    pub variant: Option<String>,
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub arch: Arch,
+    pub machine: Option<String>,
+    pub cpu: Option<String>,
+    #[serde(default)]
+    pub accel: Accel,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlatform {
+    pub from: Spanned<String>,
+    pub authorized_keys: Option<RawKeys>,
+    #[serde(default)]
+    pub upgrade: bool,
+    #[serde(default)]
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub files: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub run: Vec<String>,
+    pub memory: Option<ByteSize>,
+    pub cpus: Option<u32>,
+    pub disk_size: Option<ByteSize>,
+}
+
+/// `authorized_keys = ["key.pub"]` (for root) or `{ user = ["key.pub"] }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawKeys {
+    ForRoot(Vec<Spanned<String>>),
+    PerUser(BTreeMap<String, Vec<Spanned<String>>>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetwork {
+    pub kind: RawNetworkKind,
+    pub url: Option<String>,
+    pub subnet: Option<IpCidr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawNetworkKind {
+    Vde,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub address: Option<String>,
+    pub deploy: Option<RawDeploy>,
+    #[serde(default)]
+    pub attach: BTreeMap<Spanned<String>, Spanned<IpCidr>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeploy {
+    #[serde(default)]
+    pub targets: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub platforms: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVm {
+    pub platform: Option<Spanned<String>>,
+    pub target: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub hostname: Option<String>,
+    pub ssh_port: Option<Spanned<u16>>,
+    #[serde(default)]
+    pub forwards: Vec<Spanned<RawForward>>,
+    pub user_network: Option<bool>,
+    #[serde(default)]
+    pub nics: Vec<RawNic>,
+    #[serde(default)]
+    pub attach: BTreeMap<Spanned<String>, Spanned<IpCidr>>,
+    pub deploy: Option<RawDeploy>,
+    pub memory: Option<ByteSize>,
+    pub cpus: Option<u32>,
+    pub disk_size: Option<ByteSize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNic {
+    pub network: Spanned<String>,
+    pub ip: Option<Spanned<IpCidr>>,
+    pub gateway: Option<IpAddr>,
+    pub mac: Option<Spanned<MacAddr>>,
+}

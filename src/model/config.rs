@@ -1,0 +1,249 @@
+//! The configuration as farm understands it, after parsing and before validation.
+//!
+//! Every name and reference remembers where it was written (`Origin`), so validation, which
+//! is pure, can report file, line and column without touching the files again.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use super::hash::ExpectedHash;
+use super::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr};
+
+/// Index of a source file in the loaded configuration's file list.
+pub type FileId = usize;
+
+/// Where something was written: a file and a byte range in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub file: FileId,
+    pub span: Range<usize>,
+}
+
+/// A value and where it was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located<T> {
+    pub value: T,
+    pub at: Origin,
+}
+
+impl<T> Located<T> {
+    pub fn new(value: T, at: Origin) -> Self {
+        Self { value, at }
+    }
+}
+
+impl<T> std::ops::Deref for Located<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// The whole farm.toml (and its `images/`, `platforms/` files).
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    pub images: BTreeMap<String, Image>,
+    pub targets: BTreeMap<String, Target>,
+    pub platforms: BTreeMap<String, Platform>,
+    pub networks: BTreeMap<String, Network>,
+    pub hosts: BTreeMap<String, Host>,
+    pub vms: BTreeMap<String, VmDecl>,
+    /// Definitions found twice (e.g. in farm.toml and in platforms/NAME.toml): kind, name,
+    /// first and second place. Parsing keeps the first; validation reports the pair.
+    pub duplicates: Vec<DuplicateDefinition>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DuplicateDefinition {
+    pub kind: &'static str,
+    pub name: String,
+    pub first: Origin,
+    pub second: Origin,
+}
+
+/// A base disk from outside farm.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub name: Located<String>,
+    pub source: ImageSource,
+    /// The architecture the image is for, when it is fixed (downloaded or local images).
+    pub arch: Option<Arch>,
+    /// The disk format after decompression; detected when absent.
+    pub format: Option<DiskFormat>,
+}
+
+#[derive(Clone, Debug)]
+pub enum ImageSource {
+    /// Downloaded; the expected hash is of the bytes as served (before decompression).
+    Url {
+        url: Located<String>,
+        hash: ExpectedHash,
+    },
+    /// A local file, resolved relative to the file that declares it.
+    Path {
+        path: Located<PathBuf>,
+        hash: Option<ExpectedHash>,
+    },
+    /// Built from a Debian mirror with mmdebstrap.
+    Debian(DebianSpec),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DebianSpec {
+    pub suite: String,
+    pub mirror: String,
+    pub variant: String,
+    pub packages: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: Located<String>,
+    pub arch: Arch,
+    pub machine: Option<String>,
+    pub cpu: Option<String>,
+    pub accel: Accel,
+}
+
+/// A derivation: a parent (image or platform) plus customisation steps.
+#[derive(Clone, Debug)]
+pub struct Platform {
+    pub name: Located<String>,
+    pub from: Located<String>,
+    pub steps: Steps,
+    pub resources: Resources,
+}
+
+/// Customisation steps, applied in the order of the fields: keys, upgrade, packages,
+/// files, run.
+#[derive(Clone, Debug, Default)]
+pub struct Steps {
+    pub authorized_keys: Vec<KeyGrant>,
+    pub upgrade: bool,
+    pub packages: Vec<String>,
+    /// Guest path → local file.
+    pub files: BTreeMap<String, Located<PathBuf>>,
+    pub run: Vec<String>,
+}
+
+impl Steps {
+    pub fn is_empty(&self) -> bool {
+        self.authorized_keys.is_empty()
+            && !self.upgrade
+            && self.packages.is_empty()
+            && self.files.is_empty()
+            && self.run.is_empty()
+    }
+
+    /// Number of distinct step kinds present, for plan summaries.
+    pub fn count(&self) -> usize {
+        [
+            !self.authorized_keys.is_empty(),
+            self.upgrade,
+            !self.packages.is_empty(),
+            !self.files.is_empty(),
+            !self.run.is_empty(),
+        ]
+        .iter()
+        .filter(|present| **present)
+        .count()
+    }
+}
+
+/// A public key file to authorise for a guest user.
+#[derive(Clone, Debug)]
+pub struct KeyGrant {
+    pub user: String,
+    pub key_file: Located<PathBuf>,
+}
+
+/// VM sizing, settable on platform, target-independent; a VM's own values win.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub memory: Option<ByteSize>,
+    pub cpus: Option<u32>,
+    pub disk_size: Option<ByteSize>,
+}
+
+impl Resources {
+    /// `self` where set, else `fallback`.
+    pub fn or(&self, fallback: &Resources) -> Resources {
+        Resources {
+            memory: self.memory.or(fallback.memory),
+            cpus: self.cpus.or(fallback.cpus),
+            disk_size: self.disk_size.or(fallback.disk_size),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Network {
+    pub name: Located<String>,
+    pub kind: NetworkKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkKind {
+    /// A VDE network: a farm-run switch when `url` is absent, else a vdeplug4 URL.
+    Vde {
+        url: Option<String>,
+        subnet: Option<IpCidr>,
+    },
+}
+
+/// A machine VMs run on that is not itself a VM of the topology.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub name: Located<String>,
+    /// `user@server[:port]`; absent means this machine.
+    pub address: Option<String>,
+    pub deploy: Option<Deploy>,
+    pub attach: Vec<Attachment>,
+}
+
+/// The seed's permutations: every platform × every target becomes a VM `<platform>_<target>`.
+#[derive(Clone, Debug)]
+pub struct Deploy {
+    pub targets: Vec<Located<String>>,
+    pub platforms: Vec<Located<String>>,
+}
+
+/// A hypervisor joining a network with an address of its own.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub network: Located<String>,
+    pub address: Located<IpCidr>,
+}
+
+/// A `[vms.NAME]` table: either refines a VM generated by a `deploy`, or declares one.
+#[derive(Clone, Debug)]
+pub struct VmDecl {
+    pub name: Located<String>,
+    pub platform: Option<Located<String>>,
+    pub target: Option<Located<String>>,
+    pub host: Option<Located<String>>,
+    pub hostname: Option<String>,
+    pub ssh_port: Option<Located<u16>>,
+    pub forwards: Vec<Located<Forward>>,
+    pub user_network: bool,
+    pub nics: Vec<Nic>,
+    pub attach: Vec<Attachment>,
+    pub deploy: Option<Deploy>,
+    pub resources: Resources,
+}
+
+/// A TCP port forwarded from the hypervisor's 127.0.0.1 to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct Nic {
+    pub network: Located<String>,
+    pub ip: Option<Located<IpCidr>>,
+    pub gateway: Option<std::net::IpAddr>,
+    pub mac: Option<Located<MacAddr>>,
+}

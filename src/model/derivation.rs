@@ -1,0 +1,374 @@
+//! Derivations: the recipe for each store entry, and its hash.
+//!
+//! A derivation holds everything that determines its output — the parent's hash, the steps,
+//! the *content* (not the path) of every referenced file and key, the target, and a format
+//! version — and nothing else: memory, cpus, the mirror URL or the entry's name do not change
+//! what is built, so they do not change the hash. The hash is blake3 over a canonical
+//! encoding: JSON with sorted object keys and no whitespace (serde_json's `Value` keeps keys
+//! in a `BTreeMap`), so it never depends on declaration order or on `std::hash::Hash`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::config::{Config, ImageSource, Origin};
+use super::diagnostic::Diagnostic;
+use super::hash::{ContentHash, DrvHash, ExpectedHash};
+use super::topology::Topology;
+use super::values::{Arch, DiskFormat};
+
+/// Bumped whenever the encoding or the meaning of a field changes: every hash changes with it.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The blake3 key-derivation context: keeps farm's hashes apart from any other blake3 use.
+const HASH_CONTEXT: &str = "farm 2026 derivation";
+
+/// What is built and how; serialized canonically to compute the hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Derivation {
+    pub format: u32,
+    #[serde(flatten)]
+    pub recipe: Recipe,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Recipe {
+    /// A download or local file whose hash is declared: its output is fixed in advance, so
+    /// where it comes from (URL, path) is not part of the hash.
+    FixedImage {
+        hash: ExpectedHash,
+        format: Option<DiskFormat>,
+    },
+    /// A local file without a declared hash: keyed by its content.
+    LocalImage {
+        content: ContentHash,
+        format: Option<DiskFormat>,
+    },
+    /// A root filesystem built by mmdebstrap. The mirror is *where* packages come from, not
+    /// *what* is built, so an offline lab's mirror gives the same key.
+    DebianImage {
+        suite: String,
+        variant: String,
+        packages: Vec<String>,
+        arch: Arch,
+    },
+    /// A platform: one qcow2 layer on its parent's.
+    Layer {
+        parent: DrvHash,
+        arch: Arch,
+        machine: Option<String>,
+        steps: StepInputs,
+    },
+}
+
+/// A platform's steps with every file replaced by its content hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StepInputs {
+    pub authorized_keys: Vec<KeyInput>,
+    pub upgrade: bool,
+    /// Sorted and deduplicated: the set of packages is what matters to apt.
+    pub packages: Vec<String>,
+    pub files: BTreeMap<String, ContentHash>,
+    pub run: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct KeyInput {
+    pub user: String,
+    pub key: ContentHash,
+}
+
+impl Derivation {
+    /// The canonical encoding: compact JSON with sorted keys.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let value = serde_json::to_value(self).expect("derivations serialize to JSON");
+        serde_json::to_vec(&value).expect("JSON values encode")
+    }
+
+    pub fn hash(&self) -> DrvHash {
+        let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
+        hasher.update(&self.canonical_bytes());
+        DrvHash::from_blake3(hasher.finalize())
+    }
+
+    /// The derivation as shown to people: the canonical JSON, pretty-printed.
+    pub fn pretty(&self) -> String {
+        let value = serde_json::to_value(self).expect("derivations serialize to JSON");
+        serde_json::to_string_pretty(&value).expect("JSON values encode")
+    }
+
+    pub fn parent(&self) -> Option<DrvHash> {
+        match &self.recipe {
+            Recipe::Layer { parent, .. } => Some(*parent),
+            _ => None,
+        }
+    }
+}
+
+/// Identifies a derivation in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DrvId {
+    /// An image; Debian images are built per architecture, others are arch-independent.
+    Image { image: String, arch: Option<Arch> },
+    /// A platform built for a target.
+    Platform { platform: String, target: String },
+}
+
+/// A derivation in context: its id, store name, parent and source details for planning.
+#[derive(Clone, Debug)]
+pub struct DrvNode {
+    pub id: DrvId,
+    /// The store entry name: `<image>`, `<image>-<debian arch>`, or `<platform>_<target>`.
+    pub name: String,
+    pub derivation: Derivation,
+    pub hash: DrvHash,
+    pub parent: Option<DrvId>,
+}
+
+/// Every derivation of a configuration, keyed by id.
+#[derive(Clone, Debug, Default)]
+pub struct DrvGraph {
+    pub nodes: BTreeMap<DrvId, DrvNode>,
+}
+
+impl DrvGraph {
+    /// `wanted` and all its ancestors, parents before children.
+    pub fn closure(&self, wanted: &[DrvId]) -> Vec<&DrvNode> {
+        let mut seen: BTreeSet<&DrvId> = BTreeSet::new();
+        let mut ordered = Vec::new();
+        for id in wanted {
+            let mut chain = Vec::new();
+            let mut current = self.nodes.get(id);
+            while let Some(node) = current {
+                if !seen.insert(&node.id) {
+                    break;
+                }
+                chain.push(node);
+                current = node.parent.as_ref().and_then(|p| self.nodes.get(p));
+            }
+            ordered.extend(chain.into_iter().rev());
+        }
+        ordered
+    }
+
+    /// Every derivation, parents before children.
+    pub fn all(&self) -> Vec<&DrvNode> {
+        let ids: Vec<DrvId> = self.nodes.keys().cloned().collect();
+        self.closure(&ids)
+    }
+}
+
+/// Content hashes of the files a configuration refers to (keys, files, local images),
+/// read by an effectful step before derivations are computed.
+pub type InputHashes = BTreeMap<PathBuf, ContentHash>;
+
+/// Every local file the derivations of `config` depend on, with where it is referenced.
+pub fn referenced_files(config: &Config) -> Vec<(PathBuf, Origin, Option<ExpectedHash>)> {
+    let mut files = Vec::new();
+    for image in config.images.values() {
+        if let ImageSource::Path { path, hash } = &image.source {
+            files.push((path.value.clone(), path.at.clone(), hash.clone()));
+        }
+    }
+    for platform in config.platforms.values() {
+        for grant in &platform.steps.authorized_keys {
+            files.push((
+                grant.key_file.value.clone(),
+                grant.key_file.at.clone(),
+                None,
+            ));
+        }
+        for local in platform.steps.files.values() {
+            files.push((local.value.clone(), local.at.clone(), None));
+        }
+    }
+    files
+}
+
+/// The (platform, target) pairs to build: those the topology runs, and every target for a
+/// platform no VM runs (so `farm build` of a library of platforms builds them all).
+pub fn wanted_platforms(config: &Config, topology: &Topology) -> Vec<DrvId> {
+    let used = topology.platform_targets();
+    let used_platforms: BTreeSet<&String> = used.iter().map(|(p, _)| p).collect();
+    let mut wanted: Vec<DrvId> = used
+        .iter()
+        .map(|(platform, target)| DrvId::Platform {
+            platform: platform.clone(),
+            target: target.clone(),
+        })
+        .collect();
+    for platform in config.platforms.keys() {
+        if used_platforms.contains(platform) {
+            continue;
+        }
+        for target in config.targets.keys() {
+            wanted.push(DrvId::Platform {
+                platform: platform.clone(),
+                target: target.clone(),
+            });
+        }
+    }
+    wanted
+}
+
+/// Computes the derivations of every wanted platform, their ancestors, and every image.
+/// `inputs` must hold the content hash of every file from [`referenced_files`].
+pub fn derive_all(
+    config: &Config,
+    wanted: &[DrvId],
+    inputs: &InputHashes,
+) -> Result<DrvGraph, Vec<Diagnostic>> {
+    let mut graph = DrvGraph::default();
+    let mut problems = Vec::new();
+    for id in wanted {
+        if let Err(d) = derive(config, id, inputs, &mut graph) {
+            problems.push(d);
+        }
+    }
+    // Images no platform uses are still realised, so `farm build` fetches them.
+    let arches: BTreeSet<Arch> = config.targets.values().map(|t| t.arch).collect();
+    for (name, image) in &config.images {
+        let ids: Vec<DrvId> = match &image.source {
+            ImageSource::Debian(_) => arches
+                .iter()
+                .map(|a| DrvId::Image {
+                    image: name.clone(),
+                    arch: Some(*a),
+                })
+                .collect(),
+            _ => vec![DrvId::Image {
+                image: name.clone(),
+                arch: None,
+            }],
+        };
+        for id in ids {
+            if let Err(d) = derive(config, &id, inputs, &mut graph) {
+                problems.push(d);
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(graph)
+    } else {
+        Err(problems)
+    }
+}
+
+fn derive(
+    config: &Config,
+    id: &DrvId,
+    inputs: &InputHashes,
+    graph: &mut DrvGraph,
+) -> Result<DrvHash, Diagnostic> {
+    if let Some(node) = graph.nodes.get(id) {
+        return Ok(node.hash);
+    }
+    let content = |path: &Path, at: &Origin| {
+        inputs.get(path).copied().ok_or_else(|| {
+            Diagnostic::new(
+                format!("The file `{}` was not read before hashing", path.display()),
+                at.clone(),
+            )
+        })
+    };
+    let (name, recipe, parent) = match id {
+        DrvId::Image { image, arch } => {
+            let img = &config.images[image];
+            let recipe = match &img.source {
+                ImageSource::Url { hash, .. }
+                | ImageSource::Path {
+                    hash: Some(hash), ..
+                } => Recipe::FixedImage {
+                    hash: hash.clone(),
+                    format: img.format,
+                },
+                ImageSource::Path { path, hash: None } => Recipe::LocalImage {
+                    content: content(&path.value, &path.at)?,
+                    format: img.format,
+                },
+                ImageSource::Debian(spec) => {
+                    let arch = arch.expect("Debian image ids carry an arch");
+                    let packages: BTreeSet<String> = spec.packages.iter().cloned().collect();
+                    Recipe::DebianImage {
+                        suite: spec.suite.clone(),
+                        variant: spec.variant.clone(),
+                        packages: packages.into_iter().collect(),
+                        arch,
+                    }
+                }
+            };
+            let name = match arch {
+                Some(arch) => format!("{image}-{}", arch.debian_name()),
+                None => image.clone(),
+            };
+            (name, recipe, None)
+        }
+        DrvId::Platform { platform, target } => {
+            let p = &config.platforms[platform];
+            let t = &config.targets[target];
+            let parent_id = if config.platforms.contains_key(&p.from.value) {
+                DrvId::Platform {
+                    platform: p.from.value.clone(),
+                    target: target.clone(),
+                }
+            } else {
+                let image = &config.images[&p.from.value];
+                DrvId::Image {
+                    image: p.from.value.clone(),
+                    arch: matches!(image.source, ImageSource::Debian(_)).then_some(t.arch),
+                }
+            };
+            let parent_hash = derive(config, &parent_id, inputs, graph)?;
+            let steps = &p.steps;
+            let mut authorized_keys = steps
+                .authorized_keys
+                .iter()
+                .map(|g| {
+                    Ok(KeyInput {
+                        user: g.user.clone(),
+                        key: content(&g.key_file.value, &g.key_file.at)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, Diagnostic>>()?;
+            authorized_keys.sort();
+            authorized_keys.dedup();
+            let packages: BTreeSet<String> = steps.packages.iter().cloned().collect();
+            let files = steps
+                .files
+                .iter()
+                .map(|(guest, local)| Ok((guest.clone(), content(&local.value, &local.at)?)))
+                .collect::<Result<BTreeMap<_, _>, Diagnostic>>()?;
+            let recipe = Recipe::Layer {
+                parent: parent_hash,
+                arch: t.arch,
+                machine: t.machine.clone(),
+                steps: StepInputs {
+                    authorized_keys,
+                    upgrade: steps.upgrade,
+                    packages: packages.into_iter().collect(),
+                    files,
+                    run: steps.run.clone(),
+                },
+            };
+            (format!("{platform}_{target}"), recipe, Some(parent_id))
+        }
+    };
+    let derivation = Derivation {
+        format: FORMAT_VERSION,
+        recipe,
+    };
+    let hash = derivation.hash();
+    graph.nodes.insert(
+        id.clone(),
+        DrvNode {
+            id: id.clone(),
+            name,
+            derivation,
+            hash,
+            parent,
+        },
+    );
+    Ok(hash)
+}

@@ -1,0 +1,106 @@
+//! The topology: every VM farm will run, where it runs, and how it is reached.
+//!
+//! Built from the configuration by `validate`, which expands the seed's permutations
+//! (`deploy = { targets, platforms }`) into VMs named `<platform>_<target>` and merges in
+//! the matching `[vms.NAME]` tables.
+
+use std::collections::BTreeMap;
+
+use super::config::{Forward, Origin, Resources};
+use super::values::{IpCidr, MacAddr};
+
+/// The name of the implicit host when farm.toml declares none: this machine.
+pub const LOCAL_HOST: &str = "local";
+
+/// Where a VM runs: on a host (level 1) or inside another VM that is a hypervisor.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Placement {
+    Host(String),
+    Vm(String),
+}
+
+impl Placement {
+    pub fn name(&self) -> &str {
+        match self {
+            Placement::Host(n) | Placement::Vm(n) => n,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VmNode {
+    pub name: String,
+    pub platform: String,
+    pub target: String,
+    pub placement: Placement,
+    /// 1 for VMs on a host, 2 for VMs inside those, …
+    pub level: u32,
+    pub hostname: String,
+    pub ssh_port: Option<u16>,
+    pub forwards: Vec<Forward>,
+    pub user_network: bool,
+    pub nics: Vec<NicNode>,
+    pub attach: Vec<(String, IpCidr)>,
+    pub resources: Resources,
+    /// Whether this VM runs VMs of its own.
+    pub is_hypervisor: bool,
+    /// Where the VM was generated (a `deploy` entry) or declared (`[vms.NAME]`).
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug)]
+pub struct NicNode {
+    pub network: String,
+    pub ip: Option<IpCidr>,
+    pub gateway: Option<std::net::IpAddr>,
+    pub mac: Option<MacAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HostNode {
+    pub name: String,
+    pub address: Option<String>,
+    pub attach: Vec<(String, IpCidr)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Topology {
+    pub hosts: BTreeMap<String, HostNode>,
+    pub vms: BTreeMap<String, VmNode>,
+}
+
+impl Topology {
+    /// VMs placed directly on `placement`, by name.
+    pub fn children<'a>(&'a self, placement: &'a Placement) -> impl Iterator<Item = &'a VmNode> {
+        self.vms
+            .values()
+            .filter(move |vm| &vm.placement == placement)
+    }
+
+    /// The (platform, target) pairs the topology runs, each once, sorted.
+    pub fn platform_targets(&self) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = self
+            .vms
+            .values()
+            .map(|vm| (vm.platform.clone(), vm.target.clone()))
+            .collect();
+        pairs.sort();
+        pairs.dedup();
+        pairs
+    }
+
+    /// The hypervisors from the host down to the VM's own parent (the jump chain).
+    pub fn chain(&self, vm: &str) -> Vec<Placement> {
+        let mut chain = Vec::new();
+        let mut current = self.vms.get(vm).map(|v| v.placement.clone());
+        while let Some(placement) = current {
+            current = match &placement {
+                Placement::Vm(parent) => self.vms.get(parent).map(|v| v.placement.clone()),
+                Placement::Host(_) => None,
+            };
+            chain.push(placement);
+        }
+        chain.reverse();
+        chain
+    }
+}

@@ -1,0 +1,101 @@
+//! A loaded project: farm.toml validated, inputs hashed, derivations computed, and where its
+//! store and state live. Every command starts here.
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::UsageError;
+use crate::config::{ConfigError, Loaded};
+use crate::model::derivation::{DrvGraph, DrvId, derive_all, wanted_platforms};
+use crate::model::diagnostic::list_names;
+
+/// Where the project's paths come from (flags and environment, resolved by the CLI).
+#[derive(Clone, Debug)]
+pub struct ProjectOptions {
+    pub config: PathBuf,
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Project {
+    pub loaded: Loaded,
+    pub graph: DrvGraph,
+    /// The derivations `farm build` realises when given no names.
+    pub wanted: Vec<DrvId>,
+    pub store_dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Project {
+    pub fn load(options: &ProjectOptions) -> Result<Project, ConfigError> {
+        let loaded = crate::config::load(&options.config)?;
+        let invalid = |diagnostics: Vec<_>| ConfigError::Invalid {
+            rendered: loaded.sources.render_all(&diagnostics),
+            diagnostics,
+        };
+        let inputs = crate::inputs::hash_inputs(&loaded.config).map_err(invalid)?;
+        let wanted = wanted_platforms(&loaded.config, &loaded.topology);
+        let graph = derive_all(&loaded.config, &wanted, &inputs).map_err(invalid)?;
+        let store_dir = options
+            .store
+            .clone()
+            .unwrap_or_else(|| loaded.project_dir.join("cache"));
+        Ok(Project {
+            loaded,
+            graph,
+            wanted,
+            store_dir,
+            config_path: options.config.clone(),
+        })
+    }
+
+    /// Derivations a command-line NAME stands for: a store entry name (`<platform>_<target>`,
+    /// an image), a platform (every target it is built for), or a VM (its platform layer).
+    pub fn resolve(&self, name: &str) -> Result<Vec<DrvId>, UsageError> {
+        let by_entry: Vec<DrvId> = self
+            .graph
+            .nodes
+            .values()
+            .filter(|n| n.name == name)
+            .map(|n| n.id.clone())
+            .collect();
+        if !by_entry.is_empty() {
+            return Ok(by_entry);
+        }
+        let matching: Vec<DrvId> = self
+            .graph
+            .nodes
+            .keys()
+            .filter(|id| match id {
+                DrvId::Platform { platform, .. } => platform == name,
+                DrvId::Image { image, .. } => image == name,
+            })
+            .cloned()
+            .collect();
+        if !matching.is_empty() {
+            return Ok(matching);
+        }
+        if let Some(vm) = self.loaded.topology.vms.get(name) {
+            return Ok(vec![DrvId::Platform {
+                platform: vm.platform.clone(),
+                target: vm.target.clone(),
+            }]);
+        }
+        let config = &self.loaded.config;
+        Err(UsageError {
+            message: format!(
+                "`{name}` is not an image, platform or VM of `{}`",
+                self.config_path.display()
+            ),
+            hint: format!(
+                "images: {}; platforms: {}; VMs: {}",
+                list_names(config.images.keys()),
+                list_names(config.platforms.keys()),
+                list_names(self.loaded.topology.vms.keys())
+            ),
+        })
+    }
+
+    pub fn project_dir(&self) -> &Path {
+        &self.loaded.project_dir
+    }
+}

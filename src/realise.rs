@@ -1,0 +1,321 @@
+//! Applying a build plan: each missing derivation is realised into a staging directory and
+//! committed to the store under its lock, parents first.
+//!
+//! Concurrency: two farm processes realising the same derivation serialise on the entry's
+//! lock; the second finds the entry committed and does nothing. A crash leaves only a
+//! staging directory, which the next `stage` of the same key removes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::fetch::{self, Compression, Download};
+use crate::model::config::{Config, ImageSource};
+use crate::model::derivation::{DrvId, DrvNode};
+use crate::model::hash::{ContentHash, DrvHash};
+use crate::model::plan::{Action, BuildPlan};
+use crate::model::values::DiskFormat;
+use crate::progress::Reporter;
+use crate::qemu_img;
+use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
+
+/// How many times a download is attempted (each attempt resumes) before giving up.
+pub const DEFAULT_FETCH_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("Cannot build `{name}`")]
+    Failed {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "Platform `{name}` has build steps, and running them in a build VM is not implemented yet\nhint: remove its steps to build an empty layer, or use a newer farm"
+    )]
+    NeedsBuildVm { name: String },
+    #[error(
+        "Image `{name}` is built from a Debian mirror, which is not implemented yet\nhint: use `url` with a hash, or `path`"
+    )]
+    NeedsDebootstrap { name: String },
+}
+
+fn failed<E: std::error::Error + Send + Sync + 'static>(
+    name: &str,
+) -> impl FnOnce(E) -> BuildError {
+    let name = name.to_string();
+    move |source| BuildError::Failed {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// Options that come from the command line or environment, not from farm.toml.
+#[derive(Clone, Debug)]
+pub struct RealiseOptions {
+    pub fetch_attempts: u32,
+}
+
+impl Default for RealiseOptions {
+    fn default() -> Self {
+        Self {
+            fetch_attempts: DEFAULT_FETCH_ATTEMPTS,
+        }
+    }
+}
+
+/// Realises every step of `plan` in order; returns the store entry of every derivation.
+pub fn realise(
+    config: &Config,
+    plan: &BuildPlan,
+    store: &Store,
+    options: &RealiseOptions,
+    reporter: &Reporter,
+) -> Result<BTreeMap<DrvId, Entry>, BuildError> {
+    let mut entries: BTreeMap<DrvId, Entry> = BTreeMap::new();
+    for step in &plan.steps {
+        let node = &step.node;
+        let entry = match lookup(store, node)? {
+            Some(entry) => entry,
+            None => {
+                let parent = node.parent.as_ref().and_then(|p| entries.get(p));
+                realise_one(config, node, &step.action, parent, store, options, reporter)?
+            }
+        };
+        entries.insert(node.id.clone(), entry);
+    }
+    Ok(entries)
+}
+
+fn lookup(store: &Store, node: &DrvNode) -> Result<Option<Entry>, BuildError> {
+    store
+        .lookup(&node.hash, &node.name)
+        .map_err(failed(&node.name))
+}
+
+fn realise_one(
+    config: &Config,
+    node: &DrvNode,
+    action: &Action,
+    parent: Option<&Entry>,
+    store: &Store,
+    options: &RealiseOptions,
+    reporter: &Reporter,
+) -> Result<Entry, BuildError> {
+    let name = node.name.as_str();
+    let lock = match store.try_lock(&node.hash).map_err(failed(name))? {
+        Some(lock) => lock,
+        None => {
+            reporter.line(format!(
+                "waiting for another farm process building `{name}`"
+            ));
+            store.lock(&node.hash).map_err(failed(name))?
+        }
+    };
+    if let Some(entry) = lookup(store, node)? {
+        reporter.line(format!(
+            "{:>12} {name} (built by another farm process)",
+            "cached"
+        ));
+        return Ok(entry);
+    }
+    let started = Instant::now();
+    let staging = store.stage(&lock, name).map_err(failed(name))?;
+    let output = match (action, &node.id) {
+        (Action::Fetch { url }, DrvId::Image { image, .. }) => {
+            let ImageSource::Url { hash, .. } = &config.images[image].source else {
+                unreachable!("fetch actions come from url images")
+            };
+            let bar = reporter.bytes("fetch", None);
+            bar.set_message(name.to_string());
+            let downloaded = fetch::download(
+                &Download {
+                    url,
+                    expected: hash,
+                    partial: &store.partial_path(&node.hash),
+                    attempts: options.fetch_attempts,
+                },
+                &bar,
+            )
+            .map_err(failed(name))?;
+            bar.finish_and_clear();
+            let format = config.images[image].format;
+            let out = place_image(
+                &downloaded.path,
+                downloaded.compression,
+                Some(downloaded.blake3),
+                format,
+                &staging,
+                true,
+                reporter,
+            )
+            .map_err(|e| BuildError::Failed {
+                name: name.to_string(),
+                source: e,
+            })?;
+            reporter.line(format!(
+                "{:>12} {name} from {url} ({}, verified {})",
+                "fetched",
+                human_bytes(downloaded.size),
+                hash.algo.name()
+            ));
+            out
+        }
+        (Action::Import { path }, DrvId::Image { image, .. }) => {
+            let img = &config.images[image];
+            let ImageSource::Path { hash, .. } = &img.source else {
+                unreachable!("import actions come from path images")
+            };
+            let bar = reporter.bytes("import", None);
+            let hashes = match hash {
+                Some(expected) => fetch::verify_file(path, expected, &bar),
+                None => fetch::hash_file(path, None, &bar),
+            }
+            .map_err(failed(name))?;
+            bar.finish_and_clear();
+            let compression =
+                Compression::detect(path, &path.to_string_lossy()).map_err(failed(name))?;
+            let out = place_image(
+                path,
+                compression,
+                Some(hashes.blake3),
+                img.format,
+                &staging,
+                false,
+                reporter,
+            )
+            .map_err(|e| BuildError::Failed {
+                name: name.to_string(),
+                source: e,
+            })?;
+            reporter.line(format!(
+                "{:>12} {name} from `{}`",
+                "imported",
+                path.display()
+            ));
+            out
+        }
+        (Action::Layer { steps: 0 }, DrvId::Platform { .. }) => {
+            let parent = parent.expect("parents are realised first");
+            empty_layer(&staging, parent).map_err(failed(name))?;
+            reporter.line(format!(
+                "{:>12} {name} (empty layer on {})",
+                "built",
+                parent.dir_name()
+            ));
+            staging.hash_disk().map_err(failed(name))?
+        }
+        (Action::Layer { .. }, _) => {
+            return Err(BuildError::NeedsBuildVm {
+                name: name.to_string(),
+            });
+        }
+        (Action::Debootstrap { .. }, _) => {
+            return Err(BuildError::NeedsDebootstrap {
+                name: name.to_string(),
+            });
+        }
+        (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
+    };
+    let (output_blake3, size) = output;
+    let meta = EntryMeta {
+        layout: LAYOUT_VERSION,
+        name: name.to_string(),
+        drv_hash: node.hash,
+        derivation: serde_json::to_value(&node.derivation).expect("derivations serialize"),
+        output_blake3,
+        size,
+        parent: parent.map(|p| p.dir_name().to_string()),
+        built_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        build_seconds: started.elapsed().as_secs_f64(),
+    };
+    let entry = store.commit(staging, meta).map_err(failed(name))?;
+    drop(lock);
+    Ok(entry)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Puts an image file into `staging` as `disk.qcow2`: decompressing, converting raw to
+/// qcow2, and moving (downloads, which the store owns) or copying (the user's files).
+/// Returns the disk's blake3 and size, reusing `known_blake3` when the bytes are unchanged.
+fn place_image(
+    src: &Path,
+    compression: Compression,
+    known_blake3: Option<ContentHash>,
+    format: Option<DiskFormat>,
+    staging: &Staging,
+    owned: bool,
+    reporter: &Reporter,
+) -> Result<(ContentHash, u64), BoxError> {
+    let unpacked = staging.dir().join("image");
+    let mut blake3 = known_blake3;
+    if compression == Compression::None {
+        if owned {
+            fs_err::rename(src, &unpacked)?;
+        } else {
+            fs_err::copy(src, &unpacked)?;
+        }
+    } else {
+        let bar = reporter.bytes("unpack", None);
+        let (_, out_hash) = fetch::decompress(src, compression, &unpacked, &bar)?;
+        bar.finish_and_clear();
+        blake3 = Some(out_hash);
+        if owned {
+            fs_err::remove_file(src)?;
+        }
+    }
+    let is_qcow2 = match format {
+        Some(f) => f == DiskFormat::Qcow2,
+        None => has_qcow2_magic(&unpacked)?,
+    };
+    if is_qcow2 {
+        fs_err::rename(&unpacked, staging.disk_path())?;
+        let size = fs_err::metadata(staging.disk_path())?.len();
+        match blake3 {
+            Some(hash) => Ok((hash, size)),
+            None => Ok(staging.hash_disk()?),
+        }
+    } else {
+        qemu_img::convert_to_qcow2(&unpacked, "raw", &staging.disk_path())?;
+        fs_err::remove_file(&unpacked)?;
+        Ok(staging.hash_disk()?)
+    }
+}
+
+fn has_qcow2_magic(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = fs_err::File::open(path)?;
+    let n = file.read(&mut magic)?;
+    Ok(n == 4 && &magic == b"QFI\xfb")
+}
+
+/// A platform without steps: an empty overlay whose backing file is the parent's entry,
+/// recorded relative so the store can move.
+fn empty_layer(staging: &Staging, parent: &Entry) -> Result<(), qemu_img::QemuImgError> {
+    let disk = staging.disk_path();
+    qemu_img::create_overlay(&disk, &parent.disk_path(), None)?;
+    qemu_img::rebase_unsafe(&disk, &relative_backing(parent))
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    indicatif::BinaryBytes(bytes).to_string()
+}
+
+/// The store hashes of every entry present, for planning.
+pub fn present_hashes<'a>(
+    store: &Store,
+    nodes: impl IntoIterator<Item = &'a DrvNode>,
+) -> Result<std::collections::BTreeSet<DrvHash>, crate::store::StoreError> {
+    let mut present = std::collections::BTreeSet::new();
+    for node in nodes {
+        if store.lookup(&node.hash, &node.name)?.is_some() {
+            present.insert(node.hash);
+        }
+    }
+    Ok(present)
+}
