@@ -78,11 +78,45 @@ pub struct RawPlatform {
 }
 
 /// `authorized_keys = ["key.pub"]` (for root) or `{ user = ["key.pub"] }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawKeys {
     ForRoot(Vec<Spanned<String>>),
     PerUser(BTreeMap<String, Vec<Spanned<String>>>),
+}
+
+/// Hand-written rather than `#[serde(untagged)]`: untagged enums buffer their input, which
+/// loses toml's spans, and every key file must be reported at its own line when missing.
+impl<'de> Deserialize<'de> for RawKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeysVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeysVisitor {
+            type Value = RawKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of public key files, or a table of user = [key files]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawKeys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = seq.next_element()? {
+                    keys.push(key);
+                }
+                Ok(RawKeys::ForRoot(keys))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawKeys, A::Error> {
+                let mut users = BTreeMap::new();
+                while let Some((user, keys)) = map.next_entry()? {
+                    users.insert(user, keys);
+                }
+                Ok(RawKeys::PerUser(users))
+            }
+        }
+        d.deserialize_any(KeysVisitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
