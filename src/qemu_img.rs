@@ -1,1 +1,298 @@
-//! (being written)
+//! A thin wrapper over the `qemu-img` program.
+//!
+//! farm creates, rebases and converts qcow2 layers with the real `qemu-img` rather than a Rust
+//! crate because no crate can write an overlay with a backing file (see DESIGN.md, "Facts about
+//! the parts"), and because `qemu-img` is what every hypervisor host already has. Every function
+//! here runs one command, waits for it, and turns a failure into an error that carries the
+//! command line and the tail of its stderr, so the user can rerun it by hand.
+//!
+//! Relative backing paths are resolved by qemu relative to the directory of the image that
+//! records them, not to the current directory.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+use serde::Deserialize;
+
+/// The program run; found through `PATH`.
+const QEMU_IMG: &str = "qemu-img";
+
+/// How many trailing lines of stderr an error keeps: enough for qemu's message, short enough to
+/// read in a terminal.
+const STDERR_TAIL_LINES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuImgError {
+    #[error("The `{program}` program was not found on PATH\nhint: apt-get install qemu-utils")]
+    NotInstalled { program: String },
+    #[error("Could not run `{argv}`: {source}")]
+    Spawn {
+        argv: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Command `{argv}` failed ({status}):\n{stderr}")]
+    Failed {
+        argv: String,
+        status: ExitStatus,
+        /// The last lines of what the command printed on stderr.
+        stderr: String,
+    },
+    #[error("Command `{argv}` printed JSON that farm could not read: {source}")]
+    BadOutput {
+        argv: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What `qemu-img info --output=json` says about one image. Only the fields farm uses are kept;
+/// the rest of qemu's output is ignored so newer qemu versions keep working.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    /// The path as qemu opened it (for a backing image: joined onto the child's directory).
+    pub filename: String,
+    pub format: String,
+    pub virtual_size: u64,
+    pub actual_size: Option<u64>,
+    pub cluster_size: Option<u64>,
+    /// The backing path exactly as recorded in the image (relative stays relative).
+    pub backing_filename: Option<String>,
+    /// The backing path as qemu resolved it.
+    pub full_backing_filename: Option<String>,
+    pub backing_filename_format: Option<String>,
+    pub dirty_flag: Option<bool>,
+}
+
+/// Creates a qcow2 overlay at `path` whose reads fall through to `backing`.
+///
+/// A relative `backing` is recorded as given and resolved from `path`'s directory, which is
+/// what keeps a moved store valid. The backing format is always given (`-F qcow2`): since QEMU
+/// 6.1 omitting it is an error, and probing it would be a security hole. `size` (bytes) grows
+/// the overlay beyond the backing image's size; `None` keeps the backing's size.
+pub fn create_overlay(path: &Path, backing: &Path, size: Option<u64>) -> Result<(), QemuImgError> {
+    let mut args: Vec<OsString> = vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-F".into(),
+        "qcow2".into(),
+        "-b".into(),
+        backing.into(),
+        path.into(),
+    ];
+    if let Some(size) = size {
+        args.push(size.to_string().into());
+    }
+    run(&args).map(drop)
+}
+
+/// Creates an empty qcow2 image of `size` bytes, with no backing file: a base layer.
+pub fn create(path: &Path, size: u64) -> Result<(), QemuImgError> {
+    let args: [OsString; 6] = [
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        path.into(),
+        size.to_string().into(),
+    ];
+    run(&args).map(drop)
+}
+
+/// Rewrites the backing path recorded in `path` to `new_backing` without touching data (`-u`).
+///
+/// Used to swap the absolute path a layer was built against for the relative one the store
+/// keeps. It is only correct when both paths name the same bytes, which is the caller's promise.
+pub fn rebase_unsafe(path: &Path, new_backing: &Path) -> Result<(), QemuImgError> {
+    let args: [&OsStr; 7] = [
+        "rebase".as_ref(),
+        "-u".as_ref(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        new_backing.as_ref(),
+        path.as_ref(),
+    ];
+    run(&args).map(drop)
+}
+
+/// Converts `src` (in `src_format`, e.g. `raw`, `qcow2`, `vmdk`) to a standalone qcow2 `dest`.
+///
+/// The format is always given so a raw image whose first bytes look like another format is not
+/// misread. Any backing chain of `src` is flattened into `dest`.
+pub fn convert_to_qcow2(src: &Path, src_format: &str, dest: &Path) -> Result<(), QemuImgError> {
+    let args: [&OsStr; 8] = [
+        "convert".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        src_format.as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        src.as_ref(),
+        dest.as_ref(),
+    ];
+    run(&args).map(drop)
+}
+
+/// Describes one image, without following its backing chain.
+///
+/// `-U` (force-share) lets this read an image a running VM holds open: the answer may be a
+/// moment stale, which is fine for metadata.
+pub fn info(path: &Path) -> Result<ImageInfo, QemuImgError> {
+    let args: [&OsStr; 4] = [
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        path.as_ref(),
+    ];
+    let stdout = run(&args)?;
+    parse_json(&args, &stdout)
+}
+
+/// Describes `path` and every image below it, top first. It fails if any backing file cannot
+/// be opened, so it doubles as a check that a chain resolves.
+pub fn backing_chain(path: &Path) -> Result<Vec<ImageInfo>, QemuImgError> {
+    let args: [&OsStr; 5] = [
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--backing-chain".as_ref(),
+        "--output=json".as_ref(),
+        path.as_ref(),
+    ];
+    let stdout = run(&args)?;
+    parse_json(&args, &stdout)
+}
+
+/// Checks a qcow2 image's metadata for corruption (and leaked clusters, which `qemu-img`
+/// reports with a non-zero status too).
+pub fn check(path: &Path) -> Result<(), QemuImgError> {
+    let args: [&OsStr; 5] = [
+        "check".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        path.as_ref(),
+    ];
+    run(&args).map(drop)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned, A: AsRef<OsStr>>(
+    args: &[A],
+    stdout: &[u8],
+) -> Result<T, QemuImgError> {
+    serde_json::from_slice(stdout).map_err(|source| QemuImgError::BadOutput {
+        argv: display_argv(QEMU_IMG.as_ref(), args),
+        source,
+    })
+}
+
+/// Runs `qemu-img ARGS…` and returns its stdout.
+fn run<A: AsRef<OsStr>>(args: &[A]) -> Result<Vec<u8>, QemuImgError> {
+    run_program(OsStr::new(QEMU_IMG), args)
+}
+
+fn run_program<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> Result<Vec<u8>, QemuImgError> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                QemuImgError::NotInstalled {
+                    program: program.to_string_lossy().into_owned(),
+                }
+            } else {
+                QemuImgError::Spawn {
+                    argv: display_argv(program, args),
+                    source,
+                }
+            }
+        })?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(QemuImgError::Failed {
+            argv: display_argv(program, args),
+            status: output.status,
+            stderr: stderr_tail(&output.stderr),
+        })
+    }
+}
+
+/// The command line as a user could paste it into a shell (arguments with spaces quoted).
+fn display_argv<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().map(AsRef::as_ref))
+        .map(|arg| {
+            let arg = arg.to_string_lossy();
+            if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c))
+            {
+                format!("'{}'", arg.replace('\'', r"'\''"))
+            } else {
+                arg.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn stderr_tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
+    lines[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_program_says_how_to_install_it() {
+        let err = run_program(OsStr::new("qemu-img-does-not-exist-here"), &["info"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, QemuImgError::NotInstalled { .. }), "{msg}");
+        assert!(msg.contains("hint: apt-get install qemu-utils"), "{msg}");
+    }
+
+    #[test]
+    fn failing_command_error_names_argv_and_stderr() {
+        let err = run_program(
+            OsStr::new("sh"),
+            &["-c", "echo one >&2; echo 'two words' >&2; exit 3"],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sh -c 'echo one"), "{msg}");
+        assert!(msg.ends_with("one\ntwo words"), "{msg}");
+    }
+
+    #[test]
+    fn stderr_tail_keeps_last_lines() {
+        let input: String = (0..30).map(|i| format!("line {i}\n")).collect();
+        let tail = stderr_tail(input.as_bytes());
+        assert_eq!(tail.lines().count(), STDERR_TAIL_LINES);
+        assert!(tail.starts_with("line 10\n") && tail.ends_with("line 29"));
+    }
+
+    #[test]
+    fn image_info_reads_qemu_json_and_ignores_unknown_fields() {
+        let json = r#"{"virtual-size": 67108864, "filename": "c/child.qcow2",
+            "cluster-size": 65536, "format": "qcow2", "actual-size": 200704,
+            "full-backing-filename": "c/../base.qcow2", "backing-filename": "../base.qcow2",
+            "backing-filename-format": "qcow2", "dirty-flag": false,
+            "format-specific": {"type": "qcow2"}, "children": []}"#;
+        let info: ImageInfo = serde_json::from_str(json).unwrap();
+        assert_eq!(info.virtual_size, 64 << 20);
+        assert_eq!(info.backing_filename.as_deref(), Some("../base.qcow2"));
+        let base: ImageInfo =
+            serde_json::from_str(r#"{"virtual-size": 1, "filename": "b", "format": "raw"}"#)
+                .unwrap();
+        assert_eq!(base.backing_filename, None);
+    }
+}

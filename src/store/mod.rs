@@ -1,1 +1,652 @@
-//! (being written)
+//! The content-addressed store: where built images live, keyed by derivation hash.
+//!
+//! ```text
+//! <root>/farm-store.json      {"layout": 1}: refuses to touch a store written by a newer farm
+//! <root>/store/<key>-<name>/  finished, immutable entries: disk.qcow2, boot/, meta.json
+//! <root>/tmp/                 staging dirs, renamed into store/ on commit
+//! <root>/locks/<key>.lock     per-key lock files
+//! <root>/partial/             resumable downloads
+//! <root>/logs/                build logs
+//! ```
+//!
+//! The rename of a staging directory into `store/` is the commit point. Everything an entry
+//! holds (`meta.json` last) is written and synced before it, so a farm killed at any moment
+//! leaves at most a directory in `tmp/`, and readers never see a half-written entry: they need
+//! no lock, and `lookup` is a `read` of `meta.json`.
+//!
+//! Writers take the key's lock, look up again (someone may have finished meanwhile), and only
+//! then stage and commit:
+//!
+//! ```no_run
+//! # use farm::store::*; use farm::model::hash::*;
+//! # fn f(store: &Store, key: &DrvHash, meta: EntryMeta) -> Result<Entry, StoreError> {
+//! if let Some(entry) = store.lookup(key, "base")? { return Ok(entry); }
+//! let lock = store.lock(key)?;
+//! if let Some(entry) = store.lookup(key, "base")? { return Ok(entry); }
+//! let staging = store.stage(&lock, "base")?;
+//! // … write staging.disk_path() …
+//! store.commit(staging, meta)
+//! # }
+//! ```
+
+mod entry;
+mod fsutil;
+mod lock;
+mod qcow2;
+mod staging;
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+pub use entry::{BOOT_DIR, DISK_FILE, Entry, EntryMeta, MAX_NAME_LEN, META_FILE, relative_backing};
+pub use lock::EntryLock;
+pub use staging::Staging;
+
+use crate::model::hash::{ContentHash, DrvHash};
+use entry::{entry_dir_name, is_valid_name, parse_entry_dir_name, relative_backing_for};
+
+/// The on-disk layout this farm reads and writes. Bump it when the layout changes in a way an
+/// older farm would misread; an older farm then refuses the store instead of damaging it.
+pub const LAYOUT_VERSION: u32 = 1;
+
+const LAYOUT_FILE: &str = "farm-store.json";
+const STORE_DIR: &str = "store";
+const TMP_DIR: &str = "tmp";
+const LOCKS_DIR: &str = "locks";
+const PARTIAL_DIR: &str = "partial";
+const LOGS_DIR: &str = "logs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(
+        "The store at `{root}` has layout {found}, but this farm only knows layouts up to \
+         {supported}\nhint: upgrade farm, or point --store (FARM_STORE) at another directory"
+    )]
+    NewerLayout {
+        root: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "`{path}` is not a valid store layout file: {reason}\nhint: if this directory is not a \
+         farm store, point --store (FARM_STORE) at another directory"
+    )]
+    BadLayoutFile { path: PathBuf, reason: String },
+    #[error(
+        "Entry name `{name}` is not allowed: use letters, digits, `.`, `_` and `-` only, at most \
+         {MAX_NAME_LEN} characters, not starting with `.`\nhint: rename the image or platform"
+    )]
+    InvalidName { name: String },
+    #[error(
+        "Store entry `{path}` is damaged: {reason}\nhint: remove it (`chmod -R u+w` it first) and \
+         farm will rebuild it"
+    )]
+    CorruptEntry { path: PathBuf, reason: String },
+    #[error("Cannot commit `{path}`: {reason}\nhint: {hint}")]
+    InvalidCommit {
+        path: PathBuf,
+        reason: String,
+        hint: String,
+    },
+    #[error(
+        "Store entry `{path}` has changed since it was built: expected {expected} ({expected_size} \
+         bytes), found {actual} ({actual_size} bytes)\nhint: remove the entry (`chmod -R u+w` it \
+         first) and farm will rebuild it"
+    )]
+    Modified {
+        path: PathBuf,
+        expected: ContentHash,
+        expected_size: u64,
+        actual: ContentHash,
+        actual_size: u64,
+    },
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LayoutFile {
+    layout: u32,
+}
+
+/// A store rooted at one directory. Cheap to clone; holds no open files.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens the store at `root`, creating it if missing.
+    ///
+    /// The root is made absolute: entry paths are handed to qemu as backing files, and qemu
+    /// resolves a relative backing path against the overlay's directory, not the current one.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        fs_err::create_dir_all(root)?;
+        let root = fs_err::canonicalize(root)?;
+        let layout_path = root.join(LAYOUT_FILE);
+        let has_layout_file = match fs_err::read(&layout_path) {
+            Ok(bytes) => {
+                check_layout(&root, &layout_path, &bytes)?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e.into()),
+        };
+        for dir in [STORE_DIR, TMP_DIR, LOCKS_DIR, PARTIAL_DIR, LOGS_DIR] {
+            fs_err::create_dir_all(root.join(dir))?;
+        }
+        if !has_layout_file {
+            write_layout_file(&root, &layout_path)?;
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn store_dir(&self) -> PathBuf {
+        self.root.join(STORE_DIR)
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join(TMP_DIR)
+    }
+
+    fn locks_dir(&self) -> PathBuf {
+        self.root.join(LOCKS_DIR)
+    }
+
+    /// Where the finished entry for `key` and `name` lives (or would live).
+    pub fn entry_dir(&self, key: &DrvHash, name: &str) -> PathBuf {
+        self.store_dir().join(entry_dir_name(key, name))
+    }
+
+    /// The finished entry for `key` and `name`, if there is one.
+    ///
+    /// Cheap (one read of `meta.json`, no disk image I/O) and lock-free: entries appear
+    /// atomically and never change, so it is safe to call while another process builds.
+    pub fn lookup(&self, key: &DrvHash, name: &str) -> Result<Option<Entry>, StoreError> {
+        check_name(name)?;
+        let Some(entry) = load_entry(self.entry_dir(key, name))? else {
+            return Ok(None);
+        };
+        if entry.meta.drv_hash != *key {
+            return Err(StoreError::CorruptEntry {
+                reason: format!(
+                    "it holds derivation {}, not {key} (a store key collision)",
+                    entry.meta.drv_hash
+                ),
+                path: entry.dir,
+            });
+        }
+        Ok(Some(entry))
+    }
+
+    /// Takes the exclusive lock on `key`, waiting as long as another holder keeps it.
+    ///
+    /// It prints nothing: call `try_lock` first to tell the user why farm is waiting.
+    pub fn lock(&self, key: &DrvHash) -> Result<EntryLock, StoreError> {
+        let file = self.open_lock_file(&key.store_key())?;
+        file.lock()?;
+        Ok(EntryLock { file, key: *key })
+    }
+
+    /// Takes the lock on `key` if nobody holds it; `None` if somebody does.
+    pub fn try_lock(&self, key: &DrvHash) -> Result<Option<EntryLock>, StoreError> {
+        Ok(self
+            .try_lock_store_key(&key.store_key())?
+            .map(|file| EntryLock { file, key: *key }))
+    }
+
+    fn try_lock_store_key(&self, store_key: &str) -> Result<Option<fs_err::File>, StoreError> {
+        let file = self.open_lock_file(store_key)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(io::Error::new(
+                e.kind(),
+                format!("failed to lock `{}`: {e}", file.path().display()),
+            )
+            .into()),
+        }
+    }
+
+    fn open_lock_file(&self, store_key: &str) -> Result<fs_err::File, StoreError> {
+        let path = self.locks_dir().join(format!("{store_key}.lock"));
+        Ok(fs_err::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?)
+    }
+
+    /// Creates a fresh staging directory for the locked key, `tmp/<key>-<name>.<pid>.<random>`.
+    ///
+    /// It first removes every other staging directory of this key: holding the lock proves
+    /// their builders are dead (killed farms), since only a lock holder stages. So keep at most
+    /// one `Staging` per key alive at a time.
+    pub fn stage(&self, lock: &EntryLock, name: &str) -> Result<Staging, StoreError> {
+        check_name(name)?;
+        debug_assert_eq!(
+            lock.path().parent(),
+            Some(self.locks_dir().as_path()),
+            "the lock belongs to another store"
+        );
+        let key = lock.key;
+        let tmp = self.tmp_dir();
+        let key_prefix = format!("{}-", key.store_key());
+        for child in fs_err::read_dir(&tmp)? {
+            let child = child?;
+            if child.file_name().to_string_lossy().starts_with(&key_prefix) {
+                fsutil::remove_tree(&child.path())?;
+            }
+        }
+        let prefix = format!("{}.{}.", entry_dir_name(&key, name), std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&prefix)
+            .rand_bytes(8)
+            .tempdir_in(&tmp)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "failed to create a staging directory in `{}`: {e}",
+                        tmp.display()
+                    ),
+                )
+            })?
+            .keep();
+        Ok(Staging {
+            dir,
+            key,
+            name: name.to_string(),
+            committed: false,
+        })
+    }
+
+    /// Makes a staged entry a finished, read-only entry in `store/` and returns it.
+    ///
+    /// `meta.name` and `meta.drv_hash` must be the staging's; `meta.size` must be the size of
+    /// `disk.qcow2` (see `Staging::hash_disk`); `meta.layout` is set here. The disk's backing
+    /// file must be `relative_backing(parent)` when `meta.parent` is set and absent otherwise,
+    /// so the store can move. If the entry already exists, it is returned and the staging is
+    /// discarded: the same derivation gives the same result.
+    pub fn commit(&self, mut staging: Staging, mut meta: EntryMeta) -> Result<Entry, StoreError> {
+        let target = self.entry_dir(&staging.key, &staging.name);
+        if let Some(existing) = load_entry(target.clone())? {
+            return Ok(existing);
+        }
+        meta.layout = LAYOUT_VERSION;
+        self.check_commit(&staging, &meta)?;
+
+        let meta_path = staging.dir.join(META_FILE);
+        let mut json = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
+        json.push(b'\n');
+        let mut file = fs_err::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&meta_path)?;
+        file.write_all(&json)?;
+        drop(file);
+        fsutil::seal_tree(&staging.dir)?;
+
+        if let Err(e) = fs_err::rename(&staging.dir, &target) {
+            // Lost a race with a commit that did not hold the lock: theirs is as good as ours.
+            if let Some(existing) = load_entry(target)? {
+                return Ok(existing);
+            }
+            return Err(e.into());
+        }
+        staging.committed = true;
+        fsutil::fsync_dir(&self.store_dir())?;
+        fsutil::fsync_dir(&self.tmp_dir())?;
+        fsutil::seal_dir(&target)?;
+        Ok(Entry { dir: target, meta })
+    }
+
+    fn check_commit(&self, staging: &Staging, meta: &EntryMeta) -> Result<(), StoreError> {
+        let invalid = |reason: String, hint: &str| StoreError::InvalidCommit {
+            path: staging.dir.clone(),
+            reason,
+            hint: hint.to_string(),
+        };
+        if meta.drv_hash != staging.key || meta.name != staging.name {
+            return Err(invalid(
+                format!(
+                    "its metadata is for {} `{}`, but it was staged for {} `{}`",
+                    meta.drv_hash, meta.name, staging.key, staging.name
+                ),
+                "commit the EntryMeta of the derivation that was staged",
+            ));
+        }
+        let disk = staging.disk_path();
+        let size = match fs_err::symlink_metadata(&disk) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => {
+                return Err(invalid(
+                    format!("`{}` is not a regular file", disk.display()),
+                    "write the disk image itself there, not a link",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(invalid(
+                    format!("it has no `{DISK_FILE}`"),
+                    "write the disk image to Staging::disk_path() before committing",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if meta.size != size {
+            return Err(invalid(
+                format!(
+                    "its metadata gives a size of {} bytes, but `{DISK_FILE}` has {size}",
+                    meta.size
+                ),
+                "fill EntryMeta::size and output_blake3 from Staging::hash_disk()",
+            ));
+        }
+        let backing = qcow2::read_backing(&disk)?;
+        match (&meta.parent, backing) {
+            (_, qcow2::Backing::NotQcow2) => Err(invalid(
+                format!("`{}` is not a qcow2 image", disk.display()),
+                "convert it with qemu_img::convert_to_qcow2",
+            )),
+            (None, qcow2::Backing::None) => Ok(()),
+            (None, qcow2::Backing::File(file)) => Err(invalid(
+                format!("its disk has backing file `{file}` but its metadata names no parent"),
+                "set EntryMeta::parent to the parent entry's dir_name()",
+            )),
+            (Some(parent), backing) => {
+                let parent_ok = parse_entry_dir_name(parent).is_some()
+                    && self.store_dir().join(parent).join(META_FILE).is_file();
+                if !parent_ok {
+                    return Err(invalid(
+                        format!("its parent `{parent}` is not an entry of this store"),
+                        "commit the parent first and use its Entry::dir_name()",
+                    ));
+                }
+                let expected = relative_backing_for(parent);
+                let expected = expected.to_string_lossy();
+                match backing {
+                    qcow2::Backing::File(file) if file == expected => Ok(()),
+                    qcow2::Backing::File(file) => Err(invalid(
+                        format!(
+                            "its disk has backing file `{file}`; an entry must record `{expected}` \
+                             so the store can move"
+                        ),
+                        &format!(
+                            "run `qemu-img rebase -u -F qcow2 -b {expected} {}` \
+                             (qemu_img::rebase_unsafe with store::relative_backing) before commit",
+                            disk.display()
+                        ),
+                    )),
+                    _ => Err(invalid(
+                        format!(
+                            "its metadata names parent `{parent}` but its disk has no backing file"
+                        ),
+                        "create the disk with qemu_img::create_overlay on the parent's disk",
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Where a resumable download for `key` is kept between attempts.
+    pub fn partial_path(&self, key: &DrvHash) -> PathBuf {
+        self.root
+            .join(PARTIAL_DIR)
+            .join(format!("{}.part", key.store_key()))
+    }
+
+    /// Where the build log of `key` goes; kept outside the entry so failed builds have one too.
+    pub fn log_path(&self, key: &DrvHash, name: &str) -> PathBuf {
+        self.root
+            .join(LOGS_DIR)
+            .join(format!("{}.log", entry_dir_name(key, name)))
+    }
+
+    /// Every finished entry, sorted by directory name.
+    pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut entries = Vec::new();
+        for child in fs_err::read_dir(self.store_dir())? {
+            let path = child?.path();
+            let is_entry_name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(parse_entry_dir_name)
+                .is_some();
+            if !is_entry_name {
+                return Err(StoreError::CorruptEntry {
+                    path,
+                    reason: "its name is not `<key>-<name>`, so farm did not put it there".into(),
+                });
+            }
+            // Gone since read_dir listed it (removed by gc): not an entry any more.
+            entries.extend(load_entry(path)?);
+        }
+        entries.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok(entries)
+    }
+
+    /// Re-hashes the entry's disk and compares it with what was recorded at commit.
+    pub fn verify(&self, entry: &Entry) -> Result<(), StoreError> {
+        let disk = entry.disk_path();
+        let (actual, actual_size) = fsutil::hash_file(&disk)?;
+        if actual != entry.meta.output_blake3 || actual_size != entry.meta.size {
+            return Err(StoreError::Modified {
+                path: disk,
+                expected: entry.meta.output_blake3,
+                expected_size: entry.meta.size,
+                actual,
+                actual_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes staging directories left by killed farms, for keys nobody holds the lock on.
+    /// Returns how many were removed. `stage` already does this per key; this sweeps keys that
+    /// were never built again (for `farm gc`).
+    pub fn clean_tmp(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for child in fs_err::read_dir(self.tmp_dir())? {
+            let child = child?;
+            let file_name = child.file_name();
+            // Staging dirs are `<key>-<name>.<pid>.<random>`, itself a valid entry dir name.
+            let Some((store_key, _)) = file_name.to_str().and_then(parse_entry_dir_name) else {
+                continue;
+            };
+            if let Some(_lock) = self.try_lock_store_key(store_key)?
+                && fsutil::remove_tree(&child.path())?
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), StoreError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
+fn check_layout(root: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let file: LayoutFile =
+        serde_json::from_slice(bytes).map_err(|e| StoreError::BadLayoutFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if file.layout > LAYOUT_VERSION {
+        return Err(StoreError::NewerLayout {
+            root: root.to_path_buf(),
+            found: file.layout,
+            supported: LAYOUT_VERSION,
+        });
+    }
+    if file.layout < 1 {
+        return Err(StoreError::BadLayoutFile {
+            path: path.to_path_buf(),
+            reason: format!("layout {} does not exist", file.layout),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `farm-store.json` through a temporary file and a rename, so a concurrent `open`
+/// never reads a half-written file; two first opens write the same bytes.
+fn write_layout_file(root: &Path, path: &Path) -> Result<(), StoreError> {
+    let mut json = serde_json::to_vec(&LayoutFile {
+        layout: LAYOUT_VERSION,
+    })
+    .map_err(io::Error::other)?;
+    json.push(b'\n');
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".farm-store.json.")
+        .tempfile_in(root)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("failed to create a file in `{}`: {e}", root.display()),
+            )
+        })?;
+    tmp.write_all(&json)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| {
+        io::Error::new(
+            e.error.kind(),
+            format!("failed to write `{}`: {}", path.display(), e.error),
+        )
+    })?;
+    fsutil::fsync_dir(root)?;
+    Ok(())
+}
+
+/// Reads the entry in `dir`: `None` if there is no such directory, an error if it is there but
+/// not a well-formed entry.
+fn load_entry(dir: PathBuf) -> Result<Option<Entry>, StoreError> {
+    let corrupt = |dir: PathBuf, reason: String| StoreError::CorruptEntry { path: dir, reason };
+    let bytes = match fs_err::read(dir.join(META_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return if dir.exists() {
+                Err(corrupt(dir, format!("it has no `{META_FILE}`")))
+            } else {
+                Ok(None)
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let meta: EntryMeta = match serde_json::from_slice(&bytes) {
+        Ok(meta) => meta,
+        Err(e) => {
+            return Err(corrupt(
+                dir,
+                format!("its `{META_FILE}` is unreadable: {e}"),
+            ));
+        }
+    };
+    if meta.layout > LAYOUT_VERSION {
+        return Err(corrupt(
+            dir,
+            format!(
+                "it was written for store layout {}, newer than this farm's {LAYOUT_VERSION}",
+                meta.layout
+            ),
+        ));
+    }
+    let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if dir_name != entry_dir_name(&meta.drv_hash, &meta.name) {
+        return Err(corrupt(
+            dir.clone(),
+            format!(
+                "its `{META_FILE}` describes {} `{}`, which belongs in another directory",
+                meta.drv_hash, meta.name
+            ),
+        ));
+    }
+    Ok(Some(Entry { dir, meta }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_file_versions() {
+        let root = Path::new("/r");
+        let path = Path::new("/r/farm-store.json");
+        assert!(check_layout(root, path, br#"{"layout": 1}"#).is_ok());
+        let newer = check_layout(root, path, br#"{"layout": 2}"#).unwrap_err();
+        assert!(matches!(newer, StoreError::NewerLayout { found: 2, .. }));
+        assert!(newer.to_string().contains("hint: upgrade farm"));
+        assert!(matches!(
+            check_layout(root, path, br#"{"layout": 0}"#),
+            Err(StoreError::BadLayoutFile { .. })
+        ));
+        assert!(matches!(
+            check_layout(root, path, b"not json"),
+            Err(StoreError::BadLayoutFile { .. })
+        ));
+    }
+
+    #[test]
+    fn open_creates_the_layout_and_reopens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cache");
+        let store = Store::open(&root).unwrap();
+        for dir in [STORE_DIR, TMP_DIR, LOCKS_DIR, PARTIAL_DIR, LOGS_DIR] {
+            assert!(store.root().join(dir).is_dir(), "{dir}");
+        }
+        let text = fs_err::read_to_string(root.join(LAYOUT_FILE)).unwrap();
+        assert_eq!(text.trim(), r#"{"layout":1}"#);
+        Store::open(&root).unwrap();
+    }
+
+    #[test]
+    fn paths_are_keyed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let key = DrvHash([0x11; 32]);
+        let k = "11".repeat(16);
+        assert_eq!(
+            store.partial_path(&key),
+            store.root().join(format!("partial/{k}.part"))
+        );
+        assert_eq!(
+            store.log_path(&key, "base"),
+            store.root().join(format!("logs/{k}-base.log"))
+        );
+    }
+
+    #[test]
+    fn invalid_names_are_refused_before_touching_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let err = store.lookup(&DrvHash([0; 32]), "../etc").unwrap_err();
+        assert!(matches!(err, StoreError::InvalidName { .. }));
+        assert!(
+            err.to_string()
+                .starts_with("Entry name `../etc` is not allowed")
+        );
+    }
+
+    #[test]
+    fn try_lock_is_exclusive_and_released_on_drop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let key = DrvHash([7; 32]);
+        let held = store.try_lock(&key).unwrap().expect("free");
+        assert!(store.try_lock(&key).unwrap().is_none());
+        assert!(store.try_lock(&DrvHash([8; 32])).unwrap().is_some());
+        drop(held);
+        assert!(store.try_lock(&key).unwrap().is_some());
+    }
+}
