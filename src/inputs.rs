@@ -2,25 +2,87 @@
 //! content, so derivations depend on what the files say, not where they are.
 //!
 //! A missing file is an error naming the file and the farm.toml line that refers to it —
-//! never a silent skip (one of the seed's pain points).
+//! never a silent skip (one of the seed's pain points). Hashes are remembered in the store
+//! (`input-hashes.json`) keyed by path, size, inode and mtime, so a cached `farm build` of a
+//! multi-GiB local image does not read the image again.
 
+use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::model::config::Config;
 use crate::model::derivation::{InputHashes, referenced_files};
 use crate::model::diagnostic::Diagnostic;
 use crate::model::hash::ContentHash;
 
+/// The file in the store root remembering input hashes between runs.
+pub const HASH_CACHE_FILE: &str = "input-hashes.json";
+
+/// What identifies an unchanged file without reading it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileStamp {
+    len: u64,
+    ino: u64,
+    dev: u64,
+    mtime_ns: i128,
+    blake3: ContentHash,
+}
+
+fn stamp_matches(stamp: &FileStamp, meta: &std::fs::Metadata) -> bool {
+    stamp.len == meta.len()
+        && stamp.ino == meta.ino()
+        && stamp.dev == meta.dev()
+        && stamp.mtime_ns == mtime_ns(meta)
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+}
+
 /// Hashes every file `config` refers to; all missing or unreadable files are reported.
-pub fn hash_inputs(config: &Config) -> Result<InputHashes, Vec<Diagnostic>> {
+/// With `store_root`, remembered hashes are reused and new ones remembered (only when the
+/// store already exists: checking a configuration creates nothing).
+pub fn hash_inputs(
+    config: &Config,
+    store_root: Option<&Path>,
+) -> Result<InputHashes, Vec<Diagnostic>> {
+    let cache_path = store_root
+        .filter(|root| root.is_dir())
+        .map(|root| root.join(HASH_CACHE_FILE));
+    let mut cache: BTreeMap<PathBuf, FileStamp> = cache_path
+        .as_ref()
+        .and_then(|p| fs_err::read(p).ok())
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let mut changed = false;
     let mut hashes = InputHashes::new();
     let mut problems = Vec::new();
     for (path, at, _) in referenced_files(config) {
         if hashes.contains_key(&path) {
             continue;
         }
-        match hash_file(&path) {
+        let result = fs_err::metadata(&path).and_then(|meta| {
+            if let Some(stamp) = cache.get(&path).filter(|s| stamp_matches(s, &meta)) {
+                return Ok(stamp.blake3);
+            }
+            let blake3 = hash_file(&path)?;
+            cache.insert(
+                path.clone(),
+                FileStamp {
+                    len: meta.len(),
+                    ino: meta.ino(),
+                    dev: meta.dev(),
+                    mtime_ns: mtime_ns(&meta),
+                    blake3,
+                },
+            );
+            changed = true;
+            Ok(blake3)
+        });
+        match result {
             Ok(hash) => {
                 hashes.insert(path, hash);
             }
@@ -31,6 +93,10 @@ pub fn hash_inputs(config: &Config) -> Result<InputHashes, Vec<Diagnostic>> {
             ),
         }
     }
+    if let (true, Some(cache_path)) = (changed, cache_path) {
+        // Best effort: a cache that cannot be written only costs a re-hash next time.
+        let _ = write_atomically(&cache_path, &serde_json::to_vec(&cache).unwrap_or_default());
+    }
     if problems.is_empty() {
         Ok(hashes)
     } else {
@@ -38,9 +104,15 @@ pub fn hash_inputs(config: &Config) -> Result<InputHashes, Vec<Diagnostic>> {
     }
 }
 
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    fs_err::write(&tmp, bytes)?;
+    fs_err::rename(&tmp, path)
+}
+
 /// blake3 of a file's content, streamed in large blocks (keys are tiny, images are not).
 pub fn hash_file(path: &Path) -> std::io::Result<ContentHash> {
-    let mut file = std::io::BufReader::with_capacity(1 << 20, fs_err::File::open(path)?);
+    let mut file = fs_err::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -32,13 +32,14 @@ impl Project {
             rendered: loaded.sources.render_all(&diagnostics),
             diagnostics,
         };
-        let inputs = crate::inputs::hash_inputs(&loaded.config).map_err(invalid)?;
-        let wanted = wanted_platforms(&loaded.config, &loaded.topology);
-        let graph = derive_all(&loaded.config, &wanted, &inputs).map_err(invalid)?;
         let store_dir = options
             .store
             .clone()
             .unwrap_or_else(|| loaded.project_dir.join("cache"));
+        let inputs =
+            crate::inputs::hash_inputs(&loaded.config, Some(&store_dir)).map_err(invalid)?;
+        let wanted = wanted_platforms(&loaded.config, &loaded.topology);
+        let graph = derive_all(&loaded.config, &wanted, &inputs).map_err(invalid)?;
         Ok(Project {
             loaded,
             graph,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the system packages farm needs on Debian 12, once. Idempotent and quiet when
+# everything is present, so the README's commands and CI can always run it first.
+set -euo pipefail
+
+# qemu-system-x86 and qemu-utils must be installed together: installing qemu-system-x86
+# alone on these machines removes a backported qemu-utils and leaves no qemu-img.
+packages=(
+  qemu-system-x86 qemu-utils   # VMs and qcow2 layers
+  mmdebstrap e2fsprogs          # Debian images from a mirror, without mounting
+  openssh-client                # reaching VMs (ssh, ssh-keygen)
+  vde2                          # VDE networks
+  curl                          # the download benchmark's baseline
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# qemu-img must come from the same QEMU as qemu-system (see above).
+if ! command -v qemu-img >/dev/null || ! command -v qemu-system-x86_64 >/dev/null; then
+  missing+=(qemu-system-x86 qemu-utils)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }

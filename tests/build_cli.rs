@@ -1,0 +1,373 @@
+//! `farm build` end to end: the real binary, a real HTTP server on 127.0.0.1, real qemu-img.
+
+#[path = "support/http_server.rs"]
+#[allow(dead_code)]
+mod http_server;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use http_server::{Fault, TestServer};
+use sha2::Digest;
+
+/// A project directory with a farm.toml, its store at `cache/`.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(farm_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs_err::write(dir.path().join("farm.toml"), farm_toml).unwrap();
+        Project { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn farm(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_farm"));
+        cmd.current_dir(self.path())
+            .args(args)
+            .env_remove("FARM_STORE");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.farm(args).output().unwrap()
+    }
+
+    /// Directory names of the finished store entries.
+    fn entries(&self) -> Vec<String> {
+        list(&self.path().join("cache/store"))
+    }
+}
+
+fn list(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs_err::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status: {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A small real qcow2 image, as bytes.
+fn qcow2_bytes(size: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("base.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg(size)
+        .status()
+        .expect("qemu-img must be installed (apt-get install qemu-utils)");
+    assert!(status.success());
+    fs_err::read(&path).unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+fn farm_toml(url: &str, sha256: &str, extra: &str) -> String {
+    format!(
+        "[images.deb]\nurl = \"{url}\"\nsha256 = \"{sha256}\"\n\n[targets.amd64]\narch = \"x86_64\"\n{extra}"
+    )
+}
+
+#[test]
+fn build_fetches_verifies_and_a_second_build_is_a_cache_hit() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("64M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&image), ""));
+
+    let first = project.run(&["build"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let entries = project.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(entries[0].ends_with("-deb"), "{entries:?}");
+    let disk = project
+        .path()
+        .join("cache/store")
+        .join(&entries[0])
+        .join("disk.qcow2");
+    assert_eq!(fs_err::read(&disk).unwrap(), image);
+    assert!(fs_err::metadata(&disk).unwrap().permissions().readonly());
+    let meta: serde_json::Value = serde_json::from_slice(
+        &fs_err::read(
+            project
+                .path()
+                .join("cache/store")
+                .join(&entries[0])
+                .join("meta.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        meta["output_blake3"],
+        format!("blake3-{}", blake3::hash(&image).to_hex())
+    );
+
+    let requests = server.request_count();
+    let second = project.run(&["build"]);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(
+        server.request_count(),
+        requests,
+        "a cache hit makes no request"
+    );
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("cached"),
+        "{}",
+        text(&second)
+    );
+
+    let plan = project.run(&["plan"]);
+    assert!(
+        String::from_utf8_lossy(&plan.stdout).starts_with("cached"),
+        "{}",
+        text(&plan)
+    );
+}
+
+#[test]
+fn a_hash_mismatch_fails_naming_both_hashes_and_stores_nothing() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("16M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let wrong = "ab".repeat(32);
+    let project = Project::new(&farm_toml(&url, &wrong, ""));
+
+    let out = project.run(&["build"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&wrong), "{}", text(&out));
+    assert!(stderr.contains(&sha256_hex(&image)), "{}", text(&out));
+    assert!(project.entries().is_empty());
+    assert!(list(&project.path().join("cache/tmp")).is_empty());
+    assert!(
+        list(&project.path().join("cache/partial")).is_empty(),
+        "no bad bytes linger"
+    );
+}
+
+#[test]
+fn a_dropped_download_resumes_on_the_next_build() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("8M");
+    let mut padded = image.clone();
+    padded.resize(4 << 20, 0); // make the body large enough to drop halfway through
+    let url = server.add_bytes("/deb.qcow2", padded.clone());
+    server.set_fault(Some(Fault {
+        close_after_bytes: 2 << 20,
+        first_requests: 1,
+    }));
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&padded), ""));
+
+    let first = project
+        .farm(&["build"])
+        .env("FARM_FETCH_ATTEMPTS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(first.status.code(), Some(1), "{}", text(&first));
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains(&url),
+        "{}",
+        text(&first)
+    );
+    assert!(project.entries().is_empty());
+
+    let second = project
+        .farm(&["build"])
+        .env("FARM_FETCH_ATTEMPTS", "1")
+        .output()
+        .unwrap();
+    assert!(second.status.success(), "{}", text(&second));
+    let ranges = server.range_headers();
+    let resumed_at: Vec<u64> = ranges
+        .iter()
+        .flatten()
+        .filter_map(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .collect();
+    assert!(
+        resumed_at.iter().any(|n| *n > 0),
+        "the second build resumes with a Range request: {ranges:?}"
+    );
+    let verify = project.run(&["store", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+}
+
+#[test]
+fn two_concurrent_builds_make_one_entry_and_both_succeed() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("64M");
+    let mut padded = image.clone();
+    padded.resize(96 << 20, 0); // long enough that the two processes overlap
+    let url = server.add_bytes("/deb.qcow2", padded.clone());
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&padded), ""));
+
+    let spawn = || {
+        project
+            .farm(&["build"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    assert_eq!(project.entries().len(), 1, "{:?}", project.entries());
+    assert!(list(&project.path().join("cache/tmp")).is_empty());
+    let verify = project.run(&["store", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+}
+
+#[test]
+fn a_platform_without_steps_is_an_empty_layer_with_a_relative_backing_file_and_the_store_can_move()
+{
+    let server = TestServer::start();
+    let image = qcow2_bytes("64M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let extra = "[platforms.base]\nfrom = \"deb\"\n[platforms.web]\nfrom = \"base\"\n";
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&image), extra));
+    let out = project.run(&["build"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let entries = project.entries();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    let web = entries.iter().find(|e| e.ends_with("-web_amd64")).unwrap();
+    let base = entries.iter().find(|e| e.ends_with("-base_amd64")).unwrap();
+
+    let moved = tempfile::tempdir().unwrap();
+    let new_store = moved.path().join("elsewhere");
+    fs_err::rename(project.path().join("cache"), &new_store).unwrap();
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "--backing-chain"])
+        .arg(new_store.join("store").join(web).join("disk.qcow2"))
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", text(&info));
+    let chain: Vec<serde_json::Value> = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(chain.len(), 3, "web → base → deb");
+    assert_eq!(
+        chain[0]["backing-filename"],
+        format!("../{base}/disk.qcow2")
+    );
+
+    // The moved store still answers: everything is cached there.
+    let again = project
+        .farm(&["build"])
+        .env("FARM_STORE", &new_store)
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(server.request_count(), 1);
+}
+
+#[test]
+fn a_compressed_raw_image_is_unpacked_and_converted_to_qcow2() {
+    let server = TestServer::start();
+    let raw = vec![0x5au8; 3 << 20];
+    let mut xz = Vec::new();
+    {
+        use std::io::Write;
+        let mut enc = xz2::write::XzEncoder::new(&mut xz, 1);
+        enc.write_all(&raw).unwrap();
+        enc.finish().unwrap();
+    }
+    let url = server.add_bytes("/deb.raw.xz", xz.clone());
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&xz), ""));
+    let out = project.run(&["build"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let entry = &project.entries()[0];
+    let disk: PathBuf = project
+        .path()
+        .join("cache/store")
+        .join(entry)
+        .join("disk.qcow2");
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 3 << 20);
+}
+
+#[test]
+fn a_local_image_with_a_wrong_hash_is_rejected_and_left_alone() {
+    let image = qcow2_bytes("16M");
+    let project = Project::new(&format!(
+        "[images.local]\npath = \"disk.qcow2\"\nsha256 = \"{}\"\n",
+        "00".repeat(32)
+    ));
+    fs_err::write(project.path().join("disk.qcow2"), &image).unwrap();
+    let out = project.run(&["build"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&sha256_hex(&image)),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        fs_err::read(project.path().join("disk.qcow2")).unwrap(),
+        image
+    );
+    assert!(project.entries().is_empty());
+}
+
+#[test]
+fn an_invalid_farm_toml_exits_2_and_touches_nothing() {
+    let project = Project::new("[platforms.p]\nfrom = \"nothing\"\n");
+    let out = project.run(&["build"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--> farm.toml:2:8"), "{}", text(&out));
+    assert!(
+        !project.path().join("cache").exists(),
+        "nothing is created for bad input"
+    );
+}
+
+#[test]
+fn a_missing_key_file_is_an_error_naming_the_file_and_line() {
+    let project = Project::new(
+        "[images.deb]\npath = \"d.qcow2\"\n[platforms.p]\nfrom = \"deb\"\nauthorized_keys = [\"keys/none.pub\"]\n",
+    );
+    fs_err::write(project.path().join("d.qcow2"), qcow2_bytes("1M")).unwrap();
+    let out = project.run(&["build"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("keys/none.pub"), "{}", text(&out));
+    assert!(stderr.contains("--> "), "{}", text(&out));
+    assert!(stderr.contains("farm.toml:5:"), "{}", text(&out));
+}
+
+#[test]
+fn unknown_names_on_the_command_line_exit_2_with_a_hint() {
+    let project = Project::new("[targets.amd64]\narch = \"x86_64\"\n");
+    let out = project.run(&["show", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hint:"),
+        "{}",
+        text(&out)
+    );
+}
