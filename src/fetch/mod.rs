@@ -1,1 +1,106 @@
-//! (being written)
+//! Getting image bytes from outside into the store: HTTP downloads that are streamed, hashed
+//! as they arrive, resumable and verified; decompression; hashing of local files.
+//!
+//! The store owns where files live: callers hand [`download`] the path of a `.part` file in
+//! the store's `tmp/` and rename the verified result into place. This module never decides
+//! store layout, reads the environment, or retries beyond the `attempts` it is given.
+//!
+//! Every byte that is kept is hashed exactly once while it is written (the expected algorithm
+//! and blake3 together), so verifying costs no second read of a multi-GiB image.
+
+mod decompress;
+mod download;
+mod hashing;
+
+use std::path::PathBuf;
+
+pub use decompress::{Compression, decompress};
+pub use download::{Download, Downloaded, download};
+pub use hashing::{FileHashes, hash_file, verify_file};
+
+use crate::model::hash::ExpectedHash;
+
+/// Everything that can go wrong while fetching, decompressing or hashing an input.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "`{url}` is not a URL farm can download: {detail}\nhint: use an `http://` or `https://` URL, or `path = …` for a local file"
+    )]
+    InvalidUrl { url: String, detail: String },
+
+    #[error(
+        "Could not connect to `{url}`: connection refused\nhint: check that the server is running and that the host and port in the URL are right"
+    )]
+    ConnectionRefused { url: String },
+
+    #[error(
+        "Could not download `{url}`: {detail}\nhint: check the network connection and the URL, then run again; a partial download is resumed"
+    )]
+    Transport { url: String, detail: String },
+
+    #[error("Download of `{url}` failed: the server answered HTTP {status} {reason}\nhint: {hint}")]
+    Status {
+        url: String,
+        status: u16,
+        reason: String,
+        hint: &'static str,
+    },
+
+    #[error(
+        "Download of `{url}` was cut off after {received} bytes: {detail}\nhint: run again to resume from the partial file"
+    )]
+    Interrupted {
+        url: String,
+        received: u64,
+        detail: String,
+    },
+
+    #[error(
+        "Hash mismatch for `{url}`:\n  expected {expected}\n  actual   {actual}\nThe downloaded file was deleted.\nhint: if the image changed upstream on purpose, update its hash in farm.toml"
+    )]
+    HashMismatch {
+        url: String,
+        expected: ExpectedHash,
+        actual: ExpectedHash,
+    },
+
+    #[error(
+        "Hash mismatch for `{path}`:\n  expected {expected}\n  actual   {actual}\nhint: if the file changed on purpose, update its hash in farm.toml"
+    )]
+    FileHashMismatch {
+        path: PathBuf,
+        expected: ExpectedHash,
+        actual: ExpectedHash,
+    },
+
+    #[error(
+        "Could not decompress `{path}` as {compression}: {source}\nhint: the file may be truncated or not really {compression}; delete it and fetch it again"
+    )]
+    Decompress {
+        path: PathBuf,
+        compression: Compression,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Could not set up the HTTP client: {detail}")]
+    Client { detail: String },
+
+    /// Local I/O; `fs_err` already puts the path in the message.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl FetchError {
+    /// Whether another attempt could succeed: network trouble and server overload, not a
+    /// missing file, a full disk or a wrong hash.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::ConnectionRefused { .. }
+            | FetchError::Transport { .. }
+            | FetchError::Interrupted { .. } => true,
+            FetchError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            _ => false,
+        }
+    }
+}
