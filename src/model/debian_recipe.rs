@@ -1,0 +1,86 @@
+//! What farm puts into every Debian image it builds, besides the user's packages: its
+//! first-boot agent, the mmdebstrap hooks, the packages it relies on, the kernel command
+//! line. All of it is an input of the image's derivation (`digest`), so a farm whose agent
+//! changed builds new images instead of reusing stale ones.
+
+use super::hash::ContentHash;
+use super::values::Arch;
+
+/// farm's seed agent, installed as `/usr/local/sbin/farm-seed`.
+pub const AGENT_SCRIPT: &str = include_str!("../guest_agent/farm-seed.sh");
+/// The systemd unit that runs the agent early at every boot.
+pub const AGENT_UNIT: &str = include_str!("../guest_agent/farm-seed.service");
+/// The mmdebstrap customize hook that installs the agent and strips the build's identity.
+pub const CUSTOMIZE_SCRIPT: &str = include_str!("../guest_agent/customize-rootfs.sh");
+
+/// The variant used when the spec names none: the smallest set that still has apt.
+pub const DEFAULT_VARIANT: &str = "minbase";
+
+/// Packages farm needs in every image it boots, before the spec's own: the cloud kernel
+/// (virtio, ext4 and vfat, no hardware drivers), systemd as init (the agent is a systemd
+/// unit; networkd configures NICs), sshd, `ip`, udev for `/dev/disk/by-label`, and
+/// systemd-resolved so names resolve with the DNS server DHCP hands out. The agent's other
+/// tools (blkid, mount, useradd, ssh-keygen) come with these or with minbase.
+pub fn required_packages(arch: Arch) -> Vec<String> {
+    [
+        kernel_package(arch),
+        "systemd-sysv",
+        "systemd-resolved",
+        "openssh-server",
+        "iproute2",
+        "udev",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect()
+}
+
+fn kernel_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "linux-image-cloud-amd64",
+        Arch::Aarch64 => "linux-image-cloud-arm64",
+    }
+}
+
+/// The kernel command line for direct kernel boot: the whole first virtio disk is the root
+/// filesystem, mounted read-write from the start (fsck needs nothing else), and the console
+/// is the serial port farm logs (`ttyS0` on PC, the PL011 `ttyAMA0` on the arm `virt` board).
+pub fn kernel_cmdline(arch: Arch) -> String {
+    let console = match arch {
+        Arch::X86_64 => "ttyS0",
+        Arch::Aarch64 => "ttyAMA0",
+    };
+    format!("root=/dev/vda rw console={console}")
+}
+
+/// Runs after the essential packages, before the kernel package builds the initramfs:
+/// writes the root fstab (the whole first virtio disk, no partition table) and tells
+/// initramfs-tools the root is ext4. Its fsck hook would otherwise probe `/dev/vda` on the
+/// build machine, find nothing and leave fsck out, and a VM killed mid-write would boot
+/// without its root filesystem checked.
+pub const ESSENTIAL_HOOK: &str = concat!(
+    r#"printf '/dev/vda\t/\text4\tdefaults\t0\t1\n' > "$1/etc/fstab" && "#,
+    r#"mkdir -p "$1/etc/initramfs-tools/conf.d" && "#,
+    r#"echo FSTYPE=ext4 > "$1/etc/initramfs-tools/conf.d/farm-fsck""#,
+);
+
+/// blake3 over everything above for `arch`: part of every Debian image derivation.
+pub fn digest(arch: Arch) -> ContentHash {
+    let mut hasher = blake3::Hasher::new();
+    for part in [
+        AGENT_SCRIPT,
+        AGENT_UNIT,
+        CUSTOMIZE_SCRIPT,
+        ESSENTIAL_HOOK,
+        DEFAULT_VARIANT,
+    ] {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    for package in required_packages(arch) {
+        hasher.update(package.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher.update(kernel_cmdline(arch).as_bytes());
+    ContentHash::from_blake3(hasher.finalize())
+}
