@@ -4,13 +4,24 @@
 //! Pure model (`model`, `config` parsing) is kept apart from effects (`store`, `fetch`,
 //! `qemu_img`, `realise`): every command loads, validates, plans, then prints or applies.
 
+pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod debian_image;
 pub mod fetch;
+pub mod host;
+pub mod hostinfo;
 pub mod inputs;
+pub mod instance;
+pub mod keys;
 pub mod model;
+pub mod mounts;
 pub mod progress;
 pub mod project;
 pub mod qemu_img;
+pub mod qmp;
 pub mod realise;
+pub mod seed;
+pub mod ssh;
 pub mod store;
+pub mod vm_process;

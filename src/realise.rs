@@ -9,15 +9,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::builder::{BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
 use crate::model::config::{Config, ImageSource};
 use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::{ContentHash, DrvHash};
 use crate::model::plan::{Action, BuildPlan};
-use crate::model::values::DiskFormat;
+use crate::model::qemu::{MachineSpec, choose_accel};
+use crate::model::values::{Accel, DiskFormat};
 use crate::progress::Reporter;
 use crate::qemu_img;
 use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
+use std::time::Duration;
 
 /// How many times a download is attempted (each attempt resumes) before giving up.
 pub const DEFAULT_FETCH_ATTEMPTS: u32 = 3;
@@ -30,14 +33,20 @@ pub enum BuildError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error(
-        "Platform `{name}` has build steps, and running them in a build VM is not implemented yet\nhint: remove its steps to build an empty layer, or use a newer farm"
-    )]
-    NeedsBuildVm { name: String },
-    #[error(
-        "Image `{name}` is built from a Debian mirror, which is not implemented yet\nhint: use `url` with a hash, or `path`"
-    )]
-    NeedsDebootstrap { name: String },
+    #[error("Cannot build `{name}`")]
+    Layer {
+        name: String,
+        #[source]
+        source: Box<crate::builder::BuilderError>,
+    },
+    #[error("Cannot build image `{name}` from a Debian mirror")]
+    Debian {
+        name: String,
+        #[source]
+        source: Box<crate::debian_image::DebianImageError>,
+    },
+    #[error("The build was interrupted")]
+    Interrupted,
 }
 
 fn failed<E: std::error::Error + Send + Sync + 'static>(
@@ -54,15 +63,24 @@ fn failed<E: std::error::Error + Send + Sync + 'static>(
 #[derive(Clone, Debug)]
 pub struct RealiseOptions {
     pub fetch_attempts: u32,
+    /// Overrides every target's `accel` (`--accel`, `FARM_ACCEL`).
+    pub accel: Option<Accel>,
+    /// How long a build VM may take to answer ssh.
+    pub boot_timeout: Duration,
 }
 
 impl Default for RealiseOptions {
     fn default() -> Self {
         Self {
             fetch_attempts: DEFAULT_FETCH_ATTEMPTS,
+            accel: None,
+            boot_timeout: Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS),
         }
     }
 }
+
+/// Under TCG a Debian guest takes ~20 s to reach ssh; leave room for slow, busy machines.
+pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 300;
 
 /// Realises every step of `plan` in order; returns the store entry of every derivation.
 pub fn realise(
@@ -79,7 +97,14 @@ pub fn realise(
             Some(entry) => entry,
             None => {
                 let parent = node.parent.as_ref().and_then(|p| entries.get(p));
-                realise_one(config, node, &step.action, parent, store, options, reporter)?
+                let boot = boot_files_for(plan, &entries, node);
+                let context = Context {
+                    config,
+                    store,
+                    options,
+                    reporter,
+                };
+                realise_one(&context, node, &step.action, parent, boot)?
             }
         };
         entries.insert(node.id.clone(), entry);
@@ -93,15 +118,47 @@ fn lookup(store: &Store, node: &DrvNode) -> Result<Option<Entry>, BuildError> {
         .map_err(failed(&node.name))
 }
 
+/// The boot files a derivation's output boots with: the nearest ancestor's (or its own)
+/// `boot/`. None means the disk boots through firmware and its own bootloader.
+fn boot_files_for(
+    plan: &BuildPlan,
+    entries: &BTreeMap<DrvId, Entry>,
+    node: &DrvNode,
+) -> Option<BootFiles> {
+    let mut current = node.parent.clone();
+    while let Some(id) = current {
+        if let Some(boot) = entries
+            .get(&id)
+            .and_then(|e| e.boot_dir())
+            .and_then(|dir| BootFiles::in_dir(&dir))
+        {
+            return Some(boot);
+        }
+        current = plan
+            .steps
+            .iter()
+            .find(|s| s.node.id == id)
+            .and_then(|s| s.node.parent.clone());
+    }
+    None
+}
+
+/// What every realisation needs besides the derivation itself.
+struct Context<'a> {
+    config: &'a Config,
+    store: &'a Store,
+    options: &'a RealiseOptions,
+    reporter: &'a Reporter,
+}
+
 fn realise_one(
-    config: &Config,
+    cx: &Context,
     node: &DrvNode,
     action: &Action,
     parent: Option<&Entry>,
-    store: &Store,
-    options: &RealiseOptions,
-    reporter: &Reporter,
+    boot: Option<BootFiles>,
 ) -> Result<Entry, BuildError> {
+    let (config, store, options, reporter) = (cx.config, cx.store, cx.options, cx.reporter);
     let name = node.name.as_str();
     let lock = match store.try_lock(&node.hash).map_err(failed(name))? {
         Some(lock) => lock,
@@ -205,15 +262,85 @@ fn realise_one(
             ));
             staging.hash_disk().map_err(failed(name))?
         }
-        (Action::Layer { .. }, _) => {
-            return Err(BuildError::NeedsBuildVm {
+        (Action::Layer { .. }, DrvId::Platform { platform, target }) => {
+            let parent = parent.expect("parents are realised first");
+            let target = &config.targets[target];
+            let platform = &config.platforms[platform];
+            let host_arch = crate::hostinfo::host_arch().unwrap_or(target.arch);
+            let accel = choose_accel(
+                options.accel.unwrap_or(target.accel),
+                crate::hostinfo::kvm_facts(),
+                host_arch,
+                target.arch,
+            );
+            let build = LayerBuild {
+                name,
+                platform,
+                recipe: &node.derivation.recipe,
+                parent,
+                boot,
+                staging: &staging,
+                hw: MachineSpec {
+                    arch: target.arch,
+                    machine: target.machine.clone(),
+                    cpu: target.cpu.clone(),
+                    accel,
+                    memory_mib: platform
+                        .resources
+                        .memory
+                        .map(|m| m.mib())
+                        .unwrap_or(1024)
+                        .max(1024),
+                    cpus: std::thread::available_parallelism()
+                        .map(|n| n.get() as u32)
+                        .unwrap_or(1)
+                        .min(4),
+                },
+                boot_timeout: options.boot_timeout,
+                log: &store.log_path(&node.hash, name),
+            };
+            crate::builder::build_layer(&build, reporter).map_err(|source| BuildError::Layer {
                 name: name.to_string(),
-            });
+                source: Box::new(source),
+            })?;
+            reporter.line(format!(
+                "{:>12} {name} ({} steps, {:.0} s, {accel:?})",
+                "built",
+                node_step_count(config, &node.id),
+                started.elapsed().as_secs_f64()
+            ));
+            staging.hash_disk().map_err(failed(name))?
         }
-        (Action::Debootstrap { .. }, _) => {
-            return Err(BuildError::NeedsDebootstrap {
+        (Action::Debootstrap { .. }, DrvId::Image { image, arch }) => {
+            let ImageSource::Debian(spec) = &config.images[image].source else {
+                unreachable!("debootstrap actions come from debian images")
+            };
+            let arch = arch.expect("Debian image ids carry an arch");
+            let bar = reporter.spinner(name, "mmdebstrap");
+            let report = crate::debian_image::build_debian_image(
+                &crate::debian_image::DebianImageRequest {
+                    spec,
+                    arch,
+                    out_dir: staging.dir(),
+                    log: &store.log_path(&node.hash, name),
+                },
+                &bar,
+            )
+            .map_err(|source| BuildError::Debian {
                 name: name.to_string(),
-            });
+                source: Box::new(source),
+            })?;
+            bar.finish_and_clear();
+            reporter.line(format!(
+                "{:>12} {name} (Debian {} {}, kernel {}, {}, {:.0} s)",
+                "built",
+                spec.suite,
+                arch.debian_name(),
+                report.kernel_version,
+                human_bytes(report.disk_file_bytes),
+                started.elapsed().as_secs_f64()
+            ));
+            staging.hash_disk().map_err(failed(name))?
         }
         (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
     };
@@ -300,6 +427,13 @@ fn empty_layer(staging: &Staging, parent: &Entry) -> Result<(), qemu_img::QemuIm
     let disk = staging.disk_path();
     qemu_img::create_overlay(&disk, &parent.disk_path(), None)?;
     qemu_img::rebase_unsafe(&disk, &relative_backing(parent))
+}
+
+fn node_step_count(config: &Config, id: &DrvId) -> usize {
+    match id {
+        DrvId::Platform { platform, .. } => config.platforms[platform].steps.count(),
+        DrvId::Image { .. } => 0,
+    }
 }
 
 pub fn human_bytes(bytes: u64) -> String {

@@ -1,68 +1,17 @@
 //! `farm build` end to end: the real binary, a real HTTP server on 127.0.0.1, real qemu-img.
 
 #[path = "support/http_server.rs"]
-#[allow(dead_code)]
 mod http_server;
+#[path = "support/project.rs"]
+#[allow(dead_code)]
+mod project;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 
 use http_server::{Fault, TestServer};
+use project::{Project, list, text};
 use sha2::Digest;
-
-/// A project directory with a farm.toml, its store at `cache/`.
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    fn new(farm_toml: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        fs_err::write(dir.path().join("farm.toml"), farm_toml).unwrap();
-        Project { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn farm(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_farm"));
-        cmd.current_dir(self.path())
-            .args(args)
-            .env_remove("FARM_STORE");
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.farm(args).output().unwrap()
-    }
-
-    /// Directory names of the finished store entries.
-    fn entries(&self) -> Vec<String> {
-        list(&self.path().join("cache/store"))
-    }
-}
-
-fn list(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = match fs_err::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    names.sort();
-    names
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A small real qcow2 image, as bytes.
 fn qcow2_bytes(size: &str) -> Vec<u8> {

@@ -5,6 +5,7 @@ use clap::Args;
 
 use crate::model::derivation::DrvId;
 use crate::model::plan::{BuildPlan, plan_build};
+use crate::model::values::Accel;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::realise::{RealiseOptions, present_hashes, realise};
@@ -21,6 +22,30 @@ pub struct BuildArgs {
     /// How many times a download is attempted, each resuming where the last stopped.
     #[arg(long, env = "FARM_FETCH_ATTEMPTS", default_value_t = crate::realise::DEFAULT_FETCH_ATTEMPTS)]
     pub fetch_attempts: u32,
+    /// Accelerator for build VMs, overriding every target's `accel`: auto, kvm or tcg.
+    #[arg(long, env = "FARM_ACCEL", value_enum)]
+    pub accel: Option<AccelArg>,
+    /// Seconds a build VM may take to answer ssh before the build fails.
+    #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
+    pub boot_timeout: u64,
+}
+
+/// `--accel` values (clap's view of `Accel`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl From<AccelArg> for Accel {
+    fn from(a: AccelArg) -> Accel {
+        match a {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +112,8 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
     }
     let options = RealiseOptions {
         fetch_attempts: args.fetch_attempts.max(1),
+        accel: args.accel.map(Accel::from),
+        boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
     };
     realise(&project.loaded.config, &plan, &store, &options, reporter)?;
     Ok(())

@@ -53,6 +53,8 @@ pub enum Recipe {
         variant: String,
         packages: Vec<String>,
         arch: Arch,
+        /// What farm itself bakes in (agent, hooks, its packages): see `debian_recipe`.
+        farm_parts: ContentHash,
     },
     /// A platform: one qcow2 layer on its parent's.
     Layer {
@@ -296,6 +298,7 @@ fn derive(
                         variant: spec.variant.clone(),
                         packages: packages.into_iter().collect(),
                         arch,
+                        farm_parts: super::debian_recipe::digest(arch),
                     }
                 }
             };

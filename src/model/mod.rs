@@ -2,10 +2,14 @@
 //! Nothing in here performs I/O.
 
 pub mod config;
+pub mod debian_recipe;
 pub mod derivation;
 pub mod diagnostic;
 pub mod hash;
+pub mod instance;
 pub mod plan;
+pub mod qemu;
+pub mod ssh_config;
 pub mod topology;
 pub mod validate;
 pub mod values;

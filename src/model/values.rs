@@ -69,7 +69,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [(&str, u32); 4] = [("T", 40), ("G", 30), ("M", 20), ("K", 10)];
         for (unit, shift) in UNITS {
             let unit_bytes = 1u64 << shift;
-            if self.0 >= unit_bytes && self.0 % unit_bytes == 0 {
+            if self.0 >= unit_bytes && self.0.is_multiple_of(unit_bytes) {
                 return write!(f, "{}{unit}", self.0 / unit_bytes);
             }
         }

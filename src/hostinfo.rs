@@ -1,0 +1,45 @@
+//! Facts about the machine farm runs on, for choices the model makes (which accelerator).
+
+use crate::model::qemu::KvmFacts;
+use crate::model::values::Arch;
+
+/// Probes `/dev/kvm` and the hardware KVM modules. A PVM `/dev/kvm` opens but has neither
+/// `kvm_intel` nor `kvm_amd` loaded, and hangs stock kernels: it does not count.
+pub fn kvm_facts() -> KvmFacts {
+    let device_usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let hardware_module = ["/sys/module/kvm_intel", "/sys/module/kvm_amd"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    KvmFacts {
+        device_usable,
+        hardware_module,
+    }
+}
+
+pub fn host_arch() -> Option<Arch> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some(Arch::X86_64),
+        "aarch64" => Some(Arch::Aarch64),
+        _ => None,
+    }
+}
+
+/// A free TCP port on 127.0.0.1, chosen by the kernel. Another process may take it before
+/// qemu binds it; qemu then fails to start and the caller retries with a new port.
+pub fn free_local_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The last `lines` lines of a text file (a serial console log), for error messages.
+pub fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = fs_err::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("(no log: {e})"));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

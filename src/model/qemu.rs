@@ -1,0 +1,301 @@
+//! A qemu command line as plain data: what a VM is (disks, boot, NICs, sizing) becomes an
+//! argv here, purely, so the same description starts a build VM or an instance on any host
+//! and can be snapshot-tested.
+
+use std::path::PathBuf;
+
+use super::values::{Accel, Arch, MacAddr};
+
+/// The accelerator a VM actually gets, after `auto` is decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+/// What a host says about KVM, probed by `hostinfo`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmFacts {
+    /// `/dev/kvm` exists and opens read-write.
+    pub device_usable: bool,
+    /// `kvm_intel` or `kvm_amd` is loaded: hardware virtualisation that runs stock kernels.
+    /// (A PVM `/dev/kvm`, as on some cloud machines, opens fine but hangs stock guests.)
+    pub hardware_module: bool,
+}
+
+/// `auto` picks KVM only where it really runs stock kernels of the guest's architecture;
+/// an explicit choice is honoured (the user may know better than the probe).
+pub fn choose_accel(requested: Accel, facts: KvmFacts, host: Arch, guest: Arch) -> ResolvedAccel {
+    match requested {
+        Accel::Kvm => ResolvedAccel::Kvm,
+        Accel::Tcg => ResolvedAccel::Tcg,
+        Accel::Auto if facts.device_usable && facts.hardware_module && host == guest => {
+            ResolvedAccel::Kvm
+        }
+        Accel::Auto => ResolvedAccel::Tcg,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: &'static str,
+    pub readonly: bool,
+}
+
+/// Direct kernel boot: faster than firmware + bootloader, and needed for images farm builds
+/// from a mirror (they have no bootloader).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    pub host_addr: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// QEMU user networking (slirp): NAT to the host's network, ports forwarded inward.
+    User { forwards: Vec<PortForward> },
+    /// A VDE network: a switch's control directory or a vdeplug4 URL.
+    Vde { sock: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    pub backend: NetBackend,
+    pub mac: MacAddr,
+}
+
+/// The virtual machine's hardware: the same for a build VM and an instance of a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineSpec {
+    pub arch: Arch,
+    /// qemu's machine type; q35 (x86_64) or virt (aarch64) when absent.
+    pub machine: Option<String>,
+    /// qemu's CPU model; `host` under KVM, `max` under TCG when absent.
+    pub cpu: Option<String>,
+    pub accel: ResolvedAccel,
+    pub memory_mib: u64,
+    pub cpus: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuVm {
+    pub name: String,
+    pub hw: MachineSpec,
+    pub disks: Vec<Disk>,
+    pub boot: Option<DirectBoot>,
+    pub nics: Vec<Nic>,
+    pub serial_log: PathBuf,
+    pub qmp_socket: Option<PathBuf>,
+    pub pidfile: Option<PathBuf>,
+    /// Detach after start-up (instances); build VMs stay children of farm.
+    pub daemonize: bool,
+}
+
+impl QemuVm {
+    pub fn binary(&self) -> &'static str {
+        match self.hw.arch {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    pub fn argv(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+        let hw = &self.hw;
+        push(&[
+            "-name",
+            &format!("{},process=farm-{}", self.name, self.name),
+        ]);
+        let machine = hw.machine.clone().unwrap_or_else(|| match hw.arch {
+            Arch::X86_64 => "q35".to_string(),
+            Arch::Aarch64 => "virt".to_string(),
+        });
+        push(&["-machine", &machine]);
+        match hw.accel {
+            ResolvedAccel::Kvm => push(&["-accel", "kvm"]),
+            // One host thread per vCPU: several times faster for SMP guests.
+            ResolvedAccel::Tcg => push(&["-accel", "tcg,thread=multi"]),
+        }
+        let cpu = hw.cpu.clone().unwrap_or_else(|| match hw.accel {
+            ResolvedAccel::Kvm => "host".to_string(),
+            ResolvedAccel::Tcg => "max".to_string(),
+        });
+        push(&["-cpu", &cpu]);
+        push(&["-m", &format!("{}M", hw.memory_mib)]);
+        push(&["-smp", &hw.cpus.to_string()]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        push(&["-serial", &format!("file:{}", self.serial_log.display())]);
+        if let Some(qmp) = &self.qmp_socket {
+            push(&[
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qmp.display()),
+            ]);
+        }
+        if let Some(pidfile) = &self.pidfile {
+            push(&["-pidfile", &pidfile.display().to_string()]);
+        }
+        if self.daemonize {
+            push(&["-daemonize"]);
+        }
+        if let Some(boot) = &self.boot {
+            push(&["-kernel", &boot.kernel.display().to_string()]);
+            if let Some(initrd) = &boot.initrd {
+                push(&["-initrd", &initrd.display().to_string()]);
+            }
+            push(&["-append", &boot.cmdline]);
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            let mut drive = format!(
+                "file={},if=virtio,format={},index={i},cache=unsafe,discard=unmap",
+                disk.path.display(),
+                disk.format
+            );
+            if disk.readonly {
+                drive.push_str(",readonly=on");
+            }
+            push(&["-drive", &drive]);
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            let id = format!("net{i}");
+            let netdev = match &nic.backend {
+                NetBackend::User { forwards } => {
+                    let mut s = format!("user,id={id}");
+                    for f in forwards {
+                        s.push_str(&format!(
+                            ",hostfwd=tcp:{}:{}-:{}",
+                            f.host_addr, f.host_port, f.guest_port
+                        ));
+                    }
+                    s
+                }
+                NetBackend::Vde { sock } => format!("vde,id={id},sock={sock}"),
+            };
+            push(&["-netdev", &netdev]);
+            push(&[
+                "-device",
+                &format!("virtio-net-pci,netdev={id},mac={}", nic.mac),
+            ]);
+        }
+        push(&["-device", "virtio-rng-pci"]);
+        a
+    }
+}
+
+/// A stable, locally administered MAC for a VM's NIC, derived from names so it survives
+/// restarts and is the same on every host (QEMU's own prefix 52:54:00 keeps tools happy).
+pub fn mac_for(vm: &str, nic_index: usize) -> MacAddr {
+    let hash = blake3::hash(format!("farm mac {vm} {nic_index}").as_bytes());
+    let b = hash.as_bytes();
+    MacAddr([0x52, 0x54, 0x00, b[0], b[1], b[2]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> QemuVm {
+        QemuVm {
+            name: "web".into(),
+            hw: MachineSpec {
+                arch: Arch::X86_64,
+                machine: None,
+                cpu: None,
+                accel: ResolvedAccel::Tcg,
+                memory_mib: 1024,
+                cpus: 2,
+            },
+            disks: vec![
+                Disk {
+                    path: "/s/disk.qcow2".into(),
+                    format: "qcow2",
+                    readonly: false,
+                },
+                Disk {
+                    path: "/s/seed.img".into(),
+                    format: "raw",
+                    readonly: true,
+                },
+            ],
+            boot: Some(DirectBoot {
+                kernel: "/b/vmlinuz".into(),
+                initrd: Some("/b/initrd.img".into()),
+                cmdline: "root=/dev/vda console=ttyS0".into(),
+            }),
+            nics: vec![Nic {
+                backend: NetBackend::User {
+                    forwards: vec![PortForward {
+                        host_addr: "127.0.0.1".into(),
+                        host_port: 2201,
+                        guest_port: 22,
+                    }],
+                },
+                mac: "52:54:00:00:00:01".parse().unwrap(),
+            }],
+            serial_log: "/s/serial.log".into(),
+            qmp_socket: Some("/s/qmp.sock".into()),
+            pidfile: None,
+            daemonize: false,
+        }
+    }
+
+    #[test]
+    fn argv_snapshot() {
+        assert_eq!(
+            vm().argv().join(" "),
+            "-name web,process=farm-web -machine q35 -accel tcg,thread=multi -cpu max -m 1024M -smp 2 \
+             -nodefaults -no-user-config -display none -serial file:/s/serial.log \
+             -qmp unix:/s/qmp.sock,server=on,wait=off \
+             -kernel /b/vmlinuz -initrd /b/initrd.img -append root=/dev/vda console=ttyS0 \
+             -drive file=/s/disk.qcow2,if=virtio,format=qcow2,index=0,cache=unsafe,discard=unmap \
+             -drive file=/s/seed.img,if=virtio,format=raw,index=1,cache=unsafe,discard=unmap,readonly=on \
+             -netdev user,id=net0,hostfwd=tcp:127.0.0.1:2201-:22 \
+             -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -device virtio-rng-pci"
+        );
+    }
+
+    #[test]
+    fn auto_accel_needs_hardware_kvm_and_a_matching_arch() {
+        let pvm = KvmFacts {
+            device_usable: true,
+            hardware_module: false,
+        };
+        let metal = KvmFacts {
+            device_usable: true,
+            hardware_module: true,
+        };
+        let x86 = Arch::X86_64;
+        assert_eq!(choose_accel(Accel::Auto, pvm, x86, x86), ResolvedAccel::Tcg);
+        assert_eq!(
+            choose_accel(Accel::Auto, metal, x86, x86),
+            ResolvedAccel::Kvm
+        );
+        assert_eq!(
+            choose_accel(Accel::Auto, metal, x86, Arch::Aarch64),
+            ResolvedAccel::Tcg
+        );
+        assert_eq!(choose_accel(Accel::Kvm, pvm, x86, x86), ResolvedAccel::Kvm);
+        assert_eq!(
+            choose_accel(Accel::Tcg, metal, x86, x86),
+            ResolvedAccel::Tcg
+        );
+    }
+
+    #[test]
+    fn macs_are_stable_and_distinct() {
+        assert_eq!(mac_for("a", 0), mac_for("a", 0));
+        assert_ne!(mac_for("a", 0), mac_for("a", 1));
+        assert_ne!(mac_for("a", 0), mac_for("b", 0));
+        assert_eq!(mac_for("a", 0).0[..3], [0x52, 0x54, 0x00]);
+    }
+}

@@ -1,0 +1,196 @@
+//! Booting a store entry as a throwaway guest for tests: an overlay on the entry's disk, a
+//! NoCloud seed with a pinned host key, qemu as a child that dies with the test, and ssh
+//! with host-key checking on. Failures carry the serial console's tail.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use farm::builder::BootFiles;
+use farm::model::qemu::{
+    DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel, mac_for,
+};
+use farm::model::ssh_config::{SshHost, known_hosts_line, render};
+use farm::model::values::Arch;
+use farm::seed::{SeedNic, SeedSpec, write_seed_image};
+use farm::ssh::{Output, Ssh};
+use farm::vm_process::VmProcess;
+
+/// Whether VM tests can run here; under CI a missing part is a failure, elsewhere a skip.
+pub fn vm_tests_possible(test: &str) -> bool {
+    let missing: Vec<&str> = [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "mmdebstrap",
+        "ssh",
+        "ssh-keygen",
+    ]
+    .into_iter()
+    .filter(|tool| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+    })
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: missing {missing:?} under CI=true; run ./scripts/setup.sh");
+    }
+    eprintln!("skipping {test}: missing {missing:?} (run ./scripts/setup.sh)");
+    false
+}
+
+/// The store shared by every VM test of a run, so test images are built once.
+pub fn shared_store() -> PathBuf {
+    std::env::var_os("FARM_TEST_STORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("farm-test-store"))
+}
+
+/// An ed25519 key pair in `dir`, for a test user or a host.
+pub struct Key {
+    pub private: PathBuf,
+    pub public: String,
+}
+
+pub fn keygen(dir: &Path, name: &str) -> Key {
+    let private = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&private)
+        .status()
+        .expect("ssh-keygen");
+    assert!(status.success());
+    let public = fs_err::read_to_string(private.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Key { private, public }
+}
+
+pub struct Guest {
+    pub work: tempfile::TempDir,
+    pub process: VmProcess,
+    pub ssh: Ssh,
+}
+
+impl Guest {
+    /// Boots `entry_dir` (a store entry) with `boot` (its own or an ancestor's boot files).
+    /// The seed gives only a hostname and the host key: a client key must already be in the
+    /// image (put there by an `authorized_keys` step) unless `seed_key` is given.
+    pub fn boot(entry_dir: &Path, boot: Option<BootFiles>, client: &Key, seed_key: bool) -> Guest {
+        let work = tempfile::tempdir().unwrap();
+        let disk = work.path().join("disk.qcow2");
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(entry_dir.join("disk.qcow2"))
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let host = keygen(work.path(), "host");
+        let mac = mac_for("test-guest", 0);
+        let mut seed = SeedSpec::new("test-guest-1", "test-guest");
+        if seed_key {
+            seed.authorized_keys = vec![client.public.clone()];
+        }
+        seed.host_key = Some((
+            fs_err::read_to_string(&host.private).unwrap(),
+            host.public.clone(),
+        ));
+        seed.nics = vec![SeedNic {
+            mac,
+            address: None,
+            gateway: None,
+        }];
+        let seed_path = work.path().join("seed.img");
+        write_seed_image(&seed, &seed_path).unwrap();
+        let port = farm::hostinfo::free_local_port().unwrap();
+        let config = work.path().join("ssh_config");
+        fs_err::write(
+            work.path().join("known_hosts"),
+            known_hosts_line("guest", &host.public),
+        )
+        .unwrap();
+        fs_err::write(
+            &config,
+            render(&[SshHost {
+                alias: "guest".into(),
+                hostname: "127.0.0.1".into(),
+                port,
+                user: "root".into(),
+                identity_file: client.private.clone(),
+                known_hosts_file: work.path().join("known_hosts"),
+                proxy_jump: vec![],
+            }]),
+        )
+        .unwrap();
+        let vm = QemuVm {
+            name: "test-guest".into(),
+            hw: MachineSpec {
+                arch: Arch::X86_64,
+                machine: None,
+                cpu: None,
+                accel: ResolvedAccel::Tcg,
+                memory_mib: 1024,
+                cpus: 1,
+            },
+            disks: vec![
+                Disk {
+                    path: disk,
+                    format: "qcow2",
+                    readonly: false,
+                },
+                Disk {
+                    path: seed_path,
+                    format: "raw",
+                    readonly: true,
+                },
+            ],
+            boot: boot.map(|b| DirectBoot {
+                kernel: b.kernel,
+                initrd: b.initrd,
+                cmdline: b.cmdline,
+            }),
+            nics: vec![Nic {
+                backend: NetBackend::User {
+                    forwards: vec![PortForward {
+                        host_addr: "127.0.0.1".into(),
+                        host_port: port,
+                        guest_port: 22,
+                    }],
+                },
+                mac,
+            }],
+            serial_log: work.path().join("serial.log"),
+            qmp_socket: None,
+            pidfile: None,
+            daemonize: false,
+        };
+        let mut process = VmProcess::start(&vm, &work.path().join("qemu.stderr")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let ssh = match Ssh::wait_for(&config, "guest", deadline, || process.check_running()) {
+            Ok(ssh) => ssh,
+            Err(e) => panic!(
+                "the test guest did not answer ssh: {e}\nserial console:\n{}",
+                farm::hostinfo::tail(&vm.serial_log, 40)
+            ),
+        };
+        Guest { work, process, ssh }
+    }
+
+    /// Runs `script` and returns its stdout, failing the test (with output) on a non-zero exit.
+    pub fn sh(&self, script: &str) -> String {
+        let out: Output = self.ssh.run(script, None).unwrap();
+        assert!(
+            out.success(),
+            "`{script}` failed in the guest: {}",
+            out.text()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
