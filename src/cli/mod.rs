@@ -5,7 +5,9 @@
 mod build;
 mod check;
 mod show;
+mod ssh;
 mod store;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +60,18 @@ pub enum Command {
     /// Inspect and verify the store.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Build what is missing, then start the topology's VMs and wait for ssh; idempotent.
+    Up(up::UpArgs),
+    /// Stop VMs (deepest first) and remove their overlays.
+    Down(up::DownArgs),
+    /// Show every VM: host, platform, address, state (running, stopped, missing, changed).
+    Status(up::StatusArgs),
+    /// Open a shell, or run a command, on a VM through the generated ssh_config.
+    Ssh(ssh::SshArgs),
+    /// Print a VM's serial console.
+    Logs(ssh::LogsArgs),
+    /// Print an Ansible inventory of the VMs, reached through farm's ssh_config.
+    Inventory(ssh::InventoryArgs),
 }
 
 /// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
@@ -81,6 +95,12 @@ pub fn main() -> ExitCode {
         Command::Show(args) => show::run(&options, args),
         Command::Check(args) => check::run(&options, args),
         Command::Store(command) => store::run(&options, command, &reporter),
+        Command::Up(args) => up::run_up(&options, args, &reporter),
+        Command::Down(args) => up::run_down(&options, args, &reporter),
+        Command::Status(args) => up::run_status(&options, args),
+        Command::Ssh(args) => ssh::run_ssh(&options, args),
+        Command::Logs(args) => ssh::run_logs(&options, args),
+        Command::Inventory(args) => ssh::run_inventory(&options, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

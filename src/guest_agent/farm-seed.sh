@@ -150,7 +150,17 @@ apply_network() {
     done < "$MOUNT/farm/network"
 }
 
+# An instance's overlay may be larger than the image it was made from (`disk_size`): grow
+# the root filesystem to the disk. Images farm builds have ext4 directly on /dev/vda; online
+# growth of a mounted ext4 needs nothing else. A no-op when the sizes already match.
+grow_root() {
+    [ "$(findmnt -no SOURCE / 2>/dev/null)" = /dev/vda ] || return 0
+    command -v resize2fs >/dev/null 2>&1 || return 0
+    resize2fs /dev/vda >/dev/null 2>&1 && log "root filesystem fills /dev/vda"
+}
+
 main() {
+    grow_root || true
     seed_dev=$(find_seed || true)
     if [ -z "$seed_dev" ]; then
         # The device may not have been announced yet this early in boot.
