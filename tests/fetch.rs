@@ -413,3 +413,30 @@ fn download_works_when_called_from_inside_a_tokio_runtime() {
         .unwrap();
     assert_complete(&got, &fx, &data);
 }
+
+#[test]
+fn files_served_from_a_directory_resume_at_the_right_offset() {
+    let served = tempfile::tempdir().unwrap();
+    let path = served.path().join("images").join("disk.raw");
+    fs_err::create_dir_all(path.parent().unwrap()).unwrap();
+    http_server::write_random_file(&path, LEN as u64, 13).unwrap();
+    let data = fs_err::read(&path).unwrap();
+
+    let mut fx = Fixture::new();
+    fx.server = TestServer::serve_dir(served.path());
+    let url = fx.server.url("/images/disk.raw");
+    fx.server.set_fault(Some(Fault {
+        close_after_bytes: 1_234_567,
+        first_requests: 1,
+    }));
+    let got = fx.get(&url, &digest(HashAlgo::Sha256, &data), 2).unwrap();
+    assert_complete(&got, &fx, &data);
+    let requests = fx.server.requests();
+    assert_eq!(requests[1].range.as_deref(), Some("bytes=1234567-"));
+    assert_eq!(requests[1].status, 206);
+    let missing = fx.server.url("/images/other.raw");
+    let err = fx
+        .get(&missing, &digest(HashAlgo::Sha256, b""), 1)
+        .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+}

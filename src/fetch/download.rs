@@ -288,6 +288,8 @@ impl<'a> Session<'a> {
             self.progress.set_style(style);
         }
         self.progress.set_position(position);
+        // Re-hashing a partial file moved the bar at disk speed; measure the network afresh.
+        self.progress.reset_eta();
     }
 
     /// Checks the hash; deletes the `.part` file on a mismatch, the sidecar either way.

@@ -2,8 +2,8 @@
 //!
 //! Why not a crate: tests must run without network and must be able to misbehave on purpose
 //! (drop connections mid-body, ignore `Range`), which off-the-shelf servers make awkward.
-//! Why std only: it is shared by several test crates and the download benchmark, so it must
-//! build with nothing but the dev-dependencies every test already has.
+//! Why std (plus `fs_err` and `libc`, already dependencies of farm): it is shared by several
+//! test crates and the download benchmark, so it must build with what every test already has.
 //!
 //! Include it with `#[path = "support/http_server.rs"] mod http_server;` (or from a
 //! `tests/support/mod.rs`). It never refers to `crate::`, so it works at any module depth.
