@@ -26,7 +26,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # These machines ship a backported qemu-utils that no qemu-system in the configured
+  # suites matches; pin both to qemu-system-x86's candidate so apt may downgrade it.
+  version=$(apt-cache show --no-all-versions qemu-system-x86 | sed -n 's/^Version: //p' | head -n1)
+  pinned=()
+  for p in "${missing[@]}"; do
+    case "$p" in
+      qemu-system-x86|qemu-utils) pinned+=("$p=$version") ;;
+      *) pinned+=("$p") ;;
+    esac
+  done
+  pinned+=("qemu-utils=$version")
+  apt-get install -y -qq --no-install-recommends --allow-downgrades \
+    $(printf '%s\n' "${pinned[@]}" | sort -u) >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
