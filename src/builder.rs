@@ -390,7 +390,7 @@ fn finish(
     let cleanup = format!(
         "for f in /root/.ssh/authorized_keys; do [ -f \"$f\" ] && grep -vF {key} \"$f\" > \"$f.farm\"; mv \"$f.farm\" \"$f\" 2>/dev/null; done; \
          command -v cloud-init >/dev/null && cloud-init clean --logs --seed; \
-         rm -f /etc/ssh/ssh_host_*; : > /etc/machine-id; rm -f /var/lib/dbus/machine-id; \
+         rm -f /etc/ssh/ssh_host_* /etc/dropbear/dropbear_*_host_key; : > /etc/machine-id; rm -f /var/lib/dbus/machine-id; \
          command -v apt-get >/dev/null && apt-get clean; rm -rf /var/lib/apt/lists/*; \
          fstrim -a >/dev/null 2>&1; sync; true",
         key = shell_quote(key_body)

@@ -26,4 +26,5 @@ pub mod seed;
 pub mod ssh;
 pub mod state;
 pub mod store;
+pub mod tiny_image;
 pub mod vm_process;

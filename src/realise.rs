@@ -45,6 +45,12 @@ pub enum BuildError {
         #[source]
         source: Box<crate::debian_image::DebianImageError>,
     },
+    #[error("Cannot build the tiny image `{name}`")]
+    Tiny {
+        name: String,
+        #[source]
+        source: Box<crate::tiny_image::TinyImageError>,
+    },
     #[error("The build was interrupted")]
     Interrupted,
 }
@@ -337,6 +343,33 @@ fn realise_one(
                 spec.suite,
                 arch.debian_name(),
                 report.kernel_version,
+                human_bytes(report.disk_file_bytes),
+                started.elapsed().as_secs_f64()
+            ));
+            staging.hash_disk().map_err(failed(name))?
+        }
+        (Action::BuildTiny, DrvId::Image { arch, .. }) => {
+            let arch = arch.expect("tiny image ids carry an arch");
+            let bar = reporter.spinner(name, "tiny image");
+            let report = crate::tiny_image::build_tiny_image(
+                &crate::tiny_image::TinyImageRequest {
+                    arch,
+                    out_dir: staging.dir(),
+                    log: &store.log_path(&node.hash, name),
+                    cache_dir: &store.deb_cache_dir(),
+                },
+                &bar,
+            )
+            .map_err(|source| BuildError::Tiny {
+                name: name.to_string(),
+                source: Box::new(source),
+            })?;
+            bar.finish_and_clear();
+            reporter.line(format!(
+                "{:>12} {name} (tiny: kernel {}, {} modules, {}, {:.0} s)",
+                "built",
+                report.kernel_version,
+                report.modules.len(),
                 human_bytes(report.disk_file_bytes),
                 started.elapsed().as_secs_f64()
             ));

@@ -365,6 +365,16 @@ fn image_with_two_sources_is_rejected() {
 }
 
 #[test]
+fn tiny_false_is_no_source_at_all() {
+    let rendered = assert_error(
+        "[images.small]\ntiny = false\n",
+        "Image `small` must have exactly one source: `url`, `path`, `debian` or `tiny = true`",
+        1,
+    );
+    assert!(rendered.contains("hint:"), "{rendered}");
+}
+
+#[test]
 fn address_outside_the_network_subnet_is_rejected() {
     let text = format!(
         "{IMAGE}\n[networks.lab]\nkind = \"vde\"\nsubnet = \"10.0.0.0/24\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nnics = [{{ network = \"lab\", ip = \"10.1.0.5/24\" }}]\n"

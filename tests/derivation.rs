@@ -212,3 +212,21 @@ fn closure_orders_parents_first() {
     let names: Vec<&str> = g.closure(&[web]).iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["deb", "base_amd64", "web_amd64"]);
 }
+
+/// The tiny image is per architecture and keyed by what farm bakes into it; platforms on it
+/// are ordinary layers.
+#[test]
+fn tiny_images_are_per_arch_and_depend_on_farms_own_parts() {
+    let text = "[images.tiny]\ntiny = true\n[targets.amd64]\narch = \"x86_64\"\n\
+                [platforms.small]\nfrom = \"tiny\"\nrun = [\"true\"]\n";
+    let g = graph(text, "hello\n");
+    let node = g.nodes.values().find(|n| n.name == "tiny-amd64").unwrap();
+    let encoded = String::from_utf8(node.derivation.canonical_bytes()).unwrap();
+    let parts = farm::model::tiny_recipe::digest(farm::model::values::Arch::X86_64);
+    assert!(
+        encoded.contains(&format!("\"farm_parts\":\"{parts}\"")),
+        "{encoded}"
+    );
+    let layer = g.nodes.values().find(|n| n.name == "small_amd64").unwrap();
+    assert_eq!(layer.derivation.parent(), Some(node.hash));
+}

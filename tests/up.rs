@@ -1,4 +1,5 @@
-//! `farm up/status/ssh/down` with real VMs under TCG, in the order a user meets them.
+//! `farm up/status/ssh/down` with real VMs under TCG, in the order a user meets them. The
+//! lifecycle runs on farm's tiny image (ssh in seconds); root growth needs a Debian guest.
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
@@ -13,6 +14,25 @@ use guest::{shared_store, vm_tests_possible};
 use project::{Project, text};
 
 const LAB: &str = r#"
+[images.tiny]
+tiny = true
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.plain]
+from = "tiny"
+memory = "256M"
+
+[vms.alpha]
+platform = "plain"
+hostname = "alpha-host"
+
+[vms.beta]
+platform = "plain"
+"#;
+
+const DEBIAN_LAB: &str = r#"
 [images.bookworm]
 debian = { suite = "bookworm" }
 
@@ -22,13 +42,9 @@ arch = "x86_64"
 [platforms.plain]
 from = "bookworm"
 
-[vms.alpha]
+[vms.grown]
 platform = "plain"
-hostname = "alpha-host"
 disk_size = "3G"
-
-[vms.beta]
-platform = "plain"
 "#;
 
 fn pid(p: &Project, vm: &str) -> String {
@@ -82,16 +98,6 @@ fn up_ssh_restart_replace_and_down() {
     // farm ssh, and plain ssh with the generated config (host keys pinned, checking on).
     let out = p.ok(&["ssh", "alpha", "--", "hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alpha-host");
-    // disk_size grew the overlay, and the guest's root filesystem grew with it.
-    let df = p.ok(&["ssh", "alpha", "--", "df", "-B1", "--output=size", "/"]);
-    let root_bytes: u64 = String::from_utf8_lossy(&df.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(root_bytes > 2_500_000_000, "root is {root_bytes} bytes");
     let config = p.path().join(".farm/ssh_config");
     let plain = Command::new("ssh")
         .arg("-F")
@@ -103,6 +109,27 @@ fn up_ssh_restart_replace_and_down() {
     let config_text = fs_err::read_to_string(&config).unwrap();
     assert!(config_text.contains("StrictHostKeyChecking yes"));
     assert!(!config_text.contains("StrictHostKeyChecking no"));
+    // scp (which speaks SFTP today) with the same config, both ways.
+    let local = p.path().join("note.txt");
+    fs_err::write(&local, "copied by scp\n").unwrap();
+    let scp = Command::new("scp")
+        .arg("-F")
+        .arg(&config)
+        .arg(&local)
+        .arg("alpha:/tmp/note.txt")
+        .output()
+        .unwrap();
+    assert!(scp.status.success(), "{}", text(&scp));
+    let back = p.path().join("back.txt");
+    let scp = Command::new("scp")
+        .arg("-F")
+        .arg(&config)
+        .arg("alpha:/tmp/note.txt")
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(scp.status.success(), "{}", text(&scp));
+    assert_eq!(fs_err::read_to_string(&back).unwrap(), "copied by scp\n");
 
     // Up again: nothing starts.
     let (alpha, beta) = (pid(&p, "alpha"), pid(&p, "beta"));
@@ -147,6 +174,25 @@ fn up_ssh_restart_replace_and_down() {
     assert!(!qemu_running("alpha", &p) && !qemu_running("beta", &p));
     assert!(project::list(&p.path().join(".farm/vms")).is_empty());
     assert_eq!(state_of(&p, "alpha"), "missing");
+}
+
+#[test]
+fn disk_size_grows_the_overlay_and_a_debian_guests_root() {
+    if !vm_tests_possible("disk_size") {
+        return;
+    }
+    let p = Project::with_store(DEBIAN_LAB, &shared_store());
+    p.ok(&["up"]);
+    let df = p.ok(&["ssh", "grown", "--", "df", "-B1", "--output=size", "/"]);
+    let root_bytes: u64 = String::from_utf8_lossy(&df.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    p.ok(&["down"]);
+    assert!(root_bytes > 2_500_000_000, "root is {root_bytes} bytes");
 }
 
 #[test]

@@ -256,6 +256,10 @@ fn lower_image(
         raw.url.as_ref().map(|s| cx.origin(s)),
         raw.path.as_ref().map(|s| cx.origin(s)),
         raw.debian.as_ref().map(|s| cx.origin(s)),
+        raw.tiny
+            .as_ref()
+            .filter(|t| *t.get_ref())
+            .map(|s| cx.origin(s)),
     ];
     let given: Vec<&Origin> = sources.iter().flatten().collect();
     if given.len() != 1 {
@@ -266,7 +270,7 @@ fn lower_image(
         problems.push(
             Diagnostic::new(
                 format!(
-                    "Image `{}` must have exactly one source: `url`, `path` or `debian`",
+                    "Image `{}` must have exactly one source: `url`, `path`, `debian` or `tiny = true`",
                     name.value
                 ),
                 at,
@@ -298,6 +302,8 @@ fn lower_image(
             path: cx.path(path),
             hash,
         }
+    } else if raw.tiny.as_ref().is_some_and(|t| *t.get_ref()) {
+        ImageSource::Tiny
     } else {
         let debian = raw.debian.expect("one source is present").into_inner();
         ImageSource::Debian(DebianSpec {

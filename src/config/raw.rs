@@ -32,6 +32,8 @@ pub struct RawImage {
     pub url: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub debian: Option<Spanned<RawDebian>>,
+    /// farm's tiny image (kernel + busybox + dropbear); `false` is the same as absent.
+    pub tiny: Option<Spanned<bool>>,
     pub sha256: Option<Spanned<String>>,
     pub sha512: Option<Spanned<String>>,
     pub blake3: Option<Spanned<String>>,

@@ -87,6 +87,17 @@ pub enum ImageSource {
     },
     /// Built from a Debian mirror with mmdebstrap.
     Debian(DebianSpec),
+    /// farm's tiny image: a Debian cloud kernel, busybox and dropbear, built from the host's
+    /// apt sources (see `crate::tiny_image`). Boots to ssh in seconds, even nested.
+    Tiny,
+}
+
+impl ImageSource {
+    /// Images farm builds itself are built per target architecture; downloaded and local
+    /// files are whatever architecture they are.
+    pub fn is_per_arch(&self) -> bool {
+        matches!(self, ImageSource::Debian(_) | ImageSource::Tiny)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

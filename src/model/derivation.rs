@@ -56,6 +56,13 @@ pub enum Recipe {
         /// What farm itself bakes in (agent, hooks, its packages): see `debian_recipe`.
         farm_parts: ContentHash,
     },
+    /// farm's tiny image. The kernel version is resolved from the apt sources at build
+    /// time, like mmdebstrap's package versions: the recipe, not the versions, is the key.
+    TinyImage {
+        arch: Arch,
+        /// What farm bakes in (scripts, packages, modules): see `tiny_recipe`.
+        farm_parts: ContentHash,
+    },
     /// A platform: one qcow2 layer on its parent's.
     Layer {
         parent: DrvHash,
@@ -233,7 +240,7 @@ pub fn derive_all(
     let arches: BTreeSet<Arch> = config.targets.values().map(|t| t.arch).collect();
     for (name, image) in &config.images {
         let ids: Vec<DrvId> = match &image.source {
-            ImageSource::Debian(_) => arches
+            source if source.is_per_arch() => arches
                 .iter()
                 .map(|a| DrvId::Image {
                     image: name.clone(),
@@ -301,6 +308,13 @@ fn derive(
                         farm_parts: super::debian_recipe::digest(arch),
                     }
                 }
+                ImageSource::Tiny => {
+                    let arch = arch.expect("tiny image ids carry an arch");
+                    Recipe::TinyImage {
+                        arch,
+                        farm_parts: super::tiny_recipe::digest(arch),
+                    }
+                }
             };
             let name = match arch {
                 Some(arch) => format!("{image}-{}", arch.debian_name()),
@@ -320,7 +334,7 @@ fn derive(
                 let image = &config.images[&p.from.value];
                 DrvId::Image {
                     image: p.from.value.clone(),
-                    arch: matches!(image.source, ImageSource::Debian(_)).then_some(t.arch),
+                    arch: image.source.is_per_arch().then_some(t.arch),
                 }
             };
             let parent_hash = derive(config, &parent_id, inputs, graph)?;

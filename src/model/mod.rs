@@ -10,6 +10,7 @@ pub mod instance;
 pub mod plan;
 pub mod qemu;
 pub mod ssh_config;
+pub mod tiny_recipe;
 pub mod topology;
 pub mod validate;
 pub mod values;

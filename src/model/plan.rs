@@ -19,6 +19,8 @@ pub enum Action {
     Import { path: PathBuf },
     /// Build a root filesystem from a Debian mirror.
     Debootstrap { suite: String, mirror: String },
+    /// Assemble farm's tiny image from Debian packages.
+    BuildTiny,
     /// Run a platform's steps in a build VM (or, with no steps, make an empty layer).
     Layer { steps: usize },
 }
@@ -30,6 +32,7 @@ impl Action {
             Action::Fetch { .. } => "fetch",
             Action::Import { .. } => "import",
             Action::Debootstrap { .. } => "debootstrap",
+            Action::BuildTiny => "build",
             Action::Layer { .. } => "build",
         }
     }
@@ -88,6 +91,7 @@ fn action_for(config: &Config, node: &DrvNode) -> Action {
                 suite: spec.suite.clone(),
                 mirror: spec.mirror.clone(),
             },
+            ImageSource::Tiny => Action::BuildTiny,
         },
         (DrvId::Platform { platform, .. }, _) => Action::Layer {
             steps: config.platforms[platform].steps.count(),
@@ -109,6 +113,7 @@ impl fmt::Display for BuildPlan {
                 Action::Fetch { url } => url.clone(),
                 Action::Import { path } => path.display().to_string(),
                 Action::Debootstrap { suite, mirror } => format!("{suite} from {mirror}"),
+                Action::BuildTiny => "tiny image (kernel, busybox, dropbear) from apt".to_string(),
                 Action::Layer { steps: 0 } => "empty layer".to_string(),
                 Action::Layer { steps } => format!("{steps} step kinds in a build VM"),
             };

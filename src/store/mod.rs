@@ -7,6 +7,7 @@
 //! <root>/locks/<key>.lock     per-key lock files
 //! <root>/partial/             resumable downloads
 //! <root>/logs/                build logs
+//! <root>/debs/                .deb files the tiny image is assembled from (a download cache)
 //! ```
 //!
 //! The rename of a staging directory into `store/` is the commit point. Everything an entry
@@ -55,6 +56,7 @@ const TMP_DIR: &str = "tmp";
 const LOCKS_DIR: &str = "locks";
 const PARTIAL_DIR: &str = "partial";
 const LOGS_DIR: &str = "logs";
+const DEBS_DIR: &str = "debs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -398,6 +400,12 @@ impl Store {
         self.root
             .join(PARTIAL_DIR)
             .join(format!("{}.part", key.store_key()))
+    }
+
+    /// Where the tiny image's `.deb` files are kept, so rebuilding it (after a farm upgrade
+    /// changed its recipe) downloads nothing when Debian published no new versions.
+    pub fn deb_cache_dir(&self) -> PathBuf {
+        self.root.join(DEBS_DIR)
     }
 
     /// Where the build log of `key` goes; kept outside the entry so failed builds have one too.

@@ -83,6 +83,19 @@ impl Guest {
     /// The seed gives only a hostname and the host key: a client key must already be in the
     /// image (put there by an `authorized_keys` step) unless `seed_key` is given.
     pub fn boot(entry_dir: &Path, boot: Option<BootFiles>, client: &Key, seed_key: bool) -> Guest {
+        Guest::boot_with(entry_dir, boot, client, seed_key, 1024, Vec::new())
+    }
+
+    /// [`Guest::boot`] with `memory_mib` and, after the first (DHCP, ssh-forwarded) NIC,
+    /// `extra_nics`, each on its own QEMU user network with the seed's addressing.
+    pub fn boot_with(
+        entry_dir: &Path,
+        boot: Option<BootFiles>,
+        client: &Key,
+        seed_key: bool,
+        memory_mib: u64,
+        extra_nics: Vec<SeedNic>,
+    ) -> Guest {
         let work = tempfile::tempdir().unwrap();
         let disk = work.path().join("disk.qcow2");
         let status = Command::new("qemu-img")
@@ -107,6 +120,7 @@ impl Guest {
             address: None,
             gateway: None,
         }];
+        seed.nics.extend(extra_nics.iter().cloned());
         let seed_path = work.path().join("seed.img");
         write_seed_image(&seed, &seed_path).unwrap();
         let port = farm::hostinfo::free_local_port().unwrap();
@@ -136,7 +150,7 @@ impl Guest {
                 machine: None,
                 cpu: None,
                 accel: ResolvedAccel::Tcg,
-                memory_mib: 1024,
+                memory_mib,
                 cpus: 1,
             },
             disks: vec![
@@ -156,7 +170,7 @@ impl Guest {
                 initrd: b.initrd,
                 cmdline: b.cmdline,
             }),
-            nics: vec![Nic {
+            nics: std::iter::once(Nic {
                 backend: NetBackend::User {
                     forwards: vec![PortForward {
                         host_addr: "127.0.0.1".into(),
@@ -165,7 +179,12 @@ impl Guest {
                     }],
                 },
                 mac,
-            }],
+            })
+            .chain(extra_nics.iter().map(|n| Nic {
+                backend: NetBackend::User { forwards: vec![] },
+                mac: n.mac,
+            }))
+            .collect(),
             serial_log: work.path().join("serial.log"),
             qmp_socket: None,
             pidfile: None,

@@ -91,3 +91,14 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A test that fails half-way must not leave VMs running: whatever `farm up` started in this
+/// project is brought down when the project goes away.
+impl Drop for Project {
+    fn drop(&mut self) {
+        let vms = self.path().join(".farm/vms");
+        if !list(&vms).is_empty() {
+            let _ = self.farm(&["down"]).output();
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! What farm puts into its *tiny* image (see `crate::tiny_image`): the boot scripts, the
+//! Debian packages it unpacks, the kernel modules and the kernel command line. All of it is
+//! an input of the image's derivation (`digest`), so a farm whose boot script changed
+//! builds a new tiny image instead of reusing a stale one.
+
+use super::hash::ContentHash;
+use super::values::Arch;
+
+/// busybox init's `sysinit` script: mounts, seed, network.
+pub const BOOT_SCRIPT: &str = include_str!("../guest_agent/tiny-init.sh");
+/// The initramfs `/init`: loads the virtio modules and switches to the disk.
+pub const INITRAMFS_INIT: &str = include_str!("../guest_agent/tiny/initramfs-init.sh");
+/// busybox init's configuration: what makes `poweroff` work.
+pub const INITTAB: &str = include_str!("../guest_agent/tiny/inittab");
+/// Starts dropbear with the seeded host key when there is one.
+pub const SSHD_SCRIPT: &str = include_str!("../guest_agent/tiny/sshd.sh");
+/// udhcpc's hook that applies a lease.
+pub const UDHCPC_SCRIPT: &str = include_str!("../guest_agent/tiny/udhcpc.script");
+
+/// The kernel command line. `quiet` because every line on a serial console costs time under
+/// TCG; the disk is mounted by the initramfs, so no `root=`.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet";
+
+/// The meta-package whose `Depends:` names the current versioned cloud kernel.
+pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// The modules the guest needs (their dependencies are added from each module's
+/// `depends=`): virtio disks and NICs, and FAT for the seed volume. A module missing from
+/// the package but listed in `modules.builtin` is skipped.
+pub const WANTED_MODULES: [&str; 8] = [
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_iso8859-1",
+    "ext4",
+];
+
+/// Packages besides the kernel: busybox is static; dropbear is not, so the libraries it
+/// links against come from their packages too ([`DROPBEAR_LIBS`]). OpenSSH's sftp-server
+/// (libc only) is there because today's `scp` speaks SFTP.
+pub const PACKAGES: [&str; 9] = [
+    "busybox-static",
+    "dropbear-bin",
+    "openssh-sftp-server",
+    "libc6",
+    "libcrypt1",
+    "libtomcrypt1",
+    "libtommath1",
+    "libgmp10",
+    "zlib1g",
+];
+
+/// The shared objects dropbear, dropbearconvert and dropbearkey need (their `NEEDED`
+/// entries, transitively: libtomcrypt pulls libgmp), copied into `/lib/x86_64-linux-gnu`,
+/// the directory Debian's dynamic loader searches without an `ld.so.cache`.
+pub const DROPBEAR_LIBS: [&str; 7] = [
+    "ld-linux-x86-64.so.2",
+    "libc.so.6",
+    "libcrypt.so.1",
+    "libtomcrypt.so.1",
+    "libtommath.so.1",
+    "libgmp.so.10",
+    "libz.so.1",
+];
+
+/// blake3 over everything above for `arch`: part of every tiny image derivation.
+pub fn digest(arch: Arch) -> ContentHash {
+    let mut hasher = blake3::Hasher::new();
+    let parts = [
+        BOOT_SCRIPT,
+        INITRAMFS_INIT,
+        INITTAB,
+        SSHD_SCRIPT,
+        UDHCPC_SCRIPT,
+        KERNEL_CMDLINE,
+        KERNEL_META_PACKAGE,
+        arch.debian_name(),
+    ];
+    let lists: [&[&str]; 3] = [&WANTED_MODULES, &PACKAGES, &DROPBEAR_LIBS];
+    for part in parts.iter().chain(lists.iter().flat_map(|l| l.iter())) {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    ContentHash::from_blake3(hasher.finalize())
+}
