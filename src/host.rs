@@ -10,6 +10,9 @@ use std::process::{Command, Stdio};
 
 pub use crate::ssh::Output;
 
+/// How much of a streamed file is read and sent at a time.
+pub const STREAM_CHUNK: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("Cannot run a command on host `{host}`: {source}")]
@@ -40,6 +43,17 @@ pub trait Host: Send + Sync {
     fn put(&self, bytes: &[u8], path: &Path, mode: u32) -> Result<(), HostError>;
     /// Reads a file; `Ok(None)` when it does not exist.
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError>;
+    /// Streams `input` into `path` (parent directories created, replaced if present),
+    /// showing each chunk to `on_chunk` as it goes (hashing, progress): large files are read
+    /// once and never held in memory.
+    fn put_stream(
+        &self,
+        input: &mut dyn std::io::Read,
+        path: &Path,
+        on_chunk: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), HostError>;
+    /// blake3 of a file as the host reads it back; `Ok(None)` when it does not exist.
+    fn blake3(&self, path: &Path) -> Result<Option<crate::model::hash::ContentHash>, HostError>;
     /// Sends a QMP command to the qemu listening on `socket` (best effort: a qemu that
     /// is going away may not answer).
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
@@ -102,6 +116,54 @@ impl Host for LocalHost {
         // Best effort by design: the caller checks the process afterwards.
         let _ = crate::qmp::execute(socket, command);
         Ok(())
+    }
+
+    fn put_stream(
+        &self,
+        input: &mut dyn std::io::Read,
+        path: &Path,
+        on_chunk: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), HostError> {
+        let mut write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                fs_err::create_dir_all(dir)?;
+            }
+            let mut file = fs_err::File::create(path)?;
+            let mut buf = vec![0u8; STREAM_CHUNK];
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                on_chunk(&buf[..n]);
+                file.write_all(&buf[..n])?;
+            }
+            file.sync_all()
+        };
+        write().map_err(|source| HostError::Write {
+            host: self.name.clone(),
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn blake3(&self, path: &Path) -> Result<Option<crate::model::hash::ContentHash>, HostError> {
+        let read = || -> std::io::Result<crate::model::hash::ContentHash> {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(fs_err::File::open(path)?)?;
+            Ok(crate::model::hash::ContentHash::from_blake3(
+                hasher.finalize(),
+            ))
+        };
+        match read() {
+            Ok(hash) => Ok(Some(hash)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(HostError::Read {
+                host: self.name.clone(),
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
     }
 
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {

@@ -6,11 +6,13 @@
 
 pub mod builder;
 pub mod cli;
+pub mod closure;
 pub mod config;
 pub mod debian_image;
 pub mod fetch;
 pub mod host;
 pub mod hostinfo;
+pub mod hypervisor;
 pub mod inputs;
 pub mod instance;
 pub mod keys;
@@ -22,6 +24,7 @@ pub mod project;
 pub mod qemu_img;
 pub mod qmp;
 pub mod realise;
+pub mod remote_host;
 pub mod seed;
 pub mod ssh;
 pub mod state;

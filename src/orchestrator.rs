@@ -3,15 +3,16 @@
 //! level's VMs in parallel — and wait until each answers ssh through the generated
 //! ssh_config, the same file users get.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::builder::BootFiles;
+use crate::closure::{HostStore, REMOTE_ROOT};
 use crate::host::{Host, LocalHost};
-use crate::instance::{self, InstanceRecord, InstanceSpec};
+use crate::instance::{self, InstancePaths, InstanceRecord, InstanceSpec};
 use crate::model::derivation::{DrvGraph, DrvId};
 use crate::model::instance::{
     DesiredVm, ObservedVm, UpAction, VmState, down_order, plan_up, state_of,
@@ -19,13 +20,18 @@ use crate::model::instance::{
 use crate::model::plan::plan_build;
 use crate::model::qemu::{MachineSpec, choose_accel, mac_for};
 use crate::model::ssh_config::SshHost;
-use crate::model::topology::{LOCAL_HOST, Placement, VmNode};
+use crate::model::topology::{LOCAL_HOST, Placement, Topology, VmNode};
+use crate::model::values::Arch;
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::realise::{RealiseOptions, present_hashes, realise};
+use crate::remote_host::RemoteHost;
 use crate::ssh::Ssh;
 use crate::state::StateDir;
 use crate::store::{Entry, Store};
+
+/// How long connecting to a hypervisor VM may take (it is already up: this is generous).
+const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Default memory for a VM whose platform and table say nothing.
 const DEFAULT_MEMORY_MIB: u64 = 1024;
@@ -33,17 +39,33 @@ const DEFAULT_MEMORY_MIB: u64 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
     #[error(
-        "VM `{vm}` runs inside `{parent}`; running VMs inside VMs is not supported yet\nhint: bring up its hypervisor alone with `farm up {parent}`"
+        "Hypervisor VM `{hypervisor}` is not running, so the VMs inside it cannot start\nhint: `farm up {hypervisor}` first, or `farm up` without names"
     )]
-    Nested { vm: String, parent: String },
+    HypervisorDown { hypervisor: String },
+    #[error(
+        "Host `{host}` cannot run VMs: it lacks {missing}\nhint: add `packages = [\"{packages}\"]` to the platform of `{host}`"
+    )]
+    HypervisorIncomplete {
+        host: String,
+        missing: String,
+        packages: String,
+    },
+    #[error(
+        "VM `{vm}` has VDE NICs, which `farm up` cannot create yet (issue 6)\nhint: bring up the VMs that use only user networking by name, e.g. `farm up debian_vs_user_amd64`"
+    )]
+    VdeNotYet { vm: String },
+    #[error("No free port for ssh forwarding on host `{host}` in farm's range")]
+    NoFreePort { host: String },
+    #[error(transparent)]
+    Push(#[from] crate::closure::PushError),
     #[error(
         "VM `{vm}` runs on host `{host}`, which is not this machine; remote hosts are not supported yet"
     )]
     RemoteHost { vm: String, host: String },
     #[error(
-        "Port {port} on 127.0.0.1, wanted by VM `{vm}`, is already in use\nhint: stop what uses it, or change `ssh_port`/`forwards` of `{vm}` in farm.toml"
+        "Port {port} on 127.0.0.1 of host `{host}`, wanted by VM `{vm}`, is already in use\nhint: stop what uses it, or change `ssh_port`/`forwards` of `{vm}` in farm.toml"
     )]
-    PortInUse { vm: String, port: u16 },
+    PortInUse { vm: String, port: u16, host: String },
     #[error(
         "VM `{vm}` did not answer ssh within {seconds} s ({reason})\nlast lines of its serial console:\n{serial}\nhint: `farm logs {vm}` shows the whole console"
     )]
@@ -137,7 +159,112 @@ pub fn describe_plan(steps: &[crate::model::instance::UpStep]) -> String {
         .collect()
 }
 
-/// Brings the selected VMs up; returns the status rows of all of them.
+/// Where one group of VMs runs: this machine, or a hypervisor VM reached over ssh, with
+/// the paths farm uses there.
+struct Site {
+    host: Box<dyn Host>,
+    /// Instance state on that host (`.farm/` here, `/var/lib/farm/state` on a hypervisor).
+    state_root: PathBuf,
+    /// The host's store when it is not this machine's (entries are pushed there).
+    store: Option<HostStore>,
+}
+
+impl Site {
+    fn local() -> Site {
+        Site {
+            host: Box::new(LocalHost {
+                name: LOCAL_HOST.to_string(),
+            }),
+            state_root: PathBuf::new(),
+            store: None,
+        }
+    }
+
+    fn paths(&self, state: &StateDir, name: &str) -> InstancePaths {
+        if self.store.is_some() {
+            InstancePaths::new(&self.state_root, name)
+        } else {
+            state.instance(name)
+        }
+    }
+
+    fn is_remote(&self) -> bool {
+        self.store.is_some()
+    }
+}
+
+/// Connects to where VMs placed on `placement` run, or `None` when that hypervisor is not
+/// running (its VMs are then gone or stopped with it).
+fn site_for(
+    placement: &Placement,
+    state: &StateDir,
+    reporter: &Reporter,
+) -> Result<Option<Site>, UpError> {
+    match placement {
+        Placement::Host(_) => Ok(Some(Site::local())),
+        Placement::Vm(parent) => {
+            // farm made it (at whatever depth) if it has local state; it runs if farm's
+            // ssh_config reaches it, which is what connecting tries.
+            if !state.root().join("vms").join(parent).is_dir() {
+                return Ok(None);
+            }
+            match RemoteHost::connect(parent, &state.ssh_config(), parent, HOST_CONNECT_TIMEOUT) {
+                Ok(host) => Ok(Some(Site {
+                    host: Box::new(host),
+                    state_root: Path::new(REMOTE_ROOT).join("state"),
+                    store: Some(HostStore::remote()),
+                })),
+                Err(e) => {
+                    reporter.line(format!(
+                        "{:>12} {parent} does not answer ssh ({e}); its VMs count as missing",
+                        "warning"
+                    ));
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// The VMs to act on: the named ones (all when none) and every hypervisor above them.
+fn with_ancestors<'a>(topology: &'a Topology, names: &[String]) -> Vec<&'a VmNode> {
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    for vm in topology.vms.values() {
+        if names.is_empty() || names.contains(&vm.name) {
+            wanted.insert(vm.name.clone());
+            for placement in topology.chain(&vm.name) {
+                if let Placement::Vm(parent) = placement {
+                    wanted.insert(parent);
+                }
+            }
+        }
+    }
+    topology
+        .vms
+        .values()
+        .filter(|vm| wanted.contains(&vm.name))
+        .collect()
+}
+
+/// The named VMs (all when none) and every VM running inside them, at any depth.
+fn with_descendants(topology: &Topology, names: &[String]) -> BTreeSet<String> {
+    topology
+        .vms
+        .values()
+        .filter(|vm| {
+            names.is_empty()
+                || names.contains(&vm.name)
+                || topology
+                    .chain(&vm.name)
+                    .iter()
+                    .any(|p| matches!(p, Placement::Vm(parent) if names.contains(parent)))
+        })
+        .map(|vm| vm.name.clone())
+        .collect()
+}
+
+/// Brings the selected VMs up, hypervisors before the VMs inside them; returns the status
+/// rows of all of them.
 pub fn up(
     project: &Project,
     store: &Store,
@@ -146,35 +273,33 @@ pub fn up(
     reporter: &Reporter,
 ) -> Result<Vec<VmStatus>, UpError> {
     let topology = &project.loaded.topology;
-    let selected: Vec<&VmNode> = topology
-        .vms
-        .values()
-        .filter(|vm| options.names.is_empty() || options.names.contains(&vm.name))
-        .collect();
+    let selected = with_ancestors(topology, &options.names);
     for vm in &selected {
-        match &vm.placement {
-            Placement::Vm(parent) => {
-                return Err(UpError::Nested {
-                    vm: vm.name.clone(),
-                    parent: parent.clone(),
-                });
-            }
-            Placement::Host(host) => {
-                if topology
-                    .hosts
-                    .get(host)
-                    .is_some_and(|h| h.address.is_some())
-                {
-                    return Err(UpError::RemoteHost {
-                        vm: vm.name.clone(),
-                        host: host.clone(),
-                    });
-                }
-            }
+        if !vm.nics.is_empty() {
+            return Err(UpError::VdeNotYet {
+                vm: vm.name.clone(),
+            });
+        }
+        for (network, _) in &vm.attach {
+            reporter.line(format!(
+                "{:>12} {} is not attached to `{network}`: VDE networks come with issue 6",
+                "note", vm.name
+            ));
+        }
+        if let Placement::Host(host) = &vm.placement
+            && topology
+                .hosts
+                .get(host)
+                .is_some_and(|h| h.address.is_some())
+        {
+            return Err(UpError::RemoteHost {
+                vm: vm.name.clone(),
+                host: host.clone(),
+            });
         }
     }
 
-    // Build what is missing.
+    // Build what is missing, for every level: layers are built here and pushed down.
     let wanted: Vec<DrvId> = selected.iter().map(|vm| platform_id(vm)).collect();
     let closure = project.graph.closure(&wanted);
     let present = present_hashes(store, closure)?;
@@ -195,16 +320,83 @@ pub fn up(
     };
 
     let state = StateDir::open(state_root)?;
-    let host = LocalHost {
-        name: LOCAL_HOST.to_string(),
-    };
+    let farm_key = state.farm_key()?;
+    let started = Instant::now();
+    let max_level = selected.iter().map(|vm| vm.level).max().unwrap_or(0);
+    for level in 1..=max_level {
+        // VMs of this level, grouped by where they run.
+        let mut groups: BTreeMap<Placement, Vec<&VmNode>> = BTreeMap::new();
+        for vm in selected.iter().filter(|vm| vm.level == level) {
+            groups.entry(vm.placement.clone()).or_default().push(vm);
+        }
+        for (placement, vms) in groups {
+            let site = if options.dry_run {
+                site_for(&placement, &state, reporter)?
+            } else {
+                Some(site_for(&placement, &state, reporter)?.ok_or_else(|| {
+                    UpError::HypervisorDown {
+                        hypervisor: placement.name().to_string(),
+                    }
+                })?)
+            };
+            let context = GroupContext {
+                project,
+                store,
+                entries: &entries,
+                state: &state,
+                farm_public_key: &farm_key.public,
+                options,
+                reporter,
+                started,
+            };
+            match site {
+                Some(site) => up_group(&context, &site, &vms)?,
+                None => {
+                    // Dry run under a hypervisor that is not up yet: all of it is new.
+                    for vm in &vms {
+                        println!(
+                            "create   {} (L{}, inside {})",
+                            vm.name,
+                            vm.level,
+                            placement.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if options.dry_run {
+        return Ok(Vec::new());
+    }
+    status_rows(project, &state, &selected, reporter)
+}
+
+/// What every group of `up` shares.
+struct GroupContext<'a> {
+    project: &'a Project,
+    store: &'a Store,
+    entries: &'a BTreeMap<DrvId, Entry>,
+    state: &'a StateDir,
+    farm_public_key: &'a str,
+    options: &'a UpOptions,
+    reporter: &'a Reporter,
+    started: Instant,
+}
+
+/// Brings up the VMs of one level that run on one site: checks and fills the site when it
+/// is a hypervisor, then keeps, restarts, replaces or creates each, in parallel.
+fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpError> {
+    let (project, state, options, reporter) = (cx.project, cx.state, cx.options, cx.reporter);
+    let config = &project.loaded.config;
+    let host = site.host.as_ref();
+
     let mut records: BTreeMap<String, (InstanceRecord, bool)> = BTreeMap::new();
-    for vm in topology.vms.values() {
-        if let Some(found) = instance::observe(&host, &state.instance(&vm.name))? {
+    for vm in vms {
+        if let Some(found) = instance::observe(host, &site.paths(state, &vm.name))? {
             records.insert(vm.name.clone(), found);
         }
     }
-    let desired: Vec<DesiredVm> = selected
+    let desired: Vec<DesiredVm> = vms
         .iter()
         .map(|vm| DesiredVm {
             name: vm.name.clone(),
@@ -219,30 +411,86 @@ pub fn up(
     let steps = plan_up(&desired, &observed);
     if options.dry_run {
         print!("{}", describe_plan(&steps));
-        return Ok(Vec::new());
+        return Ok(());
+    }
+
+    // A hypervisor VM: it must have what the VMs need, and their layers.
+    let mut accel_facts = (crate::hostinfo::kvm_facts(), crate::hostinfo::host_arch());
+    if let Some(host_store) = &site.store {
+        let arches: BTreeSet<Arch> = vms
+            .iter()
+            .map(|vm| config.targets[&vm.target].arch)
+            .collect();
+        let facts = crate::hypervisor::probe(host, &arches)?;
+        if !facts.missing.is_empty() {
+            return Err(UpError::HypervisorIncomplete {
+                host: host.name().to_string(),
+                missing: facts.missing.join(", "),
+                packages: crate::hypervisor::packages_for(&facts.missing).join("\", \""),
+            });
+        }
+        accel_facts = (facts.kvm, facts.arch);
+        let wanted: Vec<DrvId> = steps
+            .iter()
+            .filter(|s| s.action != UpAction::Keep)
+            .map(|s| platform_id(vms.iter().find(|vm| vm.name == s.name).expect("planned")))
+            .collect();
+        let needed: Vec<&Entry> = project
+            .graph
+            .closure(&wanted)
+            .iter()
+            .map(|node| &cx.entries[&node.id])
+            .collect();
+        let pushed = crate::closure::push_closure(host, host_store, &needed, reporter)?;
+        if !pushed.pushed.is_empty() {
+            reporter.line(format!(
+                "{:>12} {} layer(s) to {} ({}, {:.1} s; {} already there)",
+                "pushed",
+                pushed.pushed.len(),
+                host.name(),
+                crate::realise::human_bytes(pushed.bytes),
+                pushed.elapsed.as_secs_f64(),
+                pushed.present
+            ));
+        }
     }
 
     // Ports: fixed ones must be free before anything starts.
+    let used_remote: BTreeSet<u16> = if site.is_remote() {
+        crate::hypervisor::listening_ports(host)?
+    } else {
+        BTreeSet::new()
+    };
     let mut ports: BTreeMap<String, u16> = BTreeMap::new();
     for step in &steps {
-        let vm = &topology.vms[&step.name];
+        let vm = vms.iter().find(|vm| vm.name == step.name).expect("planned");
         let record = records.get(&vm.name).map(|(r, _)| r);
-        let starting = step.action != UpAction::Keep;
         let running_now = records.get(&vm.name).is_some_and(|(_, r)| *r);
+        let taken: BTreeSet<u16> = ports.values().copied().collect();
         let port = match (vm.ssh_port, record.and_then(|r| r.ssh_port)) {
             (Some(fixed), _) => fixed,
             (None, Some(recorded)) if step.action != UpAction::Replace => recorded,
+            _ if site.is_remote() => crate::hypervisor::pick_port(&vm.name, &used_remote, &taken)
+                .ok_or_else(|| UpError::NoFreePort {
+                host: host.name().to_string(),
+            })?,
             _ => crate::hostinfo::free_local_port()
                 .map_err(|source| UpError::PortCheck { port: 0, source })?,
         };
-        if starting && !running_now {
+        if step.action != UpAction::Keep && !running_now {
             let mut wanted_ports = vec![port];
             wanted_ports.extend(vm.forwards.iter().map(|f| f.host));
             for p in wanted_ports {
-                if std::net::TcpListener::bind(("127.0.0.1", p)).is_err() {
+                let busy = if site.is_remote() {
+                    used_remote.contains(&p)
+                } else {
+                    std::net::TcpListener::bind(("127.0.0.1", p)).is_err()
+                };
+                if busy {
                     return Err(UpError::PortInUse {
                         vm: vm.name.clone(),
                         port: p,
+                        host: host.name().to_string(),
                     });
                 }
             }
@@ -256,112 +504,126 @@ pub fn up(
             "{:>12} {} (its platform changed)",
             "replacing", step.name
         ));
-        let paths = state.instance(&step.name);
-        instance::stop(&host, &paths, &step.name, Duration::from_secs(30), None)?;
-        instance::remove(&host, &paths, &step.name)?;
+        let paths = site.paths(state, &step.name);
+        instance::stop(host, &paths, &step.name, Duration::from_secs(30), None)?;
+        instance::remove(host, &paths, &step.name)?;
     }
 
-    let farm_key = state.farm_key()?;
     let specs: BTreeMap<String, InstanceSpec> = steps
         .iter()
         .map(|step| {
-            let vm = &topology.vms[&step.name];
-            let spec = instance_spec(
-                project,
-                &entries,
-                &state,
-                vm,
-                ports[&vm.name],
-                &farm_key.public,
-                options,
-            )?;
+            let vm = vms.iter().find(|vm| vm.name == step.name).expect("planned");
+            let spec = instance_spec(cx, site, vm, ports[&vm.name], accel_facts)?;
             Ok((vm.name.clone(), spec))
         })
         .collect::<Result<_, UpError>>()?;
-    write_ssh_files(project, &state, &ports)?;
+    write_ssh_files(project, state, &ports)?;
 
-    // Start, then wait for ssh, a level at a time; a level's VMs in parallel.
-    let started = Instant::now();
-    let max_level = steps.iter().map(|s| s.level).max().unwrap_or(0);
-    for level in 1..=max_level {
-        let level_steps: Vec<_> = steps.iter().filter(|s| s.level == level).collect();
-        let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = level_steps
-                .iter()
-                .map(|step| {
-                    let spec = &specs[&step.name];
-                    let paths = state.instance(&step.name);
-                    let host = &host;
-                    let state = &state;
-                    scope.spawn(move || -> Result<(), UpError> {
-                        match step.action {
-                            UpAction::Keep => return Ok(()),
-                            UpAction::Create | UpAction::Replace => {
-                                reporter.line(format!("{:>12} {}", "starting", step.name));
-                                let record = instance::create(host, &paths, spec)?;
-                                instance::start(host, &paths, &record)?;
+    // Start, then wait for ssh; the group's VMs in parallel.
+    let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = steps
+            .iter()
+            .map(|step| {
+                let spec = &specs[&step.name];
+                let paths = site.paths(state, &step.name);
+                scope.spawn(move || -> Result<(), UpError> {
+                    match step.action {
+                        UpAction::Keep => return Ok(()),
+                        UpAction::Create | UpAction::Replace => {
+                            reporter.line(format!("{:>12} {}", "starting", step.name));
+                            let record = instance::create(host, &paths, spec)?;
+                            if site.is_remote() {
+                                // ssh_config and `farm status` read the record here.
+                                save_local_record(state, &record)?;
                             }
-                            UpAction::Restart => {
-                                reporter.line(format!(
-                                    "{:>12} {} (its qemu was not running)",
-                                    "restarting", step.name
-                                ));
-                                let record = instance::observe(host, &paths)?
-                                    .map(|(r, _)| r)
-                                    .expect("restarted VMs have a record");
-                                instance::start(host, &paths, &record)?;
-                            }
+                            instance::start(host, &paths, &record)?;
                         }
-                        wait_for_ssh(host, state, &step.name, options.realise.boot_timeout)?;
-                        reporter.line(format!(
-                            "{:>12} {} (ssh after {:.0} s)",
-                            "ready",
-                            step.name,
-                            started.elapsed().as_secs_f64()
-                        ));
-                        Ok(())
-                    })
+                        UpAction::Restart => {
+                            reporter.line(format!(
+                                "{:>12} {} (its qemu was not running)",
+                                "restarting", step.name
+                            ));
+                            let record = instance::observe(host, &paths)?
+                                .map(|(r, _)| r)
+                                .expect("restarted VMs have a record");
+                            instance::start(host, &paths, &record)?;
+                        }
+                    }
+                    wait_for_ssh(
+                        host,
+                        state,
+                        &paths,
+                        &step.name,
+                        options.realise.boot_timeout,
+                    )?;
+                    reporter.line(format!(
+                        "{:>12} {} (ssh after {:.0} s)",
+                        "ready",
+                        step.name,
+                        cx.started.elapsed().as_secs_f64()
+                    ));
+                    Ok(())
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a VM thread panicked"))
-                .collect()
-        });
-        if let Some(err) = results.into_iter().find_map(Result::err) {
-            return Err(err);
-        }
-    }
-    status_rows(project, &state, &host, &selected)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a VM thread panicked"))
+            .collect()
+    });
+    let _ = cx.store;
+    results
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(()), Err)
 }
 
-#[allow(clippy::too_many_arguments)]
+fn save_local_record(state: &StateDir, record: &InstanceRecord) -> Result<(), UpError> {
+    let paths = state.instance(&record.name);
+    let json = serde_json::to_vec_pretty(record).expect("records serialize");
+    LocalHost {
+        name: LOCAL_HOST.to_string(),
+    }
+    .put(&json, &paths.record(), 0o600)?;
+    Ok(())
+}
+
 fn instance_spec(
-    project: &Project,
-    entries: &BTreeMap<DrvId, Entry>,
-    state: &StateDir,
+    cx: &GroupContext,
+    site: &Site,
     vm: &VmNode,
     ssh_port: u16,
-    farm_public_key: &str,
-    options: &UpOptions,
+    (kvm, host_arch): (crate::model::qemu::KvmFacts, Option<Arch>),
 ) -> Result<InstanceSpec, UpError> {
+    let project = cx.project;
     let config = &project.loaded.config;
     let target = &config.targets[&vm.target];
     let id = platform_id(vm);
-    let entry = &entries[&id];
-    let host_key = state.host_key(&vm.name)?;
+    let entry = &cx.entries[&id];
+    let host_key = cx.state.host_key(&vm.name)?;
     let accel = choose_accel(
-        options.realise.accel.unwrap_or(target.accel),
-        crate::hostinfo::kvm_facts(),
-        crate::hostinfo::host_arch().unwrap_or(target.arch),
+        cx.options.realise.accel.unwrap_or(target.accel),
+        kvm,
+        host_arch.unwrap_or(target.arch),
         target.arch,
     );
+    // On a hypervisor VM, the same files in its own copy of the store.
+    let local_store = cx.store.root().join("store");
+    let on_site = |path: PathBuf| match &site.store {
+        Some(host_store) => host_store.translate(&local_store, &path),
+        None => path,
+    };
+    let boot = boot_files(&project.graph, cx.entries, &id).map(|b| BootFiles {
+        kernel: on_site(b.kernel),
+        initrd: b.initrd.map(on_site),
+        cmdline: b.cmdline,
+    });
     Ok(InstanceSpec {
         name: vm.name.clone(),
         hostname: vm.hostname.clone(),
         drv_hash: project.graph.nodes[&id].hash,
-        entry_disk: entry.disk_path(),
-        boot: boot_files(&project.graph, entries, &id),
+        entry_disk: on_site(entry.disk_path()),
+        boot,
         hw: MachineSpec {
             arch: target.arch,
             machine: target.machine.clone(),
@@ -378,28 +640,28 @@ fn instance_spec(
         ssh_port: Some(ssh_port),
         forwards: vm.forwards.iter().map(|f| (f.host, f.guest)).collect(),
         mac: mac_for(&vm.name, 0),
-        authorized_keys: vec![farm_public_key.to_string()],
+        authorized_keys: vec![cx.farm_public_key.to_string()],
         host_key: (host_key.private, host_key.public),
     })
 }
 
 fn wait_for_ssh(
-    host: &LocalHost,
+    host: &dyn Host,
     state: &StateDir,
+    paths: &InstancePaths,
     name: &str,
     timeout: Duration,
 ) -> Result<(), UpError> {
-    let paths = state.instance(name);
     let deadline = Instant::now() + timeout;
     Ssh::wait_for(
         &state.ssh_config(),
         name,
         deadline,
-        || match instance::observe(host, &paths) {
+        || match instance::observe(host, paths) {
             Ok(Some((_, true))) => Ok(()),
             Ok(_) => Err(format!(
                 "qemu is not running; {}",
-                crate::hostinfo::tail(&paths.stderr_log(), 5)
+                host_tail(host, &paths.stderr_log(), 5)
             )),
             Err(e) => Err(e.to_string()),
         },
@@ -409,19 +671,34 @@ fn wait_for_ssh(
         vm: name.to_string(),
         seconds: timeout.as_secs(),
         reason: e.to_string(),
-        serial: crate::hostinfo::tail(&paths.serial_log(), 25),
+        serial: host_tail(host, &paths.serial_log(), 25),
     })
 }
 
-/// Regenerates ssh_config and known_hosts from the instances that exist.
+/// The last lines of a log on whichever host has it.
+fn host_tail(host: &dyn Host, path: &Path, lines: usize) -> String {
+    match host.get(path) {
+        Ok(Some(bytes)) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Ok(None) => format!("(no `{}` on {})", path.display(), host.name()),
+        Err(e) => format!("(cannot read `{}`: {e})", path.display()),
+    }
+}
+
+/// Regenerates ssh_config and known_hosts from the instances that exist: every VM with its
+/// full jump chain through the hypervisors above it.
 /// `planned` gives the ports of instances about to be created (they have no record yet).
 fn write_ssh_files(
     project: &Project,
     state: &StateDir,
     planned: &BTreeMap<String, u16>,
 ) -> Result<(), UpError> {
+    let topology = &project.loaded.topology;
     let mut hosts = Vec::new();
-    for vm in project.loaded.topology.vms.values() {
+    for vm in topology.vms.values() {
         let paths = state.instance(&vm.name);
         let host_pub = paths.dir.join("host_ed25519.pub");
         let (Ok(key), true) = (fs_err::read_to_string(&host_pub), paths.dir.is_dir()) else {
@@ -434,6 +711,14 @@ fn write_ssh_files(
                 .and_then(|r| r.ssh_port)
         });
         let Some(port) = port else { continue };
+        let proxy_jump = topology
+            .chain(&vm.name)
+            .into_iter()
+            .filter_map(|p| match p {
+                Placement::Vm(parent) => Some(parent),
+                Placement::Host(_) => None,
+            })
+            .collect();
         hosts.push((
             SshHost {
                 alias: vm.name.clone(),
@@ -442,7 +727,7 @@ fn write_ssh_files(
                 user: "root".to_string(),
                 identity_file: state.identity_file(),
                 known_hosts_file: state.known_hosts(),
-                proxy_jump: Vec::new(),
+                proxy_jump,
             },
             key.trim().to_string(),
         ));
@@ -450,15 +735,40 @@ fn write_ssh_files(
     Ok(state.write_ssh_files(&hosts)?)
 }
 
+/// Observes every VM in `vms`, connecting once to each hypervisor whose VMs are asked for.
+fn observe_all(
+    state: &StateDir,
+    vms: &[&VmNode],
+    reporter: &Reporter,
+) -> Result<BTreeMap<String, Option<(InstanceRecord, bool)>>, UpError> {
+    let mut sites: BTreeMap<Placement, Option<Site>> = BTreeMap::new();
+    let mut found = BTreeMap::new();
+    let mut by_level: Vec<&&VmNode> = vms.iter().collect();
+    by_level.sort_by_key(|vm| vm.level);
+    for vm in by_level {
+        if !sites.contains_key(&vm.placement) {
+            let site = site_for(&vm.placement, state, reporter)?;
+            sites.insert(vm.placement.clone(), site);
+        }
+        let observed = match &sites[&vm.placement] {
+            Some(site) => instance::observe(site.host.as_ref(), &site.paths(state, &vm.name))?,
+            None => None,
+        };
+        found.insert(vm.name.clone(), observed);
+    }
+    Ok(found)
+}
+
 fn status_rows(
     project: &Project,
     state: &StateDir,
-    host: &dyn Host,
     vms: &[&VmNode],
+    reporter: &Reporter,
 ) -> Result<Vec<VmStatus>, UpError> {
+    let observed_all = observe_all(state, vms, reporter)?;
     let mut rows = Vec::new();
     for vm in vms {
-        let observed = instance::observe(host, &state.instance(&vm.name))?;
+        let observed = &observed_all[&vm.name];
         let desired = DesiredVm {
             name: vm.name.clone(),
             drv_hash: project.graph.nodes[&platform_id(vm)].hash,
@@ -468,34 +778,53 @@ fn status_rows(
             .as_ref()
             .map(|(r, running)| instance::observed_vm(r, *running));
         let state_now = state_of(&desired, obs.as_ref());
+        let address =
+            observed
+                .as_ref()
+                .and_then(|(r, _)| r.ssh_port)
+                .map(|p| match &vm.placement {
+                    Placement::Host(_) => format!("127.0.0.1:{p}"),
+                    Placement::Vm(parent) => format!("{parent}:127.0.0.1:{p}"),
+                });
         rows.push(VmStatus {
             name: vm.name.clone(),
             host: vm.placement.name().to_string(),
             level: vm.level,
             platform: format!("{}_{}", vm.platform, vm.target),
             state: state_now,
-            address: observed
-                .as_ref()
-                .and_then(|(r, _)| r.ssh_port)
-                .map(|p| format!("127.0.0.1:{p}")),
+            address,
             ssh: format!("ssh -F {} {}", state.ssh_config().display(), vm.name),
         });
     }
     Ok(rows)
 }
 
-/// `farm status`: every VM of the topology.
+/// `farm status`: every VM of the topology, hypervisors before the VMs inside them.
 pub fn status(project: &Project, state_root: &Path) -> Result<Vec<VmStatus>, UpError> {
     let state = StateDir::open(state_root)?;
-    let host = LocalHost {
-        name: LOCAL_HOST.to_string(),
-    };
-    let vms: Vec<&VmNode> = project.loaded.topology.vms.values().collect();
-    status_rows(project, &state, &host, &vms)
+    let mut vms: Vec<&VmNode> = project.loaded.topology.vms.values().collect();
+    vms.sort_by_key(|vm| tree_key(project, vm));
+    status_rows(project, &state, &vms, &Reporter::hidden())
 }
 
-/// `farm down`: stops the named VMs (all when empty), deepest first, and removes their
-/// overlays unless `keep`.
+/// Sorts a VM under its hypervisor: the names along its chain, then its own.
+fn tree_key(project: &Project, vm: &VmNode) -> Vec<String> {
+    let mut key: Vec<String> = project
+        .loaded
+        .topology
+        .chain(&vm.name)
+        .iter()
+        .filter_map(|p| match p {
+            Placement::Vm(parent) => Some(parent.clone()),
+            Placement::Host(_) => None,
+        })
+        .collect();
+    key.push(vm.name.clone());
+    key
+}
+
+/// `farm down`: stops the named VMs (all when empty) and every VM inside them, deepest
+/// first, and removes their overlays unless `keep`.
 pub fn down(
     project: &Project,
     state_root: &Path,
@@ -505,10 +834,8 @@ pub fn down(
     reporter: &Reporter,
 ) -> Result<Vec<String>, UpError> {
     let state = StateDir::open(state_root)?;
-    let host = LocalHost {
-        name: LOCAL_HOST.to_string(),
-    };
     let topology = &project.loaded.topology;
+    let wanted = with_descendants(topology, names);
     let mut present: Vec<(String, u32)> = Vec::new();
     for entry in fs_err::read_dir(state.root().join("vms"))
         .map_err(|source| crate::state::StateError::Io {
@@ -518,32 +845,62 @@ pub fn down(
         .flatten()
     {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if names.is_empty() || names.contains(&name) {
+        // A VM farm.toml no longer names is still farm's to stop (at level 1).
+        if wanted.contains(&name) || (names.is_empty() && !topology.vms.contains_key(&name)) {
             let level = topology.vms.get(&name).map_or(1, |vm| vm.level);
             present.push((name, level));
         }
     }
+    let mut sites: BTreeMap<Placement, Option<Site>> = BTreeMap::new();
     let mut stopped = Vec::new();
     for name in down_order(present) {
-        let paths = state.instance(&name);
-        let config = state.ssh_config();
-        let poweroff = || {
-            // Debian minbase has no ACPI daemon: ask the guest itself too.
-            let _ = std::process::Command::new("timeout")
-                .args(["10", "ssh", "-F"])
-                .arg(&config)
-                .args([&name, "poweroff"])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
+        let placement = topology
+            .vms
+            .get(&name)
+            .map_or(Placement::Host(LOCAL_HOST.to_string()), |vm| {
+                vm.placement.clone()
+            });
+        if !sites.contains_key(&placement) {
+            let site = site_for(&placement, &state, reporter)?;
+            sites.insert(placement.clone(), site);
+        }
+        let local_paths = state.instance(&name);
+        let note = match &sites[&placement] {
+            Some(site) => {
+                let paths = site.paths(&state, &name);
+                let config = state.ssh_config();
+                let poweroff = || {
+                    // Debian minbase and the tiny image have no ACPI daemon: ask the
+                    // guest itself too.
+                    let _ = std::process::Command::new("timeout")
+                        .args(["10", "ssh", "-F"])
+                        .arg(&config)
+                        .args([&name, "poweroff"])
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                };
+                let host = site.host.as_ref();
+                instance::stop(host, &paths, &name, timeout, Some(&poweroff))?;
+                if !keep && site.is_remote() {
+                    instance::remove(host, &paths, &name)?;
+                }
+                ""
+            }
+            None => " (its hypervisor is not running)",
         };
-        instance::stop(&host, &paths, &name, timeout, Some(&poweroff))?;
         if !keep {
-            instance::remove(&host, &paths, &name)?;
+            instance::remove(
+                &LocalHost {
+                    name: LOCAL_HOST.to_string(),
+                },
+                &local_paths,
+                &name,
+            )?;
         }
         reporter.line(format!(
-            "{:>12} {name}{}",
+            "{:>12} {name}{}{note}",
             "stopped",
             if keep { " (overlay kept)" } else { "" }
         ));

@@ -155,6 +155,53 @@ impl Ssh {
         })
     }
 
+    /// Runs `script` with `input` streamed to its stdin a chunk at a time, each chunk shown
+    /// to `on_chunk` first. For scripts that read stdin and print little (`cat > FILE`).
+    pub fn run_streamed(
+        &self,
+        script: &str,
+        input: &mut dyn std::io::Read,
+        on_chunk: &mut dyn FnMut(&[u8]),
+    ) -> Result<Output, SshError> {
+        let command_error = |source| SshError::Command {
+            alias: self.alias.clone(),
+            command: script.to_string(),
+            source,
+        };
+        let stdin_error = |source| SshError::Stdin {
+            alias: self.alias.clone(),
+            command: script.to_string(),
+            source,
+        };
+        self.runtime.block_on(async {
+            let mut command = self.session().shell(script);
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn().await.map_err(command_error)?;
+            if let Some(mut pipe) = child.stdin().take() {
+                let mut buf = vec![0u8; crate::host::STREAM_CHUNK];
+                loop {
+                    let n = input.read(&mut buf).map_err(stdin_error)?;
+                    if n == 0 {
+                        break;
+                    }
+                    on_chunk(&buf[..n]);
+                    pipe.write_all(&buf[..n]).await.map_err(stdin_error)?;
+                }
+                pipe.shutdown().await.map_err(stdin_error)?;
+                drop(pipe);
+            }
+            let out = child.wait_with_output().await.map_err(command_error)?;
+            Ok(Output {
+                status: out.status.code(),
+                stdout: out.stdout,
+                stderr: out.stderr,
+            })
+        })
+    }
+
     /// Writes `bytes` to `remote_path` (parent directories created) with `mode`.
     pub fn upload(&self, bytes: &[u8], remote_path: &str, mode: u32) -> Result<Output, SshError> {
         let path = shell_quote(remote_path);

@@ -216,7 +216,7 @@ fn a_fixed_port_already_in_use_fails_before_anything_starts() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!(
-            "Port {port} on 127.0.0.1, wanted by VM `taken`, is already in use"
+            "Port {port} on 127.0.0.1 of host `local`, wanted by VM `taken`, is already in use"
         )),
         "{stderr}"
     );

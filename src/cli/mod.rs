@@ -4,6 +4,7 @@
 
 mod build;
 mod check;
+mod graph;
 mod show;
 mod ssh;
 mod store;
@@ -72,6 +73,8 @@ pub enum Command {
     Logs(ssh::LogsArgs),
     /// Print an Ansible inventory of the VMs, reached through farm's ssh_config.
     Inventory(ssh::InventoryArgs),
+    /// Write the topology (hosts, VMs, networks) as a Graphviz DOT file, and SVG if `dot` is installed.
+    Graph(graph::GraphArgs),
 }
 
 /// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
@@ -101,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Ssh(args) => ssh::run_ssh(&options, args),
         Command::Logs(args) => ssh::run_logs(&options, args),
         Command::Inventory(args) => ssh::run_inventory(&options, args),
+        Command::Graph(args) => graph::run(&options, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

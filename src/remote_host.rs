@@ -1,0 +1,162 @@
+//! A host reached over ssh: a hypervisor VM (through its whole jump chain) or a remote
+//! server. It implements the same `Host` operations as this machine, so starting,
+//! inspecting and stopping a VM is one piece of code wherever the VM runs.
+//!
+//! One openssh session (a ControlMaster) per host; its commands are serialised by a mutex,
+//! which costs nothing that matters (each is a short shell script) and keeps the session's
+//! single-threaded runtime simple.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::host::{Host, HostError, Output};
+use crate::model::hash::ContentHash;
+use crate::ssh::{Ssh, SshError, shell_quote};
+
+pub struct RemoteHost {
+    name: String,
+    ssh: Mutex<Ssh>,
+}
+
+/// Exit status `get` and `blake3` use for "no such file", told apart from a failing tool.
+const ABSENT: i32 = 3;
+
+impl RemoteHost {
+    /// Connects to `alias` as the generated ssh_config describes it (jumps included).
+    pub fn connect(
+        name: &str,
+        ssh_config: &Path,
+        alias: &str,
+        timeout: Duration,
+    ) -> Result<RemoteHost, SshError> {
+        Ok(RemoteHost {
+            name: name.to_string(),
+            ssh: Mutex::new(Ssh::connect(ssh_config, alias, timeout)?),
+        })
+    }
+
+    fn session(&self) -> std::sync::MutexGuard<'_, Ssh> {
+        self.ssh.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn_error(&self, e: SshError) -> HostError {
+        HostError::Spawn {
+            host: self.name.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+
+    fn failed(&self, path: &Path, out: &Output, write: bool) -> HostError {
+        let source = std::io::Error::other(format!(
+            "exit status {:?}: {}",
+            out.status,
+            out.text().trim()
+        ));
+        if write {
+            HostError::Write {
+                host: self.name.clone(),
+                path: path.to_path_buf(),
+                source,
+            }
+        } else {
+            HostError::Read {
+                host: self.name.clone(),
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+impl Host for RemoteHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run(&self, script: &str) -> Result<Output, HostError> {
+        self.session()
+            .run(script, None)
+            .map_err(|e| self.spawn_error(e))
+    }
+
+    fn put(&self, bytes: &[u8], path: &Path, mode: u32) -> Result<(), HostError> {
+        let target = shell_quote(&path.display().to_string());
+        let tmp = shell_quote(&format!("{}.tmp.farm", path.display()));
+        // Written beside and renamed, as on this machine: no reader sees half a file.
+        let script = format!(
+            "mkdir -p \"$(dirname {target})\" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {target}"
+        );
+        let out = self
+            .session()
+            .run(&script, Some(bytes))
+            .map_err(|e| self.spawn_error(e))?;
+        if !out.success() {
+            return Err(self.failed(path, &out, true));
+        }
+        Ok(())
+    }
+
+    fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {
+        let p = shell_quote(&path.display().to_string());
+        let out = self
+            .session()
+            .run(&format!("[ -e {p} ] || exit {ABSENT}; cat {p}"), None)
+            .map_err(|e| self.spawn_error(e))?;
+        match out.status {
+            Some(0) => Ok(Some(out.stdout)),
+            Some(ABSENT) => Ok(None),
+            _ => Err(self.failed(path, &out, false)),
+        }
+    }
+
+    fn put_stream(
+        &self,
+        input: &mut dyn std::io::Read,
+        path: &Path,
+        on_chunk: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), HostError> {
+        let target = shell_quote(&path.display().to_string());
+        let script = format!("mkdir -p \"$(dirname {target})\" && cat > {target}");
+        let out = self
+            .session()
+            .run_streamed(&script, input, on_chunk)
+            .map_err(|e| self.spawn_error(e))?;
+        if !out.success() {
+            return Err(self.failed(path, &out, true));
+        }
+        Ok(())
+    }
+
+    /// With `b3sum` on the host (the hypervisor checks ask for it).
+    fn blake3(&self, path: &Path) -> Result<Option<ContentHash>, HostError> {
+        let p = shell_quote(&path.display().to_string());
+        let out = self
+            .session()
+            .run(
+                &format!("[ -e {p} ] || exit {ABSENT}; b3sum --no-names {p}"),
+                None,
+            )
+            .map_err(|e| self.spawn_error(e))?;
+        match out.status {
+            Some(0) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                blake3::Hash::from_hex(text.trim())
+                    .map(|h| Some(ContentHash::from_blake3(h)))
+                    .map_err(|e| {
+                        self.failed(
+                            path,
+                            &Output {
+                                status: out.status,
+                                stdout: Vec::new(),
+                                stderr: format!("b3sum printed {text:?}: {e}").into_bytes(),
+                            },
+                            false,
+                        )
+                    })
+            }
+            Some(ABSENT) => Ok(None),
+            _ => Err(self.failed(path, &out, false)),
+        }
+    }
+}

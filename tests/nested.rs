@@ -1,0 +1,144 @@
+//! The nested topology in CI: L0 (this machine) → L1 (a Debian hypervisor VM) → L2 (a tiny
+//! VM inside L1), reached through the generated jump chain. Under TCG inside TCG, so L2 is
+//! farm's tiny image; L1's layer (qemu, qemu-img, b3sum from Debian) is built once in the
+//! shared test store.
+
+#[path = "support/guest.rs"]
+#[allow(dead_code)]
+mod guest;
+#[path = "support/project.rs"]
+#[allow(dead_code)]
+mod project;
+
+use std::process::Command;
+
+use guest::{shared_store, vm_tests_possible};
+use project::{Project, text};
+
+/// The hypervisor platform is the bundled farm.toml's L1 (`debian_vs`), on the Debian image
+/// the other VM tests share.
+const LAB: &str = r#"
+[images.bookworm]
+debian = { suite = "bookworm" }
+
+[images.tiny]
+tiny = true
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.debian_vs]
+from = "bookworm"
+upgrade = true
+packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum"]
+memory = "2G"
+cpus = 2
+
+[platforms.leaf]
+from = "tiny"
+memory = "256M"
+
+[vms.hv]
+platform = "debian_vs"
+deploy = { targets = ["amd64"], platforms = ["leaf"] }
+
+[vms.leaf_amd64]
+hostname = "deep-leaf"
+"#;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
+    if !vm_tests_possible("nested") {
+        return;
+    }
+    let p = Project::with_store(LAB, &shared_store());
+    let up = p.ok(&["up"]);
+    let log = stderr(&up);
+    assert!(
+        log.contains("pushed"),
+        "the leaf's layers went to hv: {log}"
+    );
+
+    // farm ssh into L2 from L0, through hv.
+    let out = p.ok(&["ssh", "leaf_amd64", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deep-leaf");
+    // Plain ssh with the generated config: the ProxyJump chain and pinned keys.
+    let config = p.path().join(".farm/ssh_config");
+    let config_text = fs_err::read_to_string(&config).unwrap();
+    assert!(
+        config_text.contains("Host leaf_amd64") && config_text.contains("ProxyJump hv"),
+        "{config_text}"
+    );
+    let plain = Command::new("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["leaf_amd64", "cat /proc/cpuinfo | grep -c processor"])
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{}", text(&plain));
+
+    // Status shows the tree: the leaf runs on hv, at level 2.
+    let status: serde_json::Value =
+        serde_json::from_slice(&p.ok(&["status", "--json"]).stdout).unwrap();
+    let leaf = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "leaf_amd64")
+        .unwrap();
+    assert_eq!(leaf["host"], "hv");
+    assert_eq!(leaf["level"], 2);
+    assert_eq!(leaf["state"], "running");
+
+    // A second up pushes nothing and starts nothing.
+    let again = p.ok(&["up"]);
+    let log = stderr(&again);
+    assert!(
+        !log.contains("pushed") && !log.contains("starting") && !log.contains("restarting"),
+        "{log}"
+    );
+
+    // Down: the leaf before its hypervisor.
+    let down = p.ok(&["down"]);
+    let log = stderr(&down);
+    let leaf_at = log.find("stopped leaf_amd64").expect("leaf stopped");
+    let hv_at = log.find("stopped hv").expect("hv stopped");
+    assert!(leaf_at < hv_at, "{log}");
+    assert!(project::list(&p.path().join(".farm/vms")).is_empty());
+}
+
+/// Three levels (L1 → L2 → L3) are expressible and validated; running them is left out of
+/// CI (TCG three deep).
+#[test]
+fn a_three_level_topology_graphs_every_level() {
+    let p = Project::new(
+        r#"
+[images.tiny]
+tiny = true
+[targets.amd64]
+arch = "x86_64"
+[platforms.hv]
+from = "tiny"
+[platforms.leaf]
+from = "tiny"
+[vms.l1]
+platform = "hv"
+[vms.l2]
+platform = "hv"
+host = "l1"
+[vms.l3]
+platform = "leaf"
+host = "l2"
+"#,
+    );
+    let out = p.ok(&["check"]);
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("      l3 (leaf on amd64, L3)"), "{tree}");
+    let graph = p.ok(&["graph", "-o", "-"]);
+    let dot = String::from_utf8_lossy(&graph.stdout);
+    assert!(dot.contains("\"vm:l2\" -> \"vm:l3\""), "{dot}");
+}
