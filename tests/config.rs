@@ -449,3 +449,18 @@ fn errors_are_all_reported_at_once() {
     let rendered = parse(&text).unwrap_err();
     assert!(rendered.contains("2 problems found"), "{rendered}");
 }
+
+/// A `[vms.NAME]` table may refine a VM that a standalone VM's `deploy` generates: it waits
+/// for that deploy instead of being reported as lacking a platform.
+#[test]
+fn a_table_for_a_vm_generated_by_a_standalone_hypervisor_merges() {
+    let text = format!(
+        "{IMAGE}\n[platforms.hv]\nfrom = \"deb\"\n[platforms.leaf]\nfrom = \"deb\"\n\
+         [vms.hv]\nplatform = \"hv\"\ndeploy = {{ targets = [\"amd64\"], platforms = [\"leaf\"] }}\n\
+         [vms.leaf_amd64]\nhostname = \"deep-leaf\"\n"
+    );
+    let topology = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let leaf = &topology.vms["leaf_amd64"];
+    assert_eq!(leaf.hostname, "deep-leaf");
+    assert_eq!(leaf.level, 2);
+}
