@@ -202,8 +202,8 @@ const TOOLS: [(&str, &str); 3] = [
 ];
 
 /// Finds a program on `PATH`, then in the sbin directories a non-root `PATH` often lacks
-/// (`mkfs.ext4` lives in `/usr/sbin`).
-fn find_program(name: &str) -> Option<PathBuf> {
+/// (`mkfs.ext4` lives in `/usr/sbin`). Shared with `tiny_image`.
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
@@ -427,7 +427,7 @@ fn version_key(version: &str) -> Vec<(u64, String)> {
 }
 
 /// Bytes allocated under `root` (like `du`), hard links counted once, symlinks not followed.
-fn tree_bytes(root: &Path) -> io::Result<u64> {
+pub(crate) fn tree_bytes(root: &Path) -> io::Result<u64> {
     let mut seen = HashSet::new();
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];

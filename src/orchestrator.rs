@@ -571,7 +571,6 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
             .map(|h| h.join().expect("a VM thread panicked"))
             .collect()
     });
-    let _ = cx.store;
     results
         .into_iter()
         .find_map(Result::err)

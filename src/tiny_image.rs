@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
+use crate::debian_image::{find_program, tree_bytes};
 use crate::model::tiny_recipe::{
     BOOT_SCRIPT, DROPBEAR_LIBS, INITRAMFS_INIT, INITTAB, KERNEL_CMDLINE, KERNEL_META_PACKAGE,
     PACKAGES, SSHD_SCRIPT, UDHCPC_SCRIPT, WANTED_MODULES,
@@ -759,35 +760,6 @@ fn root_tree(
         mode(&dest, perm)?;
     }
     Ok(())
-}
-
-/// Bytes allocated under `root` (like `du`), symlinks not followed.
-fn tree_bytes(root: &Path) -> io::Result<u64> {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let meta = fs_err::symlink_metadata(&path)?;
-        total += meta.blocks() * 512;
-        if meta.is_dir() {
-            for entry in fs_err::read_dir(&path)? {
-                stack.push(entry?.path());
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// Finds a program on `PATH`, then in the sbin directories a non-root `PATH` often lacks.
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            fs_err::metadata(candidate)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
 }
 
 /// Scratch paths inside the staging directory, removed on success and on every error path.
