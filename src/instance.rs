@@ -11,6 +11,7 @@ use crate::builder::BootFiles;
 use crate::host::{Host, HostError};
 use crate::model::hash::DrvHash;
 use crate::model::instance::ObservedVm;
+use crate::model::network::VdeNic;
 use crate::model::qemu::{DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm};
 use crate::model::values::MacAddr;
 use crate::seed::{SeedNic, SeedSpec, seed_image_bytes};
@@ -95,9 +96,14 @@ pub struct InstanceSpec {
     pub boot: Option<BootFiles>,
     pub hw: MachineSpec,
     pub disk_size: Option<u64>,
+    /// User networking (slirp) with ssh forwarded from this port; `None` for a VM that
+    /// is only on VDE networks.
     pub ssh_port: Option<u16>,
     pub forwards: Vec<(u16, u16)>,
+    /// The user-networking NIC's MAC.
     pub mac: MacAddr,
+    /// VDE NICs, each with what qemu's `sock=` is given to join its network.
+    pub vde_nics: Vec<(VdeNic, String)>,
     pub authorized_keys: Vec<String>,
     /// (private, public) OpenSSH host key, pinned in farm's known_hosts.
     pub host_key: (String, String),
@@ -139,10 +145,18 @@ impl InstanceSpec {
                 initrd: b.initrd.clone(),
                 cmdline: b.cmdline.clone(),
             }),
-            nics: vec![Nic {
-                backend: NetBackend::User { forwards },
-                mac: self.mac,
-            }],
+            nics: self
+                .ssh_port
+                .map(|_| Nic {
+                    backend: NetBackend::User { forwards },
+                    mac: self.mac,
+                })
+                .into_iter()
+                .chain(self.vde_nics.iter().map(|(nic, sock)| Nic {
+                    backend: NetBackend::Vde { sock: sock.clone() },
+                    mac: nic.mac,
+                }))
+                .collect(),
             serial_log: paths.serial_log(),
             qmp_socket: Some(paths.qmp()),
             pidfile: Some(paths.pidfile()),
@@ -229,11 +243,22 @@ pub fn create(
     );
     seed.authorized_keys = spec.authorized_keys.clone();
     seed.host_key = Some(spec.host_key.clone());
-    seed.nics = vec![SeedNic {
-        mac: spec.mac,
-        address: None,
-        gateway: None,
-    }];
+    // The user NIC by DHCP, VDE NICs with their static addresses, matched by MAC in the
+    // guest, so a VM only on VDE is configured without being reached first.
+    seed.nics = spec
+        .ssh_port
+        .map(|_| SeedNic {
+            mac: spec.mac,
+            address: None,
+            gateway: None,
+        })
+        .into_iter()
+        .chain(spec.vde_nics.iter().map(|(nic, _)| SeedNic {
+            mac: nic.mac,
+            address: nic.address,
+            gateway: nic.gateway,
+        }))
+        .collect();
     host.put(&seed_image_bytes(&seed)?, &paths.seed(), 0o600)?;
     let vm = spec.qemu(paths);
     let record = InstanceRecord {

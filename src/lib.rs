@@ -30,4 +30,5 @@ pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod tiny_image;
+pub mod vde;
 pub mod vm_process;

@@ -17,6 +17,7 @@ use crate::model::derivation::{DrvGraph, DrvId};
 use crate::model::instance::{
     DesiredVm, ObservedVm, UpAction, VmState, down_order, plan_up, state_of,
 };
+use crate::model::network::{SiteNetwork, SshRoute, site_networks, ssh_route, vde_nics};
 use crate::model::plan::plan_build;
 use crate::model::qemu::{MachineSpec, choose_accel, mac_for};
 use crate::model::ssh_config::SshHost;
@@ -50,14 +51,12 @@ pub enum UpError {
         missing: String,
         packages: String,
     },
-    #[error(
-        "VM `{vm}` has VDE NICs, which `farm up` cannot create yet (issue 6)\nhint: bring up the VMs that use only user networking by name, e.g. `farm up debian_vs_user_amd64`"
-    )]
-    VdeNotYet { vm: String },
     #[error("No free port for ssh forwarding on host `{host}` in farm's range")]
     NoFreePort { host: String },
     #[error(transparent)]
     Push(#[from] crate::closure::PushError),
+    #[error(transparent)]
+    Network(#[from] crate::vde::VdeError),
     #[error(
         "VM `{vm}` runs on host `{host}`, which is not this machine; remote hosts are not supported yet"
     )]
@@ -191,6 +190,15 @@ impl Site {
     fn is_remote(&self) -> bool {
         self.store.is_some()
     }
+
+    /// farm's state directory on the site (networks live under it).
+    fn state_dir(&self, state: &StateDir) -> PathBuf {
+        if self.is_remote() {
+            self.state_root.clone()
+        } else {
+            state.root().to_path_buf()
+        }
+    }
 }
 
 /// Connects to where VMs placed on `placement` run, or `None` when that hypervisor is not
@@ -275,17 +283,6 @@ pub fn up(
     let topology = &project.loaded.topology;
     let selected = with_ancestors(topology, &options.names);
     for vm in &selected {
-        if !vm.nics.is_empty() {
-            return Err(UpError::VdeNotYet {
-                vm: vm.name.clone(),
-            });
-        }
-        for (network, _) in &vm.attach {
-            reporter.line(format!(
-                "{:>12} {} is not attached to `{network}`: VDE networks come with issue 6",
-                "note", vm.name
-            ));
-        }
         if let Placement::Host(host) = &vm.placement
             && topology
                 .hosts
@@ -455,18 +452,51 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
         }
     }
 
+    // VDE networks the group's VMs use: checked, then started (idempotent) before qemu.
+    let placement = &vms[0].placement;
+    let site_state = site.state_dir(state);
+    let networks: Vec<SiteNetwork> = site_networks(config, &project.loaded.topology, placement)
+        .into_iter()
+        .filter(|n| vms.iter().any(|vm| n.users.contains(&vm.name)))
+        .collect();
+    if steps.iter().any(|s| s.action != UpAction::Keep) {
+        let arches: BTreeSet<Arch> = vms
+            .iter()
+            .map(|vm| config.targets[&vm.target].arch)
+            .collect();
+        crate::vde::check(host, &networks, &arches)?;
+        for network in &networks {
+            crate::vde::ensure_up(host, &site_state, network)?;
+            let attach = network
+                .attach
+                .map(|a| format!(", {} on tap {}", a, network.tap_name(&site_state)))
+                .unwrap_or_default();
+            reporter.line(format!(
+                "{:>12} {} on {} ({}{attach})",
+                "network",
+                network.name,
+                host.name(),
+                network.plug(&site_state)
+            ));
+        }
+    }
+
     // Ports: fixed ones must be free before anything starts.
     let used_remote: BTreeSet<u16> = if site.is_remote() {
         crate::hypervisor::listening_ports(host)?
     } else {
         BTreeSet::new()
     };
-    let mut ports: BTreeMap<String, u16> = BTreeMap::new();
+    let mut ports: BTreeMap<String, Option<u16>> = BTreeMap::new();
     for step in &steps {
         let vm = vms.iter().find(|vm| vm.name == step.name).expect("planned");
+        if !vm.user_network {
+            ports.insert(vm.name.clone(), None);
+            continue;
+        }
         let record = records.get(&vm.name).map(|(r, _)| r);
         let running_now = records.get(&vm.name).is_some_and(|(_, r)| *r);
-        let taken: BTreeSet<u16> = ports.values().copied().collect();
+        let taken: BTreeSet<u16> = ports.values().flatten().copied().collect();
         let port = match (vm.ssh_port, record.and_then(|r| r.ssh_port)) {
             (Some(fixed), _) => fixed,
             (None, Some(recorded)) if step.action != UpAction::Replace => recorded,
@@ -495,7 +525,7 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
                 }
             }
         }
-        ports.insert(vm.name.clone(), port);
+        ports.insert(vm.name.clone(), Some(port));
     }
 
     // Replaced VMs go first: their overlays belong to the old layer.
@@ -513,7 +543,7 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
         .iter()
         .map(|step| {
             let vm = vms.iter().find(|vm| vm.name == step.name).expect("planned");
-            let spec = instance_spec(cx, site, vm, ports[&vm.name], accel_facts)?;
+            let spec = instance_spec(cx, site, vm, ports[&vm.name], accel_facts, &networks)?;
             Ok((vm.name.clone(), spec))
         })
         .collect::<Result<_, UpError>>()?;
@@ -591,8 +621,9 @@ fn instance_spec(
     cx: &GroupContext,
     site: &Site,
     vm: &VmNode,
-    ssh_port: u16,
+    ssh_port: Option<u16>,
     (kvm, host_arch): (crate::model::qemu::KvmFacts, Option<Arch>),
+    networks: &[SiteNetwork],
 ) -> Result<InstanceSpec, UpError> {
     let project = cx.project;
     let config = &project.loaded.config;
@@ -636,9 +667,20 @@ fn instance_spec(
             cpus: vm.resources.cpus.unwrap_or(1),
         },
         disk_size: vm.resources.disk_size.map(|s| s.0),
-        ssh_port: Some(ssh_port),
+        ssh_port,
         forwards: vm.forwards.iter().map(|f| (f.host, f.guest)).collect(),
         mac: mac_for(&vm.name, 0),
+        vde_nics: vde_nics(vm)
+            .into_iter()
+            .map(|nic| {
+                let sock = networks
+                    .iter()
+                    .find(|n| n.name == nic.network)
+                    .expect("a NIC's network is on its site")
+                    .plug(&site.state_dir(cx.state));
+                (nic, sock)
+            })
+            .collect(),
         authorized_keys: vec![cx.farm_public_key.to_string()],
         host_key: (host_key.private, host_key.public),
     })
@@ -693,7 +735,7 @@ fn host_tail(host: &dyn Host, path: &Path, lines: usize) -> String {
 fn write_ssh_files(
     project: &Project,
     state: &StateDir,
-    planned: &BTreeMap<String, u16>,
+    planned: &BTreeMap<String, Option<u16>>,
 ) -> Result<(), UpError> {
     let topology = &project.loaded.topology;
     let mut hosts = Vec::new();
@@ -703,13 +745,20 @@ fn write_ssh_files(
         let (Ok(key), true) = (fs_err::read_to_string(&host_pub), paths.dir.is_dir()) else {
             continue;
         };
-        let port = planned.get(&vm.name).copied().or_else(|| {
+        let forwarded = planned.get(&vm.name).copied().flatten().or_else(|| {
             fs_err::read(paths.record())
                 .ok()
                 .and_then(|b| serde_json::from_slice::<InstanceRecord>(&b).ok())
                 .and_then(|r| r.ssh_port)
         });
-        let Some(port) = port else { continue };
+        let (hostname, port) = match ssh_route(topology, vm) {
+            Some(SshRoute::Forwarded) => match forwarded {
+                Some(port) => ("127.0.0.1".to_string(), port),
+                None => continue,
+            },
+            Some(SshRoute::Direct(ip)) => (ip.to_string(), 22),
+            None => continue,
+        };
         let proxy_jump = topology
             .chain(&vm.name)
             .into_iter()
@@ -721,7 +770,7 @@ fn write_ssh_files(
         hosts.push((
             SshHost {
                 alias: vm.name.clone(),
-                hostname: "127.0.0.1".to_string(),
+                hostname,
                 port,
                 user: "root".to_string(),
                 identity_file: state.identity_file(),
@@ -777,14 +826,17 @@ fn status_rows(
             .as_ref()
             .map(|(r, running)| instance::observed_vm(r, *running));
         let state_now = state_of(&desired, obs.as_ref());
-        let address =
-            observed
+        let endpoint = match ssh_route(&project.loaded.topology, vm) {
+            Some(SshRoute::Direct(ip)) => observed.as_ref().map(|_| format!("{ip}:22")),
+            _ => observed
                 .as_ref()
                 .and_then(|(r, _)| r.ssh_port)
-                .map(|p| match &vm.placement {
-                    Placement::Host(_) => format!("127.0.0.1:{p}"),
-                    Placement::Vm(parent) => format!("{parent}:127.0.0.1:{p}"),
-                });
+                .map(|p| format!("127.0.0.1:{p}")),
+        };
+        let address = endpoint.map(|e| match &vm.placement {
+            Placement::Host(_) => e,
+            Placement::Vm(parent) => format!("{parent}:{e}"),
+        });
         rows.push(VmStatus {
             name: vm.name.clone(),
             host: vm.placement.name().to_string(),
@@ -905,6 +957,36 @@ pub fn down(
         ));
         stopped.push(name);
     }
+    tear_down_unused_networks(project, &state, &sites, &stopped)?;
     write_ssh_files(project, &state, &BTreeMap::new())?;
     Ok(stopped)
+}
+
+/// After `down`: a site's network goes when none of its VMs runs any more. Sites inside a
+/// hypervisor VM that was just stopped went with it.
+fn tear_down_unused_networks(
+    project: &Project,
+    state: &StateDir,
+    sites: &BTreeMap<Placement, Option<Site>>,
+    stopped: &[String],
+) -> Result<(), UpError> {
+    let topology = &project.loaded.topology;
+    for (placement, site) in sites {
+        let Some(site) = site else { continue };
+        if matches!(placement, Placement::Vm(parent) if stopped.contains(parent)) {
+            continue;
+        }
+        for network in site_networks(&project.loaded.config, topology, placement) {
+            let mut in_use = false;
+            for user in network.users.iter().filter(|u| !stopped.contains(u)) {
+                let paths = site.paths(state, user);
+                in_use |= instance::observe(site.host.as_ref(), &paths)?
+                    .is_some_and(|(_, running)| running);
+            }
+            if !in_use {
+                crate::vde::tear_down(site.host.as_ref(), &site.state_dir(state), &network)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -464,3 +464,42 @@ fn a_table_for_a_vm_generated_by_a_standalone_hypervisor_merges() {
     assert_eq!(leaf.hostname, "deep-leaf");
     assert_eq!(leaf.level, 2);
 }
+
+#[test]
+fn vde_only_vm_without_an_attached_address_is_rejected() {
+    // `lab` is not attached by the host, so nothing could reach `a`.
+    let text = format!(
+        "{IMAGE}\n[networks.lab]\nkind = \"vde\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nuser_network = false\nnics = [{{ network = \"lab\", ip = \"10.0.0.5/24\" }}]\n"
+    );
+    let rendered = assert_error(
+        &text,
+        "VM `a` has no user networking and no static address on a network `local` attaches",
+        13,
+    );
+    assert!(
+        rendered.contains("hint: attach `local` to `lab`"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn a_switched_network_on_two_hosts_is_rejected() {
+    let text = format!(
+        "{IMAGE}\n[networks.lab]\nkind = \"vde\"\n[platforms.p]\nfrom = \"deb\"\n[vms.hv]\nplatform = \"p\"\nnics = [{{ network = \"lab\" }}]\n[vms.inner]\nplatform = \"p\"\nhost = \"hv\"\nnics = [{{ network = \"lab\" }}]\n"
+    );
+    let rendered = assert_error(
+        &text,
+        "Network `lab` is a switch farm runs on one host, but `hv` (on `local`) and `inner` (on `hv`) both use it",
+        9,
+    );
+    assert!(rendered.contains("vxvde"), "{rendered}");
+}
+
+#[test]
+fn attach_on_a_vm_that_runs_no_vms_is_rejected() {
+    let text = format!(
+        "{IMAGE}\n[networks.lab]\nkind = \"vde\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nattach = {{ lab = \"10.0.0.1/24\" }}\n"
+    );
+    let rendered = assert_error(&text, "VM `a` attaches to `lab` but runs no VMs", 15);
+    assert!(rendered.contains("give it a NIC"), "{rendered}");
+}

@@ -1,7 +1,8 @@
 //! The nested topology in CI: L0 (this machine) → L1 (a Debian hypervisor VM) → L2 (a tiny
 //! VM inside L1), reached through the generated jump chain. Under TCG inside TCG, so L2 is
 //! farm's tiny image; L1's layer (qemu, qemu-img, b3sum from Debian) is built once in the
-//! shared test store.
+//! shared test store. One L2 is only on a VDE network (`vxvde://`) that L1 attaches with a
+//! tap, as the seed's `debian_vs_vde_amd64`.
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
@@ -38,12 +39,27 @@ cpus = 2
 from = "tiny"
 memory = "256M"
 
+[platforms.vleaf]
+from = "tiny"
+memory = "256M"
+
+[networks.lab]
+kind = "vde"
+url = "vxvde://234.0.0.1"
+subnet = "10.0.0.0/24"
+
 [vms.hv]
 platform = "debian_vs"
-deploy = { targets = ["amd64"], platforms = ["leaf"] }
+attach = { lab = "10.0.0.254/24" }
+deploy = { targets = ["amd64"], platforms = ["leaf", "vleaf"] }
 
 [vms.leaf_amd64]
 hostname = "deep-leaf"
+
+# As the seed's debian_vs_vde_amd64: only on the VDE network, reached through hv's tap.
+[vms.vleaf_amd64]
+user_network = false
+nics = [{ network = "lab", ip = "10.0.0.21/24" }]
 "#;
 
 fn stderr(out: &std::process::Output) -> String {
@@ -80,6 +96,17 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         .output()
         .unwrap();
     assert!(plain.status.success(), "{}", text(&plain));
+
+    // The VDE-only L2 answers from L0: ssh jumps to hv, then over hv's tap on `lab`.
+    let out = p.ok(&["ssh", "vleaf_amd64", "--", "ip", "addr"]);
+    let addrs = String::from_utf8_lossy(&out.stdout);
+    assert!(addrs.contains("10.0.0.21/24"), "{addrs}");
+    assert!(
+        config_text.contains("HostName 10.0.0.21") && config_text.contains("ProxyJump hv"),
+        "{config_text}"
+    );
+    let tap = p.ok(&["ssh", "hv", "--", "ip", "addr"]);
+    assert!(String::from_utf8_lossy(&tap.stdout).contains("10.0.0.254/24"));
 
     // Status shows the tree: the leaf runs on hv, at level 2.
     let status: serde_json::Value =

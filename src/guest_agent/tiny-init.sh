@@ -9,7 +9,8 @@
 #   farm/ssh_host_ed25519_key          the host key farm already pinned in known_hosts
 #                                      (converted for dropbear with dropbearconvert)
 #   farm/network                       one NIC per line (the Nth is renamed nicN): `MAC dhcp`,
-#                                      `MAC ADDRESS/PREFIX GATEWAY` or `MAC ADDRESS/PREFIX`
+#                                      `MAC ADDRESS/PREFIX GATEWAY` or `MAC ADDRESS/PREFIX`;
+#                                      absent: DHCP on the first NIC
 #
 # Every step replaces what the previous boot wrote, so a reboot is harmless. It grows nothing:
 # the tiny image is meant for short-lived nested guests.
@@ -22,14 +23,18 @@ KEYS_END='# farm-seed: end'
 
 log() { echo "farm-seed: $*"; }
 
+# Debian's busybox-static has no `mountpoint` applet; /proc/mounts says the same (and
+# before /proc is mounted, nothing is).
+mounted() { grep -q "^[^ ]* $1 " /proc/mounts 2>/dev/null; }
+
 mount_api() {
-    mountpoint -q /proc || mount -t proc proc /proc
-    mountpoint -q /sys || mount -t sysfs sysfs /sys
-    mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+    mounted /proc || mount -t proc proc /proc
+    mounted /sys || mount -t sysfs sysfs /sys
+    mounted /dev || mount -t devtmpfs devtmpfs /dev
     mkdir -p /dev/pts /dev/shm
-    mountpoint -q /dev/pts || mount -t devpts -o gid=5,mode=620 devpts /dev/pts
-    mountpoint -q /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-    mountpoint -q /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+    mounted /dev/pts || mount -t devpts -o gid=5,mode=620 devpts /dev/pts
+    mounted /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+    mounted /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
     mount -o remount,rw / 2>/dev/null || true
     ip link set lo up
 }
@@ -140,8 +145,23 @@ nic_with_mac() {
     return 1
 }
 
+# No addresses in the seed: DHCP on the first NIC, as cloud-init's fallback does, so a seed
+# written by hand with keys only still gives a reachable guest.
+fallback_network() {
+    for address in /sys/class/net/*/address; do
+        dir=${address%/address}
+        [ -e "$dir/device" ] || continue
+        dev=${dir##*/}
+        ip link set dev "$dev" up
+        udhcpc -b -t 5 -T 1 -i "$dev" -s /etc/farm/udhcpc.script \
+            -p "/run/udhcpc.$dev.pid" >/dev/null 2>&1
+        log "network $dev: DHCP (no addresses in the seed)"
+        return 0
+    done
+}
+
 apply_network() {
-    [ -f "$MOUNT/farm/network" ] || return 0
+    [ -f "$MOUNT/farm/network" ] || { fallback_network; return 0; }
     index=0
     while read -r mac addr gw; do
         [ -n "$mac" ] || continue

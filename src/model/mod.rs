@@ -8,6 +8,7 @@ pub mod diagnostic;
 pub mod graph;
 pub mod hash;
 pub mod instance;
+pub mod network;
 pub mod plan;
 pub mod qemu;
 pub mod ssh_config;

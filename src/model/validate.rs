@@ -19,6 +19,7 @@ pub fn validate(config: &Config) -> Result<Topology, Vec<Diagnostic>> {
     let topology = expand_topology(config, &mut problems);
     check_ports(&topology, config, &mut problems);
     check_addresses(config, &topology, &mut problems);
+    check_network_sites(config, &topology, &mut problems);
     check_arch(config, &topology, &mut problems);
     if problems.is_empty() {
         Ok(topology)
@@ -674,6 +675,83 @@ fn check_addresses(config: &Config, topology: &Topology, problems: &mut Vec<Diag
                     seen_mac.insert(key, mac.at.clone());
                 }
             }
+        }
+    }
+}
+
+/// Every VM must be reachable by ssh, a switched network lives on one site, and only a
+/// site that runs VMs can attach to their networks.
+fn check_network_sites(config: &Config, topology: &Topology, problems: &mut Vec<Diagnostic>) {
+    let mut switch_sites: BTreeMap<&str, (Placement, &str)> = BTreeMap::new();
+    for vm in topology.vms.values() {
+        if super::network::ssh_route(topology, vm).is_none() {
+            let site = vm.placement.name();
+            let hint = match vm.nics.iter().find(|n| n.ip.is_some()) {
+                Some(nic) => format!(
+                    "attach `{site}` to `{net}` (`attach = {{ {net} = \"ADDRESS/PREFIX\" }}` on `{site}`), or drop `user_network = false`",
+                    net = nic.network
+                ),
+                None => "give it a NIC with a static address (`nics = [{ network = \"NAME\", ip = \"ADDRESS/PREFIX\" }]`) on a network its hypervisor attaches, or drop `user_network = false`".to_string(),
+            };
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` has no user networking and no static address on a network `{site}` attaches, so nothing can reach it by ssh",
+                        vm.name
+                    ),
+                    vm.origin.clone(),
+                )
+                .hint(hint),
+            );
+        }
+        for nic in &vm.nics {
+            let Some(network) = config.networks.get(&nic.network) else {
+                continue;
+            };
+            let super::config::NetworkKind::Vde { url: None, .. } = &network.kind else {
+                continue;
+            };
+            match switch_sites.get(nic.network.as_str()) {
+                Some((site, other)) if *site != vm.placement => problems.push(
+                    Diagnostic::new(
+                        format!(
+                            "Network `{}` is a switch farm runs on one host, but `{}` (on `{}`) and `{}` (on `{}`) both use it",
+                            nic.network,
+                            other,
+                            site.name(),
+                            vm.name,
+                            vm.placement.name()
+                        ),
+                        network.name.at.clone(),
+                    )
+                    .hint("give the network a `url = \"vxvde://…\"` to span hosts, or declare one network per host"),
+                ),
+                Some(_) => {}
+                None => {
+                    switch_sites.insert(&nic.network, (vm.placement.clone(), &vm.name));
+                }
+            }
+        }
+    }
+    for decl in config.vms.values() {
+        let (Some(vm), Some(first)) = (topology.vms.get(&decl.name.value), decl.attach.first())
+        else {
+            continue;
+        };
+        if !vm.is_hypervisor {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` attaches to `{}` but runs no VMs: `attach` joins a hypervisor to the networks of its own VMs",
+                        vm.name, first.network.value
+                    ),
+                    first.network.at.clone(),
+                )
+                .hint(format!(
+                    "to put `{}` itself on the network, give it a NIC: `nics = [{{ network = \"{}\", ip = \"…\" }}]`",
+                    vm.name, first.network.value
+                )),
+            );
         }
     }
 }
