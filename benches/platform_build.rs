@@ -11,6 +11,7 @@
 //! The Debian image comes from the test store (built there if missing, not timed).
 
 #[path = "support/manual_vm.rs"]
+#[allow(dead_code)]
 mod manual_vm;
 
 use std::path::Path;
@@ -21,7 +22,16 @@ use manual_vm::{ManualVm, farm, shared_store};
 /// The hand-written baseline: the same work the way a script would do it.
 fn hand_written(image_entry: &Path, nonce: &str) -> Duration {
     let started = Instant::now();
-    let vm = ManualVm::start(image_entry, &image_entry.join("boot"), Some("8G"));
+    let vm = ManualVm::start(
+        image_entry,
+        &image_entry.join("boot"),
+        Some("8G"),
+        // As farm's build VM: 1 GiB, every host core.
+        (
+            1024,
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        ),
+    );
     vm.wait_ssh();
     for step in [
         "resize2fs /dev/vda",

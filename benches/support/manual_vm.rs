@@ -20,9 +20,34 @@ fn sh(cmd: &mut Command) {
     assert!(status.success(), "{cmd:?}");
 }
 
+/// A NIC beyond user networking: a qemu `-netdev` backend and the static address the seed
+/// gives it.
+pub struct ExtraNic {
+    pub netdev: String,
+    pub mac: farm::model::values::MacAddr,
+    pub address: farm::model::values::IpCidr,
+}
+
+/// The MAC of every baseline VM's user-networking NIC (each VM has its own slirp).
+const USER_MAC: farm::model::values::MacAddr =
+    farm::model::values::MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+
 impl ManualVm {
-    /// An overlay on `entry`'s disk, a seed with a fresh key, qemu started in the background.
-    pub fn start(entry: &Path, boot: &Path, disk_size: Option<&str>) -> ManualVm {
+    /// An overlay on `entry`'s disk, a seed with a fresh key, qemu started in the background
+    /// with `hw` (MiB of memory, vCPUs), booting `boot`'s kernel with the command line
+    /// stored beside it.
+    pub fn start(entry: &Path, boot: &Path, disk_size: Option<&str>, hw: (u64, u32)) -> ManualVm {
+        Self::start_with_nics(entry, boot, disk_size, hw, &[])
+    }
+
+    /// As [`ManualVm::start`], with `extra` NICs after the user-networking one.
+    pub fn start_with_nics(
+        entry: &Path,
+        boot: &Path,
+        disk_size: Option<&str>,
+        (memory, cpus): (u64, u32),
+        extra: &[ExtraNic],
+    ) -> ManualVm {
         let work = tempfile::tempdir().unwrap();
         let w = work.path();
         let disk = w.join("disk.qcow2");
@@ -41,6 +66,19 @@ impl ManualVm {
         let public = fs_err::read_to_string(w.join("id.pub")).unwrap();
         let mut seed = farm::seed::SeedSpec::new("manual", "manual");
         seed.authorized_keys = vec![public.trim().to_string()];
+        if !extra.is_empty() {
+            seed.nics = std::iter::once(farm::seed::SeedNic {
+                mac: USER_MAC,
+                address: None,
+                gateway: None,
+            })
+            .chain(extra.iter().map(|nic| farm::seed::SeedNic {
+                mac: nic.mac,
+                address: Some(nic.address),
+                gateway: None,
+            }))
+            .collect();
+        }
         farm::seed::write_seed_image(&seed, &w.join("seed.img")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -56,22 +94,17 @@ impl ManualVm {
                 "-cpu",
                 "max",
                 "-m",
-                "1024M",
+                &format!("{memory}M"),
             ])
-            .args([
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-serial",
-                "null",
-            ])
+            .args(["-smp", &cpus.to_string()])
+            .args(["-nodefaults", "-display", "none", "-serial"])
+            .arg(format!("file:{}", w.join("serial.log").display()))
             .arg("-kernel")
             .arg(boot.join("vmlinuz"))
             .arg("-initrd")
             .arg(boot.join("initrd.img"))
-            .args(["-append", "root=/dev/vda rw console=ttyS0"])
+            .arg("-append")
+            .arg(fs_err::read_to_string(boot.join("cmdline")).unwrap().trim())
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
             .arg("-drive")
@@ -83,7 +116,18 @@ impl ManualVm {
                 "-netdev",
                 &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"),
             ])
-            .args(["-device", "virtio-net-pci,netdev=n0"])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={USER_MAC}"),
+            ])
+            .args(extra.iter().enumerate().flat_map(|(i, nic)| {
+                [
+                    "-netdev".to_string(),
+                    format!("{},id=x{i}", nic.netdev),
+                    "-device".to_string(),
+                    format!("virtio-net-pci,netdev=x{i},mac={}", nic.mac),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -120,14 +164,43 @@ impl ManualVm {
             .unwrap_or(false)
     }
 
+    /// Runs `script` over plain ssh and returns its stdout; panics when it fails.
+    pub fn ssh_output(&self, script: &str) -> String {
+        let out = Command::new("ssh")
+            .arg("-i")
+            .arg(self.key())
+            .args(["-p", &self.port.to_string()])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "LogLevel=ERROR", "root@127.0.0.1", script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "baseline `{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Polls `ssh true` until it answers (panics after 300 s).
     pub fn wait_ssh(&self) {
         let started = Instant::now();
         while !self.ssh("true") {
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "the baseline guest never answered"
-            );
+            if started.elapsed() > Duration::from_secs(300) {
+                let serial =
+                    fs_err::read_to_string(self.work.path().join("serial.log")).unwrap_or_default();
+                let tail: Vec<&str> = serial.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "the baseline guest never answered ssh in 300 s; its serial console ends:\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
     }
