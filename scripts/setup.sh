@@ -9,7 +9,7 @@ packages=(
   qemu-system-x86 qemu-utils   # VMs and qcow2 layers
   mmdebstrap e2fsprogs          # Debian images from a mirror, without mounting
   openssh-client                # reaching VMs (ssh, ssh-keygen)
-  vde2                          # VDE networks
+  vde2 iproute2                 # VDE networks: vde_switch, vde_plug, taps (ip)
   curl                          # the download benchmark's baseline
 )
 
