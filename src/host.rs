@@ -66,6 +66,17 @@ pub trait Host: Send + Sync {
     }
 }
 
+/// A shell test, true when `pidfile` names a live process that has `argument` as one of
+/// its command-line arguments (pids are reused, so a live pid alone proves nothing). It
+/// leaves the pid in `$pid` for the script that follows.
+pub fn process_alive_test(pidfile: &Path, argument: &str) -> String {
+    format!(
+        "{{ pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | grep -qxF {argument}; }}",
+        pidfile = crate::ssh::shell_quote(&pidfile.display().to_string()),
+        argument = crate::ssh::shell_quote(argument),
+    )
+}
+
 /// This machine.
 pub struct LocalHost {
     pub name: String,

@@ -211,11 +211,8 @@ pub fn observed_vm(record: &InstanceRecord, running: bool) -> ObservedVm {
 
 /// The pidfile's process is alive *and* is this VM's qemu (pids are reused).
 fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<bool, HostError> {
-    let script = format!(
-        "pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | grep -qxF {tag}",
-        pidfile = shell_quote(&paths.pidfile().display().to_string()),
-        tag = shell_quote(&format!("{name},process=farm-{name}")),
-    );
+    let script =
+        crate::host::process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"));
     Ok(host.run(&script)?.success())
 }
 

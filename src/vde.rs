@@ -5,13 +5,13 @@
 //!
 //! Each network keeps its files in `<site state>/networks/<name>/` (mode 0700): the
 //! switch's control directory `ctl/`, pidfiles and logs. A daemon counts as running when
-//! its pidfile's process is alive and its command line names this network's control
-//! directory or tap, so a reused pid is never mistaken for it.
+//! its pidfile's process is alive and has this network's control directory or tap among
+//! its arguments, so a reused pid is never mistaken for it.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::host::{Host, HostError};
+use crate::host::{Host, HostError, process_alive_test};
 use crate::model::network::{SiteNetwork, VdeBackend};
 use crate::model::values::Arch;
 use crate::ssh::shell_quote;
@@ -134,15 +134,6 @@ pub fn check(
     })
 }
 
-/// `true` when the pidfile's process is alive and its command line contains `mark`.
-fn alive_test(pidfile: &Path, mark: &str) -> String {
-    format!(
-        "{{ pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | grep -qF {mark}; }}",
-        pidfile = shell_quote(&pidfile.display().to_string()),
-        mark = shell_quote(mark),
-    )
-}
-
 /// Starts what `network` needs on the site whose state directory is `site_state`, unless it
 /// already runs: the switch, then the tap with the site's address. Idempotent.
 pub fn ensure_up(
@@ -176,7 +167,7 @@ pub fn ensure_up(
              vde_switch --sock {ctl} --dirmode 0700 --mode 0600 --daemon --pidfile {pid} \
                </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; \
              i=0; while [ ! -S {ctl}/ctl ]; do i=$((i+1)); [ $i -gt 50 ] && {{ cat {log}; exit 1; }}; sleep 0.1; done",
-            alive = alive_test(&pidfile, &ctl.display().to_string()),
+            alive = process_alive_test(&pidfile, &ctl.display().to_string()),
             ctl = q(&ctl),
             pid = q(&pidfile),
             log = q(&log),
@@ -199,7 +190,7 @@ pub fn ensure_up(
                  i=$((i+1)); [ $i -gt 50 ] && {{ echo 'no tap {tap} appeared'; cat {log}; exit 1; }}; sleep 0.1; done; \
              fi; \
              ip addr replace {address} dev {tap} && ip link set {tap} up",
-            alive = alive_test(&pidfile, &format!("tap://{tap}")),
+            alive = process_alive_test(&pidfile, &format!("tap://{tap}")),
             pid = q(&pidfile),
             descr = shell_quote(&format!("farm:{}", network.name)),
             plug = shell_quote(&network.plug(site_state)),
@@ -224,7 +215,7 @@ pub fn tear_down(
     let stop = |pidfile: &Path, mark: &str| {
         format!(
             "if {alive}; then kill \"$pid\"; i=0; while kill -0 \"$pid\" 2>/dev/null && [ $i -lt 50 ]; do i=$((i+1)); sleep 0.1; done; kill -9 \"$pid\" 2>/dev/null; fi; ",
-            alive = alive_test(pidfile, mark)
+            alive = process_alive_test(pidfile, mark)
         )
     };
     let tap = format!("tap://{}", network.tap_name(site_state));
