@@ -15,7 +15,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -30,6 +30,7 @@ pub use crate::model::debian_recipe::{
     required_packages,
 };
 use crate::model::values::Arch;
+use crate::tool_log::{LogError, ToolLog};
 
 /// How many trailing output lines an error quotes: enough for the tool's complaint, short
 /// enough to read in a terminal. The whole output is in the log.
@@ -110,12 +111,8 @@ pub enum DebianImageError {
         "Refusing to delete `{path}`: `{mount}` is still mounted inside it (left by an interrupted mmdebstrap)\nhint: umount -R {path}, then delete it"
     )]
     StillMounted { path: PathBuf, mount: PathBuf },
-    #[error("Could not write the build log `{path}`: {source}")]
-    Log {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// File system errors; `fs_err` puts the path in the message.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -249,7 +246,7 @@ pub fn build_debian_image(
     let started = Instant::now();
     check_prerequisites(req.arch)?;
     fs_err::create_dir_all(req.out_dir)?;
-    let log = ToolLog::open(req.log)?;
+    let log = ToolRunner(ToolLog::open(req.log)?);
 
     let rootfs = req.out_dir.join("rootfs");
     let raw = req.out_dir.join("rootfs.raw");
@@ -490,42 +487,17 @@ impl Drop for Scratch {
     }
 }
 
-/// The build log: every tool's stdout and stderr, appended as they arrive, with a header
-/// naming the command and a footer with its status and duration.
-struct ToolLog {
-    path: PathBuf,
-    file: Mutex<fs_err::File>,
+/// The shared build log, with this builder's way of running tools.
+struct ToolRunner(ToolLog);
+
+impl std::ops::Deref for ToolRunner {
+    type Target = ToolLog;
+    fn deref(&self) -> &ToolLog {
+        &self.0
+    }
 }
 
-impl ToolLog {
-    fn open(path: &Path) -> Result<Self, DebianImageError> {
-        let file = fs_err::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| DebianImageError::Log {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file: Mutex::new(file),
-        })
-    }
-
-    fn write(&self, bytes: &[u8]) -> Result<(), DebianImageError> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(bytes)
-            .map_err(|source| DebianImageError::Log {
-                path: self.path.clone(),
-                source,
-            })
-    }
-
-    fn note(&self, text: &str) -> Result<(), DebianImageError> {
-        self.write(format!("==> {text}\n").as_bytes())
-    }
-
+impl ToolRunner {
     /// Runs `tool`, streaming its output into the log and each line to `on_line`; on failure
     /// the error quotes the tool's last lines and `hint()`.
     fn run(
@@ -602,7 +574,7 @@ impl ToolLog {
         Err(DebianImageError::ToolFailed {
             tool,
             status,
-            log: self.path.clone(),
+            log: self.path().to_path_buf(),
             tail: Vec::from(tail).join("\n"),
             hint: hint(),
         })
@@ -720,7 +692,7 @@ mod tests {
     fn failing_tool_error_quotes_its_tail_and_hint() {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("build.log");
-        let log = ToolLog::open(&log_path).unwrap();
+        let log = ToolRunner(ToolLog::open(&log_path).unwrap());
         // qemu-img may be missing in a test environment; `mkfs.ext4` rejects a bad option
         // without touching anything. Skip when neither is there.
         if find_program("mkfs.ext4").is_none() {

@@ -30,5 +30,6 @@ pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod tiny_image;
+pub mod tool_log;
 pub mod vde;
 pub mod vm_process;

@@ -32,6 +32,7 @@ use crate::model::tiny_recipe::{
     PACKAGES, SSHD_SCRIPT, UDHCPC_SCRIPT, WANTED_MODULES,
 };
 use crate::model::values::Arch;
+use crate::tool_log::{LogError, ToolLog};
 
 /// Free space in the root filesystem beyond what the files use: room for logs, keys and a
 /// test's scratch files. qcow2 stores only written clusters, so unused space costs nothing.
@@ -113,12 +114,8 @@ pub enum TinyImageError {
         "The unpacked packages lack `{path}`\nhint: this is a bug in farm's package list; the full output is in the build log"
     )]
     Missing { path: PathBuf },
-    #[error("Could not write the build log `{path}`: {source}")]
-    Log {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// File system errors; `fs_err` puts the path in the message.
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -148,7 +145,7 @@ pub fn build_tiny_image(
     }
     fs_err::create_dir_all(req.out_dir)?;
     fs_err::create_dir_all(req.cache_dir)?;
-    let log = ToolLog::open(req.log)?;
+    let log = ToolRunner(ToolLog::open(req.log)?);
 
     let unpacked = req.out_dir.join("unpacked");
     let rootfs = req.out_dir.join("rootfs");
@@ -279,7 +276,7 @@ const TOOLS: [(&str, &str); 5] = [
 
 /// The versioned kernel `linux-image-cloud-amd64` points at (`6.1.0-28-cloud-amd64`), so the
 /// image follows Debian's security updates. Runs `apt-get update` once if apt knows nothing.
-fn current_kernel(log: &ToolLog) -> Result<String, TinyImageError> {
+fn current_kernel(log: &ToolRunner) -> Result<String, TinyImageError> {
     let parse = |out: &str| {
         out.lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
@@ -300,7 +297,7 @@ fn current_kernel(log: &ToolLog) -> Result<String, TinyImageError> {
     })
 }
 
-fn apt_update(log: &ToolLog) -> Result<(), TinyImageError> {
+fn apt_update(log: &ToolRunner) -> Result<(), TinyImageError> {
     log.run("apt-get", &["update".into()], None, || {
         "check that the Debian mirror in /etc/apt/sources.list is reachable".into()
     })
@@ -313,7 +310,7 @@ pub fn deb_file_name(package: &str, version: &str, arch: &str) -> String {
 
 /// The candidate `(version, architecture)` of each package, from one `apt-cache show`.
 fn candidates(
-    log: &ToolLog,
+    log: &ToolRunner,
     packages: &[String],
 ) -> Result<BTreeMap<String, (String, String)>, TinyImageError> {
     let mut args: Vec<OsString> = vec!["show".into(), "--no-all-versions".into()];
@@ -339,7 +336,7 @@ fn candidates(
 /// The `.deb` of every package's candidate version, downloaded into `cache_dir` unless it is
 /// there already.
 fn fetch_debs(
-    log: &ToolLog,
+    log: &ToolRunner,
     cache_dir: &Path,
     packages: &[String],
     progress: &ProgressBar,
@@ -611,7 +608,7 @@ impl Cpio {
 
 /// busybox's applets with their install paths (`/bin/sh`, `/sbin/init`, …), from the
 /// unpacked binary itself, so the links match the busybox that is shipped.
-fn busybox_applets(log: &ToolLog, busybox: &Path) -> Result<Vec<String>, TinyImageError> {
+fn busybox_applets(log: &ToolRunner, busybox: &Path) -> Result<Vec<String>, TinyImageError> {
     let out = log.output_of(busybox, "busybox", &["--list-full".into()])?;
     Ok(out
         .lines()
@@ -791,40 +788,17 @@ impl Drop for Scratch {
     }
 }
 
-/// The build log: every tool's command line and output.
-struct ToolLog {
-    path: PathBuf,
-    file: std::sync::Mutex<fs_err::File>,
+/// The shared build log, with this builder's way of running tools.
+struct ToolRunner(ToolLog);
+
+impl std::ops::Deref for ToolRunner {
+    type Target = ToolLog;
+    fn deref(&self) -> &ToolLog {
+        &self.0
+    }
 }
 
-impl ToolLog {
-    fn open(path: &Path) -> Result<Self, TinyImageError> {
-        let file = fs_err::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| TinyImageError::Log {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file: std::sync::Mutex::new(file),
-        })
-    }
-
-    fn write(&self, bytes: &[u8]) -> Result<(), TinyImageError> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(bytes).map_err(|source| TinyImageError::Log {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    fn note(&self, text: &str) -> Result<(), TinyImageError> {
-        self.write(format!("==> {text}\n").as_bytes())
-    }
-
+impl ToolRunner {
     fn run(
         &self,
         tool: &'static str,
@@ -912,7 +886,7 @@ impl ToolLog {
         Err(TinyImageError::ToolFailed {
             tool,
             status: out.status,
-            log: self.path.clone(),
+            log: self.path().to_path_buf(),
             tail,
             hint: hint(),
         })
