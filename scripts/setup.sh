@@ -9,6 +9,7 @@ packages=(
   qemu-system-x86 qemu-utils   # VMs and qcow2 layers
   mmdebstrap e2fsprogs          # Debian images from a mirror, without mounting
   openssh-client                # reaching VMs (ssh, ssh-keygen)
+  openssh-server b3sum          # tests: a "remote" host on 127.0.0.1 (sshd; b3sum on hosts)
   vde2 iproute2                 # VDE networks: vde_switch, vde_plug, taps (ip)
   curl                          # the download benchmark's baseline
 )
@@ -37,6 +38,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     esac
   done
   pinned+=("qemu-utils=$version")
+  # Installing openssh-server must not start a system sshd: the tests run their own.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     $(printf '%s\n' "${pinned[@]}" | sort -u) >/dev/null
 fi

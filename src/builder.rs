@@ -150,15 +150,14 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
     )?;
     fs_err::write(
         &ssh_config,
-        render(&[SshHost {
-            alias: alias.to_string(),
-            hostname: "127.0.0.1".to_string(),
+        render(&[SshHost::vm(
+            alias,
+            "127.0.0.1",
             port,
-            user: "root".to_string(),
-            identity_file: work.join("id_ed25519"),
-            known_hosts_file: work.join("known_hosts"),
-            proxy_jump: Vec::new(),
-        }]),
+            work.join("id_ed25519"),
+            work.join("known_hosts"),
+            Vec::new(),
+        )]),
     )?;
 
     let vm = QemuVm {

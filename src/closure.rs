@@ -17,9 +17,6 @@ use crate::progress::Reporter;
 use crate::ssh::shell_quote;
 use crate::store::{BOOT_DIR, DISK_FILE, Entry, META_FILE};
 
-/// Where farm keeps its store and VM state on a hypervisor it reaches over ssh.
-pub const REMOTE_ROOT: &str = "/var/lib/farm";
-
 /// How many times one file is sent before a push gives up on it.
 pub const PUSH_ATTEMPTS: u32 = 3;
 
@@ -72,9 +69,9 @@ impl HostStore {
         Self { root: root.into() }
     }
 
-    /// The store on a hypervisor reached over ssh.
-    pub fn remote() -> Self {
-        Self::new(Path::new(REMOTE_ROOT).join("cache"))
+    /// The store under farm's directory `root` on a host reached over ssh.
+    pub fn under(root: &Path) -> Self {
+        Self::new(root.join("cache"))
     }
 
     /// Where a local entry lives on the host.

@@ -57,13 +57,22 @@ pub trait Host: Send + Sync {
     /// Sends a QMP command to the qemu listening on `socket` (best effort: a qemu that
     /// is going away may not answer).
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
-        let script = format!(
-            "printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"{command}\"}}' | \
-             timeout 5 socat - UNIX-CONNECT:{} >/dev/null 2>&1 || true",
-            crate::ssh::shell_quote(&socket.display().to_string())
-        );
-        self.run(&script).map(|_| ())
+        qmp_with_socat(self, socket, command)
     }
+}
+
+/// QMP through `socat` on the host: for hosts whose ssh server cannot forward a socket.
+pub fn qmp_with_socat<H: Host + ?Sized>(
+    host: &H,
+    socket: &Path,
+    command: &str,
+) -> Result<(), HostError> {
+    let script = format!(
+        "printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"{command}\"}}' | \
+         timeout 5 socat - UNIX-CONNECT:{} >/dev/null 2>&1 || true",
+        crate::ssh::shell_quote(&socket.display().to_string())
+    );
+    host.run(&script).map(|_| ())
 }
 
 /// A shell test, true when `pidfile` names a live process that has `argument` as one of

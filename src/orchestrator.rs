@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::builder::BootFiles;
-use crate::closure::{HostStore, REMOTE_ROOT};
+use crate::closure::HostStore;
 use crate::host::{Host, LocalHost};
 use crate::instance::{self, InstancePaths, InstanceRecord, InstanceSpec};
 use crate::model::derivation::{DrvGraph, DrvId};
@@ -20,8 +20,8 @@ use crate::model::instance::{
 use crate::model::network::{SiteNetwork, SshRoute, site_networks, ssh_route, vde_nics};
 use crate::model::plan::plan_build;
 use crate::model::qemu::{MachineSpec, choose_accel, mac_for};
-use crate::model::ssh_config::SshHost;
-use crate::model::topology::{LOCAL_HOST, Placement, Topology, VmNode};
+use crate::model::ssh_config::{HostKeys, SshHost};
+use crate::model::topology::{LOCAL_HOST, Placement, REMOTE_ROOT, Topology, VmNode};
 use crate::model::values::Arch;
 use crate::progress::Reporter;
 use crate::project::Project;
@@ -43,13 +43,11 @@ pub enum UpError {
         "Hypervisor VM `{hypervisor}` is not running, so the VMs inside it cannot start\nhint: `farm up {hypervisor}` first, or `farm up` without names"
     )]
     HypervisorDown { hypervisor: String },
-    #[error(
-        "Host `{host}` cannot run VMs: it lacks {missing}\nhint: add `packages = [\"{packages}\"]` to the platform of `{host}`"
-    )]
+    #[error("Host `{host}` cannot run VMs: it lacks {missing}\nhint: {hint}")]
     HypervisorIncomplete {
         host: String,
         missing: String,
-        packages: String,
+        hint: String,
     },
     #[error("No free port for ssh forwarding on host `{host}` in farm's range")]
     NoFreePort { host: String },
@@ -58,9 +56,15 @@ pub enum UpError {
     #[error(transparent)]
     Network(#[from] crate::vde::VdeError),
     #[error(
-        "VM `{vm}` runs on host `{host}`, which is not this machine; remote hosts are not supported yet"
+        "Cannot reach host `{host}` ({address}) over ssh: {reason}\nhint: check that `ssh -F {} {host} true` works; farm logs in with the `address`, `identity_file` and `known_hosts` of `[hosts.{host}]`",
+        ssh_config.display()
     )]
-    RemoteHost { vm: String, host: String },
+    HostUnreachable {
+        host: String,
+        address: String,
+        reason: String,
+        ssh_config: PathBuf,
+    },
     #[error(
         "Port {port} on 127.0.0.1 of host `{host}`, wanted by VM `{vm}`, is already in use\nhint: stop what uses it, or change `ssh_port`/`forwards` of `{vm}` in farm.toml"
     )]
@@ -179,6 +183,15 @@ impl Site {
         }
     }
 
+    /// A host reached over ssh, with farm's directory `root` there.
+    fn remote(host: RemoteHost, root: &Path) -> Site {
+        Site {
+            host: Box::new(host),
+            state_root: root.join("state"),
+            store: Some(HostStore::under(root)),
+        }
+    }
+
     fn paths(&self, state: &StateDir, name: &str) -> InstancePaths {
         if self.store.is_some() {
             InstancePaths::new(&self.state_root, name)
@@ -201,15 +214,30 @@ impl Site {
     }
 }
 
-/// Connects to where VMs placed on `placement` run, or `None` when that hypervisor is not
-/// running (its VMs are then gone or stopped with it).
+/// Connects to where VMs placed on `placement` run, or `None` when that hypervisor VM is
+/// not running (its VMs are then gone or stopped with it). A remote host that does not
+/// answer is an error: its VMs may well be running there.
 fn site_for(
     placement: &Placement,
+    topology: &Topology,
     state: &StateDir,
     reporter: &Reporter,
 ) -> Result<Option<Site>, UpError> {
     match placement {
-        Placement::Host(_) => Ok(Some(Site::local())),
+        Placement::Host(name) => match topology.remote_host(placement) {
+            None => Ok(Some(Site::local())),
+            Some(remote) => {
+                let host =
+                    RemoteHost::connect(name, &state.ssh_config(), name, HOST_CONNECT_TIMEOUT)
+                        .map_err(|e| UpError::HostUnreachable {
+                            host: name.clone(),
+                            address: remote.address.to_string(),
+                            reason: crate::ssh::error_chain(&e),
+                            ssh_config: state.ssh_config(),
+                        })?;
+                Ok(Some(Site::remote(host, &remote.root)))
+            }
+        },
         Placement::Vm(parent) => {
             // farm made it (at whatever depth) if it has local state; it runs if farm's
             // ssh_config reaches it, which is what connecting tries.
@@ -217,11 +245,7 @@ fn site_for(
                 return Ok(None);
             }
             match RemoteHost::connect(parent, &state.ssh_config(), parent, HOST_CONNECT_TIMEOUT) {
-                Ok(host) => Ok(Some(Site {
-                    host: Box::new(host),
-                    state_root: Path::new(REMOTE_ROOT).join("state"),
-                    store: Some(HostStore::remote()),
-                })),
+                Ok(host) => Ok(Some(Site::remote(host, Path::new(REMOTE_ROOT)))),
                 Err(e) => {
                     reporter.line(format!(
                         "{:>12} {parent} does not answer ssh ({e}); its VMs count as missing",
@@ -282,19 +306,6 @@ pub fn up(
 ) -> Result<Vec<VmStatus>, UpError> {
     let topology = &project.loaded.topology;
     let selected = with_ancestors(topology, &options.names);
-    for vm in &selected {
-        if let Placement::Host(host) = &vm.placement
-            && topology
-                .hosts
-                .get(host)
-                .is_some_and(|h| h.address.is_some())
-        {
-            return Err(UpError::RemoteHost {
-                vm: vm.name.clone(),
-                host: host.clone(),
-            });
-        }
-    }
 
     // Build what is missing, for every level: layers are built here and pushed down.
     let wanted: Vec<DrvId> = selected.iter().map(|vm| platform_id(vm)).collect();
@@ -318,6 +329,8 @@ pub fn up(
 
     let state = StateDir::open(state_root)?;
     let farm_key = state.farm_key()?;
+    // Remote hosts are reached through the ssh_config too: their blocks must be there.
+    write_ssh_files(project, &state, &BTreeMap::new())?;
     let started = Instant::now();
     let max_level = selected.iter().map(|vm| vm.level).max().unwrap_or(0);
     for level in 1..=max_level {
@@ -328,13 +341,15 @@ pub fn up(
         }
         for (placement, vms) in groups {
             let site = if options.dry_run {
-                site_for(&placement, &state, reporter)?
+                site_for(&placement, topology, &state, reporter)?
             } else {
-                Some(site_for(&placement, &state, reporter)?.ok_or_else(|| {
-                    UpError::HypervisorDown {
-                        hypervisor: placement.name().to_string(),
-                    }
-                })?)
+                Some(
+                    site_for(&placement, topology, &state, reporter)?.ok_or_else(|| {
+                        UpError::HypervisorDown {
+                            hypervisor: placement.name().to_string(),
+                        }
+                    })?,
+                )
             };
             let context = GroupContext {
                 project,
@@ -420,10 +435,21 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
             .collect();
         let facts = crate::hypervisor::probe(host, &arches)?;
         if !facts.missing.is_empty() {
+            let packages = crate::hypervisor::packages_for(&facts.missing);
+            let hint = match &vms[0].placement {
+                Placement::Vm(vm) => format!(
+                    "add `packages = [\"{}\"]` to the platform of `{vm}`",
+                    packages.join("\", \"")
+                ),
+                Placement::Host(host) => format!(
+                    "install them on `{host}`: `apt-get install {}`",
+                    packages.join(" ")
+                ),
+            };
             return Err(UpError::HypervisorIncomplete {
                 host: host.name().to_string(),
                 missing: facts.missing.join(", "),
-                packages: crate::hypervisor::packages_for(&facts.missing).join("\", \""),
+                hint,
             });
         }
         accel_facts = (facts.kvm, facts.arch);
@@ -762,22 +788,42 @@ fn write_ssh_files(
         let proxy_jump = topology
             .chain(&vm.name)
             .into_iter()
-            .filter_map(|p| match p {
-                Placement::Vm(parent) => Some(parent),
-                Placement::Host(_) => None,
-            })
+            .filter(|p| matches!(p, Placement::Vm(_)) || topology.remote_host(p).is_some())
+            .map(|p| p.name().to_string())
             .collect();
         hosts.push((
-            SshHost {
-                alias: vm.name.clone(),
-                hostname,
+            SshHost::vm(
+                &vm.name,
+                &hostname,
                 port,
-                user: "root".to_string(),
-                identity_file: state.identity_file(),
-                known_hosts_file: state.known_hosts(),
+                state.identity_file(),
+                state.known_hosts(),
                 proxy_jump,
+            ),
+            Some(key.trim().to_string()),
+        ));
+    }
+    // Remote hosts: the user's own login, with paths relative to farm.toml (absolute in
+    // the file: users run `ssh -F` from anywhere).
+    let project_dir = fs_err::canonicalize(project.project_dir())
+        .unwrap_or_else(|_| project.project_dir().to_path_buf());
+    let from_project = |path: &String| match path.starts_with('~') {
+        true => PathBuf::from(path),
+        false => project_dir.join(path),
+    };
+    for host in topology.hosts.values() {
+        let Some(remote) = &host.remote else { continue };
+        hosts.push((
+            SshHost {
+                alias: host.name.clone(),
+                hostname: remote.address.hostname.clone(),
+                port: remote.address.port,
+                user: remote.address.user.clone(),
+                identity_file: remote.identity_file.as_ref().map(from_project),
+                host_keys: HostKeys::Users(remote.known_hosts.as_ref().map(from_project)),
+                proxy_jump: Vec::new(),
             },
-            key.trim().to_string(),
+            None,
         ));
     }
     Ok(state.write_ssh_files(&hosts)?)
@@ -785,6 +831,7 @@ fn write_ssh_files(
 
 /// Observes every VM in `vms`, connecting once to each hypervisor whose VMs are asked for.
 fn observe_all(
+    topology: &Topology,
     state: &StateDir,
     vms: &[&VmNode],
     reporter: &Reporter,
@@ -795,7 +842,14 @@ fn observe_all(
     by_level.sort_by_key(|vm| vm.level);
     for vm in by_level {
         if !sites.contains_key(&vm.placement) {
-            let site = site_for(&vm.placement, state, reporter)?;
+            // Status shows an unreachable remote host's VMs as missing, with a warning.
+            let site = match site_for(&vm.placement, topology, state, reporter) {
+                Err(e @ UpError::HostUnreachable { .. }) => {
+                    reporter.line(format!("{:>12} {e}", "warning"));
+                    None
+                }
+                other => other?,
+            };
             sites.insert(vm.placement.clone(), site);
         }
         let observed = match &sites[&vm.placement] {
@@ -813,7 +867,8 @@ fn status_rows(
     vms: &[&VmNode],
     reporter: &Reporter,
 ) -> Result<Vec<VmStatus>, UpError> {
-    let observed_all = observe_all(state, vms, reporter)?;
+    let topology = &project.loaded.topology;
+    let observed_all = observe_all(topology, state, vms, reporter)?;
     let mut rows = Vec::new();
     for vm in vms {
         let observed = &observed_all[&vm.name];
@@ -833,9 +888,14 @@ fn status_rows(
                 .and_then(|(r, _)| r.ssh_port)
                 .map(|p| format!("127.0.0.1:{p}")),
         };
-        let address = endpoint.map(|e| match &vm.placement {
-            Placement::Host(_) => e,
-            Placement::Vm(parent) => format!("{parent}:{e}"),
+        let address = endpoint.map(|e| {
+            if matches!(vm.placement, Placement::Vm(_))
+                || topology.remote_host(&vm.placement).is_some()
+            {
+                format!("{}:{e}", vm.placement.name())
+            } else {
+                e
+            }
         });
         rows.push(VmStatus {
             name: vm.name.clone(),
@@ -851,11 +911,17 @@ fn status_rows(
 }
 
 /// `farm status`: every VM of the topology, hypervisors before the VMs inside them.
-pub fn status(project: &Project, state_root: &Path) -> Result<Vec<VmStatus>, UpError> {
+/// Warnings (a host that does not answer) go to `reporter`, the rows to the caller.
+pub fn status(
+    project: &Project,
+    state_root: &Path,
+    reporter: &Reporter,
+) -> Result<Vec<VmStatus>, UpError> {
     let state = StateDir::open(state_root)?;
+    write_ssh_files(project, &state, &BTreeMap::new())?;
     let mut vms: Vec<&VmNode> = project.loaded.topology.vms.values().collect();
     vms.sort_by_key(|vm| tree_key(project, vm));
-    status_rows(project, &state, &vms, &Reporter::hidden())
+    status_rows(project, &state, &vms, reporter)
 }
 
 /// Sorts a VM under its hypervisor: the names along its chain, then its own.
@@ -885,6 +951,7 @@ pub fn down(
     reporter: &Reporter,
 ) -> Result<Vec<String>, UpError> {
     let state = StateDir::open(state_root)?;
+    write_ssh_files(project, &state, &BTreeMap::new())?;
     let topology = &project.loaded.topology;
     let wanted = with_descendants(topology, names);
     let mut present: Vec<(String, u32)> = Vec::new();
@@ -912,7 +979,7 @@ pub fn down(
                 vm.placement.clone()
             });
         if !sites.contains_key(&placement) {
-            let site = site_for(&placement, &state, reporter)?;
+            let site = site_for(&placement, topology, &state, reporter)?;
             sites.insert(placement.clone(), site);
         }
         let local_paths = state.instance(&name);

@@ -128,6 +128,19 @@ impl Host for RemoteHost {
         Ok(())
     }
 
+    /// Through a socket the ssh connection forwards, so the host needs no QMP client;
+    /// `socat` there when the server refuses to forward (dropbear).
+    fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
+        let forwarded = self
+            .session()
+            .with_forwarded_socket(socket, |local| crate::qmp::execute(local, command));
+        match forwarded {
+            // Best effort by design, as on this machine: the caller checks the process.
+            Ok(_) => Ok(()),
+            Err(_) => crate::host::qmp_with_socat(self, socket, command),
+        }
+    }
+
     /// With `b3sum` on the host (the hypervisor checks ask for it).
     fn blake3(&self, path: &Path) -> Result<Option<ContentHash>, HostError> {
         let p = shell_quote(&path.display().to_string());

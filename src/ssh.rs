@@ -24,6 +24,15 @@ pub enum SshError {
         #[source]
         source: openssh::Error,
     },
+    #[error("Cannot forward a local socket to `{}` on `{alias}`: {source}", remote.display())]
+    Forward {
+        alias: String,
+        remote: std::path::PathBuf,
+        #[source]
+        source: openssh::Error,
+    },
+    #[error("Cannot make a directory for a forwarded socket: {0}")]
+    ForwardDir(std::io::Error),
     #[error("Cannot start the async runtime for ssh: {0}")]
     Runtime(std::io::Error),
     #[error("Writing to `{command}` on `{alias}` failed: {source}")]
@@ -215,6 +224,40 @@ impl Ssh {
         self.run(&format!("cat {}", shell_quote(remote_path)), None)
     }
 
+    /// Runs `use_socket` with a local Unix socket that the ControlMaster forwards to
+    /// `remote_socket` on the host, so local clients (QMP) reach remote sockets without a
+    /// relay program there. The forward is closed afterwards.
+    pub fn with_forwarded_socket<T>(
+        &self,
+        remote_socket: &Path,
+        use_socket: impl FnOnce(&Path) -> T,
+    ) -> Result<T, SshError> {
+        let dir = tempfile::Builder::new()
+            .prefix("farm-fwd")
+            .tempdir()
+            .map_err(SshError::ForwardDir)?;
+        let local = dir.path().join("s");
+        let forward_error = |source| SshError::Forward {
+            alias: self.alias.clone(),
+            remote: remote_socket.to_path_buf(),
+            source,
+        };
+        self.runtime
+            .block_on(self.session().request_port_forward(
+                openssh::ForwardType::Local,
+                local.as_path(),
+                remote_socket,
+            ))
+            .map_err(forward_error)?;
+        let result = use_socket(&local);
+        let _ = self.runtime.block_on(self.session().close_port_forward(
+            openssh::ForwardType::Local,
+            local.as_path(),
+            remote_socket,
+        ));
+        Ok(result)
+    }
+
     pub fn alias(&self) -> &str {
         &self.alias
     }
@@ -236,7 +279,7 @@ pub enum WaitError {
     Timeout { last_error: String },
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

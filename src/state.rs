@@ -80,12 +80,13 @@ impl StateDir {
         self.root.join("known_hosts")
     }
 
-    /// Writes ssh_config and known_hosts for `hosts` (with each host's public key).
-    pub fn write_ssh_files(&self, hosts: &[(SshHost, String)]) -> Result<(), StateError> {
+    /// Writes ssh_config and known_hosts for `hosts` (with the public key farm pins for
+    /// each VM; remote hosts have none).
+    pub fn write_ssh_files(&self, hosts: &[(SshHost, Option<String>)]) -> Result<(), StateError> {
         let config: Vec<SshHost> = hosts.iter().map(|(h, _)| h.clone()).collect();
         let known: String = hosts
             .iter()
-            .map(|(h, key)| known_hosts_line(&h.alias, key))
+            .filter_map(|(h, key)| key.as_ref().map(|key| known_hosts_line(&h.alias, key)))
             .collect();
         for (path, text) in [
             (self.ssh_config(), render(&config)),

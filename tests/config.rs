@@ -503,3 +503,48 @@ fn attach_on_a_vm_that_runs_no_vms_is_rejected() {
     let rendered = assert_error(&text, "VM `a` attaches to `lab` but runs no VMs", 15);
     assert!(rendered.contains("give it a NIC"), "{rendered}");
 }
+
+#[test]
+fn malformed_remote_host_address_is_rejected_at_its_line() {
+    let text = format!(
+        "{IMAGE}\n[hosts.lab]\naddress = \"root@server:ssh\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nhost = \"lab\"\n"
+    );
+    assert_error(
+        &text,
+        "Invalid host address `root@server:ssh`: `ssh` is not a port number",
+        10,
+    );
+}
+
+#[test]
+fn remote_host_settings_need_an_address_and_an_absolute_root() {
+    let text = format!(
+        "{IMAGE}\n[hosts.here]\nidentity_file = \"key\"\n[hosts.lab]\naddress = \"server\"\nroot = \"farm\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nhost = \"lab\"\n"
+    );
+    let rendered = assert_error(
+        &text,
+        "Host `here` has `identity_file` but no `address`",
+        10,
+    );
+    assert!(
+        rendered.contains("hint: add `address = \"user@server\"` to `[hosts.here]`"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("Host `lab` has a relative `root` `farm`")
+            && rendered.contains("--> farm.toml:13:"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn remote_host_named_like_a_vm_is_rejected() {
+    let text = format!(
+        "{IMAGE}\n[hosts.a]\naddress = \"server\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nhost = \"a\"\n"
+    );
+    assert_error(
+        &text,
+        "Host `a` has the same name as a VM; both would be `a` in the generated ssh_config",
+        9,
+    );
+}

@@ -125,7 +125,7 @@ pub fn run_down(
 pub fn run_status(options: &ProjectOptions, args: StatusArgs) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let state = state_dir_for(&project, args.state.state.as_deref());
-    let rows = status(&project, &state)?;
+    let rows = status(&project, &state, &Reporter::new(false))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

@@ -387,7 +387,10 @@ fn lower_attach(
 fn lower_host(name: Located<String>, raw: RawHost, cx: &FileContext) -> Host {
     Host {
         name,
-        address: raw.address,
+        address: raw.address.as_ref().map(|a| cx.located(a)),
+        identity_file: raw.identity_file.as_ref().map(|s| cx.located(s)),
+        known_hosts: raw.known_hosts.as_ref().map(|s| cx.located(s)),
+        root: raw.root.as_ref().map(|s| cx.located(s)),
         deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
         attach: lower_attach(&raw.attach, cx),
     }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr};
+use crate::model::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr, SshAddress};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,7 +138,10 @@ pub enum RawNetworkKind {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
-    pub address: Option<String>,
+    pub address: Option<Spanned<SshAddress>>,
+    pub identity_file: Option<Spanned<String>>,
+    pub known_hosts: Option<Spanned<String>>,
+    pub root: Option<Spanned<String>>,
     pub deploy: Option<RawDeploy>,
     #[serde(default)]
     pub attach: BTreeMap<Spanned<String>, Spanned<IpCidr>>,

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use super::hash::ExpectedHash;
-use super::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr};
+use super::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr, SshAddress};
 
 /// Index of a source file in the loaded configuration's file list.
 pub type FileId = usize;
@@ -208,7 +208,13 @@ pub enum NetworkKind {
 pub struct Host {
     pub name: Located<String>,
     /// `user@server[:port]`; absent means this machine.
-    pub address: Option<String>,
+    pub address: Option<Located<SshAddress>>,
+    /// The key to log in with, instead of ssh's defaults (relative to farm.toml).
+    pub identity_file: Option<Located<String>>,
+    /// The known_hosts file that pins the host's key, instead of the user's own.
+    pub known_hosts: Option<Located<String>>,
+    /// Where farm keeps its store and VM state on the host (absolute).
+    pub root: Option<Located<String>>,
     pub deploy: Option<Deploy>,
     pub attach: Vec<Attachment>,
 }

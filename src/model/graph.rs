@@ -23,7 +23,10 @@ pub fn render_dot(config: &Config, topology: &Topology) -> String {
         "digraph farm {\n  rankdir=TB;\n  node [fontname=\"Helvetica\", fontsize=11];\n  edge [fontname=\"Helvetica\", fontsize=9];\n",
     );
     for host in topology.hosts.values() {
-        let detail = host.address.as_deref().unwrap_or("this machine");
+        let detail = host
+            .remote
+            .as_ref()
+            .map_or_else(|| "this machine".to_string(), |r| r.address.to_string());
         let _ = writeln!(
             out,
             "  {} [shape=box, style=bold, label={}];",

@@ -222,7 +222,7 @@ mod tests {
             "local".into(),
             HostNode {
                 name: "local".into(),
-                address: None,
+                remote: None,
                 attach: vec![("sw".into(), "10.1.0.254/24".parse().unwrap())],
             },
         );

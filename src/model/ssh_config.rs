@@ -1,6 +1,7 @@
 //! The generated ssh_config: one `Host` block per VM, with its full ProxyJump chain, its
-//! own key and a pinned known_hosts file. The same file farm's ssh client uses is the one
-//! users pass to `ssh -F`, scp, rsync and Ansible — never `StrictHostKeyChecking=no`.
+//! own key and a pinned known_hosts file, and one per remote host, reached with the user's
+//! own credentials. The same file farm's ssh client uses is the one users pass to `ssh -F`,
+//! scp, rsync and Ansible — never `StrictHostKeyChecking=no`.
 
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -10,12 +11,47 @@ pub struct SshHost {
     /// The name users type: `ssh -F .farm/ssh_config ALIAS`.
     pub alias: String,
     pub hostname: String,
-    pub port: u16,
-    pub user: String,
-    pub identity_file: PathBuf,
-    pub known_hosts_file: PathBuf,
+    /// ssh's default (22) when absent.
+    pub port: Option<u16>,
+    /// ssh's default (the local user name) when absent.
+    pub user: Option<String>,
+    /// ssh's default keys and agent when absent.
+    pub identity_file: Option<PathBuf>,
+    pub host_keys: HostKeys,
     /// Aliases of the hosts to jump through, outermost first.
     pub proxy_jump: Vec<String>,
+}
+
+impl SshHost {
+    /// A VM farm made: root, farm's key, its host key pinned in farm's known_hosts.
+    pub fn vm(
+        alias: &str,
+        hostname: &str,
+        port: u16,
+        identity_file: PathBuf,
+        known_hosts: PathBuf,
+        proxy_jump: Vec<String>,
+    ) -> SshHost {
+        SshHost {
+            alias: alias.to_string(),
+            hostname: hostname.to_string(),
+            port: Some(port),
+            user: Some("root".to_string()),
+            identity_file: Some(identity_file),
+            host_keys: HostKeys::Pinned(known_hosts),
+            proxy_jump,
+        }
+    }
+}
+
+/// How a block's host key is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostKeys {
+    /// A VM's key, which farm generated and pins in its own known_hosts, matched by alias
+    /// (every forwarded VM is 127.0.0.1 on some port).
+    Pinned(PathBuf),
+    /// A real machine's key, as its user knows it: their known_hosts unless a file is given.
+    Users(Option<PathBuf>),
 }
 
 pub fn render(hosts: &[SshHost]) -> String {
@@ -23,14 +59,27 @@ pub fn render(hosts: &[SshHost]) -> String {
     for h in hosts {
         let _ = writeln!(out, "\nHost {}", h.alias);
         let _ = writeln!(out, "  HostName {}", h.hostname);
-        let _ = writeln!(out, "  Port {}", h.port);
-        let _ = writeln!(out, "  User {}", h.user);
-        let _ = writeln!(out, "  IdentityFile {}", quote(&h.identity_file));
-        let _ = writeln!(out, "  IdentitiesOnly yes");
-        let _ = writeln!(out, "  UserKnownHostsFile {}", quote(&h.known_hosts_file));
-        let _ = writeln!(out, "  StrictHostKeyChecking yes");
-        // Pinned per alias: every forwarded VM is 127.0.0.1, so keys are matched by alias.
-        let _ = writeln!(out, "  HostKeyAlias {}", h.alias);
+        if let Some(port) = h.port {
+            let _ = writeln!(out, "  Port {port}");
+        }
+        if let Some(user) = &h.user {
+            let _ = writeln!(out, "  User {user}");
+        }
+        if let Some(identity) = &h.identity_file {
+            let _ = writeln!(out, "  IdentityFile {}", quote(identity));
+            let _ = writeln!(out, "  IdentitiesOnly yes");
+        }
+        match &h.host_keys {
+            HostKeys::Pinned(known_hosts) => {
+                let _ = writeln!(out, "  UserKnownHostsFile {}", quote(known_hosts));
+                let _ = writeln!(out, "  StrictHostKeyChecking yes");
+                let _ = writeln!(out, "  HostKeyAlias {}", h.alias);
+            }
+            HostKeys::Users(Some(known_hosts)) => {
+                let _ = writeln!(out, "  UserKnownHostsFile {}", quote(known_hosts));
+            }
+            HostKeys::Users(None) => {}
+        }
         let _ = writeln!(out, "  ConnectTimeout 10");
         let _ = writeln!(out, "  ServerAliveInterval 15");
         let _ = writeln!(out, "  LogLevel ERROR");
@@ -66,19 +115,43 @@ mod tests {
         let text = render(&[SshHost {
             alias: "l2".into(),
             hostname: "127.0.0.1".into(),
-            port: 2202,
-            user: "root".into(),
-            identity_file: "/p/.farm/id_ed25519".into(),
-            known_hosts_file: "/p/.farm/known_hosts".into(),
-            proxy_jump: vec!["l1".into()],
+            port: Some(2202),
+            user: Some("root".into()),
+            identity_file: Some("/p/.farm/id_ed25519".into()),
+            host_keys: HostKeys::Pinned("/p/.farm/known_hosts".into()),
+            proxy_jump: vec!["lab".into(), "l1".into()],
         }]);
         assert!(text.contains("Host l2\n  HostName 127.0.0.1\n  Port 2202\n"));
         assert!(text.contains("  StrictHostKeyChecking yes\n"));
         assert!(text.contains("  HostKeyAlias l2\n"));
-        assert!(text.contains("  ProxyJump l1\n"));
+        assert!(text.contains("  ProxyJump lab,l1\n"));
         assert_eq!(
             known_hosts_line("l2", "ssh-ed25519 AAAAC3 root@x\n"),
             "l2 ssh-ed25519 AAAAC3\n"
         );
+    }
+
+    #[test]
+    fn remote_hosts_keep_the_users_own_defaults() {
+        let text = render(&[SshHost {
+            alias: "lab".into(),
+            hostname: "server.example".into(),
+            port: None,
+            user: Some("ops".into()),
+            identity_file: None,
+            host_keys: HostKeys::Users(None),
+            proxy_jump: Vec::new(),
+        }]);
+        assert!(text.contains("Host lab\n  HostName server.example\n  User ops\n"));
+        for absent in [
+            "Port",
+            "IdentityFile",
+            "UserKnownHostsFile",
+            "StrictHostKeyChecking",
+            "HostKeyAlias",
+            "ProxyJump",
+        ] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
     }
 }

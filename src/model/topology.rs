@@ -5,12 +5,17 @@
 //! the matching `[vms.NAME]` tables.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use super::config::{Forward, Origin, Resources};
-use super::values::{IpCidr, MacAddr};
+use super::values::{IpCidr, MacAddr, SshAddress};
 
 /// The name of the implicit host when farm.toml declares none: this machine.
 pub const LOCAL_HOST: &str = "local";
+
+/// Where farm keeps its store (`cache/`) and VM state (`state/`) on a host it reaches over
+/// ssh, unless a remote host's `root` says otherwise.
+pub const REMOTE_ROOT: &str = "/var/lib/farm";
 
 /// Where a VM runs: on a host (level 1) or inside another VM that is a hypervisor.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -59,8 +64,30 @@ pub struct NicNode {
 #[derive(Clone, Debug)]
 pub struct HostNode {
     pub name: String,
-    pub address: Option<String>,
+    /// How to reach the host when it is not this machine.
+    pub remote: Option<RemoteHostSpec>,
     pub attach: Vec<(String, IpCidr)>,
+}
+
+/// A physical hypervisor farm reaches over ssh with the user's own credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteHostSpec {
+    pub address: SshAddress,
+    /// As written in farm.toml: absolute, `~/…` (ssh expands it) or relative to farm.toml.
+    pub identity_file: Option<String>,
+    pub known_hosts: Option<String>,
+    /// farm's directory on the host.
+    pub root: PathBuf,
+}
+
+impl Topology {
+    /// The remote host a placement is on, when it is a host and not this machine.
+    pub fn remote_host(&self, placement: &Placement) -> Option<&RemoteHostSpec> {
+        match placement {
+            Placement::Host(name) => self.hosts.get(name).and_then(|h| h.remote.as_ref()),
+            Placement::Vm(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]

@@ -4,10 +4,13 @@
 //! Pure: all problems are collected (not just the first) and located in the source.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use super::config::{Attachment, Config, Deploy, Located, Origin, VmDecl};
 use super::diagnostic::{Diagnostic, list_names};
-use super::topology::{HostNode, LOCAL_HOST, NicNode, Placement, Topology, VmNode};
+use super::topology::{
+    HostNode, LOCAL_HOST, NicNode, Placement, REMOTE_ROOT, RemoteHostSpec, Topology, VmNode,
+};
 use super::values::IpCidr;
 
 /// Checks `config` and expands its topology; every problem found is returned.
@@ -21,6 +24,7 @@ pub fn validate(config: &Config) -> Result<Topology, Vec<Diagnostic>> {
     check_addresses(config, &topology, &mut problems);
     check_network_sites(config, &topology, &mut problems);
     check_arch(config, &topology, &mut problems);
+    check_remote_hosts(config, &topology, &mut problems);
     if problems.is_empty() {
         Ok(topology)
     } else {
@@ -162,7 +166,7 @@ fn expand_topology(config: &Config, problems: &mut Vec<Diagnostic>) -> Topology 
             LOCAL_HOST.to_string(),
             HostNode {
                 name: LOCAL_HOST.to_string(),
-                address: None,
+                remote: None,
                 attach: Vec::new(),
             },
         );
@@ -172,7 +176,15 @@ fn expand_topology(config: &Config, problems: &mut Vec<Diagnostic>) -> Topology 
             host.name.value.clone(),
             HostNode {
                 name: host.name.value.clone(),
-                address: host.address.clone(),
+                remote: host.address.as_ref().map(|address| RemoteHostSpec {
+                    address: address.value.clone(),
+                    identity_file: host.identity_file.as_ref().map(|f| f.value.clone()),
+                    known_hosts: host.known_hosts.as_ref().map(|f| f.value.clone()),
+                    root: host
+                        .root
+                        .as_ref()
+                        .map_or_else(|| PathBuf::from(REMOTE_ROOT), |r| PathBuf::from(&r.value)),
+                }),
                 attach: attachments(&host.attach),
             },
         );
@@ -794,4 +806,53 @@ pub fn base_image_of<'a>(config: &'a Config, platform: &str) -> Option<&'a super
         }
     }
     None
+}
+
+/// A remote host's ssh settings only mean something with an address; its root must be
+/// absolute (it is used from ssh commands, with no working directory to be relative to);
+/// and its name is an ssh_config alias, so it cannot also be a VM's.
+fn check_remote_hosts(config: &Config, topology: &Topology, problems: &mut Vec<Diagnostic>) {
+    for host in config.hosts.values() {
+        let name = &host.name.value;
+        if host.address.is_none() {
+            let settings = [
+                ("identity_file", &host.identity_file),
+                ("known_hosts", &host.known_hosts),
+                ("root", &host.root),
+            ];
+            for (key, value) in settings {
+                if let Some(value) = value {
+                    problems.push(
+                        Diagnostic::new(
+                            format!("Host `{name}` has `{key}` but no `address`: it is this machine, which farm does not reach over ssh"),
+                            value.at.clone(),
+                        )
+                        .hint(format!("add `address = \"user@server\"` to `[hosts.{name}]`, or remove `{key}`")),
+                    );
+                }
+            }
+        }
+        if let Some(root) = &host.root
+            && !root.value.starts_with('/')
+        {
+            problems.push(
+                Diagnostic::new(
+                    format!("Host `{name}` has a relative `root` `{}`", root.value),
+                    root.at.clone(),
+                )
+                .hint(format!(
+                    "give an absolute path on the host, such as `{REMOTE_ROOT}`"
+                )),
+            );
+        }
+        if host.address.is_some() && topology.vms.contains_key(name) {
+            problems.push(
+                Diagnostic::new(
+                    format!("Host `{name}` has the same name as a VM; both would be `{name}` in the generated ssh_config"),
+                    host.name.at.clone(),
+                )
+                .hint("rename the host or the VM"),
+            );
+        }
+    }
 }

@@ -256,6 +256,82 @@ impl DiskFormat {
     }
 }
 
+/// Where a remote host is reached: `[user@]server[:port]`, with `[v6]` brackets when an
+/// IPv6 address carries a port. Absent parts are left to ssh's own defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshAddress {
+    pub user: Option<String>,
+    pub hostname: String,
+    pub port: Option<u16>,
+}
+
+impl FromStr for SshAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "Invalid host address `{s}`: {why}; expected `user@server`, `server` or `user@server:port`"
+            )
+        };
+        if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("it is empty or contains spaces"));
+        }
+        let (user, rest) = match s.rsplit_once('@') {
+            Some(("", _)) => return Err(bad("the user before `@` is empty")),
+            Some((user, rest)) => (Some(user.to_string()), rest),
+            None => (None, s),
+        };
+        let (hostname, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("`[` without a closing `]`"))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(bad("unexpected text after `]`")),
+                },
+            }
+        } else if rest.matches(':').count() > 1 {
+            (rest, None) // a bare IPv6 address
+        } else {
+            match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if hostname.is_empty() {
+            return Err(bad("the server name is empty"));
+        }
+        let port = port
+            .map(|p| match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(bad(&format!("`{p}` is not a port number"))),
+                Ok(port) => Ok(port),
+            })
+            .transpose()?;
+        Ok(SshAddress {
+            user,
+            hostname: hostname.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for SshAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        match (self.port, self.hostname.contains(':')) {
+            (Some(port), true) => write!(f, "[{}]:{port}", self.hostname),
+            (Some(port), false) => write!(f, "{}:{port}", self.hostname),
+            (None, _) => write!(f, "{}", self.hostname),
+        }
+    }
+}
+
+deserialize_via_from_str!(SshAddress);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +367,33 @@ mod tests {
         let m: MacAddr = "52:54:00:AB:cd:01".parse().unwrap();
         assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
         assert!("52:54:00:ab:cd".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn ssh_addresses_parse_with_optional_user_and_port() {
+        let a: SshAddress = "root@lab.example:2222".parse().unwrap();
+        assert_eq!(
+            (a.user.as_deref(), a.hostname.as_str(), a.port),
+            (Some("root"), "lab.example", Some(2222))
+        );
+        let b: SshAddress = "server".parse().unwrap();
+        assert_eq!((b.user, b.port), (None, None));
+        let c: SshAddress = "me@[::1]:22".parse().unwrap();
+        assert_eq!((c.hostname.as_str(), c.port), ("::1", Some(22)));
+        assert_eq!(c.to_string(), "me@[::1]:22");
+        let d: SshAddress = "fe80::1".parse().unwrap();
+        assert_eq!((d.hostname.as_str(), d.port), ("fe80::1", None));
+        for bad in [
+            "",
+            "@server",
+            "root@",
+            "a b",
+            "root@server:0",
+            "root@server:ssh",
+            "[::1",
+        ] {
+            let err = bad.parse::<SshAddress>().unwrap_err();
+            assert!(err.starts_with("Invalid host address"), "{bad}: {err}");
+        }
     }
 }

@@ -132,15 +132,14 @@ impl Guest {
         .unwrap();
         fs_err::write(
             &config,
-            render(&[SshHost {
-                alias: "guest".into(),
-                hostname: "127.0.0.1".into(),
+            render(&[SshHost::vm(
+                "guest",
+                "127.0.0.1",
                 port,
-                user: "root".into(),
-                identity_file: client.private.clone(),
-                known_hosts_file: work.path().join("known_hosts"),
-                proxy_jump: vec![],
-            }]),
+                client.private.clone(),
+                work.path().join("known_hosts"),
+                vec![],
+            )]),
         )
         .unwrap();
         let vm = QemuVm {

@@ -1,0 +1,195 @@
+//! Several physical hypervisors: this machine (`here`) and a remote host (`lab`) that farm
+//! reaches over ssh with the user's own key and known_hosts. The remote host is a real
+//! OpenSSH server on 127.0.0.1 with farm's directory in a temporary `root`, so everything
+//! farm does there (store, closure push, qemu, QMP, ports) goes through ssh.
+
+#[path = "support/guest.rs"]
+#[allow(dead_code)]
+mod guest;
+#[path = "support/project.rs"]
+#[allow(dead_code)]
+mod project;
+#[path = "support/sshd.rs"]
+mod sshd;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use farm::host::Host;
+use guest::{keygen, shared_store, vm_tests_possible};
+use project::{Project, list, text};
+use sshd::{Sshd, sshd_available};
+
+fn lab_toml(port: u16, root: &Path) -> String {
+    format!(
+        r#"
+[images.tiny]
+tiny = true
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.small]
+from = "tiny"
+memory = "256M"
+
+[hosts.here]
+
+[hosts.lab]
+address = "root@127.0.0.1:{port}"
+identity_file = "lab_key"
+known_hosts = "lab_known_hosts"
+root = "{root}"
+
+[vms.near]
+platform = "small"
+host = "here"
+
+[vms.far]
+platform = "small"
+host = "lab"
+hostname = "far-away"
+"#,
+        root = root.display()
+    )
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn qemu_running(pidfile: &Path) -> bool {
+    fs_err::read_to_string(pidfile)
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+#[test]
+fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
+    if !vm_tests_possible("remote_host") || !sshd_available("remote_host") {
+        return;
+    }
+    let server_dir = tempfile::tempdir().unwrap();
+    let root = server_dir.path().join("farm-root");
+    let port = farm::hostinfo::free_local_port().unwrap();
+    // Declared before the project so it outlives it: a failing test's `farm down` (the
+    // project's Drop) still reaches the VMs on `lab`.
+    let server: Sshd;
+    let p = Project::with_store(&lab_toml(port, &root), &shared_store());
+    let key = keygen(p.path(), "lab_key");
+
+    // Nothing listens yet: farm names the host and how to check it, and starts nothing there.
+    let refused = p.run(&["up"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let log = stderr(&refused);
+    assert!(
+        log.contains("Cannot reach host `lab` (root@127.0.0.1:")
+            && log.contains("hint: check that `ssh -F"),
+        "{log}"
+    );
+    assert!(!root.exists());
+
+    server = Sshd::start(server_dir.path(), port, &key.public);
+    p.write("lab_known_hosts", &server.known_hosts_line());
+    let up = p.run(&["up"]);
+    assert!(
+        up.status.success(),
+        "{}\nsshd:\n{}",
+        text(&up),
+        server.log()
+    );
+    let log = stderr(&up);
+    assert!(log.contains("pushed") && log.contains("to lab"), "{log}");
+
+    // The layers went into the host's own store under `root`; its qemu runs there.
+    assert!(!list(&root.join("cache/store")).is_empty());
+    let far_pidfile = root.join("state/vms/far/qemu.pid");
+    assert!(
+        qemu_running(&far_pidfile),
+        "no qemu for `far` under {root:?}"
+    );
+
+    // ssh_config: the host with the user's own settings, the VM behind it.
+    let config = p.path().join(".farm/ssh_config");
+    let config_text = fs_err::read_to_string(&config).unwrap();
+    assert!(
+        config_text.contains(&format!(
+            "Host lab\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}",
+            p.path().join("lab_key").display()
+        )),
+        "{config_text}"
+    );
+    assert!(
+        config_text.contains("Host far\n") && config_text.contains("ProxyJump lab\n"),
+        "{config_text}"
+    );
+    let out = p.ok(&["ssh", "far", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "far-away");
+    let plain = Command::new("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["near", "true"])
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{}", text(&plain));
+
+    let status: serde_json::Value =
+        serde_json::from_slice(&p.ok(&["status", "--json"]).stdout).unwrap();
+    let rows = status.as_array().unwrap();
+    let far = rows.iter().find(|r| r["name"] == "far").unwrap();
+    assert_eq!(far["host"], "lab");
+    assert_eq!(far["state"], "running");
+    assert!(
+        far["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("lab:127.0.0.1:"),
+        "{far}"
+    );
+    let near = rows.iter().find(|r| r["name"] == "near").unwrap();
+    assert!(near["address"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    // A second up pushes nothing and starts nothing, on either host.
+    let again = p.ok(&["up"]);
+    let log = stderr(&again);
+    assert!(
+        !log.contains("pushed") && !log.contains("starting"),
+        "{log}"
+    );
+
+    // QMP reaches the remote qemu through a socket the ssh connection forwards (no socat
+    // there): `quit` ends it, and the next up restarts only it.
+    let lab =
+        farm::remote_host::RemoteHost::connect("lab", &config, "lab", Duration::from_secs(10))
+            .unwrap();
+    lab.qmp(&root.join("state/vms/far/qmp.sock"), "quit")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while qemu_running(&far_pidfile) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu ignored QMP quit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(lab);
+    let restart = p.ok(&["up"]);
+    let log = stderr(&restart);
+    assert!(
+        log.contains("restarting far") && !log.contains("ready near"),
+        "{log}"
+    );
+
+    let down = p.ok(&["down"]);
+    let log = stderr(&down);
+    assert!(
+        log.contains("stopped far") && log.contains("stopped near"),
+        "{log}"
+    );
+    assert!(!qemu_running(&far_pidfile));
+    assert!(!root.join("state/vms/far").exists());
+    // The host's store stays: the next up there pushes nothing.
+    assert!(!list(&root.join("cache/store")).is_empty());
+}
