@@ -4,9 +4,14 @@
 //! The host's store has the local store's layout (`<root>/store/<key>-<name>/`), so the
 //! relative backing paths written at commit resolve there unchanged. Content addressing
 //! makes the push incremental: an entry whose `meta.json` is there is complete (it is renamed
-//! into `store/` only after every file verified), so only missing entries move. Every file
-//! is hashed while it is read for sending and read back by the host (`Host::blake3`); a
-//! mismatch is retried and never renamed into the store.
+//! into `store/` only after every file verified), so only missing entries move.
+//!
+//! Each entry travels as one tar stream into one shell script on the host, which unpacks
+//! it into a staging directory, reads every file back with `b3sum --check` against the
+//! hashes farm sends with it (the disk's from the entry's metadata), and only then renames
+//! it into the store. One round trip per entry: on a hypervisor VM under TCG each command
+//! costs a noticeable fraction of a second, so per-file commands would dominate small
+//! closures. A mismatch or a broken stream is sent again and never renamed into the store.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,9 +20,9 @@ use crate::host::{Host, HostError};
 use crate::model::hash::ContentHash;
 use crate::progress::Reporter;
 use crate::ssh::shell_quote;
-use crate::store::{BOOT_DIR, DISK_FILE, Entry, META_FILE};
+use crate::store::{DISK_FILE, Entry, META_FILE};
 
-/// How many times one file is sent before a push gives up on it.
+/// How many times one entry is sent before a push gives up on it.
 pub const PUSH_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,15 +35,14 @@ pub enum PushError {
         source: std::io::Error,
     },
     #[error(
-        "`{}` arrived on host `{host}` corrupted {attempts} times in a row (sent {sent}, the host read {received})\nhint: check the host's disk space and memory; nothing was added to its store",
-        path.display()
+        "`{}` arrived on host `{host}` corrupted {attempts} times in a row; the last check said:\n{report}\nhint: check the host's disk space and memory; nothing was added to its store",
+        dir.display()
     )]
     Corrupted {
         host: String,
-        path: PathBuf,
+        dir: PathBuf,
         attempts: u32,
-        sent: String,
-        received: String,
+        report: String,
     },
     #[error(
         "The local store entry `{}` does not match its own metadata (its disk hashes to {actual}, meta.json says {recorded})\nhint: run `farm store verify` and remove the damaged entry; farm builds it again",
@@ -116,53 +120,40 @@ pub fn push_closure(
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
     let mut report = PushReport::default();
+    let present = complete_entries(host, store, entries)?;
     for entry in entries {
-        let target = store.entry_dir(entry);
-        if host.get(&target.join(META_FILE))?.is_some() {
+        if present.contains(entry.dir_name()) {
             report.present += 1;
             continue;
         }
         let files = entry_files(entry)?;
-        let total: u64 = files.iter().map(|(_, len)| len).sum();
-        let bar = reporter.bytes(entry.dir_name(), Some(total));
-        let staging = store.staging_dir(entry);
-        run(
-            host,
-            "Preparing the store",
-            &format!(
-                "rm -rf {s} && mkdir -p {s}/{BOOT_DIR} {store}",
-                s = shell_quote(&staging.display().to_string()),
-                store = shell_quote(&store.root.join("store").display().to_string())
-            ),
-        )?;
-        for (path, _) in &files {
-            let relative = path.strip_prefix(&entry.dir).unwrap_or(path);
-            let remote = staging.join(relative);
-            let sent = send_verified(host, path, &remote, &bar, &mut report.retries)?;
-            if relative == Path::new(DISK_FILE) && sent != entry.meta.output_blake3 {
-                return Err(PushError::LocalCorrupt {
-                    dir: entry.dir.clone(),
-                    actual: sent,
-                    recorded: entry.meta.output_blake3,
+        let total: u64 = files.iter().map(|f| f.len).sum();
+        let bar = reporter.bytes(entry.dir_name(), Some(archive_len(&files)));
+        let mut attempt = 1;
+        loop {
+            let position = bar.position();
+            let check = match send_entry(host, store, entry, &files, &bar)? {
+                Sent::Committed => break,
+                Sent::Rejected(check) => check,
+            };
+            // The host checks the disk against the entry's metadata: when that fails, the
+            // local copy may be the damaged one, and sending it again cannot help.
+            if check.contains(DISK_FILE) {
+                check_local_disk(entry)?;
+            }
+            if attempt == PUSH_ATTEMPTS {
+                return Err(PushError::Corrupted {
+                    host: host.name().to_string(),
+                    dir: store.entry_dir(entry),
+                    attempts: PUSH_ATTEMPTS,
+                    report: check,
                 });
             }
+            attempt += 1;
+            report.retries += 1;
+            bar.set_position(position);
         }
         bar.finish_and_clear();
-        let meta = fs_err::read(entry.dir.join(META_FILE)).map_err(|source| PushError::Local {
-            path: entry.dir.join(META_FILE),
-            source,
-        })?;
-        // meta.json last, then one rename: a half-pushed entry is never seen as complete.
-        host.put(&meta, &staging.join(META_FILE), 0o444)?;
-        run(
-            host,
-            "Committing the pushed entry",
-            &format!(
-                "chmod -R a-w {s}/* && chmod 0555 {s} && rm -rf {t} && mv {s} {t}",
-                s = shell_quote(&staging.display().to_string()),
-                t = shell_quote(&target.display().to_string())
-            ),
-        )?;
         report.bytes += total;
         report.pushed.push(entry.dir_name().to_string());
     }
@@ -170,84 +161,206 @@ pub fn push_closure(
     Ok(report)
 }
 
-/// The entry's disk and boot files (not meta.json) with their sizes.
-fn entry_files(entry: &Entry) -> Result<Vec<(PathBuf, u64)>, PushError> {
+/// Fails with `LocalCorrupt` when the local disk no longer hashes to its metadata.
+fn check_local_disk(entry: &Entry) -> Result<(), PushError> {
+    let path = entry.disk_path();
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(
+            fs_err::File::open(&path).map_err(|source| PushError::Local {
+                path: path.clone(),
+                source,
+            })?,
+        )
+        .map_err(|source| PushError::Local { path, source })?;
+    let actual = ContentHash::from_blake3(hasher.finalize());
+    if actual != entry.meta.output_blake3 {
+        return Err(PushError::LocalCorrupt {
+            dir: entry.dir.clone(),
+            actual,
+            recorded: entry.meta.output_blake3,
+        });
+    }
+    Ok(())
+}
+
+/// Which of `entries` the host's store already has complete (one command for all).
+fn complete_entries(
+    host: &dyn Host,
+    store: &HostStore,
+    entries: &[&Entry],
+) -> Result<std::collections::BTreeSet<String>, PushError> {
+    let metas: Vec<String> = entries
+        .iter()
+        .map(|e| shell_quote(&store.entry_dir(e).join(META_FILE).display().to_string()))
+        .collect();
+    let out = host.run(&format!(
+        "for m in {}; do [ -e \"$m\" ] && basename \"$(dirname \"$m\")\"; done; true",
+        metas.join(" ")
+    ))?;
+    if !out.success() {
+        return Err(PushError::Command {
+            host: host.name().to_string(),
+            what: "Listing the host's store",
+            status: out.status,
+            output: out.text(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// One file of an entry: where it is here, its name inside the entry, and the blake3 the
+/// host must read back.
+struct EntryFile {
+    local: PathBuf,
+    relative: PathBuf,
+    len: u64,
+    blake3: ContentHash,
+}
+
+/// The entry's disk, boot files and meta.json (last). The disk's hash is the one its
+/// metadata records (so a locally damaged disk is refused by the host too); the small
+/// files are hashed here.
+fn entry_files(entry: &Entry) -> Result<Vec<EntryFile>, PushError> {
+    let local_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PushError::Local { path, source }
+    };
     let mut paths = vec![entry.disk_path()];
     if let Some(boot) = entry.boot_dir() {
         let mut boot_files: Vec<PathBuf> = fs_err::read_dir(&boot)
-            .map_err(|source| PushError::Local {
-                path: boot.clone(),
-                source,
-            })?
+            .map_err(local_error(&boot))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         boot_files.sort();
         paths.extend(boot_files);
     }
+    paths.push(entry.dir.join(META_FILE));
     paths
         .into_iter()
-        .map(|p| {
-            let len = fs_err::metadata(&p)
-                .map_err(|source| PushError::Local {
-                    path: p.clone(),
-                    source,
-                })?
-                .len();
-            Ok((p, len))
+        .map(|local| {
+            let len = fs_err::metadata(&local).map_err(local_error(&local))?.len();
+            let relative = local
+                .strip_prefix(&entry.dir)
+                .unwrap_or(&local)
+                .to_path_buf();
+            let blake3 = if relative == Path::new(DISK_FILE) {
+                entry.meta.output_blake3
+            } else {
+                let bytes = fs_err::read(&local).map_err(local_error(&local))?;
+                ContentHash::from_blake3(blake3::hash(&bytes))
+            };
+            Ok(EntryFile {
+                local,
+                relative,
+                len,
+                blake3,
+            })
         })
         .collect()
 }
 
-/// Sends one file until the host reads back what was sent; returns its blake3.
-fn send_verified(
-    host: &dyn Host,
-    local: &Path,
-    remote: &Path,
-    bar: &indicatif::ProgressBar,
-    retries: &mut u32,
-) -> Result<ContentHash, PushError> {
-    let mut last = None;
-    for attempt in 1..=PUSH_ATTEMPTS {
-        let position = bar.position();
-        let mut file = fs_err::File::open(local).map_err(|source| PushError::Local {
-            path: local.to_path_buf(),
-            source,
-        })?;
-        let mut hasher = blake3::Hasher::new();
-        host.put_stream(&mut file, remote, &mut |chunk| {
-            hasher.update(chunk);
-            bar.inc(chunk.len() as u64);
-        })?;
-        let sent = ContentHash::from_blake3(hasher.finalize());
-        let received = host.blake3(remote)?;
-        if received == Some(sent) {
-            return Ok(sent);
-        }
-        if attempt < PUSH_ATTEMPTS {
-            *retries += 1;
-            bar.set_position(position);
-        }
-        last = Some((sent, received));
-    }
-    let (sent, received) = last.expect("at least one attempt");
-    Err(PushError::Corrupted {
-        host: host.name().to_string(),
-        path: remote.to_path_buf(),
-        attempts: PUSH_ATTEMPTS,
-        sent: sent.to_string(),
-        received: received.map_or_else(|| "nothing".to_string(), |h| h.to_string()),
-    })
+enum Sent {
+    Committed,
+    /// The host unpacked the stream but a file did not read back as sent (or the stream
+    /// broke); what its check printed.
+    Rejected(String),
 }
 
-fn run(host: &dyn Host, what: &'static str, script: &str) -> Result<(), PushError> {
-    let out = host.run(script)?;
-    if !out.success() {
-        return Err(PushError::Command {
-            host: host.name().to_string(),
-            what,
-            status: out.status,
-            output: out.text(),
+/// Exit status of the push script when the stream or a checksum is wrong (send again).
+const REJECTED: i32 = 75;
+
+/// Streams one entry as a tar archive into a script that unpacks, verifies and commits it.
+fn send_entry(
+    host: &dyn Host,
+    store: &HostStore,
+    entry: &Entry,
+    files: &[EntryFile],
+    bar: &indicatif::ProgressBar,
+) -> Result<Sent, PushError> {
+    let staging = shell_quote(&store.staging_dir(entry).display().to_string());
+    let target = shell_quote(&store.entry_dir(entry).display().to_string());
+    let checks: String = files
+        .iter()
+        .map(|f| format!("{}  {}\n", f.blake3.to_hex(), f.relative.display()))
+        .collect();
+    let script = format!(
+        "set -u\n\
+         rm -rf {staging} && mkdir -p {staging} \"$(dirname {target})\" || exit 1\n\
+         tar -x -f - -C {staging} || {{ rm -rf {staging}; exit {REJECTED}; }}\n\
+         cd {staging} && b3sum --check --quiet <<'FARM_SUMS'\n{checks}FARM_SUMS\n\
+         [ $? -eq 0 ] || {{ cd /; rm -rf {staging}; exit {REJECTED}; }}\n\
+         cd / && chmod -R a-w {staging}/* && chmod 0555 {staging} && rm -rf {target} && mv {staging} {target}\n"
+    );
+    // The archive is written by a thread into a pipe the host's stdin reads from.
+    let (mut reader, writer) = std::io::pipe().map_err(|source| PushError::Local {
+        path: entry.dir.clone(),
+        source,
+    })?;
+    let (out, written) = std::thread::scope(|scope| {
+        let archive = scope.spawn(move || write_archive(writer, files));
+        let out = host.run_with_input(&script, &mut reader, &mut |chunk| {
+            bar.inc(chunk.len() as u64)
         });
+        drop(reader);
+        (out, archive.join().expect("the archive writer panicked"))
+    });
+    let out = out?;
+    match out.status {
+        Some(0) => Ok(Sent::Committed),
+        Some(REJECTED) => {
+            // A stream that could not be read from the local store is a local problem.
+            written?;
+            Ok(Sent::Rejected(out.text().trim().to_string()))
+        }
+        status => Err(PushError::Command {
+            host: host.name().to_string(),
+            what: "Receiving a store entry",
+            status,
+            output: out.text(),
+        }),
     }
+}
+
+/// The archive's size: a 512-byte header per file, data padded to 512, two closing blocks.
+fn archive_len(files: &[EntryFile]) -> u64 {
+    files
+        .iter()
+        .map(|f| 512 + f.len.div_ceil(512) * 512)
+        .sum::<u64>()
+        + 1024
+}
+
+/// Writes `files` as a tar archive (read-only modes, no owners or times: the store does
+/// not need them).
+fn write_archive(writer: std::io::PipeWriter, files: &[EntryFile]) -> Result<(), PushError> {
+    let mut archive = tar::Builder::new(std::io::BufWriter::with_capacity(
+        crate::host::STREAM_CHUNK,
+        writer,
+    ));
+    for file in files {
+        let local = fs_err::File::open(&file.local).map_err(|source| PushError::Local {
+            path: file.local.clone(),
+            source,
+        })?;
+        let mut header = tar::Header::new_ustar();
+        header.set_size(file.len);
+        header.set_mode(0o444);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        // A host that stopped reading (it failed) shows in its exit status, not here.
+        if archive
+            .append_data(&mut header, &file.relative, local)
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    let _ = archive
+        .into_inner()
+        .map(|mut w| std::io::Write::flush(&mut w));
     Ok(())
 }

@@ -43,22 +43,29 @@ pub trait Host: Send + Sync {
     fn put(&self, bytes: &[u8], path: &Path, mode: u32) -> Result<(), HostError>;
     /// Reads a file; `Ok(None)` when it does not exist.
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError>;
-    /// Streams `input` into `path` (parent directories created, replaced if present),
-    /// showing each chunk to `on_chunk` as it goes (hashing, progress): large files are read
-    /// once and never held in memory.
-    fn put_stream(
+    /// Runs `script` with `input` streamed to its stdin a chunk at a time, each chunk shown
+    /// to `on_chunk` first (progress): large transfers are read once and never held in
+    /// memory. For scripts that print little (`tar -x`, a checksum report).
+    fn run_with_input(
         &self,
+        script: &str,
         input: &mut dyn std::io::Read,
-        path: &Path,
         on_chunk: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), HostError>;
-    /// blake3 of a file as the host reads it back; `Ok(None)` when it does not exist.
-    fn blake3(&self, path: &Path) -> Result<Option<crate::model::hash::ContentHash>, HostError>;
+    ) -> Result<Output, HostError>;
     /// Sends a QMP command to the qemu listening on `socket` (best effort: a qemu that
     /// is going away may not answer).
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
         qmp_with_socat(self, socket, command)
     }
+}
+
+/// Everything a child's output pipe still has.
+fn drain(pipe: Option<impl std::io::Read>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Some(mut pipe) = pipe {
+        let _ = pipe.read_to_end(&mut bytes);
+    }
+    bytes
 }
 
 /// QMP through `socat` on the host: for hosts whose ssh server cannot forward a socket.
@@ -138,52 +145,55 @@ impl Host for LocalHost {
         Ok(())
     }
 
-    fn put_stream(
+    fn run_with_input(
         &self,
+        script: &str,
         input: &mut dyn std::io::Read,
-        path: &Path,
         on_chunk: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), HostError> {
-        let mut write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                fs_err::create_dir_all(dir)?;
-            }
-            let mut file = fs_err::File::create(path)?;
-            let mut buf = vec![0u8; STREAM_CHUNK];
-            loop {
-                let n = input.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                on_chunk(&buf[..n]);
-                file.write_all(&buf[..n])?;
-            }
-            file.sync_all()
-        };
-        write().map_err(|source| HostError::Write {
+    ) -> Result<Output, HostError> {
+        let spawn_error = |source| HostError::Spawn {
             host: self.name.clone(),
-            path: path.to_path_buf(),
             source,
-        })
-    }
-
-    fn blake3(&self, path: &Path) -> Result<Option<crate::model::hash::ContentHash>, HostError> {
-        let read = || -> std::io::Result<crate::model::hash::ContentHash> {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(fs_err::File::open(path)?)?;
-            Ok(crate::model::hash::ContentHash::from_blake3(
-                hasher.finalize(),
-            ))
         };
-        match read() {
-            Ok(hash) => Ok(Some(hash)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(HostError::Read {
-                host: self.name.clone(),
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
+        let mut child = Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let mut stdin = child.stdin.take();
+        // Output is drained beside the writer, so a chatty script cannot stall the stream.
+        let (out, err) = std::thread::scope(|scope| {
+            let out = scope.spawn(move || drain(stdout));
+            let err = scope.spawn(move || drain(stderr));
+            if let Some(pipe) = stdin.as_mut() {
+                let mut buf = vec![0u8; STREAM_CHUNK];
+                // A script that stops reading early (it failed) closes the pipe: its exit
+                // status says why, so write errors end the stream quietly.
+                while let Ok(n) = input.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    on_chunk(&buf[..n]);
+                    if pipe.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+            drop(stdin.take());
+            (
+                out.join().unwrap_or_default(),
+                err.join().unwrap_or_default(),
+            )
+        });
+        let status = child.wait().map_err(spawn_error)?;
+        Ok(Output {
+            status: status.code(),
+            stdout: out,
+            stderr: err,
+        })
     }
 
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {

@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::host::{Host, HostError, Output};
-use crate::model::hash::ContentHash;
 use crate::ssh::{Ssh, SshError, shell_quote};
 
 pub struct RemoteHost {
@@ -19,7 +18,7 @@ pub struct RemoteHost {
     ssh: Mutex<Ssh>,
 }
 
-/// Exit status `get` and `blake3` use for "no such file", told apart from a failing tool.
+/// Exit status `get` uses for "no such file", told apart from a failing `cat`.
 const ABSENT: i32 = 3;
 
 impl RemoteHost {
@@ -110,22 +109,15 @@ impl Host for RemoteHost {
         }
     }
 
-    fn put_stream(
+    fn run_with_input(
         &self,
+        script: &str,
         input: &mut dyn std::io::Read,
-        path: &Path,
         on_chunk: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), HostError> {
-        let target = shell_quote(&path.display().to_string());
-        let script = format!("mkdir -p \"$(dirname {target})\" && cat > {target}");
-        let out = self
-            .session()
-            .run_streamed(&script, input, on_chunk)
-            .map_err(|e| self.spawn_error(e))?;
-        if !out.success() {
-            return Err(self.failed(path, &out, true));
-        }
-        Ok(())
+    ) -> Result<Output, HostError> {
+        self.session()
+            .run_streamed(script, input, on_chunk)
+            .map_err(|e| self.spawn_error(e))
     }
 
     /// Through a socket the ssh connection forwards, so the host needs no QMP client;
@@ -138,38 +130,6 @@ impl Host for RemoteHost {
             // Best effort by design, as on this machine: the caller checks the process.
             Ok(_) => Ok(()),
             Err(_) => crate::host::qmp_with_socat(self, socket, command),
-        }
-    }
-
-    /// With `b3sum` on the host (the hypervisor checks ask for it).
-    fn blake3(&self, path: &Path) -> Result<Option<ContentHash>, HostError> {
-        let p = shell_quote(&path.display().to_string());
-        let out = self
-            .session()
-            .run(
-                &format!("[ -e {p} ] || exit {ABSENT}; b3sum --no-names {p}"),
-                None,
-            )
-            .map_err(|e| self.spawn_error(e))?;
-        match out.status {
-            Some(0) => {
-                let text = String::from_utf8_lossy(&out.stdout);
-                blake3::Hash::from_hex(text.trim())
-                    .map(|h| Some(ContentHash::from_blake3(h)))
-                    .map_err(|e| {
-                        self.failed(
-                            path,
-                            &Output {
-                                status: out.status,
-                                stdout: Vec::new(),
-                                stderr: format!("b3sum printed {text:?}: {e}").into_bytes(),
-                            },
-                            false,
-                        )
-                    })
-            }
-            Some(ABSENT) => Ok(None),
-            _ => Err(self.failed(path, &out, false)),
         }
     }
 }

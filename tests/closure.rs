@@ -19,11 +19,15 @@ use farm::progress::Reporter;
 use farm::store::{Entry, Store};
 use project::Project;
 
-/// A local host whose first `corrupt` streamed files arrive with one byte flipped.
+/// A local host whose first `corrupt` streams arrive with one byte flipped: a byte of the
+/// first file's data (after the 512-byte tar header), as a bad link or disk would do it.
 struct FlakyHost {
     inner: LocalHost,
     corrupt: AtomicU32,
 }
+
+/// Where in a stream the flipped byte goes.
+const FLIPPED_AT: usize = 512 + 100;
 
 impl Host for FlakyHost {
     fn name(&self) -> &str {
@@ -38,26 +42,23 @@ impl Host for FlakyHost {
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {
         self.inner.get(path)
     }
-    fn put_stream(
+    fn run_with_input(
         &self,
+        script: &str,
         input: &mut dyn std::io::Read,
-        path: &Path,
         on_chunk: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), HostError> {
-        self.inner.put_stream(input, path, on_chunk)?;
-        if self
+    ) -> Result<Output, HostError> {
+        let damage = self
             .corrupt
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            let mut bytes = fs_err::read(path).unwrap();
-            bytes[0] ^= 0xff;
-            fs_err::write(path, bytes).unwrap();
+            .is_ok();
+        let mut stream = Vec::new();
+        input.read_to_end(&mut stream).unwrap();
+        if damage {
+            stream[FLIPPED_AT] ^= 0xff;
         }
-        Ok(())
-    }
-    fn blake3(&self, path: &Path) -> Result<Option<ContentHash>, HostError> {
-        self.inner.blake3(path)
+        self.inner
+            .run_with_input(script, &mut stream.as_slice(), on_chunk)
     }
 }
 
@@ -160,9 +161,33 @@ fn a_transfer_that_keeps_failing_commits_nothing() {
         matches!(err, PushError::Corrupted { attempts: 3, .. }),
         "{err}"
     );
+    let message = err.to_string();
     assert!(
-        err.to_string()
-            .contains("arrived on host `flaky` corrupted 3 times")
+        message.contains("arrived on host `flaky` corrupted 3 times")
+            && message.contains("disk.qcow2: FAILED"),
+        "{message}"
     );
+    assert!(project::list(&remote.path().join("store")).is_empty());
+}
+
+#[test]
+fn a_damaged_local_entry_is_reported_as_such_and_not_sent_again() {
+    let (_p, entries) = built_chain();
+    let disk = entries[0].disk_path();
+    let mut perms = fs_err::metadata(&disk).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs_err::set_permissions(&disk, perms).unwrap();
+    let mut bytes = fs_err::read(&disk).unwrap();
+    bytes[100] ^= 0xff;
+    fs_err::write(&disk, bytes).unwrap();
+
+    let remote = tempfile::tempdir().unwrap();
+    let host_store = HostStore::new(remote.path());
+    let refs: Vec<&Entry> = entries.iter().collect();
+    let err = push_closure(&flaky(0), &host_store, &refs, &Reporter::hidden())
+        .expect_err("the local disk no longer matches its metadata");
+    assert!(matches!(err, PushError::LocalCorrupt { .. }), "{err}");
+    assert!(err.to_string().contains("hint: run `farm store verify`"));
     assert!(project::list(&remote.path().join("store")).is_empty());
 }
