@@ -788,7 +788,7 @@ fn write_ssh_files(
         let proxy_jump = topology
             .chain(&vm.name)
             .into_iter()
-            .filter(|p| matches!(p, Placement::Vm(_)) || topology.remote_host(p).is_some())
+            .filter(|p| topology.reached_through(p))
             .map(|p| p.name().to_string())
             .collect();
         hosts.push((
@@ -889,9 +889,7 @@ fn status_rows(
                 .map(|p| format!("127.0.0.1:{p}")),
         };
         let address = endpoint.map(|e| {
-            if matches!(vm.placement, Placement::Vm(_))
-                || topology.remote_host(&vm.placement).is_some()
-            {
+            if topology.reached_through(&vm.placement) {
                 format!("{}:{e}", vm.placement.name())
             } else {
                 e

@@ -88,6 +88,12 @@ impl Topology {
             Placement::Vm(_) => None,
         }
     }
+
+    /// Whether VMs on `placement` are reached over ssh through it (a hypervisor VM or a
+    /// remote host) rather than on this machine's own ports.
+    pub fn reached_through(&self, placement: &Placement) -> bool {
+        matches!(placement, Placement::Vm(_)) || self.remote_host(placement).is_some()
+    }
 }
 
 #[derive(Clone, Debug, Default)]
