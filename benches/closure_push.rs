@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use farm::closure::{HostStore, push_closure};
 use farm::progress::Reporter;
-use farm::remote_host::RemoteHost;
+use farm::run::closure::{HostStore, push_closure};
+use farm::run::host::remote::RemoteHost;
 use farm::store::{Entry, Store};
 use manual_vm::{entry, farm, shared_store};
 
@@ -147,7 +147,7 @@ fn walk(dir: &Path) -> Vec<u64> {
 fn main() {
     let store = shared_store();
     let server = tempfile::tempdir().unwrap();
-    let port = farm::hostinfo::free_local_port().unwrap();
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
     let project = tempfile::tempdir().unwrap();
     let dir = project.path();
     fs_err::write(

@@ -1,35 +1,23 @@
 //! farm: a declarative builder of VM images with a content-addressed store, and an
 //! orchestrator for nested VM labs. See `docs/ARCHITECTURE.md` for the shape of the code.
 //!
-//! Pure model (`model`, `config` parsing) is kept apart from effects (`store`, `fetch`,
-//! `qemu_img`, `realise`): every command loads, validates, plans, then prints or applies.
+//! Each folder is a floor that only uses the floors below it:
+//!
+//! - `cli` — clap; one thin file per subcommand.
+//! - `run` — applies `farm up`/`down` plans: sites, instances, closure push, networks, hosts.
+//! - `build` — realises build plans: layers, Debian and tiny images, one tool runner.
+//! - `project`, `store`, `fetch`, `config`, `progress` — loading, the store, downloads,
+//!   farm.toml, the one reporter.
+//! - `sys` — thin wrappers over outside programs: ssh, qmp, qemu-img, keys, processes.
+//! - `model` — pure: configuration, derivations, topology, plans, qemu argv as data.
 
-pub mod builder;
+pub mod build;
 pub mod cli;
-pub mod closure;
 pub mod config;
-pub mod debian_image;
 pub mod fetch;
-pub mod host;
-pub mod hostinfo;
-pub mod hypervisor;
-pub mod inputs;
-pub mod instance;
-pub mod keys;
 pub mod model;
-pub mod mounts;
-pub mod orchestrator;
 pub mod progress;
 pub mod project;
-pub mod qemu_img;
-pub mod qmp;
-pub mod realise;
-pub mod remote_host;
-pub mod seed;
-pub mod ssh;
-pub mod state;
+pub mod run;
 pub mod store;
-pub mod tiny_image;
-pub mod tool_log;
-pub mod vde;
-pub mod vm_process;
+pub mod sys;

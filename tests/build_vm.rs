@@ -13,7 +13,7 @@ mod project;
 
 use std::time::{Duration, Instant};
 
-use farm::builder::BootFiles;
+use farm::build::layer::BootFiles;
 use guest::{Guest, keygen, shared_store, vm_tests_possible};
 use project::{Project, list, text};
 

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use farm::closure::{HostStore, PushError, push_closure};
-use farm::host::{Host, HostError, LocalHost, Output};
 use farm::model::hash::ContentHash;
 use farm::progress::Reporter;
+use farm::run::closure::{HostStore, PushError, push_closure};
+use farm::run::host::{Host, HostError, LocalHost, Output};
 use farm::store::{Entry, Store};
 use project::Project;
 

@@ -1,5 +1,5 @@
 //! Builds a real Debian bookworm image from the mirror with mmdebstrap, then boots it under
-//! TCG with a seed from `farm::seed` and logs in with ssh, host-key checking on and pinned to
+//! TCG with a seed from `farm::model::seed` and logs in with ssh, host-key checking on and pinned to
 //! the seeded host key: the whole path from packages to a reachable, identified VM.
 //!
 //! Needs root, mmdebstrap, mkfs.ext4, qemu-img, qemu-system-x86_64, ssh and ssh-keygen, and
@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use farm::debian_image::{DebianImageRequest, build_debian_image};
+use farm::build::debian_image::{DebianImageRequest, build_debian_image};
 use farm::model::config::DebianSpec;
+use farm::model::seed::{SeedNic, SeedSpec, write_seed_image};
 use farm::model::values::Arch;
-use farm::seed::{SeedNic, SeedSpec, write_seed_image};
 
 const HOSTNAME: &str = "farm-test-guest";
 const MAC: &str = "52:54:00:fa:12:01";

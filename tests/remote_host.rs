@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use farm::host::Host;
+use farm::run::host::Host;
 use guest::{keygen, shared_store, vm_tests_possible};
 use project::{Project, list, text};
 use sshd::{Sshd, sshd_available};
@@ -73,7 +73,7 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
     }
     let server_dir = tempfile::tempdir().unwrap();
     let root = server_dir.path().join("farm-root");
-    let port = farm::hostinfo::free_local_port().unwrap();
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
     // Declared before the project so it outlives it: a failing test's `farm down` (the
     // project's Drop) still reaches the VMs on `lab`.
     let server: Sshd;
@@ -161,9 +161,13 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
 
     // QMP reaches the remote qemu through a socket the ssh connection forwards (no socat
     // there): `quit` ends it, and the next up restarts only it.
-    let lab =
-        farm::remote_host::RemoteHost::connect("lab", &config, "lab", Duration::from_secs(10))
-            .unwrap();
+    let lab = farm::run::host::remote::RemoteHost::connect(
+        "lab",
+        &config,
+        "lab",
+        Duration::from_secs(10),
+    )
+    .unwrap();
     lab.qmp(&root.join("state/vms/far/qmp.sock"), "quit")
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

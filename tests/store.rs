@@ -8,8 +8,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use farm::model::hash::DrvHash;
-use farm::qemu_img;
 use farm::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, StoreError, relative_backing};
+use farm::sys::qemu_img;
 
 const MIB: u64 = 1 << 20;
 

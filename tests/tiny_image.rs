@@ -12,9 +12,9 @@ mod project;
 
 use std::time::Duration;
 
-use farm::builder::BootFiles;
+use farm::build::layer::BootFiles;
 use farm::model::qemu::mac_for;
-use farm::seed::SeedNic;
+use farm::model::seed::SeedNic;
 use guest::{Guest, keygen, shared_store, vm_tests_possible};
 use project::Project;
 
@@ -76,6 +76,6 @@ fn tiny_image_boots_and_honours_the_seed() {
     assert!(
         guest.process.wait_exit(Duration::from_secs(60)),
         "the tiny guest did not power off; serial console:\n{}",
-        farm::hostinfo::tail(&guest.work.path().join("serial.log"), 30)
+        farm::sys::hostinfo::tail(&guest.work.path().join("serial.log"), 30)
     );
 }

@@ -64,22 +64,22 @@ impl ManualVm {
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(w.join("id")));
         let public = fs_err::read_to_string(w.join("id.pub")).unwrap();
-        let mut seed = farm::seed::SeedSpec::new("manual", "manual");
+        let mut seed = farm::model::seed::SeedSpec::new("manual", "manual");
         seed.authorized_keys = vec![public.trim().to_string()];
         if !extra.is_empty() {
-            seed.nics = std::iter::once(farm::seed::SeedNic {
+            seed.nics = std::iter::once(farm::model::seed::SeedNic {
                 mac: USER_MAC,
                 address: None,
                 gateway: None,
             })
-            .chain(extra.iter().map(|nic| farm::seed::SeedNic {
+            .chain(extra.iter().map(|nic| farm::model::seed::SeedNic {
                 mac: nic.mac,
                 address: Some(nic.address),
                 gateway: None,
             }))
             .collect();
         }
-        farm::seed::write_seed_image(&seed, &w.join("seed.img")).unwrap();
+        farm::model::seed::write_seed_image(&seed, &w.join("seed.img")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

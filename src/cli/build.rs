@@ -3,12 +3,12 @@
 use anyhow::Context;
 use clap::Args;
 
+use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::model::derivation::DrvId;
 use crate::model::plan::{BuildPlan, plan_build};
 use crate::model::values::Accel;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::realise::{RealiseOptions, present_hashes, realise};
 use crate::store::Store;
 
 #[derive(Debug, Args)]
@@ -20,13 +20,13 @@ pub struct BuildArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// How many times a download is attempted, each resuming where the last stopped.
-    #[arg(long, env = "FARM_FETCH_ATTEMPTS", default_value_t = crate::realise::DEFAULT_FETCH_ATTEMPTS)]
+    #[arg(long, env = "FARM_FETCH_ATTEMPTS", default_value_t = crate::build::realise::DEFAULT_FETCH_ATTEMPTS)]
     pub fetch_attempts: u32,
     /// Accelerator for build VMs, overriding every target's `accel`: auto, kvm or tcg.
     #[arg(long, env = "FARM_ACCEL", value_enum)]
     pub accel: Option<AccelArg>,
     /// Seconds a build VM may take to answer ssh before the build fails.
-    #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
+    #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::build::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
     pub boot_timeout: u64,
 }
 

@@ -77,13 +77,7 @@ pub enum Command {
     Graph(graph::GraphArgs),
 }
 
-/// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}\nhint: {hint}")]
-pub struct UsageError {
-    pub message: String,
-    pub hint: String,
-}
+pub use crate::project::UsageError;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::orchestrator::state_dir_for;
 use crate::project::{Project, ProjectOptions};
-use crate::state::StateDir;
+use crate::run::orchestrator::state_dir_for;
+use crate::run::state::StateDir;
 
 use super::up::StateArgs;
 

@@ -39,7 +39,7 @@ pub fn run(
                 println!(
                     "{}\t{}\t{}",
                     entry.dir_name(),
-                    crate::realise::human_bytes(entry.meta.size),
+                    crate::build::realise::human_bytes(entry.meta.size),
                     entry.meta.parent.as_deref().unwrap_or("-")
                 );
             }

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::orchestrator::{UpOptions, VmStatus, down, state_dir_for, status, up};
+use crate::build::realise::RealiseOptions;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::realise::RealiseOptions;
+use crate::run::orchestrator::{UpOptions, VmStatus, down, state_dir_for, status, up};
 
 use super::build::{AccelArg, open_store};
 
@@ -31,7 +31,7 @@ pub struct UpArgs {
     #[arg(long, env = "FARM_ACCEL", value_enum)]
     pub accel: Option<AccelArg>,
     /// Seconds a VM may take to answer ssh.
-    #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
+    #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::build::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
     pub boot_timeout: u64,
     #[command(flatten)]
     pub state: StateArgs,

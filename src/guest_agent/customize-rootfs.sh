@@ -8,8 +8,9 @@ set -eu
 root=$1
 agent=$2
 
-# The seed agent, run early at every boot.
+# The seed agent, run early at every boot, and the library it shares with the tiny image.
 install -D -m 0755 "$agent/farm-seed.sh" "$root/usr/local/sbin/farm-seed"
+install -D -m 0644 "$agent/seed-lib.sh" "$root/usr/lib/farm/seed-lib.sh"
 install -D -m 0644 "$agent/farm-seed.service" "$root/etc/systemd/system/farm-seed.service"
 chroot "$root" systemctl enable farm-seed.service systemd-networkd.service
 

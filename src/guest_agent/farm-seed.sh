@@ -1,14 +1,10 @@
 #!/bin/sh
 # farm-seed: farm's first-boot agent for the Debian images farm builds (which have no
 # cloud-init). Run by farm-seed.service on every boot, before the network is configured and
-# before sshd starts, it applies the `farm/` directory of the NoCloud seed volume (label
-# `cidata`, written by farm's src/seed.rs):
-#
-#   farm/hostname                      the host name
-#   farm/user, farm/authorized_keys    keys that may log in as that user
-#   farm/ssh_host_ed25519_key[.pub]    the host key farm already pinned in known_hosts
-#   farm/network                       one NIC per line (the Nth is renamed nicN): `MAC dhcp`,
-#                                      `MAC ADDRESS/PREFIX GATEWAY` or `MAC ADDRESS/PREFIX`
+# before sshd starts, it applies the `farm/` directory of the NoCloud seed volume with the
+# steps of /usr/lib/farm/seed-lib.sh (shared with the tiny image), plus what is Debian's
+# own: OpenSSH takes the seeded host key, systemd-networkd the NIC addresses, and the root
+# filesystem grows to the disk.
 #
 # Every step replaces what the previous boot wrote, so running it again is harmless. Without
 # a seed it changes nothing, except that sshd gets host keys if the image has none (farm
@@ -17,16 +13,7 @@ set -eu
 
 MOUNT=/run/farm-seed/mnt
 NETDIR=/run/systemd/network
-KEYS_BEGIN='# farm-seed: keys from the seed volume (replaced at every boot)'
-KEYS_END='# farm-seed: end'
-
-log() { echo "farm-seed: $*"; }
-
-find_seed() {
-    blkid -L cidata 2>/dev/null && return 0
-    [ -e /dev/disk/by-label/cidata ] && { echo /dev/disk/by-label/cidata; return 0; }
-    return 1
-}
+. /usr/lib/farm/seed-lib.sh
 
 ensure_host_keys() {
     # sshd refuses to start without a host key. The image's sshd serves only ed25519
@@ -36,50 +23,6 @@ ensure_host_keys() {
         log "no seeded host key: generating an ed25519 host key"
         ssh-keygen -q -t ed25519 -N '' -C "root@$(cat /proc/sys/kernel/hostname)" -f /etc/ssh/ssh_host_ed25519_key
     fi
-}
-
-apply_hostname() {
-    name=$(tr -d ' \t\r\n' < "$MOUNT/farm/hostname")
-    [ -n "$name" ] || return 0
-    short=${name%%.*}
-    echo "$name" > /etc/hostname
-    echo "$name" > /proc/sys/kernel/hostname
-    # Let the host resolve its own name (sudo, hostname -f) without DNS.
-    if grep -q '^127\.0\.1\.1[[:space:]]' /etc/hosts 2>/dev/null; then
-        sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1\t$name $short/" /etc/hosts
-    else
-        printf '127.0.1.1\t%s %s\n' "$name" "$short" >> /etc/hosts
-    fi
-    log "hostname $name"
-}
-
-apply_authorized_keys() {
-    [ -f "$MOUNT/farm/authorized_keys" ] || return 0
-    user=root
-    if [ -f "$MOUNT/farm/user" ]; then user=$(tr -d ' \t\r\n' < "$MOUNT/farm/user"); fi
-    if ! getent passwd "$user" >/dev/null; then
-        useradd --create-home --shell /bin/bash "$user"
-        log "created user $user"
-    fi
-    home=$(getent passwd "$user" | cut -d: -f6)
-    group=$(id -gn "$user")
-    install -d -m 0700 -o "$user" -g "$group" "$home/.ssh"
-    file="$home/.ssh/authorized_keys"
-    # Keep keys that do not come from the seed (e.g. baked into a platform layer): only the
-    # block between the farm-seed markers is replaced.
-    tmp="$file.farm-seed.tmp"
-    {
-        if [ -f "$file" ]; then
-            sed "/^$KEYS_BEGIN\$/,/^$KEYS_END\$/d" "$file"
-        fi
-        echo "$KEYS_BEGIN"
-        cat "$MOUNT/farm/authorized_keys"
-        echo "$KEYS_END"
-    } > "$tmp"
-    chown "$user:$group" "$tmp"
-    chmod 0600 "$tmp"
-    mv -f "$tmp" "$file"
-    log "authorized_keys for $user: $(grep -c . "$MOUNT/farm/authorized_keys" || true) key(s)"
 }
 
 apply_host_key() {
@@ -92,62 +35,40 @@ apply_host_key() {
     log "installed the seeded ed25519 host key"
 }
 
-# The physical NIC (one with a `device` link: not a bridge or VLAN sharing the address) whose
-# MAC is $1.
-nic_with_mac() {
-    for address in /sys/class/net/*/address; do
-        dir=${address%/address}
-        [ -e "$dir/device" ] || continue
-        if [ "$(cat "$address")" = "$1" ]; then
-            echo "${dir##*/}"
-            return 0
+# One networkd unit per seeded NIC, matched by MAC. networkd has not started yet, so the
+# link is still down and can be renamed; a NIC that is not there yet still gets its unit.
+network_unit() {
+    name_nic "$2" "nic$1" >/dev/null || true
+    unit="$NETDIR/10-farm-$(echo "$2" | tr -d ':').network"
+    {
+        echo "[Match]"
+        # Type=ether keeps bridges and VLANs that inherit this MAC from matching.
+        echo "Type=ether"
+        echo "MACAddress=$2"
+        echo
+        echo "[Network]"
+        if [ "$3" = dhcp ]; then
+            echo "DHCP=ipv4"
+        else
+            echo "Address=$3"
+            if [ -n "$4" ]; then echo "Gateway=$4"; fi
         fi
-    done
-    return 1
-}
-
-# Names the seed's Nth NIC `nicN`, as cloud-init does with the same seed's network-config,
-# so a NIC has the same name in every image farm boots and matches its place in farm.toml.
-# networkd has not started yet, so the link is still down and can be renamed.
-rename_nic() {
-    mac=$1
-    want=$2
-    dev=$(nic_with_mac "$mac") || { log "no NIC with MAC $mac"; return 0; }
-    [ "$dev" = "$want" ] && return 0
-    if [ -e "/sys/class/net/$want" ]; then
-        log "cannot name $dev $want: the name is taken"
-        return 0
-    fi
-    ip link set dev "$dev" down
-    ip link set dev "$dev" name "$want"
+    } > "$unit"
+    log "network nic$1 ($2) $3${4:+ via $4}"
 }
 
 apply_network() {
     mkdir -p "$NETDIR"
     rm -f "$NETDIR"/10-farm-*.network
     [ -f "$MOUNT/farm/network" ] || return 0
-    index=0
-    while read -r mac addr gw; do
-        [ -n "$mac" ] || continue
-        rename_nic "$mac" "nic$index"
-        index=$((index + 1))
-        unit="$NETDIR/10-farm-$(echo "$mac" | tr -d ':').network"
-        {
-            echo "[Match]"
-            # Type=ether keeps bridges and VLANs that inherit this MAC from matching.
-            echo "Type=ether"
-            echo "MACAddress=$mac"
-            echo
-            echo "[Network]"
-            if [ "$addr" = dhcp ]; then
-                echo "DHCP=ipv4"
-            else
-                echo "Address=$addr"
-                if [ -n "$gw" ]; then echo "Gateway=$gw"; fi
-            fi
-        } > "$unit"
-        log "network nic$((index - 1)) ($mac) ${addr}${gw:+ via $gw}"
-    done < "$MOUNT/farm/network"
+    for_each_seed_nic network_unit
+}
+
+apply_seed_here() {
+    apply_hostname
+    apply_authorized_keys
+    apply_host_key
+    apply_network
 }
 
 # An instance's overlay may be larger than the image it was made from (`disk_size`): grow
@@ -161,31 +82,12 @@ grow_root() {
 
 main() {
     grow_root || true
-    seed_dev=$(find_seed || true)
-    if [ -z "$seed_dev" ]; then
+    trap 'umount "$MOUNT" 2>/dev/null || true' EXIT
+    if ! with_seed; then
         # The device may not have been announced yet this early in boot.
         udevadm settle --timeout=10 2>/dev/null || true
-        seed_dev=$(find_seed || true)
+        with_seed || log "no seed volume labelled cidata: nothing to apply"
     fi
-    if [ -z "$seed_dev" ]; then
-        log "no seed volume labelled cidata: nothing to apply"
-        ensure_host_keys
-        return 0
-    fi
-    mkdir -p "$MOUNT"
-    if mountpoint -q "$MOUNT"; then umount "$MOUNT"; fi
-    mount -t vfat -o ro "$seed_dev" "$MOUNT"
-    trap 'umount "$MOUNT" 2>/dev/null || true' EXIT
-    if [ -d "$MOUNT/farm" ]; then
-        log "applying seed from $seed_dev"
-        if [ -f "$MOUNT/farm/hostname" ]; then apply_hostname; fi
-        apply_authorized_keys
-        apply_host_key
-        apply_network
-    else
-        log "seed on $seed_dev has no farm/ directory: nothing to apply"
-    fi
-    umount "$MOUNT"
     trap - EXIT
     ensure_host_keys
 }

@@ -88,7 +88,7 @@ pub enum ImageSource {
     /// Built from a Debian mirror with mmdebstrap.
     Debian(DebianSpec),
     /// farm's tiny image: a Debian cloud kernel, busybox and dropbear, built from the host's
-    /// apt sources (see `crate::tiny_image`). Boots to ssh in seconds, even nested.
+    /// apt sources (see `crate::build::tiny_image`). Boots to ssh in seconds, even nested.
     Tiny,
 }
 

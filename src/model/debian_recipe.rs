@@ -8,6 +8,8 @@ use super::values::Arch;
 
 /// farm's seed agent, installed as `/usr/local/sbin/farm-seed`.
 pub const AGENT_SCRIPT: &str = include_str!("../guest_agent/farm-seed.sh");
+/// The seed library both agents source, installed as `/usr/lib/farm/seed-lib.sh`.
+pub const SEED_LIBRARY: &str = include_str!("../guest_agent/seed-lib.sh");
 /// The systemd unit that runs the agent early at every boot.
 pub const AGENT_UNIT: &str = include_str!("../guest_agent/farm-seed.service");
 /// The mmdebstrap customize hook that installs the agent and strips the build's identity.
@@ -69,6 +71,7 @@ pub fn digest(arch: Arch) -> ContentHash {
     let mut hasher = blake3::Hasher::new();
     for part in [
         AGENT_SCRIPT,
+        SEED_LIBRARY,
         AGENT_UNIT,
         CUSTOMIZE_SCRIPT,
         ESSENTIAL_HOOK,

@@ -11,6 +11,7 @@ pub mod instance;
 pub mod network;
 pub mod plan;
 pub mod qemu;
+pub mod seed;
 pub mod ssh_config;
 pub mod tiny_recipe;
 pub mod topology;

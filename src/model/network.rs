@@ -5,7 +5,7 @@
 //! URL such as `vxvde://234.0.0.1` — plus a tap when the site itself attaches (`attach`),
 //! so the hypervisor gets an address on the network and can reach VMs that have no user
 //! networking. This module decides which networks a site needs, how qemu and the tap plug
-//! into each, and how a VM is reached by ssh; `crate::vde` carries it out.
+//! into each, and how a VM is reached by ssh; `crate::run::vde` carries it out.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

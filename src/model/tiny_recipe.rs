@@ -1,4 +1,4 @@
-//! What farm puts into its *tiny* image (see `crate::tiny_image`): the boot scripts, the
+//! What farm puts into its *tiny* image (see `crate::build::tiny_image`): the boot scripts, the
 //! Debian packages it unpacks, the kernel modules and the kernel command line. All of it is
 //! an input of the image's derivation (`digest`), so a farm whose boot script changed
 //! builds a new tiny image instead of reusing a stale one.
@@ -8,6 +8,8 @@ use super::values::Arch;
 
 /// busybox init's `sysinit` script: mounts, seed, network.
 pub const BOOT_SCRIPT: &str = include_str!("../guest_agent/tiny-init.sh");
+/// The seed library shared with the Debian images' agent (`/usr/lib/farm/seed-lib.sh`).
+pub use super::debian_recipe::SEED_LIBRARY;
 /// The initramfs `/init`: loads the virtio modules and switches to the disk.
 pub const INITRAMFS_INIT: &str = include_str!("../guest_agent/tiny/initramfs-init.sh");
 /// busybox init's configuration: what makes `poweroff` work.
@@ -71,6 +73,7 @@ pub fn digest(arch: Arch) -> ContentHash {
     let mut hasher = blake3::Hasher::new();
     let parts = [
         BOOT_SCRIPT,
+        SEED_LIBRARY,
         INITRAMFS_INIT,
         INITTAB,
         SSHD_SCRIPT,

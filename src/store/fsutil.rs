@@ -68,7 +68,7 @@ pub(crate) fn remove_tree(path: &Path) -> io::Result<bool> {
         Err(e) => return Err(e),
     };
     if meta.is_dir() {
-        crate::mounts::detach_mounts_under(path)?;
+        crate::sys::mounts::detach_mounts_under(path)?;
         make_dirs_writable(path)?;
         fs_err::remove_dir_all(path)?;
     } else {

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use farm::builder::BootFiles;
+use farm::build::layer::BootFiles;
 use farm::model::qemu::{
     DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel, mac_for,
 };
+use farm::model::seed::{SeedNic, SeedSpec, write_seed_image};
 use farm::model::ssh_config::{SshHost, known_hosts_line, render};
 use farm::model::values::Arch;
-use farm::seed::{SeedNic, SeedSpec, write_seed_image};
-use farm::ssh::{Output, Ssh};
-use farm::vm_process::VmProcess;
+use farm::sys::ssh::{Output, Ssh};
+use farm::sys::vm_process::VmProcess;
 
 /// Whether VM tests can run here; under CI a missing part is a failure, elsewhere a skip.
 pub fn vm_tests_possible(test: &str) -> bool {
@@ -123,7 +123,7 @@ impl Guest {
         seed.nics.extend(extra_nics.iter().cloned());
         let seed_path = work.path().join("seed.img");
         write_seed_image(&seed, &seed_path).unwrap();
-        let port = farm::hostinfo::free_local_port().unwrap();
+        let port = farm::sys::hostinfo::free_local_port().unwrap();
         let config = work.path().join("ssh_config");
         fs_err::write(
             work.path().join("known_hosts"),
@@ -195,7 +195,7 @@ impl Guest {
             Ok(ssh) => ssh,
             Err(e) => panic!(
                 "the test guest did not answer ssh: {e}\nserial console:\n{}",
-                farm::hostinfo::tail(&vm.serial_log, 40)
+                farm::sys::hostinfo::tail(&vm.serial_log, 40)
             ),
         };
         Guest { work, process, ssh }

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::host::{Host, HostError, Output};
-use crate::ssh::{Ssh, SshError, shell_quote};
+use crate::run::host::{Host, HostError, Output};
+use crate::sys::ssh::{Ssh, SshError, shell_quote};
 
 pub struct RemoteHost {
     name: String,
@@ -125,11 +125,11 @@ impl Host for RemoteHost {
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
         let forwarded = self
             .session()
-            .with_forwarded_socket(socket, |local| crate::qmp::execute(local, command));
+            .with_forwarded_socket(socket, |local| crate::sys::qmp::execute(local, command));
         match forwarded {
             // Best effort by design, as on this machine: the caller checks the process.
             Ok(_) => Ok(()),
-            Err(_) => crate::host::qmp_with_socat(self, socket, command),
+            Err(_) => crate::run::host::qmp_with_socat(self, socket, command),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::builder::{BootFiles, LayerBuild};
+use crate::build::layer::{BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
 use crate::model::config::{Config, ImageSource};
 use crate::model::derivation::{DrvId, DrvNode};
@@ -18,8 +18,8 @@ use crate::model::plan::{Action, BuildPlan};
 use crate::model::qemu::{MachineSpec, choose_accel};
 use crate::model::values::{Accel, DiskFormat};
 use crate::progress::Reporter;
-use crate::qemu_img;
 use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
+use crate::sys::qemu_img;
 use std::time::Duration;
 
 /// How many times a download is attempted (each attempt resumes) before giving up.
@@ -37,19 +37,19 @@ pub enum BuildError {
     Layer {
         name: String,
         #[source]
-        source: Box<crate::builder::BuilderError>,
+        source: Box<crate::build::layer::BuilderError>,
     },
     #[error("Cannot build image `{name}` from a Debian mirror")]
     Debian {
         name: String,
         #[source]
-        source: Box<crate::debian_image::DebianImageError>,
+        source: Box<crate::build::debian_image::DebianImageError>,
     },
     #[error("Cannot build the tiny image `{name}`")]
     Tiny {
         name: String,
         #[source]
-        source: Box<crate::tiny_image::TinyImageError>,
+        source: Box<crate::build::tiny_image::TinyImageError>,
     },
     #[error("The build was interrupted")]
     Interrupted,
@@ -272,10 +272,10 @@ fn realise_one(
             let parent = parent.expect("parents are realised first");
             let target = &config.targets[target];
             let platform = &config.platforms[platform];
-            let host_arch = crate::hostinfo::host_arch().unwrap_or(target.arch);
+            let host_arch = crate::sys::hostinfo::host_arch().unwrap_or(target.arch);
             let accel = choose_accel(
                 options.accel.unwrap_or(target.accel),
-                crate::hostinfo::kvm_facts(),
+                crate::sys::hostinfo::kvm_facts(),
                 host_arch,
                 target.arch,
             );
@@ -305,9 +305,11 @@ fn realise_one(
                 boot_timeout: options.boot_timeout,
                 log: &store.log_path(&node.hash, name),
             };
-            crate::builder::build_layer(&build, reporter).map_err(|source| BuildError::Layer {
-                name: name.to_string(),
-                source: Box::new(source),
+            crate::build::layer::build_layer(&build, reporter).map_err(|source| {
+                BuildError::Layer {
+                    name: name.to_string(),
+                    source: Box::new(source),
+                }
             })?;
             reporter.line(format!(
                 "{:>12} {name} ({} steps, {:.0} s, {accel:?})",
@@ -323,8 +325,8 @@ fn realise_one(
             };
             let arch = arch.expect("Debian image ids carry an arch");
             let bar = reporter.spinner(name, "mmdebstrap");
-            let report = crate::debian_image::build_debian_image(
-                &crate::debian_image::DebianImageRequest {
+            let report = crate::build::debian_image::build_debian_image(
+                &crate::build::debian_image::DebianImageRequest {
                     spec,
                     arch,
                     out_dir: staging.dir(),
@@ -351,8 +353,8 @@ fn realise_one(
         (Action::BuildTiny, DrvId::Image { arch, .. }) => {
             let arch = arch.expect("tiny image ids carry an arch");
             let bar = reporter.spinner(name, "tiny image");
-            let report = crate::tiny_image::build_tiny_image(
-                &crate::tiny_image::TinyImageRequest {
+            let report = crate::build::tiny_image::build_tiny_image(
+                &crate::build::tiny_image::TinyImageRequest {
                     arch,
                     out_dir: staging.dir(),
                     log: &store.log_path(&node.hash, name),

@@ -8,10 +8,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-pub use crate::ssh::Output;
+pub use crate::sys::ssh::Output;
 
-/// How much of a streamed file is read and sent at a time.
-pub const STREAM_CHUNK: usize = 1 << 20;
+pub mod remote;
+
+pub use crate::sys::ssh::STREAM_CHUNK;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -77,7 +78,7 @@ pub fn qmp_with_socat<H: Host + ?Sized>(
     let script = format!(
         "printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"{command}\"}}' | \
          timeout 5 socat - UNIX-CONNECT:{} >/dev/null 2>&1 || true",
-        crate::ssh::shell_quote(&socket.display().to_string())
+        crate::sys::ssh::shell_quote(&socket.display().to_string())
     );
     host.run(&script).map(|_| ())
 }
@@ -88,8 +89,8 @@ pub fn qmp_with_socat<H: Host + ?Sized>(
 pub fn process_alive_test(pidfile: &Path, argument: &str) -> String {
     format!(
         "{{ pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | grep -qxF {argument}; }}",
-        pidfile = crate::ssh::shell_quote(&pidfile.display().to_string()),
-        argument = crate::ssh::shell_quote(argument),
+        pidfile = crate::sys::ssh::shell_quote(&pidfile.display().to_string()),
+        argument = crate::sys::ssh::shell_quote(argument),
     )
 }
 
@@ -141,7 +142,7 @@ impl Host for LocalHost {
 
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
         // Best effort by design: the caller checks the process afterwards.
-        let _ = crate::qmp::execute(socket, command);
+        let _ = crate::sys::qmp::execute(socket, command);
         Ok(())
     }
 

@@ -6,9 +6,9 @@ use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::instance::InstancePaths;
-use crate::keys::{KeyPair, KeygenError, get_or_generate};
 use crate::model::ssh_config::{SshHost, known_hosts_line, render};
+use crate::run::instance::InstancePaths;
+use crate::sys::keys::{KeyPair, KeygenError, get_or_generate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -8,33 +8,28 @@
 //! tree (`boot/` beside `disk.qcow2`), which is also the fastest way to boot under TCG.
 //!
 //! The image carries farm's seed agent (`src/guest_agent/`) instead of cloud-init: it applies
-//! the `farm/` directory of the instance's NoCloud seed (see [`crate::seed`]) before the
+//! the `farm/` directory of the instance's NoCloud seed (see [`crate::model::seed`]) before the
 //! network and sshd start, so the first ssh connection already meets the host key farm pinned.
 //!
 //! Every tool's full output is appended to the build log; errors quote only its last lines.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 
+use crate::build::tool_log::LogError;
+use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, quote_word, tree_bytes};
 use crate::model::config::DebianSpec;
 pub use crate::model::debian_recipe::{
-    AGENT_SCRIPT, AGENT_UNIT, CUSTOMIZE_SCRIPT, DEFAULT_VARIANT, ESSENTIAL_HOOK, kernel_cmdline,
-    required_packages,
+    AGENT_SCRIPT, AGENT_UNIT, CUSTOMIZE_SCRIPT, DEFAULT_VARIANT, ESSENTIAL_HOOK, SEED_LIBRARY,
+    kernel_cmdline, required_packages,
 };
 use crate::model::values::Arch;
-use crate::tool_log::{LogError, ToolLog};
-
-/// How many trailing output lines an error quotes: enough for the tool's complaint, short
-/// enough to read in a terminal. The whole output is in the log.
-const TAIL_LINES: usize = 20;
 
 /// Free space added to the root filesystem beyond what the packages use: at least this much,
 /// or half the used size if that is more. Platform layers install packages into this space
@@ -70,11 +65,6 @@ pub struct DebianImageReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebianImageError {
-    #[error("The `{tool}` program was not found on PATH\nhint: apt-get install {package}")]
-    ToolMissing {
-        tool: &'static str,
-        package: &'static str,
-    },
     #[error(
         "Building a Debian image needs root: mmdebstrap must create files owned by root, and `mkfs.ext4 -d` records owners as it finds them\nhint: run the build as root (e.g. `sudo -E farm build`)"
     )]
@@ -87,30 +77,14 @@ pub enum DebianImageError {
         host: &'static str,
         binfmt: PathBuf,
     },
-    #[error("Could not run `{tool}`: {source}")]
-    Spawn {
-        tool: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "The `{tool}` command failed ({status}); its last lines follow, the full output is in `{log}`:\n{tail}\nhint: {hint}"
-    )]
-    ToolFailed {
-        tool: &'static str,
-        status: ExitStatus,
-        log: PathBuf,
-        tail: String,
-        hint: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     #[error(
         "mmdebstrap installed no kernel: `{dir}` has no `vmlinuz-*` with a matching `initrd.img-*`\nhint: this is a bug in farm's package list for {arch}; the full output is in the build log"
     )]
     NoKernel { dir: PathBuf, arch: Arch },
-    #[error(
-        "Refusing to delete `{path}`: `{mount}` is still mounted inside it (left by an interrupted mmdebstrap)\nhint: umount -R {path}, then delete it"
-    )]
-    StillMounted { path: PathBuf, mount: PathBuf },
+    #[error(transparent)]
+    Scratch(#[from] ScratchError),
     #[error(transparent)]
     Log(#[from] LogError),
     /// File system errors; `fs_err` puts the path in the message.
@@ -178,48 +152,10 @@ fn shell_quote(path: &Path) -> String {
     quote_word(&path.to_string_lossy())
 }
 
-/// A word as `sh` would need it: bare when it is plainly safe, single-quoted otherwise.
-fn quote_word(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./,:=@%+".contains(c));
-    if plain {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
-}
-
-/// The tools a build runs and the Debian package that provides each.
-const TOOLS: [(&str, &str); 3] = [
-    ("mmdebstrap", "mmdebstrap"),
-    ("mkfs.ext4", "e2fsprogs"),
-    ("qemu-img", "qemu-utils"),
-];
-
-/// Finds a program on `PATH`, then in the sbin directories a non-root `PATH` often lacks
-/// (`mkfs.ext4` lives in `/usr/sbin`). Shared with `tiny_image`.
-pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            fs_err::metadata(candidate)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-}
-
 /// Everything that can be known to fail before minutes of downloading: missing tools, not
 /// root, a foreign architecture without binfmt emulation.
 pub fn check_prerequisites(arch: Arch) -> Result<(), DebianImageError> {
-    for (tool, package) in TOOLS {
-        if find_program(tool).is_none() {
-            return Err(DebianImageError::ToolMissing { tool, package });
-        }
-    }
+    crate::build::tools::require(&["mmdebstrap", "mkfs.ext4", "qemu-img"])?;
     // /proc/self belongs to the effective user: no libc call needed to learn it.
     if fs_err::metadata("/proc/self")?.uid() != 0 {
         return Err(DebianImageError::NeedsRoot);
@@ -246,15 +182,12 @@ pub fn build_debian_image(
     let started = Instant::now();
     check_prerequisites(req.arch)?;
     fs_err::create_dir_all(req.out_dir)?;
-    let log = ToolRunner(ToolLog::open(req.log)?);
+    let log = ToolRunner::open(req.log)?;
 
     let rootfs = req.out_dir.join("rootfs");
     let raw = req.out_dir.join("rootfs.raw");
     let agent_dir = req.out_dir.join("agent");
-    let scratch = Scratch {
-        dirs: vec![rootfs.clone(), agent_dir.clone()],
-        files: vec![raw.clone()],
-    };
+    let scratch = Scratch::new(vec![rootfs.clone(), agent_dir.clone()], vec![raw.clone()]);
     // Leftovers of an interrupted build in the same staging directory: mmdebstrap wants an
     // empty target.
     scratch.remove()?;
@@ -262,6 +195,7 @@ pub fn build_debian_image(
     fs_err::create_dir_all(&agent_dir)?;
     for (name, text) in [
         ("farm-seed.sh", AGENT_SCRIPT),
+        ("seed-lib.sh", SEED_LIBRARY),
         ("farm-seed.service", AGENT_UNIT),
         ("customize-rootfs.sh", CUSTOMIZE_SCRIPT),
     ] {
@@ -275,24 +209,23 @@ pub fn build_debian_image(
         req.arch.debian_name()
     ));
     let phase = Instant::now();
-    log.run(
-        "mmdebstrap",
-        &mmdebstrap_args(req.spec, req.arch, &rootfs, &agent_dir),
-        |line| {
+    log.tool("mmdebstrap")
+        .args(mmdebstrap_args(req.spec, req.arch, &rootfs, &agent_dir))
+        .on_line(|line| {
             // mmdebstrap announces its phases as `I: …` lines.
             if let Some(step) = line.strip_prefix("I: ") {
                 progress.set_message(format!("mmdebstrap: {}", step.trim_end_matches("...")));
             }
-        },
-        || {
+        })
+        .hint(|| {
             format!(
                 "check that `{}` serves suite `{}` for {} and that every package in `packages` exists there",
                 req.spec.mirror,
                 req.spec.suite,
                 req.arch.debian_name()
             )
-        },
-    )?;
+        })
+        .run()?;
     let mmdebstrap_time = phase.elapsed();
 
     // 2. Boot files, from the tree the disk is made of, so kernel and modules match.
@@ -325,42 +258,22 @@ pub fn build_debian_image(
     let phase = Instant::now();
     // A sparse file: only the blocks mkfs writes take space.
     fs_err::File::create(&raw)?.set_len(disk_virtual_bytes)?;
-    let mkfs_args: Vec<OsString> = vec![
-        "-F".into(),
-        "-q".into(),
-        "-L".into(),
-        "farm-root".into(),
-        "-d".into(),
-        rootfs.clone().into(),
-        raw.clone().into(),
-    ];
-    log.run(
-        "mkfs.ext4",
-        &mkfs_args,
-        |_| {},
-        || format!("check free space for `{}`", raw.display()),
-    )?;
+    log.tool("mkfs.ext4")
+        .args(["-F", "-q", "-L", "farm-root", "-d"])
+        .args([&rootfs, &raw])
+        .hint(|| format!("check free space for `{}`", raw.display()))
+        .run()?;
     let mkfs_time = phase.elapsed();
 
     // 4. The qcow2.
     progress.set_message("qemu-img convert to qcow2");
     let phase = Instant::now();
     let disk = req.out_dir.join("disk.qcow2");
-    let convert_args: Vec<OsString> = vec![
-        "convert".into(),
-        "-f".into(),
-        "raw".into(),
-        "-O".into(),
-        "qcow2".into(),
-        raw.clone().into(),
-        disk.clone().into(),
-    ];
-    log.run(
-        "qemu-img",
-        &convert_args,
-        |_| {},
-        || format!("check free space in `{}`", req.out_dir.display()),
-    )?;
+    log.tool("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .args([&raw, &disk])
+        .hint(|| format!("check free space in `{}`", req.out_dir.display()))
+        .run()?;
     let convert_time = phase.elapsed();
 
     progress.set_message("removing the build tree");
@@ -421,164 +334,6 @@ fn version_key(version: &str) -> Vec<(u64, String)> {
         rest = tail;
     }
     key
-}
-
-/// Bytes allocated under `root` (like `du`), hard links counted once, symlinks not followed.
-pub(crate) fn tree_bytes(root: &Path) -> io::Result<u64> {
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let meta = fs_err::symlink_metadata(&path)?;
-        if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
-            continue;
-        }
-        total += meta.blocks() * 512;
-        if meta.is_dir() {
-            for entry in fs_err::read_dir(&path)? {
-                stack.push(entry?.path());
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// Scratch paths inside the staging directory, removed on success and on every error path.
-struct Scratch {
-    dirs: Vec<PathBuf>,
-    files: Vec<PathBuf>,
-}
-
-impl Scratch {
-    fn remove(&self) -> Result<(), DebianImageError> {
-        for dir in &self.dirs {
-            if fs_err::symlink_metadata(dir).is_err() {
-                continue;
-            }
-            // mmdebstrap bind-mounts the host's /dev, /proc and /sys into the tree; if it was
-            // killed they may still be there, and deleting through them would delete the
-            // host's device nodes.
-            if let Err(e) = crate::mounts::detach_mounts_under(dir) {
-                let mount = crate::mounts::mounts_under(dir)?
-                    .into_iter()
-                    .next()
-                    .unwrap_or_else(|| dir.clone());
-                let _ = e;
-                return Err(DebianImageError::StillMounted {
-                    path: dir.clone(),
-                    mount,
-                });
-            }
-            fs_err::remove_dir_all(dir)?;
-        }
-        for file in &self.files {
-            match fs_err::remove_file(file) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = self.remove();
-    }
-}
-
-/// The shared build log, with this builder's way of running tools.
-struct ToolRunner(ToolLog);
-
-impl std::ops::Deref for ToolRunner {
-    type Target = ToolLog;
-    fn deref(&self) -> &ToolLog {
-        &self.0
-    }
-}
-
-impl ToolRunner {
-    /// Runs `tool`, streaming its output into the log and each line to `on_line`; on failure
-    /// the error quotes the tool's last lines and `hint()`.
-    fn run(
-        &self,
-        tool: &'static str,
-        args: &[OsString],
-        on_line: impl Fn(&str) + Sync,
-        hint: impl FnOnce() -> String,
-    ) -> Result<(), DebianImageError> {
-        let program = find_program(tool).ok_or(DebianImageError::ToolMissing {
-            tool,
-            package: TOOLS
-                .iter()
-                .find(|(t, _)| *t == tool)
-                .map_or("it", |(_, p)| p),
-        })?;
-        let command_line = std::iter::once(program.as_os_str())
-            .chain(args.iter().map(OsString::as_os_str))
-            .map(|arg| quote_word(&arg.to_string_lossy()))
-            .collect::<Vec<_>>()
-            .join(" ");
-        self.note(&format!("$ {command_line}"))?;
-        let started = Instant::now();
-        let mut child = Command::new(&program)
-            .args(args)
-            .env("LC_ALL", "C.UTF-8")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| DebianImageError::Spawn { tool, source })?;
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        let tail = Mutex::new(VecDeque::with_capacity(TAIL_LINES));
-        let pump = |stream: &mut dyn Read| -> Result<(), DebianImageError> {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let read = reader
-                    .read_until(b'\n', &mut line)
-                    .map_err(|source| DebianImageError::Spawn { tool, source })?;
-                if read == 0 {
-                    return Ok(());
-                }
-                self.write(&line)?;
-                let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                on_line(&text);
-                let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(text);
-            }
-        };
-        let (out, err) = std::thread::scope(|scope| {
-            let out = scope.spawn(|| pump(&mut { stdout }));
-            let err = pump(&mut { stderr });
-            (out.join().expect("log pump panicked"), err)
-        });
-        let status = child
-            .wait()
-            .map_err(|source| DebianImageError::Spawn { tool, source })?;
-        self.note(&format!(
-            "{tool}: {status} after {:.1} s",
-            started.elapsed().as_secs_f64()
-        ))?;
-        out?;
-        err?;
-        if status.success() {
-            return Ok(());
-        }
-        let tail = tail.into_inner().unwrap_or_else(|e| e.into_inner());
-        Err(DebianImageError::ToolFailed {
-            tool,
-            status,
-            log: self.path().to_path_buf(),
-            tail: Vec::from(tail).join("\n"),
-            hint: hint(),
-        })
-    }
 }
 
 #[cfg(test)]
@@ -675,49 +430,5 @@ mod tests {
             Some("6.1.0-28-cloud-amd64")
         );
         assert_eq!(find_kernel(&dir.path().join("missing")), None);
-    }
-
-    #[test]
-    fn logged_command_lines_can_be_pasted_into_a_shell() {
-        assert_eq!(quote_word("/usr/sbin/mkfs.ext4"), "/usr/sbin/mkfs.ext4");
-        assert_eq!(
-            quote_word("--aptopt=Acquire::Retries \"3\""),
-            "'--aptopt=Acquire::Retries \"3\"'"
-        );
-        assert_eq!(quote_word("it's"), r"'it'\''s'");
-        assert_eq!(quote_word(""), "''");
-    }
-
-    #[test]
-    fn failing_tool_error_quotes_its_tail_and_hint() {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("build.log");
-        let log = ToolRunner(ToolLog::open(&log_path).unwrap());
-        // qemu-img may be missing in a test environment; `mkfs.ext4` rejects a bad option
-        // without touching anything. Skip when neither is there.
-        if find_program("mkfs.ext4").is_none() {
-            eprintln!("skipping: mkfs.ext4 not installed");
-            return;
-        }
-        let err = log
-            .run(
-                "mkfs.ext4",
-                &["--no-such-option".into()],
-                |_| {},
-                || "do something".into(),
-            )
-            .unwrap_err();
-        let message = err.to_string();
-        assert!(
-            message.starts_with("The `mkfs.ext4` command failed (exit status: 1)"),
-            "{message}"
-        );
-        assert!(message.ends_with("\nhint: do something"), "{message}");
-        let logged = fs_err::read_to_string(&log_path).unwrap();
-        assert!(logged.contains("--no-such-option"), "{logged}");
-        assert!(
-            logged.contains("mkfs.ext4: exit status: 1 after"),
-            "{logged}"
-        );
     }
 }

@@ -16,11 +16,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::host::{Host, HostError};
 use crate::model::hash::ContentHash;
 use crate::progress::Reporter;
-use crate::ssh::shell_quote;
+use crate::run::host::{Host, HostError};
 use crate::store::{DISK_FILE, Entry, META_FILE};
+use crate::sys::ssh::shell_quote;
 
 /// How many times one entry is sent before a push gives up on it.
 pub const PUSH_ATTEMPTS: u32 = 3;
@@ -338,7 +338,7 @@ fn archive_len(files: &[EntryFile]) -> u64 {
 /// not need them).
 fn write_archive(writer: std::io::PipeWriter, files: &[EntryFile]) -> Result<(), PushError> {
     let mut archive = tar::Builder::new(std::io::BufWriter::with_capacity(
-        crate::host::STREAM_CHUNK,
+        crate::run::host::STREAM_CHUNK,
         writer,
     ));
     for file in files {

@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::builder::BootFiles;
-use crate::closure::HostStore;
-use crate::host::{Host, LocalHost};
-use crate::instance::{self, InstancePaths, InstanceRecord, InstanceSpec};
+use crate::build::layer::BootFiles;
+use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::model::derivation::{DrvGraph, DrvId};
 use crate::model::instance::{
     DesiredVm, ObservedVm, UpAction, VmState, down_order, plan_up, state_of,
@@ -25,11 +23,13 @@ use crate::model::topology::{LOCAL_HOST, Placement, REMOTE_ROOT, Topology, VmNod
 use crate::model::values::Arch;
 use crate::progress::Reporter;
 use crate::project::Project;
-use crate::realise::{RealiseOptions, present_hashes, realise};
-use crate::remote_host::RemoteHost;
-use crate::ssh::Ssh;
-use crate::state::StateDir;
+use crate::run::closure::HostStore;
+use crate::run::host::remote::RemoteHost;
+use crate::run::host::{Host, LocalHost};
+use crate::run::instance::{self, InstancePaths, InstanceRecord, InstanceSpec};
+use crate::run::state::StateDir;
 use crate::store::{Entry, Store};
+use crate::sys::ssh::Ssh;
 
 /// How long connecting to a hypervisor VM may take (it is already up: this is generous).
 const HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -52,9 +52,9 @@ pub enum UpError {
     #[error("No free port for ssh forwarding on host `{host}` in farm's range")]
     NoFreePort { host: String },
     #[error(transparent)]
-    Push(#[from] crate::closure::PushError),
+    Push(#[from] crate::run::closure::PushError),
     #[error(transparent)]
-    Network(#[from] crate::vde::VdeError),
+    Network(#[from] crate::run::vde::VdeError),
     #[error(
         "Cannot reach host `{host}` ({address}) over ssh: {reason}\nhint: check that `ssh -F {} {host} true` works; farm logs in with the `address`, `identity_file` and `known_hosts` of `[hosts.{host}]`",
         ssh_config.display()
@@ -81,13 +81,13 @@ pub enum UpError {
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(#[from] crate::run::state::StateError),
     #[error(transparent)]
-    Build(#[from] crate::realise::BuildError),
+    Build(#[from] crate::build::realise::BuildError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
-    Host(#[from] crate::host::HostError),
+    Host(#[from] crate::run::host::HostError),
     #[error("Cannot check port {port} on 127.0.0.1: {source}")]
     PortCheck { port: u16, source: std::io::Error },
 }
@@ -232,7 +232,7 @@ fn site_for(
                         .map_err(|e| UpError::HostUnreachable {
                             host: name.clone(),
                             address: remote.address.to_string(),
-                            reason: crate::ssh::error_chain(&e),
+                            reason: crate::sys::ssh::error_chain(&e),
                             ssh_config: state.ssh_config(),
                         })?;
                 Ok(Some(Site::remote(host, &remote.root)))
@@ -427,15 +427,18 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
     }
 
     // A hypervisor VM: it must have what the VMs need, and their layers.
-    let mut accel_facts = (crate::hostinfo::kvm_facts(), crate::hostinfo::host_arch());
+    let mut accel_facts = (
+        crate::sys::hostinfo::kvm_facts(),
+        crate::sys::hostinfo::host_arch(),
+    );
     if let Some(host_store) = &site.store {
         let arches: BTreeSet<Arch> = vms
             .iter()
             .map(|vm| config.targets[&vm.target].arch)
             .collect();
-        let facts = crate::hypervisor::probe(host, &arches)?;
+        let facts = crate::run::hypervisor::probe(host, &arches)?;
         if !facts.missing.is_empty() {
-            let packages = crate::hypervisor::packages_for(&facts.missing);
+            let packages = crate::run::hypervisor::packages_for(&facts.missing);
             let hint = match &vms[0].placement {
                 Placement::Vm(vm) => format!(
                     "add `packages = [\"{}\"]` to the platform of `{vm}`",
@@ -464,14 +467,14 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
             .iter()
             .map(|node| &cx.entries[&node.id])
             .collect();
-        let pushed = crate::closure::push_closure(host, host_store, &needed, reporter)?;
+        let pushed = crate::run::closure::push_closure(host, host_store, &needed, reporter)?;
         if !pushed.pushed.is_empty() {
             reporter.line(format!(
                 "{:>12} {} layer(s) to {} ({}, {:.1} s; {} already there)",
                 "pushed",
                 pushed.pushed.len(),
                 host.name(),
-                crate::realise::human_bytes(pushed.bytes),
+                crate::build::realise::human_bytes(pushed.bytes),
                 pushed.elapsed.as_secs_f64(),
                 pushed.present
             ));
@@ -490,9 +493,9 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
             .iter()
             .map(|vm| config.targets[&vm.target].arch)
             .collect();
-        crate::vde::check(host, &networks, &arches)?;
+        crate::run::vde::check(host, &networks, &arches)?;
         for network in &networks {
-            crate::vde::ensure_up(host, &site_state, network)?;
+            crate::run::vde::ensure_up(host, &site_state, network)?;
             let attach = network
                 .attach
                 .map(|a| format!(", {} on tap {}", a, network.tap_name(&site_state)))
@@ -509,7 +512,7 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
 
     // Ports: fixed ones must be free before anything starts.
     let used_remote: BTreeSet<u16> = if site.is_remote() {
-        crate::hypervisor::listening_ports(host)?
+        crate::run::hypervisor::listening_ports(host)?
     } else {
         BTreeSet::new()
     };
@@ -526,11 +529,14 @@ fn up_group(cx: &GroupContext, site: &Site, vms: &[&VmNode]) -> Result<(), UpErr
         let port = match (vm.ssh_port, record.and_then(|r| r.ssh_port)) {
             (Some(fixed), _) => fixed,
             (None, Some(recorded)) if step.action != UpAction::Replace => recorded,
-            _ if site.is_remote() => crate::hypervisor::pick_port(&vm.name, &used_remote, &taken)
-                .ok_or_else(|| UpError::NoFreePort {
-                host: host.name().to_string(),
-            })?,
-            _ => crate::hostinfo::free_local_port()
+            _ if site.is_remote() => {
+                crate::run::hypervisor::pick_port(&vm.name, &used_remote, &taken).ok_or_else(
+                    || UpError::NoFreePort {
+                        host: host.name().to_string(),
+                    },
+                )?
+            }
+            _ => crate::sys::hostinfo::free_local_port()
                 .map_err(|source| UpError::PortCheck { port: 0, source })?,
         };
         if step.action != UpAction::Keep && !running_now {
@@ -954,7 +960,7 @@ pub fn down(
     let wanted = with_descendants(topology, names);
     let mut present: Vec<(String, u32)> = Vec::new();
     for entry in fs_err::read_dir(state.root().join("vms"))
-        .map_err(|source| crate::state::StateError::Io {
+        .map_err(|source| crate::run::state::StateError::Io {
             path: state.root().join("vms"),
             source,
         })?
@@ -1049,7 +1055,7 @@ fn tear_down_unused_networks(
                     .is_some_and(|(_, running)| running);
             }
             if !in_use {
-                crate::vde::tear_down(site.host.as_ref(), &site.state_dir(state), &network)?;
+                crate::run::vde::tear_down(site.host.as_ref(), &site.state_dir(state), &network)?;
             }
         }
     }

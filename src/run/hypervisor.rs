@@ -6,9 +6,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::host::{Host, HostError};
 use crate::model::qemu::KvmFacts;
 use crate::model::values::Arch;
+use crate::run::host::{Host, HostError};
 
 /// The Debian package that provides each tool farm checks for.
 const TOOL_PACKAGES: [(&str, &str); 4] = [

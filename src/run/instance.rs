@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::builder::BootFiles;
-use crate::host::{Host, HostError};
+use crate::build::layer::BootFiles;
 use crate::model::hash::DrvHash;
 use crate::model::instance::ObservedVm;
 use crate::model::network::VdeNic;
 use crate::model::qemu::{DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm};
+use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use crate::model::values::MacAddr;
-use crate::seed::{SeedNic, SeedSpec, seed_image_bytes};
-use crate::ssh::shell_quote;
+use crate::run::host::{Host, HostError};
+use crate::sys::ssh::shell_quote;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -30,7 +30,7 @@ pub enum InstanceError {
         output: String,
     },
     #[error(transparent)]
-    Seed(#[from] crate::seed::SeedError),
+    Seed(#[from] crate::model::seed::SeedError),
     #[error("The instance record `{}` is unreadable: {source}", path.display())]
     Record {
         path: PathBuf,
@@ -170,7 +170,7 @@ fn check(
     vm: &str,
     what: &str,
     script: &str,
-) -> Result<crate::host::Output, InstanceError> {
+) -> Result<crate::run::host::Output, InstanceError> {
     let out = host.run(script)?;
     if !out.success() {
         return Err(InstanceError::Command {
@@ -211,8 +211,10 @@ pub fn observed_vm(record: &InstanceRecord, running: bool) -> ObservedVm {
 
 /// The pidfile's process is alive *and* is this VM's qemu (pids are reused).
 fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<bool, HostError> {
-    let script =
-        crate::host::process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"));
+    let script = crate::run::host::process_alive_test(
+        &paths.pidfile(),
+        &format!("{name},process=farm-{name}"),
+    );
     Ok(host.run(&script)?.success())
 }
 

@@ -44,6 +44,9 @@ pub enum SshError {
     },
 }
 
+/// How much of a streamed input is read and sent at a time.
+pub const STREAM_CHUNK: usize = 1 << 20;
+
 /// What a remote command did.
 #[derive(Clone, Debug)]
 pub struct Output {
@@ -190,7 +193,7 @@ impl Ssh {
                 .stderr(Stdio::piped());
             let mut child = command.spawn().await.map_err(command_error)?;
             if let Some(mut pipe) = child.stdin().take() {
-                let mut buf = vec![0u8; crate::host::STREAM_CHUNK];
+                let mut buf = vec![0u8; STREAM_CHUNK];
                 loop {
                     let n = input.read(&mut buf).map_err(stdin_error)?;
                     if n == 0 {

@@ -17,13 +17,13 @@ use crate::model::hash::ContentHash;
 use crate::model::qemu::{
     DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm, mac_for,
 };
+use crate::model::seed::{SeedNic, SeedSpec, write_seed_image};
 use crate::model::ssh_config::{SshHost, known_hosts_line, render};
 use crate::progress::Reporter;
-use crate::qemu_img;
-use crate::seed::{SeedNic, SeedSpec, write_seed_image};
-use crate::ssh::{Ssh, shell_quote};
 use crate::store::{Entry, Staging};
-use crate::vm_process::VmProcess;
+use crate::sys::qemu_img;
+use crate::sys::ssh::{Ssh, shell_quote};
+use crate::sys::vm_process::VmProcess;
 
 /// Kernel, initrd and command line for direct kernel boot, as kept in an entry's `boot/`.
 #[derive(Clone, Debug)]
@@ -77,13 +77,13 @@ pub enum BuilderError {
     #[error(transparent)]
     QemuImg(#[from] qemu_img::QemuImgError),
     #[error(transparent)]
-    Seed(#[from] crate::seed::SeedError),
+    Seed(#[from] crate::model::seed::SeedError),
     #[error(transparent)]
-    Vm(#[from] crate::vm_process::VmProcessError),
+    Vm(#[from] crate::sys::vm_process::VmProcessError),
     #[error(transparent)]
-    Ssh(#[from] crate::ssh::SshError),
+    Ssh(#[from] crate::sys::ssh::SshError),
     #[error(transparent)]
-    Keygen(#[from] crate::keys::KeygenError),
+    Keygen(#[from] crate::sys::keys::KeygenError),
 }
 
 /// Everything one layer build needs.
@@ -141,7 +141,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
     let seed_path = work.join("seed.img");
     write_seed_image(&seed, &seed_path)?;
 
-    let port = crate::hostinfo::free_local_port()?;
+    let port = crate::sys::hostinfo::free_local_port()?;
     let alias = "farm-build";
     let ssh_config = work.join("ssh_config");
     fs_err::write(
@@ -204,7 +204,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
         process.check_running().map_err(|e| {
             format!(
                 "{e}; {}",
-                crate::hostinfo::tail(&work.join("qemu.stderr"), 5)
+                crate::sys::hostinfo::tail(&work.join("qemu.stderr"), 5)
             )
         })
     })
@@ -214,7 +214,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
             platform: build.name.to_string(),
             seconds: build.boot_timeout.as_secs(),
             reason: e.to_string(),
-            serial: crate::hostinfo::tail(&vm.serial_log, 25),
+            serial: crate::sys::hostinfo::tail(&vm.serial_log, 25),
             log: build.log.to_path_buf(),
         }
     })?;
@@ -447,8 +447,8 @@ fn extract_boot_files(
     Ok(())
 }
 
-fn keygen(path: &Path) -> Result<crate::keys::KeyPair, BuilderError> {
-    Ok(crate::keys::generate(path, "farm-build")?)
+fn keygen(path: &Path) -> Result<crate::sys::keys::KeyPair, BuilderError> {
+    Ok(crate::sys::keys::generate(path, "farm-build")?)
 }
 
 /// The build log: every command, its output, and the serial console at the end.

@@ -11,10 +11,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::host::{Host, HostError, process_alive_test};
 use crate::model::network::{SiteNetwork, VdeBackend};
 use crate::model::values::Arch;
-use crate::ssh::shell_quote;
+use crate::run::host::{Host, HostError, process_alive_test};
+use crate::sys::ssh::shell_quote;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VdeError {

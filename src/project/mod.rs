@@ -1,12 +1,21 @@
 //! A loaded project: farm.toml validated, inputs hashed, derivations computed, and where its
 //! store and state live. Every command starts here.
 
+pub mod inputs;
+
 use std::path::{Path, PathBuf};
 
-use crate::cli::UsageError;
 use crate::config::{ConfigError, Loaded};
 use crate::model::derivation::{DrvGraph, DrvId, derive_all, wanted_platforms};
 use crate::model::diagnostic::list_names;
+
+/// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}\nhint: {hint}")]
+pub struct UsageError {
+    pub message: String,
+    pub hint: String,
+}
 
 /// Where the project's paths come from (flags and environment, resolved by the CLI).
 #[derive(Clone, Debug)]
@@ -36,8 +45,8 @@ impl Project {
             .store
             .clone()
             .unwrap_or_else(|| loaded.project_dir.join("cache"));
-        let inputs =
-            crate::inputs::hash_inputs(&loaded.config, Some(&store_dir)).map_err(invalid)?;
+        let inputs = crate::project::inputs::hash_inputs(&loaded.config, Some(&store_dir))
+            .map_err(invalid)?;
         let wanted = wanted_platforms(&loaded.config, &loaded.topology);
         let graph = derive_all(&loaded.config, &wanted, &inputs).map_err(invalid)?;
         Ok(Project {

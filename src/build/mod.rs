@@ -1,0 +1,9 @@
+//! Realising a build plan: fetched and imported images, Debian images from a mirror, farm's
+//! tiny image, and platform layers built in a VM, each committed to the store.
+
+pub mod debian_image;
+pub mod layer;
+pub mod realise;
+pub mod tiny_image;
+pub mod tool_log;
+pub mod tools;

@@ -1,0 +1,12 @@
+//! Thin wrappers over the outside programs and kernel facilities farm drives: ssh (with a
+//! ControlMaster), QMP, qemu-img, ssh-keygen, qemu processes, mounts, facts about this
+//! machine. No policy lives here.
+
+pub mod hostinfo;
+pub mod keys;
+pub mod mounts;
+pub mod programs;
+pub mod qemu_img;
+pub mod qmp;
+pub mod ssh;
+pub mod vm_process;
