@@ -42,6 +42,9 @@ impl Host for FlakyHost {
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {
         self.inner.get(path)
     }
+    fn ssh_answers(&self, address: std::net::SocketAddr, timeout: std::time::Duration) -> bool {
+        self.inner.ssh_answers(address, timeout)
+    }
     fn run_with_input(
         &self,
         script: &str,

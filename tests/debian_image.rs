@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use farm::build::debian_image::{DebianImageRequest, build_debian_image};
 use farm::model::config::DebianSpec;
-use farm::model::seed::{SeedNic, SeedSpec, write_seed_image};
+use farm::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use farm::model::values::Arch;
 
 const HOSTNAME: &str = "farm-test-guest";
@@ -250,7 +250,7 @@ fn builds_and_boots_a_debian_image_reachable_by_pinned_ssh() {
         },
     ];
     let seed_path = dir.join("seed.img");
-    write_seed_image(&seed, &seed_path).unwrap();
+    fs_err::write(&seed_path, seed_image_bytes(&seed).unwrap()).unwrap();
 
     // The port: free now; qemu binds it a moment later.
     let port = TcpListener::bind("127.0.0.1:0")

@@ -242,15 +242,38 @@ fn two_vms_with_the_same_fixed_port_are_rejected_before_anything_starts() {
     assert!(!p.path().join(".farm").exists());
 }
 
+/// Every path under `dir` with its size and mtime: what "unchanged" means for a directory.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = fs_err::symlink_metadata(&path).unwrap();
+        out.push((
+            path.display().to_string(),
+            meta.len(),
+            meta.modified().unwrap(),
+        ));
+        if meta.is_dir() {
+            stack.extend(fs_err::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out.sort();
+    out
+}
+
 #[test]
-fn dry_run_prints_the_plan_and_starts_nothing() {
+fn dry_run_prints_the_plan_and_leaves_a_fresh_directory_unchanged() {
     let p = Project::new(
         "[images.img]\npath = \"disk.qcow2\"\n[targets.amd64]\narch = \"x86_64\"\n[platforms.p]\nfrom = \"img\"\n[vms.a]\nplatform = \"p\"\n",
     );
     fs_err::write(p.path().join("disk.qcow2"), b"not needed for a dry run").unwrap();
+    let before = snapshot(p.path());
     let out = p.ok(&["up", "--dry-run"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("create   a (L1)"), "{stdout}");
     assert!(stdout.contains("import"), "{stdout}");
-    assert!(project::list(&p.path().join(".farm/vms")).is_empty());
+    assert!(
+        stdout.contains("local (this machine):\n  create   a  new\n"),
+        "{stdout}"
+    );
+    assert_eq!(snapshot(p.path()), before, "no .farm/, no keys, no store");
 }

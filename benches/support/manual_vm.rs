@@ -79,7 +79,11 @@ impl ManualVm {
             }))
             .collect();
         }
-        farm::model::seed::write_seed_image(&seed, &w.join("seed.img")).unwrap();
+        fs_err::write(
+            w.join("seed.img"),
+            farm::model::seed::seed_image_bytes(&seed).unwrap(),
+        )
+        .unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

@@ -15,9 +15,9 @@ use crate::model::config::Platform;
 use crate::model::derivation::{Recipe, StepInputs};
 use crate::model::hash::ContentHash;
 use crate::model::qemu::{
-    DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm, mac_for,
+    DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, mac_for,
 };
-use crate::model::seed::{SeedNic, SeedSpec, write_seed_image};
+use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use crate::model::ssh_config::{SshHost, known_hosts_line, render};
 use crate::progress::Reporter;
 use crate::store::{Entry, Staging};
@@ -139,7 +139,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
         gateway: None,
     }];
     let seed_path = work.join("seed.img");
-    write_seed_image(&seed, &seed_path)?;
+    fs_err::write(&seed_path, seed_image_bytes(&seed)?)?;
 
     let port = crate::sys::hostinfo::free_local_port()?;
     let alias = "farm-build";
@@ -168,11 +168,13 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
                 path: disk.clone(),
                 format: "qcow2",
                 readonly: false,
+                cache: DiskCache::Unsafe,
             },
             Disk {
                 path: seed_path,
                 format: "raw",
                 readonly: true,
+                cache: DiskCache::Unsafe,
             },
         ],
         boot: build.boot.as_ref().map(|b| DirectBoot {
@@ -194,6 +196,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
         qmp_socket: None,
         pidfile: None,
         daemonize: false,
+        tag: None,
     };
     log.line(&format!("$ {} {}", vm.binary(), vm.argv().join(" ")));
 

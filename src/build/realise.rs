@@ -73,6 +73,8 @@ pub struct RealiseOptions {
     pub accel: Option<Accel>,
     /// How long a build VM may take to answer ssh.
     pub boot_timeout: Duration,
+    /// How many derivations are built at once.
+    pub jobs: usize,
 }
 
 impl Default for RealiseOptions {
@@ -81,6 +83,7 @@ impl Default for RealiseOptions {
             fetch_attempts: DEFAULT_FETCH_ATTEMPTS,
             accel: None,
             boot_timeout: Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS),
+            jobs: 1,
         }
     }
 }
@@ -88,7 +91,18 @@ impl Default for RealiseOptions {
 /// Under TCG a Debian guest takes ~20 s to reach ssh; leave room for slow, busy machines.
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 300;
 
-/// Realises every step of `plan` in order; returns the store entry of every derivation.
+/// How many derivations to build at once when not told: one per core, as long as memory
+/// holds a build VM (up to 2 GiB) for each.
+pub fn default_jobs() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let by_memory = crate::sys::hostinfo::memory_available()
+        .map_or(cores as u64, |bytes| bytes / (2 << 30)) as usize;
+    cores.min(by_memory).max(1)
+}
+
+/// Realises `plan`, up to `options.jobs` derivations at once, each as soon as its parent is
+/// in the store; returns the store entry of every derivation. The first failure stops new
+/// work; what is already running finishes (its entry is committed or discarded whole).
 pub fn realise(
     config: &Config,
     plan: &BuildPlan,
@@ -96,26 +110,84 @@ pub fn realise(
     options: &RealiseOptions,
     reporter: &Reporter,
 ) -> Result<BTreeMap<DrvId, Entry>, BuildError> {
-    let mut entries: BTreeMap<DrvId, Entry> = BTreeMap::new();
-    for step in &plan.steps {
-        let node = &step.node;
-        let entry = match lookup(store, node)? {
-            Some(entry) => entry,
-            None => {
-                let parent = node.parent.as_ref().and_then(|p| entries.get(p));
-                let boot = boot_files_for(plan, &entries, node);
-                let context = Context {
-                    config,
-                    store,
-                    options,
-                    reporter,
-                };
-                realise_one(&context, node, &step.action, parent, boot)?
-            }
-        };
-        entries.insert(node.id.clone(), entry);
+    struct Schedule {
+        done: BTreeMap<DrvId, Entry>,
+        running: usize,
+        taken: Vec<bool>,
+        failed: Option<BuildError>,
     }
-    Ok(entries)
+    let in_plan: std::collections::BTreeSet<&DrvId> =
+        plan.steps.iter().map(|s| &s.node.id).collect();
+    let schedule = std::sync::Mutex::new(Schedule {
+        done: BTreeMap::new(),
+        running: 0,
+        taken: vec![false; plan.steps.len()],
+        failed: None,
+    });
+    let changed = std::sync::Condvar::new();
+    let context = Context {
+        config,
+        store,
+        options,
+        reporter,
+    };
+    let worker = || {
+        loop {
+            let mut s = schedule.lock().unwrap_or_else(|e| e.into_inner());
+            let index = loop {
+                if s.failed.is_some() {
+                    return;
+                }
+                let ready = (0..plan.steps.len()).find(|&i| {
+                    let node = &plan.steps[i].node;
+                    !s.taken[i]
+                        && node
+                            .parent
+                            .as_ref()
+                            .is_none_or(|p| !in_plan.contains(p) || s.done.contains_key(p))
+                });
+                match ready {
+                    Some(i) => break i,
+                    None if s.running == 0 => return,
+                    None => s = changed.wait(s).unwrap_or_else(|e| e.into_inner()),
+                }
+            };
+            s.taken[index] = true;
+            s.running += 1;
+            let step = &plan.steps[index];
+            let node = &step.node;
+            let parent = node.parent.as_ref().and_then(|p| s.done.get(p)).cloned();
+            let boot = boot_files_for(plan, &s.done, node);
+            drop(s);
+            let result = match lookup(store, node) {
+                Ok(Some(entry)) => Ok(entry),
+                Ok(None) => realise_one(&context, node, &step.action, parent.as_ref(), boot),
+                Err(e) => Err(e),
+            };
+            let mut s = schedule.lock().unwrap_or_else(|e| e.into_inner());
+            s.running -= 1;
+            match result {
+                Ok(entry) => {
+                    s.done.insert(node.id.clone(), entry);
+                }
+                Err(e) => {
+                    s.failed.get_or_insert(e);
+                }
+            }
+            changed.notify_all();
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..options.jobs.max(1).min(plan.steps.len().max(1)) {
+            scope.spawn(worker);
+        }
+        worker();
+    });
+    let s = schedule.into_inner().unwrap_or_else(|e| e.into_inner());
+    match s.failed {
+        Some(e) => Err(e),
+        None => Ok(s.done),
+    }
 }
 
 fn lookup(store: &Store, node: &DrvNode) -> Result<Option<Entry>, BuildError> {
@@ -312,7 +384,7 @@ fn realise_one(
                 }
             })?;
             reporter.line(format!(
-                "{:>12} {name} ({} steps, {:.0} s, {accel:?})",
+                "{:>12} {name} ({} steps, {:.0} s, {accel})",
                 "built",
                 node_step_count(config, &node.id),
                 started.elapsed().as_secs_f64()

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 
+pub use crate::build::realise::default_jobs;
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::model::derivation::DrvId;
 use crate::model::plan::{BuildPlan, plan_build};
@@ -28,6 +29,9 @@ pub struct BuildArgs {
     /// Seconds a build VM may take to answer ssh before the build fails.
     #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::build::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
     pub boot_timeout: u64,
+    /// How many derivations to build at once [default: what cores and memory allow].
+    #[arg(short, long, env = "FARM_JOBS")]
+    pub jobs: Option<usize>,
 }
 
 /// `--accel` values (clap's view of `Accel`).
@@ -114,6 +118,7 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         fetch_attempts: args.fetch_attempts.max(1),
         accel: args.accel.map(Accel::from),
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
+        jobs: args.jobs.unwrap_or_else(default_jobs),
     };
     realise(&project.loaded.config, &plan, &store, &options, reporter)?;
     Ok(())

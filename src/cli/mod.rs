@@ -4,9 +4,12 @@
 
 mod build;
 mod check;
+mod down;
 mod graph;
+mod logs;
 mod show;
 mod ssh;
+mod status;
 mod store;
 mod up;
 
@@ -64,13 +67,14 @@ pub enum Command {
     /// Build what is missing, then start the topology's VMs and wait for ssh; idempotent.
     Up(up::UpArgs),
     /// Stop VMs (deepest first) and remove their overlays.
-    Down(up::DownArgs),
-    /// Show every VM: host, platform, address, state (running, stopped, missing, changed).
-    Status(up::StatusArgs),
+    Down(down::DownArgs),
+    /// Show every VM as a tree under its host: platform, address, state (running,
+    /// unreachable, stopped, missing, changed, orphaned), accelerator.
+    Status(status::StatusArgs),
     /// Open a shell, or run a command, on a VM through the generated ssh_config.
     Ssh(ssh::SshArgs),
-    /// Print a VM's serial console.
-    Logs(ssh::LogsArgs),
+    /// Print a VM's serial console, wherever it runs.
+    Logs(logs::LogsArgs),
     /// Print an Ansible inventory of the VMs, reached through farm's ssh_config.
     Inventory(ssh::InventoryArgs),
     /// Write the topology (hosts, VMs, networks) as a Graphviz DOT file, and SVG if `dot` is installed.
@@ -80,6 +84,8 @@ pub enum Command {
 pub use crate::project::UsageError;
 
 pub fn main() -> ExitCode {
+    // First, before any thread exists: every later thread inherits the blocked signals.
+    crate::sys::process::handle_interrupts();
     let cli = Cli::parse();
     let reporter = Reporter::new(cli.quiet);
     let options = ProjectOptions {
@@ -92,11 +98,11 @@ pub fn main() -> ExitCode {
         Command::Show(args) => show::run(&options, args),
         Command::Check(args) => check::run(&options, args),
         Command::Store(command) => store::run(&options, command, &reporter),
-        Command::Up(args) => up::run_up(&options, args, &reporter),
-        Command::Down(args) => up::run_down(&options, args, &reporter),
-        Command::Status(args) => up::run_status(&options, args),
+        Command::Up(args) => up::run(&options, args, &reporter),
+        Command::Down(args) => down::run(&options, args, &reporter),
+        Command::Status(args) => status::run(&options, args, &reporter),
         Command::Ssh(args) => ssh::run_ssh(&options, args),
-        Command::Logs(args) => ssh::run_logs(&options, args),
+        Command::Logs(args) => logs::run(&options, args),
         Command::Inventory(args) => ssh::run_inventory(&options, args),
         Command::Graph(args) => graph::run(&options, args),
     };

@@ -1,4 +1,4 @@
-//! `farm up`, `farm down`, `farm status`: the lab's lifecycle.
+//! `farm up`: build what is missing, then bring the lab to what farm.toml says.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,9 +8,10 @@ use clap::Args;
 use crate::build::realise::RealiseOptions;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::run::orchestrator::{UpOptions, VmStatus, down, state_dir_for, status, up};
+use crate::run::up::{UpOptions, state_dir_for, up};
 
-use super::build::{AccelArg, open_store};
+use super::build::{AccelArg, default_jobs};
+use super::status::{check_vm_names, table};
 
 #[derive(Debug, Args)]
 pub struct StateArgs {
@@ -20,11 +21,18 @@ pub struct StateArgs {
     pub state: Option<PathBuf>,
 }
 
+impl StateArgs {
+    pub fn dir(&self, project: &Project) -> PathBuf {
+        state_dir_for(project, self.state.as_deref())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// VMs to bring up [default: all].
+    /// VMs to bring up [default: all], with every hypervisor above them.
     pub names: Vec<String>,
-    /// Print what would be built, started, restarted or replaced, and change nothing.
+    /// Print the plan (what is built, pushed, started, restarted or replaced, and why) and
+    /// change nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Accelerator, overriding every target's `accel`.
@@ -33,147 +41,33 @@ pub struct UpArgs {
     /// Seconds a VM may take to answer ssh.
     #[arg(long, env = "FARM_BOOT_TIMEOUT", default_value_t = crate::build::realise::DEFAULT_BOOT_TIMEOUT_SECS)]
     pub boot_timeout: u64,
-    #[command(flatten)]
-    pub state: StateArgs,
-}
-
-#[derive(Debug, Args)]
-pub struct DownArgs {
-    /// VMs to stop [default: all], deepest first.
-    pub names: Vec<String>,
-    /// Keep the overlays (the VMs' disks): the next `farm up` restarts them as they were.
-    #[arg(long)]
-    pub keep: bool,
-    /// Seconds to wait for a clean power-off before killing qemu.
+    /// Seconds a VM that restarts may take to power off before qemu is told to quit.
     #[arg(long, default_value_t = 60)]
-    pub timeout: u64,
+    pub stop_timeout: u64,
+    /// How many derivations to build at once [default: what cores and memory allow].
+    #[arg(short, long, env = "FARM_JOBS")]
+    pub jobs: Option<usize>,
     #[command(flatten)]
     pub state: StateArgs,
 }
 
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub state: StateArgs,
-}
-
-fn check_names(project: &Project, names: &[String]) -> anyhow::Result<()> {
-    for name in names {
-        if !project.loaded.topology.vms.contains_key(name) {
-            return Err(super::UsageError {
-                message: format!(
-                    "`{name}` is not a VM of `{}`",
-                    project.config_path.display()
-                ),
-                hint: format!(
-                    "VMs: {}",
-                    crate::model::diagnostic::list_names(project.loaded.topology.vms.keys())
-                ),
-            }
-            .into());
-        }
-    }
-    Ok(())
-}
-
-pub fn run_up(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyhow::Result<()> {
+pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
-    check_names(&project, &args.names)?;
-    let store = open_store(&project)?;
-    let state = state_dir_for(&project, args.state.state.as_deref());
+    check_vm_names(&project, &args.names)?;
     let up_options = UpOptions {
         names: args.names,
         dry_run: args.dry_run,
         realise: RealiseOptions {
             accel: args.accel.map(Into::into),
             boot_timeout: Duration::from_secs(args.boot_timeout),
+            jobs: args.jobs.unwrap_or_else(default_jobs),
             ..RealiseOptions::default()
         },
+        stop_timeout: Duration::from_secs(args.stop_timeout),
     };
-    let rows = up(&project, &store, &state, &up_options, reporter)?;
+    let rows = up(&project, &args.state.dir(&project), &up_options, reporter)?;
     if !args.dry_run {
-        print!("{}", table(&rows));
+        print!("{}", table(&project, &rows));
     }
     Ok(())
-}
-
-pub fn run_down(
-    options: &ProjectOptions,
-    args: DownArgs,
-    reporter: &Reporter,
-) -> anyhow::Result<()> {
-    let project = Project::load(options)?;
-    check_names(&project, &args.names)?;
-    let state = state_dir_for(&project, args.state.state.as_deref());
-    let stopped = down(
-        &project,
-        &state,
-        &args.names,
-        args.keep,
-        Duration::from_secs(args.timeout),
-        reporter,
-    )?;
-    if stopped.is_empty() {
-        reporter.line(format!("{:>12} no VM was running", "done"));
-    }
-    Ok(())
-}
-
-pub fn run_status(options: &ProjectOptions, args: StatusArgs) -> anyhow::Result<()> {
-    let project = Project::load(options)?;
-    let state = state_dir_for(&project, args.state.state.as_deref());
-    let rows = status(&project, &state, &Reporter::new(false))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", table(&rows));
-    }
-    Ok(())
-}
-
-/// The table `up` and `status` print: aligned columns, one VM a row, indented by level.
-pub fn table(rows: &[VmStatus]) -> String {
-    let header = ["NAME", "HOST", "PLATFORM", "ADDRESS", "STATE", "SSH"];
-    let cells: Vec<[String; 6]> = rows
-        .iter()
-        .map(|r| {
-            [
-                format!(
-                    "{}{}",
-                    "  ".repeat(r.level.saturating_sub(1) as usize),
-                    r.name
-                ),
-                r.host.clone(),
-                r.platform.clone(),
-                r.address.clone().unwrap_or_else(|| "-".into()),
-                r.state.to_string(),
-                r.ssh.clone(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |row: [&str; 6]| {
-        let mut s = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == row.len() {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut out = line(header);
-    for row in &cells {
-        out.push_str(&line(row.each_ref().map(String::as_str)));
-    }
-    out
 }

@@ -7,11 +7,20 @@ use std::path::PathBuf;
 use super::values::{Accel, Arch, MacAddr};
 
 /// The accelerator a VM actually gets, after `auto` is decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResolvedAccel {
     Kvm,
     Tcg,
+}
+
+impl std::fmt::Display for ResolvedAccel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResolvedAccel::Kvm => "KVM",
+            ResolvedAccel::Tcg => "TCG",
+        })
+    }
 }
 
 /// What a host says about KVM, probed by `hostinfo`.
@@ -42,11 +51,32 @@ pub struct Disk {
     pub path: PathBuf,
     pub format: &'static str,
     pub readonly: bool,
+    pub cache: DiskCache,
+}
+
+/// How qemu caches a disk's writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskCache {
+    /// Guest flushes reach the host's disk: a lab's data survives a host crash once the
+    /// guest has synced it. Every instance disk.
+    Writeback,
+    /// Flushes are ignored: fastest, for build VMs, whose output counts only after a clean
+    /// power-off (qemu writes everything out when it exits).
+    Unsafe,
+}
+
+impl DiskCache {
+    fn as_str(self) -> &'static str {
+        match self {
+            DiskCache::Writeback => "writeback",
+            DiskCache::Unsafe => "unsafe",
+        }
+    }
 }
 
 /// Direct kernel boot: faster than firmware + bootloader, and needed for images farm builds
 /// from a mirror (they have no bootloader).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DirectBoot {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -75,7 +105,7 @@ pub struct Nic {
 }
 
 /// The virtual machine's hardware: the same for a build VM and an instance of a target.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MachineSpec {
     pub arch: Arch,
     /// qemu's machine type; q35 (x86_64) or virt (aarch64) when absent.
@@ -99,6 +129,49 @@ pub struct QemuVm {
     pub pidfile: Option<PathBuf>,
     /// Detach after start-up (instances); build VMs stay children of farm.
     pub daemonize: bool,
+    /// Environment that marks the process as farm's (instances), so it is found again
+    /// without farm's state directory.
+    pub tag: Option<ProcessTag>,
+}
+
+/// What farm's long-lived processes (instances' qemu, VDE switches and taps) carry in their
+/// environment: the project's state directory and what they are, so `farm down` finds them
+/// even when `.farm/` is gone, and `farm up` never starts a second copy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessTag {
+    /// The project's local state directory, absolute (`/home/me/lab/.farm`).
+    pub project: String,
+    /// `vm:NAME` or `net:NAME`.
+    pub what: String,
+}
+
+/// The environment variable naming the project.
+pub const TAG_PROJECT: &str = "FARM_PROJECT";
+/// The environment variable naming the VM or network.
+pub const TAG_WHAT: &str = "FARM_PROCESS";
+
+impl ProcessTag {
+    pub fn vm(project: &str, name: &str) -> Self {
+        Self {
+            project: project.to_string(),
+            what: format!("vm:{name}"),
+        }
+    }
+
+    pub fn network(project: &str, name: &str) -> Self {
+        Self {
+            project: project.to_string(),
+            what: format!("net:{name}"),
+        }
+    }
+
+    /// `FARM_PROJECT=… FARM_PROCESS=…`, as `env` takes them.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            (TAG_PROJECT, self.project.clone()),
+            (TAG_WHAT, self.what.clone()),
+        ]
+    }
 }
 
 impl QemuVm {
@@ -157,9 +230,10 @@ impl QemuVm {
         }
         for (i, disk) in self.disks.iter().enumerate() {
             let mut drive = format!(
-                "file={},if=virtio,format={},index={i},cache=unsafe,discard=unmap",
+                "file={},if=virtio,format={},index={i},cache={},discard=unmap",
                 disk.path.display(),
-                disk.format
+                disk.format,
+                disk.cache.as_str()
             );
             if disk.readonly {
                 drive.push_str(",readonly=on");
@@ -220,11 +294,13 @@ mod tests {
                     path: "/s/disk.qcow2".into(),
                     format: "qcow2",
                     readonly: false,
+                    cache: DiskCache::Writeback,
                 },
                 Disk {
                     path: "/s/seed.img".into(),
                     format: "raw",
                     readonly: true,
+                    cache: DiskCache::Unsafe,
                 },
             ],
             boot: Some(DirectBoot {
@@ -246,6 +322,7 @@ mod tests {
             qmp_socket: Some("/s/qmp.sock".into()),
             pidfile: None,
             daemonize: false,
+            tag: None,
         }
     }
 
@@ -257,7 +334,7 @@ mod tests {
              -nodefaults -no-user-config -display none -serial file:/s/serial.log \
              -qmp unix:/s/qmp.sock,server=on,wait=off \
              -kernel /b/vmlinuz -initrd /b/initrd.img -append root=/dev/vda console=ttyS0 \
-             -drive file=/s/disk.qcow2,if=virtio,format=qcow2,index=0,cache=unsafe,discard=unmap \
+             -drive file=/s/disk.qcow2,if=virtio,format=qcow2,index=0,cache=writeback,discard=unmap \
              -drive file=/s/seed.img,if=virtio,format=raw,index=1,cache=unsafe,discard=unmap,readonly=on \
              -netdev user,id=net0,hostfwd=tcp:127.0.0.1:2201-:22 \
              -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -device virtio-rng-pci"

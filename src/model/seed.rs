@@ -11,13 +11,11 @@
 //!   own first-boot agent (`src/guest_agent/farm-seed.sh`) in the Debian images farm builds,
 //!   which have no cloud-init: parsing YAML in POSIX shell is not something to rely on.
 //!
-//! Rendering ([`render_files`]) is pure and separate from writing ([`write_seed_image`]), so
-//! the content is unit-testable and [`seed_image_bytes`] can hand the image to a remote host
-//! without a local file.
+//! Pure: [`render_files`] gives the files and [`seed_image_bytes`] the whole volume in
+//! memory, which callers write (locally, or onto a remote hypervisor) as they need.
 
 use std::io::{self, Cursor, Write};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 
 use crate::model::values::{IpCidr, MacAddr};
 
@@ -170,12 +168,6 @@ pub enum SeedError {
     )]
     Fat {
         size: u64,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Could not write the seed image `{path}`: {source}")]
-    Write {
-        path: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -368,25 +360,6 @@ pub fn seed_image_bytes(spec: &SeedSpec) -> Result<Vec<u8>, SeedError> {
         fs.unmount().map_err(fat)?;
     }
     Ok(disk.into_inner())
-}
-
-/// Writes the seed image to `path`, replacing it atomically: a VM never sees half a seed,
-/// and a crash leaves the old seed or none.
-pub fn write_seed_image(spec: &SeedSpec, path: &Path) -> Result<(), SeedError> {
-    let image = seed_image_bytes(spec)?;
-    let write_err = |source| SeedError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(write_err)?;
-    temp.write_all(&image).map_err(write_err)?;
-    temp.as_file().sync_all().map_err(write_err)?;
-    temp.persist(path).map_err(|e| write_err(e.error))?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -582,7 +555,7 @@ mod tests {
     fn image_reads_back_with_label_and_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seed.img");
-        write_seed_image(&spec(), &path).unwrap();
+        fs_err::write(&path, seed_image_bytes(&spec()).unwrap()).unwrap();
         assert_eq!(fs_err::metadata(&path).unwrap().len(), SEED_IMAGE_BYTES);
 
         let image = fs_err::File::open(&path).unwrap();

@@ -6,13 +6,15 @@
 //! makes the push incremental: an entry whose `meta.json` is there is complete (it is renamed
 //! into `store/` only after every file verified), so only missing entries move.
 //!
-//! Each entry travels as one tar stream into one shell script on the host, which unpacks
-//! it into a staging directory, reads every file back with `b3sum --check` against the
-//! hashes farm sends with it (the disk's from the entry's metadata), and only then renames
-//! it into the store. One round trip per entry: on a hypervisor VM under TCG each command
-//! costs a noticeable fraction of a second, so per-file commands would dominate small
-//! closures. A mismatch or a broken stream is sent again and never renamed into the store.
+//! All missing entries of a push travel as one tar stream into one shell script on the host,
+//! which unpacks them into a staging directory, reads every file back with one
+//! `b3sum --check` against the hashes farm sends with them (a disk's from its entry's
+//! metadata), and renames each entry whose files all match into the store. One round trip
+//! per push: on a hypervisor VM under TCG each command costs a noticeable fraction of a
+//! second, so per-entry (let alone per-file) commands would dominate small closures. An
+//! entry that does not read back as sent is sent again and never renamed into the store.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -89,12 +91,6 @@ impl HostStore {
         let relative = local.strip_prefix(local_entries).unwrap_or(local);
         self.root.join("store").join(relative)
     }
-
-    fn staging_dir(&self, entry: &Entry) -> PathBuf {
-        self.root
-            .join("tmp")
-            .join(format!("{}.push", entry.dir_name()))
-    }
 }
 
 /// What a push did, for status lines and benchmarks.
@@ -121,42 +117,61 @@ pub fn push_closure(
     let started = Instant::now();
     let mut report = PushReport::default();
     let present = complete_entries(host, store, entries)?;
-    for entry in entries {
-        if present.contains(entry.dir_name()) {
-            report.present += 1;
-            continue;
+    report.present = entries
+        .iter()
+        .filter(|e| present.contains(e.dir_name()))
+        .count();
+    let missing: Vec<(&Entry, Vec<EntryFile>)> = entries
+        .iter()
+        .filter(|e| !present.contains(e.dir_name()))
+        .map(|e| Ok((*e, entry_files(e)?)))
+        .collect::<Result<_, PushError>>()?;
+    if missing.is_empty() {
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    }
+    let stream_len = |missing: &[(&Entry, Vec<EntryFile>)]| {
+        missing.iter().map(|(_, f)| archive_len(f)).sum::<u64>() + 1024
+    };
+    let label = match missing.as_slice() {
+        [(only, _)] => only.dir_name().to_string(),
+        many => format!("{} entries", many.len()),
+    };
+    let bar = reporter.bytes("push", Some(stream_len(&missing)));
+    bar.set_message(format!("{label} to {}", host.name()));
+    for attempt in 1..=PUSH_ATTEMPTS {
+        let position = bar.position();
+        let rejected = send_entries(host, store, &missing, &bar)?;
+        if rejected.is_empty() {
+            for (entry, files) in &missing {
+                report.bytes += files.iter().map(|f| f.len).sum::<u64>();
+                report.pushed.push(entry.dir_name().to_string());
+            }
+            break;
         }
-        let files = entry_files(entry)?;
-        let total: u64 = files.iter().map(|f| f.len).sum();
-        let bar = reporter.bytes(entry.dir_name(), Some(archive_len(&files)));
-        let mut attempt = 1;
-        loop {
-            let position = bar.position();
-            let check = match send_entry(host, store, entry, &files, &bar)? {
-                Sent::Committed => break,
-                Sent::Rejected(check) => check,
-            };
-            // The host checks the disk against the entry's metadata: when that fails, the
+        for (entry, _) in missing
+            .iter()
+            .filter(|(e, _)| rejected.contains_key(e.dir_name()))
+        {
+            // The host checks a disk against its entry's metadata: when that fails, the
             // local copy may be the damaged one, and sending it again cannot help.
-            if check.contains(DISK_FILE) {
+            if rejected[entry.dir_name()].contains(DISK_FILE) {
                 check_local_disk(entry)?;
             }
-            if attempt == PUSH_ATTEMPTS {
-                return Err(PushError::Corrupted {
-                    host: host.name().to_string(),
-                    dir: store.entry_dir(entry),
-                    attempts: PUSH_ATTEMPTS,
-                    report: check,
-                });
-            }
-            attempt += 1;
-            report.retries += 1;
-            bar.set_position(position);
         }
-        bar.finish_and_clear();
-        report.bytes += total;
-        report.pushed.push(entry.dir_name().to_string());
+        if attempt == PUSH_ATTEMPTS {
+            let (entry, check) = rejected.into_iter().next().expect("non-empty");
+            return Err(PushError::Corrupted {
+                host: host.name().to_string(),
+                dir: store.root.join("store").join(entry),
+                attempts: PUSH_ATTEMPTS,
+                report: check,
+            });
+        }
+        report.retries += rejected.len() as u32;
+        bar.set_position(position);
     }
+    bar.finish_and_clear();
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -263,45 +278,63 @@ fn entry_files(entry: &Entry) -> Result<Vec<EntryFile>, PushError> {
         .collect()
 }
 
-enum Sent {
-    Committed,
-    /// The host unpacked the stream but a file did not read back as sent (or the stream
-    /// broke); what its check printed.
-    Rejected(String),
-}
-
-/// Exit status of the push script when the stream or a checksum is wrong (send again).
+/// Exit status of the push script when some entry did not arrive whole (send it again).
 const REJECTED: i32 = 75;
 
-/// Streams one entry as a tar archive into a script that unpacks, verifies and commits it.
-fn send_entry(
+/// Streams `entries` as one tar archive (`<entry>/<file>`) into a script that unpacks and
+/// verifies them, and commits them all only if every file read back as sent (parents and
+/// children go together: no chain is left half there); returns the entries rejected, with
+/// what the check said.
+fn send_entries(
     host: &dyn Host,
     store: &HostStore,
-    entry: &Entry,
-    files: &[EntryFile],
+    entries: &[(&Entry, Vec<EntryFile>)],
     bar: &indicatif::ProgressBar,
-) -> Result<Sent, PushError> {
-    let staging = shell_quote(&store.staging_dir(entry).display().to_string());
-    let target = shell_quote(&store.entry_dir(entry).display().to_string());
-    let checks: String = files
+) -> Result<BTreeMap<String, String>, PushError> {
+    let staging_dir = store
+        .root
+        .join("tmp")
+        .join(format!("push.{}", std::process::id()));
+    let staging = shell_quote(&staging_dir.display().to_string());
+    let target = shell_quote(&store.root.join("store").display().to_string());
+    let checks: String = entries
         .iter()
-        .map(|f| format!("{}  {}\n", f.blake3.to_hex(), f.relative.display()))
+        .flat_map(|(entry, files)| {
+            files.iter().map(move |f| {
+                format!(
+                    "{}  {}/{}\n",
+                    f.blake3.to_hex(),
+                    entry.dir_name(),
+                    f.relative.display()
+                )
+            })
+        })
+        .collect();
+    let names: Vec<String> = entries
+        .iter()
+        .map(|(e, _)| shell_quote(e.dir_name()))
         .collect();
     let script = format!(
         "set -u\n\
-         rm -rf {staging} && mkdir -p {staging} \"$(dirname {target})\" || exit 1\n\
-         tar -x -f - -C {staging} || {{ rm -rf {staging}; exit {REJECTED}; }}\n\
-         cd {staging} && b3sum --check --quiet <<'FARM_SUMS'\n{checks}FARM_SUMS\n\
-         [ $? -eq 0 ] || {{ cd /; rm -rf {staging}; exit {REJECTED}; }}\n\
-         cd / && chmod -R a-w {staging}/* && chmod 0555 {staging} && rm -rf {target} && mv {staging} {target}\n"
+         rm -rf {staging} && mkdir -p {staging} {target} || exit 1\n\
+         tar -x -f - -C {staging} 2>{staging}.tar || {{ cat {staging}.tar; rm -rf {staging} {staging}.tar; exit {REJECTED}; }}\n\
+         cd {staging} && b3sum --check --quiet > {staging}.report 2>&1 <<'FARM_SUMS'\n{checks}FARM_SUMS\n\
+         cd / && bad=0 && for e in {names}; do\n\
+           if grep -q \"^$e/\" {staging}.report; then echo \"rejected $e\"; grep \"^$e/\" {staging}.report; bad=1; fi\n\
+         done\n\
+         if [ $bad = 0 ]; then for e in {names}; do\n\
+           chmod -R a-w {staging}/\"$e\"/* && chmod 0555 {staging}/\"$e\" && rm -rf {target}/\"$e\" && mv {staging}/\"$e\" {target}/\"$e\" || exit 1\n\
+         done; fi\n\
+         rm -rf {staging} {staging}.report {staging}.tar; [ $bad = 0 ] || exit {REJECTED}\n",
+        names = names.join(" "),
     );
     // The archive is written by a thread into a pipe the host's stdin reads from.
     let (mut reader, writer) = std::io::pipe().map_err(|source| PushError::Local {
-        path: entry.dir.clone(),
+        path: entries[0].0.dir.clone(),
         source,
     })?;
     let (out, written) = std::thread::scope(|scope| {
-        let archive = scope.spawn(move || write_archive(writer, files));
+        let archive = scope.spawn(move || write_archive(writer, entries));
         let out = host.run_with_input(&script, &mut reader, &mut |chunk| {
             bar.inc(chunk.len() as u64)
         });
@@ -310,38 +343,62 @@ fn send_entry(
     });
     let out = out?;
     match out.status {
-        Some(0) => Ok(Sent::Committed),
+        Some(0) => Ok(BTreeMap::new()),
         Some(REJECTED) => {
             // A stream that could not be read from the local store is a local problem.
             written?;
-            Ok(Sent::Rejected(out.text().trim().to_string()))
+            let text = out.text();
+            let mut rejected: BTreeMap<String, String> = BTreeMap::new();
+            let mut current: Option<String> = None;
+            for line in text.lines() {
+                if let Some(entry) = line.strip_prefix("rejected ") {
+                    current = Some(entry.to_string());
+                    rejected.insert(entry.to_string(), String::new());
+                } else if let Some(check) = current.as_ref().and_then(|e| rejected.get_mut(e)) {
+                    check.push_str(line);
+                    check.push('\n');
+                }
+            }
+            if rejected.is_empty() {
+                // The stream itself broke: every entry goes again.
+                for (entry, _) in entries {
+                    rejected.insert(entry.dir_name().to_string(), text.trim().to_string());
+                }
+            }
+            Ok(rejected)
         }
         status => Err(PushError::Command {
             host: host.name().to_string(),
-            what: "Receiving a store entry",
+            what: "Receiving store entries",
             status,
             output: out.text(),
         }),
     }
 }
 
-/// The archive's size: a 512-byte header per file, data padded to 512, two closing blocks.
+/// An entry's part of the archive: a 512-byte header per file (and one more for a long
+/// path), data padded to 512.
 fn archive_len(files: &[EntryFile]) -> u64 {
     files
         .iter()
-        .map(|f| 512 + f.len.div_ceil(512) * 512)
+        .map(|f| 1024 + f.len.div_ceil(512) * 512)
         .sum::<u64>()
-        + 1024
 }
 
 /// Writes `files` as a tar archive (read-only modes, no owners or times: the store does
 /// not need them).
-fn write_archive(writer: std::io::PipeWriter, files: &[EntryFile]) -> Result<(), PushError> {
+fn write_archive(
+    writer: std::io::PipeWriter,
+    entries: &[(&Entry, Vec<EntryFile>)],
+) -> Result<(), PushError> {
     let mut archive = tar::Builder::new(std::io::BufWriter::with_capacity(
         crate::run::host::STREAM_CHUNK,
         writer,
     ));
-    for file in files {
+    for (entry, file) in entries
+        .iter()
+        .flat_map(|(entry, files)| files.iter().map(move |f| (entry, f)))
+    {
         let local = fs_err::File::open(&file.local).map_err(|source| PushError::Local {
             path: file.local.clone(),
             source,
@@ -353,7 +410,11 @@ fn write_archive(writer: std::io::PipeWriter, files: &[EntryFile]) -> Result<(),
         header.set_entry_type(tar::EntryType::Regular);
         // A host that stopped reading (it failed) shows in its exit status, not here.
         if archive
-            .append_data(&mut header, &file.relative, local)
+            .append_data(
+                &mut header,
+                Path::new(entry.dir_name()).join(&file.relative),
+                local,
+            )
             .is_err()
         {
             return Ok(());

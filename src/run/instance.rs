@@ -1,20 +1,12 @@
-//! One VM instance on a host: a qcow2 overlay on its platform's store entry, a NoCloud
-//! seed, and a daemonized qemu with pidfile, QMP socket and serial log, all in the VM's
-//! state directory. Every operation goes through `Host`, so it is the same on every host.
+//! The qemu backend: an instance's overlay, seed and daemonized qemu, made from its
+//! resolved `InstanceSpec`, through a `Host`, so it is the same on every site.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-use crate::build::layer::BootFiles;
-use crate::model::hash::DrvHash;
-use crate::model::instance::ObservedVm;
-use crate::model::network::VdeNic;
-use crate::model::qemu::{DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm};
-use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
-use crate::model::values::MacAddr;
-use crate::run::host::{Host, HostError};
+use crate::model::instance::{InstancePaths, InstanceRecord, InstanceSpec};
+use crate::model::seed::seed_image_bytes;
+use crate::run::host::{Host, HostError, process_alive_test};
 use crate::sys::ssh::shell_quote;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,146 +23,13 @@ pub enum InstanceError {
     },
     #[error(transparent)]
     Seed(#[from] crate::model::seed::SeedError),
-    #[error("The instance record `{}` is unreadable: {source}", path.display())]
-    Record {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
 }
 
-/// The files of one instance, in `<state>/vms/<name>/`.
-#[derive(Clone, Debug)]
-pub struct InstancePaths {
-    pub dir: PathBuf,
+fn q(path: &Path) -> String {
+    shell_quote(&path.display().to_string())
 }
 
-impl InstancePaths {
-    pub fn new(state_dir: &Path, name: &str) -> Self {
-        Self {
-            dir: state_dir.join("vms").join(name),
-        }
-    }
-    pub fn disk(&self) -> PathBuf {
-        self.dir.join("disk.qcow2")
-    }
-    pub fn seed(&self) -> PathBuf {
-        self.dir.join("seed.img")
-    }
-    pub fn pidfile(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
-    }
-    pub fn qmp(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
-    }
-    pub fn serial_log(&self) -> PathBuf {
-        self.dir.join("serial.log")
-    }
-    pub fn stderr_log(&self) -> PathBuf {
-        self.dir.join("qemu.stderr")
-    }
-    pub fn record(&self) -> PathBuf {
-        self.dir.join("instance.json")
-    }
-}
-
-/// What farm remembers about an instance: which derivation its overlay is on, and how it
-/// was started, so `up` can restart it identically and `status` can compare.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub name: String,
-    pub drv_hash: DrvHash,
-    pub entry_disk: PathBuf,
-    pub ssh_port: Option<u16>,
-    pub mac: MacAddr,
-    pub argv: Vec<String>,
-    pub binary: String,
-}
-
-/// Everything needed to create and start one instance.
-#[derive(Clone, Debug)]
-pub struct InstanceSpec {
-    pub name: String,
-    pub hostname: String,
-    pub drv_hash: DrvHash,
-    pub entry_disk: PathBuf,
-    pub boot: Option<BootFiles>,
-    pub hw: MachineSpec,
-    pub disk_size: Option<u64>,
-    /// User networking (slirp) with ssh forwarded from this port; `None` for a VM that
-    /// is only on VDE networks.
-    pub ssh_port: Option<u16>,
-    pub forwards: Vec<(u16, u16)>,
-    /// The user-networking NIC's MAC.
-    pub mac: MacAddr,
-    /// VDE NICs, each with what qemu's `sock=` is given to join its network.
-    pub vde_nics: Vec<(VdeNic, String)>,
-    pub authorized_keys: Vec<String>,
-    /// (private, public) OpenSSH host key, pinned in farm's known_hosts.
-    pub host_key: (String, String),
-}
-
-impl InstanceSpec {
-    fn qemu(&self, paths: &InstancePaths) -> QemuVm {
-        let mut forwards: Vec<PortForward> = self
-            .ssh_port
-            .iter()
-            .map(|p| PortForward {
-                host_addr: "127.0.0.1".into(),
-                host_port: *p,
-                guest_port: 22,
-            })
-            .collect();
-        forwards.extend(self.forwards.iter().map(|(host, guest)| PortForward {
-            host_addr: "127.0.0.1".into(),
-            host_port: *host,
-            guest_port: *guest,
-        }));
-        QemuVm {
-            name: self.name.clone(),
-            hw: self.hw.clone(),
-            disks: vec![
-                Disk {
-                    path: paths.disk(),
-                    format: "qcow2",
-                    readonly: false,
-                },
-                Disk {
-                    path: paths.seed(),
-                    format: "raw",
-                    readonly: true,
-                },
-            ],
-            boot: self.boot.as_ref().map(|b| DirectBoot {
-                kernel: b.kernel.clone(),
-                initrd: b.initrd.clone(),
-                cmdline: b.cmdline.clone(),
-            }),
-            nics: self
-                .ssh_port
-                .map(|_| Nic {
-                    backend: NetBackend::User { forwards },
-                    mac: self.mac,
-                })
-                .into_iter()
-                .chain(self.vde_nics.iter().map(|(nic, sock)| Nic {
-                    backend: NetBackend::Vde { sock: sock.clone() },
-                    mac: nic.mac,
-                }))
-                .collect(),
-            serial_log: paths.serial_log(),
-            qmp_socket: Some(paths.qmp()),
-            pidfile: Some(paths.pidfile()),
-            daemonize: true,
-        }
-    }
-}
-
-fn check(
-    host: &dyn Host,
-    vm: &str,
-    what: &str,
-    script: &str,
-) -> Result<crate::run::host::Output, InstanceError> {
+fn check(host: &dyn Host, vm: &str, what: &str, script: &str) -> Result<String, InstanceError> {
     let out = host.run(script)?;
     if !out.success() {
         return Err(InstanceError::Command {
@@ -181,155 +40,218 @@ fn check(
             output: out.text(),
         });
     }
-    Ok(out)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The instance's record and whether its qemu runs. `None` when it has no state.
-pub fn observe(
-    host: &dyn Host,
-    paths: &InstancePaths,
-) -> Result<Option<(InstanceRecord, bool)>, InstanceError> {
-    let Some(bytes) = host.get(&paths.record())? else {
-        return Ok(None);
-    };
-    let record: InstanceRecord =
-        serde_json::from_slice(&bytes).map_err(|source| InstanceError::Record {
-            path: paths.record(),
-            source,
-        })?;
-    let running = is_running(host, paths, &record.name)?;
-    Ok(Some((record, running)))
-}
-
-pub fn observed_vm(record: &InstanceRecord, running: bool) -> ObservedVm {
-    ObservedVm {
-        name: record.name.clone(),
-        drv_hash: record.drv_hash,
-        running,
-    }
-}
-
-/// The pidfile's process is alive *and* is this VM's qemu (pids are reused).
-fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<bool, HostError> {
-    let script = crate::run::host::process_alive_test(
-        &paths.pidfile(),
-        &format!("{name},process=farm-{name}"),
-    );
+/// Whether the instance's qemu runs: the pidfile's process is alive *and* is this VM's
+/// qemu (pids are reused).
+pub fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<bool, HostError> {
+    let script = process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"));
     Ok(host.run(&script)?.success())
 }
 
-/// Makes the overlay and the seed, and records the instance. Does not start it.
+/// Makes the overlay on the layer, the seed and the record. Does not start it.
 pub fn create(
     host: &dyn Host,
-    paths: &InstancePaths,
     spec: &InstanceSpec,
+    host_key: (String, String),
 ) -> Result<InstanceRecord, InstanceError> {
-    let dir = shell_quote(&paths.dir.display().to_string());
+    let paths = &spec.paths;
     let size = spec.disk_size.map(|s| s.to_string()).unwrap_or_default();
     check(
         host,
         &spec.name,
         "Creating the overlay",
         &format!(
-            "mkdir -p {dir} && chmod 700 {dir} && qemu-img create -q -f qcow2 -F qcow2 -b {entry} {disk} {size}",
-            entry = shell_quote(&spec.entry_disk.display().to_string()),
-            disk = shell_quote(&paths.disk().display().to_string()),
+            "mkdir -p {dir} && chmod 700 {dir} && qemu-img create -q -f qcow2 -F qcow2 -b {layer} {disk} {size}",
+            dir = q(&paths.dir),
+            layer = q(&spec.layer.disk),
+            disk = q(&paths.disk()),
         ),
     )?;
-    let mut seed = SeedSpec::new(
-        format!("{}-{}", spec.name, &spec.drv_hash.to_hex()[..12]),
-        spec.hostname.clone(),
-    );
-    seed.authorized_keys = spec.authorized_keys.clone();
-    seed.host_key = Some(spec.host_key.clone());
-    // The user NIC by DHCP, VDE NICs with their static addresses, matched by MAC in the
-    // guest, so a VM only on VDE is configured without being reached first.
-    seed.nics = spec
-        .ssh_port
-        .map(|_| SeedNic {
-            mac: spec.mac,
-            address: None,
-            gateway: None,
-        })
-        .into_iter()
-        .chain(spec.vde_nics.iter().map(|(nic, _)| SeedNic {
-            mac: nic.mac,
-            address: nic.address,
-            gateway: nic.gateway,
-        }))
-        .collect();
-    host.put(&seed_image_bytes(&seed)?, &paths.seed(), 0o600)?;
-    let vm = spec.qemu(paths);
-    let record = InstanceRecord {
-        name: spec.name.clone(),
-        drv_hash: spec.drv_hash,
-        entry_disk: spec.entry_disk.clone(),
-        ssh_port: spec.ssh_port,
-        mac: spec.mac,
-        argv: vm.argv(),
-        binary: vm.binary().to_string(),
-    };
-    let json = serde_json::to_vec_pretty(&record).expect("records serialize");
-    host.put(&json, &paths.record(), 0o600)?;
+    write_seed_and_record(host, spec, host_key)
+}
+
+/// Before a restart: points the overlay at the layer's new place (same bytes), grows it,
+/// and writes the seed and record for the new spec.
+pub fn prepare_restart(
+    host: &dyn Host,
+    spec: &InstanceSpec,
+    grow_to: Option<u64>,
+    rebase: bool,
+    host_key: (String, String),
+) -> Result<InstanceRecord, InstanceError> {
+    let disk = q(&spec.paths.disk());
+    if rebase {
+        check(
+            host,
+            &spec.name,
+            "Pointing the overlay at its layer's new place",
+            &format!(
+                "qemu-img rebase -u -f qcow2 -F qcow2 -b {} {disk}",
+                q(&spec.layer.disk)
+            ),
+        )?;
+    }
+    if let Some(size) = grow_to {
+        check(
+            host,
+            &spec.name,
+            "Growing the overlay",
+            &format!("qemu-img resize -q -f qcow2 {disk} {size}"),
+        )?;
+    }
+    write_seed_and_record(host, spec, host_key)
+}
+
+fn write_seed_and_record(
+    host: &dyn Host,
+    spec: &InstanceSpec,
+    host_key: (String, String),
+) -> Result<InstanceRecord, InstanceError> {
+    let seed = spec.seed(host_key);
+    host.put(&seed_image_bytes(&seed)?, &spec.paths.seed(), 0o600)?;
+    let record = InstanceRecord::new(spec.clone());
+    host.put(&record.to_json(), &spec.paths.record(), 0o600)?;
     Ok(record)
 }
 
-/// Starts the recorded qemu detached; it outlives farm.
-pub fn start(
-    host: &dyn Host,
-    paths: &InstancePaths,
-    record: &InstanceRecord,
-) -> Result<(), InstanceError> {
-    let argv: Vec<String> = record.argv.iter().map(|a| shell_quote(a)).collect();
-    let script = format!(
-        "rm -f {pid} {qmp}; : > {serial}; {binary} {argv} 2> {stderr} || {{ cat {stderr} >&2; exit 1; }}",
-        pid = shell_quote(&paths.pidfile().display().to_string()),
-        qmp = shell_quote(&paths.qmp().display().to_string()),
-        serial = shell_quote(&paths.serial_log().display().to_string()),
-        stderr = shell_quote(&paths.stderr_log().display().to_string()),
-        binary = shell_quote(&record.binary),
-        argv = argv.join(" "),
-    );
-    check(host, &record.name, "Starting qemu", &script).map(|_| ())
+/// Writes `record` back (it became ready, or was stopped on purpose).
+pub fn save(host: &dyn Host, record: &InstanceRecord) -> Result<(), InstanceError> {
+    host.put(&record.to_json(), &record.spec.paths.record(), 0o600)?;
+    Ok(())
 }
 
-/// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when an
-/// ssh command is given), then, after `timeout`, SIGKILL.
+/// Starts qemu detached with farm's process tag in its environment; it outlives farm.
+pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
+    let vm = spec.qemu();
+    let paths = &spec.paths;
+    let env: Vec<String> = vm
+        .tag
+        .iter()
+        .flat_map(|t| t.env())
+        .map(|(k, v)| format!("{k}={}", shell_quote(&v)))
+        .collect();
+    let argv: Vec<String> = vm.argv().iter().map(|a| shell_quote(a)).collect();
+    let script = format!(
+        "rm -f {pid} {qmp}; : > {serial}; env {env} {binary} {argv} 2> {stderr} || {{ cat {stderr} >&2; exit 1; }}",
+        pid = q(&paths.pidfile()),
+        qmp = q(&paths.qmp()),
+        serial = q(&paths.serial_log()),
+        stderr = q(&paths.stderr_log()),
+        env = env.join(" "),
+        binary = vm.binary(),
+        argv = argv.join(" "),
+    );
+    check(host, &spec.name, "Starting qemu", &script).map(drop)
+}
+
+/// How an instance went down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// It was not running.
+    AlreadyDown,
+    /// The guest powered off when asked (ACPI through QMP, and `poweroff` over ssh).
+    PoweredOff(Duration),
+    /// The guest did not power off in time; qemu was told to quit (it writes out its disk
+    /// caches), so only what the guest had not synced is lost.
+    Quit(Duration),
+    /// Not even qemu answered: killed.
+    Killed(Duration),
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::AlreadyDown => f.write_str("was not running"),
+            Stopped::PoweredOff(d) => write!(f, "powered off in {:.1} s", d.as_secs_f64()),
+            Stopped::Quit(d) => write!(
+                f,
+                "did not power off within {:.0} s; qemu quit (unsynced guest writes are lost)",
+                d.as_secs_f64()
+            ),
+            Stopped::Killed(d) => write!(
+                f,
+                "did not power off within {:.0} s and qemu did not quit; killed",
+                d.as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when given:
+/// minimal guests have no ACPI daemon), up to `timeout`; then QMP `quit`; then SIGKILL.
 pub fn stop(
     host: &dyn Host,
     paths: &InstancePaths,
     name: &str,
     timeout: Duration,
-    ssh_poweroff: Option<&dyn Fn()>,
-) -> Result<(), InstanceError> {
+    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
+) -> Result<Stopped, InstanceError> {
     if !is_running(host, paths, name)? {
-        return Ok(());
+        return Ok(Stopped::AlreadyDown);
     }
+    let started = Instant::now();
     host.qmp(&paths.qmp(), "system_powerdown")?;
     if let Some(poweroff) = ssh_poweroff {
         poweroff();
     }
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if !is_running(host, paths, name)? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(300));
+    if wait_down(host, paths, name, started + timeout)? {
+        return Ok(Stopped::PoweredOff(started.elapsed()));
+    }
+    host.qmp(&paths.qmp(), "quit")?;
+    if wait_down(host, paths, name, Instant::now() + Duration::from_secs(10))? {
+        return Ok(Stopped::Quit(timeout));
     }
     let kill = format!(
-        "pid=$(cat {}) && kill -9 \"$pid\" && while kill -0 \"$pid\" 2>/dev/null; do sleep 0.1; done",
-        shell_quote(&paths.pidfile().display().to_string())
+        "{alive} && kill -9 \"$pid\" && while kill -0 \"$pid\" 2>/dev/null; do sleep 0.1; done; true",
+        alive = process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"))
     );
-    check(host, name, "Killing qemu", &kill).map(|_| ())
+    check(host, name, "Killing qemu", &kill)?;
+    Ok(Stopped::Killed(timeout))
 }
 
-/// Removes the instance's state directory (overlay, seed, logs).
+fn wait_down(
+    host: &dyn Host,
+    paths: &InstancePaths,
+    name: &str,
+    deadline: Instant,
+) -> Result<bool, HostError> {
+    loop {
+        if !is_running(host, paths, name)? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Stops processes farm has no state for (found by their tag): SIGTERM (qemu shuts down
+/// cleanly on it), then SIGKILL after `timeout`.
+pub fn stop_pids(host: &dyn Host, pids: &[u32], timeout: Duration) -> Result<(), HostError> {
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let list = list.join(" ");
+    let tenths = timeout.as_millis() / 100;
+    host.run(&format!(
+        "kill {list} 2>/dev/null; i=0; while [ $i -lt {tenths} ]; do alive=0; \
+         for p in {list}; do kill -0 $p 2>/dev/null && alive=1; done; [ $alive = 0 ] && exit 0; \
+         i=$((i+1)); sleep 0.1; done; kill -9 {list} 2>/dev/null; true"
+    ))?;
+    Ok(())
+}
+
+/// Removes the instance's directory (overlay, seed, logs).
 pub fn remove(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<(), InstanceError> {
     check(
         host,
         name,
         "Removing the instance's state",
-        &format!("rm -rf {}", shell_quote(&paths.dir.display().to_string())),
+        &format!("rm -rf {}", q(&paths.dir)),
     )
-    .map(|_| ())
+    .map(drop)
 }

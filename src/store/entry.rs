@@ -82,7 +82,7 @@ pub(crate) fn relative_backing_for(parent_dir_name: &str) -> PathBuf {
 }
 
 /// `<key>-<name>`.
-pub(crate) fn entry_dir_name(key: &DrvHash, name: &str) -> String {
+pub fn entry_dir_name(key: &DrvHash, name: &str) -> String {
     format!("{}-{name}", key.store_key())
 }
 

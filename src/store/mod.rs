@@ -39,12 +39,15 @@ mod staging;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-pub use entry::{BOOT_DIR, DISK_FILE, Entry, EntryMeta, MAX_NAME_LEN, META_FILE, relative_backing};
+pub use entry::{
+    BOOT_DIR, DISK_FILE, Entry, EntryMeta, MAX_NAME_LEN, META_FILE, entry_dir_name,
+    relative_backing,
+};
 pub use lock::EntryLock;
 pub use staging::Staging;
 
 use crate::model::hash::{ContentHash, DrvHash};
-use entry::{entry_dir_name, is_valid_name, parse_entry_dir_name, relative_backing_for};
+use entry::{is_valid_name, parse_entry_dir_name, relative_backing_for};
 
 /// The on-disk layout this farm reads and writes. Bump it when the layout changes in a way an
 /// older farm would misread; an older farm then refuses the store instead of damaging it.
@@ -141,6 +144,22 @@ impl Store {
             write_layout_file(&root, &layout_path)?;
         }
         Ok(Store { root })
+    }
+
+    /// The store at `root` if there is one, for commands that only read: nothing is
+    /// created, and a missing store is `None` (every entry is simply absent).
+    pub fn open_existing(root: &Path) -> Result<Option<Store>, StoreError> {
+        if !root.is_dir() {
+            return Ok(None);
+        }
+        let root = fs_err::canonicalize(root)?;
+        let layout_path = root.join(LAYOUT_FILE);
+        match fs_err::read(&layout_path) {
+            Ok(bytes) => check_layout(&root, &layout_path, &bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some(Store { root }))
     }
 
     pub fn root(&self) -> &Path {

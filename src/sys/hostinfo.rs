@@ -35,6 +35,15 @@ pub fn free_local_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Memory the kernel says is available for new work (`MemAvailable`), in bytes.
+pub fn memory_available() -> Option<u64> {
+    let text = fs_err::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
 /// The last `lines` lines of a text file (a serial console log), for error messages.
 pub fn tail(path: &std::path::Path, lines: usize) -> String {
     let text = fs_err::read(path)

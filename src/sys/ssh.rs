@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{Session, Stdio};
 use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,15 +24,17 @@ pub enum SshError {
         #[source]
         source: openssh::Error,
     },
-    #[error("Cannot forward a local socket to `{}` on `{alias}`: {source}", remote.display())]
+    #[error("Cannot forward a local socket to `{remote}` on `{alias}`: {source}")]
     Forward {
         alias: String,
-        remote: std::path::PathBuf,
+        remote: String,
         #[source]
         source: openssh::Error,
     },
     #[error("Cannot make a directory for a forwarded socket: {0}")]
     ForwardDir(std::io::Error),
+    #[error("Cannot make a directory for ssh's control socket: {0}")]
+    ControlDir(std::io::Error),
     #[error("Cannot start the async runtime for ssh: {0}")]
     Runtime(std::io::Error),
     #[error("Writing to `{command}` on `{alias}` failed: {source}")]
@@ -72,32 +74,81 @@ pub struct Ssh {
     runtime: tokio::runtime::Runtime,
     session: Option<Session>,
     alias: String,
+    master: Option<Master>,
 }
 
+/// farm's own ControlMaster: a child of farm (see `sys::process`), so no master outlives it.
+struct Master {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+/// How long a master may take beyond ssh's own connect timeout (authentication, a jump
+/// through a hypervisor VM under TCG).
+const MASTER_GRACE: Duration = Duration::from_secs(20);
+
 impl Ssh {
-    /// Connects to `alias` as described in `config_file` (with its pinned known_hosts).
+    /// Connects to `alias` as described in `config_file` (with its pinned known_hosts),
+    /// through a ControlMaster farm runs as its own child.
     pub fn connect(config_file: &Path, alias: &str, timeout: Duration) -> Result<Ssh, SshError> {
+        let connect_error = |message: String| SshError::Connect {
+            alias: alias.to_string(),
+            source: openssh::Error::Connect(std::io::Error::other(message)),
+        };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(SshError::Runtime)?;
-        let session = runtime
-            .block_on(
-                SessionBuilder::default()
-                    .config_file(config_file)
-                    .known_hosts_check(KnownHosts::Strict)
-                    .connect_timeout(timeout)
-                    .server_alive_interval(Duration::from_secs(15))
-                    .connect(alias),
-            )
-            .map_err(|source| SshError::Connect {
-                alias: alias.to_string(),
-                source,
-            })?;
+        // Unix socket paths are short (108 bytes): a directory of its own under /tmp.
+        let dir = tempfile::Builder::new()
+            .prefix("farm-ssh")
+            .tempdir_in(std::env::temp_dir())
+            .map_err(SshError::ControlDir)?;
+        let ctl = dir.path().join("m");
+        let log = dir.path().join("log");
+        let mut command = std::process::Command::new("ssh");
+        command
+            .arg("-F")
+            .arg(config_file)
+            .args(["-M", "-N", "-S"])
+            .arg(&ctl)
+            .arg("-E")
+            .arg(&log)
+            .args(["-o", "ControlPersist=no", "-o", "BatchMode=yes"])
+            .args(["-o", "StrictHostKeyChecking=yes"])
+            .arg("-o")
+            .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
+            .args(["-o", "ServerAliveInterval=15", "--", alias])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = crate::sys::process::spawn_helper(command, Some(dir.path().to_path_buf()))
+            .map_err(|e| connect_error(format!("cannot run ssh: {e}")))?;
+        let mut master = Master { child, dir };
+        // The master makes its control socket once it is logged in.
+        let deadline = Instant::now() + timeout + MASTER_GRACE;
+        while !ctl.exists() {
+            let exited = master.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let why = fs_err::read_to_string(&log)
+                    .map(|t| t.trim().to_string())
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| match exited {
+                        Some(status) => format!("ssh exited ({status})"),
+                        None => "timed out".into(),
+                    });
+                master.stop();
+                return Err(connect_error(why));
+            }
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        let session = Session::resume(ctl.into_boxed_path(), Some(log.into_boxed_path()));
         Ok(Ssh {
             runtime,
             session: Some(session),
             alias: alias.to_string(),
+            master: Some(master),
         })
     }
 
@@ -235,6 +286,31 @@ impl Ssh {
         remote_socket: &Path,
         use_socket: impl FnOnce(&Path) -> T,
     ) -> Result<T, SshError> {
+        self.with_forward(
+            openssh::Socket::UnixSocket {
+                path: remote_socket.into(),
+            },
+            &remote_socket.display().to_string(),
+            use_socket,
+        )
+    }
+
+    /// Runs `use_socket` with a local Unix socket the ControlMaster connects to `address`
+    /// as seen from the host (a guest's forwarded ssh port on the host's 127.0.0.1).
+    pub fn with_forwarded_tcp<T>(
+        &self,
+        address: std::net::SocketAddr,
+        use_socket: impl FnOnce(&Path) -> T,
+    ) -> Result<T, SshError> {
+        self.with_forward(address.into(), &address.to_string(), use_socket)
+    }
+
+    fn with_forward<T>(
+        &self,
+        remote: openssh::Socket<'_>,
+        describe: &str,
+        use_socket: impl FnOnce(&Path) -> T,
+    ) -> Result<T, SshError> {
         let dir = tempfile::Builder::new()
             .prefix("farm-fwd")
             .tempdir()
@@ -242,21 +318,21 @@ impl Ssh {
         let local = dir.path().join("s");
         let forward_error = |source| SshError::Forward {
             alias: self.alias.clone(),
-            remote: remote_socket.to_path_buf(),
+            remote: describe.into(),
             source,
         };
         self.runtime
             .block_on(self.session().request_port_forward(
                 openssh::ForwardType::Local,
                 local.as_path(),
-                remote_socket,
+                remote.clone(),
             ))
             .map_err(forward_error)?;
         let result = use_socket(&local);
         let _ = self.runtime.block_on(self.session().close_port_forward(
             openssh::ForwardType::Local,
             local.as_path(),
-            remote_socket,
+            remote,
         ));
         Ok(result)
     }
@@ -264,12 +340,29 @@ impl Ssh {
     pub fn alias(&self) -> &str {
         &self.alias
     }
+
+    /// Whether the master still has its connection (a hypervisor VM that restarted drops it).
+    pub fn is_alive(&self) -> bool {
+        self.runtime.block_on(self.session().check()).is_ok()
+    }
+}
+
+impl Master {
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        crate::sys::process::release(self.child.id());
+        let _ = fs_err::remove_dir_all(self.dir.path());
+    }
 }
 
 impl Drop for Ssh {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
             let _ = self.runtime.block_on(session.close());
+        }
+        if let Some(mut master) = self.master.take() {
+            master.stop();
         }
     }
 }
@@ -280,6 +373,37 @@ pub enum WaitError {
     Died(String),
     #[error("ssh did not answer before the deadline; last error: {last_error}")]
     Timeout { last_error: String },
+}
+
+/// Whether an ssh server speaks on `stream` (within its read timeout): it sends its version line
+/// (`SSH-2.0-…`) first, before any key exchange. QEMU's user networking accepts a
+/// forwarded connection even when nothing listens in the guest, then closes it: only the
+/// banner proves sshd is there.
+fn banner_within(mut stream: impl std::io::Read) -> bool {
+    let mut banner = [0u8; 4];
+    stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-"
+}
+
+/// [`banner_within`] for a TCP address reachable from here.
+pub fn tcp_banner(address: std::net::SocketAddr, timeout: Duration) -> bool {
+    match std::net::TcpStream::connect_timeout(&address, timeout) {
+        Ok(stream) => {
+            let _ = stream.set_read_timeout(Some(timeout));
+            banner_within(stream)
+        }
+        Err(_) => false,
+    }
+}
+
+/// [`banner_within`] for a local Unix socket (one the ControlMaster forwards).
+pub fn unix_banner(path: &Path, timeout: Duration) -> bool {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(stream) => {
+            let _ = stream.set_read_timeout(Some(timeout));
+            banner_within(stream)
+        }
+        Err(_) => false,
+    }
 }
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {

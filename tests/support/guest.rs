@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use farm::build::layer::BootFiles;
 use farm::model::qemu::{
-    DirectBoot, Disk, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel, mac_for,
+    DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel,
+    mac_for,
 };
-use farm::model::seed::{SeedNic, SeedSpec, write_seed_image};
+use farm::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use farm::model::ssh_config::{SshHost, known_hosts_line, render};
 use farm::model::values::Arch;
 use farm::sys::ssh::{Output, Ssh};
@@ -122,7 +123,7 @@ impl Guest {
         }];
         seed.nics.extend(extra_nics.iter().cloned());
         let seed_path = work.path().join("seed.img");
-        write_seed_image(&seed, &seed_path).unwrap();
+        fs_err::write(&seed_path, seed_image_bytes(&seed).unwrap()).unwrap();
         let port = farm::sys::hostinfo::free_local_port().unwrap();
         let config = work.path().join("ssh_config");
         fs_err::write(
@@ -157,11 +158,13 @@ impl Guest {
                     path: disk,
                     format: "qcow2",
                     readonly: false,
+                    cache: DiskCache::Unsafe,
                 },
                 Disk {
                     path: seed_path,
                     format: "raw",
                     readonly: true,
+                    cache: DiskCache::Unsafe,
                 },
             ],
             boot: boot.map(|b| DirectBoot {
@@ -188,6 +191,7 @@ impl Guest {
             qmp_socket: None,
             pidfile: None,
             daemonize: false,
+            tag: None,
         };
         let mut process = VmProcess::start(&vm, &work.path().join("qemu.stderr")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(300);

@@ -4,9 +4,11 @@
 //! the same three operations over the jump chain.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 pub use crate::sys::ssh::Output;
 
@@ -58,6 +60,8 @@ pub trait Host: Send + Sync {
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
         qmp_with_socat(self, socket, command)
     }
+    /// Whether an ssh server answers at `address` as seen from the host (its banner).
+    fn ssh_answers(&self, address: SocketAddr, timeout: Duration) -> bool;
 }
 
 /// Everything a child's output pipe still has.
@@ -84,13 +88,11 @@ pub fn qmp_with_socat<H: Host + ?Sized>(
 }
 
 /// A shell test, true when `pidfile` names a live process that has `argument` as one of
-/// its command-line arguments (pids are reused, so a live pid alone proves nothing). It
-/// leaves the pid in `$pid` for the script that follows.
+/// its command-line arguments; it leaves the pid in `$pid`.
 pub fn process_alive_test(pidfile: &Path, argument: &str) -> String {
-    format!(
-        "{{ pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | grep -qxF {argument}; }}",
-        pidfile = crate::sys::ssh::shell_quote(&pidfile.display().to_string()),
-        argument = crate::sys::ssh::shell_quote(argument),
+    crate::model::observation::alive_test(
+        &crate::sys::ssh::shell_quote(&pidfile.display().to_string()),
+        &crate::sys::ssh::shell_quote(argument),
     )
 }
 
@@ -144,6 +146,10 @@ impl Host for LocalHost {
         // Best effort by design: the caller checks the process afterwards.
         let _ = crate::sys::qmp::execute(socket, command);
         Ok(())
+    }
+
+    fn ssh_answers(&self, address: SocketAddr, timeout: Duration) -> bool {
+        crate::sys::ssh::tcp_banner(address, timeout)
     }
 
     fn run_with_input(

@@ -35,6 +35,11 @@ impl RemoteHost {
         })
     }
 
+    /// Whether its ssh connection still stands (it drops when the host reboots).
+    pub fn is_alive(&self) -> bool {
+        self.session().is_alive()
+    }
+
     fn session(&self) -> std::sync::MutexGuard<'_, Ssh> {
         self.ssh.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -131,5 +136,13 @@ impl Host for RemoteHost {
             Ok(_) => Ok(()),
             Err(_) => crate::run::host::qmp_with_socat(self, socket, command),
         }
+    }
+
+    fn ssh_answers(&self, address: std::net::SocketAddr, timeout: Duration) -> bool {
+        self.session()
+            .with_forwarded_tcp(address, |local| {
+                crate::sys::ssh::unix_banner(local, timeout)
+            })
+            .unwrap_or(false)
     }
 }

@@ -1,0 +1,276 @@
+//! `farm down`: stops the named VMs (all when none) and every VM inside them, deepest site
+//! first, powering each guest off and saying how it went; removes their overlays unless
+//! `--keep`. qemu processes farm started but has no state for (found by their tag, e.g.
+//! after `.farm/` was deleted) are stopped too, and networks nothing uses any more go.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::model::observation::SiteObservation;
+use crate::model::topology::{Placement, Topology};
+use crate::progress::Reporter;
+use crate::project::Project;
+use crate::run::host::Host;
+use crate::run::instance::{self, Stopped};
+use crate::run::observe::observe_site;
+use crate::run::site::{SiteError, Sites};
+use crate::run::state::StateDir;
+use crate::run::up::{UpError, desired, ssh_poweroff, write_state_ssh_files};
+use crate::store::Store;
+
+/// The named VMs (all when none) and every VM running inside them, at any depth.
+pub fn with_descendants(topology: &Topology, names: &[String]) -> BTreeSet<String> {
+    topology
+        .vms
+        .values()
+        .filter(|vm| {
+            names.is_empty()
+                || names.contains(&vm.name)
+                || topology
+                    .chain(&vm.name)
+                    .iter()
+                    .any(|p| matches!(p, Placement::Vm(parent) if names.contains(parent)))
+        })
+        .map(|vm| vm.name.clone())
+        .collect()
+}
+
+/// Stops VMs; returns the names of those it stopped or removed.
+pub fn down(
+    project: &Project,
+    state_root: &Path,
+    names: &[String],
+    keep: bool,
+    timeout: Duration,
+    reporter: &Reporter,
+) -> Result<Vec<String>, UpError> {
+    let topology = &project.loaded.topology;
+    let state = StateDir::open(state_root)?;
+    let all: BTreeSet<String> = topology.vms.keys().cloned().collect();
+    let store = Store::open_existing(&project.store_dir)?;
+    let desired = desired(
+        project,
+        all,
+        &BTreeMap::new(),
+        store.as_ref(),
+        &state,
+        None,
+        &project.store_dir,
+    )?;
+    write_state_ssh_files(project, &state, &BTreeMap::new())?;
+    let wanted = with_descendants(topology, names);
+    let everything = names.is_empty();
+    let sites = Sites::new(topology, &state.ssh_config());
+
+    // Every site that may hold a wanted VM, deepest first.
+    let mut placements: Vec<(u32, Placement)> =
+        desired.top_sites().into_iter().map(|p| (0, p)).collect();
+    for vm in topology.vms.values() {
+        if desired.site_inside(&vm.name).is_some() && (wanted.contains(&vm.name) || everything) {
+            placements.push((vm.level, Placement::Vm(vm.name.clone())));
+        }
+    }
+    placements.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    placements.dedup();
+
+    let mut stopped = Vec::new();
+    let mut down_hypervisors: BTreeSet<String> = BTreeSet::new();
+    for (_, placement) in placements {
+        if let Placement::Vm(hv) = &placement
+            && down_hypervisors.contains(hv)
+        {
+            continue;
+        }
+        let host = match sites.connect(&placement) {
+            Ok(host) => host,
+            Err(SiteError::VmUnreachable { vm, .. }) => {
+                // Its VMs stopped with it; farm forgets them unless asked to keep them.
+                for child in topology.children(&placement) {
+                    if wanted.contains(&child.name) && state.instance(&child.name).dir.is_dir() {
+                        if !keep {
+                            state.remove_instance(&child.name)?;
+                        }
+                        reporter.status(
+                            "stopped",
+                            format!("{} (its hypervisor {vm} is not running)", child.name),
+                        );
+                        stopped.push(child.name.clone());
+                    }
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let observation = observe_site(host.as_ref(), &desired, &placement, false)?;
+        let on_site: Vec<String> = observation
+            .instances
+            .keys()
+            .filter(|name| {
+                wanted.contains(*name) || (everything && !topology.vms.contains_key(*name))
+            })
+            .cloned()
+            .collect();
+        let teardown = Teardown {
+            sites: &sites,
+            state: &state,
+            keep,
+            timeout,
+            reporter,
+        };
+        let down_here = teardown.stop_all(
+            host.as_ref(),
+            &desired.layout(&placement).state_dir,
+            &on_site,
+        )?;
+        for name in &down_here {
+            if desired.site_inside(name).is_some() {
+                down_hypervisors.insert(name.clone());
+            }
+        }
+        stopped.extend(down_here);
+        stopped.extend(stop_orphans(
+            host.as_ref(),
+            &observation,
+            &wanted,
+            everything,
+            &placement,
+            reporter,
+        )?);
+        tear_down_networks(
+            host.as_ref(),
+            &desired,
+            &placement,
+            &observation,
+            &stopped,
+            everything,
+        )?;
+    }
+    write_state_ssh_files(project, &state, &BTreeMap::new())?;
+    Ok(stopped)
+}
+
+/// How `down` stops VMs.
+struct Teardown<'a> {
+    sites: &'a Sites<'a>,
+    state: &'a StateDir,
+    keep: bool,
+    timeout: Duration,
+    reporter: &'a Reporter,
+}
+
+impl Teardown<'_> {
+    /// Stops VMs of one site in parallel; removes them unless `keep` (then marks them kept).
+    fn stop_all(
+        &self,
+        host: &dyn Host,
+        site_state: &Path,
+        names: &[String],
+    ) -> Result<Vec<String>, UpError> {
+        let (sites, state, keep, timeout, reporter) = (
+            self.sites,
+            self.state,
+            self.keep,
+            self.timeout,
+            self.reporter,
+        );
+        let results: Vec<Result<String, UpError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    scope.spawn(move || -> Result<String, UpError> {
+                        let paths = crate::model::instance::InstancePaths::new(site_state, name);
+                        let config = sites.ssh_config().to_path_buf();
+                        let poweroff = || ssh_poweroff(&config, name);
+                        let how = instance::stop(host, &paths, name, timeout, Some(&poweroff))?;
+                        if keep {
+                            if let Some(mut record) = host.get(&paths.record())?.and_then(|b| {
+                                crate::model::instance::InstanceRecord::parse(&b).ok()
+                            }) {
+                                record.kept = true;
+                                instance::save(host, &record)?;
+                            }
+                        } else {
+                            instance::remove(host, &paths, name)?;
+                            state.remove_instance(name)?;
+                        }
+                        let kept = if keep { ", overlay kept" } else { "" };
+                        let verb = match how {
+                            Stopped::Killed(_) | Stopped::Quit(_) => "killed",
+                            _ => "stopped",
+                        };
+                        reporter.status(verb, format!("{name} ({how}{kept})"));
+                        Ok(name.clone())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a VM thread panicked"))
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+}
+
+/// Stops tagged qemu processes farm has no state for: those of wanted VMs, or every one
+/// when everything goes down.
+fn stop_orphans(
+    host: &dyn Host,
+    observation: &SiteObservation,
+    wanted: &BTreeSet<String>,
+    everything: bool,
+    placement: &Placement,
+    reporter: &Reporter,
+) -> Result<Vec<String>, UpError> {
+    let mut stopped = Vec::new();
+    for (vm, pids) in observation.orphans() {
+        if !everything && !wanted.contains(&vm) {
+            continue;
+        }
+        instance::stop_pids(host, &pids, Duration::from_secs(10))?;
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        reporter.status(
+            "stopped",
+            format!(
+                "{vm} (qemu pid {} on {}, which farm had no state for)",
+                pids.join(", "),
+                placement.name()
+            ),
+        );
+        stopped.push(vm);
+    }
+    Ok(stopped)
+}
+
+/// A site's network goes when none of its VMs runs any more (and, when everything goes
+/// down, tagged network daemons farm lost track of).
+fn tear_down_networks(
+    host: &dyn Host,
+    desired: &crate::model::up_plan::Desired,
+    placement: &Placement,
+    observation: &SiteObservation,
+    stopped: &[String],
+    everything: bool,
+) -> Result<(), UpError> {
+    let state_dir = desired.layout(placement).state_dir;
+    for network in crate::model::network::site_networks(desired.config, desired.topology, placement)
+    {
+        let in_use = network.users.iter().any(|user| {
+            !stopped.contains(user) && observation.instances.get(user).is_some_and(|i| i.running())
+        });
+        if !in_use {
+            crate::run::vde::tear_down(host, &state_dir, &network)?;
+        }
+    }
+    if everything {
+        let lost: Vec<u32> = observation
+            .tagged
+            .iter()
+            .filter(|p| p.what.starts_with("net:"))
+            .map(|p| p.pid)
+            .collect();
+        instance::stop_pids(host, &lost, Duration::from_secs(5))?;
+    }
+    Ok(())
+}
