@@ -90,6 +90,11 @@ impl Reporter {
 
     /// A byte-counting bar: total, rate and ETA when the length is known, a spinner otherwise.
     pub fn bytes(&self, prefix: &str, len: Option<u64>) -> ProgressBar {
+        self.bytes_for(prefix, "", len)
+    }
+
+    /// [`Reporter::bytes`] saying what moves (shown off a terminal, where bars cannot draw).
+    pub fn bytes_for(&self, prefix: &str, message: &str, len: Option<u64>) -> ProgressBar {
         let bar = match len {
             Some(len) => ProgressBar::new(len).with_style(
                 ProgressStyle::with_template(
@@ -103,7 +108,11 @@ impl Reporter {
                     .expect("valid template"),
             ),
         };
-        self.add(bar.with_prefix(prefix.to_string()), prefix)
+        self.add(
+            bar.with_prefix(prefix.to_string())
+                .with_message(message.to_string()),
+            prefix,
+        )
     }
 
     /// A spinner with elapsed time, for a step whose length is unknown.

@@ -261,8 +261,7 @@ fn realise_one(
             let ImageSource::Url { hash, .. } = &config.images[image].source else {
                 unreachable!("fetch actions come from url images")
             };
-            let bar = reporter.bytes("fetch", None);
-            bar.set_message(name.to_string());
+            let bar = reporter.bytes_for("fetch", &format!("{name} from {url}"), None);
             let downloaded = fetch::download(
                 &Download {
                     url,
@@ -301,7 +300,8 @@ fn realise_one(
             let ImageSource::Path { hash, .. } = &img.source else {
                 unreachable!("import actions come from path images")
             };
-            let bar = reporter.bytes("import", None);
+            let bar =
+                reporter.bytes_for("import", &format!("{name} from `{}`", path.display()), None);
             let hashes = match hash {
                 Some(expected) => fetch::verify_file(path, expected, &bar),
                 None => fetch::hash_file(path, None, &bar),
@@ -494,7 +494,7 @@ fn place_image(
             fs_err::copy(src, &unpacked)?;
         }
     } else {
-        let bar = reporter.bytes("unpack", None);
+        let bar = reporter.bytes_for("unpack", &src.display().to_string(), None);
         let (_, out_hash) = fetch::decompress(src, compression, &unpacked, &bar)?;
         bar.finish_and_clear();
         blake3 = Some(out_hash);

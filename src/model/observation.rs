@@ -98,12 +98,13 @@ impl SiteObservation {
     }
 }
 
-/// A network's daemons: pidfile and the argument that proves the pid is still it.
+/// A network's daemons on a site: their pidfiles (a daemon runs when its pid carries the
+/// project's `net:NAME:switch` or `net:NAME:tap` tag).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkProbe {
     pub name: String,
-    pub switch: Option<(PathBuf, String)>,
-    pub tap: Option<(PathBuf, String)>,
+    pub switch: Option<PathBuf>,
+    pub tap: Option<PathBuf>,
 }
 
 /// What to ask a site.
@@ -133,14 +134,15 @@ fn qp(p: &Path) -> String {
 
 /// A shell test, true when `pidfile` names a live process that has `argument` as one of
 /// its command-line arguments (pids are reused, so a live pid alone proves nothing). It
-/// leaves the pid in `$pid`.
+/// leaves the pid in `$pid`. Built-ins and one `grep`: under TCG every process costs.
 pub fn alive_test(pidfile: &str, argument: &str) -> String {
     format!(
-        "{{ pid=$(cat {pidfile} 2>/dev/null) && [ -n \"$pid\" ] && tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | grep -qxF {argument}; }}"
+        "{{ pid=; read -r pid 2>/dev/null < {pidfile}; [ -n \"$pid\" ] && grep -qzxF {argument} /proc/$pid/cmdline 2>/dev/null; }}"
     )
 }
 
-/// The script; its output is read by [`parse_observation`].
+/// The script; its output is read by [`parse_observation`]. It starts few processes: on a
+/// hypervisor VM under TCG each costs tens of milliseconds.
 pub fn observe_script(req: &ObserveRequest) -> String {
     let mut s = String::from("cd / 2>/dev/null\n");
     for tool in &req.tools {
@@ -157,23 +159,23 @@ pub fn observe_script(req: &ObserveRequest) -> String {
     s.push_str(
         "[ -r /dev/kvm ] && [ -w /dev/kvm ] && echo kvm-device\n\
          { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; } && echo kvm-hardware\n\
-         echo \"arch $(uname -m)\"\n\
-         awk '$4 == \"0A\" { print \"listen\", $2 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null\n",
+         a=; read -r a 2>/dev/null < /proc/sys/kernel/arch || a=$(uname -m); echo \"arch $a\"\n\
+         for t in /proc/net/tcp /proc/net/tcp6; do [ -r $t ] && while read -r sl local rem st rest; do \
+         [ \"$st\" = 0A ] && echo \"listen $local\"; done < $t; done\n",
     );
     let vms = req.state_dir.join("vms");
+    // A pidfile alone proves nothing (pids are reused): the pid must also be one of the
+    // processes carrying this project's tag for this VM, from the one scan below.
     s.push_str(&format!(
-        "for d in {vms}/*/; do [ -d \"$d\" ] || continue; n=$(basename \"$d\"); \
-         if {alive}; then echo \"vm $n $pid\"; else echo \"vm $n -\"; fi; \
-         if [ -f \"$d/instance.json\" ]; then printf 'record %s ' \"$n\"; tr -d '\\n' < \"$d/instance.json\"; echo; fi; done\n",
+        "for d in {vms}/*/; do [ -d \"$d\" ] || continue; d=${{d%/}}; n=${{d##*/}}; \
+         p=-; read -r p 2>/dev/null < \"$d/qemu.pid\"; echo \"vm $n ${{p:--}}\"; \
+         if [ -f \"$d/instance.json\" ]; then r=; IFS= read -r r < \"$d/instance.json\"; printf 'record %s %s\\n' \"$n\" \"$r\"; fi; done\n",
         vms = qp(&vms),
-        alive = alive_test("\"$d/qemu.pid\"", "\"$n,process=farm-$n\""),
     ));
+    // Every process's tag, NUL-terminated (read as lines by the parser): one process for
+    // all of them.
     s.push_str(&format!(
-        "for e in $(grep -lzxF {tag} /proc/[0-9]*/environ 2>/dev/null); do p=${{e#/proc/}}; \
-         w=$(tr '\\0' '\\n' < \"$e\" 2>/dev/null | sed -n 's/^{what}=//p'); \
-         [ -n \"$w\" ] && echo \"tagged ${{p%/environ}} $w\"; done\n",
-        tag = q(&format!("{TAG_PROJECT}={}", req.project)),
-        what = TAG_WHAT,
+        "grep -azH -e '^{TAG_PROJECT}=' -e '^{TAG_WHAT}=' /proc/[0-9]*/environ 2>/dev/null\necho\n"
     ));
     if let Some((dir, names)) = &req.store
         && !names.is_empty()
@@ -186,12 +188,12 @@ pub fn observe_script(req: &ObserveRequest) -> String {
         ));
     }
     for network in &req.networks {
-        for (kind, probe) in [("switch", &network.switch), ("tap", &network.tap)] {
-            if let Some((pidfile, mark)) = probe {
+        for (kind, pidfile) in [("switch", &network.switch), ("tap", &network.tap)] {
+            if let Some(pidfile) = pidfile {
                 s.push_str(&format!(
-                    "{} && echo net {} {kind}\n",
-                    alive_test(&qp(pidfile), &q(mark)),
-                    q(&network.name)
+                    "p=-; read -r p 2>/dev/null < {}; echo \"netpid {} {kind} ${{p:--}}\"\n",
+                    qp(pidfile),
+                    network.name
                 ));
             }
         }
@@ -205,9 +207,14 @@ fn hex_port(address: &str) -> Option<u16> {
     u16::from_str_radix(address.rsplit(':').next()?, 16).ok()
 }
 
-pub fn parse_observation(text: &str) -> SiteObservation {
+/// Reads the script's output for the project tagged `project`.
+pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
     let mut obs = SiteObservation::default();
-    for line in text.lines() {
+    // pid → (project, what) from the environment scan.
+    let mut tags: BTreeMap<u32, (Option<String>, Option<String>)> = BTreeMap::new();
+    let mut pidfiles: Vec<(String, Option<u32>)> = Vec::new();
+    let mut network_pids: Vec<(String, String, Option<u32>)> = Vec::new();
+    for line in text.split(['\n', '\0']) {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "missing" => obs.facts.missing.push(rest.to_string()),
@@ -224,11 +231,12 @@ pub fn parse_observation(text: &str) -> SiteObservation {
             "listen" => obs.listening.extend(hex_port(rest)),
             "vm" => {
                 if let Some((name, pid)) = rest.split_once(' ') {
+                    pidfiles.push((name.to_string(), pid.trim().parse().ok()));
                     obs.instances.insert(
                         name.to_string(),
                         ObservedInstance {
                             record: Err("it has no instance record".into()),
-                            pid: pid.parse().ok(),
+                            pid: None,
                             answers: None,
                         },
                     );
@@ -241,29 +249,68 @@ pub fn parse_observation(text: &str) -> SiteObservation {
                     instance.record = InstanceRecord::parse(json.as_bytes());
                 }
             }
-            "tagged" => {
-                if let Some((pid, what)) = rest.split_once(' ')
-                    && let Ok(pid) = pid.parse()
-                {
-                    obs.tagged.push(TaggedProcess {
-                        pid,
-                        what: what.to_string(),
-                    });
-                }
-            }
             "entry" => {
                 obs.entries.insert(rest.to_string());
             }
-            "net" => {
-                if let Some((name, kind)) = rest.rsplit_once(' ') {
-                    let state = obs.networks.entry(name.to_string()).or_default();
-                    match kind {
-                        "switch" => state.switch = true,
-                        "tap" => state.tap = true,
-                        _ => {}
-                    }
+            "netpid" => {
+                let mut parts = rest.splitn(3, ' ');
+                if let (Some(name), Some(kind), Some(pid)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    network_pids.push((
+                        name.to_string(),
+                        kind.to_string(),
+                        pid.trim().parse().ok(),
+                    ));
                 }
             }
+            // `grep -H` of a process's environment: `/proc/PID/environ:NAME=VALUE`.
+            _ if word.starts_with("/proc/") => {
+                let Some((pid, var)) = line
+                    .strip_prefix("/proc/")
+                    .and_then(|l| l.split_once("/environ:"))
+                else {
+                    continue;
+                };
+                let Ok(pid) = pid.parse::<u32>() else {
+                    continue;
+                };
+                let entry = tags.entry(pid).or_default();
+                if let Some(value) = var
+                    .strip_prefix(TAG_PROJECT)
+                    .and_then(|v| v.strip_prefix('='))
+                {
+                    entry.0 = Some(value.to_string());
+                } else if let Some(value) =
+                    var.strip_prefix(TAG_WHAT).and_then(|v| v.strip_prefix('='))
+                {
+                    entry.1 = Some(value.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    obs.tagged = tags
+        .into_iter()
+        .filter_map(|(pid, (p, what))| {
+            (p.as_deref() == Some(project)).then_some(TaggedProcess { pid, what: what? })
+        })
+        .collect();
+    let tagged_as = |pid: Option<u32>, what: String| {
+        pid.filter(|pid| obs.tagged.iter().any(|t| t.pid == *pid && t.what == what))
+    };
+    for (name, pid) in pidfiles {
+        let alive = tagged_as(pid, format!("vm:{name}"));
+        if let Some(instance) = obs.instances.get_mut(&name) {
+            instance.pid = alive;
+        }
+    }
+    for (name, kind, pid) in network_pids {
+        let alive = tagged_as(pid, format!("net:{name}:{kind}")).is_some();
+        let state = obs.networks.entry(name).or_default();
+        match kind.as_str() {
+            "switch" => state.switch = alive,
+            "tap" => state.tap = alive,
             _ => {}
         }
     }
@@ -285,7 +332,7 @@ mod tests {
             store: Some(("/var/lib/farm/cache/store".into(), vec!["k-a".into()])),
             networks: vec![NetworkProbe {
                 name: "lab".into(),
-                switch: Some(("/s/networks/lab/switch.pid".into(), "/s/ctl".into())),
+                switch: Some("/s/networks/lab/switch.pid".into()),
                 tap: None,
             }],
         };
@@ -293,10 +340,18 @@ mod tests {
         assert!(script.contains("command -v 'qemu-img'"));
         assert!(script.contains("no-tap-rights"));
         assert!(script.contains("for d in '/var/lib/farm/state/vms'/*/"));
-        assert!(script.contains("grep -lzxF 'FARM_PROJECT=/p/.farm'"));
+        assert!(
+            script
+                .contains("grep -azH -e '^FARM_PROJECT=' -e '^FARM_PROCESS=' /proc/[0-9]*/environ")
+        );
+        assert_eq!(
+            script.matches("grep").count(),
+            2,
+            "one scan (and the tap check): {script}"
+        );
         assert!(script.contains("[ -e '/var/lib/farm/cache/store'/\"$e\"/meta.json ]"));
-        assert!(script.contains("echo net 'lab' switch"));
-        assert!(!script.contains("tap\n"));
+        assert!(script.contains("echo \"netpid lab switch ${p:--}\""));
+        assert!(!script.contains("netpid lab tap"));
     }
 
     #[test]
@@ -304,12 +359,16 @@ mod tests {
         let record = InstanceRecord::new(crate::model::instance::tests::spec());
         let text = format!(
             "missing b3sum\nkvm-device\narch x86_64\nlisten 0100007F:089A\nlisten 00000000:0016\n\
-             vm web 4242\nrecord web {}\nvm half -\nvm old -\nrecord old {{\"name\":\"old\"}}\n\
-             tagged 4242 vm:web\ntagged 99 vm:web\ntagged 100 vm:ghost\ntagged 7 net:lab\n\
-             entry k-a\nnet lab switch\n",
+             vm web 4242\nrecord web {}\nvm half 5\nvm old -\nrecord old {{\"name\":\"old\"}}\n\
+             /proc/4242/environ:FARM_PROJECT=/p/.farm\0/proc/4242/environ:FARM_PROCESS=vm:web\0\
+             /proc/99/environ:FARM_PROJECT=/p/.farm\0/proc/99/environ:FARM_PROCESS=vm:web\0\
+             /proc/100/environ:FARM_PROCESS=vm:ghost\0/proc/100/environ:FARM_PROJECT=/p/.farm\0\
+             /proc/5/environ:FARM_PROJECT=/other/.farm\0/proc/5/environ:FARM_PROCESS=vm:half\0\
+             /proc/7/environ:FARM_PROJECT=/p/.farm\0/proc/7/environ:FARM_PROCESS=net:lab:switch\0\n\
+             entry k-a\nnetpid lab switch 7\nnetpid lab tap 8\n",
             String::from_utf8(record.to_json()).unwrap()
         );
-        let obs = parse_observation(&text);
+        let obs = parse_observation(&text, "/p/.farm");
         assert_eq!(obs.facts.missing, ["b3sum"]);
         assert!(obs.facts.kvm.device_usable && !obs.facts.kvm.hardware_module);
         assert_eq!(obs.facts.arch, Some(Arch::X86_64));
@@ -320,7 +379,10 @@ mod tests {
             obs.instances["half"].record,
             Err("it has no instance record".into())
         );
-        assert!(!obs.instances["half"].running());
+        assert!(
+            !obs.instances["half"].running(),
+            "its pid is another project's process"
+        );
         assert_eq!(
             obs.instances["old"].record,
             Err("written by an older farm".into())

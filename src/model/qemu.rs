@@ -141,7 +141,7 @@ pub struct QemuVm {
 pub struct ProcessTag {
     /// The project's local state directory, absolute (`/home/me/lab/.farm`).
     pub project: String,
-    /// `vm:NAME` or `net:NAME`.
+    /// `vm:NAME`, or `net:NAME:switch` / `net:NAME:tap`.
     pub what: String,
 }
 
@@ -158,10 +158,11 @@ impl ProcessTag {
         }
     }
 
-    pub fn network(project: &str, name: &str) -> Self {
+    /// A network's daemon: `kind` is `switch` or `tap`.
+    pub fn network(project: &str, name: &str, kind: &str) -> Self {
         Self {
             project: project.to_string(),
-            what: format!("net:{name}"),
+            what: format!("net:{name}:{kind}"),
         }
     }
 

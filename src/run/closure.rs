@@ -137,8 +137,11 @@ pub fn push_closure(
         [(only, _)] => only.dir_name().to_string(),
         many => format!("{} entries", many.len()),
     };
-    let bar = reporter.bytes("push", Some(stream_len(&missing)));
-    bar.set_message(format!("{label} to {}", host.name()));
+    let bar = reporter.bytes_for(
+        "push",
+        &format!("{label} to {}", host.name()),
+        Some(stream_len(&missing)),
+    );
     for attempt in 1..=PUSH_ATTEMPTS {
         let position = bar.position();
         let rejected = send_entries(host, store, &missing, &bar)?;

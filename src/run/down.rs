@@ -11,12 +11,13 @@ use crate::model::observation::SiteObservation;
 use crate::model::topology::{Placement, Topology};
 use crate::progress::Reporter;
 use crate::project::Project;
+use crate::run::apply::ssh_poweroff;
 use crate::run::host::Host;
 use crate::run::instance::{self, Stopped};
 use crate::run::observe::observe_site;
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::StateDir;
-use crate::run::up::{UpError, desired, ssh_poweroff, write_state_ssh_files};
+use crate::run::up::{UpError, desired, write_state_ssh_files};
 use crate::store::Store;
 
 /// The named VMs (all when none) and every VM running inside them, at any depth.
@@ -102,7 +103,8 @@ pub fn down(
             }
             Err(e) => return Err(e.into()),
         };
-        let observation = observe_site(host.as_ref(), &desired, &placement, false)?;
+        let observation =
+            observe_site(host.as_ref(), &desired, &placement, false, &BTreeMap::new())?;
         let on_site: Vec<String> = observation
             .instances
             .keys()

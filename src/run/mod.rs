@@ -5,6 +5,7 @@
 //! instances are the qemu backend (`instance`), layers reach hypervisors by `closure` push,
 //! networks are `vde`'s; `state` is the local `.farm/`.
 
+pub mod apply;
 pub mod closure;
 pub mod down;
 pub mod host;

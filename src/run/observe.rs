@@ -20,8 +20,15 @@ use crate::run::host::{Host, HostError};
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::StatePaths;
 
-/// How long an sshd may take to send its banner.
-const BANNER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an sshd may take to send its banner. It normally takes a fraction of a
+/// second even nested under TCG; a VM that does not answer is restarted, so a busy one
+/// gets time, and a second chance (`answers`).
+const BANNER_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Whether the sshd at `address` answers: asked twice before farm concludes it does not.
+fn answers(host: &dyn Host, address: SocketAddr) -> bool {
+    host.ssh_answers(address, BANNER_TIMEOUT) || host.ssh_answers(address, BANNER_TIMEOUT)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -65,44 +72,69 @@ pub fn request(desired: &Desired, placement: &Placement) -> ObserveRequest {
                 let dir = n.dir(&layout.state_dir);
                 NetworkProbe {
                     name: n.name.clone(),
-                    switch: (n.backend == crate::model::network::VdeBackend::Switch).then(|| {
-                        (
-                            dir.join("switch.pid"),
-                            n.control_dir(&layout.state_dir).display().to_string(),
-                        )
-                    }),
-                    tap: n.attach.map(|_| {
-                        (
-                            dir.join("tap.pid"),
-                            format!("tap://{}", n.tap_name(&layout.state_dir)),
-                        )
-                    }),
+                    switch: (n.backend == crate::model::network::VdeBackend::Switch)
+                        .then(|| dir.join("switch.pid")),
+                    tap: n.attach.map(|_| dir.join("tap.pid")),
                 }
             })
             .collect(),
     }
 }
 
-/// Runs the observation on one site, then (with `ask_ssh`) asks every running instance's
-/// sshd for its banner, in parallel.
+/// Runs the observation on one site and (with `ask_ssh`) asks every running instance's
+/// sshd for its banner, in parallel. `expected` gives the addresses farm's records here
+/// name for the site's VMs: those are asked while the script runs (one round trip saved on
+/// a hypervisor VM); an instance found elsewhere is asked afterwards.
 pub fn observe_site(
     host: &dyn Host,
     desired: &Desired,
     placement: &Placement,
     ask_ssh: bool,
+    expected: &BTreeMap<String, SocketAddr>,
 ) -> Result<SiteObservation, HostError> {
-    let out = host.run(&observe_script(&request(desired, placement)))?;
-    let mut observation = parse_observation(&String::from_utf8_lossy(&out.stdout));
-    observation.reached = true;
-    if !ask_ssh {
-        return Ok(observation);
-    }
     let attached: Vec<String> = site_attachments(desired.topology, placement)
         .into_iter()
         .map(|(network, _)| network)
         .collect();
+    let early: Vec<(&String, &SocketAddr)> = expected
+        .iter()
+        .filter(|(name, _)| ask_ssh && desired.site_inside(name).is_none())
+        .collect();
+    let (out, early) = std::thread::scope(|scope| {
+        let asked: Vec<_> = early
+            .into_iter()
+            .map(|(name, address)| {
+                scope.spawn(move || {
+                    (
+                        name.clone(),
+                        *address,
+                        host.ssh_answers(*address, BANNER_TIMEOUT),
+                    )
+                })
+            })
+            .collect();
+        let out = host.run(&observe_script(&request(desired, placement)));
+        let answers: Vec<(String, SocketAddr, bool)> = asked
+            .into_iter()
+            .map(|h| h.join().expect("a banner thread panicked"))
+            .collect();
+        (out, answers)
+    });
+    let out = out?;
+    let mut observation = parse_observation(
+        &String::from_utf8_lossy(&out.stdout),
+        &desired.project_tag(),
+    );
+    observation.reached = true;
+    if !ask_ssh {
+        return Ok(observation);
+    }
     std::thread::scope(|scope| {
-        for instance in observation.instances.values_mut() {
+        for (name, instance) in observation.instances.iter_mut() {
+            // A hypervisor VM farm looks into is asked by logging in (`observe_lab`).
+            if desired.site_inside(name).is_some() {
+                continue;
+            }
             let Some(address) = instance
                 .record
                 .as_ref()
@@ -112,10 +144,43 @@ pub fn observe_site(
             else {
                 continue;
             };
-            scope.spawn(move || instance.answers = Some(host.ssh_answers(address, BANNER_TIMEOUT)));
+            // An early "yes" stands; anything else is asked (again) now.
+            if early
+                .iter()
+                .any(|(n, a, yes)| n == name && *a == address && *yes)
+            {
+                instance.answers = Some(true);
+            } else {
+                scope.spawn(move || instance.answers = Some(answers(host, address)));
+            }
         }
     });
     Ok(observation)
+}
+
+/// The ssh addresses farm's records here give for the VMs on `placement` that run
+/// elsewhere than this machine (on this machine, asking costs nothing to wait for).
+pub fn expected_addresses(
+    state: &StatePaths,
+    desired: &Desired,
+    placement: &Placement,
+) -> BTreeMap<String, SocketAddr> {
+    if !desired.layout(placement).remote {
+        return BTreeMap::new();
+    }
+    let attached: Vec<String> = site_attachments(desired.topology, placement)
+        .into_iter()
+        .map(|(network, _)| network)
+        .collect();
+    let records = state.records();
+    desired
+        .vms_on(placement)
+        .into_iter()
+        .filter_map(|vm| {
+            let record = records.get(&vm.name)?;
+            Some((vm.name.clone(), ssh_address(&record.spec, &attached)?))
+        })
+        .collect()
 }
 
 /// Where the instance's sshd is, seen from its site: its forwarded port, or its address
@@ -142,21 +207,26 @@ struct Survey<'a> {
 }
 
 impl Survey<'_> {
-    /// Observes `placement`, then (in parallel) the site inside each of its hypervisor VMs
-    /// that runs and answers.
+    /// Observes `placement`, then (in parallel) logs in to each of its hypervisor VMs that
+    /// runs, which answers whether it answers ssh, and observes the site inside it.
     fn visit(&self, placement: Placement) {
         let desired = self.desired;
         let observed = self
             .sites
             .connect(&placement)
             .map_err(ObserveError::from)
-            .and_then(|host| Ok(observe_site(host.as_ref(), desired, &placement, true)?));
-        let observation = match observed {
+            .and_then(|host| {
+                let expected = expected_addresses(self.state, desired, &placement);
+                Ok(observe_site(
+                    host.as_ref(),
+                    desired,
+                    &placement,
+                    true,
+                    &expected,
+                )?)
+            });
+        let mut observation = match observed {
             Ok(observation) => observation,
-            Err(ObserveError::Site(e @ SiteError::VmUnreachable { .. })) => {
-                self.reporter.warn(e.to_string());
-                from_local_records(self.state, desired, &placement)
-            }
             Err(ObserveError::Site(e @ SiteError::HostUnreachable { .. })) if self.tolerant => {
                 self.reporter
                     .warn(format!("{e}\n(its VMs are shown as farm last knew them)"));
@@ -170,21 +240,40 @@ impl Survey<'_> {
                 return;
             }
         };
-        let inside: Vec<Placement> = observation
+        let inside: Vec<(String, Placement)> = observation
             .instances
             .iter()
-            .filter(|(_, i)| i.running() && i.answers != Some(false))
-            .filter_map(|(name, _)| desired.site_inside(name))
+            .filter(|(_, i)| i.running())
+            .filter_map(|(name, _)| Some((name.clone(), desired.site_inside(name)?)))
             .collect();
+        let answered: Vec<(String, bool)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = inside
+                .into_iter()
+                .map(|(vm, child)| {
+                    scope.spawn(move || match self.sites.connect(&child) {
+                        Ok(_) => {
+                            self.visit(child);
+                            (vm, true)
+                        }
+                        // Not logged in to: the plan restarts it (it does not answer).
+                        Err(_) => (vm, false),
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("an observing thread panicked"))
+                .collect()
+        });
+        for (vm, answers) in answered {
+            if let Some(instance) = observation.instances.get_mut(&vm) {
+                instance.answers = Some(answers);
+            }
+        }
         self.found
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(placement, observation);
-        std::thread::scope(|scope| {
-            for child in inside {
-                scope.spawn(move || self.visit(child));
-            }
-        });
     }
 }
 
@@ -233,6 +322,17 @@ pub fn observe_lab(
         errors: Mutex::new(Vec::new()),
     };
     std::thread::scope(|scope| {
+        // Logging in to a hypervisor VM is the slowest part of looking at a running lab:
+        // start it now for those farm's records say answered, while this machine is
+        // observed (the connection is kept for when it is needed).
+        let records = state.records();
+        for vm in &desired.selected {
+            if records.get(vm).is_some_and(|r| r.ready)
+                && let Some(inside) = desired.site_inside(vm)
+            {
+                scope.spawn(move || drop(sites.connect(&inside)));
+            }
+        }
         for placement in desired.top_sites() {
             let survey = &survey;
             scope.spawn(move || survey.visit(placement));

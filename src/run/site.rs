@@ -32,11 +32,15 @@ pub enum SiteError {
     VmUnreachable { vm: String, reason: String },
 }
 
+/// One site's connection, made once: threads asking for it at the same time wait for
+/// the first to connect instead of logging in twice.
+type Slot = Arc<Mutex<Option<Arc<dyn Host>>>>;
+
 /// The connections of one farm command, by site.
 pub struct Sites<'a> {
     topology: &'a Topology,
     ssh_config: PathBuf,
-    open: Mutex<BTreeMap<Placement, Arc<dyn Host>>>,
+    open: Mutex<BTreeMap<Placement, Slot>>,
 }
 
 impl<'a> Sites<'a> {
@@ -54,7 +58,9 @@ impl<'a> Sites<'a> {
 
     /// The site's host, connecting on first use.
     pub fn connect(&self, placement: &Placement) -> Result<Arc<dyn Host>, SiteError> {
-        if let Some(host) = self.lock().get(placement) {
+        let slot = self.lock().entry(placement.clone()).or_default().clone();
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = slot.as_ref() {
             return Ok(host.clone());
         }
         let host: Arc<dyn Host> = match placement {
@@ -80,7 +86,7 @@ impl<'a> Sites<'a> {
                 })?,
             ),
         };
-        self.lock().insert(placement.clone(), host.clone());
+        *slot = Some(host.clone());
         Ok(host)
     }
 
@@ -90,7 +96,7 @@ impl<'a> Sites<'a> {
         self.lock().remove(placement);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Placement, Arc<dyn Host>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Placement, Slot>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

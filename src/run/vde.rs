@@ -68,13 +68,15 @@ pub fn ensure_up(
     host: &dyn Host,
     site_state: &Path,
     network: &SiteNetwork,
-    tag: &ProcessTag,
+    project: &str,
 ) -> Result<(), VdeError> {
-    let env: String = tag
-        .env()
-        .iter()
-        .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
-        .collect();
+    let env = |kind: &str| -> String {
+        ProcessTag::network(project, &network.name, kind)
+            .env()
+            .iter()
+            .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
+            .collect()
+    };
     let dir = network.dir(site_state);
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let failed = |what: &'static str, output: String| VdeError::Start {
@@ -102,6 +104,7 @@ pub fn ensure_up(
                </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; \
              i=0; while [ ! -S {ctl}/ctl ]; do i=$((i+1)); [ $i -gt 50 ] && {{ cat {log}; exit 1; }}; sleep 0.1; done",
             alive = process_alive_test(&pidfile, &ctl.display().to_string()),
+            env = env("switch"),
             ctl = q(&ctl),
             pid = q(&pidfile),
             log = q(&log),
@@ -125,6 +128,7 @@ pub fn ensure_up(
              fi; \
              ip addr replace {address} dev {tap} && ip link set {tap} up",
             alive = process_alive_test(&pidfile, &format!("tap://{tap}")),
+            env = env("tap"),
             pid = q(&pidfile),
             descr = shell_quote(&format!("farm:{}", network.name)),
             plug = shell_quote(&network.plug(site_state)),

@@ -295,14 +295,44 @@ impl Ssh {
         )
     }
 
-    /// Runs `use_socket` with a local Unix socket the ControlMaster connects to `address`
-    /// as seen from the host (a guest's forwarded ssh port on the host's 127.0.0.1).
-    pub fn with_forwarded_tcp<T>(
-        &self,
-        address: std::net::SocketAddr,
-        use_socket: impl FnOnce(&Path) -> T,
-    ) -> Result<T, SshError> {
-        self.with_forward(address.into(), &address.to_string(), use_socket)
+    /// The master's control socket: other ssh processes use the connection through it.
+    pub fn control_socket(&self) -> std::path::PathBuf {
+        self.session().control_socket().to_path_buf()
+    }
+
+    /// A local Unix socket the ControlMaster connects to `address` as seen from the host (a
+    /// guest's forwarded ssh port on the host's 127.0.0.1), until [`Ssh::close_forward`].
+    /// Apart so that several can be used at once while the session serves other requests.
+    pub fn open_tcp_forward(&self, address: std::net::SocketAddr) -> Result<Forward, SshError> {
+        let dir = tempfile::Builder::new()
+            .prefix("farm-fwd")
+            .tempdir()
+            .map_err(SshError::ForwardDir)?;
+        let local = dir.path().join("s");
+        self.runtime
+            .block_on(self.session().request_port_forward(
+                openssh::ForwardType::Local,
+                local.as_path(),
+                address,
+            ))
+            .map_err(|source| SshError::Forward {
+                alias: self.alias.clone(),
+                remote: address.to_string(),
+                source,
+            })?;
+        Ok(Forward {
+            _dir: dir,
+            local,
+            remote: address,
+        })
+    }
+
+    pub fn close_forward(&self, forward: Forward) {
+        let _ = self.runtime.block_on(self.session().close_port_forward(
+            openssh::ForwardType::Local,
+            forward.local.as_path(),
+            forward.remote,
+        ));
     }
 
     fn with_forward<T>(
@@ -345,6 +375,13 @@ impl Ssh {
     pub fn is_alive(&self) -> bool {
         self.runtime.block_on(self.session().check()).is_ok()
     }
+}
+
+/// A forwarded connection's local end.
+pub struct Forward {
+    _dir: tempfile::TempDir,
+    pub local: std::path::PathBuf,
+    remote: std::net::SocketAddr,
 }
 
 impl Master {
@@ -393,6 +430,37 @@ pub fn tcp_banner(address: std::net::SocketAddr, timeout: Duration) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// [`banner_within`] for `address` as seen from a host, through the ControlMaster whose
+/// control socket is `control`: `ssh -W` opens one channel to it (no listener to set up and
+/// cancel), so several can be asked at once.
+pub fn banner_through(control: &Path, address: std::net::SocketAddr, timeout: Duration) -> bool {
+    let target = match address {
+        std::net::SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    let Ok(mut child) = std::process::Command::new("ssh")
+        .arg("-S")
+        .arg(control)
+        .args(["-o", "BatchMode=yes", "-W", &target, "none"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let (sender, receiver) = std::sync::mpsc::channel();
+    if let Some(stdout) = child.stdout.take() {
+        std::thread::spawn(move || {
+            let _ = sender.send(banner_within(stdout));
+        });
+    }
+    let answered = receiver.recv_timeout(timeout).unwrap_or(false);
+    let _ = child.kill();
+    let _ = child.wait();
+    answered
 }
 
 /// [`banner_within`] for a local Unix socket (one the ControlMaster forwards).

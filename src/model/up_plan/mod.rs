@@ -9,190 +9,21 @@
 //! be observed before).
 
 mod decide;
+mod desired;
 mod ports;
 mod render;
+mod spec;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 
-use super::config::Config;
-use super::hash::{ContentHash, DrvHash};
-use super::instance::{InstancePaths, InstanceSpec, LayerRef, UserNet, VdeNicSpec, VmState};
-use super::network::{SiteNetwork, VdeBackend, site_networks, vde_nics};
+use super::instance::{InstanceSpec, VmState};
+use super::network::{SiteNetwork, VdeBackend};
 use super::observation::{ObservedInstance, SiteFacts, SiteObservation};
-use super::qemu::{DirectBoot, MachineSpec, ProcessTag, choose_accel, mac_for};
-use super::topology::{LOCAL_HOST, Placement, REMOTE_ROOT, Topology, VmNode};
-use super::values::{Accel, Arch};
+use super::topology::{LOCAL_HOST, Placement};
 
 pub use decide::Reason;
-
-/// Memory of a VM whose platform and table say nothing.
-pub const DEFAULT_MEMORY_MIB: u64 = 1024;
-
-/// The store entry a VM's platform is realised as, and what a site needs of the store for
-/// it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayerInfo {
-    pub drv_hash: DrvHash,
-    /// `<platform>_<target>`.
-    pub name: String,
-    /// The entry's directory name.
-    pub entry: String,
-    /// The blake3 of its disk, from its metadata; `None` before it is built (dry run).
-    pub blake3: Option<ContentHash>,
-    /// Direct-boot files, with paths relative to a store's `store/` directory (the
-    /// nearest ancestor entry's `boot/`), or `None` to boot through firmware.
-    pub boot: Option<DirectBoot>,
-    /// The entries a site's store needs to boot it: its ancestors, then itself.
-    pub closure: Vec<String>,
-}
-
-/// Everything the plan needs besides observations.
-#[derive(Clone, Debug)]
-pub struct Desired<'a> {
-    pub config: &'a Config,
-    pub topology: &'a Topology,
-    /// The VMs to bring up: those asked for and every hypervisor above them.
-    pub selected: BTreeSet<String>,
-    /// Layers by `(platform, target)`.
-    pub layers: BTreeMap<(String, String), LayerInfo>,
-    /// `--accel`, overriding every target's.
-    pub accel: Option<Accel>,
-    /// farm's public key, authorised in every VM; `None` before the first `up` made it.
-    pub farm_key: Option<String>,
-    /// The local state directory, absolute: instances of this machine live there, and it
-    /// names the project in every process tag.
-    pub local_state: PathBuf,
-    /// The local store's `store/` directory.
-    pub local_store: PathBuf,
-}
-
-impl<'a> Desired<'a> {
-    pub fn project_tag(&self) -> String {
-        self.local_state.display().to_string()
-    }
-
-    /// Selected VMs placed directly on `placement`, by name.
-    pub fn vms_on(&self, placement: &Placement) -> Vec<&'a VmNode> {
-        self.topology
-            .vms
-            .values()
-            .filter(|vm| &vm.placement == placement && self.selected.contains(&vm.name))
-            .collect()
-    }
-
-    /// The site inside `vm`, when it runs selected VMs of its own.
-    pub fn site_inside(&self, vm: &str) -> Option<Placement> {
-        let placement = Placement::Vm(vm.to_string());
-        (!self.vms_on(&placement).is_empty()).then_some(placement)
-    }
-
-    /// The hosts with selected VMs, by name: where planning starts.
-    pub fn top_sites(&self) -> Vec<Placement> {
-        let hosts: BTreeSet<Placement> = self
-            .topology
-            .vms
-            .values()
-            .filter(|vm| self.selected.contains(&vm.name))
-            .filter_map(|vm| match &vm.placement {
-                p @ Placement::Host(_) => Some(p.clone()),
-                Placement::Vm(_) => None,
-            })
-            .collect();
-        hosts.into_iter().collect()
-    }
-
-    /// Where `placement` keeps farm's state and store.
-    pub fn layout(&self, placement: &Placement) -> SiteLayout {
-        SiteLayout::of(
-            self.topology,
-            placement,
-            &self.local_state,
-            &self.local_store,
-        )
-    }
-
-    /// The networks `placement` runs for its selected VMs.
-    pub fn networks(&self, placement: &Placement) -> Vec<SiteNetwork> {
-        site_networks(self.config, self.topology, placement)
-            .into_iter()
-            .filter(|n| n.users.iter().any(|u| self.selected.contains(u)))
-            .collect()
-    }
-
-    /// The programs a site must have: qemu for its VMs' architectures and qemu-img; b3sum
-    /// where layers are pushed; the VDE tools its networks need.
-    pub fn site_tools(&self, placement: &Placement) -> Vec<String> {
-        let arches: BTreeSet<Arch> = self
-            .vms_on(placement)
-            .iter()
-            .filter_map(|vm| self.config.targets.get(&vm.target))
-            .map(|t| t.arch)
-            .collect();
-        let mut tools: Vec<String> = arches.iter().map(|a| qemu_binary(*a).to_string()).collect();
-        tools.push("qemu-img".into());
-        if self.layout(placement).remote {
-            tools.push("b3sum".into());
-        }
-        let networks = self.networks(placement);
-        if networks.iter().any(|n| n.backend == VdeBackend::Switch) {
-            tools.push("vde_switch".into());
-        }
-        if networks.iter().any(|n| n.attach.is_some()) {
-            tools.extend(["vde_plug".into(), "ip".into()]);
-        }
-        tools
-    }
-}
-
-pub fn qemu_binary(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "qemu-system-x86_64",
-        Arch::Aarch64 => "qemu-system-aarch64",
-    }
-}
-
-/// Where a site keeps farm's files.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SiteLayout {
-    /// Instances (`vms/`) and networks (`networks/`).
-    pub state_dir: PathBuf,
-    /// The site store's `store/` directory.
-    pub store_entries: PathBuf,
-    /// Reached over ssh, with its own store that layers are pushed into.
-    pub remote: bool,
-}
-
-impl SiteLayout {
-    /// Where `placement` keeps farm's files: this machine's state directory and store, or
-    /// farm's directory on a remote host (its `root`) or in a hypervisor VM.
-    pub fn of(
-        topology: &Topology,
-        placement: &Placement,
-        local_state: &Path,
-        local_store: &Path,
-    ) -> SiteLayout {
-        match placement {
-            Placement::Host(_) => match topology.remote_host(placement) {
-                None => SiteLayout {
-                    state_dir: local_state.to_path_buf(),
-                    store_entries: local_store.to_path_buf(),
-                    remote: false,
-                },
-                Some(remote) => SiteLayout::remote(&remote.root),
-            },
-            Placement::Vm(_) => SiteLayout::remote(Path::new(REMOTE_ROOT)),
-        }
-    }
-
-    fn remote(root: &Path) -> Self {
-        Self {
-            state_dir: root.join("state"),
-            store_entries: root.join("cache").join("store"),
-            remote: true,
-        }
-    }
-}
+pub use desired::{Desired, LayerInfo, SiteLayout, qemu_binary};
+pub use spec::DEFAULT_MEMORY_MIB;
 
 /// What a site's plan rests on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -407,7 +238,7 @@ pub fn plan_site(
         vms: Vec::new(),
     };
     for vm in &vms {
-        let spec = resolve_spec(
+        let spec = spec::resolve(
             desired,
             &layout,
             vm,
@@ -623,84 +454,4 @@ fn list(pids: &[u32]) -> String {
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The spec of `vm` on a site laid out as `layout` with `facts`.
-fn resolve_spec(
-    desired: &Desired,
-    layout: &SiteLayout,
-    vm: &VmNode,
-    facts: &SiteFacts,
-    ssh_port: Option<u16>,
-    networks: &[SiteNetwork],
-) -> InstanceSpec {
-    let target = &desired.config.targets[&vm.target];
-    let layer = desired
-        .layers
-        .get(&(vm.platform.clone(), vm.target.clone()))
-        .expect("every selected VM's layer is resolved");
-    let on_site = |relative: &Path| layout.store_entries.join(relative);
-    let accel = choose_accel(
-        desired.accel.unwrap_or(target.accel),
-        facts.kvm,
-        facts.arch.unwrap_or(target.arch),
-        target.arch,
-    );
-    InstanceSpec {
-        name: vm.name.clone(),
-        hostname: vm.hostname.clone(),
-        platform: layer.name.clone(),
-        drv_hash: layer.drv_hash,
-        layer: LayerRef {
-            entry: layer.entry.clone(),
-            disk: on_site(&Path::new(&layer.entry).join("disk.qcow2")),
-            blake3: layer.blake3,
-        },
-        boot: layer.boot.as_ref().map(|b| DirectBoot {
-            kernel: on_site(&b.kernel),
-            initrd: b.initrd.as_deref().map(on_site),
-            cmdline: b.cmdline.clone(),
-        }),
-        hw: MachineSpec {
-            arch: target.arch,
-            machine: target.machine.clone(),
-            cpu: target.cpu.clone(),
-            accel,
-            memory_mib: vm
-                .resources
-                .memory
-                .map(|m| m.mib())
-                .unwrap_or(DEFAULT_MEMORY_MIB),
-            cpus: vm.resources.cpus.unwrap_or(1),
-        },
-        disk_size: vm.resources.disk_size.map(|s| s.0),
-        user_net: match (vm.user_network, ssh_port) {
-            (true, Some(port)) => Some(UserNet {
-                mac: mac_for(&vm.name, 0),
-                ssh_port: port,
-                forwards: vm.forwards.iter().map(|f| (f.host, f.guest)).collect(),
-            }),
-            _ => None,
-        },
-        vde_nics: vde_nics(vm)
-            .into_iter()
-            .map(|nic| {
-                let plug = networks
-                    .iter()
-                    .find(|n| n.name == nic.network)
-                    .map(|n| n.plug(&layout.state_dir))
-                    .unwrap_or_default();
-                VdeNicSpec {
-                    network: nic.network,
-                    mac: nic.mac,
-                    address: nic.address,
-                    gateway: nic.gateway,
-                    plug,
-                }
-            })
-            .collect(),
-        authorized_keys: desired.farm_key.iter().cloned().collect(),
-        paths: InstancePaths::new(&layout.state_dir, &vm.name),
-        tag: ProcessTag::vm(&desired.project_tag(), &vm.name),
-    }
 }

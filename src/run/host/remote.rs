@@ -138,11 +138,10 @@ impl Host for RemoteHost {
         }
     }
 
+    /// Through the session's master, without holding the session: banners of several VMs
+    /// are awaited at once.
     fn ssh_answers(&self, address: std::net::SocketAddr, timeout: Duration) -> bool {
-        self.session()
-            .with_forwarded_tcp(address, |local| {
-                crate::sys::ssh::unix_banner(local, timeout)
-            })
-            .unwrap_or(false)
+        let control = self.session().control_socket();
+        crate::sys::ssh::banner_through(&control, address, timeout)
     }
 }

@@ -1,0 +1,299 @@
+//! Checks on the expanded topology: ports, addresses, where networks live, architectures,
+//! remote hosts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::config::{Config, Located, Origin};
+use crate::model::diagnostic::Diagnostic;
+use crate::model::topology::{Placement, REMOTE_ROOT, Topology};
+use crate::model::values::IpCidr;
+
+/// Ports forwarded on one hypervisor's 127.0.0.1 must be distinct.
+pub(super) fn check_ports(topology: &Topology, config: &Config, problems: &mut Vec<Diagnostic>) {
+    let mut taken: BTreeMap<(Placement, u16), (String, Origin)> = BTreeMap::new();
+    for decl in config.vms.values() {
+        let Some(vm) = topology.vms.get(&decl.name.value) else {
+            continue;
+        };
+        let ports = decl
+            .ssh_port
+            .iter()
+            .map(|p| (p.value, p.at.clone()))
+            .chain(decl.forwards.iter().map(|f| (f.value.host, f.at.clone())));
+        for (port, at) in ports {
+            let key = (vm.placement.clone(), port);
+            if let Some((other, first)) = taken.get(&key) {
+                problems.push(
+                    Diagnostic::new(
+                        format!(
+                            "Port {port} on `{}` is forwarded to both `{other}` and `{}`",
+                            vm.placement.name(),
+                            vm.name
+                        ),
+                        at,
+                    )
+                    .related(first.clone(), format!("`{other}` takes it here"))
+                    .hint("give each VM its own port, or leave `ssh_port` out to get a free one"),
+                );
+            } else {
+                taken.insert(key, (vm.name.clone(), at));
+            }
+        }
+    }
+}
+
+/// Addresses on a network must lie in its subnet and be unique; MACs likewise.
+pub(super) fn check_addresses(
+    config: &Config,
+    topology: &Topology,
+    problems: &mut Vec<Diagnostic>,
+) {
+    let mut seen_ip: BTreeMap<(String, std::net::IpAddr), Origin> = BTreeMap::new();
+    let mut seen_mac: BTreeMap<(String, String), Origin> = BTreeMap::new();
+    let mut check_ip = |network: &str, ip: &Located<IpCidr>, problems: &mut Vec<Diagnostic>| {
+        if let Some(net) = config.networks.get(network) {
+            let crate::model::config::NetworkKind::Vde { subnet, .. } = &net.kind;
+            if let Some(subnet) = subnet
+                && !subnet.contains(ip.value.addr)
+            {
+                problems.push(
+                    Diagnostic::new(
+                        format!(
+                            "Address {} is outside the subnet {subnet} of network `{network}`",
+                            ip.value
+                        ),
+                        ip.at.clone(),
+                    )
+                    .hint(format!("pick an address in {subnet}")),
+                );
+            }
+        }
+        let key = (network.to_string(), ip.value.addr);
+        if let Some(first) = seen_ip.get(&key) {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "Address {} is used twice on network `{network}`",
+                        ip.value.addr
+                    ),
+                    ip.at.clone(),
+                )
+                .related(first.clone(), "first used here"),
+            );
+        } else {
+            seen_ip.insert(key, ip.at.clone());
+        }
+    };
+    for host in config.hosts.values() {
+        for a in &host.attach {
+            check_ip(&a.network.value, &a.address, problems);
+        }
+    }
+    for decl in config.vms.values() {
+        if !topology.vms.contains_key(&decl.name.value) {
+            continue;
+        }
+        for a in &decl.attach {
+            check_ip(&a.network.value, &a.address, problems);
+        }
+        for nic in &decl.nics {
+            if let Some(ip) = &nic.ip {
+                check_ip(&nic.network.value, ip, problems);
+            }
+            if let Some(mac) = &nic.mac {
+                let key = (nic.network.value.clone(), mac.value.to_string());
+                if let Some(first) = seen_mac.get(&key) {
+                    problems.push(
+                        Diagnostic::new(
+                            format!(
+                                "MAC address {} is used twice on network `{}`",
+                                mac.value, nic.network.value
+                            ),
+                            mac.at.clone(),
+                        )
+                        .related(first.clone(), "first used here"),
+                    );
+                } else {
+                    seen_mac.insert(key, mac.at.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Every VM must be reachable by ssh, a switched network lives on one site, and only a
+/// site that runs VMs can attach to their networks.
+pub(super) fn check_network_sites(
+    config: &Config,
+    topology: &Topology,
+    problems: &mut Vec<Diagnostic>,
+) {
+    let mut switch_sites: BTreeMap<&str, (Placement, &str)> = BTreeMap::new();
+    for vm in topology.vms.values() {
+        if crate::model::network::ssh_route(topology, vm).is_none() {
+            let site = vm.placement.name();
+            let hint = match vm.nics.iter().find(|n| n.ip.is_some()) {
+                Some(nic) => format!(
+                    "attach `{site}` to `{net}` (`attach = {{ {net} = \"ADDRESS/PREFIX\" }}` on `{site}`), or drop `user_network = false`",
+                    net = nic.network
+                ),
+                None => "give it a NIC with a static address (`nics = [{ network = \"NAME\", ip = \"ADDRESS/PREFIX\" }]`) on a network its hypervisor attaches, or drop `user_network = false`".to_string(),
+            };
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` has no user networking and no static address on a network `{site}` attaches, so nothing can reach it by ssh",
+                        vm.name
+                    ),
+                    vm.origin.clone(),
+                )
+                .hint(hint),
+            );
+        }
+        for nic in &vm.nics {
+            let Some(network) = config.networks.get(&nic.network) else {
+                continue;
+            };
+            let crate::model::config::NetworkKind::Vde { url: None, .. } = &network.kind else {
+                continue;
+            };
+            match switch_sites.get(nic.network.as_str()) {
+                Some((site, other)) if *site != vm.placement => problems.push(
+                    Diagnostic::new(
+                        format!(
+                            "Network `{}` is a switch farm runs on one host, but `{}` (on `{}`) and `{}` (on `{}`) both use it",
+                            nic.network,
+                            other,
+                            site.name(),
+                            vm.name,
+                            vm.placement.name()
+                        ),
+                        network.name.at.clone(),
+                    )
+                    .hint("give the network a `url = \"vxvde://…\"` to span hosts, or declare one network per host"),
+                ),
+                Some(_) => {}
+                None => {
+                    switch_sites.insert(&nic.network, (vm.placement.clone(), &vm.name));
+                }
+            }
+        }
+    }
+    for decl in config.vms.values() {
+        let (Some(vm), Some(first)) = (topology.vms.get(&decl.name.value), decl.attach.first())
+        else {
+            continue;
+        };
+        if !vm.is_hypervisor {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` attaches to `{}` but runs no VMs: `attach` joins a hypervisor to the networks of its own VMs",
+                        vm.name, first.network.value
+                    ),
+                    first.network.at.clone(),
+                )
+                .hint(format!(
+                    "to put `{}` itself on the network, give it a NIC: `nics = [{{ network = \"{}\", ip = \"…\" }}]`",
+                    vm.name, first.network.value
+                )),
+            );
+        }
+    }
+}
+
+/// A platform whose base image is for one architecture cannot run on a target of another.
+pub(super) fn check_arch(config: &Config, topology: &Topology, problems: &mut Vec<Diagnostic>) {
+    let mut reported = BTreeSet::new();
+    for vm in topology.vms.values() {
+        let (Some(target), Some(image)) = (
+            config.targets.get(&vm.target),
+            base_image_of(config, &vm.platform),
+        ) else {
+            continue;
+        };
+        if let Some(arch) = image.arch
+            && arch != target.arch
+            && reported.insert((vm.platform.clone(), vm.target.clone()))
+        {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` runs platform `{}` on target `{}` ({}), but its image `{}` is for {arch}",
+                        vm.name, vm.platform, vm.target, target.arch, image.name.value
+                    ),
+                    vm.origin.clone(),
+                )
+                .hint("deploy the platform on a target of the image's architecture"),
+            );
+        }
+    }
+}
+
+/// Follows `from` to the image at the bottom of a platform's chain (None on cycles/unknowns).
+pub fn base_image_of<'a>(
+    config: &'a Config,
+    platform: &str,
+) -> Option<&'a crate::model::config::Image> {
+    let mut current = platform;
+    for _ in 0..=config.platforms.len() {
+        match config.platforms.get(current) {
+            Some(p) => current = &p.from.value,
+            None => return config.images.get(current),
+        }
+    }
+    None
+}
+
+/// A remote host's ssh settings only mean something with an address; its root must be
+/// absolute (it is used from ssh commands, with no working directory to be relative to);
+/// and its name is an ssh_config alias, so it cannot also be a VM's.
+pub(super) fn check_remote_hosts(
+    config: &Config,
+    topology: &Topology,
+    problems: &mut Vec<Diagnostic>,
+) {
+    for host in config.hosts.values() {
+        let name = &host.name.value;
+        if host.address.is_none() {
+            let settings = [
+                ("identity_file", &host.identity_file),
+                ("known_hosts", &host.known_hosts),
+                ("root", &host.root),
+            ];
+            for (key, value) in settings {
+                if let Some(value) = value {
+                    problems.push(
+                        Diagnostic::new(
+                            format!("Host `{name}` has `{key}` but no `address`: it is this machine, which farm does not reach over ssh"),
+                            value.at.clone(),
+                        )
+                        .hint(format!("add `address = \"user@server\"` to `[hosts.{name}]`, or remove `{key}`")),
+                    );
+                }
+            }
+        }
+        if let Some(root) = &host.root
+            && !root.value.starts_with('/')
+        {
+            problems.push(
+                Diagnostic::new(
+                    format!("Host `{name}` has a relative `root` `{}`", root.value),
+                    root.at.clone(),
+                )
+                .hint(format!(
+                    "give an absolute path on the host, such as `{REMOTE_ROOT}`"
+                )),
+            );
+        }
+        if host.address.is_some() && topology.vms.contains_key(name) {
+            problems.push(
+                Diagnostic::new(
+                    format!("Host `{name}` has the same name as a VM; both would be `{name}` in the generated ssh_config"),
+                    host.name.at.clone(),
+                )
+                .hint("rename the host or the VM"),
+            );
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Applying a plan to sites: checks, closure push, networks, then each VM brought to its
+//! planned state (in parallel) and waited for until it answers ssh; the site inside a
+//! hypervisor VM follows as soon as that VM answers, planned again if it (re)started.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::build::realise::human_bytes;
+use crate::model::instance::{InstanceRecord, InstanceSpec};
+use crate::model::up_plan::{Basis, Desired, SitePlan, UpPlan, VmAction, VmStep, plan_site};
+use crate::progress::Reporter;
+use crate::project::Project;
+use crate::run::host::Host;
+use crate::run::instance;
+use crate::run::observe::observe_site;
+use crate::run::site::Sites;
+use crate::run::state::StateDir;
+use crate::run::up::{UpError, UpOptions, first_error, write_state_ssh_files};
+use crate::store::Entry;
+use crate::sys::ssh::Ssh;
+
+/// What applying the plan shares across sites and threads.
+pub(crate) struct Apply<'a> {
+    pub(crate) project: &'a Project,
+    pub(crate) desired: &'a Desired<'a>,
+    pub(crate) state: &'a StateDir,
+    pub(crate) sites: &'a Sites<'a>,
+    /// Local store entries by directory name, for pushes.
+    pub(crate) entries: &'a BTreeMap<String, Entry>,
+    pub(crate) options: &'a UpOptions,
+    pub(crate) reporter: &'a Reporter,
+    pub(crate) started: Instant,
+    /// The spec of every VM brought up (or kept), for ssh_config and the status table.
+    pub(crate) specs: Mutex<BTreeMap<String, InstanceSpec>>,
+}
+
+impl Apply<'_> {
+    /// Applies one site's plan. `whole` is the plan it came from while that plan still
+    /// describes what runs (its hypervisor was kept); a site whose hypervisor (re)started is
+    /// observed and planned again here.
+    pub(crate) fn site(&self, site: &SitePlan, whole: Option<&UpPlan>) -> Result<(), UpError> {
+        if !site.problems.is_empty() {
+            return Err(UpError::Plan {
+                problems: site.problems.clone(),
+            });
+        }
+        let host = self.sites.connect(&site.placement)?;
+        let host = host.as_ref();
+        crate::run::vde::check_netdev(host, &site.check_vde)?;
+        self.push(host, site)?;
+        for step in site
+            .networks
+            .iter()
+            .filter(|n| n.start_switch || n.start_tap)
+        {
+            crate::run::vde::ensure_up(
+                host,
+                &site.layout.state_dir,
+                &step.network,
+                &self.desired.project_tag(),
+            )?;
+            let attach = step
+                .network
+                .attach
+                .map(|a| {
+                    format!(
+                        ", {a} on tap {}",
+                        step.network.tap_name(&site.layout.state_dir)
+                    )
+                })
+                .unwrap_or_default();
+            self.reporter.status(
+                "network",
+                format!(
+                    "{} on {} ({}{attach})",
+                    step.network.name,
+                    host.name(),
+                    step.network.plug(&site.layout.state_dir)
+                ),
+            );
+        }
+        self.stop_changed(host, site)?;
+        {
+            let mut specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            for step in &site.vms {
+                // Its host key is pinned in known_hosts before it first boots.
+                if step.action != VmAction::Keep {
+                    self.state.host_key(&step.name)?;
+                }
+                specs.insert(step.name.clone(), step.spec.clone());
+            }
+            write_state_ssh_files(self.project, self.state, &specs)?;
+        }
+        let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = site
+                .vms
+                .iter()
+                .map(|step| scope.spawn(move || self.vm(host, site, step, whole)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a VM thread panicked"))
+                .collect()
+        });
+        first_error(results)
+    }
+
+    fn push(&self, host: &dyn Host, site: &SitePlan) -> Result<(), UpError> {
+        if site.push.is_empty() {
+            return Ok(());
+        }
+        let needed: Vec<&Entry> = site
+            .push
+            .iter()
+            .filter_map(|name| self.entries.get(name))
+            .collect();
+        let store = crate::run::closure::HostStore::new(
+            site.layout
+                .store_entries
+                .parent()
+                .unwrap_or(&site.layout.store_entries),
+        );
+        let pushed = crate::run::closure::push_closure(host, &store, &needed, self.reporter)?;
+        if !pushed.pushed.is_empty() {
+            self.reporter.status(
+                "pushed",
+                format!(
+                    "{} layer(s) to {} ({}, {:.1} s; {} already there)",
+                    pushed.pushed.len(),
+                    host.name(),
+                    human_bytes(pushed.bytes),
+                    pushed.elapsed.as_secs_f64(),
+                    pushed.present
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops, in parallel, the VMs that restart or are replaced (before anything starts:
+    /// their ports may go to others), and removes the replaced ones.
+    fn stop_changed(&self, host: &dyn Host, site: &SitePlan) -> Result<(), UpError> {
+        let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = site
+                .vms
+                .iter()
+                .filter(|s| matches!(s.action, VmAction::Restart | VmAction::Replace))
+                .map(|step| {
+                    scope.spawn(move || -> Result<(), UpError> {
+                        if step.running.is_some() {
+                            let verb = match step.action {
+                                VmAction::Replace => "replacing",
+                                _ => "restarting",
+                            };
+                            self.reporter
+                                .status(verb, format!("{} ({})", step.name, reasons(step)));
+                            let how = self.stop(host, &step.spec, step.previous.as_ref())?;
+                            self.reporter
+                                .status("stopped", format!("{} ({how})", step.name));
+                        }
+                        if step.action == VmAction::Replace {
+                            instance::remove(host, &step.spec.paths, &step.name)?;
+                            self.state.remove_instance(&step.name)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a VM thread panicked"))
+                .collect()
+        });
+        first_error(results)
+    }
+
+    /// Powers a VM off (where it was last started from, when its paths changed).
+    fn stop(
+        &self,
+        host: &dyn Host,
+        spec: &InstanceSpec,
+        previous: Option<&InstanceSpec>,
+    ) -> Result<instance::Stopped, UpError> {
+        let paths = previous.map_or(&spec.paths, |p| &p.paths);
+        let config = self.sites.ssh_config().to_path_buf();
+        let name = spec.name.clone();
+        let poweroff = move || ssh_poweroff(&config, &name);
+        Ok(instance::stop(
+            host,
+            paths,
+            &spec.name,
+            self.options.stop_timeout,
+            Some(&poweroff),
+        )?)
+    }
+
+    /// Brings one VM to its planned state and waits for ssh; then the site inside it.
+    fn vm(
+        &self,
+        host: &dyn Host,
+        site: &SitePlan,
+        step: &VmStep,
+        whole: Option<&UpPlan>,
+    ) -> Result<(), UpError> {
+        let name = &step.name;
+        let spec = &step.spec;
+        match step.action {
+            VmAction::Keep if step.ready => {}
+            VmAction::Keep => self.wait_or_restart(host, site, step)?,
+            VmAction::Create | VmAction::Replace => {
+                self.reporter
+                    .status("starting", format!("{name} ({})", reasons(step)));
+                let key = self.state.host_key(name)?;
+                let record = instance::create(host, spec, (key.private, key.public))?;
+                self.save_mirror(site, &record)?;
+                instance::start(host, spec)?;
+                self.wait_ready(host, site, record)?;
+            }
+            VmAction::Restart => {
+                if step.running.is_none() {
+                    self.reporter
+                        .status("restarting", format!("{name} ({})", reasons(step)));
+                }
+                self.restart(host, site, step)?;
+            }
+        }
+        let Some(inside) = self.desired.site_inside(name) else {
+            return Ok(());
+        };
+        let planned = whole
+            .filter(|_| step.action == VmAction::Keep)
+            .and_then(|plan| plan.site(&inside))
+            .filter(|s| s.basis == Basis::Observed);
+        match planned {
+            Some(child) => self.site(child, whole),
+            None => {
+                // It (re)started: what runs inside it is seen only now.
+                self.sites.forget(&inside);
+                let inner = self.sites.connect(&inside)?;
+                let observed = observe_site(
+                    inner.as_ref(),
+                    self.desired,
+                    &inside,
+                    true,
+                    &BTreeMap::new(),
+                )?;
+                let child = plan_site(self.desired, &inside, &observed, Basis::Observed);
+                if child.changes() {
+                    let summary = UpPlan {
+                        sites: vec![child.clone()],
+                    }
+                    .summary();
+                    for line in summary.lines() {
+                        self.reporter.status("plan", line);
+                    }
+                }
+                self.site(&child, None)
+            }
+        }
+    }
+
+    /// Restarts a VM on its overlay with its new spec and waits for ssh.
+    fn restart(&self, host: &dyn Host, site: &SitePlan, step: &VmStep) -> Result<(), UpError> {
+        let key = self.state.host_key(&step.name)?;
+        let record = instance::prepare_restart(
+            host,
+            &step.spec,
+            step.grows_to(),
+            step.rebase(),
+            (key.private, key.public),
+        )?;
+        self.save_mirror(site, &record)?;
+        instance::start(host, &step.spec)?;
+        self.wait_ready(host, site, record)
+    }
+
+    /// A kept VM that has not answered ssh since it started: waited for, restarted once if
+    /// it does not answer, then given up on with its console's tail.
+    fn wait_or_restart(
+        &self,
+        host: &dyn Host,
+        site: &SitePlan,
+        step: &VmStep,
+    ) -> Result<(), UpError> {
+        let record = InstanceRecord {
+            ready: false,
+            ..InstanceRecord::new(step.spec.clone())
+        };
+        match self.wait_ready(host, site, record) {
+            Ok(()) => Ok(()),
+            Err(UpError::NoSsh { reason, .. }) => {
+                self.reporter.status(
+                    "restarting",
+                    format!("{} (it did not answer ssh: {reason})", step.name),
+                );
+                let how = self.stop(host, &step.spec, None)?;
+                self.reporter
+                    .status("stopped", format!("{} ({how})", step.name));
+                self.restart(host, site, step)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Waits until the VM answers ssh through the generated ssh_config, then records it as
+    /// ready.
+    fn wait_ready(
+        &self,
+        host: &dyn Host,
+        site: &SitePlan,
+        mut record: InstanceRecord,
+    ) -> Result<(), UpError> {
+        let spec = record.spec.clone();
+        let timeout = self.options.realise.boot_timeout;
+        let spinner = self.reporter.spinner(&spec.name, "waiting for ssh");
+        let deadline = Instant::now() + timeout;
+        let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
+            match instance::is_running(host, &spec.paths, &spec.name) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!(
+                    "qemu is not running; {}",
+                    host_tail(host, &spec.paths.stderr_log(), 5)
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        spinner.finish_and_clear();
+        if let Err(e) = waited {
+            return Err(UpError::NoSsh {
+                vm: spec.name.clone(),
+                seconds: timeout.as_secs(),
+                reason: e.to_string(),
+                serial: host_tail(host, &spec.paths.serial_log(), 25),
+            });
+        }
+        record.ready = true;
+        instance::save(host, &record)?;
+        self.save_mirror(site, &record)?;
+        self.reporter.status(
+            "ready",
+            format!(
+                "{} (ssh after {:.0} s)",
+                spec.name,
+                self.started.elapsed().as_secs_f64()
+            ),
+        );
+        Ok(())
+    }
+
+    /// For a VM on another site: the copy of its record kept here.
+    fn save_mirror(&self, site: &SitePlan, record: &InstanceRecord) -> Result<(), UpError> {
+        if site.layout.remote {
+            self.state.save_record(record)?;
+        }
+        Ok(())
+    }
+}
+
+fn reasons(step: &VmStep) -> String {
+    step.reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `poweroff` in the guest over ssh: minimal guests (Debian minbase, farm's tiny image) have
+/// no ACPI daemon to act on QMP's power-down.
+pub fn ssh_poweroff(ssh_config: &Path, name: &str) {
+    let _ = std::process::Command::new("timeout")
+        .args(["10", "ssh", "-F"])
+        .arg(ssh_config)
+        .args(["-o", "ConnectTimeout=5", name, "poweroff"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// The last lines of a log on whichever host has it.
+pub fn host_tail(host: &dyn Host, path: &Path, lines: usize) -> String {
+    match host.get(path) {
+        Ok(Some(bytes)) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Ok(None) => format!("(no `{}` on {})", path.display(), host.name()),
+        Err(e) => format!("(cannot read `{}`: {e})", path.display()),
+    }
+}
