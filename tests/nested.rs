@@ -121,6 +121,14 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
     assert_eq!(leaf["level"], 2);
     assert_eq!(leaf["state"], "running");
 
+    // Its console, read where it runs (inside hv), through the same ssh_config.
+    let logs = p.ok(&["logs", "leaf_amd64"]);
+    let console = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        console.contains("farm-seed: hostname deep-leaf"),
+        "{console}"
+    );
+
     // A second up pushes nothing and starts nothing.
     let again = p.ok(&["up"]);
     let log = stderr(&again);

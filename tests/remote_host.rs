@@ -197,3 +197,99 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
     // The host's store stays: the next up there pushes nothing.
     assert!(!list(&root.join("cache/store")).is_empty());
 }
+
+/// ssh processes whose command line names `needle` (a project's ssh_config), by pid, with
+/// their arguments.
+fn ssh_processes(needle: &str) -> Vec<(u32, Vec<String>)> {
+    let mut found = Vec::new();
+    for entry in fs_err::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = fs_err::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("ssh"))
+            && args.iter().any(|a| a.contains(needle))
+        {
+            found.push((pid, args));
+        }
+    }
+    found
+}
+
+#[test]
+fn an_interrupted_up_leaves_no_ssh_master_and_the_next_up_converges() {
+    if !vm_tests_possible("remote_host_interrupt") || !sshd_available("remote_host_interrupt") {
+        return;
+    }
+    let server_dir = tempfile::tempdir().unwrap();
+    let root = server_dir.path().join("farm-root");
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    let server: Sshd;
+    let p = Project::with_store(&lab_toml(port, &root), &shared_store());
+    let key = keygen(p.path(), "lab_key");
+    server = Sshd::start(server_dir.path(), port, &key.public);
+    p.write("lab_known_hosts", &server.known_hosts_line());
+    let config = p.path().join(".farm/ssh_config").display().to_string();
+
+    let mut up = p
+        .farm(&["up"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // `far` is being started on `lab`: farm holds its ControlMaster to the host.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !root.join("state/vms/far/instance.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "far was never created"
+        );
+        assert!(up.try_wait().unwrap().is_none(), "up ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let masters: Vec<(u32, Vec<String>)> = ssh_processes(&config)
+        .into_iter()
+        .filter(|(_, args)| args.iter().any(|a| a == "-M"))
+        .collect();
+    assert!(!masters.is_empty(), "no ControlMaster while up runs");
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(up.id() as libc::pid_t, libc::SIGINT);
+    }
+    assert_eq!(up.wait().unwrap().code(), Some(130));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = ssh_processes(&config);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ssh processes outlived farm: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (_, args) in &masters {
+        let control = args.iter().skip_while(|a| *a != "-S").nth(1).unwrap();
+        assert!(
+            !Path::new(control).exists(),
+            "the control socket {control} is left"
+        );
+    }
+    // The next up picks up from where the first stopped.
+    let again = p.ok(&["up"]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("far"),
+        "{}",
+        text(&again)
+    );
+    let out = p.ok(&["ssh", "far", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "far-away");
+    p.ok(&["down"]);
+}

@@ -22,8 +22,8 @@ use super::up::StateArgs;
 pub struct LogsArgs {
     /// The VM.
     pub name: String,
-    /// Keep printing what the console writes.
-    #[arg(short, long)]
+    /// Keep printing what the console writes (no `-f`: that is farm's `--config`).
+    #[arg(long)]
     pub follow: bool,
     #[command(flatten)]
     pub state: StateArgs,

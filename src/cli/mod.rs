@@ -84,7 +84,6 @@ pub enum Command {
 pub use crate::project::UsageError;
 
 pub fn main() -> ExitCode {
-    // First, before any thread exists: every later thread inherits the blocked signals.
     crate::sys::process::handle_interrupts();
     let cli = Cli::parse();
     let reporter = Reporter::new(cli.quiet);
@@ -131,5 +130,15 @@ fn print_error(err: &anyhow::Error) {
     eprintln!("error: {err}");
     for cause in err.chain().skip(1) {
         eprintln!("  caused by: {cause}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_has_consistent_arguments() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -14,7 +14,7 @@ use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::host::Host;
 use crate::run::instance;
-use crate::run::observe::observe_site;
+use crate::run::observe::{Ask, observe_site};
 use crate::run::site::Sites;
 use crate::run::state::StateDir;
 use crate::run::up::{UpError, UpOptions, first_error, write_state_ssh_files};
@@ -243,7 +243,7 @@ impl Apply<'_> {
                     inner.as_ref(),
                     self.desired,
                     &inside,
-                    true,
+                    Ask::Carefully,
                     &BTreeMap::new(),
                 )?;
                 let child = plan_site(self.desired, &inside, &observed, Basis::Observed);

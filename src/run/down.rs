@@ -14,7 +14,7 @@ use crate::project::Project;
 use crate::run::apply::ssh_poweroff;
 use crate::run::host::Host;
 use crate::run::instance::{self, Stopped};
-use crate::run::observe::observe_site;
+use crate::run::observe::{Ask, observe_site};
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::StateDir;
 use crate::run::up::{UpError, desired, write_state_ssh_files};
@@ -103,8 +103,13 @@ pub fn down(
             }
             Err(e) => return Err(e.into()),
         };
-        let observation =
-            observe_site(host.as_ref(), &desired, &placement, false, &BTreeMap::new())?;
+        let observation = observe_site(
+            host.as_ref(),
+            &desired,
+            &placement,
+            Ask::No,
+            &BTreeMap::new(),
+        )?;
         let on_site: Vec<String> = observation
             .instances
             .keys()

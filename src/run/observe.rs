@@ -20,14 +20,30 @@ use crate::run::host::{Host, HostError};
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::StatePaths;
 
-/// How long an sshd may take to send its banner. It normally takes a fraction of a
-/// second even nested under TCG; a VM that does not answer is restarted, so a busy one
-/// gets time, and a second chance (`answers`).
-const BANNER_TIMEOUT: Duration = Duration::from_secs(8);
+/// Whether, and how patiently, running VMs' sshds are asked for their banner. A banner
+/// normally comes in a fraction of a second, even nested under TCG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Not at all (`down`).
+    No,
+    /// Once, briefly: `status` only reports.
+    Quickly,
+    /// Twice, with time to spare: `up` restarts a VM that does not answer, so a busy one
+    /// must not be mistaken for a dead one.
+    Carefully,
+}
 
-/// Whether the sshd at `address` answers: asked twice before farm concludes it does not.
-fn answers(host: &dyn Host, address: SocketAddr) -> bool {
-    host.ssh_answers(address, BANNER_TIMEOUT) || host.ssh_answers(address, BANNER_TIMEOUT)
+impl Ask {
+    fn answers(self, host: &dyn Host, address: SocketAddr) -> bool {
+        match self {
+            Ask::No => false,
+            Ask::Quickly => host.ssh_answers(address, Duration::from_secs(2)),
+            Ask::Carefully => {
+                let patience = Duration::from_secs(8);
+                host.ssh_answers(address, patience) || host.ssh_answers(address, patience)
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +97,7 @@ pub fn request(desired: &Desired, placement: &Placement) -> ObserveRequest {
     }
 }
 
-/// Runs the observation on one site and (with `ask_ssh`) asks every running instance's
+/// Runs the observation on one site and (as `ask` says) asks every running instance's
 /// sshd for its banner, in parallel. `expected` gives the addresses farm's records here
 /// name for the site's VMs: those are asked while the script runs (one round trip saved on
 /// a hypervisor VM); an instance found elsewhere is asked afterwards.
@@ -89,7 +105,7 @@ pub fn observe_site(
     host: &dyn Host,
     desired: &Desired,
     placement: &Placement,
-    ask_ssh: bool,
+    ask: Ask,
     expected: &BTreeMap<String, SocketAddr>,
 ) -> Result<SiteObservation, HostError> {
     let attached: Vec<String> = site_attachments(desired.topology, placement)
@@ -98,7 +114,7 @@ pub fn observe_site(
         .collect();
     let early: Vec<(&String, &SocketAddr)> = expected
         .iter()
-        .filter(|(name, _)| ask_ssh && desired.site_inside(name).is_none())
+        .filter(|(name, _)| ask != Ask::No && desired.site_inside(name).is_none())
         .collect();
     let (out, early) = std::thread::scope(|scope| {
         let asked: Vec<_> = early
@@ -108,7 +124,9 @@ pub fn observe_site(
                     (
                         name.clone(),
                         *address,
-                        host.ssh_answers(*address, BANNER_TIMEOUT),
+                        // A quick first look; a VM that is slow to answer is asked again
+                        // as patiently as `ask` says, below.
+                        Ask::Quickly.answers(host, *address),
                     )
                 })
             })
@@ -126,7 +144,7 @@ pub fn observe_site(
         &desired.project_tag(),
     );
     observation.reached = true;
-    if !ask_ssh {
+    if ask == Ask::No {
         return Ok(observation);
     }
     std::thread::scope(|scope| {
@@ -151,7 +169,7 @@ pub fn observe_site(
             {
                 instance.answers = Some(true);
             } else {
-                scope.spawn(move || instance.answers = Some(answers(host, address)));
+                scope.spawn(move || instance.answers = Some(ask.answers(host, address)));
             }
         }
     });
@@ -201,7 +219,7 @@ struct Survey<'a> {
     sites: &'a Sites<'a>,
     state: &'a StatePaths,
     reporter: &'a Reporter,
-    tolerant: bool,
+    ask: Ask,
     found: Mutex<BTreeMap<Placement, SiteObservation>>,
     errors: Mutex<Vec<ObserveError>>,
 }
@@ -221,13 +239,15 @@ impl Survey<'_> {
                     host.as_ref(),
                     desired,
                     &placement,
-                    true,
+                    self.ask,
                     &expected,
                 )?)
             });
         let mut observation = match observed {
             Ok(observation) => observation,
-            Err(ObserveError::Site(e @ SiteError::HostUnreachable { .. })) if self.tolerant => {
+            Err(ObserveError::Site(e @ SiteError::HostUnreachable { .. }))
+                if self.ask == Ask::Quickly =>
+            {
                 self.reporter
                     .warn(format!("{e}\n(its VMs are shown as farm last knew them)"));
                 from_local_records(self.state, desired, &placement)
@@ -303,21 +323,21 @@ pub fn from_local_records(
 /// Observes every site with selected VMs that can be observed: the hosts, and the site
 /// inside every selected hypervisor VM that runs. A hypervisor VM that runs but cannot be
 /// logged in to is reported and described from the records kept here; so is a remote host
-/// that does not answer when `tolerant` (`status`), else that is an error (its VMs may well
-/// run: `up` and `down` must not guess).
+/// that does not answer when only asking quickly (`status`), else that is an error (its VMs
+/// may well run: `up` must not guess).
 pub fn observe_lab(
     desired: &Desired,
     sites: &Sites,
     state: &StatePaths,
     reporter: &Reporter,
-    tolerant: bool,
+    ask: Ask,
 ) -> Result<BTreeMap<Placement, SiteObservation>, ObserveError> {
     let survey = Survey {
         desired,
         sites,
         state,
         reporter,
-        tolerant,
+        ask,
         found: Mutex::new(BTreeMap::new()),
         errors: Mutex::new(Vec::new()),
     };

@@ -14,7 +14,7 @@ use crate::model::topology::{Topology, VmNode};
 use crate::model::up_plan::{Basis, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
-use crate::run::observe::{observe_lab, ssh_address};
+use crate::run::observe::{Ask, observe_lab, ssh_address};
 use crate::run::site::Sites;
 use crate::run::state::StatePaths;
 use crate::run::up::{UpError, desired};
@@ -128,7 +128,7 @@ pub fn status(
         &project.store_dir,
     )?;
     let sites = Sites::new(topology, &paths.ssh_config());
-    let observed = observe_lab(&desired, &sites, &paths, reporter, true)?;
+    let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Quickly)?;
     let plan = plan_up(&desired, &observed);
     let mut rows = Vec::new();
     for vm in tree_order(topology, &all) {

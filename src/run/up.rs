@@ -16,7 +16,7 @@ use crate::model::up_plan::{Desired, SitePlan, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::instance::InstanceError;
-use crate::run::observe::{ObserveError, observe_lab};
+use crate::run::observe::{Ask, ObserveError, observe_lab};
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::{StateDir, StatePaths};
 use crate::run::status::{VmStatus, rows_from_specs};
@@ -219,7 +219,7 @@ pub fn up(
         _ => paths.ssh_config(),
     };
     let sites = Sites::new(topology, &ssh_config);
-    let observed = observe_lab(&desired, &sites, &paths, reporter, false)?;
+    let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Carefully)?;
     let plan = plan_up(&desired, &observed);
 
     let Some(state) = state else {

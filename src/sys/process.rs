@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Mutex, OnceLock};
 
@@ -90,35 +91,54 @@ pub fn stop_helpers() {
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (call it first in `main`, so
-/// every later thread inherits the mask) and handles them on a thread of their own: stop
-/// the helpers, say so, exit 128 + signal. Children get an empty mask (std resets it).
+/// Where the signal handler writes the signal it caught (a pipe's write end).
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = signal as u8;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a local byte.
+        unsafe {
+            libc::write(fd, (&byte as *const u8).cast(), 1);
+        }
+    }
+}
+
+/// Handles SIGINT, SIGTERM and SIGHUP: a handler passes the signal through a pipe to a
+/// thread of its own, which stops the helpers, says so, and exits 128 + signal. Handlers
+/// (unlike a blocked signal mask) are not inherited across exec: qemu, ssh and the tools
+/// farm runs keep the default reaction to these signals.
 pub fn handle_interrupts() {
-    // SAFETY: plain libc calls on a sigset_t owned by this function.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, signal);
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors; O_CLOEXEC keeps them out of children.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    let [read_end, write_end] = fds;
+    SIGNAL_PIPE.store(write_end, Ordering::Relaxed);
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction with a plain handler; SA_RESTART keeps other threads'
+        // system calls from failing with EINTR.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
         }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return;
-        }
-        set
-    };
+    }
     let _ = std::thread::Builder::new()
         .name("farm-signals".into())
         .spawn(move || {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: sigwait on the set blocked above.
-            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-                return;
-            }
+            let mut byte = 0u8;
+            // SAFETY: read(2) into a local byte from the pipe made above.
+            while unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) } != 1 {}
             eprintln!(
                 "\nfarm: interrupted; stopping its ssh connections (VMs already started keep running; `farm up` picks up from here)"
             );
             stop_helpers();
-            std::process::exit(128 + signal);
+            std::process::exit(128 + i32::from(byte));
         });
 }
 
