@@ -8,10 +8,15 @@
 //!
 //! Payloads: the closure the bundled topology pushes into L1 (farm's tiny image and an L2
 //! layer) and a Debian image (what a KVM lab pushes for Debian L2s).
+//!
+//! farm's figure is what `farm up` spends on a push: connecting, then `push_missing` (which
+//! entries the host lacks is already known from the site's observation, which runs anyway).
 
 #[path = "../tests/support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
+#[path = "../tests/support/labs.rs"]
+mod labs;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]
 mod manual_vm;
@@ -24,28 +29,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use farm::progress::Reporter;
-use farm::run::closure::{HostStore, push_closure};
+use farm::run::closure::{HostStore, push_missing};
 use farm::run::host::remote::RemoteHost;
 use farm::store::{Entry, Store};
 use manual_vm::{entry, farm, shared_store};
 
 fn lab_toml(port: u16, root: &Path) -> String {
-    format!(
+    labs::hypervisor_lab(&format!(
         r#"
-[images.bookworm]
-debian = {{ suite = "bookworm" }}
-[images.tiny]
-tiny = true
-[targets.amd64]
-arch = "x86_64"
-[platforms.debian_vs]
-from = "bookworm"
-upgrade = true
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum"]
-memory = "2G"
-cpus = 2
-[platforms.leaf]
-from = "tiny"
 [hosts.lab]
 address = "root@127.0.0.1:{port}"
 identity_file = "lab_key"
@@ -57,7 +48,7 @@ host = "lab"
 deploy = {{ targets = ["amd64"], platforms = ["leaf"] }}
 "#,
         root = root.display()
-    )
+    ))
 }
 
 /// Store entries by directory, parents first as given.
@@ -90,7 +81,7 @@ fn farm_push(config: &Path, payload: &[Entry]) -> (Duration, Duration) {
     let host = RemoteHost::connect("hv", config, "hv", Duration::from_secs(20)).unwrap();
     let connected = started.elapsed();
     let refs: Vec<&Entry> = payload.iter().collect();
-    let report = push_closure(
+    let report = push_missing(
         &host,
         &HostStore::new("/var/tmp/push-bench"),
         &refs,

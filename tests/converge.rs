@@ -40,13 +40,7 @@ fn mute_lab() -> Project {
         "[images.blank]\npath = \"blank.qcow2\"\n[targets.amd64]\narch = \"x86_64\"\n\
          [platforms.nothing]\nfrom = \"blank\"\nmemory = \"128M\"\n[vms.mute]\nplatform = \"nothing\"\n",
     );
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(p.path().join("blank.qcow2"))
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    p.blank_disk("blank.qcow2");
     p
 }
 
@@ -68,19 +62,6 @@ fn mem_total_kib(p: &Project, vm: &str) -> u64 {
         .unwrap()
 }
 
-fn state_of(p: &Project, vm: &str) -> String {
-    let rows: serde_json::Value =
-        serde_json::from_slice(&p.ok(&["status", "--json"]).stdout).unwrap();
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == vm)
-        .unwrap()["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 fn alive(pid: &str) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -98,7 +79,7 @@ fn a_changed_port_and_memory_restart_the_vm_on_the_new_port_with_its_disk() {
     let before = mem_total_kib(&p, "web");
 
     p.write("farm.toml", &tiny_lab(second, "384M"));
-    assert_eq!(state_of(&p, "web"), "changed");
+    assert_eq!(p.state_of("web"), "changed");
     let dry = p.ok(&["up", "--dry-run"]);
     let plan = String::from_utf8_lossy(&dry.stdout);
     let reasons = format!("memory 256M → 384M; ssh_port {first} → {second}");
@@ -138,7 +119,7 @@ fn a_changed_port_and_memory_restart_the_vm_on_the_new_port_with_its_disk() {
         std::net::TcpListener::bind(("127.0.0.1", first)).is_ok(),
         "the old port is free"
     );
-    assert_eq!(state_of(&p, "web"), "running");
+    assert_eq!(p.state_of("web"), "running");
     p.ok(&["down"]);
 }
 
@@ -148,7 +129,13 @@ fn a_guest_that_never_answers_fails_every_up_with_its_console() {
         return;
     }
     let p = mute_lab();
-    let first = p.run(&["up", "--boot-timeout", "5"]);
+    // Off a terminal, a long wait is not a silent gap: a heartbeat names it (every second
+    // here, every 30 by default).
+    let first = p
+        .farm(&["up", "--boot-timeout", "5"])
+        .env("FARM_HEARTBEAT_SECS", "1")
+        .output()
+        .unwrap();
     assert_eq!(first.status.code(), Some(1), "{}", text(&first));
     let log = stderr(&first);
     assert!(
@@ -156,9 +143,10 @@ fn a_guest_that_never_answers_fails_every_up_with_its_console() {
             && log.contains("last lines of its serial console"),
         "{log}"
     );
+    assert!(log.contains("still mute: waiting for ssh ("), "{log}");
     // Its qemu runs, nothing answers: status says so, and the next up does not keep it.
-    assert_eq!(state_of(&p, "mute"), "unreachable");
-    let second = p.run(&["up", "--boot-timeout", "5"]);
+    assert_eq!(p.state_of("mute"), "unreachable");
+    let second = p.run(&["up", "--boot-timeout", "5", "--stop-timeout", "2"]);
     assert_eq!(second.status.code(), Some(1), "{}", text(&second));
     let log = stderr(&second);
     assert!(
@@ -188,7 +176,7 @@ fn a_vm_whose_state_was_deleted_is_reported_refused_and_stopped() {
     fs_err::remove_dir_all(p.path().join(".farm")).unwrap();
     assert!(alive(&pid));
 
-    assert_eq!(state_of(&p, "web"), "orphaned");
+    assert_eq!(p.state_of("web"), "orphaned");
     let refused = p.run(&["up"]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     assert!(

@@ -7,6 +7,8 @@
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
+#[path = "support/labs.rs"]
+mod labs;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
 mod project;
@@ -18,27 +20,9 @@ use project::{Project, text};
 
 /// The hypervisor platform is the bundled farm.toml's L1 (`debian_vs`), on the Debian image
 /// the other VM tests share.
-const LAB: &str = r#"
-[images.bookworm]
-debian = { suite = "bookworm" }
-
-[images.tiny]
-tiny = true
-
-[targets.amd64]
-arch = "x86_64"
-
-[platforms.debian_vs]
-from = "bookworm"
-upgrade = true
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum"]
-memory = "2G"
-cpus = 2
-
-[platforms.leaf]
-from = "tiny"
-memory = "256M"
-
+fn lab() -> String {
+    labs::hypervisor_lab(
+        r#"
 [platforms.vleaf]
 from = "tiny"
 memory = "256M"
@@ -60,7 +44,9 @@ hostname = "deep-leaf"
 [vms.vleaf_amd64]
 user_network = false
 nics = [{ network = "lab", ip = "10.0.0.21/24" }]
-"#;
+"#,
+    )
+}
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -71,7 +57,7 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
     if !vm_tests_possible("nested") {
         return;
     }
-    let p = Project::with_store(LAB, &shared_store());
+    let p = Project::with_store(&lab(), &shared_store());
     let up = p.ok(&["up"]);
     let log = stderr(&up);
     assert!(
@@ -136,6 +122,27 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         !log.contains("pushed") && !log.contains("starting") && !log.contains("restarting"),
         "{log}"
     );
+
+    // L1's qemu dies: up restarts it, then the L2s inside it (their disks are in L1's
+    // overlay), and logs in to the new L1 without tripping over the old connection.
+    let hv_pid = fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();
+    Command::new("kill")
+        .args(["-9", hv_pid.trim()])
+        .status()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(p.state_of("hv"), "stopped");
+    let again = p.ok(&["up"]);
+    let log = stderr(&again);
+    assert!(
+        log.contains("restarting hv (qemu not running)")
+            && log.contains("restart  leaf_amd64   its hypervisor restarts")
+            && log.contains("restarting leaf_amd64 (qemu not running)")
+            && !log.contains("warning"),
+        "{log}"
+    );
+    let out = p.ok(&["ssh", "vleaf_amd64", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vleaf-amd64");
 
     // Down: the leaf before its hypervisor.
     let down = p.ok(&["down"]);

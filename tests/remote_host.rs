@@ -66,19 +66,51 @@ fn qemu_running(pidfile: &Path) -> bool {
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
+/// The remote host `lab` before its sshd starts: its directory (farm's `root` inside), the
+/// port it will listen on, and a project that uses it with its own login key.
+struct Lab {
+    dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    port: u16,
+    key: guest::Key,
+}
+
+impl Lab {
+    fn new() -> (Lab, Project) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("farm-root");
+        let port = farm::sys::hostinfo::free_local_port().unwrap();
+        let p = Project::with_store(&lab_toml(port, &root), &shared_store());
+        let key = keygen(p.path(), "lab_key");
+        (
+            Lab {
+                dir,
+                root,
+                port,
+                key,
+            },
+            p,
+        )
+    }
+
+    /// Starts the sshd and pins its host key in the project.
+    fn serve(&self, p: &Project) -> Sshd {
+        let server = Sshd::start(self.dir.path(), self.port, &self.key.public);
+        p.write("lab_known_hosts", &server.known_hosts_line());
+        server
+    }
+}
+
 #[test]
 fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
     if !vm_tests_possible("remote_host") || !sshd_available("remote_host") {
         return;
     }
-    let server_dir = tempfile::tempdir().unwrap();
-    let root = server_dir.path().join("farm-root");
-    let port = farm::sys::hostinfo::free_local_port().unwrap();
-    // Declared before the project so it outlives it: a failing test's `farm down` (the
-    // project's Drop) still reaches the VMs on `lab`.
+    // The server is declared before the project so it outlives it: a failing test's
+    // `farm down` (the project's Drop) still reaches the VMs on `lab`.
     let server: Sshd;
-    let p = Project::with_store(&lab_toml(port, &root), &shared_store());
-    let key = keygen(p.path(), "lab_key");
+    let (lab, p) = Lab::new();
+    let (root, port) = (lab.root.clone(), lab.port);
 
     // Nothing listens yet: farm names the host and how to check it, and starts nothing there.
     let refused = p.run(&["up"]);
@@ -91,8 +123,7 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
     );
     assert!(!root.exists());
 
-    server = Sshd::start(server_dir.path(), port, &key.public);
-    p.write("lab_known_hosts", &server.known_hosts_line());
+    server = lab.serve(&p);
     let up = p.run(&["up"]);
     assert!(
         up.status.success(),
@@ -227,14 +258,11 @@ fn an_interrupted_up_leaves_no_ssh_master_and_the_next_up_converges() {
     if !vm_tests_possible("remote_host_interrupt") || !sshd_available("remote_host_interrupt") {
         return;
     }
-    let server_dir = tempfile::tempdir().unwrap();
-    let root = server_dir.path().join("farm-root");
-    let port = farm::sys::hostinfo::free_local_port().unwrap();
-    let server: Sshd;
-    let p = Project::with_store(&lab_toml(port, &root), &shared_store());
-    let key = keygen(p.path(), "lab_key");
-    server = Sshd::start(server_dir.path(), port, &key.public);
-    p.write("lab_known_hosts", &server.known_hosts_line());
+    // Declared before the project so it outlives it (see above).
+    let _server: Sshd;
+    let (lab, p) = Lab::new();
+    _server = lab.serve(&p);
+    let root = lab.root.clone();
     let config = p.path().join(".farm/ssh_config").display().to_string();
 
     let mut up = p

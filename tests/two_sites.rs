@@ -6,6 +6,8 @@
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
+#[path = "support/labs.rs"]
+mod labs;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
 mod project;
@@ -13,29 +15,9 @@ mod project;
 use guest::{shared_store, vm_tests_possible};
 use project::Project;
 
-/// The hypervisor platform is the bundled farm.toml's L1, as in tests/nested.rs (so the
-/// layer is shared through the test store).
-const LAB: &str = r#"
-[images.bookworm]
-debian = { suite = "bookworm" }
-
-[images.tiny]
-tiny = true
-
-[targets.amd64]
-arch = "x86_64"
-
-[platforms.debian_vs]
-from = "bookworm"
-upgrade = true
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum"]
-memory = "2G"
-cpus = 2
-
-[platforms.leaf]
-from = "tiny"
-memory = "256M"
-
+/// Two hypervisor VMs on the bundled farm.toml's L1 platform (shared with tests/nested.rs
+/// through the test store), a tiny guest in each.
+const VMS: &str = r#"
 [vms.hv_a]
 platform = "debian_vs"
 
@@ -63,7 +45,7 @@ fn two_hypervisor_sites_come_up_side_by_side() {
     if !vm_tests_possible("two_sites") {
         return;
     }
-    let p = Project::with_store(LAB, &shared_store());
+    let p = Project::with_store(&labs::hypervisor_lab(VMS), &shared_store());
     let up = p.ok(&["up"]);
     let log = String::from_utf8_lossy(&up.stderr).into_owned();
     // Both hypervisors start before either answers; each site's push and guest go ahead

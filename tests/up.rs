@@ -54,22 +54,6 @@ fn pid(p: &Project, vm: &str) -> String {
         .to_string()
 }
 
-fn status(p: &Project) -> serde_json::Value {
-    serde_json::from_slice(&p.ok(&["status", "--json"]).stdout).unwrap()
-}
-
-fn state_of(p: &Project, vm: &str) -> String {
-    status(p)
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == vm)
-        .unwrap()["state"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 fn qemu_running(vm: &str, p: &Project) -> bool {
     let out = Command::new("pgrep")
         .args(["-f", &format!("{vm},process=farm-{vm}")])
@@ -142,7 +126,7 @@ fn up_ssh_restart_replace_and_down() {
     // A dead VM is reported and restarted alone.
     Command::new("kill").args(["-9", &beta]).status().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(state_of(&p, "beta"), "stopped");
+    assert_eq!(p.state_of("beta"), "stopped");
     let again = p.ok(&["up"]);
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("restarting beta"),
@@ -158,7 +142,7 @@ fn up_ssh_restart_replace_and_down() {
         "[platforms.marked]\nfrom = \"plain\"\nrun = [\"echo v2 > /etc/marked\"]\n\n[vms.beta]\nplatform = \"marked\"",
     );
     fs_err::write(p.path().join("farm.toml"), changed).unwrap();
-    assert_eq!(state_of(&p, "beta"), "changed");
+    assert_eq!(p.state_of("beta"), "changed");
     let replaced = p.ok(&["up"]);
     assert!(
         String::from_utf8_lossy(&replaced.stderr).contains("replacing beta"),
@@ -173,7 +157,7 @@ fn up_ssh_restart_replace_and_down() {
     p.ok(&["down"]);
     assert!(!qemu_running("alpha", &p) && !qemu_running("beta", &p));
     assert!(project::list(&p.path().join(".farm/vms")).is_empty());
-    assert_eq!(state_of(&p, "alpha"), "missing");
+    assert_eq!(p.state_of("alpha"), "missing");
 }
 
 #[test]
@@ -204,13 +188,7 @@ fn a_fixed_port_already_in_use_fails_before_anything_starts() {
          [vms.free]\nplatform = \"p\"\n[vms.taken]\nplatform = \"p\"\nssh_port = {port}\n"
     );
     let p = Project::new(&lab);
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(p.path().join("disk.qcow2"))
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    p.blank_disk("disk.qcow2");
     let out = p.run(&["up"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -181,16 +181,12 @@ pub fn build_debian_image(
 ) -> Result<DebianImageReport, DebianImageError> {
     let started = Instant::now();
     check_prerequisites(req.arch)?;
-    fs_err::create_dir_all(req.out_dir)?;
+    // mmdebstrap wants an empty target: leftovers of an interrupted build go first.
+    let scratch = Scratch::fresh(req.out_dir, &["rootfs", "agent"], &["rootfs.raw"])?;
     let log = ToolRunner::open(req.log)?;
-
     let rootfs = req.out_dir.join("rootfs");
     let raw = req.out_dir.join("rootfs.raw");
     let agent_dir = req.out_dir.join("agent");
-    let scratch = Scratch::new(vec![rootfs.clone(), agent_dir.clone()], vec![raw.clone()]);
-    // Leftovers of an interrupted build in the same staging directory: mmdebstrap wants an
-    // empty target.
-    scratch.remove()?;
 
     fs_err::create_dir_all(&agent_dir)?;
     for (name, text) in [
@@ -255,26 +251,8 @@ pub fn build_debian_image(
         rootfs_bytes >> 20,
         disk_virtual_bytes >> 20
     ));
-    let phase = Instant::now();
-    // A sparse file: only the blocks mkfs writes take space.
-    fs_err::File::create(&raw)?.set_len(disk_virtual_bytes)?;
-    log.tool("mkfs.ext4")
-        .args(["-F", "-q", "-L", "farm-root", "-d"])
-        .args([&rootfs, &raw])
-        .hint(|| format!("check free space for `{}`", raw.display()))
-        .run()?;
-    let mkfs_time = phase.elapsed();
-
-    // 4. The qcow2.
-    progress.set_message("qemu-img convert to qcow2");
-    let phase = Instant::now();
     let disk = req.out_dir.join("disk.qcow2");
-    log.tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .args([&raw, &disk])
-        .hint(|| format!("check free space in `{}`", req.out_dir.display()))
-        .run()?;
-    let convert_time = phase.elapsed();
+    let times = log.ext4_qcow2(&rootfs, &raw, &disk, disk_virtual_bytes, progress)?;
 
     progress.set_message("removing the build tree");
     scratch.remove()?;
@@ -284,8 +262,8 @@ pub fn build_debian_image(
         disk_virtual_bytes,
         disk_file_bytes: fs_err::metadata(&disk)?.len(),
         mmdebstrap_time,
-        mkfs_time,
-        convert_time,
+        mkfs_time: times.mkfs,
+        convert_time: times.convert,
         total_time: started.elapsed(),
     };
     log.note(&format!(

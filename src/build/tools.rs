@@ -224,6 +224,59 @@ impl<'a> Invocation<'a> {
     }
 }
 
+/// How long each half of [`ToolRunner::ext4_qcow2`] took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskTimes {
+    pub mkfs: std::time::Duration,
+    pub convert: std::time::Duration,
+}
+
+impl ToolRunner {
+    /// Turns the tree `rootfs` into `disk` (qcow2) holding one ext4 filesystem labelled
+    /// `farm-root` of `virtual_bytes`, without mounting anything: `mkfs.ext4 -d` into the
+    /// sparse raw file `raw`, then `qemu-img convert`. Both image builders end this way.
+    pub fn ext4_qcow2(
+        &self,
+        rootfs: &Path,
+        raw: &Path,
+        disk: &Path,
+        virtual_bytes: u64,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<DiskTimes, ToolError> {
+        let io = |source: io::Error| ToolError::Spawn {
+            tool: "mkfs.ext4".into(),
+            source,
+        };
+        let phase = Instant::now();
+        // A sparse file: only the blocks mkfs writes take space.
+        fs_err::File::create(raw)
+            .and_then(|f| f.set_len(virtual_bytes))
+            .map_err(io)?;
+        self.tool("mkfs.ext4")
+            .args(["-F", "-q", "-L", "farm-root", "-d"])
+            .args([rootfs, raw])
+            .hint(|| format!("check free space for `{}`", raw.display()))
+            .run()?;
+        let mkfs = phase.elapsed();
+        progress.set_message("qemu-img convert to qcow2");
+        let phase = Instant::now();
+        self.tool("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .args([raw, disk])
+            .hint(|| {
+                format!(
+                    "check free space in `{}`",
+                    disk.parent().unwrap_or(disk).display()
+                )
+            })
+            .run()?;
+        Ok(DiskTimes {
+            mkfs,
+            convert: phase.elapsed(),
+        })
+    }
+}
+
 /// A word as `sh` would need it: bare when it is plainly safe, single-quoted otherwise, so a
 /// logged command line can be pasted into a shell.
 pub fn quote_word(word: &str) -> String {
@@ -258,6 +311,18 @@ pub struct Scratch {
 impl Scratch {
     pub fn new(dirs: Vec<PathBuf>, files: Vec<PathBuf>) -> Self {
         Self { dirs, files }
+    }
+
+    /// Scratch directories and files named inside `out_dir` (created if missing), with any
+    /// leftovers of an interrupted build removed first.
+    pub fn fresh(out_dir: &Path, dirs: &[&str], files: &[&str]) -> Result<Self, ScratchError> {
+        fs_err::create_dir_all(out_dir)?;
+        let scratch = Self::new(
+            dirs.iter().map(|d| out_dir.join(d)).collect(),
+            files.iter().map(|f| out_dir.join(f)).collect(),
+        );
+        scratch.remove()?;
+        Ok(scratch)
     }
 
     pub fn remove(&self) -> Result<(), ScratchError> {

@@ -13,11 +13,11 @@ use crate::model::up_plan::{Basis, Desired, SitePlan, UpPlan, VmAction, VmStep, 
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::host::Host;
-use crate::run::instance;
 use crate::run::observe::{Ask, observe_site};
 use crate::run::site::Sites;
 use crate::run::state::StateDir;
 use crate::run::up::{UpError, UpOptions, first_error, write_state_ssh_files};
+use crate::run::{instance, parallel};
 use crate::store::Entry;
 use crate::sys::ssh::Ssh;
 
@@ -93,18 +93,9 @@ impl Apply<'_> {
             }
             write_state_ssh_files(self.project, self.state, &specs)?;
         }
-        let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = site
-                .vms
-                .iter()
-                .map(|step| scope.spawn(move || self.vm(host, site, step, whole)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a VM thread panicked"))
-                .collect()
-        });
-        first_error(results)
+        first_error(parallel::each(&site.vms, |step| {
+            self.vm(host, site, step, whole)
+        }))
     }
 
     fn push(&self, host: &dyn Host, site: &SitePlan) -> Result<(), UpError> {
@@ -122,17 +113,16 @@ impl Apply<'_> {
                 .parent()
                 .unwrap_or(&site.layout.store_entries),
         );
-        let pushed = crate::run::closure::push_closure(host, &store, &needed, self.reporter)?;
+        let pushed = crate::run::closure::push_missing(host, &store, &needed, self.reporter)?;
         if !pushed.pushed.is_empty() {
             self.reporter.status(
                 "pushed",
                 format!(
-                    "{} layer(s) to {} ({}, {:.1} s; {} already there)",
+                    "{} layer(s) to {} ({}, {:.1} s)",
                     pushed.pushed.len(),
                     host.name(),
                     human_bytes(pushed.bytes),
                     pushed.elapsed.as_secs_f64(),
-                    pushed.present
                 ),
             );
         }
@@ -142,38 +132,28 @@ impl Apply<'_> {
     /// Stops, in parallel, the VMs that restart or are replaced (before anything starts:
     /// their ports may go to others), and removes the replaced ones.
     fn stop_changed(&self, host: &dyn Host, site: &SitePlan) -> Result<(), UpError> {
-        let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = site
-                .vms
-                .iter()
-                .filter(|s| matches!(s.action, VmAction::Restart | VmAction::Replace))
-                .map(|step| {
-                    scope.spawn(move || -> Result<(), UpError> {
-                        if step.running.is_some() {
-                            let verb = match step.action {
-                                VmAction::Replace => "replacing",
-                                _ => "restarting",
-                            };
-                            self.reporter
-                                .status(verb, format!("{} ({})", step.name, reasons(step)));
-                            let how = self.stop(host, &step.spec, step.previous.as_ref())?;
-                            self.reporter
-                                .status("stopped", format!("{} ({how})", step.name));
-                        }
-                        if step.action == VmAction::Replace {
-                            instance::remove(host, &step.spec.paths, &step.name)?;
-                            self.state.remove_instance(&step.name)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a VM thread panicked"))
-                .collect()
-        });
-        first_error(results)
+        let changed = site
+            .vms
+            .iter()
+            .filter(|s| matches!(s.action, VmAction::Restart | VmAction::Replace));
+        first_error(parallel::each(changed, |step| -> Result<(), UpError> {
+            if step.running.is_some() {
+                let verb = match step.action {
+                    VmAction::Replace => "replacing",
+                    _ => "restarting",
+                };
+                self.reporter
+                    .status(verb, format!("{} ({})", step.name, reasons(step)));
+                let how = self.stop(host, &step.spec, step.previous.as_ref())?;
+                self.reporter
+                    .status("stopped", format!("{} ({how})", step.name));
+            }
+            if step.action == VmAction::Replace {
+                instance::remove(host, &step.spec.paths, &step.name)?;
+                self.state.remove_instance(&step.name)?;
+            }
+            Ok(())
+        }))
     }
 
     /// Powers a VM off (where it was last started from, when its paths changed).

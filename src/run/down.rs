@@ -174,49 +174,33 @@ impl Teardown<'_> {
         site_state: &Path,
         names: &[String],
     ) -> Result<Vec<String>, UpError> {
-        let (sites, state, keep, timeout, reporter) = (
-            self.sites,
-            self.state,
-            self.keep,
-            self.timeout,
-            self.reporter,
-        );
-        let results: Vec<Result<String, UpError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = names
-                .iter()
-                .map(|name| {
-                    scope.spawn(move || -> Result<String, UpError> {
-                        let paths = crate::model::instance::InstancePaths::new(site_state, name);
-                        let config = sites.ssh_config().to_path_buf();
-                        let poweroff = || ssh_poweroff(&config, name);
-                        let how = instance::stop(host, &paths, name, timeout, Some(&poweroff))?;
-                        if keep {
-                            if let Some(mut record) = host.get(&paths.record())?.and_then(|b| {
-                                crate::model::instance::InstanceRecord::parse(&b).ok()
-                            }) {
-                                record.kept = true;
-                                instance::save(host, &record)?;
-                            }
-                        } else {
-                            instance::remove(host, &paths, name)?;
-                            state.remove_instance(name)?;
-                        }
-                        let kept = if keep { ", overlay kept" } else { "" };
-                        let verb = match how {
-                            Stopped::Killed(_) | Stopped::Quit(_) => "killed",
-                            _ => "stopped",
-                        };
-                        reporter.status(verb, format!("{name} ({how}{kept})"));
-                        Ok(name.clone())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a VM thread panicked"))
-                .collect()
-        });
-        results.into_iter().collect()
+        crate::run::parallel::each(names, |name| -> Result<String, UpError> {
+            let paths = crate::model::instance::InstancePaths::new(site_state, name);
+            let config = self.sites.ssh_config().to_path_buf();
+            let poweroff = || ssh_poweroff(&config, name);
+            let how = instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?;
+            if self.keep {
+                let record = host
+                    .get(&paths.record())?
+                    .and_then(|b| crate::model::instance::InstanceRecord::parse(&b).ok());
+                if let Some(mut record) = record {
+                    record.kept = true;
+                    instance::save(host, &record)?;
+                }
+            } else {
+                instance::remove(host, &paths, name)?;
+                self.state.remove_instance(name)?;
+            }
+            let kept = if self.keep { ", overlay kept" } else { "" };
+            let verb = match how {
+                Stopped::Killed(_) | Stopped::Quit(_) => "killed",
+                _ => "stopped",
+            };
+            self.reporter.status(verb, format!("{name} ({how}{kept})"));
+            Ok(name.clone())
+        })
+        .into_iter()
+        .collect()
     }
 }
 

@@ -13,7 +13,7 @@ use crate::sys::ssh::shell_quote;
 pub enum InstanceError {
     #[error(transparent)]
     Host(#[from] HostError),
-    #[error("{what} for VM `{vm}` failed on host `{host}` (exit status {status:?}):\n{output}")]
+    #[error("{what} for VM `{vm}` failed on host `{host}` (exit status {status:?}):\n{}", output.trim_end())]
     Command {
         vm: String,
         host: String,
@@ -113,6 +113,14 @@ fn write_seed_and_record(
     host.put(&seed_image_bytes(&seed)?, &spec.paths.seed(), 0o600)?;
     let record = InstanceRecord::new(spec.clone());
     host.put(&record.to_json(), &spec.paths.record(), 0o600)?;
+    // On the host's disk before qemu starts: a hypervisor VM that crashes must not come
+    // back with an overlay whose header never left its page cache.
+    check(
+        host,
+        &spec.name,
+        "Syncing the instance's files",
+        &format!("sync -f {} 2>/dev/null || sync", q(&spec.paths.dir)),
+    )?;
     Ok(record)
 }
 
@@ -143,7 +151,27 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> 
         binary = vm.binary(),
         argv = argv.join(" "),
     );
-    check(host, &spec.name, "Starting qemu", &script).map(drop)
+    check(host, &spec.name, "Starting qemu", &script)
+        .map(drop)
+        .map_err(|e| match e {
+            InstanceError::Command {
+                vm,
+                host,
+                what,
+                status,
+                output,
+            } => InstanceError::Command {
+                output: format!(
+                    "{}\nhint: `farm logs {vm}` shows its console; if its disk is damaged, `farm down {vm}` discards it and `farm up` makes it anew",
+                    output.trim_end()
+                ),
+                vm,
+                host,
+                what,
+                status,
+            },
+            other => other,
+        })
 }
 
 /// How an instance went down.

@@ -12,6 +12,7 @@ pub mod host;
 pub mod instance;
 pub mod layers;
 pub mod observe;
+pub mod parallel;
 pub mod site;
 pub mod ssh_files;
 pub mod state;

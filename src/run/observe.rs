@@ -266,24 +266,15 @@ impl Survey<'_> {
             .filter(|(_, i)| i.running())
             .filter_map(|(name, _)| Some((name.clone(), desired.site_inside(name)?)))
             .collect();
-        let answered: Vec<(String, bool)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = inside
-                .into_iter()
-                .map(|(vm, child)| {
-                    scope.spawn(move || match self.sites.connect(&child) {
-                        Ok(_) => {
-                            self.visit(child);
-                            (vm, true)
-                        }
-                        // Not logged in to: the plan restarts it (it does not answer).
-                        Err(_) => (vm, false),
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("an observing thread panicked"))
-                .collect()
+        let answered = crate::run::parallel::each(inside, |(vm, child)| {
+            match self.sites.connect(&child) {
+                Ok(_) => {
+                    self.visit(child);
+                    (vm, true)
+                }
+                // Not logged in to: the plan restarts it (it does not answer).
+                Err(_) => (vm, false),
+            }
         });
         for (vm, answers) in answered {
             if let Some(instance) = observation.instances.get_mut(&vm) {

@@ -269,20 +269,7 @@ pub fn up(
         .iter()
         .filter(|s| matches!(s.placement, Placement::Host(_)))
         .collect();
-    let results: Vec<Result<(), UpError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = roots
-            .iter()
-            .map(|site| {
-                let apply = &apply;
-                let plan = &plan;
-                scope.spawn(move || apply.site(site, Some(plan)))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a site thread panicked"))
-            .collect()
-    });
+    let results = crate::run::parallel::each(roots, |site| apply.site(site, Some(&plan)));
     first_error(results)?;
     let specs = apply.specs.into_inner().unwrap_or_else(|e| e.into_inner());
     write_state_ssh_files(project, &state, &specs)?;

@@ -181,41 +181,10 @@ impl Ssh {
         self.session.as_ref().expect("the session lives until drop")
     }
 
-    /// Runs `script` with the remote user's shell, optionally feeding `stdin`.
+    /// Runs `script` with the remote user's shell, feeding it `stdin` (an empty stdin when
+    /// `None`).
     pub fn run(&self, script: &str, stdin: Option<&[u8]>) -> Result<Output, SshError> {
-        let command_error = |source| SshError::Command {
-            alias: self.alias.clone(),
-            command: script.to_string(),
-            source,
-        };
-        self.runtime.block_on(async {
-            let mut command = self.session().shell(script);
-            command
-                .stdin(if stdin.is_some() {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = command.spawn().await.map_err(command_error)?;
-            if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin().take()) {
-                pipe.write_all(bytes)
-                    .await
-                    .map_err(|source| SshError::Stdin {
-                        alias: self.alias.clone(),
-                        command: script.to_string(),
-                        source,
-                    })?;
-                drop(pipe);
-            }
-            let out = child.wait_with_output().await.map_err(command_error)?;
-            Ok(Output {
-                status: out.status.code(),
-                stdout: out.stdout,
-                stderr: out.stderr,
-            })
-        })
+        self.run_streamed(script, &mut stdin.unwrap_or_default(), &mut |_| {})
     }
 
     /// Runs `script` with `input` streamed to its stdin a chunk at a time, each chunk shown
@@ -300,41 +269,6 @@ impl Ssh {
         self.session().control_socket().to_path_buf()
     }
 
-    /// A local Unix socket the ControlMaster connects to `address` as seen from the host (a
-    /// guest's forwarded ssh port on the host's 127.0.0.1), until [`Ssh::close_forward`].
-    /// Apart so that several can be used at once while the session serves other requests.
-    pub fn open_tcp_forward(&self, address: std::net::SocketAddr) -> Result<Forward, SshError> {
-        let dir = tempfile::Builder::new()
-            .prefix("farm-fwd")
-            .tempdir()
-            .map_err(SshError::ForwardDir)?;
-        let local = dir.path().join("s");
-        self.runtime
-            .block_on(self.session().request_port_forward(
-                openssh::ForwardType::Local,
-                local.as_path(),
-                address,
-            ))
-            .map_err(|source| SshError::Forward {
-                alias: self.alias.clone(),
-                remote: address.to_string(),
-                source,
-            })?;
-        Ok(Forward {
-            _dir: dir,
-            local,
-            remote: address,
-        })
-    }
-
-    pub fn close_forward(&self, forward: Forward) {
-        let _ = self.runtime.block_on(self.session().close_port_forward(
-            openssh::ForwardType::Local,
-            forward.local.as_path(),
-            forward.remote,
-        ));
-    }
-
     fn with_forward<T>(
         &self,
         remote: openssh::Socket<'_>,
@@ -375,13 +309,6 @@ impl Ssh {
     pub fn is_alive(&self) -> bool {
         self.runtime.block_on(self.session().check()).is_ok()
     }
-}
-
-/// A forwarded connection's local end.
-pub struct Forward {
-    _dir: tempfile::TempDir,
-    pub local: std::path::PathBuf,
-    remote: std::net::SocketAddr,
 }
 
 impl Master {
@@ -461,17 +388,6 @@ pub fn banner_through(control: &Path, address: std::net::SocketAddr, timeout: Du
     let _ = child.kill();
     let _ = child.wait();
     answered
-}
-
-/// [`banner_within`] for a local Unix socket (one the ControlMaster forwards).
-pub fn unix_banner(path: &Path, timeout: Duration) -> bool {
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(stream) => {
-            let _ = stream.set_read_timeout(Some(timeout));
-            banner_within(stream)
-        }
-        Err(_) => false,
-    }
 }
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {

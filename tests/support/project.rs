@@ -36,6 +36,17 @@ impl Project {
         fs_err::write(path, contents).unwrap();
     }
 
+    /// An empty 16 MiB qcow2 at `relative`: an image with nothing to boot.
+    pub fn blank_disk(&self, relative: &str) {
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(self.path().join(relative))
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(status.success(), "qemu-img create {relative}");
+    }
+
     pub fn farm(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_farm"));
         cmd.current_dir(self.path())
@@ -53,6 +64,23 @@ impl Project {
         let out = self.run(args);
         assert!(out.status.success(), "farm {args:?}\n{}", text(&out));
         out
+    }
+
+    /// `farm status --json`'s row for `vm`.
+    pub fn status_of(&self, vm: &str) -> serde_json::Value {
+        let rows: serde_json::Value =
+            serde_json::from_slice(&self.ok(&["status", "--json"]).stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == vm)
+            .unwrap_or_else(|| panic!("no status row for `{vm}`: {rows}"))
+            .clone()
+    }
+
+    /// The state `farm status` gives `vm` (running, stopped, missing, …).
+    pub fn state_of(&self, vm: &str) -> String {
+        self.status_of(vm)["state"].as_str().unwrap().to_string()
     }
 
     /// Directory names of the finished store entries.

@@ -122,15 +122,12 @@ pub fn build_tiny_image(
     if fs_err::metadata("/proc/self")?.uid() != 0 {
         return Err(TinyImageError::NeedsRoot);
     }
-    fs_err::create_dir_all(req.out_dir)?;
+    let scratch = Scratch::fresh(req.out_dir, &["unpacked", "rootfs"], &["rootfs.raw"])?;
     fs_err::create_dir_all(req.cache_dir)?;
     let log = ToolRunner::open(req.log)?;
-
     let unpacked = req.out_dir.join("unpacked");
     let rootfs = req.out_dir.join("rootfs");
     let raw = req.out_dir.join("rootfs.raw");
-    let scratch = Scratch::new(vec![unpacked.clone(), rootfs.clone()], vec![raw.clone()]);
-    scratch.remove()?;
 
     // 1. Packages.
     progress.set_message("resolving the tiny image's packages");
@@ -186,19 +183,8 @@ pub fn build_tiny_image(
     let rootfs_bytes = tree_bytes(&rootfs)?;
     let disk_virtual_bytes = (rootfs_bytes * 2 + HEADROOM_BYTES).div_ceil(1 << 20) << 20;
     progress.set_message(format!("mkfs.ext4 ({} MiB)", disk_virtual_bytes >> 20));
-    fs_err::File::create(&raw)?.set_len(disk_virtual_bytes)?;
-    log.tool("mkfs.ext4")
-        .args(["-F", "-q", "-L", "farm-root", "-d"])
-        .args([&rootfs, &raw])
-        .hint(|| format!("check free space for `{}`", raw.display()))
-        .run()?;
-    progress.set_message("qemu-img convert to qcow2");
     let disk = req.out_dir.join("disk.qcow2");
-    log.tool("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .args([&raw, &disk])
-        .hint(|| format!("check free space in `{}`", req.out_dir.display()))
-        .run()?;
+    log.ext4_qcow2(&rootfs, &raw, &disk, disk_virtual_bytes, progress)?;
 
     progress.set_message("removing the build tree");
     scratch.remove()?;

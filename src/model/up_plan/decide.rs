@@ -66,7 +66,13 @@ pub fn decide(
     if let Some(why) = replacement(old, spec) {
         return (VmAction::Replace, vec![Reason::Changed(why)]);
     }
-    let changes = differences(old, spec);
+    // A site not looked at yet (its hypervisor starts first) has unknown facts: its
+    // accelerator is decided when it is planned again, not reported as a change now.
+    let mut wanted = spec.clone();
+    if basis != Basis::Observed {
+        wanted.hw.accel = old.hw.accel;
+    }
+    let changes = differences(old, &wanted);
     if !changes.is_empty() {
         return (
             VmAction::Restart,
