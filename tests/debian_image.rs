@@ -355,9 +355,17 @@ fn builds_and_boots_a_debian_image_reachable_by_pinned_ssh() {
         "ssh_host_ed25519_key\nssh_host_ed25519_key.pub",
         "only the pinned host key is present"
     );
+    // networkd may still be configuring the second NIC when sshd already answers.
+    let links =
+        || check("networkctl list --no-legend --no-pager | awk '$2!=\"lo\" {print $2, $5}'");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut state = links();
+    while state != "nic0 configured\nnic1 configured" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        state = links();
+    }
     assert_eq!(
-        check("networkctl list --no-legend --no-pager | awk '$2!=\"lo\" {print $2, $5}'"),
-        "nic0 configured\nnic1 configured",
+        state, "nic0 configured\nnic1 configured",
         "the seed's NICs are named in order and configured by systemd-networkd"
     );
     assert_eq!(check("cat /sys/class/net/nic0/address"), MAC);
