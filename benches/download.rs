@@ -101,11 +101,14 @@ fn main() {
         remove(&curl_out);
 
         remove(&partial);
+        let say = |_: &str| {};
         let req = Download {
             url: &url,
             expected: &expected,
             partial: &partial,
             attempts: 1,
+            stall_timeout: farm::fetch::DEFAULT_STALL_TIMEOUT,
+            say: &say,
         };
         let cpu = cpu_seconds();
         let started = Instant::now();

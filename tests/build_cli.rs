@@ -157,8 +157,184 @@ fn a_dropped_download_resumes_on_the_next_build() {
         resumed_at.iter().any(|n| *n > 0),
         "the second build resumes with a Range request: {ranges:?}"
     );
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains(&format!("note: resuming `{url}` at 2.00 MiB of 4.00 MiB")),
+        "off a terminal, the resume is a line: {said}"
+    );
     let verify = project.run(&["store", "verify"]);
     assert!(verify.status.success(), "{}", text(&verify));
+}
+
+#[test]
+fn off_a_terminal_each_retry_and_resume_is_a_line() {
+    let server = TestServer::start();
+    let mut image = qcow2_bytes("8M");
+    image.resize(4 << 20, 0);
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    server.set_fault(Some(Fault {
+        close_after_bytes: 1 << 20,
+        first_requests: 2,
+    }));
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&image), ""));
+    let out = project
+        .farm(&["build", "--fetch-attempts", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "warning: attempt 1 of 3 failed: Download of",
+        "warning: attempt 2 of 3 failed: Download of",
+        "note: resuming",
+    ] {
+        assert!(said.contains(line), "expected `{line}` in:\n{said}");
+    }
+    assert_eq!(said.matches("note: resuming").count(), 2, "{said}");
+}
+
+/// A server that accepts connections and never answers: the stall `--fetch-timeout` bounds.
+fn silent_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    format!("http://{addr}/deb.qcow2")
+}
+
+#[test]
+fn a_server_that_never_answers_stalls_after_the_fetch_timeout_naming_url_and_seconds() {
+    let url = silent_server();
+    let project = Project::new(&farm_toml(&url, &"00".repeat(32), ""));
+    let out = project
+        .farm(&["build", "--fetch-timeout", "1", "--fetch-attempts", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("warning: attempt 1 of 2 failed:") && said.contains("retrying in"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("`{url}` sent nothing for 1 s")),
+        "the stall names the URL and the timeout: {said}"
+    );
+    assert!(said.contains("--fetch-timeout SECONDS"), "{said}");
+    assert!(project.entries().is_empty());
+
+    let zero = project.run(&["build", "--fetch-timeout", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{}", text(&zero));
+}
+
+#[test]
+fn a_truncated_xz_that_matches_its_hash_is_called_broken_as_published() {
+    let server = TestServer::start();
+    let mut xz = Vec::new();
+    {
+        use std::io::Write;
+        let mut enc = xz2::write::XzEncoder::new(&mut xz, 1);
+        enc.write_all(&http_server::random_bytes(1 << 20, 7))
+            .unwrap();
+        enc.finish().unwrap();
+    }
+    xz.truncate(xz.len() / 2);
+    let url = server.add_bytes("/deb.raw.xz", xz.clone());
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&xz), ""));
+    let out = project.run(&["build"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "Image `deb`: `{url}` matches its declared sha256, but the file itself is broken"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("use another mirror or release"), "{said}");
+    assert!(
+        !said.contains("fetch it again"),
+        "fetching again cannot help: {said}"
+    );
+    assert!(project.entries().is_empty());
+}
+
+#[test]
+fn a_damaged_entry_is_never_cached_and_verify_checks_past_stray_files() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("16M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let extra = "[platforms.p]\nfrom = \"deb\"\n";
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&image), extra));
+    project.ok(&["build"]);
+    assert_eq!(project.entries().len(), 2, "{:?}", project.entries());
+
+    // A stray file among the entries is reported, and every entry is still verified.
+    project.write("cache/store/notes.txt", "mine\n");
+    let verify = project.run(&["store", "verify"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
+    let said = text(&verify);
+    assert_eq!(said.matches("          ok ").count(), 2, "{said}");
+    assert!(said.contains("notes.txt"), "{said}");
+    fs_err::remove_file(project.path().join("cache/store/notes.txt")).unwrap();
+
+    // The image's disk is changed behind farm's back (root ignores the read-only mode).
+    let image_entry = project.entry("deb");
+    let disk = image_entry.join("disk.qcow2");
+    let mut bytes = fs_err::read(&disk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs_err::write(&disk, &bytes).unwrap();
+
+    let build = project.run(&["build"]);
+    assert_eq!(build.status.code(), Some(1), "{}", text(&build));
+    let said = String::from_utf8_lossy(&build.stderr);
+    assert!(said.contains("has changed since it was built"), "{said}");
+    assert!(
+        said.contains("hint: `farm store verify` lists every damaged entry"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("cached"),
+        "a damaged entry is not `cached`: {said}"
+    );
+
+    // `up` refuses it before any VM boots on it.
+    project.write(
+        "farm.toml",
+        &farm_toml(
+            &url,
+            &sha256_hex(&image),
+            &format!("{extra}[vms.a]\nplatform = \"p\"\n"),
+        ),
+    );
+    let up = project.run(&["up", "--boot-timeout", "20"]);
+    assert_eq!(up.status.code(), Some(1), "{}", text(&up));
+    assert!(
+        String::from_utf8_lossy(&up.stderr)
+            .contains("`farm store verify` lists every damaged entry"),
+        "{}",
+        text(&up)
+    );
+    assert!(
+        !project.path().join(".farm/vms/a").exists(),
+        "no instance of `a` is made: {:?}",
+        list(&project.path().join(".farm/vms"))
+    );
+
+    let verify = project.run(&["store", "verify"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", text(&verify));
+    assert!(
+        text(&verify).contains(&format!(
+            "{}",
+            image_entry.file_name().unwrap().to_string_lossy()
+        )),
+        "{}",
+        text(&verify)
+    );
 }
 
 #[test]

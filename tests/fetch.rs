@@ -43,13 +43,30 @@ impl Fixture {
         expected: &ExpectedHash,
         attempts: u32,
     ) -> Result<Downloaded, FetchError> {
+        self.get_telling(url, expected, attempts, farm::fetch::DEFAULT_STALL_TIMEOUT)
+            .0
+    }
+
+    /// Like `get`, with the stall timeout given; also returns the lines the download said.
+    fn get_telling(
+        &self,
+        url: &str,
+        expected: &ExpectedHash,
+        attempts: u32,
+        stall_timeout: std::time::Duration,
+    ) -> (Result<Downloaded, FetchError>, Vec<String>) {
+        let lines = std::sync::Mutex::new(Vec::new());
+        let say = |line: &str| lines.lock().unwrap().push(line.to_string());
         let req = Download {
             url,
             expected,
             partial: &self.partial,
             attempts,
+            stall_timeout,
+            say: &say,
         };
-        download(&req, &ProgressBar::hidden())
+        let result = download(&req, &ProgressBar::hidden());
+        (result, lines.into_inner().unwrap())
     }
 
     fn partial_len(&self) -> Option<u64> {
@@ -439,4 +456,160 @@ fn files_served_from_a_directory_resume_at_the_right_offset() {
         .get(&missing, &digest(HashAlgo::Sha256, b""), 1)
         .unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
+}
+
+/// A server that answers each connection with `respond` (given the request head), for
+/// responses the test server will not give: silence, or more bytes than announced.
+fn raw_server(respond: impl Fn(&str, std::net::TcpStream) + Send + 'static) -> String {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            respond(&head, conn);
+        }
+    });
+    format!("http://{addr}/disk.qcow2")
+}
+
+#[test]
+fn a_server_that_stops_sending_is_a_stall_naming_the_url_and_timeout_and_is_retried() {
+    let fx = Fixture::new();
+    let data = random_bytes(1 << 20, 11);
+    let body = data.clone();
+    let held = std::sync::Mutex::new(Vec::new());
+    // Headers and half the body, then silence with the connection held open.
+    let url = raw_server(move |_, mut conn| {
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        conn.write_all(head.as_bytes()).unwrap();
+        conn.write_all(&body[..body.len() / 2]).unwrap();
+        held.lock().unwrap().push(conn);
+    });
+    let expected = digest(HashAlgo::Sha256, &data);
+    let (result, said) = fx.get_telling(&url, &expected, 2, std::time::Duration::from_secs(1));
+    let err = result.unwrap_err();
+    assert!(matches!(err, FetchError::Stalled { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "`{url}` sent nothing for 1 s (after 524288 bytes)"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("hint:") && message.contains("--fetch-timeout"),
+        "{message}"
+    );
+    // This server ignores `Range`, so the retry starts over, and says so.
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(
+        said[0].starts_with("warning: attempt 1 of 2 failed: `"),
+        "{said:?}"
+    );
+    assert!(
+        said[1].contains("sent the whole file instead of the missing part"),
+        "{said:?}"
+    );
+    assert_eq!(
+        fx.partial_len(),
+        Some(1 << 19),
+        "the stalled bytes are kept for a resume"
+    );
+}
+
+#[test]
+fn a_resumed_response_longer_than_it_announced_is_cut_off() {
+    let fx = Fixture::new();
+    let data = random_bytes(1 << 20, 12);
+    let half = data.len() / 2;
+    fs_err::create_dir_all(fx.partial.parent().unwrap()).unwrap();
+    fs_err::write(&fx.partial, &data[..half]).unwrap();
+    let body = data.clone();
+    let url = raw_server(move |head, mut conn| {
+        assert!(head.contains(&format!("bytes={half}-")), "{head}");
+        let mut rest = body[half..].to_vec();
+        rest.extend_from_slice(b"and then some junk the server should not have sent");
+        let reply = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {half}-{}/{}\r\nContent-Length: {}\r\n\r\n",
+            body.len() - 1,
+            body.len(),
+            rest.len()
+        );
+        conn.write_all(reply.as_bytes()).unwrap();
+        conn.write_all(&rest).unwrap();
+    });
+    let expected = digest(HashAlgo::Sha256, &data);
+    let (result, said) = fx.get_telling(&url, &expected, 1, farm::fetch::DEFAULT_STALL_TIMEOUT);
+    let got = result.unwrap();
+    assert_eq!(fs_err::read(&got.path).unwrap(), data);
+    assert!(
+        said.iter().any(|l| l.contains(&format!(
+            "sent more than the {} bytes it announced; the rest was cut off",
+            data.len()
+        ))),
+        "{said:?}"
+    );
+}
+
+/// A 1 MiB tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "farm-test-full"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a small tmpfs needs root (CI runs as root; so does scripts/setup.sh)"
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_download_that_fills_the_disk_says_so_and_removes_its_part_file() {
+    let disk = SmallDisk::mount();
+    let mut fx = Fixture::new();
+    fx.partial = disk.dir.path().join("tmp").join("image.part");
+    let data = random_bytes(4 << 20, 13);
+    let url = fx.server.add_bytes("/disk.qcow2", data.clone());
+    let expected = digest(HashAlgo::Sha256, &data);
+    let err = fx.get(&url, &expected, 3).unwrap_err();
+    assert!(matches!(err, FetchError::DiskFull { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("is full after"), "{message}");
+    assert!(message.contains(&url), "{message}");
+    assert!(
+        message.contains("the partial download was removed"),
+        "{message}"
+    );
+    assert!(message.contains("hint: free space"), "{message}");
+    assert_eq!(fx.partial_len(), None, "the .part file is gone");
+    assert!(!fx.sidecar().exists());
+    assert_eq!(fx.server.request_count(), 1, "a full disk is not retried");
 }

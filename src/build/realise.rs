@@ -53,6 +53,46 @@ pub enum BuildError {
     },
     #[error("The build was interrupted")]
     Interrupted,
+    #[error(
+        "Image `{name}`: `{url}` matches its declared {algo}, but the file itself is broken: {detail}\nhint: the file as published is damaged (and its checksum was taken of the damaged file): use another mirror or release of the image, and its own checksum"
+    )]
+    BrokenPublished {
+        name: String,
+        url: String,
+        algo: &'static str,
+        detail: String,
+    },
+}
+
+/// A downloaded image that matched its declared hash but does not unpack was broken when
+/// it was published: fetching it again cannot help, and the error must not say it might.
+fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> BuildError {
+    match e.downcast::<fetch::FetchError>() {
+        Ok(decompress) if matches!(*decompress, fetch::FetchError::Decompress { .. }) => {
+            let fetch::FetchError::Decompress {
+                compression,
+                source,
+                ..
+            } = *decompress
+            else {
+                unreachable!("matched above")
+            };
+            BuildError::BrokenPublished {
+                name: name.to_string(),
+                url: url.to_string(),
+                algo,
+                detail: format!("it is not a valid {compression} stream ({source})"),
+            }
+        }
+        Ok(other) => BuildError::Failed {
+            name: name.to_string(),
+            source: other,
+        },
+        Err(other) => BuildError::Failed {
+            name: name.to_string(),
+            source: other,
+        },
+    }
 }
 
 fn failed<E: std::error::Error + Send + Sync + 'static>(
@@ -69,6 +109,8 @@ fn failed<E: std::error::Error + Send + Sync + 'static>(
 #[derive(Clone, Debug)]
 pub struct RealiseOptions {
     pub fetch_attempts: u32,
+    /// How long a download may go without a byte before it counts as stalled.
+    pub fetch_timeout: Duration,
     /// Overrides every target's `accel` (`--accel`, `FARM_ACCEL`).
     pub accel: Option<Accel>,
     /// How long a build VM may take to answer ssh.
@@ -81,6 +123,7 @@ impl Default for RealiseOptions {
     fn default() -> Self {
         Self {
             fetch_attempts: DEFAULT_FETCH_ATTEMPTS,
+            fetch_timeout: fetch::DEFAULT_STALL_TIMEOUT,
             accel: None,
             boot_timeout: Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS),
             jobs: 1,
@@ -262,12 +305,19 @@ fn realise_one(
                 unreachable!("fetch actions come from url images")
             };
             let bar = reporter.bytes_for("fetch", &format!("{name} from {url}"), None);
+            // Retries and cut-offs are problems, shown even with `--quiet`; resumes are news.
+            let say = |line: &str| match line.strip_prefix("warning: ") {
+                Some(warning) => reporter.warn(warning),
+                None => reporter.line(line),
+            };
             let downloaded = fetch::download(
                 &Download {
                     url,
                     expected: hash,
                     partial: &store.partial_path(&node.hash),
                     attempts: options.fetch_attempts,
+                    stall_timeout: options.fetch_timeout,
+                    say: &say,
                 },
                 &bar,
             )
@@ -283,10 +333,7 @@ fn realise_one(
                 true,
                 reporter,
             )
-            .map_err(|e| BuildError::Failed {
-                name: name.to_string(),
-                source: e,
-            })?;
+            .map_err(|e| broken_published(name, url, hash.algo.name(), e))?;
             reporter.line(format!(
                 "{:>12} {name} from {url} ({}, verified {})",
                 "fetched",
@@ -465,6 +512,7 @@ fn realise_one(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         build_seconds: started.elapsed().as_secs_f64(),
+        disk_mtime_ns: None,
     };
     let entry = store.commit(staging, meta).map_err(failed(name))?;
     drop(lock);
@@ -547,14 +595,15 @@ pub fn human_bytes(bytes: u64) -> String {
     indicatif::BinaryBytes(bytes).to_string()
 }
 
-/// The store hashes of every entry present, for planning.
+/// The store hashes of every entry present and intact, for planning (a damaged entry is
+/// an error, not "cached").
 pub fn present_hashes<'a>(
     store: &Store,
     nodes: impl IntoIterator<Item = &'a DrvNode>,
 ) -> Result<std::collections::BTreeSet<DrvHash>, crate::store::StoreError> {
     let mut present = std::collections::BTreeSet::new();
     for node in nodes {
-        if store.lookup(&node.hash, &node.name)?.is_some() {
+        if store.lookup_intact(&node.hash, &node.name)?.is_some() {
             present.insert(node.hash);
         }
     }

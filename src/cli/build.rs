@@ -20,9 +20,8 @@ pub struct BuildArgs {
     /// Print the plan (cached / fetch / build for each derivation) and change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// How many times a download is attempted, each resuming where the last stopped.
-    #[arg(long, env = "FARM_FETCH_ATTEMPTS", default_value_t = crate::build::realise::DEFAULT_FETCH_ATTEMPTS)]
-    pub fetch_attempts: u32,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
     /// Accelerator for build VMs, overriding every target's `accel`: auto, kvm or tcg.
     #[arg(long, env = "FARM_ACCEL", value_enum)]
     pub accel: Option<AccelArg>,
@@ -32,6 +31,34 @@ pub struct BuildArgs {
     /// How many derivations to build at once [default: what cores and memory allow].
     #[arg(short, long, env = "FARM_JOBS")]
     pub jobs: Option<usize>,
+}
+
+/// How downloads behave, for `build` and `up`.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// How many times a download is attempted, each resuming where the last stopped.
+    #[arg(
+        long,
+        env = "FARM_FETCH_ATTEMPTS",
+        default_value_t = crate::build::realise::DEFAULT_FETCH_ATTEMPTS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub fetch_attempts: u32,
+    /// Seconds a download may go without receiving a byte before it counts as stalled
+    /// (and is retried).
+    #[arg(
+        long,
+        env = "FARM_FETCH_TIMEOUT",
+        default_value_t = crate::fetch::DEFAULT_STALL_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub fetch_timeout: u64,
+}
+
+impl FetchArgs {
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.fetch_timeout)
+    }
 }
 
 /// `--accel` values (clap's view of `Accel`).
@@ -79,10 +106,18 @@ fn wanted(project: &Project, names: &[String]) -> anyhow::Result<Vec<DrvId>> {
     Ok(ids)
 }
 
-fn make_plan(project: &Project, store: &Store, names: &[String]) -> anyhow::Result<BuildPlan> {
+/// The build plan against `store` (none yet: everything is to be built).
+fn make_plan(
+    project: &Project,
+    store: Option<&Store>,
+    names: &[String],
+) -> anyhow::Result<BuildPlan> {
     let ids = wanted(project, names)?;
     let closure = project.graph.closure(&ids);
-    let present = present_hashes(store, closure)?;
+    let present = match store {
+        Some(store) => present_hashes(store, closure)?,
+        None => Default::default(),
+    };
     Ok(plan_build(
         &project.loaded.config,
         &project.graph,
@@ -93,19 +128,21 @@ fn make_plan(project: &Project, store: &Store, names: &[String]) -> anyhow::Resu
 
 pub fn plan(options: &ProjectOptions, args: PlanArgs) -> anyhow::Result<()> {
     let project = Project::load(options)?;
-    let store = open_store(&project)?;
-    print!("{}", make_plan(&project, &store, &args.names)?);
+    // Planning only reads: no store is made.
+    let store = Store::open_existing(&project.store_dir)?;
+    print!("{}", make_plan(&project, store.as_ref(), &args.names)?);
     Ok(())
 }
 
 pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
-    let store = open_store(&project)?;
-    let plan = make_plan(&project, &store, &args.names)?;
     if args.dry_run {
-        print!("{plan}");
+        let store = Store::open_existing(&project.store_dir)?;
+        print!("{}", make_plan(&project, store.as_ref(), &args.names)?);
         return Ok(());
     }
+    let store = open_store(&project)?;
+    let plan = make_plan(&project, Some(&store), &args.names)?;
     if plan.is_noop() {
         reporter.line(format!(
             "{:>12} all {} derivations are cached",
@@ -115,7 +152,8 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         return Ok(());
     }
     let options = RealiseOptions {
-        fetch_attempts: args.fetch_attempts.max(1),
+        fetch_attempts: args.fetch.fetch_attempts,
+        fetch_timeout: args.fetch.timeout(),
         accel: args.accel.map(Accel::from),
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
         jobs: args.jobs.unwrap_or_else(default_jobs),

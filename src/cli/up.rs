@@ -10,7 +10,7 @@ use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::run::up::{UpOptions, state_dir_for, up};
 
-use super::build::{AccelArg, default_jobs};
+use super::build::{AccelArg, FetchArgs, default_jobs};
 use super::status::{check_vm_names, table};
 
 #[derive(Debug, Args)]
@@ -48,6 +48,8 @@ pub struct UpArgs {
     #[arg(short, long, env = "FARM_JOBS")]
     pub jobs: Option<usize>,
     #[command(flatten)]
+    pub fetch: FetchArgs,
+    #[command(flatten)]
     pub state: StateArgs,
 }
 
@@ -61,7 +63,8 @@ pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyho
             accel: args.accel.map(Into::into),
             boot_timeout: Duration::from_secs(args.boot_timeout),
             jobs: args.jobs.unwrap_or_else(default_jobs),
-            ..RealiseOptions::default()
+            fetch_attempts: args.fetch.fetch_attempts,
+            fetch_timeout: args.fetch.timeout(),
         },
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };

@@ -7,21 +7,22 @@
 //! each chunk is written to the file on this thread and passed to hashing threads, so
 //! receiving, writing and hashing overlap.
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_RANGE, ETAG, HeaderMap, IF_RANGE, LAST_MODIFIED, RANGE};
+use reqwest::header::{CONTENT_RANGE, HeaderMap, IF_RANGE, RANGE};
 
 use super::FetchError;
 use super::decompress::Compression;
-use super::hashing::{DualHasher, FileHashes, HashPipeline, hash_reader};
+use super::hashing::HashPipeline;
+use super::partial::{Fetched, Partial, remove_if_exists, sidecar_path};
 use crate::model::hash::{ContentHash, ExpectedHash};
 
 /// What to download, and where its bytes go while they arrive.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Download<'a> {
     pub url: &'a str,
     pub expected: &'a ExpectedHash,
@@ -30,7 +31,16 @@ pub struct Download<'a> {
     pub partial: &'a Path,
     /// HTTP requests allowed in this call (at least one); each resumes where the last stopped.
     pub attempts: u32,
+    /// How long a connection may go without sending a byte before it counts as stalled
+    /// (and is retried): `--fetch-timeout`.
+    pub stall_timeout: Duration,
+    /// Where retries, resumes and stalls are told, one line each: a progress bar cannot
+    /// show them off a terminal.
+    pub say: &'a (dyn Fn(&str) + Sync),
 }
+
+/// How long a connection may stay silent before it counts as stalled, unless told.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A complete download whose hash matched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,9 +54,8 @@ pub struct Downloaded {
     pub compression: Compression,
 }
 
-/// Inactivity allowed on a connection before it counts as dropped (and is retried). Whole
-/// downloads have no time limit: a multi-GiB image on a slow link is not an error.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connecting may take. Whole downloads have no time limit (a multi-GiB image on
+/// a slow link is not an error); silence does (`Download::stall_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Downloads `req.url` into `req.partial`, resuming what is there, and verifies it against
@@ -85,7 +94,7 @@ fn download_blocking(req: &Download<'_>, progress: &ProgressBar) -> Result<Downl
     let fetched = session.fetch(false)?;
     match session.verify(&fetched) {
         Err(FetchError::HashMismatch { .. }) if fetched.resumed => {
-            progress.println(format!(
+            (req.say)(&format!(
                 "warning: `{}` did not match its hash after resuming a partial download; \
                  downloading it again from the start",
                 req.url
@@ -95,13 +104,6 @@ fn download_blocking(req: &Download<'_>, progress: &ProgressBar) -> Result<Downl
         }
         result => result,
     }
-}
-
-/// The bytes fetched by one round of attempts.
-struct Fetched {
-    hashes: FileHashes,
-    /// Whether some of the bytes were kept from before a `Range` request.
-    resumed: bool,
 }
 
 struct Session<'a> {
@@ -123,7 +125,7 @@ impl<'a> Session<'a> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("farm/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
+            .read_timeout(req.stall_timeout)
             // The hash is of the bytes as served: never let another crate's feature flag
             // turn on transparent decoding.
             .no_gzip()
@@ -151,10 +153,12 @@ impl<'a> Session<'a> {
                 Err(e) if e.is_retryable() && attempt < attempts => {
                     let first_line = e.to_string();
                     let first_line = first_line.lines().next().unwrap_or_default();
-                    self.progress.println(format!(
-                        "warning: attempt {attempt} of {attempts} failed: {first_line}; retrying"
+                    let wait = backoff(attempt);
+                    (self.req.say)(&format!(
+                        "warning: attempt {attempt} of {attempts} failed: {first_line}; retrying in {:.1} s",
+                        wait.as_secs_f64()
                     ));
-                    std::thread::sleep(backoff(attempt));
+                    std::thread::sleep(wait);
                 }
                 Err(e) => return Err(e),
             }
@@ -176,13 +180,22 @@ impl<'a> Session<'a> {
                     request = request.header(IF_RANGE, validator);
                 }
             }
-            let mut response = request.send().await.map_err(|e| transport_error(url, e))?;
+            let mut response = request
+                .send()
+                .await
+                .map_err(|e| transport_error(url, e, self.req.stall_timeout))?;
             let status = response.status();
             let total = match status {
                 StatusCode::PARTIAL_CONTENT if offset > 0 => {
                     match content_range(response.headers()) {
                         Some((Some(start), total)) if start == offset => {
                             partial.resumed = true;
+                            (self.req.say)(&format!(
+                                "note: resuming `{url}` at {} of {}",
+                                indicatif::BinaryBytes(offset),
+                                total.map_or("?".to_string(), |t| indicatif::BinaryBytes(t)
+                                    .to_string())
+                            ));
                             total
                         }
                         _ => {
@@ -223,14 +236,36 @@ impl<'a> Session<'a> {
             let streamed = async {
                 loop {
                     match response.chunk().await {
-                        Ok(Some(chunk)) => {
-                            partial.file.write_all(&chunk)?;
+                        Ok(Some(mut chunk)) => {
+                            // Never more than the server announced: the rest is cut off.
+                            let room = total.map_or(u64::MAX, |t| t.saturating_sub(partial.written));
+                            let overflow = chunk.len() as u64 > room;
+                            if overflow {
+                                chunk.truncate(room as usize);
+                            }
+                            if let Err(e) = partial.file.write_all(&chunk) {
+                                return Err(disk_error(url, partial.written, &partial.path, e));
+                            }
                             let len = chunk.len() as u64;
                             partial.written += len;
                             pipeline.send(chunk);
                             self.progress.inc(len);
+                            if overflow {
+                                (self.req.say)(&format!(
+                                    "warning: `{url}` sent more than the {} bytes it announced; the rest was cut off",
+                                    total.unwrap_or_default()
+                                ));
+                                return Ok(());
+                            }
                         }
                         Ok(None) => return Ok(()),
+                        Err(e) if e.is_timeout() => {
+                            return Err(FetchError::Stalled {
+                                url: url.to_string(),
+                                seconds: self.req.stall_timeout.as_secs(),
+                                received: partial.written,
+                            });
+                        }
                         Err(e) => {
                             return Err(FetchError::Interrupted {
                                 url: url.to_string(),
@@ -258,7 +293,7 @@ impl<'a> Session<'a> {
     }
 
     fn note(&self, what: &str) {
-        self.progress.println(format!(
+        (self.req.say)(&format!(
             "note: `{}` {what}; downloading from the start",
             self.req.url
         ));
@@ -324,139 +359,6 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(250 << attempt.min(4).saturating_sub(1))
 }
 
-/// The `.part` file and the hash state of the bytes in it.
-struct Partial {
-    path: PathBuf,
-    file: fs_err::File,
-    algo: crate::model::hash::HashAlgo,
-    /// Bytes in the file that are also hashed; anything after it is cut off before appending.
-    written: u64,
-    /// `None` only while a pipeline owns it.
-    hasher: Option<DualHasher>,
-    validators: Option<Validators>,
-    resumed: bool,
-}
-
-/// What the sidecar `<partial>.json` stores: enough to ask the server "only if unchanged".
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Validators {
-    url: String,
-    etag: Option<String>,
-    last_modified: Option<String>,
-}
-
-fn sidecar_path(partial: &Path) -> PathBuf {
-    let mut name = partial.as_os_str().to_owned();
-    name.push(".json");
-    PathBuf::from(name)
-}
-
-fn remove_if_exists(path: &Path) -> std::io::Result<()> {
-    match fs_err::remove_file(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
-impl Partial {
-    /// Opens (or creates) the `.part` file and hashes what it already holds, so resumed
-    /// bytes are verified like new ones. The file is read this once, never again.
-    fn open(req: &Download<'_>, fresh: bool, progress: &ProgressBar) -> Result<Self, FetchError> {
-        let sidecar = sidecar_path(req.partial);
-        if fresh {
-            remove_if_exists(req.partial)?;
-            remove_if_exists(&sidecar)?;
-        }
-        if let Some(parent) = req.partial.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs_err::create_dir_all(parent)?;
-        }
-        let file = fs_err::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(req.partial)?;
-        let existing = file.metadata()?.len();
-        let mut hasher = DualHasher::new(Some(req.expected.algo));
-        let mut validators = None;
-        if existing > 0 {
-            progress.set_length(existing);
-            progress.set_position(0);
-            hasher = hash_reader(&mut std::io::Read::take(&file, existing), hasher, progress)?;
-            validators = fs_err::read(&sidecar)
-                .ok()
-                .and_then(|json| serde_json::from_slice::<Validators>(&json).ok());
-        }
-        let written = hasher.len();
-        Ok(Self {
-            path: req.partial.to_path_buf(),
-            file,
-            algo: req.expected.algo,
-            written,
-            hasher: Some(hasher),
-            validators,
-            resumed: false,
-        })
-    }
-
-    fn take_hasher(&mut self) -> DualHasher {
-        self.hasher
-            .take()
-            .expect("hasher is back after every pipeline")
-    }
-
-    /// Drops bytes that were written but not hashed (a failed write) and positions the file
-    /// for appending.
-    fn truncate_to_written(&mut self) -> std::io::Result<()> {
-        self.file.set_len(self.written)?;
-        self.file.seek(SeekFrom::Start(self.written))?;
-        Ok(())
-    }
-
-    fn restart(&mut self) -> std::io::Result<()> {
-        self.written = 0;
-        self.hasher = Some(DualHasher::new(Some(self.algo)));
-        self.resumed = false;
-        self.validators = None;
-        remove_if_exists(&sidecar_path(&self.path))?;
-        self.truncate_to_written()
-    }
-
-    /// `If-Range` needs a strong ETag or a date; a weak ETag can't prove byte equality.
-    fn if_range(&self, url: &str) -> Option<String> {
-        let v = self.validators.as_ref().filter(|v| v.url == url)?;
-        v.etag
-            .clone()
-            .filter(|e| !e.starts_with("W/"))
-            .or_else(|| v.last_modified.clone())
-    }
-
-    fn save_validators(&mut self, url: &str, headers: &HeaderMap) -> std::io::Result<()> {
-        let header = |name| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let validators = Validators {
-            url: url.to_string(),
-            etag: header(ETAG),
-            last_modified: header(LAST_MODIFIED),
-        };
-        let json = serde_json::to_vec_pretty(&validators).map_err(std::io::Error::other)?;
-        fs_err::write(sidecar_path(&self.path), json)?;
-        self.validators = Some(validators);
-        Ok(())
-    }
-
-    fn finish(mut self) -> Fetched {
-        Fetched {
-            hashes: self.take_hasher().finish(),
-            resumed: self.resumed,
-        }
-    }
-}
-
 /// Parses `Content-Range: bytes START-END/TOTAL` (or `bytes */TOTAL` from a 416) into the
 /// start and total, either of which may be unknown.
 fn content_range(headers: &HeaderMap) -> Option<(Option<u64>, Option<u64>)> {
@@ -490,7 +392,30 @@ fn status_error(url: &str, status: StatusCode) -> FetchError {
     }
 }
 
-fn transport_error(url: &str, e: reqwest::Error) -> FetchError {
+/// A write to the `.part` file failed. A full disk keeps nothing: the partial download is
+/// removed, and the error says how far it got and where.
+fn disk_error(url: &str, written: u64, partial: &Path, e: std::io::Error) -> FetchError {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+        let removed =
+            remove_if_exists(partial).is_ok() && remove_if_exists(&sidecar_path(partial)).is_ok();
+        return FetchError::DiskFull {
+            url: url.to_string(),
+            path: partial.to_path_buf(),
+            written,
+            removed,
+        };
+    }
+    FetchError::Io(e)
+}
+
+fn transport_error(url: &str, e: reqwest::Error, stall: Duration) -> FetchError {
+    if e.is_timeout() && !e.is_connect() {
+        return FetchError::Stalled {
+            url: url.to_string(),
+            seconds: stall.as_secs(),
+            received: 0,
+        };
+    }
     // The URL is already in our message; reqwest's copy would repeat it.
     let e = e.without_url();
     if e.is_builder() {
@@ -561,14 +486,6 @@ mod tests {
     }
 
     #[test]
-    fn sidecar_sits_beside_the_partial() {
-        assert_eq!(
-            sidecar_path(Path::new("/s/tmp/x.part")),
-            PathBuf::from("/s/tmp/x.part.json")
-        );
-    }
-
-    #[test]
     fn backoff_grows_and_is_capped() {
         assert_eq!(backoff(1), Duration::from_millis(250));
         assert_eq!(backoff(2), Duration::from_millis(500));
@@ -583,11 +500,14 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let partial = dir.path().join("x.part");
+        let say = |_: &str| {};
         let req = Download {
             url: "ftp://example.org/x",
             expected: &expected,
             partial: &partial,
             attempts: 1,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            say: &say,
         };
         let err = download(&req, &ProgressBar::hidden())
             .unwrap_err()

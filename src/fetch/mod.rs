@@ -11,11 +11,12 @@
 mod decompress;
 mod download;
 mod hashing;
+mod partial;
 
 use std::path::PathBuf;
 
 pub use decompress::{Compression, decompress};
-pub use download::{Download, Downloaded, download};
+pub use download::{DEFAULT_STALL_TIMEOUT, Download, Downloaded, download};
 pub use hashing::{FileHashes, hash_file, verify_file};
 
 use crate::model::hash::ExpectedHash;
@@ -53,6 +54,27 @@ pub enum FetchError {
         url: String,
         received: u64,
         detail: String,
+    },
+
+    #[error(
+        "`{url}` sent nothing for {seconds} s (after {received} bytes): the server accepted the connection but stopped sending\nhint: run again later (the partial download is resumed), or allow more silence with `--fetch-timeout SECONDS`"
+    )]
+    Stalled {
+        url: String,
+        seconds: u64,
+        received: u64,
+    },
+
+    #[error(
+        "The disk holding `{}` is full after {written} bytes of `{url}`; {}\nhint: free space there (or point `--store` at a larger disk) and run again",
+        path.display(),
+        if *removed { "the partial download was removed" } else { "the partial download could not be removed" }
+    )]
+    DiskFull {
+        url: String,
+        path: PathBuf,
+        written: u64,
+        removed: bool,
     },
 
     #[error(
@@ -98,6 +120,7 @@ impl FetchError {
         match self {
             FetchError::ConnectionRefused { .. }
             | FetchError::Transport { .. }
+            | FetchError::Stalled { .. }
             | FetchError::Interrupted { .. } => true,
             FetchError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             _ => false,
