@@ -59,6 +59,7 @@ fn meta_for(staging: &Staging, parent: Option<&Entry>) -> EntryMeta {
         parent: parent.map(|p| p.dir_name().to_string()),
         built_at_unix: now_unix(),
         build_seconds: 0.25,
+        disk_mtime_ns: None,
     }
 }
 
@@ -113,7 +114,15 @@ fn commit_then_lookup_round_trips_and_seals_the_entry() {
     let dir_name = format!("{}-base", k.store_key());
     assert_eq!(committed.dir, store.root().join("store").join(&dir_name));
     assert_eq!(committed.dir_name(), dir_name);
-    assert_eq!(committed.meta, meta);
+    assert_eq!(
+        committed.meta,
+        EntryMeta {
+            disk_mtime_ns: committed.meta.disk_mtime_ns,
+            ..meta
+        },
+        "commit adds the disk's mtime, nothing else"
+    );
+    assert!(committed.meta.disk_mtime_ns.is_some());
     let found = store.lookup(&k, "base").unwrap().expect("committed entry");
     assert_eq!(found, committed);
     assert_eq!(store.lookup(&k, "other").unwrap(), None);
@@ -164,7 +173,16 @@ fn verify_detects_a_changed_disk() {
     fs_err::write(&disk, &bytes).unwrap();
     let err = store.verify(&entry).unwrap_err();
     assert!(matches!(err, StoreError::Modified { .. }), "{err}");
-    assert!(err.to_string().contains("hint: remove the entry"), "{err}");
+    assert!(
+        err.to_string().contains("hint: `farm store verify`"),
+        "{err}"
+    );
+    // A build must not take it for cached.
+    let looked_up = store.lookup_intact(&key(3), "base").unwrap_err();
+    assert!(
+        matches!(looked_up, StoreError::Modified { .. }),
+        "{looked_up}"
+    );
 }
 
 #[test]

@@ -17,7 +17,7 @@ pub struct ShowArgs {
 pub fn run(options: &ProjectOptions, args: ShowArgs) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let ids = project.resolve(&args.name)?;
-    let store = Store::open(&project.store_dir).ok();
+    let store = Store::open_existing(&project.store_dir)?;
     let mut shown = Vec::new();
     for id in &ids {
         let node = &project.graph.nodes[id];

@@ -31,8 +31,14 @@ pub fn run(
     command: StoreCommand,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&store_dir(options))?;
-    let entries = store.entries()?;
+    // Looking never creates: a mistyped --store is an error, not an empty new store.
+    let dir = store_dir(options);
+    let store = Store::open_existing(&dir)?
+        .ok_or(crate::store::StoreError::NoStore { path: dir.clone() })?;
+    let (entries, problems) = store.scan()?;
+    for problem in &problems {
+        reporter.warn(problem.to_string());
+    }
     match command {
         StoreCommand::Ls => {
             for entry in entries {
@@ -55,11 +61,22 @@ pub fn run(
                     }
                 }
             }
-            if bad > 0 {
-                anyhow::bail!(
-                    "{bad} of {} store entries failed verification",
-                    entries.len()
-                );
+            if bad > 0 || !problems.is_empty() {
+                let mut what = Vec::new();
+                if bad > 0 {
+                    what.push(format!(
+                        "{bad} of {} entries failed verification",
+                        entries.len()
+                    ));
+                }
+                if !problems.is_empty() {
+                    what.push(format!(
+                        "{} item(s) in `{}` are not entries",
+                        problems.len(),
+                        store.root().join("store").display()
+                    ));
+                }
+                anyhow::bail!("The store is damaged: {}", what.join("; "));
             }
             reporter.line(format!("{:>12} {} entries", "verified", entries.len()));
         }

@@ -39,6 +39,10 @@ pub struct EntryMeta {
     pub parent: Option<String>,
     pub built_at_unix: u64,
     pub build_seconds: f64,
+    /// The disk's modification time when it was committed (ns since the epoch): a disk
+    /// that differs is re-hashed before it is used. Absent in entries of older farms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mtime_ns: Option<i128>,
 }
 
 /// A finished, immutable entry in `store/`.
@@ -51,6 +55,11 @@ pub struct Entry {
 impl Entry {
     pub fn disk_path(&self) -> PathBuf {
         self.dir.join(DISK_FILE)
+    }
+
+    /// The size of the disk a guest on this layer sees, from its qcow2 header.
+    pub fn virtual_size(&self) -> std::io::Result<Option<u64>> {
+        super::qcow2::read_virtual_size(&self.disk_path())
     }
 
     /// The kernel/initrd/cmdline directory for direct kernel boot, if this entry has one.

@@ -98,3 +98,10 @@ pub(crate) fn hash_file(path: &Path) -> io::Result<(ContentHash, u64)> {
     hasher.update_reader(file)?;
     Ok((ContentHash::from_blake3(hasher.finalize()), hasher.count()))
 }
+
+/// A file's modification time in nanoseconds since the epoch: what tells a file changed
+/// without reading it.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+}

@@ -49,6 +49,7 @@ pub use staging::Staging;
 
 use crate::model::hash::{ContentHash, DrvHash};
 use entry::{parse_entry_dir_name, relative_backing_for};
+use fsutil::mtime_ns;
 use layout::{check_layout, check_name, load_entry, write_layout_file};
 
 /// The on-disk layout this farm reads and writes. Bump it when the layout changes in a way an
@@ -82,6 +83,16 @@ pub enum StoreError {
     )]
     BadLayoutFile { path: PathBuf, reason: String },
     #[error(
+        "`{path}` is a file, not a store directory\nhint: point --store (FARM_STORE) at a \
+         directory (farm makes it on the first build)"
+    )]
+    NotADirectory { path: PathBuf },
+    #[error(
+        "There is no store at `{path}`\nhint: check --store (FARM_STORE); farm makes a store on \
+         the first `farm build` or `farm up`"
+    )]
+    NoStore { path: PathBuf },
+    #[error(
         "Entry name `{name}` is not allowed: use letters, digits, `.`, `_` and `-` only, at most \
          {MAX_NAME_LEN} characters, not starting with `.`\nhint: rename the image or platform"
     )]
@@ -99,8 +110,8 @@ pub enum StoreError {
     },
     #[error(
         "Store entry `{path}` has changed since it was built: expected {expected} ({expected_size} \
-         bytes), found {actual} ({actual_size} bytes)\nhint: remove the entry (`chmod -R u+w` it \
-         first) and farm will rebuild it"
+         bytes), found {actual} ({actual_size} bytes)\nhint: `farm store verify` lists every damaged \
+         entry; remove this one (`chmod -R u+w` it first) and farm builds it again"
     )]
     Modified {
         path: PathBuf,
@@ -128,6 +139,11 @@ impl Store {
     /// The root is made absolute: entry paths are handed to qemu as backing files, and qemu
     /// resolves a relative backing path against the overlay's directory, not the current one.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        if root.exists() && !root.is_dir() {
+            return Err(StoreError::NotADirectory {
+                path: root.to_path_buf(),
+            });
+        }
         fs_err::create_dir_all(root)?;
         let root = fs_err::canonicalize(root)?;
         let layout_path = root.join(LAYOUT_FILE);
@@ -151,6 +167,11 @@ impl Store {
     /// The store at `root` if there is one, for commands that only read: nothing is
     /// created, and a missing store is `None` (every entry is simply absent).
     pub fn open_existing(root: &Path) -> Result<Option<Store>, StoreError> {
+        if root.exists() && !root.is_dir() {
+            return Err(StoreError::NotADirectory {
+                path: root.to_path_buf(),
+            });
+        }
         if !root.is_dir() {
             return Ok(None);
         }
@@ -303,6 +324,7 @@ impl Store {
         }
         meta.layout = LAYOUT_VERSION;
         self.check_commit(&staging, &meta)?;
+        meta.disk_mtime_ns = Some(mtime_ns(&fs_err::metadata(staging.dir.join(DISK_FILE))?));
 
         let meta_path = staging.dir.join(META_FILE);
         let mut json = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
@@ -438,7 +460,18 @@ impl Store {
 
     /// Every finished entry, sorted by directory name.
     pub fn entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let (entries, problems) = self.scan()?;
+        match problems.into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(entries),
+        }
+    }
+
+    /// Every well-formed entry, and a problem for each thing in `store/` that is not one
+    /// (a stray file, a damaged `meta.json`): one bad item does not hide the others.
+    pub fn scan(&self) -> Result<(Vec<Entry>, Vec<StoreError>), StoreError> {
         let mut entries = Vec::new();
+        let mut problems = Vec::new();
         for child in fs_err::read_dir(self.store_dir())? {
             let path = child?.path();
             let is_entry_name = path
@@ -447,16 +480,40 @@ impl Store {
                 .and_then(parse_entry_dir_name)
                 .is_some();
             if !is_entry_name {
-                return Err(StoreError::CorruptEntry {
+                problems.push(StoreError::CorruptEntry {
                     path,
                     reason: "its name is not `<key>-<name>`, so farm did not put it there".into(),
                 });
+                continue;
             }
             // Gone since read_dir listed it (removed by gc): not an entry any more.
-            entries.extend(load_entry(path)?);
+            match load_entry(path) {
+                Ok(entry) => entries.extend(entry),
+                Err(problem) => problems.push(problem),
+            }
         }
         entries.sort_by(|a, b| a.dir.cmp(&b.dir));
-        Ok(entries)
+        Ok((entries, problems))
+    }
+
+    /// The entry for `key` and `name` if there is one and its disk is still what was
+    /// committed: a disk whose size or modification time changed is re-hashed, and one
+    /// whose bytes changed is an error (`farm store verify` finds every such entry), never
+    /// "cached".
+    pub fn lookup_intact(&self, key: &DrvHash, name: &str) -> Result<Option<Entry>, StoreError> {
+        let Some(entry) = self.lookup(key, name)? else {
+            return Ok(None);
+        };
+        let stat = fs_err::metadata(entry.disk_path())?;
+        let unchanged = stat.len() == entry.meta.size
+            && entry
+                .meta
+                .disk_mtime_ns
+                .is_none_or(|recorded| recorded == mtime_ns(&stat));
+        if !unchanged {
+            self.verify(&entry)?;
+        }
+        Ok(Some(entry))
     }
 
     /// Re-hashes the entry's disk and compares it with what was recorded at commit.

@@ -1,7 +1,8 @@
-//! Reads the backing file name straight from a qcow2 header.
+//! Reads the backing file name and the virtual size straight from a qcow2 header.
 //!
-//! `commit` uses it to refuse a layer whose backing path would break when the store moves
-//! (absolute, or not pointing at its declared parent). Reading 24 header bytes is far cheaper
+//! `commit` uses the backing name to refuse a layer whose backing path would break when the
+//! store moves (absolute, or not pointing at its declared parent); `farm up` uses the size to
+//! refuse a `disk_size` smaller than the layer. Reading a few header bytes is far cheaper
 //! than running `qemu-img info`, and keeps the store free of a process dependency.
 
 use std::io::{self, Read, Seek, SeekFrom};
@@ -68,6 +69,22 @@ pub(crate) fn read_backing(path: &Path) -> io::Result<Backing> {
     })
 }
 
+/// The disk size a guest sees (header bytes 24..32), or `None` if `path` is not qcow2.
+pub(crate) fn read_virtual_size(path: &Path) -> io::Result<Option<u64>> {
+    let mut header = [0u8; 32];
+    match fs_err::File::open(path)?.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if header[..4] != MAGIC {
+        return Ok(None);
+    }
+    Ok(Some(u64::from_be_bytes(
+        header[24..32].try_into().expect("8 bytes"),
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +128,21 @@ mod tests {
         );
         fs_err::write(&path, b"raw").unwrap();
         assert_eq!(read_backing(&path).unwrap(), Backing::NotQcow2);
+    }
+
+    #[test]
+    fn reads_the_virtual_size_qemu_img_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg("96M")
+            .status()
+            .expect("qemu-img (scripts/setup.sh installs it)");
+        assert!(made.success());
+        assert_eq!(read_virtual_size(&path).unwrap(), Some(96 << 20));
+        fs_err::write(&path, [0u8; 64]).unwrap();
+        assert_eq!(read_virtual_size(&path).unwrap(), None);
     }
 }
