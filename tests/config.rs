@@ -548,3 +548,583 @@ fn remote_host_named_like_a_vm_is_rejected() {
         9,
     );
 }
+
+// ---- What `farm check` refuses: one named case per class, with message, line and hint.
+
+/// [`assert_error`] that also checks the hint.
+fn assert_refused(text: &str, message: &str, line: usize, hint: &str) {
+    let rendered = assert_error(text, message, line);
+    assert!(
+        rendered.contains(&format!("hint: {hint}")) || rendered.contains(hint),
+        "expected hint `{hint}` in:\n{rendered}"
+    );
+}
+
+/// IMAGE, a platform `p` and a VM `a` on it, with `vm` appended to its table (line 13 on).
+fn vm_with(vm: &str) -> String {
+    format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\n{vm}\n")
+}
+
+#[test]
+fn a_bare_number_as_memory_is_refused_rather_than_read_as_bytes() {
+    assert_refused(
+        &vm_with("memory = \"1024\""),
+        "`memory = 1024` has no unit",
+        13,
+        "write `memory = \"1024M\"`",
+    );
+    assert_refused(
+        &vm_with("memory = 1024"),
+        "`memory = 1024` has no unit",
+        13,
+        "1024M",
+    );
+    assert_refused(
+        &vm_with("memory = \"0\""),
+        "`memory = 0` has no unit",
+        13,
+        "M",
+    );
+}
+
+#[test]
+fn sizes_and_counts_out_of_bounds_are_refused() {
+    assert_refused(
+        &vm_with("memory = \"100T\""),
+        "`memory = \"100T\"` is more than a VM can use",
+        13,
+        "memory goes from 64M to 16T",
+    );
+    assert_refused(
+        &vm_with("disk_size = \"1K\""),
+        "`disk_size = \"1K\"` is less than a VM can use",
+        13,
+        "disk_size goes from 64M to 64T",
+    );
+    assert_refused(
+        &vm_with("cpus = 0"),
+        "`cpus = 0` is not a number of vCPUs a VM can have",
+        13,
+        "cpus goes from 1 to 255",
+    );
+    assert_refused(
+        &vm_with("cpus = 100000"),
+        "`cpus = 100000` is not a number of vCPUs",
+        13,
+        "cpus goes from 1 to 255",
+    );
+    let platform = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nmemory = \"64K\"\n");
+    assert_refused(&platform, "`memory = \"64K\"` is less than", 11, "64M");
+}
+
+#[test]
+fn port_zero_is_refused() {
+    assert_refused(
+        &vm_with("ssh_port = 0"),
+        "`ssh_port = 0` is not a port",
+        13,
+        "1 to 65535",
+    );
+    assert_refused(
+        &vm_with("forwards = [{ host = 8080, guest = 0 }]"),
+        "`forwards.guest = 0` is not a port",
+        13,
+        "1 to 65535",
+    );
+}
+
+#[test]
+fn host_names_that_are_not_rfc_1123_are_refused() {
+    assert_refused(
+        &vm_with("hostname = \"bad_host name!\""),
+        "`bad_host name!` is not a valid host name",
+        13,
+        "labels of 1 to 63 letters, digits and inner `-`",
+    );
+    let long = "x".repeat(300);
+    assert_refused(
+        &vm_with(&format!("hostname = \"{long}\"")),
+        "is not a valid host name",
+        13,
+        "253 characters at most",
+    );
+}
+
+#[test]
+fn vm_names_that_make_no_valid_host_name_are_refused() {
+    let text =
+        format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[vms.\"web.\"]\nplatform = \"p\"\n");
+    assert_refused(
+        &text,
+        "The VM name `web.` makes the host name `web-`, which is not valid",
+        11,
+        "give `[vms.web.]` a `hostname = \"…\"`",
+    );
+    let long = "v".repeat(64);
+    let text = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[vms.{long}]\nplatform = \"p\"\n");
+    assert_refused(&text, "which is not valid", 11, "or rename it");
+    // With a hostname of its own, a long name is fine.
+    parse(&format!("{text}hostname = \"short\"\n")).unwrap();
+}
+
+#[test]
+fn names_a_deploy_generates_are_held_to_the_same_limits() {
+    let platform = "p".repeat(40);
+    let target = "t".repeat(30);
+    let text = format!(
+        "[images.deb]\nurl = \"http://127.0.0.1/deb.qcow2\"\nsha256 = \"{}\"\n[targets.{target}]\narch = \"x86_64\"\n[platforms.{platform}]\nfrom = \"deb\"\n[hosts.L0]\ndeploy = {{ targets = [\"{target}\"], platforms = [\"{platform}\"] }}\n",
+        "0".repeat(64)
+    );
+    assert_refused(
+        &text,
+        "this deploy makes is longer than 64 characters",
+        9,
+        "shorten the platform or target name",
+    );
+}
+
+#[test]
+fn an_authorized_keys_user_must_be_a_login_name() {
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nauthorized_keys = {{ \"Bad User\" = [\"k.pub\"] }}\n"
+    );
+    assert_refused(
+        &text,
+        "`Bad User` is not a login name",
+        11,
+        "lower-case letters",
+    );
+}
+
+#[test]
+fn network_and_broadcast_addresses_are_not_host_addresses() {
+    let lab = "[networks.lab]\nkind = \"vde\"\nsubnet = \"10.0.0.0/24\"\n";
+    let text = format!(
+        "{lab}{}",
+        vm_with("nics = [{ network = \"lab\", ip = \"10.0.0.0/24\" }]")
+    );
+    assert_refused(
+        &text,
+        "`10.0.0.0/24` is the network's own address, not a host's",
+        16,
+        "between the first and the last",
+    );
+    let text = format!(
+        "{lab}{}",
+        vm_with("nics = [{ network = \"lab\", ip = \"10.0.0.255/24\" }]")
+    );
+    assert_refused(
+        &text,
+        "is the subnet's broadcast address",
+        16,
+        "between the first",
+    );
+}
+
+#[test]
+fn a_prefix_other_than_the_networks_is_refused() {
+    let text = format!(
+        "[networks.lab]\nkind = \"vde\"\nsubnet = \"10.0.0.0/24\"\n{}",
+        vm_with("nics = [{ network = \"lab\", ip = \"10.0.0.5/16\" }]")
+    );
+    assert_refused(
+        &text,
+        "Address 10.0.0.5/16 has prefix /16, but network `lab` is 10.0.0.0/24",
+        16,
+        "write it as 10.0.0.5/24",
+    );
+}
+
+#[test]
+fn a_gateway_outside_the_subnet_is_refused() {
+    let text = format!(
+        "[networks.lab]\nkind = \"vde\"\nsubnet = \"10.0.0.0/24\"\n{}",
+        vm_with("nics = [{ network = \"lab\", ip = \"10.0.0.5/24\", gateway = \"10.9.0.1\" }]")
+    );
+    assert_refused(
+        &text,
+        "Gateway 10.9.0.1 is outside the NIC's subnet (10.0.0.5/24)",
+        16,
+        "reachable on the NIC's own subnet",
+    );
+}
+
+#[test]
+fn multicast_and_zero_macs_are_refused() {
+    let lab = "[networks.lab]\nkind = \"vde\"\n";
+    let text = format!(
+        "{lab}{}",
+        vm_with("nics = [{ network = \"lab\", mac = \"01:00:5e:00:00:01\" }]")
+    );
+    assert_refused(
+        &text,
+        "is a multicast address, which a NIC cannot have",
+        15,
+        "52:54:00",
+    );
+    let text = format!(
+        "{lab}{}",
+        vm_with("nics = [{ network = \"lab\", mac = \"00:00:00:00:00:00\" }]")
+    );
+    assert_refused(
+        &text,
+        "`00:00:00:00:00:00` is not a NIC's address",
+        15,
+        "52:54:00",
+    );
+}
+
+#[test]
+fn a_vde_url_must_be_a_vdeplug4_url() {
+    let text = format!("{IMAGE}\n[networks.lab]\nkind = \"vde\"\nurl = \"http://234.0.0.1\"\n");
+    assert_refused(
+        &text,
+        "`http://234.0.0.1` is not a vdeplug4 URL",
+        11,
+        "`vxvde://`",
+    );
+}
+
+#[test]
+fn vxvde_inside_two_hypervisor_vms_needs_a_shared_link() {
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[networks.lab]\nkind = \"vde\"\nurl = \"vxvde://234.0.0.1\"\n\
+         [vms.h1]\nplatform = \"p\"\n[vms.h2]\nplatform = \"p\"\n\
+         [vms.x1]\nplatform = \"p\"\nhost = \"h1\"\nnics = [{{ network = \"lab\", ip = \"10.0.0.1/24\" }}]\n\
+         [vms.x2]\nplatform = \"p\"\nhost = \"h2\"\nnics = [{{ network = \"lab\", ip = \"10.0.0.2/24\" }}]\n"
+    );
+    assert_refused(
+        &text,
+        "Network `lab` (vxvde://234.0.0.1) is used inside hypervisor VMs `h1`, `h2`, which share no network its multicast could travel on",
+        13,
+        "`/if=nicN`",
+    );
+    // With a switch both hypervisors are on, farm routes the multicast over it.
+    let shared = text
+        .replace(
+            "[vms.h1]\nplatform = \"p\"\n",
+            "[networks.backbone]\nkind = \"vde\"\n[vms.h1]\nplatform = \"p\"\nnics = [{ network = \"backbone\" }]\n",
+        )
+        .replace(
+            "[vms.h2]\nplatform = \"p\"\n",
+            "[vms.h2]\nplatform = \"p\"\nnics = [{ network = \"backbone\" }]\n",
+        );
+    parse(&shared).unwrap();
+}
+
+#[test]
+fn images_are_downloaded_over_http_only() {
+    let text = format!(
+        "[images.deb]\nurl = \"ftp://example.org/deb.qcow2\"\nsha256 = \"{}\"\n",
+        "0".repeat(64)
+    );
+    assert_refused(
+        &text,
+        "`ftp://example.org/deb.qcow2` is a `ftp` URL; farm downloads http and https",
+        2,
+        "`path = \"…\"`",
+    );
+}
+
+#[test]
+fn a_machine_type_of_another_architecture_is_refused() {
+    let text = "[targets.arm]\narch = \"aarch64\"\nmachine = \"q35\"\n";
+    assert_refused(
+        text,
+        "qemu has no machine type `q35` for aarch64",
+        3,
+        "leave `machine` out for the default (virt)",
+    );
+}
+
+#[test]
+fn guest_paths_of_files_must_be_absolute() {
+    let text =
+        format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nfiles = {{ \"etc/motd\" = \"motd\" }}\n");
+    assert_refused(
+        &text,
+        "The guest path `etc/motd` is relative",
+        11,
+        "`/etc/motd`",
+    );
+    let text = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nfiles = {{ \"\" = \"motd\" }}\n");
+    assert_refused(
+        &text,
+        "A `files` entry has an empty guest path",
+        11,
+        "absolute path",
+    );
+}
+
+#[test]
+fn a_remote_host_address_may_not_look_like_an_option() {
+    let text = "[hosts.lab]\naddress = \"-oProxyCommand=sh\"\n";
+    let rendered = assert_error(text, "it starts with `-`, which ssh reads as an option", 2);
+    assert!(rendered.contains("expected `user@server`"), "{rendered}");
+}
+
+#[test]
+fn without_targets_platforms_are_for_this_machine() {
+    let text = "[images.deb]\npath = \"deb.qcow2\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\n";
+    let topology = parse(text).unwrap();
+    assert_eq!(
+        topology.vms["a"].target,
+        farm::config::implicit_target_name()
+    );
+}
+
+#[test]
+fn a_vm_placed_on_itself_says_so() {
+    assert_refused(
+        &vm_with("host = \"a\""),
+        "VM `a` is placed on itself",
+        13,
+        "`host` names a host or another VM",
+    );
+}
+
+#[test]
+fn an_undefined_platform_is_reported_with_a_verb() {
+    let text = format!("{IMAGE}\n[vms.a]\nplatform = \"nope\"\n");
+    assert_refused(
+        &text,
+        "VM `a` runs the platform `nope`, which is not defined",
+        10,
+        "defined platforms",
+    );
+}
+
+#[test]
+fn a_placement_cycle_is_one_error_showing_the_cycle() {
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nhost = \"b\"\n[vms.b]\nplatform = \"p\"\nhost = \"c\"\n[vms.c]\nplatform = \"p\"\nhost = \"a\"\n"
+    );
+    let rendered = assert_error(
+        &text,
+        "VMs `a`, `b` and `c` are placed inside each other in a cycle: a → b → c → a",
+        13,
+    );
+    assert_eq!(rendered.matches("error:").count(), 1, "{rendered}");
+    assert!(
+        rendered.contains("hint: place one of them on a host"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn diagnostics_come_in_line_order() {
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nmemory = \"1\"\n[vms.z]\nplatform = \"p\"\nssh_port = 0\n[vms.a]\nplatform = \"p\"\ncpus = 0\n"
+    );
+    let rendered = parse(&text).unwrap_err();
+    let lines: Vec<usize> = rendered
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("--> farm.toml:"))
+        .map(|l| l.split(':').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(lines.len() >= 3, "{rendered}");
+    assert!(
+        lines.windows(2).all(|w| w[0] <= w[1]),
+        "{lines:?}\n{rendered}"
+    );
+}
+
+/// A project directory holding `farm.toml` and the named files, loaded as every command
+/// loads it; the rendered error if it is refused.
+fn load_project(farm_toml: &[u8], files: &[(&str, &[u8])]) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    fs_err::write(dir.path().join("farm.toml"), farm_toml).unwrap();
+    for (name, bytes) in files {
+        fs_err::write(dir.path().join(name), bytes).unwrap();
+    }
+    let options = farm::project::ProjectOptions {
+        config: dir.path().join("farm.toml"),
+        store: Some(dir.path().join("cache")),
+    };
+    match farm::project::Project::load(&options) {
+        Ok(_) => Ok(()),
+        Err(farm::config::ConfigError::Invalid { rendered, .. }) => Err(rendered),
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+const PRIVATE_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----\n";
+const PUBLIC_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBn6Yq3mQ3l0y2U4b1m5sZkz1v0Yb0m1nYQK3cQ0m3xQ me@lab\n";
+
+#[test]
+fn a_private_key_in_authorized_keys_is_refused_before_it_reaches_a_layer() {
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nauthorized_keys = {{ root = [\"id\"] }}\n"
+    );
+    let rendered = load_project(text.as_bytes(), &[("id", PRIVATE_KEY.as_bytes())]).unwrap_err();
+    assert!(rendered.contains("/id` is a private key"), "{rendered}");
+    assert!(rendered.contains("farm.toml:11:"), "{rendered}");
+    assert!(
+        rendered.contains("hint: `authorized_keys` takes public keys"),
+        "{rendered}"
+    );
+
+    load_project(text.as_bytes(), &[("id", PUBLIC_KEY.as_bytes())])
+        .expect("a public key is accepted");
+    let rendered = load_project(text.as_bytes(), &[("id", b"hello world\n")]).unwrap_err();
+    assert!(
+        rendered.contains("/id` holds no OpenSSH public key") && rendered.contains("farm.toml:11:"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("hint:"), "{rendered}");
+}
+
+#[test]
+fn a_remote_hosts_identity_file_and_known_hosts_must_exist() {
+    let text = format!(
+        "{IMAGE}\n[hosts.lab]\naddress = \"root@server\"\nidentity_file = \"keys/lab\"\nknown_hosts = \"lab_known_hosts\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nhost = \"lab\"\n"
+    );
+    let rendered = load_project(text.as_bytes(), &[]).unwrap_err();
+    assert!(
+        rendered.contains("The identity_file `keys/lab` of host `lab` does not exist"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("farm.toml:11:"), "{rendered}");
+    assert!(
+        rendered.contains("The known_hosts `lab_known_hosts` of host `lab` does not exist"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("farm.toml:12:"), "{rendered}");
+    assert!(
+        rendered.contains("hint: give a file with the host's key"),
+        "{rendered}"
+    );
+
+    load_project(text.as_bytes(), &[("lab_known_hosts", b"")]).unwrap_err();
+    let dir_files: &[(&str, &[u8])] = &[("lab_known_hosts", b"")];
+    let rendered =
+        load_project(text.replace("keys/lab", "lab_key").as_bytes(), dir_files).unwrap_err();
+    assert!(!rendered.contains("known_hosts `"), "{rendered}");
+}
+
+#[test]
+fn a_byte_that_is_not_utf8_is_reported_once_at_its_line_and_column() {
+    let mut text = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n").into_bytes();
+    text.extend_from_slice(b"packages = [\"caf\xe9\"]\n");
+    let rendered = load_project(&text, &[]).unwrap_err();
+    assert!(
+        rendered.contains("is not UTF-8 text: the byte here does not begin a UTF-8 character"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("farm.toml:11:17"), "{rendered}");
+    assert_eq!(rendered.matches("error:").count(), 1, "{rendered}");
+    assert!(
+        rendered.contains("hint: save the file as UTF-8"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn packages_apt_cannot_install_are_refused() {
+    for (bad, col) in [
+        ("vim; rm -rf /", 13),
+        ("-oAPT::Get::Yes=false", 13),
+        ("Vim", 13),
+    ] {
+        let text = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\npackages = [\"{bad}\"]\n");
+        let rendered = assert_error(&text, &format!("`{bad}` is not a Debian package"), 11);
+        assert!(
+            rendered.contains(&format!("farm.toml:11:{col}")),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("hint: write a package name"),
+            "{rendered}"
+        );
+    }
+    for good in [
+        "qemu-utils",
+        "libstdc++6",
+        "g++",
+        "vim=2:9.0.1378-2",
+        "nginx/bookworm-backports",
+        "libc6:amd64",
+    ] {
+        let text = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\npackages = [\"{good}\"]\n");
+        parse(&text).unwrap_or_else(|e| panic!("`{good}` is a package: {e}"));
+    }
+}
+
+#[test]
+fn a_debian_image_needs_a_readable_mirror_a_suite_and_a_known_variant() {
+    let image = |fields: &str| {
+        format!(
+            "[images.deb]\ndebian = {{ suite = \"bookworm\"{fields} }}\n[targets.amd64]\narch = \"x86_64\"\n"
+        )
+    };
+    assert_refused(
+        &image(", mirror = \"ftp://ftp.debian.org/debian\""),
+        "`ftp://ftp.debian.org/debian` is not a mirror mmdebstrap can read",
+        2,
+        "file:///srv/mirror/debian",
+    );
+    assert_refused(
+        &image(", variant = \"huge\""),
+        "`huge` is not an mmdebstrap variant",
+        2,
+        "`minbase`",
+    );
+    assert_refused(
+        "[images.deb]\ndebian = { suite = \"book worm\" }\n",
+        "`book worm` is not a Debian suite name",
+        2,
+        "`bookworm`",
+    );
+    parse(&image(
+        ", mirror = \"file:///srv/mirror/debian\", variant = \"apt\"",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn an_image_url_must_name_a_host_and_a_valid_port() {
+    let image = |url: &str| {
+        format!(
+            "[images.deb]\nurl = \"{url}\"\nsha256 = \"{}\"\n",
+            "0".repeat(64)
+        )
+    };
+    assert_refused(
+        &image("http://"),
+        "`http://` is not a URL",
+        2,
+        "https://host/path",
+    );
+    assert_refused(
+        &image("http://127.0.0.1:99999/x"),
+        "`http://127.0.0.1:99999/x` is not a URL: invalid port number",
+        2,
+        "https://host/path",
+    );
+}
+
+#[test]
+fn one_vm_forwarding_a_port_twice_is_told_so() {
+    assert_refused(
+        &vm_with("ssh_port = 2222\nforwards = [{ host = 2222, guest = 80 }]"),
+        "Port 2222 on `local` is forwarded twice by `a`",
+        14,
+        "give each of its forwards its own host port",
+    );
+}
+
+#[test]
+fn the_tiny_image_is_refused_for_an_aarch64_target_at_check() {
+    let text = "[images.tiny]\ntiny = true\n[targets.arm64]\narch = \"aarch64\"\n[platforms.p]\nfrom = \"tiny\"\n";
+    let rendered = load_project(text.as_bytes(), &[]).unwrap_err();
+    assert!(
+        rendered.contains("Image `tiny` is farm's tiny image, which is built for x86_64 only, but a platform on it is wanted for aarch64"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("farm.toml:1:"), "{rendered}");
+    assert!(
+        rendered.contains("hint: base aarch64 platforms on a Debian image"),
+        "{rendered}"
+    );
+}

@@ -64,6 +64,7 @@ fn layers(topology: &Topology, bytes: u8) -> BTreeMap<(String, String), LayerInf
                 name: name.clone(),
                 entry: format!("{seed:02}-{name}"),
                 blake3: Some(ContentHash([bytes; 32])),
+                virtual_size: Some(2 << 30),
                 boot: Some(DirectBoot {
                     kernel: "00-tiny-amd64/boot/vmlinuz".into(),
                     initrd: None,
@@ -412,4 +413,24 @@ fn new_ports_are_stable_free_and_distinct() {
     let hyper = spec(&plan, "hyper").ssh_port().unwrap();
     let ports: BTreeSet<u16> = [2202, second, hyper].into();
     assert_eq!(ports.len(), 3);
+}
+
+#[test]
+fn a_disk_size_smaller_than_the_layer_is_refused_before_the_overlay_is_made() {
+    let small = LAB.replace(
+        "[vms.beta]\nplatform = \"plain\"\n",
+        "[vms.beta]\nplatform = \"plain\"\ndisk_size = \"1G\"\n",
+    );
+    let (config, topology) = load(&small);
+    let d = desired(&config, &topology);
+    let plan = fresh(&d);
+    assert_eq!(
+        plan.problems(),
+        vec![
+            "VM `beta` has `disk_size = \"1G\"`, smaller than the 2G disk of its layer `plain_amd64`: the guest would see its disk cut off\nhint: make `disk_size` at least \"2G\", or leave it out to get the layer's size"
+        ]
+    );
+
+    let (config, topology) = load(&small.replace("\"1G\"", "\"4G\""));
+    assert!(fresh(&desired(&config, &topology)).problems().is_empty());
 }

@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 use crate::config::ConfigError;
 use crate::progress::Reporter;
 use crate::project::ProjectOptions;
+use crate::store::StoreError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +87,16 @@ pub use crate::project::UsageError;
 pub fn main() -> ExitCode {
     crate::sys::process::handle_interrupts();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Plan(_)
+            | Command::Show(_)
+            | Command::Check(_)
+            | Command::Store(_)
+            | Command::Inventory(_)
+    ) {
+        crate::sys::process::exit_quietly_on_closed_stdout();
+    }
     let reporter = Reporter::new(cli.quiet);
     let options = ProjectOptions {
         config: cli.config.clone(),
@@ -118,6 +129,13 @@ fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     let bad_input = err.chain().any(|cause| {
         cause.downcast_ref::<ConfigError>().is_some()
             || cause.downcast_ref::<UsageError>().is_some()
+            || cause.downcast_ref::<StoreError>().is_some_and(|e| {
+                // A `--store` that names nothing, or a file: the command line is wrong.
+                matches!(
+                    e,
+                    StoreError::NoStore { .. } | StoreError::NotADirectory { .. }
+                )
+            })
     });
     ExitCode::from(if bad_input { 2 } else { 1 })
 }

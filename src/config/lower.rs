@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use super::raw::{
-    RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawPlatform, RawVm,
+    RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawPlatform, RawSize, RawVm,
 };
 use crate::model::config::{
     Attachment, Config, DebianSpec, Deploy, DuplicateDefinition, FileId, Forward, Host, Image,
@@ -16,6 +16,7 @@ use crate::model::config::{
 };
 use crate::model::diagnostic::Diagnostic;
 use crate::model::hash::{ExpectedHash, HashAlgo};
+use crate::model::limits::{self, Refusal};
 
 /// The default Debian mirror; offline labs point `mirror` at their own.
 pub const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
@@ -53,6 +54,59 @@ impl FileContext<'_> {
     fn names(&self, list: &[Spanned<String>]) -> Vec<Located<String>> {
         list.iter().map(|s| self.located(s)).collect()
     }
+
+    /// A diagnostic at `spanned` for a value that cannot work.
+    fn refused<T>(&self, spanned: &Spanned<T>, refusal: Refusal) -> Diagnostic {
+        Diagnostic::new(refusal.message, self.origin(spanned)).hint(refusal.hint)
+    }
+
+    /// `check`'s value, or `None` with a diagnostic in `problems`.
+    fn checked<T, U>(
+        &self,
+        spanned: &Spanned<T>,
+        check: impl FnOnce(&T) -> Result<U, Refusal>,
+        problems: &mut Vec<Diagnostic>,
+    ) -> Option<U> {
+        match check(spanned.get_ref()) {
+            Ok(value) => Some(value),
+            Err(refusal) => {
+                problems.push(self.refused(spanned, refusal));
+                None
+            }
+        }
+    }
+
+    /// Package names that `apt-get install` can take; the others are reported.
+    fn packages(&self, raw: &[Spanned<String>], problems: &mut Vec<Diagnostic>) -> Vec<String> {
+        raw.iter()
+            .filter_map(|p| {
+                self.checked(p, |p: &String| limits::package(p), problems)
+                    .map(|()| p.get_ref().clone())
+            })
+            .collect()
+    }
+
+    /// `memory`, `cpus` and `disk_size`, each checked against its unit and bounds.
+    fn resources(
+        &self,
+        memory: &Option<Spanned<RawSize>>,
+        cpus: &Option<Spanned<i64>>,
+        disk_size: &Option<Spanned<RawSize>>,
+        problems: &mut Vec<Diagnostic>,
+    ) -> Resources {
+        let size = |field: &str, raw: &Option<Spanned<RawSize>>, rule, problems: &mut Vec<_>| {
+            raw.as_ref().and_then(|r| {
+                self.checked(r, |r: &RawSize| limits::size(field, &r.0, rule), problems)
+            })
+        };
+        Resources {
+            memory: size("memory", memory, limits::MEMORY, problems),
+            cpus: cpus
+                .as_ref()
+                .and_then(|c| self.checked(c, |c| limits::cpus(*c), problems)),
+            disk_size: size("disk_size", disk_size, limits::DISK_SIZE, problems),
+        }
+    }
 }
 
 /// Adds one parsed file's definitions to `config`; problems go to `problems`.
@@ -72,10 +126,17 @@ pub fn merge_file(
     }
     for (name, target) in raw.targets {
         if check_name(&name, cx, "target", problems) {
+            let arch = target.arch;
             let target = Target {
                 name: cx.located(&name),
-                arch: target.arch,
-                machine: target.machine,
+                arch,
+                machine: target.machine.as_ref().and_then(|m| {
+                    cx.checked(
+                        m,
+                        |m: &String| limits::machine(arch, m).map(|()| m.clone()),
+                        problems,
+                    )
+                }),
                 cpu: target.cpu,
                 accel: target.accel,
             };
@@ -84,7 +145,7 @@ pub fn merge_file(
     }
     for (name, platform) in raw.platforms {
         if check_name(&name, cx, "platform", problems) {
-            let platform = lower_platform(cx.located(&name), platform, cx);
+            let platform = lower_platform(cx.located(&name), platform, cx, problems);
             insert(config, |c| &mut c.platforms, "platform", platform);
         }
     }
@@ -94,8 +155,11 @@ pub fn merge_file(
                 name: cx.located(&name),
                 kind: match network.kind {
                     RawNetworkKind::Vde => NetworkKind::Vde {
-                        url: network.url,
-                        subnet: network.subnet,
+                        url: network.url.as_ref().and_then(|u| {
+                            cx.checked(u, |u: &String| limits::vde_url(u), problems)
+                                .map(|()| cx.located(u))
+                        }),
+                        subnet: network.subnet.as_ref().map(|s| cx.located(s)),
                     },
                 },
             };
@@ -110,7 +174,7 @@ pub fn merge_file(
     }
     for (name, vm) in raw.vms {
         if check_name(&name, cx, "VM", problems) {
-            let vm = lower_vm(cx.located(&name), vm, cx);
+            let vm = lower_vm(cx.located(&name), vm, cx, problems);
             insert(config, |c| &mut c.vms, "VM", vm);
         }
     }
@@ -122,8 +186,9 @@ pub fn merge_platform_file(
     name: Located<String>,
     raw: RawPlatform,
     cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
 ) {
-    let platform = lower_platform(name, raw, cx);
+    let platform = lower_platform(name, raw, cx, problems);
     insert(config, |c| &mut c.platforms, "platform", platform);
 }
 
@@ -161,12 +226,7 @@ fn check_name(
 }
 
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    limits::is_vm_name(name)
 }
 
 /// Definitions carry their name and where it was written, so duplicates can report both places.
@@ -280,6 +340,7 @@ fn lower_image(
         return None;
     }
     let source = if let Some(url) = &raw.url {
+        cx.checked(url, |u: &String| limits::image_url(u), problems)?;
         let Some(hash) = hash else {
             problems.push(
                 Diagnostic::new(
@@ -306,13 +367,32 @@ fn lower_image(
         ImageSource::Tiny
     } else {
         let debian = raw.debian.expect("one source is present").into_inner();
+        let suite = cx.checked(
+            &debian.suite,
+            |s: &String| limits::debian_suite(s),
+            problems,
+        );
+        let mirror = match &debian.mirror {
+            Some(m) => cx
+                .checked(m, |m: &String| limits::debian_mirror(m), problems)
+                .map(|()| m.get_ref().clone()),
+            None => Some(DEFAULT_DEBIAN_MIRROR.to_string()),
+        };
+        let variant = match &debian.variant {
+            Some(v) => cx
+                .checked(v, |v: &String| limits::debian_variant(v), problems)
+                .map(|()| v.get_ref().clone()),
+            None => Some("minbase".to_string()),
+        };
+        let packages = cx.packages(&debian.packages, problems);
+        let (Some(()), Some(mirror), Some(variant)) = (suite, mirror, variant) else {
+            return None;
+        };
         ImageSource::Debian(DebianSpec {
-            suite: debian.suite,
-            mirror: debian
-                .mirror
-                .unwrap_or_else(|| DEFAULT_DEBIAN_MIRROR.to_string()),
-            variant: debian.variant.unwrap_or_else(|| "minbase".to_string()),
-            packages: debian.packages,
+            suite: debian.suite.into_inner(),
+            mirror,
+            variant,
+            packages,
         })
     };
     Some(Image {
@@ -323,8 +403,13 @@ fn lower_image(
     })
 }
 
-fn lower_platform(name: Located<String>, raw: RawPlatform, cx: &FileContext) -> Platform {
-    let authorized_keys = match raw.authorized_keys {
+fn lower_platform(
+    name: Located<String>,
+    raw: RawPlatform,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) -> Platform {
+    let authorized_keys = match &raw.authorized_keys {
         None => Vec::new(),
         Some(RawKeys::ForRoot(keys)) => keys
             .iter()
@@ -335,33 +420,38 @@ fn lower_platform(name: Located<String>, raw: RawPlatform, cx: &FileContext) -> 
             .collect(),
         Some(RawKeys::PerUser(users)) => users
             .iter()
+            .filter(|(user, _)| {
+                cx.checked(user, |u: &String| limits::login(u), problems)
+                    .is_some()
+            })
             .flat_map(|(user, keys)| {
                 keys.iter().map(move |k| KeyGrant {
-                    user: user.clone(),
+                    user: user.get_ref().clone(),
                     key_file: cx.path(k),
                 })
             })
             .collect(),
     };
+    let files = raw
+        .files
+        .iter()
+        .filter(|(guest, _)| {
+            cx.checked(guest, |g: &String| limits::guest_path(g), problems)
+                .is_some()
+        })
+        .map(|(guest, local)| (guest.get_ref().clone(), cx.path(local)))
+        .collect();
     Platform {
         name,
         from: cx.located(&raw.from),
         steps: Steps {
             authorized_keys,
             upgrade: raw.upgrade,
-            packages: raw.packages,
-            files: raw
-                .files
-                .iter()
-                .map(|(guest, local)| (guest.clone(), cx.path(local)))
-                .collect(),
+            packages: cx.packages(&raw.packages, problems),
+            files,
             run: raw.run,
         },
-        resources: Resources {
-            memory: raw.memory,
-            cpus: raw.cpus,
-            disk_size: raw.disk_size,
-        },
+        resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),
     }
 }
 
@@ -396,44 +486,68 @@ fn lower_host(name: Located<String>, raw: RawHost, cx: &FileContext) -> Host {
     }
 }
 
-fn lower_vm(name: Located<String>, raw: RawVm, cx: &FileContext) -> VmDecl {
+fn lower_vm(
+    name: Located<String>,
+    raw: RawVm,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) -> VmDecl {
+    let forwards = raw
+        .forwards
+        .iter()
+        .filter(|f| {
+            let ports = [
+                ("forwards.host", f.get_ref().host),
+                ("forwards.guest", f.get_ref().guest),
+            ];
+            ports.iter().all(|(field, port)| {
+                cx.checked(f, |_| limits::port(field, *port), problems)
+                    .is_some()
+            })
+        })
+        .map(|f| {
+            Located::new(
+                Forward {
+                    host: f.get_ref().host,
+                    guest: f.get_ref().guest,
+                },
+                cx.origin(f),
+            )
+        })
+        .collect();
     VmDecl {
         name,
         platform: raw.platform.as_ref().map(|s| cx.located(s)),
         target: raw.target.as_ref().map(|s| cx.located(s)),
         host: raw.host.as_ref().map(|s| cx.located(s)),
-        hostname: raw.hostname,
-        ssh_port: raw.ssh_port.as_ref().map(|s| cx.located(s)),
-        forwards: raw
-            .forwards
-            .iter()
-            .map(|f| {
-                Located::new(
-                    Forward {
-                        host: f.get_ref().host,
-                        guest: f.get_ref().guest,
-                    },
-                    cx.origin(f),
-                )
-            })
-            .collect(),
+        hostname: raw.hostname.as_ref().and_then(|h| {
+            cx.checked(h, |h: &String| limits::hostname(h), problems)
+                .map(|()| cx.located(h))
+        }),
+        ssh_port: raw.ssh_port.as_ref().and_then(|p| {
+            cx.checked(p, |p| limits::port("ssh_port", *p), problems)
+                .map(|_| cx.located(p))
+        }),
+        forwards,
         user_network: raw.user_network.unwrap_or(true),
         nics: raw
             .nics
             .iter()
             .map(|n| Nic {
                 network: cx.located(&n.network),
-                ip: n.ip.as_ref().map(|s| cx.located(s)),
-                gateway: n.gateway,
-                mac: n.mac.as_ref().map(|s| cx.located(s)),
+                ip: n.ip.as_ref().and_then(|ip| {
+                    cx.checked(ip, limits::host_address, problems)
+                        .map(|()| cx.located(ip))
+                }),
+                gateway: n.gateway.as_ref().map(|g| cx.located(g)),
+                mac: n.mac.as_ref().and_then(|m| {
+                    cx.checked(m, limits::nic_mac, problems)
+                        .map(|()| cx.located(m))
+                }),
             })
             .collect(),
         attach: lower_attach(&raw.attach, cx),
         deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
-        resources: Resources {
-            memory: raw.memory,
-            cpus: raw.cpus,
-            disk_size: raw.disk_size,
-        },
+        resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),
     }
 }

@@ -55,10 +55,22 @@ pub enum ConfigError {
 
 /// Reads and validates the configuration at `path` (a farm.toml).
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let read = |p: &Path| {
-        fs_err::read_to_string(p).map_err(|source| ConfigError::Read {
+    // Bytes first: a file that is not UTF-8 is reported at the byte that is not.
+    let mut not_utf8: Vec<(usize, usize)> = Vec::new();
+    let mut read_index = 0;
+    let mut read = |p: &Path| -> Result<String, ConfigError> {
+        let bytes = fs_err::read(p).map_err(|source| ConfigError::Read {
             path: p.to_path_buf(),
             source,
+        })?;
+        let index = read_index;
+        read_index += 1;
+        Ok(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                not_utf8.push((index, e.utf8_error().valid_up_to()));
+                String::from_utf8_lossy(e.as_bytes()).into_owned()
+            }
         })
     };
     let project_dir = path
@@ -92,6 +104,28 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             })
             .collect(),
     );
+    if !not_utf8.is_empty() {
+        let diagnostics: Vec<Diagnostic> = not_utf8
+            .iter()
+            .map(|(file, at)| {
+                Diagnostic::new(
+                    format!(
+                        "`{}` is not UTF-8 text: the byte here does not begin a UTF-8 character",
+                        files[*file].0.display()
+                    ),
+                    Origin {
+                        file: *file,
+                        span: *at..*at,
+                    },
+                )
+                .hint("save the file as UTF-8 (farm.toml is TOML, which is always UTF-8)")
+            })
+            .collect();
+        return Err(ConfigError::Invalid {
+            rendered: sources.render_all(&diagnostics),
+            diagnostics,
+        });
+    }
     let kinds: Vec<SourceKind> = files.iter().map(|(_, k, _)| *k).collect();
     match parse_sources(&sources, &kinds, home.as_deref()) {
         Ok((config, topology)) => Ok(Loaded {
@@ -178,7 +212,13 @@ pub fn parse_sources(
                     Ok(raw) => {
                         let name = stem_name();
                         if is_valid_name(&name.value) {
-                            lower::merge_platform_file(&mut config, name, raw.into_inner(), &cx)
+                            lower::merge_platform_file(
+                                &mut config,
+                                name,
+                                raw.into_inner(),
+                                &cx,
+                                &mut problems,
+                            )
                         } else {
                             problems.push(invalid_file_name(&name, "platform"));
                         }
@@ -200,10 +240,45 @@ pub fn parse_sources(
         }
     }
     if !problems.is_empty() {
+        problems.sort_by_key(|d| (d.at.file, d.at.span.start));
         return Err(problems);
     }
+    add_implicit_target(&mut config);
     let topology = validate(&config)?;
     Ok((config, topology))
+}
+
+/// The name of the target farm.toml gets when it declares none but builds or runs
+/// something: this machine's architecture, named as Debian names it.
+pub fn implicit_target_name() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
+
+/// A farm.toml with platforms or VMs but no `[targets]` builds and runs for this machine's
+/// architecture, as if it said `[targets.amd64] arch = "x86_64"` (or arm64 on an arm host).
+fn add_implicit_target(config: &mut Config) {
+    let uses_targets = !config.platforms.is_empty() || !config.vms.is_empty();
+    if !config.targets.is_empty() || !uses_targets {
+        return;
+    }
+    let arch = match std::env::consts::ARCH {
+        "aarch64" => crate::model::values::Arch::Aarch64,
+        _ => crate::model::values::Arch::X86_64,
+    };
+    let name = implicit_target_name().to_string();
+    config.targets.insert(
+        name.clone(),
+        crate::model::config::Target {
+            name: Located::new(name, Origin::default()),
+            arch,
+            machine: None,
+            cpu: None,
+            accel: crate::model::values::Accel::Auto,
+        },
+    );
 }
 
 fn invalid_file_name(name: &Located<String>, kind: &str) -> Diagnostic {

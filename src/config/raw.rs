@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr, SshAddress};
+use crate::model::values::{Accel, Arch, DiskFormat, IpCidr, MacAddr, SshAddress};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,18 +44,18 @@ pub struct RawImage {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDebian {
-    pub suite: String,
-    pub mirror: Option<String>,
-    pub variant: Option<String>,
+    pub suite: Spanned<String>,
+    pub mirror: Option<Spanned<String>>,
+    pub variant: Option<Spanned<String>>,
     #[serde(default)]
-    pub packages: Vec<String>,
+    pub packages: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTarget {
     pub arch: Arch,
-    pub machine: Option<String>,
+    pub machine: Option<Spanned<String>>,
     pub cpu: Option<String>,
     #[serde(default)]
     pub accel: Accel,
@@ -69,21 +69,48 @@ pub struct RawPlatform {
     #[serde(default)]
     pub upgrade: bool,
     #[serde(default)]
-    pub packages: Vec<String>,
+    pub packages: Vec<Spanned<String>>,
     #[serde(default)]
-    pub files: BTreeMap<String, Spanned<String>>,
+    pub files: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
     pub run: Vec<String>,
-    pub memory: Option<ByteSize>,
-    pub cpus: Option<u32>,
-    pub disk_size: Option<ByteSize>,
+    pub memory: Option<Spanned<RawSize>>,
+    pub cpus: Option<Spanned<i64>>,
+    pub disk_size: Option<Spanned<RawSize>>,
+}
+
+/// A size as written: `"2G"`, or a bare number, kept as text for lowering to judge (a
+/// bare number is refused there, with a hint, rather than guessed to be bytes or MiB).
+#[derive(Debug)]
+pub struct RawSize(pub String);
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl serde::de::Visitor<'_> for SizeVisitor {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size such as \"2G\" or \"512M\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSize, E> {
+                Ok(RawSize(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawSize, E> {
+                Ok(RawSize(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawSize, E> {
+                Ok(RawSize(v.to_string()))
+            }
+        }
+        d.deserialize_any(SizeVisitor)
+    }
 }
 
 /// `authorized_keys = ["key.pub"]` (for root) or `{ user = ["key.pub"] }`.
 #[derive(Debug)]
 pub enum RawKeys {
     ForRoot(Vec<Spanned<String>>),
-    PerUser(BTreeMap<String, Vec<Spanned<String>>>),
+    PerUser(BTreeMap<Spanned<String>, Vec<Spanned<String>>>),
 }
 
 /// Hand-written rather than `#[serde(untagged)]`: untagged enums buffer their input, which
@@ -125,8 +152,8 @@ impl<'de> Deserialize<'de> for RawKeys {
 #[serde(deny_unknown_fields)]
 pub struct RawNetwork {
     pub kind: RawNetworkKind,
-    pub url: Option<String>,
-    pub subnet: Option<IpCidr>,
+    pub url: Option<Spanned<String>>,
+    pub subnet: Option<Spanned<IpCidr>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,7 +189,7 @@ pub struct RawVm {
     pub platform: Option<Spanned<String>>,
     pub target: Option<Spanned<String>>,
     pub host: Option<Spanned<String>>,
-    pub hostname: Option<String>,
+    pub hostname: Option<Spanned<String>>,
     pub ssh_port: Option<Spanned<u16>>,
     #[serde(default)]
     pub forwards: Vec<Spanned<RawForward>>,
@@ -172,9 +199,9 @@ pub struct RawVm {
     #[serde(default)]
     pub attach: BTreeMap<Spanned<String>, Spanned<IpCidr>>,
     pub deploy: Option<RawDeploy>,
-    pub memory: Option<ByteSize>,
-    pub cpus: Option<u32>,
-    pub disk_size: Option<ByteSize>,
+    pub memory: Option<Spanned<RawSize>>,
+    pub cpus: Option<Spanned<i64>>,
+    pub disk_size: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +216,6 @@ pub struct RawForward {
 pub struct RawNic {
     pub network: Spanned<String>,
     pub ip: Option<Spanned<IpCidr>>,
-    pub gateway: Option<IpAddr>,
+    pub gateway: Option<Spanned<IpAddr>>,
     pub mac: Option<Spanned<MacAddr>>,
 }

@@ -198,8 +198,8 @@ pub struct Network {
 pub enum NetworkKind {
     /// A VDE network: a farm-run switch when `url` is absent, else a vdeplug4 URL.
     Vde {
-        url: Option<String>,
-        subnet: Option<IpCidr>,
+        url: Option<Located<String>>,
+        subnet: Option<Located<IpCidr>>,
     },
 }
 
@@ -240,7 +240,7 @@ pub struct VmDecl {
     pub platform: Option<Located<String>>,
     pub target: Option<Located<String>>,
     pub host: Option<Located<String>>,
-    pub hostname: Option<String>,
+    pub hostname: Option<Located<String>>,
     pub ssh_port: Option<Located<u16>>,
     pub forwards: Vec<Located<Forward>>,
     pub user_network: bool,
@@ -261,6 +261,6 @@ pub struct Forward {
 pub struct Nic {
     pub network: Located<String>,
     pub ip: Option<Located<IpCidr>>,
-    pub gateway: Option<std::net::IpAddr>,
+    pub gateway: Option<Located<std::net::IpAddr>>,
     pub mac: Option<Located<MacAddr>>,
 }

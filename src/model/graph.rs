@@ -65,8 +65,11 @@ pub fn render_dot(config: &Config, topology: &Topology) -> String {
     }
     for (name, network) in &config.networks {
         let NetworkKind::Vde { url, subnet } = &network.kind;
-        let mut text = format!("{name}\nVDE {}", url.as_deref().unwrap_or("switch"));
-        if let Some(subnet) = subnet {
+        let mut text = format!(
+            "{name}\nVDE {}",
+            url.as_ref().map_or("switch", |u| u.value.as_str())
+        );
+        if let Some(subnet) = subnet.as_ref().map(|s| s.value) {
             let _ = write!(text, "\n{subnet}");
         }
         let _ = writeln!(

@@ -8,6 +8,7 @@ pub mod diagnostic;
 pub mod graph;
 pub mod hash;
 pub mod instance;
+pub mod limits;
 pub mod network;
 pub mod observation;
 pub mod plan;

@@ -82,9 +82,18 @@ pub fn site_networks(config: &Config, topology: &Topology, site: &Placement) -> 
                         continue;
                     };
                     let NetworkKind::Vde { url, .. } = &declared.kind;
+                    let link = match (site, multicast_links(config, topology, &nic.network)) {
+                        (Placement::Vm(hypervisor), Ok(links)) => links.get(hypervisor).cloned(),
+                        _ => None,
+                    };
                     networks.push(SiteNetwork {
                         name: nic.network.clone(),
-                        backend: url.clone().map_or(VdeBackend::Switch, VdeBackend::Url),
+                        backend: url.as_ref().map_or(VdeBackend::Switch, |u| {
+                            VdeBackend::Url(match &link {
+                                Some(interface) => format!("{}/if={interface}", u.value),
+                                None => u.value.clone(),
+                            })
+                        }),
                         attach: attach
                             .iter()
                             .find(|(n, _)| *n == nic.network)
@@ -101,6 +110,112 @@ pub fn site_networks(config: &Config, topology: &Topology, site: &Placement) -> 
     }
     networks.sort_by(|a, b| a.name.cmp(&b.name));
     networks
+}
+
+/// Where a network is used: the sites of the VMs with a NIC on it, and the sites that
+/// attach to it, by placement.
+pub fn network_sites(topology: &Topology, network: &str) -> Vec<Placement> {
+    let mut sites: Vec<Placement> = topology
+        .vms
+        .values()
+        .filter(|vm| vm.nics.iter().any(|n| n.network == network))
+        .map(|vm| vm.placement.clone())
+        .chain(
+            topology
+                .hosts
+                .values()
+                .filter(|h| h.attach.iter().any(|(n, _)| n == network))
+                .map(|h| Placement::Host(h.name.clone())),
+        )
+        .chain(
+            topology
+                .vms
+                .values()
+                .filter(|vm| vm.attach.iter().any(|(n, _)| n == network))
+                .map(|vm| Placement::Vm(vm.name.clone())),
+        )
+        .collect();
+    sites.sort();
+    sites.dedup();
+    sites
+}
+
+/// A `vxvde://` network used inside two or more hypervisor VMs connects only if each sends
+/// its multicast out on a link they share: otherwise it leaves through the default route
+/// (QEMU user networking) and reaches nobody. When the hypervisor VMs share a network of
+/// their own (a NIC of each on it), this gives, per hypervisor VM, that NIC's name in the
+/// guest (`nicN`, N its place among the seed's NICs); `Err` says what is missing. Networks
+/// on one site, on physical hosts only, not `vxvde://`, or with `if=` already chosen need
+/// nothing.
+pub fn multicast_links(
+    config: &Config,
+    topology: &Topology,
+    network: &str,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let none = std::collections::BTreeMap::new();
+    let Some(declared) = config.networks.get(network) else {
+        return Ok(none);
+    };
+    let NetworkKind::Vde { url: Some(url), .. } = &declared.kind else {
+        return Ok(none);
+    };
+    if !url.value.starts_with("vxvde://") || url.value.contains("if=") {
+        return Ok(none);
+    }
+    let sites = network_sites(topology, network);
+    let hypervisors: Vec<&VmNode> = sites
+        .iter()
+        .filter_map(|s| match s {
+            Placement::Vm(vm) => topology.vms.get(vm),
+            Placement::Host(_) => None,
+        })
+        .collect();
+    if sites.len() < 2 || hypervisors.is_empty() {
+        return Ok(none);
+    }
+    let names = |vms: &[&VmNode]| -> String {
+        vms.iter()
+            .map(|v| format!("`{}`", v.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if hypervisors.len() != sites.len() {
+        return Err(format!(
+            "Network `{network}` ({}) is used on this machine or a host and inside hypervisor VMs {}: its multicast cannot leave a hypervisor VM's user networking",
+            url.value,
+            names(&hypervisors)
+        ));
+    }
+    // A network every hypervisor VM has a NIC on.
+    let shared = hypervisors[0]
+        .nics
+        .iter()
+        .map(|n| &n.network)
+        .filter(|m| *m != network)
+        .find(|m| {
+            hypervisors
+                .iter()
+                .all(|h| h.nics.iter().any(|n| &n.network == *m))
+        });
+    let Some(shared) = shared else {
+        return Err(format!(
+            "Network `{network}` ({}) is used inside hypervisor VMs {}, which share no network its multicast could travel on",
+            url.value,
+            names(&hypervisors)
+        ));
+    };
+    Ok(hypervisors
+        .iter()
+        .map(|h| {
+            let position = h
+                .nics
+                .iter()
+                .position(|n| &n.network == shared)
+                .unwrap_or(0);
+            let index = position + usize::from(h.user_network);
+            (h.name.clone(), format!("nic{index}"))
+        })
+        .collect())
 }
 
 /// The site's own addresses: a host's `attach`, or the hypervisor VM's.
@@ -168,7 +283,7 @@ pub fn ssh_route(topology: &Topology, vm: &VmNode) -> Option<SshRoute> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{Network, Origin};
+    use crate::model::config::{Located, Network, Origin};
     use crate::model::topology::{HostNode, NicNode};
 
     fn vm(name: &str, placement: Placement, user: bool, nics: &[(&str, &str)]) -> VmNode {
@@ -206,7 +321,7 @@ mod tests {
                 Network {
                     name: super::super::config::Located::new(name.into(), Origin::default()),
                     kind: NetworkKind::Vde {
-                        url: url.map(str::to_string),
+                        url: url.map(|u| Located::new(u.to_string(), Origin::default())),
                         subnet: None,
                     },
                 },
@@ -288,6 +403,36 @@ mod tests {
         );
         // `vx` is not attached on the host: no way in.
         assert_eq!(ssh_route(&t, &t.vms["c"]), None);
+    }
+
+    #[test]
+    fn vxvde_inside_two_hypervisors_goes_out_on_the_network_they_share() {
+        let host = Placement::Host("local".into());
+        let mut t = topology();
+        t.vms.clear();
+        for (hv, inner, ip) in [("h1", "x1", "10.2.0.1/24"), ("h2", "x2", "10.2.0.2/24")] {
+            t.vms.insert(hv.into(), vm(hv, host.clone(), true, &[]));
+            t.vms.insert(
+                inner.into(),
+                vm(inner, Placement::Vm(hv.into()), true, &[("vx", ip)]),
+            );
+        }
+        let c = config();
+        assert_eq!(
+            multicast_links(&c, &t, "vx").unwrap_err(),
+            "Network `vx` (vxvde://234.0.0.1) is used inside hypervisor VMs `h1`, `h2`, which share no network its multicast could travel on"
+        );
+        for (hv, ip) in [("h1", "10.1.0.11/24"), ("h2", "10.1.0.12/24")] {
+            t.vms
+                .insert(hv.into(), vm(hv, host.clone(), true, &[("sw", ip)]));
+        }
+        let links = multicast_links(&c, &t, "vx").unwrap();
+        assert_eq!(links["h1"], "nic1", "after the user NIC");
+        let inside = site_networks(&c, &t, &Placement::Vm("h1".into()));
+        assert_eq!(
+            inside[0].backend,
+            VdeBackend::Url("vxvde://234.0.0.1/if=nic1".into())
+        );
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl SeedSpec {
                 "use 1 to 128 letters, digits, `-`, `_`, `.` or `:`",
             ));
         }
-        if !valid_hostname(&self.hostname) {
+        if !super::limits::is_hostname(&self.hostname) {
             return Err(invalid(
                 "hostname",
                 &self.hostname,
@@ -140,19 +140,6 @@ impl SeedSpec {
         }
         Ok(())
     }
-}
-
-/// RFC 1123 host names, optionally qualified.
-fn valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
 }
 
 #[derive(Debug, thiserror::Error)]

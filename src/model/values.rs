@@ -276,6 +276,10 @@ impl FromStr for SshAddress {
         if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("it is empty or contains spaces"));
         }
+        // ssh would read it as an option (`-oProxyCommand=…`).
+        if s.starts_with('-') {
+            return Err(bad("it starts with `-`, which ssh reads as an option"));
+        }
         let (user, rest) = match s.rsplit_once('@') {
             Some(("", _)) => return Err(bad("the user before `@` is empty")),
             Some((user, rest)) => (Some(user.to_string()), rest),
@@ -302,6 +306,9 @@ impl FromStr for SshAddress {
         };
         if hostname.is_empty() {
             return Err(bad("the server name is empty"));
+        }
+        if hostname.starts_with('-') || user.as_deref().is_some_and(|u| u.starts_with('-')) {
+            return Err(bad("a part starts with `-`, which ssh reads as an option"));
         }
         let port = port
             .map(|p| match p.parse::<u16>() {

@@ -1,6 +1,7 @@
 //! A loaded project: farm.toml validated, inputs hashed, derivations computed, and where its
 //! store and state live. Every command starts here.
 
+pub mod checks;
 pub mod inputs;
 
 use std::path::{Path, PathBuf};
@@ -45,8 +46,22 @@ impl Project {
             .store
             .clone()
             .unwrap_or_else(|| loaded.project_dir.join("cache"));
-        let inputs = crate::project::inputs::hash_inputs(&loaded.config, Some(&store_dir))
-            .map_err(invalid)?;
+        // Files farm.toml names are checked together with hashing them, so one run of
+        // `farm check` reports every problem, in line order.
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let mut problems =
+            checks::check_referenced(&loaded.config, &loaded.project_dir, home.as_deref());
+        let inputs = match crate::project::inputs::hash_inputs(&loaded.config, Some(&store_dir)) {
+            Ok(inputs) => Some(inputs),
+            Err(diagnostics) => {
+                problems.extend(diagnostics);
+                None
+            }
+        };
+        let Some(inputs) = inputs.filter(|_| problems.is_empty()) else {
+            problems.sort_by_key(|d| (d.at.file, d.at.span.start));
+            return Err(invalid(problems));
+        };
         let wanted = wanted_platforms(&loaded.config, &loaded.topology);
         let graph = derive_all(&loaded.config, &wanted, &inputs).map_err(invalid)?;
         Ok(Project {

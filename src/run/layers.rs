@@ -59,13 +59,19 @@ pub fn resolve(
             }
             current = graph.nodes.get(&at).and_then(|n| n.parent.clone());
         }
+        let entry = entry_of(&id)?;
+        let virtual_size = match &entry {
+            Some(entry) => entry.virtual_size()?,
+            None => None,
+        };
         layers.insert(
             key,
             LayerInfo {
                 drv_hash: node.hash,
                 name: node.name.clone(),
                 entry: entry_dir_name(&node.hash, &node.name),
-                blake3: entry_of(&id)?.map(|e| e.meta.output_blake3),
+                blake3: entry.map(|e| e.meta.output_blake3),
+                virtual_size,
                 boot,
                 closure,
             },

@@ -105,6 +105,16 @@ extern "C" fn on_signal(signal: libc::c_int) {
     }
 }
 
+/// For commands that only print: end quietly when the reader of stdout goes away
+/// (`farm show p | head`), as Unix tools do, instead of panicking inside `println!`. Not for
+/// commands that write to their children's pipes, which must see `EPIPE` as an error.
+pub fn exit_quietly_on_closed_stdout() {
+    // SAFETY: restoring the default disposition of one signal; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Handles SIGINT, SIGTERM and SIGHUP: a handler passes the signal through a pipe to a
 /// thread of its own, which stops the helpers, says so, and exits 128 + signal. Handlers
 /// (unlike a blocked signal mask) are not inherited across exec: qemu, ssh and the tools

@@ -210,3 +210,17 @@ pub fn refusal(spec: &InstanceSpec, found: Option<&ObservedInstance>) -> Option<
         spec.name, spec.name
     ))
 }
+
+/// A new overlay smaller than its layer would cut the guest's filesystem off at
+/// `disk_size`: qemu-img makes it without complaint, and the guest fails in odd ways.
+pub fn disk_smaller_than_layer(spec: &InstanceSpec, layer_size: Option<u64>) -> Option<String> {
+    let (wanted, layer_size) = (spec.disk_size?, layer_size?);
+    if wanted >= layer_size {
+        return None;
+    }
+    let (wanted, layer) = (ByteSize(wanted), ByteSize(layer_size));
+    Some(format!(
+        "VM `{}` has `disk_size = \"{wanted}\"`, smaller than the {layer} disk of its layer `{}`: the guest would see its disk cut off\nhint: make `disk_size` at least \"{layer}\", or leave it out to get the layer's size",
+        spec.name, spec.platform
+    ))
+}

@@ -22,6 +22,8 @@ pub struct LayerInfo {
     pub entry: String,
     /// The blake3 of its disk, from its metadata; `None` before it is built (dry run).
     pub blake3: Option<ContentHash>,
+    /// The size of the disk the layer gives a guest; `None` before it is built.
+    pub virtual_size: Option<u64>,
     /// Direct-boot files, with paths relative to a store's `store/` directory (the
     /// nearest ancestor entry's `boot/`), or `None` to boot through firmware.
     pub boot: Option<DirectBoot>,
@@ -55,6 +57,13 @@ impl<'a> Desired<'a> {
     }
 
     /// Selected VMs placed directly on `placement`, by name.
+    /// The layer `vm` boots; every selected VM has one.
+    pub fn layer_of(&self, vm: &VmNode) -> &LayerInfo {
+        self.layers
+            .get(&(vm.platform.clone(), vm.target.clone()))
+            .expect("every selected VM's layer is resolved")
+    }
+
     pub fn vms_on(&self, placement: &Placement) -> Vec<&'a VmNode> {
         self.topology
             .vms

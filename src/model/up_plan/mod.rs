@@ -256,6 +256,12 @@ pub fn plan_site(
         {
             site.problems.push(problem);
         }
+        if matches!(action, VmAction::Create | VmAction::Replace)
+            && let Some(problem) =
+                decide::disk_smaller_than_layer(&spec, desired.layer_of(vm).virtual_size)
+        {
+            site.problems.push(problem);
+        }
         site.vms.push(VmStep {
             name: vm.name.clone(),
             level: vm.level,

@@ -23,10 +23,7 @@ pub(super) fn resolve(
     networks: &[SiteNetwork],
 ) -> InstanceSpec {
     let target = &desired.config.targets[&vm.target];
-    let layer = desired
-        .layers
-        .get(&(vm.platform.clone(), vm.target.clone()))
-        .expect("every selected VM's layer is resolved");
+    let layer = desired.layer_of(vm);
     let on_site = |relative: &Path| layout.store_entries.join(relative);
     let accel = choose_accel(
         desired.accel.unwrap_or(target.accel),

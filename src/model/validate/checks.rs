@@ -23,17 +23,28 @@ pub(super) fn check_ports(topology: &Topology, config: &Config, problems: &mut V
         for (port, at) in ports {
             let key = (vm.placement.clone(), port);
             if let Some((other, first)) = taken.get(&key) {
-                problems.push(
-                    Diagnostic::new(
+                let (message, hint) = if *other == vm.name {
+                    (
+                        format!(
+                            "Port {port} on `{}` is forwarded twice by `{other}`",
+                            vm.placement.name()
+                        ),
+                        "give each of its forwards its own host port",
+                    )
+                } else {
+                    (
                         format!(
                             "Port {port} on `{}` is forwarded to both `{other}` and `{}`",
                             vm.placement.name(),
                             vm.name
                         ),
-                        at,
+                        "give each VM its own port, or leave `ssh_port` out to get a free one",
                     )
-                    .related(first.clone(), format!("`{other}` takes it here"))
-                    .hint("give each VM its own port, or leave `ssh_port` out to get a free one"),
+                };
+                problems.push(
+                    Diagnostic::new(message, at)
+                        .related(first.clone(), format!("`{other}` takes it here"))
+                        .hint(hint),
                 );
             } else {
                 taken.insert(key, (vm.name.clone(), at));
@@ -53,19 +64,35 @@ pub(super) fn check_addresses(
     let mut check_ip = |network: &str, ip: &Located<IpCidr>, problems: &mut Vec<Diagnostic>| {
         if let Some(net) = config.networks.get(network) {
             let crate::model::config::NetworkKind::Vde { subnet, .. } = &net.kind;
-            if let Some(subnet) = subnet
-                && !subnet.contains(ip.value.addr)
-            {
-                problems.push(
-                    Diagnostic::new(
-                        format!(
-                            "Address {} is outside the subnet {subnet} of network `{network}`",
-                            ip.value
-                        ),
-                        ip.at.clone(),
-                    )
-                    .hint(format!("pick an address in {subnet}")),
-                );
+            if let Some(subnet) = subnet.as_ref() {
+                if !subnet.value.contains(ip.value.addr) {
+                    problems.push(
+                        Diagnostic::new(
+                            format!(
+                                "Address {} is outside the subnet {} of network `{network}`",
+                                ip.value, subnet.value
+                            ),
+                            ip.at.clone(),
+                        )
+                        .related(subnet.at.clone(), "the subnet")
+                        .hint(format!("pick an address in {}", subnet.value)),
+                    );
+                } else if ip.value.prefix != subnet.value.prefix {
+                    problems.push(
+                        Diagnostic::new(
+                            format!(
+                                "Address {} has prefix /{}, but network `{network}` is {}",
+                                ip.value, ip.value.prefix, subnet.value
+                            ),
+                            ip.at.clone(),
+                        )
+                        .related(subnet.at.clone(), "the subnet")
+                        .hint(format!(
+                            "write it as {}/{}",
+                            ip.value.addr, subnet.value.prefix
+                        )),
+                    );
+                }
             }
         }
         let key = (network.to_string(), ip.value.addr);
@@ -100,6 +127,29 @@ pub(super) fn check_addresses(
             if let Some(ip) = &nic.ip {
                 check_ip(&nic.network.value, ip, problems);
             }
+            if let Some(gateway) = &nic.gateway {
+                let within = nic.ip.as_ref().map(|ip| ip.value);
+                match within {
+                    Some(ip) if ip.contains(gateway.value) => {}
+                    Some(ip) => problems.push(
+                        Diagnostic::new(
+                            format!(
+                                "Gateway {} is outside the NIC's subnet ({ip})",
+                                gateway.value
+                            ),
+                            gateway.at.clone(),
+                        )
+                        .hint("a gateway must be reachable on the NIC's own subnet"),
+                    ),
+                    None => problems.push(
+                        Diagnostic::new(
+                            format!("Gateway {} is given for a NIC without an `ip`", gateway.value),
+                            gateway.at.clone(),
+                        )
+                        .hint("a NIC configured by DHCP gets its gateway from DHCP: give it an `ip`, or drop `gateway`"),
+                    ),
+                }
+            }
             if let Some(mac) = &nic.mac {
                 let key = (nic.network.value.clone(), mac.value.to_string());
                 if let Some(first) = seen_mac.get(&key) {
@@ -121,13 +171,25 @@ pub(super) fn check_addresses(
     }
 }
 
-/// Every VM must be reachable by ssh, a switched network lives on one site, and only a
-/// site that runs VMs can attach to their networks.
+/// Every VM must be reachable by ssh, a switched network lives on one site, only a site
+/// that runs VMs can attach to their networks, and a `vxvde://` network spanning hypervisor
+/// VMs has a link to travel on.
 pub(super) fn check_network_sites(
     config: &Config,
     topology: &Topology,
     problems: &mut Vec<Diagnostic>,
 ) {
+    for (name, network) in &config.networks {
+        if let Err(why) = crate::model::network::multicast_links(config, topology, name) {
+            let crate::model::config::NetworkKind::Vde { url, .. } = &network.kind;
+            let at = url
+                .as_ref()
+                .map_or(network.name.at.clone(), |u| u.at.clone());
+            problems.push(Diagnostic::new(why, at).hint(
+                "give each of those hypervisor VMs a NIC on one shared network (e.g. a switch farm runs: `nics = [{ network = \"backbone\" }]`), which farm then names in the url (`/if=nicN`); or append `/if=IFACE` yourself",
+            ));
+        }
+    }
     let mut switch_sites: BTreeMap<&str, (Placement, &str)> = BTreeMap::new();
     for vm in topology.vms.values() {
         if crate::model::network::ssh_route(topology, vm).is_none() {
