@@ -217,9 +217,10 @@ fn status_answers_while_an_up_waits_for_a_vm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let record = p.path().join(".farm/vms/mute/instance.json");
+    // The record is written before qemu starts; the pidfile once it runs.
+    let pidfile = p.path().join(".farm/vms/mute/qemu.pid");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !record.exists() {
+    while !pidfile.exists() {
         assert!(Instant::now() < deadline, "up never started the VM");
         std::thread::sleep(Duration::from_millis(100));
     }
