@@ -75,17 +75,18 @@ fn a_byte_that_is_not_utf8_is_one_error_at_its_line_and_column() {
 fn without_targets_platforms_are_built_for_this_machine_and_show_finds_them() {
     let project = Project::new(&format!("{IMAGE}\n[platforms.child]\nfrom = \"deb\"\n"));
     let check = project.ok(&["check"]);
-    assert!(
-        String::from_utf8_lossy(&check.stdout).contains("1 platforms, 1 targets"),
-        "{}",
-        text(&check)
-    );
-    let show = project.ok(&["show", "child"]);
-    let shown = String::from_utf8_lossy(&show.stdout);
     let target = match std::env::consts::ARCH {
         "aarch64" => "arm64",
         _ => "amd64",
     };
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(said.contains("1 platforms, 1 targets"), "{said}");
+    assert!(
+        said.contains(&format!("targets: none declared, so `{target}`")),
+        "check says which target it assumed: {said}"
+    );
+    let show = project.ok(&["show", "child"]);
+    let shown = String::from_utf8_lossy(&show.stdout);
     assert!(shown.contains(&format!("name: child_{target}")), "{shown}");
     let plan = project.ok(&["build", "--dry-run"]);
     assert!(

@@ -20,6 +20,15 @@ pub fn run(options: &ProjectOptions, _args: CheckArgs) -> anyhow::Result<()> {
         config.networks.len(),
         project.loaded.topology.vms.len()
     );
+    for target in config.targets.values() {
+        // The implicit target has no place in the file.
+        if target.name.at.span.is_empty() {
+            println!(
+                "targets: none declared, so `{}` ({}, this machine's architecture)",
+                target.name.value, target.arch
+            );
+        }
+    }
     print!("{}", render_tree(&project.loaded.topology));
     Ok(())
 }
