@@ -82,6 +82,8 @@ impl Lab {
         let port = farm::sys::hostinfo::free_local_port().unwrap();
         let p = Project::with_store(&lab_toml(port, &root), &shared_store());
         let key = keygen(p.path(), "lab_key");
+        // farm.toml names it, so `check` wants it to exist; it pins nothing until `serve`.
+        p.write("lab_known_hosts", "");
         (
             Lab {
                 dir,
