@@ -4,6 +4,7 @@
 //! Each folder is a floor that only uses the floors below it:
 //!
 //! - `cli` — clap; one thin file per subcommand.
+//! - `maintain` — looking after the store: gc.
 //! - `run` — applies `farm up`/`down` plans: sites, instances, closure push, networks, hosts.
 //! - `build` — realises build plans: layers, Debian and tiny images, one tool runner.
 //! - `project`, `store`, `fetch`, `config`, `progress` — loading, the store, downloads,
@@ -15,6 +16,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod maintain;
 pub mod model;
 pub mod progress;
 pub mod project;

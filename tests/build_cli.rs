@@ -496,3 +496,47 @@ fn unknown_names_on_the_command_line_exit_2_with_a_hint() {
         text(&out)
     );
 }
+
+#[test]
+fn a_renamed_image_or_platform_is_the_same_derivation_and_a_cache_hit() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("16M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let extra = "[platforms.web]\nfrom = \"deb\"\n";
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&image), extra));
+    project.ok(&["build"]);
+    let before = project.entries();
+    let requests = server.request_count();
+
+    // Same recipes under new names: `deb` → `bookworm`, `web` → `frontend`.
+    let renamed = farm_toml(
+        &url,
+        &sha256_hex(&image),
+        "[platforms.frontend]\nfrom = \"bookworm\"\n",
+    )
+    .replace("[images.deb]", "[images.bookworm]");
+    project.write("farm.toml", &renamed);
+    let again = project.ok(&["build"]);
+    assert_eq!(
+        project.entries(),
+        before,
+        "no second entry: {}",
+        text(&again)
+    );
+    assert_eq!(server.request_count(), requests, "nothing is fetched again");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("all 2 derivations are cached"),
+        "{}",
+        text(&again)
+    );
+    // The entry keeps its first label; `show` finds it under the new name.
+    let shown = project.entry("frontend_amd64");
+    assert!(
+        shown
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .ends_with("-web_amd64"),
+        "{shown:?}"
+    );
+}

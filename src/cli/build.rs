@@ -10,7 +10,8 @@ use crate::model::plan::{BuildPlan, plan_build};
 use crate::model::values::Accel;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::store::Store;
+use crate::run::up::state_dir_for;
+use crate::store::{Store, UseMode};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -142,8 +143,12 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         return Ok(());
     }
     let store = open_store(&project)?;
+    let _store_use = store.use_as(UseMode::Shared, || {
+        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
+    })?;
     let plan = make_plan(&project, Some(&store), &args.names)?;
     if plan.is_noop() {
+        project.register_root(&store, &state_dir_for(&project, None))?;
         reporter.line(format!(
             "{:>12} all {} derivations are cached",
             "done",
@@ -159,6 +164,7 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         jobs: args.jobs.unwrap_or_else(default_jobs),
     };
     realise(&project.loaded.config, &plan, &store, &options, reporter)?;
+    project.register_root(&store, &state_dir_for(&project, None))?;
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 mod build;
 mod check;
 mod down;
+mod gc;
 mod graph;
 mod logs;
 mod show;
@@ -65,6 +66,8 @@ pub enum Command {
     /// Inspect and verify the store.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Remove store entries that no project, instance or running VM needs, and leftovers.
+    Gc(gc::GcArgs),
     /// Build what is missing, then start the topology's VMs and wait for ssh; idempotent.
     Up(up::UpArgs),
     /// Stop VMs (deepest first) and remove their overlays.
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
         Command::Show(args) => show::run(&options, args),
         Command::Check(args) => check::run(&options, args),
         Command::Store(command) => store::run(&options, command, &reporter),
+        Command::Gc(args) => gc::run(&options, args, &reporter),
         Command::Up(args) => up::run(&options, args, &reporter),
         Command::Down(args) => down::run(&options, args, &reporter),
         Command::Status(args) => status::run(&options, args, &reporter),

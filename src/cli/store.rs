@@ -15,7 +15,7 @@ pub enum StoreCommand {
 }
 
 /// The store directory without loading farm.toml: `--store`, else `cache/` beside it.
-fn store_dir(options: &ProjectOptions) -> std::path::PathBuf {
+pub(super) fn store_dir(options: &ProjectOptions) -> std::path::PathBuf {
     options.store.clone().unwrap_or_else(|| {
         options
             .config

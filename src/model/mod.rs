@@ -5,6 +5,7 @@ pub mod config;
 pub mod debian_recipe;
 pub mod derivation;
 pub mod diagnostic;
+pub mod gc;
 pub mod graph;
 pub mod hash;
 pub mod instance;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{ConfigError, Loaded};
 use crate::model::derivation::{DrvGraph, DrvId, derive_all, wanted_platforms};
 use crate::model::diagnostic::list_names;
+use crate::store::{Entry, ProjectRoot, Store, StoreError};
 
 /// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
 #[derive(Debug, thiserror::Error)]
@@ -122,5 +123,30 @@ impl Project {
 
     pub fn project_dir(&self) -> &Path {
         &self.loaded.project_dir
+    }
+
+    /// The store entries of every derivation this farm.toml defines, where built.
+    pub fn entries_in(&self, store: &Store) -> Result<Vec<Entry>, StoreError> {
+        let mut entries = Vec::new();
+        for node in self.graph.all() {
+            entries.extend(store.lookup(&node.hash, &node.name)?);
+        }
+        Ok(entries)
+    }
+
+    /// Registers this project with `store` as a gc root: its farm.toml, its state
+    /// directory `state_dir` and the entries of its derivations, so `farm gc` run from
+    /// another project sharing the store keeps them.
+    pub fn register_root(&self, store: &Store, state_dir: &Path) -> Result<(), StoreError> {
+        let absolute = |path: &Path| std::path::absolute(path).unwrap_or(path.to_path_buf());
+        store.register_root(&ProjectRoot {
+            config: absolute(&self.config_path),
+            state_dir: absolute(state_dir),
+            entries: self
+                .entries_in(store)?
+                .iter()
+                .map(|e| e.dir_name().to_string())
+                .collect(),
+        })
     }
 }

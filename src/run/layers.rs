@@ -42,11 +42,19 @@ pub fn resolve(
             }
         };
         let node = &graph.nodes[&id];
+        // The directory an entry really has (it may carry another name for the same
+        // derivation), or the one it will get when built.
+        let dir_name = |n: &crate::model::derivation::DrvNode| -> Result<String, StoreError> {
+            Ok(match entry_of(&n.id)? {
+                Some(entry) => entry.dir_name().to_string(),
+                None => entry_dir_name(&n.hash, &n.name),
+            })
+        };
         let closure: Vec<String> = graph
             .closure(std::slice::from_ref(&id))
-            .iter()
-            .map(|n| entry_dir_name(&n.hash, &n.name))
-            .collect();
+            .into_iter()
+            .map(dir_name)
+            .collect::<Result<_, _>>()?;
         let mut boot = None;
         let mut current = Some(id.clone());
         while let Some(at) = current {
@@ -60,6 +68,7 @@ pub fn resolve(
             current = graph.nodes.get(&at).and_then(|n| n.parent.clone());
         }
         let entry = entry_of(&id)?;
+        let entry_dir = dir_name(node)?;
         let virtual_size = match &entry {
             Some(entry) => entry.virtual_size()?,
             None => None,
@@ -69,7 +78,7 @@ pub fn resolve(
             LayerInfo {
                 drv_hash: node.hash,
                 name: node.name.clone(),
-                entry: entry_dir_name(&node.hash, &node.name),
+                entry: entry_dir,
                 blake3: entry.map(|e| e.meta.output_blake3),
                 virtual_size,
                 boot,

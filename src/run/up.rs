@@ -20,7 +20,7 @@ use crate::run::observe::{Ask, ObserveError, observe_lab};
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::{StateDir, StatePaths};
 use crate::run::status::{VmStatus, rows_from_specs};
-use crate::store::{Entry, Store};
+use crate::store::{Entry, Store, UseMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -143,7 +143,7 @@ pub fn up(
         })
         .collect();
     let existing = Store::open_existing(&project.store_dir)?;
-    let (store, built) = if options.dry_run {
+    let (store, built, _store_use) = if options.dry_run {
         let present = match &existing {
             Some(store) => present_hashes(store, project.graph.closure(&wanted))?,
             None => BTreeSet::new(),
@@ -152,9 +152,13 @@ pub fn up(
         if !build_plan.is_noop() {
             print!("{build_plan}");
         }
-        (existing, BTreeMap::new())
+        (existing, BTreeMap::new(), None)
     } else {
         let store = Store::open(&project.store_dir)?;
+        // Held until up returns: gc waits rather than remove a layer about to boot.
+        let store_use = store.use_as(UseMode::Shared, || {
+            reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
+        })?;
         let present = present_hashes(&store, project.graph.closure(&wanted))?;
         let build_plan = plan_build(&project.loaded.config, &project.graph, &wanted, &present);
         let built = realise(
@@ -164,7 +168,8 @@ pub fn up(
             &options.realise,
             reporter,
         )?;
-        (Some(store), built)
+        project.register_root(&store, state_root)?;
+        (Some(store), built, Some(store_use))
     };
 
     let paths = StatePaths::new(state_root);

@@ -4,7 +4,8 @@
 //! <root>/farm-store.json      {"layout": 1}: refuses to touch a store written by a newer farm
 //! <root>/store/<key>-<name>/  finished, immutable entries: disk.qcow2, boot/, meta.json
 //! <root>/tmp/                 staging dirs, renamed into store/ on commit
-//! <root>/locks/<key>.lock     per-key lock files
+//! <root>/locks/<key>.lock     per-key lock files; locks/store.lock, the store-wide lock
+//! <root>/roots/<id>.json      projects that use this store and what they want (gc roots)
 //! <root>/partial/             resumable downloads
 //! <root>/logs/                build logs
 //! <root>/debs/                .deb files the tiny image is assembled from (a download cache)
@@ -35,7 +36,10 @@ mod fsutil;
 mod layout;
 mod lock;
 mod qcow2;
+mod roots;
 mod staging;
+mod sweep;
+mod usage;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -45,7 +49,10 @@ pub use entry::{
     relative_backing,
 };
 pub use lock::EntryLock;
+pub use roots::ProjectRoot;
 pub use staging::Staging;
+pub use sweep::Swept;
+pub use usage::{StoreUse, UseMode};
 
 use crate::model::hash::{ContentHash, DrvHash};
 use entry::{parse_entry_dir_name, relative_backing_for};
@@ -206,14 +213,20 @@ impl Store {
         self.store_dir().join(entry_dir_name(key, name))
     }
 
-    /// The finished entry for `key` and `name`, if there is one.
+    /// The finished entry of derivation `key`, if there is one, whatever it was called.
     ///
-    /// Cheap (one read of `meta.json`, no disk image I/O) and lock-free: entries appear
+    /// Names are labels, not inputs: an image renamed in farm.toml has the same derivation
+    /// and finds the entry built under its old name. `name` is tried first (one read of
+    /// `meta.json`); otherwise `store/` is listed for the key. Lock-free: entries appear
     /// atomically and never change, so it is safe to call while another process builds.
     pub fn lookup(&self, key: &DrvHash, name: &str) -> Result<Option<Entry>, StoreError> {
         check_name(name)?;
-        let Some(entry) = load_entry(self.entry_dir(key, name))? else {
-            return Ok(None);
+        let entry = match load_entry(self.entry_dir(key, name))? {
+            Some(entry) => entry,
+            None => match self.find_by_key(key)? {
+                Some(entry) => entry,
+                None => return Ok(None),
+            },
         };
         if entry.meta.drv_hash != *key {
             return Err(StoreError::CorruptEntry {
@@ -225,6 +238,28 @@ impl Store {
             });
         }
         Ok(Some(entry))
+    }
+
+    /// The entry of `key` under any name (the first by directory name, if several).
+    fn find_by_key(&self, key: &DrvHash) -> Result<Option<Entry>, StoreError> {
+        let prefix = format!("{}-", key.store_key());
+        let listing = match fs_err::read_dir(self.store_dir()) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut names: Vec<String> = listing
+            .filter_map(|child| child.ok())
+            .map(|child| child.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&prefix) && parse_entry_dir_name(name).is_some())
+            .collect();
+        names.sort();
+        for name in names {
+            if let Some(entry) = load_entry(self.store_dir().join(name))? {
+                return Ok(Some(entry));
+            }
+        }
+        Ok(None)
     }
 
     /// Takes the exclusive lock on `key`, waiting as long as another holder keeps it.
@@ -319,7 +354,7 @@ impl Store {
     /// discarded: the same derivation gives the same result.
     pub fn commit(&self, mut staging: Staging, mut meta: EntryMeta) -> Result<Entry, StoreError> {
         let target = self.entry_dir(&staging.key, &staging.name);
-        if let Some(existing) = load_entry(target.clone())? {
+        if let Some(existing) = self.lookup(&staging.key, &staging.name)? {
             return Ok(existing);
         }
         meta.layout = LAYOUT_VERSION;
@@ -530,27 +565,6 @@ impl Store {
             });
         }
         Ok(())
-    }
-
-    /// Removes staging directories left by killed farms, for keys nobody holds the lock on.
-    /// Returns how many were removed. `stage` already does this per key; this sweeps keys that
-    /// were never built again (for `farm gc`).
-    pub fn clean_tmp(&self) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for child in fs_err::read_dir(self.tmp_dir())? {
-            let child = child?;
-            let file_name = child.file_name();
-            // Staging dirs are `<key>-<name>.<pid>.<random>`, itself a valid entry dir name.
-            let Some((store_key, _)) = file_name.to_str().and_then(parse_entry_dir_name) else {
-                continue;
-            };
-            if let Some(_lock) = self.try_lock_store_key(store_key)?
-                && fsutil::remove_tree(&child.path())?
-            {
-                removed += 1;
-            }
-        }
-        Ok(removed)
     }
 }
 

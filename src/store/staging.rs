@@ -10,7 +10,7 @@ use crate::model::hash::{ContentHash, DrvHash};
 ///
 /// Dropping it without committing removes the directory, so every error path (`?`, panics)
 /// leaves nothing behind. A killed process cannot run `Drop`; what it leaves is swept by the
-/// next `Store::stage` for the same key (or `Store::clean_tmp`), and is never taken for an
+/// next `Store::stage` for the same key (or `Store::sweep_tmp`, run by `farm gc`), and is never taken for an
 /// entry because entries live only in `store/`.
 #[derive(Debug)]
 pub struct Staging {

@@ -6,6 +6,7 @@ pub mod hostinfo;
 pub mod keys;
 pub mod mounts;
 pub mod process;
+pub mod procfs;
 pub mod programs;
 pub mod qemu_img;
 pub mod qmp;

@@ -1,0 +1,6 @@
+//! Looking after a store over time: `gc` removes what no project, instance or running
+//! process needs.
+//!
+//! This floor sits above `run` (it reads instance records) and `build`, below `cli`.
+
+pub mod gc;
