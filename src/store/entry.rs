@@ -59,7 +59,7 @@ impl Entry {
 
     /// The size of the disk a guest on this layer sees, from its qcow2 header.
     pub fn virtual_size(&self) -> std::io::Result<Option<u64>> {
-        super::qcow2::read_virtual_size(&self.disk_path())
+        Ok(super::qcow2::read_info(&self.disk_path())?.map(|info| info.virtual_size))
     }
 
     /// The kernel/initrd/cmdline directory for direct kernel boot, if this entry has one.

@@ -427,14 +427,15 @@ impl Store {
                 "fill EntryMeta::size and output_blake3 from Staging::hash_disk()",
             ));
         }
-        let backing = qcow2::read_backing(&disk)?;
-        match (&meta.parent, backing) {
-            (_, qcow2::Backing::NotQcow2) => Err(invalid(
+        let Some(info) = qcow2::read_info(&disk)? else {
+            return Err(invalid(
                 format!("`{}` is not a qcow2 image", disk.display()),
                 "convert it with qemu_img::convert_to_qcow2",
-            )),
-            (None, qcow2::Backing::None) => Ok(()),
-            (None, qcow2::Backing::File(file)) => Err(invalid(
+            ));
+        };
+        match (&meta.parent, info.backing) {
+            (None, None) => Ok(()),
+            (None, Some(file)) => Err(invalid(
                 format!("its disk has backing file `{file}` but its metadata names no parent"),
                 "set EntryMeta::parent to the parent entry's dir_name()",
             )),
@@ -450,8 +451,8 @@ impl Store {
                 let expected = relative_backing_for(parent);
                 let expected = expected.to_string_lossy();
                 match backing {
-                    qcow2::Backing::File(file) if file == expected => Ok(()),
-                    qcow2::Backing::File(file) => Err(invalid(
+                    Some(file) if file == expected => Ok(()),
+                    Some(file) => Err(invalid(
                         format!(
                             "its disk has backing file `{file}`; an entry must record `{expected}` \
                              so the store can move"
@@ -462,7 +463,7 @@ impl Store {
                             disk.display()
                         ),
                     )),
-                    _ => Err(invalid(
+                    None => Err(invalid(
                         format!(
                             "its metadata names parent `{parent}` but its disk has no backing file"
                         ),

@@ -1,148 +1,139 @@
-//! Reads the backing file name and the virtual size straight from a qcow2 header.
+//! A qcow2 disk's header, read in-process with `qcow2-rs`: its virtual size, backing file
+//! and backing format.
 //!
-//! `commit` uses the backing name to refuse a layer whose backing path would break when the
-//! store moves (absolute, or not pointing at its declared parent); `farm up` uses the size to
-//! refuse a `disk_size` smaller than the layer. Reading a few header bytes is far cheaper
-//! than running `qemu-img info`, and keeps the store free of a process dependency.
+//! `commit` uses the backing file to refuse a layer whose backing path would break when the
+//! store moves; `verify` follows backing chains; `farm up` refuses a `disk_size` smaller than
+//! the layer. Reading the first cluster is far cheaper than running `qemu-img info`, and
+//! keeps these checks free of a process.
 
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
 use std::path::Path;
 
+use qcow2_rs::meta::Qcow2Header;
+
 const MAGIC: [u8; 4] = *b"QFI\xfb";
-const HEADER_PREFIX_LEN: usize = 24;
-/// qemu's own limit on a backing file name.
-const MAX_BACKING_LEN: u32 = 1023;
+/// Bytes of the fixed header every version has, plus room for the version 3 fields.
+const FIXED_HEADER_LEN: usize = 112;
+/// qcow2's largest cluster; the header, its extensions and the backing name lie in the first.
+const MAX_CLUSTER: u64 = 2 << 20;
 
-/// What the header says about the backing file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Backing {
-    NotQcow2,
-    None,
-    /// The name as recorded (relative names are relative to the image's directory).
-    File(String),
+/// What the header says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Qcow2Info {
+    /// The size of the disk a guest sees.
+    pub virtual_size: u64,
+    /// The backing file as recorded (relative names are relative to the image's directory).
+    pub backing: Option<String>,
+    /// The backing file's format, when the header records it (qemu requires it since 6.1).
+    pub backing_format: Option<String>,
 }
 
-/// Parses the fixed start of a qcow2 header: `(offset, length)` of the backing name, if any.
-pub(crate) fn parse_header_prefix(bytes: &[u8; HEADER_PREFIX_LEN]) -> Option<Option<(u64, u32)>> {
-    if bytes[..4] != MAGIC {
-        return None;
-    }
-    let offset = u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"));
-    let len = u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes"));
-    Some((offset != 0 && len != 0).then_some((offset, len)))
-}
-
-pub(crate) fn read_backing(path: &Path) -> io::Result<Backing> {
+/// The header of `path`, or `None` if it is not a qcow2 image at all.
+pub(crate) fn read_info(path: &Path) -> io::Result<Option<Qcow2Info>> {
     let mut file = fs_err::File::open(path)?;
-    let mut prefix = [0u8; HEADER_PREFIX_LEN];
-    match file.read_exact(&mut prefix) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Backing::NotQcow2),
-        Err(e) => return Err(e),
+    let len = file.metadata()?.len();
+    let mut fixed = [0u8; FIXED_HEADER_LEN];
+    if len < FIXED_HEADER_LEN as u64 {
+        return Ok(None);
     }
-    let Some(location) = parse_header_prefix(&prefix) else {
-        return Ok(Backing::NotQcow2);
-    };
-    let Some((offset, len)) = location else {
-        return Ok(Backing::None);
-    };
-    if len > MAX_BACKING_LEN {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "`{}` records a {len}-byte backing file name, longer than qemu allows",
-                path.display()
-            ),
-        ));
+    file.read_exact(&mut fixed)?;
+    if fixed[..4] != MAGIC {
+        return Ok(None);
     }
-    file.seek(SeekFrom::Start(offset))?;
-    let mut name = vec![0u8; len as usize];
-    file.read_exact(&mut name)?;
-    String::from_utf8(name).map(Backing::File).map_err(|_| {
+    let cluster_bits = u32::from_be_bytes(fixed[20..24].try_into().expect("4 bytes"));
+    let cluster = 1u64
+        .checked_shl(cluster_bits)
+        .unwrap_or(u64::MAX)
+        .min(MAX_CLUSTER)
+        .min(len);
+    let mut header = fixed.to_vec();
+    header.resize(cluster as usize, 0);
+    file.read_exact(&mut header[FIXED_HEADER_LEN..])?;
+    // Incompatible features (zstd compression, extended L2 entries, a dirty bit) change how
+    // *data* is read, not the header; qcow2-rs refuses any it does not implement, so they
+    // are cleared in this copy, which is only used to read the header.
+    let version = u32::from_be_bytes(fixed[4..8].try_into().expect("4 bytes"));
+    if version >= 3 {
+        header[72..80].fill(0);
+    }
+    let parsed = Qcow2Header::from_buf(&header).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "`{}` records a backing file name that is not UTF-8",
+                "`{}` has a qcow2 header farm cannot read: {e}",
                 path.display()
             ),
         )
-    })
-}
-
-/// The disk size a guest sees (header bytes 24..32), or `None` if `path` is not qcow2.
-pub(crate) fn read_virtual_size(path: &Path) -> io::Result<Option<u64>> {
-    let mut header = [0u8; 32];
-    match fs_err::File::open(path)?.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    if header[..4] != MAGIC {
-        return Ok(None);
-    }
-    Ok(Some(u64::from_be_bytes(
-        header[24..32].try_into().expect("8 bytes"),
-    )))
+    })?;
+    Ok(Some(Qcow2Info {
+        virtual_size: parsed.size(),
+        backing: parsed.backing_filename().cloned(),
+        backing_format: parsed.backing_format().cloned(),
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
-    fn header(offset: u64, len: u32) -> [u8; HEADER_PREFIX_LEN] {
-        let mut h = [0u8; HEADER_PREFIX_LEN];
-        h[..4].copy_from_slice(&MAGIC);
-        h[4..8].copy_from_slice(&3u32.to_be_bytes());
-        h[8..16].copy_from_slice(&offset.to_be_bytes());
-        h[16..20].copy_from_slice(&len.to_be_bytes());
-        h
-    }
-
-    #[test]
-    fn header_without_backing() {
-        assert_eq!(parse_header_prefix(&header(0, 0)), Some(None));
-    }
-
-    #[test]
-    fn header_with_backing() {
-        assert_eq!(parse_header_prefix(&header(512, 17)), Some(Some((512, 17))));
-    }
-
-    #[test]
-    fn other_formats_are_not_qcow2() {
-        assert_eq!(parse_header_prefix(&[0u8; HEADER_PREFIX_LEN]), None);
-    }
-
-    #[test]
-    fn reads_backing_name_from_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.qcow2");
-        let name = b"../abc-base/disk.qcow2";
-        let mut bytes = header(100, name.len() as u32).to_vec();
-        bytes.resize(100, 0);
-        bytes.extend_from_slice(name);
-        fs_err::write(&path, &bytes).unwrap();
-        assert_eq!(
-            read_backing(&path).unwrap(),
-            Backing::File("../abc-base/disk.qcow2".into())
-        );
-        fs_err::write(&path, b"raw").unwrap();
-        assert_eq!(read_backing(&path).unwrap(), Backing::NotQcow2);
-    }
-
-    #[test]
-    fn reads_the_virtual_size_qemu_img_wrote() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.qcow2");
-        let made = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&path)
-            .arg("96M")
+    fn qemu_img(args: &[&str]) {
+        let status = Command::new("qemu-img")
+            .args(args)
             .status()
             .expect("qemu-img (scripts/setup.sh installs it)");
-        assert!(made.success());
-        assert_eq!(read_virtual_size(&path).unwrap(), Some(96 << 20));
-        fs_err::write(&path, [0u8; 64]).unwrap();
-        assert_eq!(read_virtual_size(&path).unwrap(), None);
+        assert!(status.success(), "qemu-img {args:?}");
+    }
+
+    #[test]
+    fn reads_size_backing_name_and_format_that_qemu_img_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let child = dir.path().join("child.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "96M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            child.to_str().unwrap(),
+            "128M",
+        ]);
+        assert_eq!(
+            read_info(&base).unwrap(),
+            Some(Qcow2Info {
+                virtual_size: 96 << 20,
+                backing: None,
+                backing_format: None,
+            })
+        );
+        assert_eq!(
+            read_info(&child).unwrap(),
+            Some(Qcow2Info {
+                virtual_size: 128 << 20,
+                backing: Some("base.qcow2".into()),
+                backing_format: Some("qcow2".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn other_files_are_not_qcow2_and_a_damaged_header_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        fs_err::write(&path, b"raw").unwrap();
+        assert_eq!(read_info(&path).unwrap(), None);
+        fs_err::write(&path, [0u8; 4096]).unwrap();
+        assert_eq!(read_info(&path).unwrap(), None);
+        qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "16M"]);
+        let mut bytes = fs_err::read(&path).unwrap();
+        bytes[20..24].copy_from_slice(&40u32.to_be_bytes()); // a 1 TiB cluster
+        fs_err::write(&path, &bytes).unwrap();
+        let err = read_info(&path).unwrap_err();
+        assert!(err.to_string().contains("qcow2 header"), "{err}");
     }
 }
