@@ -60,6 +60,8 @@ fn meta_for(staging: &Staging, parent: Option<&Entry>) -> EntryMeta {
         built_at_unix: now_unix(),
         build_seconds: 0.25,
         disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
     }
 }
 
@@ -118,10 +120,18 @@ fn commit_then_lookup_round_trips_and_seals_the_entry() {
         committed.meta,
         EntryMeta {
             disk_mtime_ns: committed.meta.disk_mtime_ns,
+            files: committed.meta.files.clone(),
+            meta_blake3: committed.meta.meta_blake3,
             ..meta
         },
-        "commit adds the disk's mtime, nothing else"
+        "commit adds the disk's mtime, the other files' hashes and its own hash, nothing else"
     );
+    assert_eq!(
+        committed.meta.files.keys().collect::<Vec<_>>(),
+        ["boot/cmdline"],
+        "every file but the disk and meta.json is recorded"
+    );
+    assert_eq!(committed.meta.files["boot/cmdline"].size, 14);
     assert!(committed.meta.disk_mtime_ns.is_some());
     let found = store.lookup(&k, "base").unwrap().expect("committed entry");
     assert_eq!(found, committed);

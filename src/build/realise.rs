@@ -513,6 +513,8 @@ fn realise_one(
             .unwrap_or(0),
         build_seconds: started.elapsed().as_secs_f64(),
         disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
     };
     let entry = store.commit(staging, meta).map_err(failed(name))?;
     drop(lock);

@@ -97,9 +97,7 @@ impl Derivation {
     }
 
     pub fn hash(&self) -> DrvHash {
-        let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
-        hasher.update(&self.canonical_bytes());
-        DrvHash::from_blake3(hasher.finalize())
+        hash_canonical(&self.canonical_bytes())
     }
 
     /// The derivation as shown to people: the canonical JSON, pretty-printed.
@@ -114,6 +112,18 @@ impl Derivation {
             _ => None,
         }
     }
+}
+
+/// The hash of a derivation kept as JSON (an entry's `meta.json`): what `farm store verify`
+/// and import recompute to know the metadata describes the entry it keys.
+pub fn hash_of_json(derivation: &serde_json::Value) -> DrvHash {
+    hash_canonical(&serde_json::to_vec(derivation).expect("JSON values encode"))
+}
+
+fn hash_canonical(bytes: &[u8]) -> DrvHash {
+    let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
+    hasher.update(bytes);
+    DrvHash::from_blake3(hasher.finalize())
 }
 
 /// Identifies a derivation in a configuration.

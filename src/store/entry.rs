@@ -1,5 +1,6 @@
 //! Finished store entries, their `meta.json`, and the names they live under.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,40 @@ pub struct EntryMeta {
     /// that differs is re-hashed before it is used. Absent in entries of older farms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mtime_ns: Option<i128>,
+    /// Every other file of the entry (boot files), by path relative to the entry: what
+    /// `farm store verify` checks them against. `commit` fills it; entries of older farms
+    /// have none recorded, and only their disk can be checked.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileRecord>,
+    /// blake3 of this `meta.json` as written with this field absent: a flipped byte in the
+    /// metadata itself is found like one in the disk. `commit` sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_blake3: Option<ContentHash>,
+}
+
+/// A file's recorded content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub blake3: ContentHash,
+    pub size: u64,
+}
+
+impl EntryMeta {
+    /// The bytes of `meta.json`: pretty JSON and a newline.
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec_pretty(self).expect("entry metadata serializes");
+        json.push(b'\n');
+        json
+    }
+
+    /// What `meta_blake3` must be: the hash of the metadata written without it.
+    pub(crate) fn self_hash(&self) -> ContentHash {
+        let bare = EntryMeta {
+            meta_blake3: None,
+            ..self.clone()
+        };
+        ContentHash::from_blake3(blake3::hash(&bare.to_json()))
+    }
 }
 
 /// A finished, immutable entry in `store/`.

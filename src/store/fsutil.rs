@@ -91,11 +91,16 @@ fn make_dirs_writable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// blake3 and length of a file, streamed (disks are gigabytes).
+/// blake3 and length of a file. Disks are gigabytes: the file is memory-mapped and hashed
+/// on every core, as `b3sum` does (small files are read instead).
 pub(crate) fn hash_file(path: &Path) -> io::Result<(ContentHash, u64)> {
-    let file = fs_err::File::open(path)?;
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(file)?;
+    hasher.update_mmap_rayon(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("failed to read `{}`: {e}", path.display()),
+        )
+    })?;
     Ok((ContentHash::from_blake3(hasher.finalize()), hasher.count()))
 }
 

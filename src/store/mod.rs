@@ -40,12 +40,14 @@ mod roots;
 mod staging;
 mod sweep;
 mod usage;
+mod verify;
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use entry::{
-    BOOT_DIR, DISK_FILE, Entry, EntryMeta, MAX_NAME_LEN, META_FILE, entry_dir_name,
+    BOOT_DIR, DISK_FILE, Entry, EntryMeta, FileRecord, MAX_NAME_LEN, META_FILE, entry_dir_name,
     relative_backing,
 };
 pub use lock::EntryLock;
@@ -53,6 +55,7 @@ pub use roots::ProjectRoot;
 pub use staging::Staging;
 pub use sweep::Swept;
 pub use usage::{StoreUse, UseMode};
+pub use verify::{Finding, VerifyDepth};
 
 use crate::model::hash::{ContentHash, DrvHash};
 use entry::{parse_entry_dir_name, relative_backing_for};
@@ -70,6 +73,8 @@ const LOCKS_DIR: &str = "locks";
 const PARTIAL_DIR: &str = "partial";
 const LOGS_DIR: &str = "logs";
 const DEBS_DIR: &str = "debs";
+/// Where `farm store verify --repair` moves damaged entries, for a human to look at.
+const DAMAGED_DIR: &str = "damaged";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,8 +110,8 @@ pub enum StoreError {
     )]
     InvalidName { name: String },
     #[error(
-        "Store entry `{path}` is damaged: {reason}\nhint: remove it (`chmod -R u+w` it first) and \
-         farm will rebuild it"
+        "Store entry `{path}` is damaged: {reason}\nhint: `farm store verify --repair` moves it \
+         aside and rebuilds it"
     )]
     CorruptEntry { path: PathBuf, reason: String },
     #[error("Cannot commit `{path}`: {reason}\nhint: {hint}")]
@@ -118,7 +123,7 @@ pub enum StoreError {
     #[error(
         "Store entry `{path}` has changed since it was built: expected {expected} ({expected_size} \
          bytes), found {actual} ({actual_size} bytes)\nhint: `farm store verify` lists every damaged \
-         entry; remove this one (`chmod -R u+w` it first) and farm builds it again"
+         entry; `farm store verify --repair` moves them aside and builds them again"
     )]
     Modified {
         path: PathBuf,
@@ -360,10 +365,12 @@ impl Store {
         meta.layout = LAYOUT_VERSION;
         self.check_commit(&staging, &meta)?;
         meta.disk_mtime_ns = Some(mtime_ns(&fs_err::metadata(staging.dir.join(DISK_FILE))?));
+        meta.files = record_files(&staging.dir)?;
+        meta.meta_blake3 = None;
+        meta.meta_blake3 = Some(meta.self_hash());
 
         let meta_path = staging.dir.join(META_FILE);
-        let mut json = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
-        json.push(b'\n');
+        let json = meta.to_json();
         let mut file = fs_err::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -567,6 +574,35 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The path (relative, `/`-separated), blake3 and size of every regular file under `dir`
+/// except the disk (its hash is `output_blake3`) and `meta.json` (which holds these).
+pub(crate) fn record_files(dir: &Path) -> io::Result<BTreeMap<String, FileRecord>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, FileRecord>) -> io::Result<()> {
+        for child in fs_err::read_dir(dir)? {
+            let path = child?.path();
+            let meta = fs_err::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                walk(root, &path, out)?;
+                continue;
+            }
+            let relative = path
+                .strip_prefix(root)
+                .expect("walked from root")
+                .to_string_lossy()
+                .into_owned();
+            if relative == DISK_FILE || relative == META_FILE {
+                continue;
+            }
+            let (blake3, size) = fsutil::hash_file(&path)?;
+            out.insert(relative, FileRecord { blake3, size });
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

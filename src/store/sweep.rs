@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::entry::parse_entry_dir_name;
-use super::{LOGS_DIR, PARTIAL_DIR, STORE_DIR, Store, StoreError, TMP_DIR, fsutil};
+use super::{DAMAGED_DIR, LOGS_DIR, PARTIAL_DIR, STORE_DIR, Store, StoreError, TMP_DIR, fsutil};
 
 /// How much a sweep removed (or, in a dry run, would remove).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +62,29 @@ impl Store {
         fsutil::fsync_dir(&self.root.join(STORE_DIR))?;
         fsutil::remove_tree(&doomed)?;
         Ok(bytes)
+    }
+
+    /// Moves the entry `dir_name` out of `store/` into `damaged/<dir_name>.<unix time>`,
+    /// whole, where a person can look at it; nothing finds it there. Returns where it went.
+    pub fn set_aside(&self, dir_name: &str) -> Result<std::path::PathBuf, StoreError> {
+        let dir = self.root.join(STORE_DIR).join(dir_name);
+        if parse_entry_dir_name(dir_name).is_none() {
+            return Err(StoreError::CorruptEntry {
+                path: dir,
+                reason: "its name is not `<key>-<name>`, so farm will not move it".into(),
+            });
+        }
+        let aside_dir = self.root.join(DAMAGED_DIR);
+        fs_err::create_dir_all(&aside_dir)?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = aside_dir.join(format!("{dir_name}.{now}"));
+        fs_err::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        fs_err::rename(&dir, &aside)?;
+        fsutil::fsync_dir(&self.root.join(STORE_DIR))?;
+        fsutil::fsync_dir(&aside_dir)?;
+        Ok(aside)
     }
 
     /// Leftovers in `tmp/`: staging directories of builds that died (their key is not
