@@ -540,3 +540,124 @@ fn a_renamed_image_or_platform_is_the_same_derivation_and_a_cache_hit() {
         "{shown:?}"
     );
 }
+
+#[test]
+fn build_writes_farm_lock_and_locked_fails_naming_the_platform_and_the_changed_step() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("16M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let sha = sha256_hex(&image);
+    let extra = "[platforms.p]\nfrom = \"deb\"\n";
+    let project = Project::new(&farm_toml(&url, &sha, extra));
+
+    // Without a lock, `--locked` has nothing to hold the build to.
+    let out = project.run(&["build", "--locked"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "farm.lock` does not exist, and `--locked` builds only what a lock describes"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(project.entries().is_empty(), "nothing built");
+
+    let out = project.ok(&["build"]);
+    assert!(text(&out).contains("locked `"), "{}", text(&out));
+    let lock_path = project.path().join("farm.lock");
+    let lock = fs_err::read_to_string(&lock_path).unwrap();
+    assert!(lock.starts_with("# farm.lock"), "{lock}");
+    for name in ["[derivations.deb]", "[derivations.p_amd64]"] {
+        assert!(lock.contains(name), "{name} in {lock}");
+    }
+    let p_entry = project.entry("p");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(p_entry.join("meta.json")).unwrap()).unwrap();
+    assert!(
+        lock.contains(&format!(
+            "output = \"{}\"",
+            meta["output_blake3"].as_str().unwrap()
+        )),
+        "the lock records the output: {lock}"
+    );
+    let written = fs_err::metadata(&lock_path).unwrap().modified().unwrap();
+
+    // An unchanged project builds under --locked, and a plain rebuild leaves the lock alone.
+    project.ok(&["build", "--locked"]);
+    let out = project.ok(&["build"]);
+    assert!(!text(&out).contains("locked `"), "{}", text(&out));
+    assert_eq!(
+        fs_err::metadata(&lock_path).unwrap().modified().unwrap(),
+        written
+    );
+
+    // A changed step: refused before anything is planned or built, naming what changed.
+    project.write(
+        "farm.toml",
+        &farm_toml(
+            &url,
+            &sha,
+            "[platforms.p]\nfrom = \"deb\"\npackages = [\"htop\"]\n",
+        ),
+    );
+    let entries = project.entries();
+    for args in [
+        &["build", "--locked"][..],
+        &["build", "--locked", "--dry-run"],
+    ] {
+        let out = project.run(args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let said = text(&out);
+        assert!(
+            said.contains(
+                "platform `p` for target `amd64` (`p_amd64`) differs from farm.lock: \
+                 `steps.packages` changed"
+            ),
+            "{said}"
+        );
+        assert!(said.contains("hint: if the change is meant"), "{said}");
+        assert!(
+            !said.contains("deb`) differs"),
+            "the image is unchanged: {said}"
+        );
+    }
+    assert_eq!(project.entries(), entries, "nothing was built");
+    assert_eq!(fs_err::read_to_string(&lock_path).unwrap(), lock);
+}
+
+#[test]
+fn check_rebuilds_into_scratch_and_reports_whether_outputs_match() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("16M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let extra = "[platforms.p]\nfrom = \"deb\"\n";
+    let project = Project::new(&farm_toml(&url, &sha256_hex(&image), extra));
+
+    let out = project.run(&["build", "--check", "p"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not in the store, so there is nothing to compare"),
+        "{}",
+        text(&out)
+    );
+
+    project.ok(&["build"]);
+    let entries = project.entries();
+    let out = project.ok(&["build", "--check", "--strict"]);
+    let said = text(&out);
+    assert!(
+        said.contains("reproduced p_amd64: the same output, bit for bit"),
+        "{said}"
+    );
+    assert!(said.contains("fixed deb: its hash is its key"), "{said}");
+    assert!(
+        said.contains("checked 1 reproduced, 0 differ, 1 fixed-output"),
+        "{said}"
+    );
+    assert_eq!(project.entries(), entries, "the store is unchanged");
+    assert_eq!(
+        fs_err::read_dir(project.store.join("tmp")).unwrap().count(),
+        0,
+        "scratch directories are removed"
+    );
+}

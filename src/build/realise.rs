@@ -95,7 +95,7 @@ fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> B
     }
 }
 
-fn failed<E: std::error::Error + Send + Sync + 'static>(
+pub(super) fn failed<E: std::error::Error + Send + Sync + 'static>(
     name: &str,
 ) -> impl FnOnce(E) -> BuildError {
     let name = name.to_string();
@@ -241,7 +241,7 @@ fn lookup(store: &Store, node: &DrvNode) -> Result<Option<Entry>, BuildError> {
 
 /// The boot files a derivation's output boots with: the nearest ancestor's (or its own)
 /// `boot/`. None means the disk boots through firmware and its own bootloader.
-fn boot_files_for(
+pub(super) fn boot_files_for(
     plan: &BuildPlan,
     entries: &BTreeMap<DrvId, Entry>,
     node: &DrvNode,
@@ -265,11 +265,11 @@ fn boot_files_for(
 }
 
 /// What every realisation needs besides the derivation itself.
-struct Context<'a> {
-    config: &'a Config,
-    store: &'a Store,
-    options: &'a RealiseOptions,
-    reporter: &'a Reporter,
+pub(super) struct Context<'a> {
+    pub(super) config: &'a Config,
+    pub(super) store: &'a Store,
+    pub(super) options: &'a RealiseOptions,
+    pub(super) reporter: &'a Reporter,
 }
 
 fn realise_one(
@@ -279,7 +279,7 @@ fn realise_one(
     parent: Option<&Entry>,
     boot: Option<BootFiles>,
 ) -> Result<Entry, BuildError> {
-    let (config, store, options, reporter) = (cx.config, cx.store, cx.options, cx.reporter);
+    let (store, reporter) = (cx.store, cx.reporter);
     let name = node.name.as_str();
     let lock = match store.try_lock(&node.hash).map_err(failed(name))? {
         Some(lock) => lock,
@@ -299,6 +299,43 @@ fn realise_one(
     }
     let started = Instant::now();
     let staging = store.stage(&lock, name).map_err(failed(name))?;
+    let output = produce(cx, node, action, parent, boot, &staging, started)?;
+    let (output_blake3, size) = output;
+    let meta = EntryMeta {
+        layout: LAYOUT_VERSION,
+        name: name.to_string(),
+        drv_hash: node.hash,
+        derivation: serde_json::to_value(&node.derivation).expect("derivations serialize"),
+        output_blake3,
+        size,
+        parent: parent.map(|p| p.dir_name().to_string()),
+        built_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        build_seconds: started.elapsed().as_secs_f64(),
+        disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
+    };
+    let entry = store.commit(staging, meta).map_err(failed(name))?;
+    drop(lock);
+    Ok(entry)
+}
+
+/// Makes the derivation's output in `staging` (download, import, mmdebstrap, tiny image,
+/// layer build) and returns its disk's blake3 and size. Commits nothing.
+pub(super) fn produce(
+    cx: &Context,
+    node: &DrvNode,
+    action: &Action,
+    parent: Option<&Entry>,
+    boot: Option<BootFiles>,
+    staging: &Staging,
+    started: Instant,
+) -> Result<(ContentHash, u64), BuildError> {
+    let (config, store, options, reporter) = (cx.config, cx.store, cx.options, cx.reporter);
+    let name = node.name.as_str();
     let output = match (action, &node.id) {
         (Action::Fetch { url }, DrvId::Image { image, .. }) => {
             let ImageSource::Url { hash, .. } = &config.images[image].source else {
@@ -329,7 +366,7 @@ fn realise_one(
                 downloaded.compression,
                 Some(downloaded.blake3),
                 format,
-                &staging,
+                staging,
                 true,
                 reporter,
             )
@@ -362,7 +399,7 @@ fn realise_one(
                 compression,
                 Some(hashes.blake3),
                 img.format,
-                &staging,
+                staging,
                 false,
                 reporter,
             )
@@ -379,7 +416,7 @@ fn realise_one(
         }
         (Action::Layer { steps: 0 }, DrvId::Platform { .. }) => {
             let parent = parent.expect("parents are realised first");
-            empty_layer(&staging, parent).map_err(failed(name))?;
+            empty_layer(staging, parent).map_err(failed(name))?;
             reporter.line(format!(
                 "{:>12} {name} (empty layer on {})",
                 "built",
@@ -404,7 +441,7 @@ fn realise_one(
                 recipe: &node.derivation.recipe,
                 parent,
                 boot,
-                staging: &staging,
+                staging,
                 hw: MachineSpec {
                     arch: target.arch,
                     machine: target.machine.clone(),
@@ -498,27 +535,7 @@ fn realise_one(
         }
         (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
     };
-    let (output_blake3, size) = output;
-    let meta = EntryMeta {
-        layout: LAYOUT_VERSION,
-        name: name.to_string(),
-        drv_hash: node.hash,
-        derivation: serde_json::to_value(&node.derivation).expect("derivations serialize"),
-        output_blake3,
-        size,
-        parent: parent.map(|p| p.dir_name().to_string()),
-        built_at_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        build_seconds: started.elapsed().as_secs_f64(),
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
-    };
-    let entry = store.commit(staging, meta).map_err(failed(name))?;
-    drop(lock);
-    Ok(entry)
+    Ok(output)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -5,7 +5,10 @@ use clap::Args;
 
 pub use crate::build::realise::default_jobs;
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
-use crate::model::derivation::DrvId;
+use crate::build::reproduce::{Outcome, rebuild_and_compare};
+use crate::model::derivation::{DrvId, DrvNode};
+use crate::model::hash::ContentHash;
+use crate::model::lock::{self, LockFile};
 use crate::model::plan::{BuildPlan, plan_build};
 use crate::model::values::Accel;
 use crate::progress::Reporter;
@@ -32,6 +35,17 @@ pub struct BuildArgs {
     /// How many derivations to build at once [default: what cores and memory allow].
     #[arg(short, long, env = "FARM_JOBS")]
     pub jobs: Option<usize>,
+    /// Fail, naming each image or platform and what changed, when a derivation differs
+    /// from farm.lock; farm.lock is left as it is.
+    #[arg(long, env = "FARM_LOCKED")]
+    pub locked: bool,
+    /// Build what is already in the store again, into scratch directories, and report
+    /// whether each output is the same bit for bit; the store is not changed.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub check: bool,
+    /// With `--check`: fail when an output differs.
+    #[arg(long, requires = "check")]
+    pub strict: bool,
 }
 
 /// How downloads behave, for `build` and `up`.
@@ -137,6 +151,10 @@ pub fn plan(options: &ProjectOptions, args: PlanArgs) -> anyhow::Result<()> {
 
 pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
+    let locked = match args.locked {
+        true => Some(check_locked(&project, &args.names)?),
+        false => None,
+    };
     if args.dry_run {
         let store = Store::open_existing(&project.store_dir)?;
         print!("{}", make_plan(&project, store.as_ref(), &args.names)?);
@@ -146,25 +164,148 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
     let _store_use = store.use_as(UseMode::Shared, || {
         reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
     })?;
-    let plan = make_plan(&project, Some(&store), &args.names)?;
-    if plan.is_noop() {
-        project.register_root(&store, &state_dir_for(&project, None))?;
-        reporter.line(format!(
-            "{:>12} all {} derivations are cached",
-            "done",
-            plan.steps.len()
-        ));
-        return Ok(());
-    }
-    let options = RealiseOptions {
+    let realise_options = RealiseOptions {
         fetch_attempts: args.fetch.fetch_attempts,
         fetch_timeout: args.fetch.timeout(),
         accel: args.accel.map(Accel::from),
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
         jobs: args.jobs.unwrap_or_else(default_jobs),
     };
-    realise(&project.loaded.config, &plan, &store, &options, reporter)?;
+    if args.check {
+        return check_reproducible(&project, &store, &args, &realise_options, reporter);
+    }
+    let plan = make_plan(&project, Some(&store), &args.names)?;
+    if plan.is_noop() {
+        reporter.line(format!(
+            "{:>12} all {} derivations are cached",
+            "done",
+            plan.steps.len()
+        ));
+    } else {
+        realise(
+            &project.loaded.config,
+            &plan,
+            &store,
+            &realise_options,
+            reporter,
+        )?;
+    }
     project.register_root(&store, &state_dir_for(&project, None))?;
+    let output_of = |node: &DrvNode| {
+        store
+            .lookup(&node.hash, &node.name)
+            .ok()
+            .flatten()
+            .map(|e| e.meta.output_blake3)
+    };
+    match locked {
+        Some(lock) => warn_outputs_differ(&lock, &plan, output_of, reporter),
+        None => {
+            let old = project.read_lock()?;
+            let new = lock::updated(old.as_ref(), project.graph.all(), output_of);
+            if project.write_lock(&new)? {
+                reporter.line(format!(
+                    "{:>12} `{}`",
+                    "locked",
+                    project.lock_path().display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--locked`: every derivation to be built must be in farm.lock, unchanged.
+fn check_locked(project: &Project, names: &[String]) -> anyhow::Result<LockFile> {
+    let lock = project.require_lock()?;
+    let ids = wanted(project, names)?;
+    let drifts = lock::drift(&lock, project.graph.closure(&ids));
+    if drifts.is_empty() {
+        return Ok(lock);
+    }
+    let listed: Vec<String> = drifts.iter().map(|d| format!("  {d}")).collect();
+    anyhow::bail!(
+        "`{}` does not match `{}`:\n{}\nhint: if the change is meant, run `farm build` without \
+         `--locked` to build it and update the lock",
+        project.config_path.display(),
+        project.lock_path().display(),
+        listed.join("\n")
+    );
+}
+
+/// After a `--locked` build: outputs that differ from the lock's were built here from the
+/// same derivation (an `upgrade` is not bit-reproducible): worth knowing, not an error.
+fn warn_outputs_differ(
+    lock: &LockFile,
+    plan: &BuildPlan,
+    output_of: impl Fn(&DrvNode) -> Option<ContentHash>,
+    reporter: &Reporter,
+) {
+    for step in &plan.steps {
+        let locked = lock.derivations.get(&step.node.name).and_then(|l| l.output);
+        if let (Some(locked), Some(built)) = (locked, output_of(&step.node))
+            && locked != built
+        {
+            reporter.warn(format!(
+                "`{}` was built from the locked derivation but its output differs from \
+                 farm.lock's ({built}, locked {locked}): it is not bit-reproducible; \
+                 `farm build --check {}` tells whether it ever is",
+                step.node.name, step.node.name
+            ));
+        }
+    }
+}
+
+/// `--check [--strict]`.
+fn check_reproducible(
+    project: &Project,
+    store: &Store,
+    args: &BuildArgs,
+    options: &RealiseOptions,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let ids = wanted(project, &args.names)?;
+    let plan = plan_build(
+        &project.loaded.config,
+        &project.graph,
+        &ids,
+        &Default::default(),
+    );
+    let checked = rebuild_and_compare(
+        &project.loaded.config,
+        &plan,
+        &ids,
+        store,
+        options,
+        reporter,
+    )?;
+    let differs: Vec<&str> = checked
+        .iter()
+        .filter(|c| matches!(c.outcome, Outcome::Differs { .. }))
+        .map(|c| c.node.name.as_str())
+        .collect();
+    let same = checked
+        .iter()
+        .filter(|c| c.outcome == Outcome::Same)
+        .count();
+    reporter.line(format!(
+        "{:>12} {same} reproduced, {} differ, {} fixed-output",
+        "checked",
+        differs.len(),
+        checked.len() - same - differs.len()
+    ));
+    if args.strict && !differs.is_empty() {
+        anyhow::bail!(
+            "{} not reproducible: `{}`\nhint: a step whose result depends on time or the \
+             network (`upgrade`, package installs from a moving mirror) cannot be; pin it or \
+             drop `--strict`",
+            match differs.len() {
+                1 => "1 derivation is".to_string(),
+                n => format!("{n} derivations are"),
+            },
+            differs.join("`, `")
+        );
+    }
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod graph;
 pub mod hash;
 pub mod instance;
 pub mod limits;
+pub mod lock;
 pub mod network;
 pub mod observation;
 pub mod plan;

@@ -3,6 +3,7 @@
 
 pub mod checks;
 pub mod inputs;
+pub mod lockfile;
 
 use std::path::{Path, PathBuf};
 
