@@ -12,6 +12,7 @@ packages=(
   openssh-server b3sum          # tests: a "remote" host on 127.0.0.1 (sshd; b3sum on hosts)
   vde2 iproute2                 # VDE networks: vde_switch, vde_plug, taps (ip)
   curl                          # the download benchmark's baseline
+  zstd                          # the export benchmark's baseline (tar --zstd)
 )
 
 missing=()

@@ -1,6 +1,8 @@
 //! `farm store verify [--repair]` against real entries: real qcow2 chains made by qemu-img,
 //! boot files, damage done by flipping bytes on disk, and the real `farm` binary.
 
+#[path = "support/entries.rs"]
+mod entries;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
 mod project;
@@ -8,49 +10,10 @@ mod project;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use farm::model::derivation::hash_of_json;
-use farm::store::{Entry, EntryMeta, LAYOUT_VERSION, Store, relative_backing};
+use entries::commit;
+use farm::store::{Entry, Store};
 use farm::sys::qemu_img;
 use project::{Project, text};
-
-const MIB: u64 = 1 << 20;
-
-/// Commits an entry named `name`, its derivation a JSON object so its key is real; with a
-/// kernel and cmdline in `boot/` when `kernel` is given, backed by `parent` when given.
-fn commit(store: &Store, name: &str, parent: Option<&Entry>, kernel: Option<&[u8]>) -> Entry {
-    let derivation = serde_json::json!({ "test": name, "parent": parent.map(|p| p.dir_name()) });
-    let key = hash_of_json(&derivation);
-    let lock = store.lock(&key).unwrap();
-    let staging = store.stage(&lock, name).unwrap();
-    match parent {
-        Some(parent) => {
-            qemu_img::create_overlay(&staging.disk_path(), &parent.disk_path(), None).unwrap();
-            qemu_img::rebase_unsafe(&staging.disk_path(), &relative_backing(parent)).unwrap();
-        }
-        None => qemu_img::create(&staging.disk_path(), 32 * MIB).unwrap(),
-    }
-    if let Some(kernel) = kernel {
-        fs_err::create_dir(staging.boot_dir()).unwrap();
-        fs_err::write(staging.boot_dir().join("vmlinuz"), kernel).unwrap();
-        fs_err::write(staging.boot_dir().join("cmdline"), "console=ttyS0\n").unwrap();
-    }
-    let (output_blake3, size) = staging.hash_disk().unwrap();
-    let meta = EntryMeta {
-        layout: LAYOUT_VERSION,
-        name: name.to_string(),
-        drv_hash: key,
-        derivation,
-        output_blake3,
-        size,
-        parent: parent.map(|p| p.dir_name().to_string()),
-        built_at_unix: 1,
-        build_seconds: 0.5,
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
-    };
-    store.commit(staging, meta).unwrap()
-}
 
 /// Flips one byte of `path` (root ignores the read-only mode the store gives it).
 fn flip_byte(path: &Path, offset: usize) {

@@ -103,16 +103,7 @@ pub struct PlanArgs {
 /// The derivations named on the command line, or the project's default set.
 fn wanted(project: &Project, names: &[String]) -> anyhow::Result<Vec<DrvId>> {
     if names.is_empty() {
-        let mut all = project.wanted.clone();
-        all.extend(
-            project
-                .graph
-                .nodes
-                .keys()
-                .filter(|id| matches!(id, DrvId::Image { .. }))
-                .cloned(),
-        );
-        return Ok(all);
+        return Ok(project.default_build());
     }
     let mut ids = Vec::new();
     for name in names {

@@ -1,9 +1,15 @@
 //! `farm store …`: look inside the store and check it.
 
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::build::realise::RealiseOptions;
+use crate::build::realise::human_bytes;
 use crate::maintain::verify::{AsideReason, repair, to_set_aside, verify_store};
+use crate::maintain::{NamedError, closure_of, entries_named};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::project::ProjectOptions;
@@ -16,6 +22,28 @@ pub enum StoreCommand {
     /// Check every file of every entry (disk, boot files, metadata) against the hashes
     /// recorded when it was committed, and every backing chain.
     Verify(VerifyArgs),
+    /// Write entries and everything they back onto to one archive (zstd-compressed tar, a
+    /// manifest of hashes first), for a machine without network.
+    Export(ExportArgs),
+    /// Add the entries of an archive written by `export` to the store; every file is
+    /// verified before anything enters.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Entries (directory or label, as `farm store ls` shows) or what farm.toml calls NAME
+    /// (image, platform, VM) [default: everything `farm build` builds for farm.toml].
+    pub names: Vec<String>,
+    /// The archive to write.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// An archive written by `farm store export`.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +74,10 @@ pub fn run(
     command: StoreCommand,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
+    // Importing into a new store is how an offline machine gets its first one.
+    if let StoreCommand::Import(args) = command {
+        return import(options, &args, reporter);
+    }
     // Looking never creates: a mistyped --store is an error, not an empty new store.
     let dir = store_dir(options);
     let store = Store::open_existing(&dir)?
@@ -66,6 +98,8 @@ pub fn run(
             }
         }
         StoreCommand::Verify(args) => verify(options, &store, args, reporter)?,
+        StoreCommand::Export(args) => export(options, &store, &args, reporter)?,
+        StoreCommand::Import(_) => unreachable!("handled above"),
     }
     Ok(())
 }
@@ -198,4 +232,115 @@ fn verify(
         store.root().display(),
         what.join("; ")
     );
+}
+
+fn export(
+    options: &ProjectOptions,
+    store: &Store,
+    args: &ExportArgs,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let _use = store.use_as(UseMode::Shared, || {
+        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
+    })?;
+    let entries = store.entries()?;
+    let project = options
+        .config
+        .exists()
+        .then(|| Project::load(options))
+        .transpose()?;
+    let mut dirs = Vec::new();
+    if args.names.is_empty() {
+        let Some(project) = &project else {
+            anyhow::bail!(
+                "`{}` does not exist, so there is no lab to export\nhint: name the entries to \
+                 export, as `farm store ls` lists them",
+                options.config.display()
+            );
+        };
+        let mut missing = Vec::new();
+        for node in project.graph.closure(&project.default_build()) {
+            match store.lookup(&node.hash, &node.name)? {
+                Some(entry) => dirs.push(entry.dir_name().to_string()),
+                None => missing.push(node.name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "Not in the store, so not exportable: `{}`\nhint: run `farm build` first",
+                missing.join("`, `")
+            );
+        }
+    }
+    for name in &args.names {
+        dirs.extend(
+            entries_named(store, project.as_ref(), &entries, name, name).map_err(named_error)?,
+        );
+    }
+    let chosen = closure_of(&entries, &dirs);
+    let present: std::collections::BTreeSet<&str> = chosen.iter().map(|e| e.dir_name()).collect();
+    for entry in &chosen {
+        if let Some(parent) = &entry.meta.parent
+            && !present.contains(parent.as_str())
+        {
+            anyhow::bail!(
+                "Entry `{}` backs onto `{parent}`, which is not in the store\nhint: `farm store \
+                 verify` finds what else is broken",
+                entry.dir_name()
+            );
+        }
+    }
+    let started = Instant::now();
+    let report = store
+        .export(&chosen, &args.output)
+        .with_context(|| format!("Cannot export to `{}`", args.output.display()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let archive = fs_err::metadata(&args.output)?.len();
+    reporter.line(format!(
+        "{:>12} {} entries ({}) to `{}`: {} compressed, {:.1} s, {}/s",
+        "exported",
+        report.entries.len(),
+        human_bytes(report.bytes),
+        args.output.display(),
+        human_bytes(archive),
+        seconds,
+        human_bytes((report.bytes as f64 / seconds.max(1e-3)) as u64)
+    ));
+    Ok(())
+}
+
+fn import(options: &ProjectOptions, args: &ImportArgs, reporter: &Reporter) -> anyhow::Result<()> {
+    let dir = store_dir(options);
+    let store =
+        Store::open(&dir).with_context(|| format!("Cannot open the store `{}`", dir.display()))?;
+    let _use = store.use_as(UseMode::Shared, || {
+        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
+    })?;
+    let started = Instant::now();
+    let report = store.import(&args.file)?;
+    let seconds = started.elapsed().as_secs_f64();
+    for name in &report.entries {
+        reporter.line(format!("{:>12} {name}", "added"));
+    }
+    for name in &report.present {
+        reporter.line(format!("{:>12} {name} (already in the store)", "present"));
+    }
+    reporter.line(format!(
+        "{:>12} {} entries added, {} already present ({} verified in {:.1} s, {}/s)",
+        "imported",
+        report.entries.len(),
+        report.present.len(),
+        human_bytes(report.bytes),
+        seconds,
+        human_bytes((report.bytes as f64 / seconds.max(1e-3)) as u64)
+    ));
+    Ok(())
+}
+
+/// Keeps a usage error a usage error (exit code 2).
+fn named_error(e: NamedError) -> anyhow::Error {
+    match e {
+        NamedError::Store(e) => e.into(),
+        NamedError::Usage(e) => e.into(),
+    }
 }

@@ -45,6 +45,15 @@ pub enum GcError {
     Usage(#[from] UsageError),
 }
 
+impl From<super::NamedError> for GcError {
+    fn from(e: super::NamedError) -> Self {
+        match e {
+            super::NamedError::Store(e) => GcError::Store(e),
+            super::NamedError::Usage(e) => GcError::Usage(e),
+        }
+    }
+}
+
 /// Runs gc on `store`; `project` is the farm.toml it runs for, if there is one.
 pub fn gc(
     store: &Store,
@@ -75,7 +84,7 @@ pub fn gc(
         }
     }
     for name in &options.keep {
-        let kept = kept_names(store, project, &entries, name)?;
+        let kept = super::entries_named(store, project, &entries, name, &format!("--keep {name}"))?;
         roots.extend(kept.into_iter().map(|n| (n, KeepReason::Asked)));
     }
     // This project's own registration is what it wanted when it last built; what it wants
@@ -191,41 +200,6 @@ pub fn gc(
     report.swept += store.sweep_partials(STALE_AFTER, &wanted_keys, dry)?;
     report.swept += store.sweep_logs(&removed, STALE_AFTER, dry)?;
     Ok(report)
-}
-
-/// The entries `--keep NAME` means: an entry directory, an entry label, or what this
-/// farm.toml calls NAME (an image, a platform, a VM).
-fn kept_names(
-    store: &Store,
-    project: Option<&Project>,
-    entries: &[crate::store::Entry],
-    name: &str,
-) -> Result<Vec<String>, GcError> {
-    let by_store: Vec<String> = entries
-        .iter()
-        .filter(|e| e.dir_name() == name || e.meta.name == name)
-        .map(|e| e.dir_name().to_string())
-        .collect();
-    if !by_store.is_empty() {
-        return Ok(by_store);
-    }
-    let Some(project) = project else {
-        return Err(UsageError {
-            message: format!("`--keep {name}` names no entry of the store"),
-            hint: "give an entry's directory or label, as `farm store ls` lists them".into(),
-        }
-        .into());
-    };
-    let mut names = Vec::new();
-    for id in project.resolve(name)? {
-        let node = &project.graph.nodes[&id];
-        names.extend(
-            store
-                .lookup(&node.hash, &node.name)?
-                .map(|e| e.dir_name().to_string()),
-        );
-    }
-    Ok(names)
 }
 
 fn absolute(path: &std::path::Path) -> PathBuf {

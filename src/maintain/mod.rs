@@ -5,3 +5,76 @@
 
 pub mod gc;
 pub mod verify;
+
+use crate::project::{Project, UsageError};
+use crate::store::{Entry, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+}
+
+/// The entry directories `name` means: an entry directory, an entry label, or what this
+/// farm.toml calls `name` (an image, a platform, a VM). `said` is how the user wrote it,
+/// for the error (`--keep web`).
+pub fn entries_named(
+    store: &Store,
+    project: Option<&Project>,
+    entries: &[Entry],
+    name: &str,
+    said: &str,
+) -> Result<Vec<String>, NamedError> {
+    let by_store: Vec<String> = entries
+        .iter()
+        .filter(|e| e.dir_name() == name || e.meta.name == name)
+        .map(|e| e.dir_name().to_string())
+        .collect();
+    if !by_store.is_empty() {
+        return Ok(by_store);
+    }
+    let Some(project) = project else {
+        return Err(UsageError {
+            message: format!("`{said}` names no entry of the store"),
+            hint: "give an entry's directory or label, as `farm store ls` lists them".into(),
+        }
+        .into());
+    };
+    let mut names = Vec::new();
+    for id in project.resolve(name)? {
+        let node = &project.graph.nodes[&id];
+        names.extend(
+            store
+                .lookup(&node.hash, &node.name)?
+                .map(|e| e.dir_name().to_string()),
+        );
+    }
+    Ok(names)
+}
+
+/// `dirs` and every entry they back onto, parents first.
+pub fn closure_of(entries: &[Entry], dirs: &[String]) -> Vec<Entry> {
+    let by_dir: std::collections::BTreeMap<&str, &Entry> =
+        entries.iter().map(|e| (e.dir_name(), e)).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut ordered = Vec::new();
+    for dir in dirs {
+        let mut chain = Vec::new();
+        let mut current = by_dir.get(dir.as_str()).copied();
+        while let Some(entry) = current {
+            if !seen.insert(entry.dir_name().to_string()) {
+                break;
+            }
+            chain.push(entry.clone());
+            current = entry
+                .meta
+                .parent
+                .as_deref()
+                .and_then(|p| by_dir.get(p).copied());
+        }
+        ordered.extend(chain.into_iter().rev());
+    }
+    ordered
+}

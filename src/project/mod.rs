@@ -135,6 +135,20 @@ impl Project {
         Ok(entries)
     }
 
+    /// What `farm build` builds when given no names: what the VMs use, every unused
+    /// platform, and every image.
+    pub fn default_build(&self) -> Vec<DrvId> {
+        let mut all = self.wanted.clone();
+        all.extend(
+            self.graph
+                .nodes
+                .keys()
+                .filter(|id| matches!(id, DrvId::Image { .. }))
+                .cloned(),
+        );
+        all
+    }
+
     /// Registers this project with `store` as a gc root: its farm.toml, its state
     /// directory `state_dir` and the entries of its derivations, so `farm gc` run from
     /// another project sharing the store keeps them.

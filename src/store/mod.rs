@@ -31,6 +31,7 @@
 //! # }
 //! ```
 
+mod archive;
 mod entry;
 mod fsutil;
 mod layout;
@@ -46,6 +47,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+pub use archive::{ArchiveError, ArchiveReport, MANIFEST, Manifest};
 pub use entry::{
     BOOT_DIR, DISK_FILE, Entry, EntryMeta, FileRecord, MAX_NAME_LEN, META_FILE, entry_dir_name,
     relative_backing,

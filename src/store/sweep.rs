@@ -94,7 +94,8 @@ impl Store {
         for child in fs_err::read_dir(self.root.join(TMP_DIR))? {
             let child = child?;
             let name = child.file_name().to_string_lossy().into_owned();
-            let abandoned = if name.starts_with("gc.") {
+            // Under the exclusive lock no import runs: its scratch directory is abandoned.
+            let abandoned = if name.starts_with("gc.") || name.starts_with("import.") {
                 true
             } else {
                 // Staging dirs are `<key>-<name>.<pid>.<random>`; a held key lock means a
