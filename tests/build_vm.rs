@@ -277,3 +277,52 @@ fn a_guest_that_never_answers_fails_after_the_timeout_with_its_serial_log() {
     );
     assert!(p.entries().iter().all(|e| !e.ends_with("-never_amd64")));
 }
+
+#[test]
+fn check_builds_a_layer_again_in_a_build_vm_and_reports_that_its_bytes_differ() {
+    if !vm_tests_possible("check_layer") {
+        return;
+    }
+    // A step whose result depends on the time: the rebuilt layer cannot be the same bytes.
+    let p = Project::with_store(
+        r#"
+[images.tiny]
+tiny = true
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.stamp]
+from = "tiny"
+run = ["date +%s%N > /etc/stamp"]
+"#,
+        &shared_store(),
+    );
+    p.ok(&["build"]);
+    let entry = p.entry("stamp_amd64");
+    let meta_before = fs_err::read(entry.join("meta.json")).unwrap();
+
+    let out = p.ok(&["build", "--check", "stamp"]);
+    let said = text(&out);
+    assert!(
+        said.contains("differs stamp_amd64: rebuilt blake3-"),
+        "{said}"
+    );
+    assert!(
+        said.contains("checked 0 reproduced, 1 differ, 0 fixed-output"),
+        "only the named platform is rebuilt, not the tiny image under it: {said}"
+    );
+    let strict = p.run(&["build", "--check", "--strict", "stamp"]);
+    assert_eq!(strict.status.code(), Some(1), "{}", text(&strict));
+    assert!(
+        text(&strict).contains("1 derivation is not reproducible: `stamp_amd64`"),
+        "{}",
+        text(&strict)
+    );
+    assert_eq!(
+        fs_err::read(entry.join("meta.json")).unwrap(),
+        meta_before,
+        "the stored entry is untouched"
+    );
+    assert_eq!(p.entry("stamp_amd64"), entry);
+}
