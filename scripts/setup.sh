@@ -13,6 +13,7 @@ packages=(
   vde2 iproute2                 # VDE networks: vde_switch, vde_plug, taps (ip)
   curl                          # the download benchmark's baseline
   zstd                          # the export benchmark's baseline (tar --zstd)
+  nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
 )
 
 missing=()

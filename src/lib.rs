@@ -12,6 +12,7 @@
 //! - `sys` — thin wrappers over outside programs: ssh, qmp, qemu-img, keys, processes.
 //! - `model` — pure: configuration, derivations, topology, plans, qemu argv as data.
 
+pub mod binary_cache;
 pub mod build;
 pub mod cli;
 pub mod config;

@@ -1128,3 +1128,40 @@ fn the_tiny_image_is_refused_for_an_aarch64_target_at_check() {
         "{rendered}"
     );
 }
+
+#[test]
+fn substituters_must_be_http_https_or_file_urls() {
+    assert_error(
+        &format!("substituters = [\"ftp://cache.example/farm\"]\n{IMAGE}"),
+        "`ftp://cache.example/farm` is a `ftp` URL; farm reads caches over http, https and file",
+        1,
+    );
+    assert_error(
+        &format!("substituters = [\"https://ok.example/c\", \"s3://bucket/prefix\"]\n{IMAGE}"),
+        "`s3://bucket/prefix`: `s3` caches are not supported by this farm yet",
+        1,
+    );
+    assert_error(
+        &format!("substituters = [\n  \"file:///\",\n]\n{IMAGE}"),
+        "`file:///` names no host or path",
+        2,
+    );
+}
+
+#[test]
+fn a_trusted_public_key_must_be_name_colon_base64_of_an_ed25519_key() {
+    let rendered = assert_error(
+        &format!("trusted-public-keys = [\"ci-1 AAAA\"]\n{IMAGE}"),
+        "`ci-1 AAAA` is not a public key: a key is `NAME:BASE64`",
+        1,
+    );
+    assert!(
+        rendered.contains("hint: copy the line from the `.public` file"),
+        "{rendered}"
+    );
+    assert_error(
+        &format!("trusted-public-keys = [\"ci-1:AAAA\"]\n{IMAGE}"),
+        "its key part is not base64 of 32 bytes",
+        1,
+    );
+}

@@ -5,6 +5,7 @@ pub mod debian_image;
 pub mod layer;
 pub mod realise;
 pub mod reproduce;
+pub mod substitution;
 pub mod tiny_image;
 pub mod tool_log;
 pub mod tools;

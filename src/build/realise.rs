@@ -117,6 +117,8 @@ pub struct RealiseOptions {
     pub boot_timeout: Duration,
     /// How many derivations are built at once.
     pub jobs: usize,
+    /// The caches `Substitute` steps fetch from (set by `plan_with_caches`).
+    pub substitution: Option<std::sync::Arc<crate::build::substitution::Substitution>>,
 }
 
 impl Default for RealiseOptions {
@@ -127,6 +129,7 @@ impl Default for RealiseOptions {
             accel: None,
             boot_timeout: Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS),
             jobs: 1,
+            substitution: None,
         }
     }
 }
@@ -298,8 +301,30 @@ fn realise_one(
         return Ok(entry);
     }
     let started = Instant::now();
-    let staging = store.stage(&lock, name).map_err(failed(name))?;
-    let output = produce(cx, node, action, parent, boot, &staging, started)?;
+    let mut staging = store.stage(&lock, name).map_err(failed(name))?;
+    let output = match (
+        produce(cx, node, action, parent, boot.clone(), &staging, started),
+        action,
+    ) {
+        (
+            Err(e),
+            Action::Substitute {
+                from,
+                fallback: Some(fallback),
+                ..
+            },
+        ) => {
+            reporter.warn(format!(
+                "{}; building `{name}` instead",
+                crate::build::realise::error_chain(&e).replace('\n', " ")
+            ));
+            let _ = from;
+            drop(staging);
+            staging = store.stage(&lock, name).map_err(failed(name))?;
+            produce(cx, node, fallback, parent, boot, &staging, started)?
+        }
+        (result, _) => result?,
+    };
     let (output_blake3, size) = output;
     let meta = EntryMeta {
         layout: LAYOUT_VERSION,
@@ -533,12 +558,47 @@ pub(super) fn produce(
             ));
             staging.hash_disk().map_err(failed(name))?
         }
+        (Action::Substitute { from, .. }, _) => {
+            let substitution = options
+                .substitution
+                .as_ref()
+                .expect("substitute steps come with their caches");
+            let offer = &substitution.offers[&node.hash];
+            let bar = reporter.bytes_for(
+                "substitute",
+                &format!("{name} from {from}"),
+                Some(offer.record.download_size()),
+            );
+            let output = substitution
+                .caches
+                .fetch(offer, parent, staging.dir(), &|n| bar.inc(n))
+                .map_err(failed(name))?;
+            bar.finish_and_clear();
+            reporter.line(format!(
+                "{:>12} {name} from {from} ({}, {:.0} s, signature and hashes checked)",
+                "substituted",
+                human_bytes(offer.record.download_size()),
+                started.elapsed().as_secs_f64()
+            ));
+            output
+        }
         (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
     };
     Ok(output)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and its causes on one line: what a warning that falls back can say.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
 
 /// Puts an image file into `staging` as `disk.qcow2`: decompressing, converting raw to
 /// qcow2, and moving (downloads, which the store owns) or copying (the user's files).

@@ -6,15 +6,18 @@ use clap::Args;
 pub use crate::build::realise::default_jobs;
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::build::reproduce::{Outcome, rebuild_and_compare};
+use crate::build::substitution::{CacheChoice, Substitution, plan_with_caches};
 use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::ContentHash;
 use crate::model::lock::{self, LockFile};
 use crate::model::plan::{BuildPlan, plan_build};
 use crate::model::values::Accel;
 use crate::progress::Reporter;
+use crate::project::UsageError;
 use crate::project::{Project, ProjectOptions};
 use crate::run::up::state_dir_for;
 use crate::store::{Store, UseMode};
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -46,6 +49,8 @@ pub struct BuildArgs {
     /// With `--check`: fail when an output differs.
     #[arg(long, requires = "check")]
     pub strict: bool,
+    #[command(flatten)]
+    pub caches: SubstituteArgs,
 }
 
 /// How downloads behave, for `build` and `up`.
@@ -76,6 +81,40 @@ impl FetchArgs {
     }
 }
 
+/// Which binary caches to ask, for `build`, `plan` and `up`.
+#[derive(Debug, Args)]
+pub struct SubstituteArgs {
+    /// A binary cache to ask before building (before farm.toml's `substituters`); may be
+    /// given more than once. `FARM_SUBSTITUTERS` takes space-separated URLs.
+    #[arg(
+        long = "substituter",
+        value_name = "URL",
+        env = "FARM_SUBSTITUTERS",
+        value_delimiter = ' '
+    )]
+    pub substituters: Vec<String>,
+    /// Ask no binary cache: build (or fetch) everything that is missing.
+    #[arg(long)]
+    pub no_substitute: bool,
+}
+
+impl SubstituteArgs {
+    /// The caches to ask; each URL given here is checked like farm.toml's.
+    pub fn choice(&self) -> anyhow::Result<CacheChoice> {
+        for url in &self.substituters {
+            crate::model::limits::substituter(url).map_err(|r| UsageError {
+                message: format!("--substituter {}", r.message),
+                hint: r.hint,
+            })?;
+        }
+        Ok(CacheChoice {
+            extra: self.substituters.clone(),
+            disabled: self.no_substitute,
+            timeouts: Default::default(),
+        })
+    }
+}
+
 /// `--accel` values (clap's view of `Accel`).
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum AccelArg {
@@ -98,6 +137,8 @@ impl From<AccelArg> for Accel {
 pub struct PlanArgs {
     /// As for `farm build`.
     pub names: Vec<String>,
+    #[command(flatten)]
+    pub caches: SubstituteArgs,
 }
 
 /// The derivations named on the command line, or the project's default set.
@@ -112,31 +153,35 @@ fn wanted(project: &Project, names: &[String]) -> anyhow::Result<Vec<DrvId>> {
     Ok(ids)
 }
 
-/// The build plan against `store` (none yet: everything is to be built).
+/// The build plan against `store` (none yet: everything is to be built) and the caches.
 fn make_plan(
     project: &Project,
     store: Option<&Store>,
     names: &[String],
-) -> anyhow::Result<BuildPlan> {
+    caches: &CacheChoice,
+    reporter: &Reporter,
+) -> anyhow::Result<(BuildPlan, Option<Arc<Substitution>>)> {
     let ids = wanted(project, names)?;
     let closure = project.graph.closure(&ids);
     let present = match store {
         Some(store) => present_hashes(store, closure)?,
         None => Default::default(),
     };
-    Ok(plan_build(
-        &project.loaded.config,
-        &project.graph,
-        &ids,
-        &present,
-    ))
+    Ok(plan_with_caches(project, &ids, &present, caches, reporter)?)
 }
 
-pub fn plan(options: &ProjectOptions, args: PlanArgs) -> anyhow::Result<()> {
+pub fn plan(options: &ProjectOptions, args: PlanArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     // Planning only reads: no store is made.
     let store = Store::open_existing(&project.store_dir)?;
-    print!("{}", make_plan(&project, store.as_ref(), &args.names)?);
+    let (plan, _) = make_plan(
+        &project,
+        store.as_ref(),
+        &args.names,
+        &args.caches.choice()?,
+        reporter,
+    )?;
+    print!("{plan}");
     Ok(())
 }
 
@@ -146,26 +191,30 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         true => Some(check_locked(&project, &args.names)?),
         false => None,
     };
+    let caches = args.caches.choice()?;
     if args.dry_run {
         let store = Store::open_existing(&project.store_dir)?;
-        print!("{}", make_plan(&project, store.as_ref(), &args.names)?);
+        let (plan, _) = make_plan(&project, store.as_ref(), &args.names, &caches, reporter)?;
+        print!("{plan}");
         return Ok(());
     }
     let store = open_store(&project)?;
     let _store_use = store.use_as(UseMode::Shared, || {
         reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
     })?;
-    let realise_options = RealiseOptions {
+    let mut realise_options = RealiseOptions {
         fetch_attempts: args.fetch.fetch_attempts,
         fetch_timeout: args.fetch.timeout(),
         accel: args.accel.map(Accel::from),
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
         jobs: args.jobs.unwrap_or_else(default_jobs),
+        substitution: None,
     };
     if args.check {
         return check_reproducible(&project, &store, &args, &realise_options, reporter);
     }
-    let plan = make_plan(&project, Some(&store), &args.names)?;
+    let (plan, substitution) = make_plan(&project, Some(&store), &args.names, &caches, reporter)?;
+    realise_options.substitution = substitution;
     if plan.is_noop() {
         reporter.line(format!(
             "{:>12} all {} derivations are cached",

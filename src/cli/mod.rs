@@ -3,6 +3,7 @@
 //! 2 bad input (invalid farm.toml, unknown name, bad flags).
 
 mod build;
+mod cache;
 mod check;
 mod down;
 mod gc;
@@ -107,7 +108,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Build(args) => build::run(&options, args, &reporter),
-        Command::Plan(args) => build::plan(&options, args),
+        Command::Plan(args) => build::plan(&options, args, &reporter),
         Command::Show(args) => show::run(&options, args),
         Command::Check(args) => check::run(&options, args),
         Command::Store(command) => store::run(&options, command, &reporter),

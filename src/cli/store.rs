@@ -11,8 +11,8 @@ use crate::build::realise::human_bytes;
 use crate::maintain::verify::{AsideReason, repair, to_set_aside, verify_store};
 use crate::maintain::{NamedError, closure_of, entries_named};
 use crate::progress::Reporter;
-use crate::project::Project;
 use crate::project::ProjectOptions;
+use crate::project::{Project, UsageError};
 use crate::store::{Store, UseMode, VerifyDepth};
 
 #[derive(Debug, Subcommand)]
@@ -28,6 +28,42 @@ pub enum StoreCommand {
     /// Add the entries of an archive written by `export` to the store; every file is
     /// verified before anything enters.
     Import(ImportArgs),
+    /// Make an ed25519 key pair for signing a binary cache: NAME.secret and NAME.public.
+    Keygen(KeygenArgs),
+    /// Upload entries and everything they back onto to a binary cache, signed.
+    Push(PushArgs),
+    /// Download derivations of farm.toml (and their parents) from a binary cache, without
+    /// building anything.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The key's name, as signatures and `trusted-public-keys` will show it (`ci-1`).
+    pub name: String,
+    /// Where to write NAME.secret and NAME.public.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The cache: `file:///dir` or `http(s)://…` (a server that accepts PUT).
+    pub url: String,
+    /// Entries (directory or label) or what farm.toml calls NAME [default: everything
+    /// `farm build` builds for farm.toml].
+    pub names: Vec<String>,
+    /// The secret key file `farm store keygen` wrote.
+    #[arg(long, env = "FARM_SIGNING_KEY", value_name = "FILE")]
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The cache to download from (trusted through farm.toml's `trusted-public-keys`).
+    pub url: String,
+    /// Images, platforms or VMs of farm.toml [default: everything `farm build` builds].
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -75,8 +111,11 @@ pub fn run(
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
     // Importing into a new store is how an offline machine gets its first one.
-    if let StoreCommand::Import(args) = command {
-        return import(options, &args, reporter);
+    match command {
+        StoreCommand::Import(args) => return import(options, &args, reporter),
+        StoreCommand::Keygen(args) => return keygen(&args),
+        StoreCommand::Pull(args) => return super::cache::pull(options, &args, reporter),
+        _ => {}
     }
     // Looking never creates: a mistyped --store is an error, not an empty new store.
     let dir = store_dir(options);
@@ -99,7 +138,10 @@ pub fn run(
         }
         StoreCommand::Verify(args) => verify(options, &store, args, reporter)?,
         StoreCommand::Export(args) => export(options, &store, &args, reporter)?,
-        StoreCommand::Import(_) => unreachable!("handled above"),
+        StoreCommand::Push(args) => super::cache::push(options, &store, &args, reporter)?,
+        StoreCommand::Import(_) | StoreCommand::Keygen(_) | StoreCommand::Pull(_) => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }
@@ -243,53 +285,7 @@ fn export(
     let _use = store.use_as(UseMode::Shared, || {
         reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
     })?;
-    let entries = store.entries()?;
-    let project = options
-        .config
-        .exists()
-        .then(|| Project::load(options))
-        .transpose()?;
-    let mut dirs = Vec::new();
-    if args.names.is_empty() {
-        let Some(project) = &project else {
-            anyhow::bail!(
-                "`{}` does not exist, so there is no lab to export\nhint: name the entries to \
-                 export, as `farm store ls` lists them",
-                options.config.display()
-            );
-        };
-        let mut missing = Vec::new();
-        for node in project.graph.closure(&project.default_build()) {
-            match store.lookup(&node.hash, &node.name)? {
-                Some(entry) => dirs.push(entry.dir_name().to_string()),
-                None => missing.push(node.name.clone()),
-            }
-        }
-        if !missing.is_empty() {
-            anyhow::bail!(
-                "Not in the store, so not exportable: `{}`\nhint: run `farm build` first",
-                missing.join("`, `")
-            );
-        }
-    }
-    for name in &args.names {
-        dirs.extend(
-            entries_named(store, project.as_ref(), &entries, name, name).map_err(named_error)?,
-        );
-    }
-    let chosen = closure_of(&entries, &dirs);
-    let present: std::collections::BTreeSet<&str> = chosen.iter().map(|e| e.dir_name()).collect();
-    for entry in &chosen {
-        if let Some(parent) = &entry.meta.parent
-            && !present.contains(parent.as_str())
-        {
-            anyhow::bail!(
-                "Entry `{}` backs onto `{parent}`, which is not in the store\nhint: `farm store \
-                 verify` finds what else is broken",
-                entry.dir_name()
-            );
-        }
-    }
+    let chosen = chosen_entries(options, store, &args.names)?;
     let started = Instant::now();
     let report = store
         .export(&chosen, &args.output)
@@ -343,4 +339,108 @@ fn named_error(e: NamedError) -> anyhow::Error {
         NamedError::Store(e) => e.into(),
         NamedError::Usage(e) => e.into(),
     }
+}
+
+/// The entries `names` mean with everything they back onto, parents first; without names,
+/// every derivation `farm build` builds for farm.toml (all must be in the store).
+pub(super) fn chosen_entries(
+    options: &ProjectOptions,
+    store: &Store,
+    names: &[String],
+) -> anyhow::Result<Vec<crate::store::Entry>> {
+    let entries = store.entries()?;
+    let project = options
+        .config
+        .exists()
+        .then(|| Project::load(options))
+        .transpose()?;
+    let mut dirs = Vec::new();
+    if names.is_empty() {
+        let Some(project) = &project else {
+            anyhow::bail!(
+                "`{}` does not exist, so there is no lab to take entries from\nhint: name the \
+                 entries, as `farm store ls` lists them",
+                options.config.display()
+            );
+        };
+        let mut missing = Vec::new();
+        for node in project.graph.closure(&project.default_build()) {
+            match store.lookup(&node.hash, &node.name)? {
+                Some(entry) => dirs.push(entry.dir_name().to_string()),
+                None => missing.push(node.name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "Not in the store yet: `{}`\nhint: run `farm build` first",
+                missing.join("`, `")
+            );
+        }
+    }
+    for name in names {
+        dirs.extend(
+            entries_named(store, project.as_ref(), &entries, name, name).map_err(named_error)?,
+        );
+    }
+    let chosen = closure_of(&entries, &dirs);
+    let present: std::collections::BTreeSet<&str> = chosen.iter().map(|e| e.dir_name()).collect();
+    for entry in &chosen {
+        if let Some(parent) = &entry.meta.parent
+            && !present.contains(parent.as_str())
+        {
+            anyhow::bail!(
+                "Entry `{}` backs onto `{parent}`, which is not in the store\nhint: `farm store \
+                 verify` finds what else is broken",
+                entry.dir_name()
+            );
+        }
+    }
+    Ok(chosen)
+}
+
+fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
+    let mut seed = [0u8; 32];
+    std::io::Read::read_exact(&mut fs_err::File::open("/dev/urandom")?, &mut seed)?;
+    let secret =
+        crate::model::signing::SecretKey::from_seed(&args.name, seed).ok_or_else(|| {
+            UsageError {
+                message: format!("`{}` cannot name a key", args.name),
+                hint: "use letters, digits, `.`, `_` and `-`, such as `ci-1`".into(),
+            }
+        })?;
+    let secret_path = args.dir.join(format!("{}.secret", args.name));
+    let public_path = args.dir.join(format!("{}.public", args.name));
+    for path in [&secret_path, &public_path] {
+        if path.exists() {
+            anyhow::bail!(
+                "`{}` already exists; farm does not overwrite keys\nhint: choose another name, \
+                 or move the old key away first",
+                path.display()
+            );
+        }
+    }
+    {
+        use fs_err::os::unix::fs::OpenOptionsExt;
+        use std::io::Write;
+        let mut file = fs_err::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_path)?;
+        writeln!(file, "{}", secret.to_text())?;
+    }
+    let public = secret.public().to_string();
+    fs_err::write(&public_path, format!("{public}\n"))?;
+    eprintln!(
+        "{:>12} `{}` (keep it secret: `farm store push --key` signs with it)",
+        "wrote",
+        secret_path.display()
+    );
+    eprintln!(
+        "{:>12} `{}`; trust it in farm.toml with:",
+        "wrote",
+        public_path.display()
+    );
+    println!("trusted-public-keys = [\"{public}\"]");
+    Ok(())
 }

@@ -50,6 +50,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub fetch: FetchArgs,
     #[command(flatten)]
+    pub caches: super::build::SubstituteArgs,
+    #[command(flatten)]
     pub state: StateArgs,
 }
 
@@ -65,7 +67,9 @@ pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyho
             jobs: args.jobs.unwrap_or_else(default_jobs),
             fetch_attempts: args.fetch.fetch_attempts,
             fetch_timeout: args.fetch.timeout(),
+            substitution: None,
         },
+        caches: args.caches.choice()?,
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };
     let rows = up(&project, &args.state.dir(&project), &up_options, reporter)?;

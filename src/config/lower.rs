@@ -116,6 +116,23 @@ pub fn merge_file(
     cx: &FileContext,
     problems: &mut Vec<Diagnostic>,
 ) {
+    for url in &raw.substituters {
+        if cx
+            .checked(url, |u: &String| limits::substituter(u), problems)
+            .is_some()
+        {
+            config.cache.substituters.push(cx.located(url));
+        }
+    }
+    for key in &raw.trusted_public_keys {
+        if let Some(parsed) = cx.checked(key, |k: &String| limits::trusted_public_key(k), problems)
+        {
+            config
+                .cache
+                .trusted_public_keys
+                .push(Located::new(parsed, cx.origin(key)));
+        }
+    }
     for (name, image) in raw.images {
         if let Some(image) = check_name(&name, cx, "image", problems)
             .then(|| lower_image(cx.located(&name), image, cx, problems))

@@ -24,6 +24,12 @@ pub struct RawFile {
     pub hosts: BTreeMap<Spanned<String>, RawHost>,
     #[serde(default)]
     pub vms: BTreeMap<Spanned<String>, RawVm>,
+    /// Binary caches asked for a derivation before it is built.
+    #[serde(default)]
+    pub substituters: Vec<Spanned<String>>,
+    /// `NAME:BASE64` ed25519 keys whose signatures on cache records are trusted.
+    #[serde(default, rename = "trusted-public-keys")]
+    pub trusted_public_keys: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -49,9 +49,19 @@ pub struct Config {
     pub networks: BTreeMap<String, Network>,
     pub hosts: BTreeMap<String, Host>,
     pub vms: BTreeMap<String, VmDecl>,
+    /// Binary caches and whom to trust (farm.toml's top-level `substituters` and
+    /// `trusted-public-keys`).
+    pub cache: CacheSettings,
     /// Definitions found twice (e.g. in farm.toml and in platforms/NAME.toml): kind, name,
     /// first and second place. Parsing keeps the first; validation reports the pair.
     pub duplicates: Vec<DuplicateDefinition>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CacheSettings {
+    /// Cache URLs, in the order they are asked.
+    pub substituters: Vec<Located<String>>,
+    pub trusted_public_keys: Vec<Located<crate::model::signing::PublicKey>>,
 }
 
 #[derive(Clone, Debug)]

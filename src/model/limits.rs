@@ -255,6 +255,39 @@ pub fn image_url(url: &str) -> Result<(), Refusal> {
     }
 }
 
+/// A binary cache URL: `http(s)://host/path`, or `file:///path` for a directory.
+pub fn substituter(url: &str) -> Result<(), Refusal> {
+    let hint = "write `https://host/path`, or `file:///srv/farm-cache` for a directory";
+    let parsed = url::Url::parse(url)
+        .map_err(|e| refuse(format!("`{url}` is not a cache URL: {e}"), hint))?;
+    match parsed.scheme() {
+        "http" | "https" if parsed.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        "file" if parsed.path().len() > 1 => Ok(()),
+        "http" | "https" | "file" => Err(refuse(format!("`{url}` names no host or path"), hint)),
+        "s3" | "oci" => Err(refuse(
+            format!(
+                "`{url}`: `{}` caches are not supported by this farm yet",
+                parsed.scheme()
+            ),
+            "serve the cache over https (any static file server), or use a `file://` directory",
+        )),
+        scheme => Err(refuse(
+            format!("`{url}` is a `{scheme}` URL; farm reads caches over http, https and file"),
+            hint,
+        )),
+    }
+}
+
+/// A `NAME:BASE64` ed25519 public key, as `farm store keygen` prints it.
+pub fn trusted_public_key(text: &str) -> Result<crate::model::signing::PublicKey, Refusal> {
+    text.parse().map_err(|e| {
+        refuse(
+            format!("`{text}` is not a public key: {e}"),
+            "copy the line from the `.public` file `farm store keygen NAME` wrote",
+        )
+    })
+}
+
 /// A Debian mirror mmdebstrap can read: http(s), or `file://` for a local mirror in an
 /// offline lab.
 pub fn debian_mirror(mirror: &str) -> Result<(), Refusal> {

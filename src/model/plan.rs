@@ -1,7 +1,7 @@
 //! Build planning: which derivations are already in the store and how each missing one is
 //! realised. Pure: the caller says which hashes the store holds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -23,6 +23,13 @@ pub enum Action {
     BuildTiny,
     /// Run a platform's steps in a build VM (or, with no steps, make an empty layer).
     Layer { steps: usize },
+    /// Download from a binary cache whose signed record matched; `fallback` is what is
+    /// done if that fails (`None` for `farm store pull`, which never builds).
+    Substitute {
+        from: String,
+        bytes: u64,
+        fallback: Option<Box<Action>>,
+    },
 }
 
 impl Action {
@@ -34,6 +41,7 @@ impl Action {
             Action::Debootstrap { .. } => "debootstrap",
             Action::BuildTiny => "build",
             Action::Layer { .. } => "build",
+            Action::Substitute { .. } => "substitute",
         }
     }
 }
@@ -78,6 +86,31 @@ pub fn plan_build(
     BuildPlan { steps }
 }
 
+/// A cache's offer of a derivation: its URL and the bytes to download.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheOffer {
+    pub from: String,
+    pub bytes: u64,
+}
+
+/// Every step that would fetch, import or build and that a cache offers becomes
+/// `Substitute`, keeping what it was as the fallback.
+pub fn substitute_offered(plan: &mut BuildPlan, offers: &BTreeMap<DrvHash, CacheOffer>) {
+    for step in &mut plan.steps {
+        if step.action == Action::Cached {
+            continue;
+        }
+        if let Some(offer) = offers.get(&step.node.hash) {
+            let fallback = std::mem::replace(&mut step.action, Action::Cached);
+            step.action = Action::Substitute {
+                from: offer.from.clone(),
+                bytes: offer.bytes,
+                fallback: Some(Box::new(fallback)),
+            };
+        }
+    }
+}
+
 fn action_for(config: &Config, node: &DrvNode) -> Action {
     match (&node.id, &node.derivation.recipe) {
         (DrvId::Image { image, .. }, _) => match &config.images[image].source {
@@ -116,6 +149,9 @@ impl fmt::Display for BuildPlan {
                 Action::BuildTiny => "tiny image (kernel, busybox, dropbear) from apt".to_string(),
                 Action::Layer { steps: 0 } => "empty layer".to_string(),
                 Action::Layer { steps } => format!("{steps} step kinds in a build VM"),
+                Action::Substitute { from, bytes, .. } => {
+                    format!("from {from} ({:.1} MiB)", *bytes as f64 / (1 << 20) as f64)
+                }
             };
             let short = &step.node.hash.to_hex()[..12];
             writeln!(

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
+use crate::build::substitution::plan_with_caches;
 use crate::model::derivation::DrvId;
 use crate::model::instance::InstanceSpec;
-use crate::model::plan::plan_build;
 use crate::model::topology::{Placement, Topology};
 use crate::model::up_plan::{Desired, SitePlan, plan_up};
 use crate::progress::Reporter;
@@ -53,6 +53,8 @@ pub enum UpError {
     Site(#[from] SiteError),
     #[error(transparent)]
     Observe(#[from] ObserveError),
+    #[error(transparent)]
+    Cache(#[from] crate::binary_cache::BackendError),
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +63,8 @@ pub struct UpOptions {
     pub names: Vec<String>,
     pub dry_run: bool,
     pub realise: RealiseOptions,
+    /// Which binary caches to ask before building.
+    pub caches: crate::build::substitution::CacheChoice,
     /// How long a VM that restarts may take to power off before qemu is told to quit.
     pub stop_timeout: Duration,
 }
@@ -148,7 +152,8 @@ pub fn up(
             Some(store) => present_hashes(store, project.graph.closure(&wanted))?,
             None => BTreeSet::new(),
         };
-        let build_plan = plan_build(&project.loaded.config, &project.graph, &wanted, &present);
+        let (build_plan, _) =
+            plan_with_caches(project, &wanted, &present, &options.caches, reporter)?;
         if !build_plan.is_noop() {
             print!("{build_plan}");
         }
@@ -160,12 +165,17 @@ pub fn up(
             reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
         })?;
         let present = present_hashes(&store, project.graph.closure(&wanted))?;
-        let build_plan = plan_build(&project.loaded.config, &project.graph, &wanted, &present);
+        let (build_plan, substitution) =
+            plan_with_caches(project, &wanted, &present, &options.caches, reporter)?;
+        let realise_options = RealiseOptions {
+            substitution,
+            ..options.realise.clone()
+        };
         let built = realise(
             &project.loaded.config,
             &build_plan,
             &store,
-            &options.realise,
+            &realise_options,
             reporter,
         )?;
         project.register_root(&store, state_root)?;

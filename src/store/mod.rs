@@ -207,7 +207,7 @@ impl Store {
         self.root.join(STORE_DIR)
     }
 
-    fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.root.join(TMP_DIR)
     }
 
@@ -501,6 +501,21 @@ impl Store {
         self.root
             .join(LOGS_DIR)
             .join(format!("{}.log", entry_dir_name(key, name)))
+    }
+
+    /// The entry in directory `dir_name` of `store/`, if it is one.
+    pub fn entry_by_dir(&self, dir_name: &str) -> Option<Entry> {
+        parse_entry_dir_name(dir_name)?;
+        load_entry(self.store_dir().join(dir_name)).ok().flatten()
+    }
+
+    /// The blake3 and size of each file of `entry` besides its disk and `meta.json`, read
+    /// now: for entries of older farms, which did not record them.
+    pub fn record_files_of(
+        &self,
+        entry: &Entry,
+    ) -> Result<BTreeMap<String, FileRecord>, StoreError> {
+        Ok(record_files(&entry.dir)?)
     }
 
     /// Every finished entry, sorted by directory name.

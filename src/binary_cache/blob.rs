@@ -1,0 +1,129 @@
+//! Blobs: one entry file, zstd-compressed, named by the blake3 of its uncompressed bytes.
+
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use super::backend::{Backend, BackendError};
+use crate::model::cache_record::{Blob, blob_path};
+use crate::model::hash::ContentHash;
+
+/// zstd's default level: about as fast as a disk reads, a third of a qcow2's size.
+const LEVEL: i32 = 3;
+
+/// `source` compressed into a temporary file in `scratch`; returns the file, its size and
+/// the blake3 of the bytes that went in (so a file that changed since commit is caught).
+pub(super) fn compress(
+    source: &Path,
+    scratch: &Path,
+) -> io::Result<(tempfile::NamedTempFile, u64, ContentHash)> {
+    let out = tempfile::Builder::new()
+        .prefix("blob.")
+        .tempfile_in(scratch)?;
+    let mut encoder = zstd::stream::write::Encoder::new(
+        io::BufWriter::with_capacity(1 << 20, out.as_file()),
+        LEVEL,
+    )?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    encoder.multithread(threads)?;
+    let mut input = fs_err::File::open(source)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        encoder.write_all(&buf[..n])?;
+    }
+    encoder.finish()?.flush()?;
+    let size = out.as_file().metadata()?.len();
+    Ok((out, size, ContentHash::from_blake3(hasher.finalize())))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("the cache has no blob {0}")]
+    Missing(ContentHash),
+    #[error(
+        "its bytes are {actual} ({actual_size} bytes), not the {expected} ({expected_size} bytes) its record lists"
+    )]
+    Mismatch {
+        expected: ContentHash,
+        expected_size: u64,
+        actual: ContentHash,
+        actual_size: u64,
+    },
+    #[error("it cannot be unpacked: {0}")]
+    Corrupt(io::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Downloads the blob `blob` into `target`, decompressing and hashing as it arrives;
+/// `on_bytes` is told of compressed bytes read. The file is left only if it matches.
+pub(super) fn download(
+    backend: &dyn Backend,
+    blob: &Blob,
+    target: &Path,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<(), BlobError> {
+    let reader = backend
+        .get(&blob_path(&blob.blake3), blob.zstd_size)?
+        .ok_or(BlobError::Missing(blob.blake3))?;
+    let counted = Counting {
+        inner: reader,
+        on_bytes,
+    };
+    let mut decoder = zstd::stream::read::Decoder::new(counted).map_err(BlobError::Corrupt)?;
+    if let Some(dir) = target.parent() {
+        fs_err::create_dir_all(dir)?;
+    }
+    let mut out = io::BufWriter::with_capacity(1 << 20, fs_err::File::create(target)?);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let result = (|| -> Result<(), BlobError> {
+        loop {
+            let n = decoder.read(&mut buf).map_err(BlobError::Corrupt)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            if hasher.count() > blob.size {
+                break;
+            }
+        }
+        out.flush()?;
+        let actual = ContentHash::from_blake3(hasher.finalize());
+        if actual != blob.blake3 || hasher.count() != blob.size {
+            return Err(BlobError::Mismatch {
+                expected: blob.blake3,
+                expected_size: blob.size,
+                actual,
+                actual_size: hasher.count(),
+            });
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        drop(out);
+        let _ = fs_err::remove_file(target);
+    }
+    result
+}
+
+struct Counting<'a, R> {
+    inner: R,
+    on_bytes: &'a (dyn Fn(u64) + Sync),
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_bytes)(n as u64);
+        Ok(n)
+    }
+}

@@ -1,0 +1,15 @@
+//! Binary caches: pushing store entries to a cache, and substituting — getting an entry
+//! from a cache instead of building it — each record checked against farm.toml's
+//! `trusted-public-keys` and every file against its hash before anything is committed.
+//!
+//! The format is in docs/binary-cache.md. This floor sits above `store` and `fetch`, below
+//! `build` (which substitutes before it builds).
+
+pub mod backend;
+mod blob;
+pub mod push;
+pub mod substitute;
+
+pub use backend::{Backend, BackendError, Timeouts, open};
+pub use push::{PushReport, push};
+pub use substitute::{Offer, SubstituteError, Substituters};

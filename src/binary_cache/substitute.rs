@@ -1,0 +1,281 @@
+//! Substitution: asking caches for derivations before building them, and fetching what
+//! they have into a staging directory, checked all the way.
+//!
+//! A record is used only if it is signed by a key in `trusted-public-keys`, its derivation
+//! hashes to the derivation farm wants, and its parent is the parent farm wants; each file
+//! is hashed as it is unpacked. A cache that cannot be reached is skipped with a warning
+//! (after `Timeouts`), and farm builds instead.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::backend::{Backend, BackendError, Timeouts, open};
+use super::blob::{BlobError, download};
+use crate::model::cache_record::{CACHE_FORMAT, CacheRecord, record_path};
+use crate::model::derivation::{DrvNode, hash_of_json};
+use crate::model::hash::{ContentHash, DrvHash};
+use crate::model::signing::{PublicKey, Untrusted, verify};
+use crate::store::Entry;
+
+/// How many records are asked for at once per cache (HTTP has no batch query).
+const PARALLEL_QUERIES: usize = 8;
+
+/// A cache's offer of one derivation: its trusted record.
+#[derive(Clone, Debug)]
+pub struct Offer {
+    pub backend: usize,
+    pub url: String,
+    pub record: CacheRecord,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubstituteError {
+    #[error(
+        "Cache `{url}` has `{entry}`, but its record is not trusted: {reason}\nhint: add the \
+         public key that signs the cache to `trusted-public-keys` in farm.toml (`farm store \
+         keygen` printed it), or remove the cache from `substituters`"
+    )]
+    Untrusted {
+        url: String,
+        entry: String,
+        reason: Untrusted,
+    },
+    #[error("Cache `{url}` has a record for `{entry}` that does not describe it: {reason}")]
+    WrongRecord {
+        url: String,
+        entry: String,
+        reason: String,
+    },
+    #[error(
+        "Cache `{url}`: file `{file}` of `{entry}`: {source}\nhint: the cache is damaged or was \
+         altered; nothing of `{entry}` was stored"
+    )]
+    Blob {
+        url: String,
+        entry: String,
+        file: String,
+        #[source]
+        source: Box<BlobError>,
+    },
+    #[error(
+        "Cache `{url}` built `{entry}` on `{theirs}`, but this store has that parent as \
+         `{ours}`; its disk would not find its backing file"
+    )]
+    ParentLabel {
+        url: String,
+        entry: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// The caches of one command, in the order they are asked.
+pub struct Substituters {
+    backends: Vec<Box<dyn Backend>>,
+    trusted: Vec<PublicKey>,
+    /// Caches that failed to answer during this command: not asked again.
+    down: Mutex<BTreeSet<usize>>,
+}
+
+impl std::fmt::Debug for Substituters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<&str> = self.backends.iter().map(|b| b.url()).collect();
+        f.debug_struct("Substituters").field("urls", &urls).finish()
+    }
+}
+
+impl Substituters {
+    pub fn new(
+        urls: &[String],
+        trusted: Vec<PublicKey>,
+        timeouts: Timeouts,
+    ) -> Result<Substituters, BackendError> {
+        let backends = urls
+            .iter()
+            .map(|url| open(url, timeouts))
+            .collect::<Result<_, _>>()?;
+        Ok(Substituters {
+            backends,
+            trusted,
+            down: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+    }
+
+    pub fn url(&self, backend: usize) -> &str {
+        self.backends[backend].url()
+    }
+
+    /// For each of `nodes` that some cache has, the first cache's trusted record. Problems
+    /// (a cache down, a record not trusted) go to `warn`, once per cache or entry.
+    pub fn query(
+        &self,
+        nodes: &[&DrvNode],
+        warn: &(dyn Fn(String) + Sync),
+    ) -> BTreeMap<DrvHash, Offer> {
+        let offers = Mutex::new(BTreeMap::new());
+        for backend in 0..self.backends.len() {
+            let wanted: Vec<&&DrvNode> = {
+                let offers = offers.lock().unwrap_or_else(|e| e.into_inner());
+                nodes
+                    .iter()
+                    .filter(|n| !offers.contains_key(&n.hash))
+                    .collect()
+            };
+            let next = Mutex::new(wanted.into_iter());
+            std::thread::scope(|scope| {
+                for _ in 0..PARALLEL_QUERIES {
+                    scope.spawn(|| {
+                        loop {
+                            if self.is_down(backend) {
+                                return;
+                            }
+                            let Some(node) = next.lock().unwrap_or_else(|e| e.into_inner()).next()
+                            else {
+                                return;
+                            };
+                            match self.record(backend, node) {
+                                Ok(Some(record)) => {
+                                    offers.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                                        node.hash,
+                                        Offer {
+                                            backend,
+                                            url: self.url(backend).to_string(),
+                                            record,
+                                        },
+                                    );
+                                }
+                                Ok(None) => {}
+                                Err(SubstituteError::Backend(e)) => {
+                                    if self.mark_down(backend) {
+                                        warn(format!("{e}; building without it"));
+                                    }
+                                    return;
+                                }
+                                Err(e) => warn(format!("{e}; building `{}` instead", node.name)),
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        offers.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_down(&self, backend: usize) -> bool {
+        self.down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&backend)
+    }
+
+    /// Marks `backend` down; true the first time.
+    fn mark_down(&self, backend: usize) -> bool {
+        self.down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(backend)
+    }
+
+    /// The record cache `backend` has for `node`, checked: trusted, for this derivation,
+    /// on this parent. `None` when the cache has none.
+    pub fn record(
+        &self,
+        backend: usize,
+        node: &DrvNode,
+    ) -> Result<Option<CacheRecord>, SubstituteError> {
+        let cache = &self.backends[backend];
+        let path = record_path(&node.hash);
+        let Some(mut reader) = cache.get(&path, 0)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|source| BackendError::Io {
+            url: cache.url().to_string(),
+            path: path.clone(),
+            source,
+        })?;
+        let wrong = |reason: String| SubstituteError::WrongRecord {
+            url: cache.url().to_string(),
+            entry: node.name.clone(),
+            reason,
+        };
+        let record: CacheRecord =
+            serde_json::from_slice(&bytes).map_err(|e| wrong(format!("it is unreadable: {e}")))?;
+        if record.format != CACHE_FORMAT {
+            return Err(wrong(format!(
+                "it is cache format {}, this farm reads {CACHE_FORMAT}",
+                record.format
+            )));
+        }
+        verify(&self.trusted, &record.signed_bytes(), &record.signatures).map_err(|reason| {
+            SubstituteError::Untrusted {
+                url: cache.url().to_string(),
+                entry: node.name.clone(),
+                reason,
+            }
+        })?;
+        if record.drv_hash != node.hash || hash_of_json(&record.derivation) != node.hash {
+            return Err(wrong("its derivation is another one".into()));
+        }
+        if record.parent != node.derivation.parent() {
+            return Err(wrong("it is built on another parent".into()));
+        }
+        if record.disk().is_none() {
+            return Err(wrong("it lists no disk".into()));
+        }
+        Ok(Some(record))
+    }
+
+    /// Downloads every file of `offer` into `dir` (a staging directory), each checked
+    /// against the record; returns the disk's blake3 and size. `parent` is the local entry
+    /// the disk backs onto, which must be where the cache's disk expects it.
+    pub fn fetch(
+        &self,
+        offer: &Offer,
+        parent: Option<&Entry>,
+        dir: &Path,
+        on_bytes: &(dyn Fn(u64) + Sync),
+    ) -> Result<(ContentHash, u64), SubstituteError> {
+        let record = &offer.record;
+        if let (Some(theirs), Some(parent)) = (&record.parent_dir, parent)
+            && theirs != parent.dir_name()
+        {
+            return Err(SubstituteError::ParentLabel {
+                url: offer.url.clone(),
+                entry: record.name.clone(),
+                theirs: theirs.clone(),
+                ours: parent.dir_name().to_string(),
+            });
+        }
+        let cache = self.backends[offer.backend].as_ref();
+        for (file, blob) in &record.files {
+            let safe = Path::new(file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !safe {
+                return Err(SubstituteError::WrongRecord {
+                    url: offer.url.clone(),
+                    entry: record.name.clone(),
+                    reason: format!("it lists `{file}`, outside the entry"),
+                });
+            }
+            download(cache, blob, &dir.join(file), on_bytes).map_err(|source| {
+                SubstituteError::Blob {
+                    url: offer.url.clone(),
+                    entry: record.name.clone(),
+                    file: file.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
+        let disk = record.disk().expect("checked when the record was read");
+        Ok((disk.blake3, disk.size))
+    }
+}

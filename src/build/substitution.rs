@@ -1,0 +1,94 @@
+//! Planning with binary caches: which missing derivations a cache offers, asked before
+//! anything is built, so `farm plan` and `farm up --dry-run` show "substitute" too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::binary_cache::{BackendError, Offer, Substituters, Timeouts};
+use crate::model::derivation::DrvId;
+use crate::model::hash::DrvHash;
+use crate::model::plan::{BuildPlan, CacheOffer, plan_build, substitute_offered};
+use crate::progress::Reporter;
+use crate::project::Project;
+
+/// Which caches a command asks: farm.toml's `substituters`, after those given with
+/// `--substituter` (or `FARM_SUBSTITUTERS`); none with `--no-substitute`.
+#[derive(Clone, Debug, Default)]
+pub struct CacheChoice {
+    pub extra: Vec<String>,
+    pub disabled: bool,
+    pub timeouts: Timeouts,
+}
+
+/// The caches of a build and what each offers; `realise` fetches from them.
+#[derive(Debug)]
+pub struct Substitution {
+    pub caches: Substituters,
+    pub offers: BTreeMap<DrvHash, Offer>,
+}
+
+/// The caches `choice` and `project` name, or `None` when there are none.
+pub fn caches_for(
+    project: &Project,
+    choice: &CacheChoice,
+) -> Result<Option<Substituters>, BackendError> {
+    if choice.disabled {
+        return Ok(None);
+    }
+    let settings = &project.loaded.config.cache;
+    let mut urls: Vec<String> = choice.extra.clone();
+    for url in &settings.substituters {
+        if !urls.contains(&url.value) {
+            urls.push(url.value.clone());
+        }
+    }
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    let trusted = settings
+        .trusted_public_keys
+        .iter()
+        .map(|k| k.value.clone())
+        .collect();
+    Ok(Some(Substituters::new(&urls, trusted, choice.timeouts)?))
+}
+
+/// Plans `wanted` given what the store has, then asks the caches for every derivation
+/// that would be fetched or built.
+pub fn plan_with_caches(
+    project: &Project,
+    wanted: &[DrvId],
+    present: &BTreeSet<DrvHash>,
+    choice: &CacheChoice,
+    reporter: &Reporter,
+) -> Result<(BuildPlan, Option<Arc<Substitution>>), BackendError> {
+    let mut plan = plan_build(&project.loaded.config, &project.graph, wanted, present);
+    if plan.is_noop() {
+        return Ok((plan, None));
+    }
+    let Some(caches) = caches_for(project, choice)? else {
+        return Ok((plan, None));
+    };
+    let missing: Vec<_> = plan
+        .steps
+        .iter()
+        .filter(|s| !present.contains(&s.node.hash))
+        .map(|s| &s.node)
+        .collect();
+    let warn = |line: String| reporter.warn(line);
+    let offers = caches.query(&missing, &warn);
+    let summary: BTreeMap<DrvHash, CacheOffer> = offers
+        .iter()
+        .map(|(hash, offer)| {
+            (
+                *hash,
+                CacheOffer {
+                    from: offer.url.clone(),
+                    bytes: offer.record.download_size(),
+                },
+            )
+        })
+        .collect();
+    substitute_offered(&mut plan, &summary);
+    Ok((plan, Some(Arc::new(Substitution { caches, offers }))))
+}

@@ -1,0 +1,243 @@
+//! Binary caches end to end with the real binary: a `file://` directory and nginx on
+//! 127.0.0.1 (GET, HEAD, PUT), signed records, substitution in `farm build` and `farm up`,
+//! and every way a cache can be wrong or away.
+
+#[path = "support/guest.rs"]
+#[allow(dead_code)]
+mod guest;
+#[path = "support/nginx.rs"]
+mod nginx;
+#[path = "support/project.rs"]
+#[allow(dead_code)]
+mod project;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use guest::{shared_store, vm_tests_possible};
+use nginx::{Nginx, nginx_available};
+use project::{Project, text};
+
+/// A key pair made by `farm store keygen`: the secret key file and the farm.toml line.
+struct Key {
+    _dir: tempfile::TempDir,
+    secret: PathBuf,
+    trust_line: String,
+}
+
+fn keygen(name: &str) -> Key {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_farm"))
+        .args(["store", "keygen", name, "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let trust_line = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        trust_line.starts_with(&format!("trusted-public-keys = [\"{name}:")),
+        "{trust_line}"
+    );
+    Key {
+        secret: dir.path().join(format!("{name}.secret")),
+        _dir: dir,
+        trust_line,
+    }
+}
+
+/// A lab that builds without a VM: a local image and an empty layer on it.
+fn cheap_lab(cache_lines: &str) -> String {
+    format!(
+        "{cache_lines}\n[images.local]\npath = \"base.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n\n\
+         [platforms.p]\nfrom = \"local\"\n"
+    )
+}
+
+fn cheap_project(cache_lines: &str) -> Project {
+    let project = Project::new(&cheap_lab(cache_lines));
+    project.blank_disk("base.qcow2");
+    project
+}
+
+fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+fn blobs(cache: &Path) -> Vec<PathBuf> {
+    fs_err::read_dir(cache.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[test]
+fn a_file_cache_substitutes_everything_and_refuses_what_it_cannot_trust() {
+    let key = keygen("ci-a");
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = cache_dir.path().join("cache");
+    let url = file_url(&cache);
+
+    // Machine A builds and pushes.
+    let a = cheap_project("");
+    a.ok(&["build"]);
+    let out = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+    assert!(text(&out).contains("pushed 2 entries to"), "{}", text(&out));
+    assert!(cache.join("farm-cache.json").is_file());
+    // A second push uploads nothing.
+    let again = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+    assert!(
+        text(&again).contains("pushed 0 entries")
+            && text(&again).contains("(0 blobs")
+            && text(&again).contains("2 already there"),
+        "{}",
+        text(&again)
+    );
+
+    // Machine B trusts the key and lists the cache: it builds nothing.
+    let b = cheap_project(&format!("substituters = [\"{url}\"]\n{}", key.trust_line));
+    let plan = b.ok(&["plan"]);
+    assert!(
+        String::from_utf8_lossy(&plan.stdout).contains(&format!("from {url}")),
+        "{}",
+        text(&plan)
+    );
+    let out = b.ok(&["build"]);
+    let said = text(&out);
+    assert_eq!(said.matches("substituted ").count(), 2, "{said}");
+    assert!(
+        !said.contains("imported") && !said.contains("built "),
+        "{said}"
+    );
+    let verify = b.ok(&["store", "verify"]);
+    assert!(
+        text(&verify).contains("verified 2 entries"),
+        "{}",
+        text(&verify)
+    );
+    assert_eq!(
+        fs_err::read(b.entry("p").join("disk.qcow2")).unwrap(),
+        fs_err::read(a.entry("p").join("disk.qcow2")).unwrap()
+    );
+
+    // A record signed by a key farm.toml does not list: nothing is pulled.
+    let other = keygen("someone-else");
+    let c = cheap_project(&other.trust_line);
+    let out = c.run(&["store", "pull", &url]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "Cache `{url}` has `local`, but its record is not trusted: it is signed by `ci-a`, \
+             which `trusted-public-keys` does not list"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(c.entries().is_empty(), "nothing stored");
+
+    // A flipped byte in a blob: the file is named, nothing is stored.
+    let d = cheap_project(&key.trust_line);
+    for blob in blobs(&cache) {
+        let mut bytes = fs_err::read(&blob).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x10;
+        fs_err::write(&blob, bytes).unwrap();
+    }
+    let out = d.run(&["store", "pull", &url]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("Cache `{url}`: file `disk.qcow2` of `local`")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("nothing of `local` was stored"),
+        "{}",
+        text(&out)
+    );
+    assert!(d.entries().is_empty(), "nothing stored");
+    assert_eq!(
+        fs_err::read_dir(d.store.join("tmp")).unwrap().count(),
+        0,
+        "no staging left"
+    );
+}
+
+#[test]
+fn an_unreachable_cache_costs_a_warning_and_farm_builds() {
+    let key = keygen("ci-b");
+    // Nothing listens on port 9 of 127.0.0.1: the connection is refused at once.
+    let b = cheap_project(&format!(
+        "substituters = [\"http://127.0.0.1:9/cache\"]\n{}",
+        key.trust_line
+    ));
+    let out = b.ok(&["build"]);
+    let said = text(&out);
+    assert!(
+        said.contains("warning: Cache `http://127.0.0.1:9/cache` cannot be reached")
+            && said.contains("building without it"),
+        "{said}"
+    );
+    assert!(said.contains("imported local"), "{said}");
+    assert_eq!(b.entries().len(), 2);
+    // --no-substitute asks nobody.
+    let c = cheap_project(&format!(
+        "substituters = [\"http://127.0.0.1:9/cache\"]\n{}",
+        key.trust_line
+    ));
+    let out = c.ok(&["build", "--no-substitute"]);
+    assert!(!text(&out).contains("warning"), "{}", text(&out));
+}
+
+const LAB: &str = r#"
+[images.tiny]
+tiny = true
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.plain]
+from = "tiny"
+memory = "256M"
+run = ["echo cached > /etc/farm-cache-test"]
+
+[vms.fromcache]
+platform = "plain"
+"#;
+
+#[test]
+fn over_http_a_fresh_store_substitutes_a_tiny_lab_and_brings_it_up() {
+    if !vm_tests_possible("http_cache") || !nginx_available("http_cache") {
+        return;
+    }
+    let served = tempfile::tempdir().unwrap();
+    let server = Nginx::start(served.path());
+    let url = format!("{}/farm", server.url());
+    let key = keygen("ci-http");
+
+    // The build job: the lab built (in the shared store) and pushed with PUT.
+    let a = Project::with_store(LAB, &shared_store());
+    a.ok(&["build"]);
+    let out = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+    assert!(text(&out).contains("pushed 2 entries"), "{}", text(&out));
+
+    // A fresh runner: an empty store, the cache and the key in farm.toml.
+    let b = Project::new(&format!(
+        "substituters = [\"{url}\"]\n{}\n{LAB}",
+        key.trust_line
+    ));
+    let out = b.ok(&["up", "--boot-timeout", "300"]);
+    let said = text(&out);
+    assert_eq!(said.matches("substituted ").count(), 2, "{said}");
+    assert!(!said.contains("built "), "nothing is built: {said}");
+    let ssh = b.ok(&["ssh", "fromcache", "--", "cat", "/etc/farm-cache-test"]);
+    assert_eq!(String::from_utf8_lossy(&ssh.stdout).trim(), "cached");
+    b.ok(&["down"]);
+
+    // Pushing again uploads nothing.
+    let again = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+    assert!(
+        text(&again).contains("pushed 0 entries") && text(&again).contains("2 already there"),
+        "{}",
+        text(&again)
+    );
+}
