@@ -4,9 +4,10 @@
 //! Each folder is a floor that only uses the floors below it:
 //!
 //! - `cli` — clap; one thin file per subcommand.
-//! - `maintain` — looking after the store: gc.
+//! - `maintain` — looking after the store: gc, verify and repair.
 //! - `run` — applies `farm up`/`down` plans: sites, instances, closure push, networks, hosts.
-//! - `build` — realises build plans: layers, Debian and tiny images, one tool runner.
+//! - `build` — realises build plans: layers, Debian and tiny images, substitution, one tool runner.
+//! - `binary_cache` — pushing to and substituting from binary caches.
 //! - `project`, `store`, `fetch`, `config`, `progress` — loading, the store, downloads,
 //!   farm.toml, the one reporter.
 //! - `sys` — thin wrappers over outside programs: ssh, qmp, qemu-img, keys, processes.

@@ -241,3 +241,50 @@ fn over_http_a_fresh_store_substitutes_a_tiny_lab_and_brings_it_up() {
         text(&again)
     );
 }
+
+#[test]
+fn a_layer_is_not_substituted_onto_a_parent_built_here_with_other_bytes() {
+    if !vm_tests_possible("parent_bytes") {
+        return;
+    }
+    // `stamp` is not bit-reproducible (it records the time); `leaf` is built on it.
+    const STAMPED: &str = r#"
+[images.tiny]
+tiny = true
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.stamp]
+from = "tiny"
+run = ["date +%s%N > /etc/stamp"]
+
+[platforms.leaf]
+from = "stamp"
+run = ["echo leaf > /etc/leaf"]
+"#;
+    let key = keygen("ci-stamp");
+    let cache_dir = tempfile::tempdir().unwrap();
+    let url = file_url(&cache_dir.path().join("cache"));
+    let a = Project::with_store(STAMPED, &shared_store());
+    a.ok(&["build"]);
+    a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+
+    // B builds `stamp` itself, then asks the cache for the rest.
+    let b = Project::new(&format!(
+        "substituters = [\"{url}\"]\n{}\n{STAMPED}",
+        key.trust_line
+    ));
+    // The tiny image comes from the cache; `stamp` is built here.
+    b.ok(&["build", "tiny"]);
+    b.ok(&["build", "--no-substitute", "stamp"]);
+    let out = b.ok(&["build"]);
+    let said = text(&out);
+    assert!(
+        said.contains("built `leaf_amd64` on other bytes of")
+            && said.contains("building `leaf_amd64` instead"),
+        "{said}"
+    );
+    assert!(said.contains("built leaf_amd64"), "{said}");
+    b.ok(&["store", "verify"]);
+}

@@ -123,18 +123,19 @@ pub fn push(
         let (count, bytes) = uploaded.into_inner().unwrap_or_else(|e| e.into_inner());
         report.blobs_uploaded += count;
         report.bytes_uploaded += bytes;
+        let parent = entry
+            .meta
+            .parent
+            .as_ref()
+            .and_then(|p| store.entry_by_dir(p));
         let mut record = CacheRecord {
             format: CACHE_FORMAT,
             drv_hash: entry.meta.drv_hash,
             name: entry.meta.name.clone(),
             derivation: entry.meta.derivation.clone(),
-            parent: entry
-                .meta
-                .parent
-                .as_ref()
-                .and_then(|p| store.entry_by_dir(p))
-                .map(|p| p.meta.drv_hash),
+            parent: parent.as_ref().map(|p| p.meta.drv_hash),
             parent_dir: entry.meta.parent.clone(),
+            parent_output: parent.as_ref().map(|p| p.meta.output_blake3),
             files: blobs.into_inner().unwrap_or_else(|e| e.into_inner()),
             signatures: Vec::new(),
         };

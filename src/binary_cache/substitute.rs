@@ -68,6 +68,16 @@ pub enum SubstituteError {
         theirs: String,
         ours: String,
     },
+    #[error(
+        "Cache `{url}` built `{entry}` on other bytes of `{parent}` than this store holds (it \
+         was built here, and is not bit-reproducible); the layer only fits the bytes it was \
+         built on"
+    )]
+    ParentBytes {
+        url: String,
+        entry: String,
+        parent: String,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -252,6 +262,15 @@ impl Substituters {
                 entry: record.name.clone(),
                 theirs: theirs.clone(),
                 ours: parent.dir_name().to_string(),
+            });
+        }
+        if let (Some(theirs), Some(parent)) = (&record.parent_output, parent)
+            && *theirs != parent.meta.output_blake3
+        {
+            return Err(SubstituteError::ParentBytes {
+                url: offer.url.clone(),
+                entry: record.name.clone(),
+                parent: parent.dir_name().to_string(),
             });
         }
         let cache = self.backends[offer.backend].as_ref();

@@ -34,6 +34,10 @@ pub struct CacheRecord {
     /// names (`../<parent_dir>/disk.qcow2`).
     pub parent: Option<DrvHash>,
     pub parent_dir: Option<String>,
+    /// The blake3 of the parent's disk this layer was built on: a layer holds only its
+    /// differences, so it is only valid on those exact bytes (an `upgrade` rebuilt
+    /// elsewhere gives others).
+    pub parent_output: Option<ContentHash>,
     /// Every file of the entry but `meta.json` (the receiver writes its own).
     pub files: BTreeMap<String, Blob>,
     #[serde(default)]
@@ -96,6 +100,7 @@ mod tests {
             derivation: serde_json::json!({"type": "layer"}),
             parent: Some(DrvHash([2; 32])),
             parent_dir: Some("0202-base".into()),
+            parent_output: Some(ContentHash([4; 32])),
             files: [(
                 DISK_FILE.to_string(),
                 Blob {

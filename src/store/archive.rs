@@ -339,6 +339,39 @@ impl Store {
             staged.push((listed.dir.clone(), meta));
         }
 
+        // A layer only fits the exact bytes it was built on: when this store already has
+        // the parent (by key), its disk must be the one in the archive.
+        for listed in &manifest.entries {
+            let Some((_, meta)) = staged.iter().find(|(dir, _)| *dir == listed.dir) else {
+                continue;
+            };
+            let Some(parent_dir) = &meta.parent else {
+                continue;
+            };
+            let archived_parent = manifest
+                .entries
+                .iter()
+                .find(|e| &e.dir == parent_dir)
+                .and_then(|e| e.files.get(DISK_FILE));
+            let parent_meta = staged
+                .iter()
+                .find(|(dir, _)| dir == parent_dir)
+                .map(|(_, m)| m);
+            let local = parent_meta.and_then(|m| self.lookup(&m.drv_hash, &m.name).ok().flatten());
+            if let (Some(archived), Some(local)) = (archived_parent, local)
+                && archived.blake3 != local.meta.output_blake3
+            {
+                return Err(invalid(
+                    format!(
+                        "entry `{}` is built on other bytes of `{parent_dir}` than this store \
+                         holds (it was built separately, and is not bit-reproducible)",
+                        listed.dir
+                    ),
+                    "import into another store (`--store DIR`); nothing was added to this one",
+                ));
+            }
+        }
+
         // All good: move each entry in, parents first, under its key's lock.
         for (dir_name, meta) in staged {
             let lock = self.lock(&meta.drv_hash)?;
