@@ -13,6 +13,7 @@ packages=(
   vde2 iproute2                 # VDE networks: vde_switch, vde_plug, taps (ip)
   curl                          # the download benchmark's baseline
   zstd                          # the export benchmark's baseline (tar --zstd)
+  python3-venv                  # tests: the S3-compatible server below
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
 )
 
@@ -48,6 +49,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     $(printf '%s\n' "${pinned[@]}" | sort -u) >/dev/null
+fi
+
+# Tests: an S3-compatible server (moto's server mode, from PyPI) in a venv of its own, so
+# nothing of the system's Python changes.
+venv=/opt/farm-test-venv
+moto_version=5.2.5
+if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$moto_version')" 2>/dev/null; then
+  echo "setup: installing moto[server]==$moto_version into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }

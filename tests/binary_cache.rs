@@ -5,6 +5,8 @@
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
+#[path = "support/moto.rs"]
+mod moto;
 #[path = "support/nginx.rs"]
 mod nginx;
 #[path = "support/project.rs"]
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use guest::{shared_store, vm_tests_possible};
+use moto::{Moto, moto_available};
 use nginx::{Nginx, nginx_available};
 use project::{Project, text};
 
@@ -287,4 +290,97 @@ run = ["echo leaf > /etc/leaf"]
     );
     assert!(said.contains("built leaf_amd64"), "{said}");
     b.ok(&["store", "verify"]);
+}
+
+/// Runs farm in `project` with moto's environment.
+fn farm_s3(project: &Project, moto: &Moto, args: &[&str]) -> std::process::Output {
+    project.farm(args).envs(moto.env()).output().unwrap()
+}
+
+#[test]
+fn an_s3_cache_substitutes_everything_and_a_tampered_blob_stores_nothing() {
+    if !moto_available("s3_cache") {
+        return;
+    }
+    let moto = Moto::start("farm-cache");
+    let url = "s3://farm-cache/labs/ci";
+    let key = keygen("ci-s3");
+
+    let a = cheap_project("");
+    a.ok(&["build"]);
+    let out = farm_s3(
+        &a,
+        &moto,
+        &["store", "push", url, "--key", key.secret.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), moto.log());
+    assert!(text(&out).contains("pushed 2 entries"), "{}", text(&out));
+    let again = farm_s3(
+        &a,
+        &moto,
+        &["store", "push", url, "--key", key.secret.to_str().unwrap()],
+    );
+    assert!(
+        text(&again).contains("pushed 0 entries") && text(&again).contains("2 already there"),
+        "{}",
+        text(&again)
+    );
+
+    let b = cheap_project(&format!("substituters = [\"{url}\"]\n{}", key.trust_line));
+    let out = farm_s3(&b, &moto, &["build"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        text(&out).matches("substituted ").count(),
+        2,
+        "{}",
+        text(&out)
+    );
+    b.ok(&["store", "verify"]);
+
+    // Every blob altered in the bucket, through S3 itself: nothing is stored.
+    let c = cheap_project(&key.trust_line);
+    tamper_with_s3_blobs(&moto, "farm-cache", "labs/ci/blobs/");
+    let out = farm_s3(&c, &moto, &["store", "pull", url]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("Cache `{url}`: file `disk.qcow2` of `local`")),
+        "{}",
+        text(&out)
+    );
+    assert!(c.entries().is_empty(), "nothing stored");
+}
+
+/// Flips a byte in the middle of every object under `prefix`, with signed S3 requests.
+fn tamper_with_s3_blobs(moto: &Moto, bucket: &str, prefix: &str) {
+    use futures_util::StreamExt;
+    use object_store::ObjectStore;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_endpoint(moto.endpoint())
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("farm-test")
+        .with_secret_access_key("farm-test-secret")
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let prefix = object_store::path::Path::from(prefix);
+        let objects: Vec<_> = store.list(Some(&prefix)).collect().await;
+        assert!(!objects.is_empty(), "no blobs under {prefix}");
+        for object in objects {
+            let location = object.unwrap().location;
+            let got = store.get_opts(&location, Default::default()).await.unwrap();
+            let mut bytes = got.bytes().await.unwrap().to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x10;
+            store
+                .put_opts(&location, bytes.into(), Default::default())
+                .await
+                .unwrap();
+        }
+    });
 }

@@ -87,6 +87,9 @@ pub fn open(url: &str, timeouts: Timeouts) -> Result<Box<dyn Backend>, BackendEr
                 timeouts,
             }))
         }
+        "s3" => Ok(Box::new(super::s3::S3Backend::open(
+            url, &parsed, timeouts,
+        )?)),
         scheme => Err(unreachable(format!("`{scheme}` caches are not supported"))),
     }
 }
@@ -169,15 +172,9 @@ impl HttpBackend {
     }
 
     fn failed(&self, e: reqwest::Error) -> BackendError {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            reason.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
         BackendError::Unreachable {
             url: self.url.clone(),
-            reason,
+            reason: error_chain(&e),
         }
     }
 
@@ -243,4 +240,18 @@ impl Backend for HttpBackend {
             s => Err(self.status(path, s)),
         }
     }
+}
+
+/// An error and its causes, joined with `: `.
+pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    text
 }

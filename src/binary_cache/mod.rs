@@ -2,12 +2,14 @@
 //! from a cache instead of building it — each record checked against farm.toml's
 //! `trusted-public-keys` and every file against its hash before anything is committed.
 //!
-//! The format is in docs/binary-cache.md. This floor sits above `store` and `fetch`, below
+//! Caches live in a directory (`file://`), on a web server (`http(s)://`) or in an S3
+//! bucket (`s3://`). The format is in docs/binary-cache.md. This floor sits above `store` and `fetch`, below
 //! `build` (which substitutes before it builds).
 
 pub mod backend;
 mod blob;
 pub mod push;
+mod s3;
 pub mod substitute;
 
 pub use backend::{Backend, BackendError, Timeouts, open};

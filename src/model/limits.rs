@@ -255,16 +255,21 @@ pub fn image_url(url: &str) -> Result<(), Refusal> {
     }
 }
 
-/// A binary cache URL: `http(s)://host/path`, or `file:///path` for a directory.
+/// A binary cache URL: `http(s)://host/path`, `s3://bucket/prefix`, or `file:///path`.
 pub fn substituter(url: &str) -> Result<(), Refusal> {
-    let hint = "write `https://host/path`, or `file:///srv/farm-cache` for a directory";
+    let hint = "write `https://host/path`, `s3://bucket/prefix`, or `file:///srv/farm-cache` for a directory";
     let parsed = url::Url::parse(url)
         .map_err(|e| refuse(format!("`{url}` is not a cache URL: {e}"), hint))?;
     match parsed.scheme() {
         "http" | "https" if parsed.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
         "file" if parsed.path().len() > 1 => Ok(()),
         "http" | "https" | "file" => Err(refuse(format!("`{url}` names no host or path"), hint)),
-        "s3" | "oci" => Err(refuse(
+        "s3" if parsed.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+        "s3" => Err(refuse(
+            format!("`{url}` names no bucket"),
+            "write `s3://bucket/prefix`",
+        )),
+        "oci" => Err(refuse(
             format!(
                 "`{url}`: `{}` caches are not supported by this farm yet",
                 parsed.scheme()
@@ -272,7 +277,7 @@ pub fn substituter(url: &str) -> Result<(), Refusal> {
             "serve the cache over https (any static file server), or use a `file://` directory",
         )),
         scheme => Err(refuse(
-            format!("`{url}` is a `{scheme}` URL; farm reads caches over http, https and file"),
+            format!("`{url}` is a `{scheme}` URL; farm reads caches over http, https, s3 and file"),
             hint,
         )),
     }
