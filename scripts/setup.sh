@@ -14,6 +14,7 @@ packages=(
   curl                          # the download benchmark's baseline
   zstd                          # the export benchmark's baseline (tar --zstd)
   python3-venv                  # tests: the S3-compatible server below
+  docker-registry               # tests: an OCI registry (the distribution project's registry:2)
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
 )
 

@@ -12,6 +12,8 @@ mod nginx;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
 mod project;
+#[path = "support/registry.rs"]
+mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +22,7 @@ use guest::{shared_store, vm_tests_possible};
 use moto::{Moto, moto_available};
 use nginx::{Nginx, nginx_available};
 use project::{Project, text};
+use registry::{Registry, registry_available};
 
 /// A key pair made by `farm store keygen`: the secret key file and the farm.toml line.
 struct Key {
@@ -383,4 +386,58 @@ fn tamper_with_s3_blobs(moto: &Moto, bucket: &str, prefix: &str) {
                 .unwrap();
         }
     });
+}
+
+#[test]
+fn an_oci_registry_holds_a_cache_and_a_tampered_blob_stores_nothing() {
+    if !registry_available("oci_cache") {
+        return;
+    }
+    let registry = Registry::start();
+    let url = format!("oci://{}/team/farm-cache", registry.address());
+    let key = keygen("ci-oci");
+
+    let a = cheap_project("");
+    a.ok(&["build"]);
+    let out = a.run(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", text(&out), registry.log());
+    assert!(text(&out).contains("pushed 2 entries"), "{}", text(&out));
+    let again = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+    assert!(
+        text(&again).contains("pushed 0 entries") && text(&again).contains("2 already there"),
+        "{}",
+        text(&again)
+    );
+
+    let b = cheap_project(&format!("substituters = [\"{url}\"]\n{}", key.trust_line));
+    let out = b.ok(&["build"]);
+    assert_eq!(
+        text(&out).matches("substituted ").count(),
+        2,
+        "{}",
+        text(&out)
+    );
+    b.ok(&["store", "verify"]);
+
+    // The zstd blobs altered on the registry's disk: nothing is stored.
+    let mut altered = 0;
+    for blob in registry.blob_files() {
+        let mut bytes = fs_err::read(&blob).unwrap();
+        if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x10;
+            fs_err::write(&blob, bytes).unwrap();
+            altered += 1;
+        }
+    }
+    assert!(altered >= 2, "{altered} blobs altered");
+    let c = cheap_project(&key.trust_line);
+    let out = c.run(&["store", "pull", &url]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("Cache `{url}`: file `disk.qcow2` of `local`")),
+        "{}",
+        text(&out)
+    );
+    assert!(c.entries().is_empty(), "nothing stored");
 }

@@ -1133,12 +1133,12 @@ fn the_tiny_image_is_refused_for_an_aarch64_target_at_check() {
 fn substituters_must_be_http_https_or_file_urls() {
     assert_error(
         &format!("substituters = [\"ftp://cache.example/farm\"]\n{IMAGE}"),
-        "`ftp://cache.example/farm` is a `ftp` URL; farm reads caches over http, https, s3 and file",
+        "`ftp://cache.example/farm` is a `ftp` URL; farm reads caches over http, https, s3, oci and file",
         1,
     );
     assert_error(
-        &format!("substituters = [\"https://ok.example/c\", \"oci://registry/repo\"]\n{IMAGE}"),
-        "`oci://registry/repo`: `oci` caches are not supported by this farm yet",
+        &format!("substituters = [\"https://ok.example/c\", \"oci://registry.example\"]\n{IMAGE}"),
+        "`oci://registry.example` names no registry or repository",
         1,
     );
     assert_error(

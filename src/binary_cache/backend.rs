@@ -90,6 +90,9 @@ pub fn open(url: &str, timeouts: Timeouts) -> Result<Box<dyn Backend>, BackendEr
         "s3" => Ok(Box::new(super::s3::S3Backend::open(
             url, &parsed, timeouts,
         )?)),
+        "oci" => Ok(Box::new(super::oci::OciBackend::open(
+            url, &parsed, timeouts,
+        )?)),
         scheme => Err(unreachable(format!("`{scheme}` caches are not supported"))),
     }
 }

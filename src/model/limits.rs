@@ -255,9 +255,10 @@ pub fn image_url(url: &str) -> Result<(), Refusal> {
     }
 }
 
-/// A binary cache URL: `http(s)://host/path`, `s3://bucket/prefix`, or `file:///path`.
+/// A binary cache URL: `http(s)://host/path`, `s3://bucket/prefix`,
+/// `oci://registry/repository`, or `file:///path`.
 pub fn substituter(url: &str) -> Result<(), Refusal> {
-    let hint = "write `https://host/path`, `s3://bucket/prefix`, or `file:///srv/farm-cache` for a directory";
+    let hint = "write `https://host/path`, `s3://bucket/prefix`, `oci://registry/repository`, or `file:///srv/farm-cache` for a directory";
     let parsed = url::Url::parse(url)
         .map_err(|e| refuse(format!("`{url}` is not a cache URL: {e}"), hint))?;
     match parsed.scheme() {
@@ -269,15 +270,17 @@ pub fn substituter(url: &str) -> Result<(), Refusal> {
             format!("`{url}` names no bucket"),
             "write `s3://bucket/prefix`",
         )),
+        "oci" if parsed.host_str().is_some_and(|h| !h.is_empty()) && parsed.path().len() > 1 => {
+            Ok(())
+        }
         "oci" => Err(refuse(
-            format!(
-                "`{url}`: `{}` caches are not supported by this farm yet",
-                parsed.scheme()
-            ),
-            "serve the cache over https (any static file server), or use a `file://` directory",
+            format!("`{url}` names no registry or repository"),
+            "write `oci://registry.example/team/farm-cache`",
         )),
         scheme => Err(refuse(
-            format!("`{url}` is a `{scheme}` URL; farm reads caches over http, https, s3 and file"),
+            format!(
+                "`{url}` is a `{scheme}` URL; farm reads caches over http, https, s3, oci and file"
+            ),
             hint,
         )),
     }

@@ -1,0 +1,421 @@
+//! OCI registries as binary caches (`oci://registry/repository`), through `oci-client`:
+//! the registries CI teams already run (GitHub, GitLab, Harbor, `registry:2`) hold farm
+//! caches without anything else to operate.
+//!
+//! Registries address content by sha256 and name it by tags, so farm's paths map to tags:
+//!
+//! - `blobs/<blake3>.zst` → an artifact tagged `blob-<blake3>` (artifact type
+//!   `application/vnd.farm.blob.v1`) whose one layer is the zstd blob;
+//! - `records/<drv>.json` → an artifact tagged `drv-<drv>` (artifact type
+//!   `application/vnd.farm.record.v1`) whose config is the signed record and whose layers
+//!   are the entry's blobs, so registry garbage collection and `skopeo copy` keep them;
+//! - `farm-cache.json` → the repository itself.
+//!
+//! Registries on a loopback address are spoken to over plain HTTP, as Docker does; others
+//! over HTTPS. `FARM_OCI_USERNAME` and `FARM_OCI_PASSWORD` give basic credentials.
+
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::Digest;
+
+use super::backend::{Backend, BackendError, Timeouts, error_chain};
+
+const RECORD_ARTIFACT: &str = "application/vnd.farm.record.v1";
+const RECORD_MEDIA_TYPE: &str = "application/vnd.farm.record.v1+json";
+const BLOB_ARTIFACT: &str = "application/vnd.farm.blob.v1";
+const BLOB_MEDIA_TYPE: &str = "application/vnd.farm.blob.v1+zstd";
+const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Bytes read from disk per upload chunk.
+const CHUNK: usize = 8 << 20;
+
+pub(super) struct OciBackend {
+    url: String,
+    registry: String,
+    repository: String,
+    client: Client,
+    auth: RegistryAuth,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+/// What a cache path is in the registry.
+enum Object<'a> {
+    Info,
+    Record(&'a str),
+    Blob(&'a str),
+}
+
+fn object(path: &str) -> Option<Object<'_>> {
+    if path == crate::model::cache_record::CACHE_INFO {
+        return Some(Object::Info);
+    }
+    if let Some(hex) = path
+        .strip_prefix("records/")
+        .and_then(|p| p.strip_suffix(".json"))
+    {
+        return Some(Object::Record(hex));
+    }
+    path.strip_prefix("blobs/")
+        .and_then(|p| p.strip_suffix(".zst"))
+        .map(Object::Blob)
+}
+
+fn is_not_found(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::ServerError { code: 404, .. } => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                OciErrorCode::ManifestUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::BlobUnknown
+                    | OciErrorCode::NotFound
+            )
+        }),
+        _ => false,
+    }
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+impl OciBackend {
+    pub(super) fn open(
+        url: &str,
+        parsed: &url::Url,
+        timeouts: Timeouts,
+    ) -> Result<OciBackend, BackendError> {
+        let unreachable = |reason: String| BackendError::Unreachable {
+            url: url.to_string(),
+            reason,
+        };
+        let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
+            unreachable("it names no registry (`oci://registry/repository`)".into())
+        })?;
+        let registry = match parsed.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        let repository = parsed.path().trim_matches('/').to_string();
+        if repository.is_empty() {
+            return Err(unreachable("it names no repository".into()));
+        }
+        let loopback = host == "localhost"
+            || host
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let protocol = match loopback {
+            true => ClientProtocol::Http,
+            false => ClientProtocol::Https,
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(timeouts.connect),
+            read_timeout: Some(timeouts.read),
+            ..Default::default()
+        });
+        let auth = match (
+            std::env::var("FARM_OCI_USERNAME"),
+            std::env::var("FARM_OCI_PASSWORD"),
+        ) {
+            (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
+            _ => RegistryAuth::Anonymous,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| unreachable(e.to_string()))?;
+        runtime.block_on(client.store_auth_if_needed(&registry, &auth));
+        Ok(OciBackend {
+            url: url.trim_end_matches('/').to_string(),
+            registry,
+            repository,
+            client,
+            auth,
+            runtime: Arc::new(runtime),
+        })
+    }
+
+    fn reference(&self, tag: &str) -> Reference {
+        Reference::with_tag(
+            self.registry.clone(),
+            self.repository.clone(),
+            tag.to_string(),
+        )
+    }
+
+    fn failed(&self, path: &str, e: OciDistributionError) -> BackendError {
+        match e {
+            OciDistributionError::RequestError(_) => BackendError::Unreachable {
+                url: self.url.clone(),
+                reason: error_chain(&e),
+            },
+            other => BackendError::Io {
+                url: self.url.clone(),
+                path: path.to_string(),
+                source: io::Error::other(error_chain(&other)),
+            },
+        }
+    }
+
+    /// The manifest tagged `tag`, or `None`.
+    fn manifest(&self, path: &str, tag: &str) -> Result<Option<OciImageManifest>, BackendError> {
+        let reference = self.reference(tag);
+        match self
+            .runtime
+            .block_on(self.client.pull_image_manifest(&reference, &self.auth))
+        {
+            Ok((manifest, _)) => Ok(Some(manifest)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.failed(path, e)),
+        }
+    }
+
+    fn stream(
+        &self,
+        path: &str,
+        tag: &str,
+        layer: &OciDescriptor,
+    ) -> Result<Box<dyn Read + Send>, BackendError> {
+        let reference = self.reference(tag);
+        let sized = self
+            .runtime
+            .block_on(self.client.pull_blob_stream(&reference, layer))
+            .map_err(|e| self.failed(path, e))?;
+        Ok(Box::new(StreamReader {
+            stream: sized.stream,
+            runtime: self.runtime.clone(),
+            chunk: bytes::Bytes::new(),
+        }))
+    }
+
+    /// Pushes the bytes at `file` as a blob; returns its descriptor.
+    fn push_file(
+        &self,
+        path: &str,
+        tag: &str,
+        file: &Path,
+        media_type: &str,
+    ) -> Result<OciDescriptor, BackendError> {
+        let io = |source: io::Error| BackendError::Io {
+            url: self.url.clone(),
+            path: path.to_string(),
+            source,
+        };
+        // The registry checks the digest it is told, so the file is read twice: once to
+        // hash it, once to send it, chunk by chunk.
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        {
+            let mut reader = fs_err::File::open(file).map_err(io)?;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = reader.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+        }
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let reference = self.reference(tag);
+        let exists = self
+            .runtime
+            .block_on(self.client.blob_exists(&reference, &digest))
+            .unwrap_or(false);
+        if !exists {
+            let reader = fs_err::File::open(file).map_err(io)?.into_parts().0;
+            let chunks = futures_util::stream::unfold(reader, |mut reader| async move {
+                let mut buf = vec![0u8; CHUNK];
+                match reader.read(&mut buf) {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(bytes::Bytes::from(buf)), reader))
+                    }
+                    Err(e) => Some((Err(OciDistributionError::IoError(e)), reader)),
+                }
+            });
+            self.runtime
+                .block_on(
+                    self.client
+                        .push_blob_stream(&reference, chunks, &digest, Some(size)),
+                )
+                .map_err(|e| self.failed(path, e))?;
+        }
+        Ok(OciDescriptor {
+            media_type: media_type.to_string(),
+            digest,
+            size: size as i64,
+            ..Default::default()
+        })
+    }
+
+    fn push_manifest(
+        &self,
+        path: &str,
+        tag: &str,
+        manifest: OciImageManifest,
+    ) -> Result<(), BackendError> {
+        let reference = self.reference(tag);
+        self.runtime
+            .block_on(
+                self.client
+                    .push_manifest(&reference, &OciManifest::Image(manifest)),
+            )
+            .map(drop)
+            .map_err(|e| self.failed(path, e))
+    }
+
+    /// The empty config artifacts without one of their own carry.
+    fn empty_config(&self, path: &str, tag: &str) -> Result<OciDescriptor, BackendError> {
+        let empty = b"{}";
+        let digest = sha256_digest(empty);
+        let reference = self.reference(tag);
+        self.runtime
+            .block_on(self.client.push_blob(&reference, empty.to_vec(), &digest))
+            .map_err(|e| self.failed(path, e))?;
+        Ok(OciDescriptor {
+            media_type: EMPTY_MEDIA_TYPE.to_string(),
+            digest,
+            size: empty.len() as i64,
+            ..Default::default()
+        })
+    }
+}
+
+impl Backend for OciBackend {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn get(&self, path: &str, _bytes: u64) -> Result<Option<Box<dyn Read + Send>>, BackendError> {
+        let (tag, pick_config) = match object(path) {
+            Some(Object::Info) => {
+                return Ok(Some(Box::new(io::Cursor::new(
+                    b"{\"format\": 1}\n".to_vec(),
+                ))));
+            }
+            Some(Object::Record(hex)) => (format!("drv-{hex}"), true),
+            Some(Object::Blob(hex)) => (format!("blob-{hex}"), false),
+            None => return Ok(None),
+        };
+        let Some(manifest) = self.manifest(path, &tag)? else {
+            return Ok(None);
+        };
+        let layer = match pick_config {
+            true => manifest.config,
+            false => match manifest.layers.into_iter().next() {
+                Some(layer) => layer,
+                None => return Ok(None),
+            },
+        };
+        self.stream(path, &tag, &layer).map(Some)
+    }
+
+    fn size(&self, path: &str) -> Result<Option<u64>, BackendError> {
+        let (tag, pick_config) = match object(path) {
+            Some(Object::Info) => return Ok(Some(0)),
+            Some(Object::Record(hex)) => (format!("drv-{hex}"), true),
+            Some(Object::Blob(hex)) => (format!("blob-{hex}"), false),
+            None => return Ok(None),
+        };
+        Ok(self.manifest(path, &tag)?.and_then(|m| match pick_config {
+            true => Some(m.config.size as u64),
+            false => m.layers.first().map(|l| l.size as u64),
+        }))
+    }
+
+    fn put(&self, path: &str, file: &Path) -> Result<(), BackendError> {
+        match object(path) {
+            Some(Object::Info) | None => Ok(()),
+            Some(Object::Blob(hex)) => {
+                let tag = format!("blob-{hex}");
+                let layer = self.push_file(path, &tag, file, BLOB_MEDIA_TYPE)?;
+                let config = self.empty_config(path, &tag)?;
+                self.push_manifest(
+                    path,
+                    &tag,
+                    OciImageManifest {
+                        media_type: Some(MANIFEST_MEDIA_TYPE.to_string()),
+                        artifact_type: Some(BLOB_ARTIFACT.to_string()),
+                        config,
+                        layers: vec![layer],
+                        ..Default::default()
+                    },
+                )
+            }
+            Some(Object::Record(hex)) => {
+                let tag = format!("drv-{hex}");
+                // The record's blobs become the artifact's layers: they are pushed already
+                // (records go last), so their descriptors come from their own artifacts.
+                let text = fs_err::read(file).map_err(|source| BackendError::Io {
+                    url: self.url.clone(),
+                    path: path.to_string(),
+                    source,
+                })?;
+                let record: crate::model::cache_record::CacheRecord = serde_json::from_slice(&text)
+                    .map_err(|e| BackendError::Io {
+                        url: self.url.clone(),
+                        path: path.to_string(),
+                        source: io::Error::other(e),
+                    })?;
+                let mut layers = Vec::new();
+                for blob in record.files.values() {
+                    let blob_tag = format!("blob-{}", blob.blake3.to_hex());
+                    if let Some(manifest) = self.manifest(path, &blob_tag)? {
+                        layers.extend(manifest.layers.into_iter().next());
+                    }
+                }
+                let config = self.push_file(path, &tag, file, RECORD_MEDIA_TYPE)?;
+                self.push_manifest(
+                    path,
+                    &tag,
+                    OciImageManifest {
+                        media_type: Some(MANIFEST_MEDIA_TYPE.to_string()),
+                        artifact_type: Some(RECORD_ARTIFACT.to_string()),
+                        config,
+                        layers,
+                        ..Default::default()
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// A blocking `Read` over a registry blob's byte stream.
+struct StreamReader {
+    stream: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, io::Error>>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    chunk: bytes::Bytes,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.runtime.block_on(self.stream.next()) {
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        Ok(n)
+    }
+}
