@@ -125,6 +125,16 @@ fn a_file_cache_substitutes_everything_and_refuses_what_it_cannot_trust() {
         fs_err::read(a.entry("p").join("disk.qcow2")).unwrap()
     );
 
+    // A cache given on the command line, for one command.
+    let e = cheap_project(&key.trust_line);
+    let out = e.ok(&["build", "--substituter", &url]);
+    assert_eq!(
+        text(&out).matches("substituted ").count(),
+        2,
+        "{}",
+        text(&out)
+    );
+
     // A record signed by a key farm.toml does not list: nothing is pulled.
     let other = keygen("someone-else");
     let c = cheap_project(&other.trust_line);
@@ -211,41 +221,68 @@ platform = "plain"
 "#;
 
 #[test]
-fn over_http_a_fresh_store_substitutes_a_tiny_lab_and_brings_it_up() {
-    if !vm_tests_possible("http_cache") || !nginx_available("http_cache") {
+fn on_every_backend_a_fresh_store_substitutes_a_tiny_lab_and_brings_it_up() {
+    if !vm_tests_possible("cache_backends")
+        || !nginx_available("cache_backends")
+        || !moto_available("cache_backends")
+        || !registry_available("cache_backends")
+    {
         return;
     }
     let served = tempfile::tempdir().unwrap();
-    let server = Nginx::start(served.path());
-    let url = format!("{}/farm", server.url());
-    let key = keygen("ci-http");
-
-    // The build job: the lab built (in the shared store) and pushed with PUT.
+    let nginx = Nginx::start(served.path());
+    let moto = Moto::start("farm-lab-cache");
+    let registry = Registry::start();
+    let key = keygen("ci-lab");
+    // The build job: the lab built (in the shared store) once.
     let a = Project::with_store(LAB, &shared_store());
     a.ok(&["build"]);
-    let out = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
-    assert!(text(&out).contains("pushed 2 entries"), "{}", text(&out));
 
-    // A fresh runner: an empty store, the cache and the key in farm.toml.
-    let b = Project::new(&format!(
-        "substituters = [\"{url}\"]\n{}\n{LAB}",
-        key.trust_line
-    ));
-    let out = b.ok(&["up", "--boot-timeout", "300"]);
-    let said = text(&out);
-    assert_eq!(said.matches("substituted ").count(), 2, "{said}");
-    assert!(!said.contains("built "), "nothing is built: {said}");
-    let ssh = b.ok(&["ssh", "fromcache", "--", "cat", "/etc/farm-cache-test"]);
-    assert_eq!(String::from_utf8_lossy(&ssh.stdout).trim(), "cached");
-    b.ok(&["down"]);
+    for url in [
+        format!("{}/farm", nginx.url()),
+        "s3://farm-lab-cache/ci".to_string(),
+        format!("oci://{}/lab/cache", registry.address()),
+    ] {
+        let push = |project: &Project| {
+            let out = project
+                .farm(&["store", "push", &url, "--key", key.secret.to_str().unwrap()])
+                .envs(moto.env())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{url}: {}", text(&out));
+            text(&out)
+        };
+        assert!(push(&a).contains("pushed 2 entries"), "{url}");
 
-    // Pushing again uploads nothing.
-    let again = a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
-    assert!(
-        text(&again).contains("pushed 0 entries") && text(&again).contains("2 already there"),
-        "{}",
-        text(&again)
-    );
+        // A fresh runner: an empty store, the cache and the key in farm.toml.
+        let b = Project::new(&format!(
+            "substituters = [\"{url}\"]\n{}\n{LAB}",
+            key.trust_line
+        ));
+        let out = b
+            .farm(&["up", "--boot-timeout", "300"])
+            .envs(moto.env())
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert!(out.status.success(), "{url}: {said}");
+        assert_eq!(said.matches("substituted ").count(), 2, "{url}: {said}");
+        assert!(!said.contains("built "), "{url}: nothing is built: {said}");
+        let ssh = b.ok(&["ssh", "fromcache", "--", "cat", "/etc/farm-cache-test"]);
+        assert_eq!(
+            String::from_utf8_lossy(&ssh.stdout).trim(),
+            "cached",
+            "{url}"
+        );
+        b.ok(&["down"]);
+
+        // Pushing again uploads nothing.
+        let again = push(&a);
+        assert!(
+            again.contains("pushed 0 entries") && again.contains("2 already there"),
+            "{url}: {again}"
+        );
+    }
 }
 
 #[test]
