@@ -3,6 +3,8 @@
 //! - `farm store pull` of the lab's closure into an empty store, next to `curl` fetching
 //!   the same records and blobs (target: at least 0.9x curl's throughput; farm also
 //!   unpacks, hashes and commits every file);
+//! - the same from an OCI registry (Debian's `docker-registry` on 127.0.0.1), next to
+//!   `skopeo copy` of the same artifacts into an OCI layout directory;
 //! - a cold `farm up` of the bundled lab on an empty store with the cache warm, next to the
 //!   same with no cache (target: under 60 s, against ~3 min).
 //!
@@ -13,6 +15,8 @@
 mod manual_vm;
 #[path = "../tests/support/nginx.rs"]
 mod nginx;
+#[path = "../tests/support/registry.rs"]
+mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -110,6 +114,44 @@ fn main() {
     let store_b = scratch.path().join("store-b");
     let pull = farm(&runner, &store_b, &["store", "pull", "-q", &url]);
 
+    // The same closure through an OCI registry, against skopeo copying its artifacts.
+    let registry = registry::Registry::start();
+    let oci_url = format!("oci://{}/bench/cache", registry.address());
+    farm(
+        &builder,
+        &store_a,
+        &[
+            "store",
+            "push",
+            "-q",
+            &oci_url,
+            "--key",
+            keys.join("bench.secret").to_str().unwrap(),
+        ],
+    );
+    let tags: Vec<String> = objects
+        .iter()
+        .filter_map(|f| {
+            let name = f.file_name()?.to_str()?;
+            let hex = name.strip_suffix(".json")?;
+            (f.parent()?.file_name()? == "records").then(|| format!("drv-{hex}"))
+        })
+        .collect();
+    let layout = scratch.path().join("skopeo-layout");
+    let started = Instant::now();
+    for tag in &tags {
+        let status = Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(format!("docker://{}/bench/cache:{tag}", registry.address()))
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .status()
+            .unwrap();
+        assert!(status.success(), "skopeo copy {tag}");
+    }
+    let skopeo = started.elapsed();
+    let store_oci = scratch.path().join("store-oci");
+    let oci_pull = farm(&runner, &store_oci, &["store", "pull", "-q", &oci_url]);
+
     // Cold `farm up` with the cache warm, and with none.
     let store_c = scratch.path().join("store-c");
     let up_cached = farm(&runner, &store_c, &["up", "-q"]);
@@ -133,6 +175,14 @@ fn main() {
         rate(curl),
         curl.as_secs_f64(),
         curl.as_secs_f64() / pull.as_secs_f64()
+    );
+    println!(
+        "pull from an OCI registry: farm store pull {:.0} MiB/s ({:.1} s), skopeo copy {:.0} MiB/s ({:.1} s): ratio {:.2} (target >= 0.9)",
+        rate(oci_pull),
+        oci_pull.as_secs_f64(),
+        rate(skopeo),
+        skopeo.as_secs_f64(),
+        skopeo.as_secs_f64() / oci_pull.as_secs_f64()
     );
     println!(
         "cold farm up of the bundled lab on an empty store: {:.0} s with the cache (target < 60 s), {:.0} s without: {:.1}x faster",

@@ -15,6 +15,7 @@ packages=(
   zstd                          # the export benchmark's baseline (tar --zstd)
   python3-venv                  # tests: the S3-compatible server below
   docker-registry               # tests: an OCI registry (the distribution project's registry:2)
+  skopeo                        # the OCI cache benchmark's baseline (skopeo copy)
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
 )
 
