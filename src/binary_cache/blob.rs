@@ -9,6 +9,8 @@ use crate::model::hash::ContentHash;
 
 /// zstd's default level: about as fast as a disk reads, a third of a qcow2's size.
 const LEVEL: i32 = 3;
+/// Bytes handed from the unpacking thread to the hashing and writing one at a time.
+const CHUNK: usize = 4 << 20;
 
 /// `source` compressed into a temporary file in `scratch`; returns the file, its size and
 /// the blake3 of the bytes that went in (so a file that changed since commit is caught).
@@ -83,19 +85,42 @@ pub(super) fn download(
     }
     let mut out = io::BufWriter::with_capacity(1 << 20, fs_err::File::create(target)?);
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let result = (|| -> Result<(), BlobError> {
-        loop {
-            let n = decoder.read(&mut buf).map_err(BlobError::Corrupt)?;
-            if n == 0 {
-                break;
+    // Two stages, so unpacking overlaps hashing and writing: a thread reads and unpacks
+    // into chunks, this one hashes and writes them.
+    let result = std::thread::scope(|scope| -> Result<(), BlobError> {
+        let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let unpacker = scope.spawn(move || -> Result<(), BlobError> {
+            let limit = blob.size;
+            let mut unpacked = 0u64;
+            loop {
+                let mut chunk = vec![0u8; CHUNK];
+                let mut filled = 0;
+                while filled < CHUNK {
+                    let n = decoder
+                        .read(&mut chunk[filled..])
+                        .map_err(BlobError::Corrupt)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                if filled == 0 {
+                    return Ok(());
+                }
+                chunk.truncate(filled);
+                unpacked += filled as u64;
+                if chunks.send(chunk).is_err() || unpacked > limit {
+                    return Ok(());
+                }
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
-            if hasher.count() > blob.size {
-                break;
-            }
+        });
+        for chunk in received {
+            hasher.update(&chunk);
+            out.write_all(&chunk)?;
         }
+        unpacker
+            .join()
+            .expect("the unpacking thread does not panic")?;
         out.flush()?;
         let actual = ContentHash::from_blake3(hasher.finalize());
         if actual != blob.blake3 || hasher.count() != blob.size {
@@ -107,7 +132,7 @@ pub(super) fn download(
             });
         }
         Ok(())
-    })();
+    });
     if result.is_err() {
         drop(out);
         let _ = fs_err::remove_file(target);

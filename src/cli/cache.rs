@@ -145,6 +145,7 @@ pub(super) fn pull(
     }
     let realise_options = RealiseOptions {
         substitution: Some(Arc::new(Substitution { caches, offers })),
+        jobs: crate::build::realise::default_jobs(),
         ..RealiseOptions::default()
     };
     let started = Instant::now();
