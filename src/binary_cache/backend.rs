@@ -34,7 +34,30 @@ pub trait Backend: Send + Sync {
     /// The size of the object at `path`, or `None` when the cache has none.
     fn size(&self, path: &str) -> Result<Option<u64>, BackendError>;
     /// Stores `file` at `path`, replacing any object there; readers never see half of it.
-    fn put(&self, path: &str, file: &Path) -> Result<(), BackendError>;
+    /// `sent` is told of bytes as they go, for progress bars.
+    fn put(&self, path: &str, file: &Path, sent: &Progress) -> Result<(), BackendError>;
+}
+
+/// Told of bytes as they are sent or received.
+pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A progress that tells nobody.
+pub fn no_progress() -> Progress {
+    std::sync::Arc::new(|_| {})
+}
+
+/// A reader that tells `progress` of every byte read through it.
+pub(super) struct Counting<R> {
+    pub(super) inner: R,
+    pub(super) progress: Progress,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
 }
 
 /// How long a cache may take to accept a connection, and to send the next byte: a cache
@@ -143,7 +166,7 @@ impl Backend for FileBackend {
         }
     }
 
-    fn put(&self, path: &str, file: &Path) -> Result<(), BackendError> {
+    fn put(&self, path: &str, file: &Path, sent: &Progress) -> Result<(), BackendError> {
         let target = self.root.join(path);
         let dir = target.parent().expect("cache paths have a directory");
         fs_err::create_dir_all(dir).map_err(self.io(path))?;
@@ -151,7 +174,11 @@ impl Backend for FileBackend {
             .prefix(".upload.")
             .tempfile_in(dir)
             .map_err(self.io(path))?;
-        fs_err::copy(file, tmp.path()).map_err(self.io(path))?;
+        let mut source = Counting {
+            inner: fs_err::File::open(file).map_err(self.io(path))?,
+            progress: sent.clone(),
+        };
+        io::copy(&mut source, &mut tmp.as_file()).map_err(self.io(path))?;
         tmp.persist(&target).map_err(|e| self.io(path)(e.error))?;
         Ok(())
     }
@@ -223,7 +250,7 @@ impl Backend for HttpBackend {
         }
     }
 
-    fn put(&self, path: &str, file: &Path) -> Result<(), BackendError> {
+    fn put(&self, path: &str, file: &Path, sent: &Progress) -> Result<(), BackendError> {
         let io = |source| BackendError::Io {
             url: self.url.clone(),
             path: path.to_string(),
@@ -235,7 +262,13 @@ impl Backend for HttpBackend {
             .client
             .put(self.object(path))
             .timeout(request_timeout(self.timeouts, len))
-            .body(reqwest::blocking::Body::sized(opened.into_parts().0, len))
+            .body(reqwest::blocking::Body::sized(
+                Counting {
+                    inner: opened.into_parts().0,
+                    progress: sent.clone(),
+                },
+                len,
+            ))
             .send()
             .map_err(|e| self.failed(e))?;
         match response.status() {

@@ -75,7 +75,7 @@ pub(super) fn download(
     let reader = backend
         .get(&blob_path(&blob.blake3), blob.zstd_size)?
         .ok_or(BlobError::Missing(blob.blake3))?;
-    let counted = Counting {
+    let counted = BorrowedCounting {
         inner: reader,
         on_bytes,
     };
@@ -140,12 +140,12 @@ pub(super) fn download(
     result
 }
 
-struct Counting<'a, R> {
+struct BorrowedCounting<'a, R> {
     inner: R,
     on_bytes: &'a (dyn Fn(u64) + Sync),
 }
 
-impl<R: Read> Read for Counting<'_, R> {
+impl<R: Read> Read for BorrowedCounting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         (self.on_bytes)(n as u64);

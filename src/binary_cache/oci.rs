@@ -26,7 +26,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::Digest;
 
-use super::backend::{Backend, BackendError, Timeouts, error_chain};
+use super::backend::{Backend, BackendError, Progress, Timeouts, error_chain};
 
 const RECORD_ARTIFACT: &str = "application/vnd.farm.record.v1";
 const RECORD_MEDIA_TYPE: &str = "application/vnd.farm.record.v1+json";
@@ -208,6 +208,7 @@ impl OciBackend {
         tag: &str,
         file: &Path,
         media_type: &str,
+        sent: &Progress,
     ) -> Result<OciDescriptor, BackendError> {
         let io = |source: io::Error| BackendError::Io {
             url: self.url.clone(),
@@ -238,15 +239,20 @@ impl OciBackend {
             .unwrap_or(false);
         if !exists {
             let reader = fs_err::File::open(file).map_err(io)?.into_parts().0;
-            let chunks = futures_util::stream::unfold(reader, |mut reader| async move {
-                let mut buf = vec![0u8; CHUNK];
-                match reader.read(&mut buf) {
-                    Ok(0) => None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Some((Ok(bytes::Bytes::from(buf)), reader))
+            let progress = sent.clone();
+            let chunks = futures_util::stream::unfold(reader, move |mut reader| {
+                let progress = progress.clone();
+                async move {
+                    let mut buf = vec![0u8; CHUNK];
+                    match reader.read(&mut buf) {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            progress(n as u64);
+                            Some((Ok(bytes::Bytes::from(buf)), reader))
+                        }
+                        Err(e) => Some((Err(OciDistributionError::IoError(e)), reader)),
                     }
-                    Err(e) => Some((Err(OciDistributionError::IoError(e)), reader)),
                 }
             });
             self.runtime
@@ -339,12 +345,12 @@ impl Backend for OciBackend {
         }))
     }
 
-    fn put(&self, path: &str, file: &Path) -> Result<(), BackendError> {
+    fn put(&self, path: &str, file: &Path, sent: &Progress) -> Result<(), BackendError> {
         match object(path) {
             Some(Object::Info) | None => Ok(()),
             Some(Object::Blob(hex)) => {
                 let tag = format!("blob-{hex}");
-                let layer = self.push_file(path, &tag, file, BLOB_MEDIA_TYPE)?;
+                let layer = self.push_file(path, &tag, file, BLOB_MEDIA_TYPE, sent)?;
                 let config = self.empty_config(path, &tag)?;
                 self.push_manifest(
                     path,
@@ -380,7 +386,7 @@ impl Backend for OciBackend {
                         layers.extend(manifest.layers.into_iter().next());
                     }
                 }
-                let config = self.push_file(path, &tag, file, RECORD_MEDIA_TYPE)?;
+                let config = self.push_file(path, &tag, file, RECORD_MEDIA_TYPE, sent)?;
                 self.push_manifest(
                     path,
                     &tag,

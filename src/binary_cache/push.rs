@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::backend::{Backend, BackendError};
+use super::backend::{Backend, BackendError, Progress, no_progress};
 use super::blob::compress;
 use crate::model::cache_record::{
     Blob, CACHE_FORMAT, CACHE_INFO, CacheRecord, DISK_FILE, blob_path, record_path,
@@ -60,7 +60,7 @@ pub fn push(
         let info = tempfile::NamedTempFile::new_in(store.tmp_dir()).map_err(StoreError::Io)?;
         fs_err::write(info.path(), format!("{{\"format\": {CACHE_FORMAT}}}\n"))
             .map_err(StoreError::Io)?;
-        cache.put(CACHE_INFO, info.path())?;
+        cache.put(CACHE_INFO, info.path(), &no_progress())?;
     }
     for entry in entries {
         let name = entry.dir_name().to_string();
@@ -146,7 +146,7 @@ pub fn push(
             serde_json::to_vec_pretty(&record).expect("records serialize"),
         )
         .map_err(StoreError::Io)?;
-        cache.put(&record_path(&record.drv_hash), json.path())?;
+        cache.put(&record_path(&record.drv_hash), json.path(), &no_progress())?;
         reporter.line(format!("{:>12} {name}", "pushed"));
         report.pushed.push(name);
     }
@@ -185,8 +185,14 @@ fn upload_file(
     if read != record.blake3 {
         return Err(PushError::Changed { path: source });
     }
-    let bar = reporter.spinner("uploading", &format!("{}/{file}", entry.dir_name()));
-    cache.put(&path, compressed.path())?;
+    let bar = reporter.bytes_for(
+        "uploading",
+        &format!("{}/{file}", entry.dir_name()),
+        Some(zstd_size),
+    );
+    let progress_bar = bar.clone();
+    let progress: Progress = std::sync::Arc::new(move |n| progress_bar.inc(n));
+    cache.put(&path, compressed.path(), &progress)?;
     bar.finish_and_clear();
     Ok((
         Blob {

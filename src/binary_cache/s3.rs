@@ -16,7 +16,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, ObjectStore, PutOptions, PutPayload};
 
-use super::backend::{Backend, BackendError, Timeouts};
+use super::backend::{Backend, BackendError, Progress, Timeouts};
 
 /// Files at least this big are uploaded in parts of this size.
 const MULTIPART_FROM: usize = 16 << 20;
@@ -131,7 +131,7 @@ impl Backend for S3Backend {
         }
     }
 
-    fn put(&self, path: &str, file: &Path) -> Result<(), BackendError> {
+    fn put(&self, path: &str, file: &Path, sent: &Progress) -> Result<(), BackendError> {
         let location = self.location(path);
         let io = |source: io::Error| BackendError::Io {
             url: self.url.clone(),
@@ -150,15 +150,16 @@ impl Backend for S3Backend {
         };
         if len < MULTIPART_FROM {
             let bytes = read_part(&mut source).map_err(io)?;
+            let sent_bytes = bytes.len() as u64;
             let payload = PutPayload::from(bytes);
-            return self
-                .runtime
+            self.runtime
                 .block_on(
                     self.store
                         .put_opts(&location, payload, PutOptions::default()),
                 )
-                .map(drop)
-                .map_err(|e| self.failed(path, e));
+                .map_err(|e| self.failed(path, e))?;
+            sent(sent_bytes);
+            return Ok(());
         }
         self.runtime.block_on(async {
             let mut upload = self
@@ -171,10 +172,12 @@ impl Backend for S3Backend {
                 if part.is_empty() {
                     break;
                 }
+                let part_len = part.len() as u64;
                 if let Err(e) = upload.put_part(PutPayload::from(part)).await {
                     let _ = upload.abort().await;
                     return Err(self.failed(path, e));
                 }
+                sent(part_len);
             }
             upload
                 .complete()
