@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use manual_vm::farm;
+use manual_vm::{farm, files_under};
 
 fn copy_lab(dir: &Path, extra: &str) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -35,19 +35,6 @@ fn copy_lab(dir: &Path, extra: &str) {
             fs_err::copy(file.path(), dir.join(folder).join(file.file_name())).unwrap();
         }
     }
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for child in fs_err::read_dir(dir).unwrap() {
-        let path = child.unwrap().path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 fn main() {

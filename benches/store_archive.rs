@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use manual_vm::farm;
+use manual_vm::{farm, files_under};
 
 fn run(what: &str, cmd: &mut Command) -> Duration {
     let started = Instant::now();
@@ -27,20 +27,6 @@ fn run(what: &str, cmd: &mut Command) -> Duration {
         String::from_utf8_lossy(&out.stderr)
     );
     started.elapsed()
-}
-
-/// Every regular file under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for child in fs_err::read_dir(dir).unwrap() {
-        let path = child.unwrap().path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 fn main() {

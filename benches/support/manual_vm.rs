@@ -258,3 +258,17 @@ pub fn entry(project: &Path, store: &Path, name: &str) -> PathBuf {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     PathBuf::from(v[0]["in_store"].as_str().expect("built"))
 }
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for child in fs_err::read_dir(dir).unwrap() {
+        let path = child.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -8,6 +8,7 @@
 
 pub mod backend;
 mod blob;
+mod blocking;
 mod oci;
 pub mod push;
 mod s3;

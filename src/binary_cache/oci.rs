@@ -18,7 +18,6 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
@@ -27,6 +26,7 @@ use oci_client::{Client, Reference};
 use sha2::Digest;
 
 use super::backend::{Backend, BackendError, Progress, Timeouts, error_chain};
+use super::blocking::{StreamReader, runtime};
 
 const RECORD_ARTIFACT: &str = "application/vnd.farm.record.v1";
 const RECORD_MEDIA_TYPE: &str = "application/vnd.farm.record.v1+json";
@@ -132,11 +132,7 @@ impl OciBackend {
             (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
             _ => RegistryAuth::Anonymous,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| unreachable(e.to_string()))?;
+        let runtime = runtime().map_err(|e| unreachable(e.to_string()))?;
         runtime.block_on(client.store_auth_if_needed(&registry, &auth));
         Ok(OciBackend {
             url: url.trim_end_matches('/').to_string(),
@@ -144,7 +140,7 @@ impl OciBackend {
             repository,
             client,
             auth,
-            runtime: Arc::new(runtime),
+            runtime,
         })
     }
 
@@ -194,11 +190,10 @@ impl OciBackend {
             .runtime
             .block_on(self.client.pull_blob_stream(&reference, layer))
             .map_err(|e| self.failed(path, e))?;
-        Ok(Box::new(StreamReader {
-            stream: sized.stream,
-            runtime: self.runtime.clone(),
-            chunk: bytes::Bytes::new(),
-        }))
+        Ok(Box::new(StreamReader::new(
+            sized.stream,
+            self.runtime.clone(),
+        )))
     }
 
     /// Pushes the bytes at `file` as a blob; returns its descriptor.
@@ -400,28 +395,5 @@ impl Backend for OciBackend {
                 )
             }
         }
-    }
-}
-
-/// A blocking `Read` over a registry blob's byte stream.
-struct StreamReader {
-    stream: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, io::Error>>,
-    runtime: Arc<tokio::runtime::Runtime>,
-    chunk: bytes::Bytes,
-}
-
-impl Read for StreamReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.runtime.block_on(self.stream.next()) {
-                Some(Ok(chunk)) => self.chunk = chunk,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        let _ = self.chunk.split_to(n);
-        Ok(n)
     }
 }

@@ -11,12 +11,12 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, ObjectStore, PutOptions, PutPayload};
 
 use super::backend::{Backend, BackendError, Progress, Timeouts};
+use super::blocking::{StreamReader, runtime};
 
 /// Files at least this big are uploaded in parts of this size.
 const MULTIPART_FROM: usize = 16 << 20;
@@ -59,16 +59,12 @@ impl S3Backend {
             })
             .build()
             .map_err(|e| unreachable(e.to_string()))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| unreachable(e.to_string()))?;
+        let runtime = runtime().map_err(|e| unreachable(e.to_string()))?;
         Ok(S3Backend {
             url: url.trim_end_matches('/').to_string(),
             prefix: parsed.path().trim_matches('/').to_string(),
             store: Arc::new(store),
-            runtime: Arc::new(runtime),
+            runtime,
         })
     }
 
@@ -105,11 +101,10 @@ impl Backend for S3Backend {
             .runtime
             .block_on(self.store.get_opts(&location, GetOptions::default()));
         match result {
-            Ok(found) => Ok(Some(Box::new(StreamReader {
-                stream: found.into_stream(),
-                runtime: self.runtime.clone(),
-                chunk: bytes::Bytes::new(),
-            }))),
+            Ok(found) => Ok(Some(Box::new(StreamReader::new(
+                found.into_stream(),
+                self.runtime.clone(),
+            )))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.failed(path, e)),
         }
@@ -185,28 +180,5 @@ impl Backend for S3Backend {
                 .map(drop)
                 .map_err(|e| self.failed(path, e))
         })
-    }
-}
-
-/// A blocking `Read` over an object's byte stream.
-struct StreamReader {
-    stream: futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
-    runtime: Arc<tokio::runtime::Runtime>,
-    chunk: bytes::Bytes,
-}
-
-impl Read for StreamReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.runtime.block_on(self.stream.next()) {
-                Some(Ok(chunk)) => self.chunk = chunk,
-                Some(Err(e)) => return Err(io::Error::other(e)),
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        let _ = self.chunk.split_to(n);
-        Ok(n)
     }
 }

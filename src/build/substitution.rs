@@ -27,6 +27,22 @@ pub struct Substitution {
     pub offers: BTreeMap<DrvHash, Offer>,
 }
 
+/// What the plan shows of each offer: where from, and how much.
+pub fn summarise(offers: &BTreeMap<DrvHash, Offer>) -> BTreeMap<DrvHash, CacheOffer> {
+    offers
+        .iter()
+        .map(|(hash, offer)| {
+            (
+                *hash,
+                CacheOffer {
+                    from: offer.url.clone(),
+                    bytes: offer.record.download_size(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// The caches `choice` and `project` name, or `None` when there are none.
 pub fn caches_for(
     project: &Project,
@@ -77,18 +93,7 @@ pub fn plan_with_caches(
         .collect();
     let warn = |line: String| reporter.warn(line);
     let offers = caches.query(&missing, &warn);
-    let summary: BTreeMap<DrvHash, CacheOffer> = offers
-        .iter()
-        .map(|(hash, offer)| {
-            (
-                *hash,
-                CacheOffer {
-                    from: offer.url.clone(),
-                    bytes: offer.record.download_size(),
-                },
-            )
-        })
-        .collect();
+    let summary = summarise(&offers);
     substitute_offered(&mut plan, &summary);
     Ok((plan, Some(Arc::new(Substitution { caches, offers }))))
 }

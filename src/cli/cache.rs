@@ -9,8 +9,8 @@ use anyhow::Context;
 use super::store::{PullArgs, PushArgs, chosen_entries, store_dir};
 use crate::binary_cache::{Substituters, Timeouts, open, push as push_entries};
 use crate::build::realise::{RealiseOptions, human_bytes, present_hashes, realise};
-use crate::build::substitution::Substitution;
-use crate::model::plan::{Action, CacheOffer, plan_build, substitute_offered};
+use crate::build::substitution::{Substitution, summarise};
+use crate::model::plan::{Action, plan_build, substitute_offered};
 use crate::model::signing::SecretKey;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions, UsageError};
@@ -125,18 +125,7 @@ pub(super) fn pull(
             args.url
         );
     }
-    let summary: BTreeMap<_, _> = offers
-        .iter()
-        .map(|(hash, offer)| {
-            (
-                *hash,
-                CacheOffer {
-                    from: offer.url.clone(),
-                    bytes: offer.record.download_size(),
-                },
-            )
-        })
-        .collect();
+    let summary = summarise(&offers);
     substitute_offered(&mut plan, &summary);
     for step in &mut plan.steps {
         if let Action::Substitute { fallback, .. } = &mut step.action {
