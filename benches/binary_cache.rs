@@ -2,7 +2,8 @@
 //!
 //! - `farm store pull` of the lab's closure into an empty store, next to `curl` fetching
 //!   the same records and blobs (target: at least 0.9x curl's throughput; farm also
-//!   unpacks, hashes and commits every file);
+//!   unpacks, hashes and commits every file), and next to `curl | zstd -d > file; sync`,
+//!   which does the same unpacking and writing without the checks;
 //! - the same from an OCI registry (Debian's `docker-registry` on 127.0.0.1), next to
 //!   `skopeo copy` of the same artifacts into an OCI layout directory;
 //! - a cold `farm up` of the bundled lab on an empty store with the cache warm, next to the
@@ -98,6 +99,30 @@ fn main() {
         assert!(status.success(), "curl {relative}");
     }
     let curl = started.elapsed();
+    // A second baseline that does what a pull must: unpack each blob to a file, then sync.
+    let unpacked = scratch.path().join("unpacked");
+    fs_err::create_dir_all(&unpacked).unwrap();
+    let started = Instant::now();
+    for (i, file) in objects.iter().enumerate() {
+        let relative = file.strip_prefix(&served).unwrap().display().to_string();
+        let unpack = if relative.ends_with(".zst") {
+            "zstd -dq"
+        } else {
+            "cat"
+        };
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "curl -sSf {}/{relative} | {unpack} > {}/{i}",
+                server.url(),
+                unpacked.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success(), "curl | {unpack} {relative}");
+    }
+    assert!(Command::new("sync").status().unwrap().success());
+    let curl_unpack = started.elapsed();
     let store_b = scratch.path().join("store-b");
     let pull = farm(&runner, &store_b, &["store", "pull", "-q", &url]);
 
@@ -139,14 +164,6 @@ fn main() {
     let store_oci = scratch.path().join("store-oci");
     let oci_pull = farm(&runner, &store_oci, &["store", "pull", "-q", &oci_url]);
 
-    // Cold `farm up` with the cache warm, and with none.
-    let store_c = scratch.path().join("store-c");
-    let up_cached = farm(&runner, &store_c, &["up", "-q"]);
-    farm(&runner, &store_c, &["down", "-q", "--timeout", "30"]);
-    let store_d = scratch.path().join("store-d");
-    let up_uncached = farm(&runner, &store_d, &["up", "-q", "--no-substitute"]);
-    farm(&runner, &store_d, &["down", "-q", "--timeout", "30"]);
-
     let mib = bytes as f64 / (1 << 20) as f64;
     let rate = |d: Duration| mib / d.as_secs_f64();
     println!(
@@ -164,6 +181,11 @@ fn main() {
         curl.as_secs_f64() / pull.as_secs_f64()
     );
     println!(
+        "  against `curl | zstd -d > file` of each object, then `sync` (the same unpacking and writing): {:.1} s, ratio {:.2}",
+        curl_unpack.as_secs_f64(),
+        curl_unpack.as_secs_f64() / pull.as_secs_f64()
+    );
+    println!(
         "pull from an OCI registry: farm store pull {:.0} MiB/s ({:.1} s), skopeo copy {:.0} MiB/s ({:.1} s): ratio {:.2} (target >= 0.9)",
         rate(oci_pull),
         oci_pull.as_secs_f64(),
@@ -171,6 +193,17 @@ fn main() {
         skopeo.as_secs_f64(),
         skopeo.as_secs_f64() / oci_pull.as_secs_f64()
     );
+    // Cold `farm up` with the cache warm, and with none (FARM_BENCH_PULL_ONLY=1 skips it).
+    if std::env::var_os("FARM_BENCH_PULL_ONLY").is_some() {
+        return;
+    }
+    let store_c = scratch.path().join("store-c");
+    let up_cached = farm(&runner, &store_c, &["up", "-q"]);
+    farm(&runner, &store_c, &["down", "-q", "--timeout", "30"]);
+    let store_d = scratch.path().join("store-d");
+    let up_uncached = farm(&runner, &store_d, &["up", "-q", "--no-substitute"]);
+    farm(&runner, &store_d, &["down", "-q", "--timeout", "30"]);
+
     println!(
         "cold farm up of the bundled lab on an empty store: {:.0} s with the cache (target < 60 s), {:.0} s without: {:.1}x faster",
         up_cached.as_secs_f64(),

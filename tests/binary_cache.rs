@@ -290,7 +290,8 @@ fn a_layer_is_not_substituted_onto_a_parent_built_here_with_other_bytes() {
     if !vm_tests_possible("parent_bytes") {
         return;
     }
-    // `stamp` is not bit-reproducible (it records the time); `leaf` is built on it.
+    // `stamp` is not bit-reproducible (it records the time); `on-stamp` is built on it.
+    // (Names no other test in the shared store uses: some count entries by name.)
     const STAMPED: &str = r#"
 [images.tiny]
 tiny = true
@@ -302,9 +303,9 @@ arch = "x86_64"
 from = "tiny"
 run = ["date +%s%N > /etc/stamp"]
 
-[platforms.leaf]
+[platforms.on-stamp]
 from = "stamp"
-run = ["echo leaf > /etc/leaf"]
+run = ["echo on-stamp > /etc/on-stamp"]
 "#;
     let key = keygen("ci-stamp");
     let cache_dir = tempfile::tempdir().unwrap();
@@ -324,11 +325,11 @@ run = ["echo leaf > /etc/leaf"]
     let out = b.ok(&["build"]);
     let said = text(&out);
     assert!(
-        said.contains("built `leaf_amd64` on other bytes of")
-            && said.contains("building `leaf_amd64` instead"),
+        said.contains("built `on-stamp_amd64` on other bytes of")
+            && said.contains("building `on-stamp_amd64` instead"),
         "{said}"
     );
-    assert!(said.contains("built leaf_amd64"), "{said}");
+    assert!(said.contains("built on-stamp_amd64"), "{said}");
     b.ok(&["store", "verify"]);
 }
 
