@@ -58,7 +58,9 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         return;
     }
     let p = Project::with_store(&lab(), &shared_store());
-    let up = p.ok(&["up"]);
+    // Two L2 guests boot under TCG inside an L1 that is itself under TCG, on 2 cores: one
+    // has taken 165 s to answer ssh and the other over 300 s in CI, so they get 600 s.
+    let up = p.ok(&["up", "--boot-timeout", "600"]);
     let log = stderr(&up);
     assert!(
         log.contains("pushed"),
