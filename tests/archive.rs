@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use entries::commit;
+use entries::{commit, commit_with_data};
 use farm::store::{Entry, Store};
 use farm::sys::qemu_img;
 use guest::{shared_store, vm_tests_possible};
@@ -318,4 +318,32 @@ fn an_exported_lab_comes_up_from_an_imported_store_with_no_network() {
         assert!(!said.contains(word), "nothing is {word} offline: {said}");
     }
     assert_eq!(offline.entries(), entries, "the store is what was imported");
+}
+
+#[test]
+fn a_layer_is_not_imported_onto_a_parent_this_store_holds_with_other_bytes() {
+    let ex = exported();
+    // This store built `base` itself: the same derivation, other bytes.
+    let target = empty_store_dir();
+    let root = target.path().join("cache");
+    let here = Store::open(&root).unwrap();
+    let own_base = commit_with_data(&here, "base", None, None, 0x62);
+    assert_eq!(own_base.dir_name(), ex.entries[0].dir_name());
+    assert_ne!(
+        own_base.meta.output_blake3,
+        ex.entries[0].meta.output_blake3
+    );
+
+    let out = farm_store(&root, &["import", ex.archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "entry `{}` is built on other bytes of `{}` than this store holds",
+            ex.entries[1].dir_name(),
+            own_base.dir_name()
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(store_entries(&root), vec![own_base.dir_name().to_string()]);
 }

@@ -13,6 +13,18 @@ const MIB: u64 = 1 << 20;
 /// derivation hash): a 32 MiB disk holding 2 MiB of data, or an overlay on `parent` with a
 /// relative backing file; with `boot/vmlinuz` and `boot/cmdline` when `kernel` is given.
 pub fn commit(store: &Store, name: &str, parent: Option<&Entry>, kernel: Option<&[u8]>) -> Entry {
+    commit_with_data(store, name, parent, kernel, 0x61)
+}
+
+/// As `commit`, with the base disk's 2 MiB of data made of byte `pattern`: the same
+/// derivation with other bytes, as a non-reproducible build elsewhere gives.
+pub fn commit_with_data(
+    store: &Store,
+    name: &str,
+    parent: Option<&Entry>,
+    kernel: Option<&[u8]>,
+    pattern: u8,
+) -> Entry {
     let derivation = serde_json::json!({ "test": name, "parent": parent.map(|p| p.dir_name()) });
     let key = hash_of_json(&derivation);
     let lock = store.lock(&key).unwrap();
@@ -25,7 +37,7 @@ pub fn commit(store: &Store, name: &str, parent: Option<&Entry>, kernel: Option<
         None => {
             qemu_img::create(&staging.disk_path(), 32 * MIB).unwrap();
             let out = Command::new("qemu-io")
-                .args(["-f", "qcow2", "-c", "write -P 0x61 1M 2M"])
+                .args(["-f", "qcow2", "-c", &format!("write -P {pattern} 1M 2M")])
                 .arg(staging.disk_path())
                 .output()
                 .unwrap();
