@@ -297,7 +297,17 @@ impl Apply<'_> {
         let spinner = self.reporter.spinner(&spec.name, "waiting for ssh");
         let deadline = Instant::now() + timeout;
         let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
-            match instance::is_running(host, &spec.paths, &spec.name) {
+            // A VM is given up on only when two looks a second apart agree that its qemu is
+            // gone: one look can catch the pidfile while it is being written.
+            let running = || instance::is_running(host, &spec.paths, &spec.name);
+            let gone = match running() {
+                Ok(false) => {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    running()
+                }
+                other => other,
+            };
+            match gone {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!(
                     "qemu is not running; {}",
