@@ -278,7 +278,9 @@ impl Backend for HttpBackend {
     }
 }
 
-/// An error and its causes, joined with `: `.
+/// An error and its causes, joined with `: `, leaving out a cause its error already
+/// quotes (reqwest and the object store clients repeat their sources in their messages),
+/// unlike `sys::ssh::error_chain`.
 pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use super::backend::{Backend, BackendError, Progress, no_progress};
 use super::blob::compress;
 use crate::model::cache_record::{
-    Blob, CACHE_FORMAT, CACHE_INFO, CacheRecord, DISK_FILE, blob_path, record_path,
+    Blob, CACHE_FORMAT, CACHE_INFO, CacheRecord, blob_path, record_path,
 };
 use crate::model::signing::SecretKey;
 use crate::progress::Reporter;
@@ -68,17 +68,7 @@ pub fn push(
             report.present.push(name);
             continue;
         }
-        let mut files = match entry.meta.meta_blake3 {
-            Some(_) => entry.meta.files.clone(),
-            None => store.record_files_of(entry)?,
-        };
-        files.insert(
-            DISK_FILE.to_string(),
-            crate::store::FileRecord {
-                blake3: entry.meta.output_blake3,
-                size: entry.meta.size,
-            },
-        );
+        let files = store.files_of(entry)?;
         let blobs = Mutex::new(BTreeMap::new());
         let failure = Mutex::new(None);
         let queue = Mutex::new(files.iter());

@@ -316,7 +316,7 @@ fn realise_one(
         ) => {
             reporter.warn(format!(
                 "{}; building `{name}` instead",
-                crate::build::realise::error_chain(&e).replace('\n', " ")
+                crate::sys::ssh::error_chain(&e).replace('\n', " ")
             ));
             let _ = from;
             drop(staging);
@@ -588,17 +588,6 @@ pub(super) fn produce(
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// An error and its causes on one line: what a warning that falls back can say.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
 
 /// Puts an image file into `staging` as `disk.qcow2`: decompressing, converting raw to
 /// qcow2, and moving (downloads, which the store owns) or copying (the user's files).

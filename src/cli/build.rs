@@ -102,10 +102,7 @@ impl SubstituteArgs {
     /// The caches to ask; each URL given here is checked like farm.toml's.
     pub fn choice(&self) -> anyhow::Result<CacheChoice> {
         for url in &self.substituters {
-            crate::model::limits::substituter(url).map_err(|r| UsageError {
-                message: format!("--substituter {}", r.message),
-                hint: r.hint,
-            })?;
+            cache_url(url, "--substituter ")?;
         }
         Ok(CacheChoice {
             extra: self.substituters.clone(),
@@ -113,6 +110,15 @@ impl SubstituteArgs {
             timeouts: Default::default(),
         })
     }
+}
+
+/// Checks a cache URL given on the command line as farm.toml's are checked; `said` goes
+/// before the message (`--substituter `).
+pub(super) fn cache_url(url: &str, said: &str) -> Result<(), UsageError> {
+    crate::model::limits::substituter(url).map_err(|r| UsageError {
+        message: format!("{said}{}", r.message),
+        hint: r.hint,
+    })
 }
 
 /// `--accel` values (clap's view of `Accel`).

@@ -22,10 +22,7 @@ pub(super) fn push(
     args: &PushArgs,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    crate::model::limits::substituter(&args.url).map_err(|r| UsageError {
-        message: r.message,
-        hint: r.hint,
-    })?;
+    super::build::cache_url(&args.url, "")?;
     let text = fs_err::read_to_string(&args.key)
         .with_context(|| format!("Cannot read the signing key `{}`", args.key.display()))?;
     let key: SecretKey = text.parse().map_err(|e| UsageError {
@@ -57,10 +54,7 @@ pub(super) fn pull(
     args: &PullArgs,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    crate::model::limits::substituter(&args.url).map_err(|r| UsageError {
-        message: r.message,
-        hint: r.hint,
-    })?;
+    super::build::cache_url(&args.url, "")?;
     let project = Project::load(options)?;
     let ids = match args.names.is_empty() {
         true => project.default_build(),

@@ -98,17 +98,7 @@ impl Store {
         for entry in entries {
             // An entry from an older farm has no record of its boot files: they are hashed
             // now, so the archive carries and checks them all the same.
-            let mut files = match entry.meta.meta_blake3 {
-                Some(_) => entry.meta.files.clone(),
-                None => super::record_files(&entry.dir)?,
-            };
-            files.insert(
-                DISK_FILE.to_string(),
-                FileRecord {
-                    blake3: entry.meta.output_blake3,
-                    size: entry.meta.size,
-                },
-            );
+            let mut files = self.files_of(entry)?;
             let (blake3, size) = fsutil::hash_file(&entry.dir.join(META_FILE))?;
             files.insert(META_FILE.to_string(), FileRecord { blake3, size });
             report.bytes += files.values().map(|f| f.size).sum::<u64>();

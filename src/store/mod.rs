@@ -509,13 +509,22 @@ impl Store {
         load_entry(self.store_dir().join(dir_name)).ok().flatten()
     }
 
-    /// The blake3 and size of each file of `entry` besides its disk and `meta.json`, read
-    /// now: for entries of older farms, which did not record them.
-    pub fn record_files_of(
-        &self,
-        entry: &Entry,
-    ) -> Result<BTreeMap<String, FileRecord>, StoreError> {
-        Ok(record_files(&entry.dir)?)
+    /// Every file of `entry` but `meta.json`, disk included, with its blake3 and size:
+    /// as recorded at commit, or (for entries of older farms, which recorded only the
+    /// disk) hashed now.
+    pub fn files_of(&self, entry: &Entry) -> Result<BTreeMap<String, FileRecord>, StoreError> {
+        let mut files = match entry.meta.meta_blake3 {
+            Some(_) => entry.meta.files.clone(),
+            None => record_files(&entry.dir)?,
+        };
+        files.insert(
+            DISK_FILE.to_string(),
+            FileRecord {
+                blake3: entry.meta.output_blake3,
+                size: entry.meta.size,
+            },
+        );
+        Ok(files)
     }
 
     /// Every finished entry, sorted by directory name.
