@@ -155,6 +155,31 @@ pub(crate) fn parse_entry_dir_name(dir_name: &str) -> Option<(&str, &str)> {
 mod tests {
     use super::*;
 
+    /// `meta_blake3` is checked by re-serialising the parsed metadata, so every value must
+    /// come back bit for bit: without serde_json's `float_roundtrip` about one build time in
+    /// ten (this one among them) parsed a ULP off, and a sound entry looked damaged.
+    #[test]
+    fn metadata_hash_survives_a_round_trip_through_json() {
+        let mut meta = EntryMeta {
+            layout: 1,
+            name: "tiny-amd64".into(),
+            drv_hash: DrvHash([7; 32]),
+            derivation: serde_json::json!({"kind": "image", "ratio": 0.1 + 0.2}),
+            output_blake3: ContentHash::from_blake3(blake3::hash(b"disk")),
+            size: 4096,
+            parent: None,
+            built_at_unix: 1_700_000_000,
+            build_seconds: 15.570079557007801,
+            disk_mtime_ns: Some(1_700_000_000_123_456_789),
+            files: BTreeMap::new(),
+            meta_blake3: None,
+        };
+        meta.meta_blake3 = Some(meta.self_hash());
+        let parsed: EntryMeta = serde_json::from_slice(&meta.to_json()).unwrap();
+        assert_eq!(parsed.build_seconds.to_bits(), meta.build_seconds.to_bits());
+        assert_eq!(parsed.self_hash(), meta.meta_blake3.unwrap());
+    }
+
     #[test]
     fn names_are_restricted_to_safe_characters() {
         for ok in ["debian-bookworm", "debian_vs", "a", "v1.2", "X-9_y.z"] {
