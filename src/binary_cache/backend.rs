@@ -170,8 +170,12 @@ impl Backend for FileBackend {
         let target = self.root.join(path);
         let dir = target.parent().expect("cache paths have a directory");
         fs_err::create_dir_all(dir).map_err(self.io(path))?;
+        // Readable by all, as a file the user copied there would be: a directory cache is
+        // often served as is by a web server running as another user. (A temporary file
+        // is otherwise private.) Nothing in a cache is secret; records are signed.
         let tmp = tempfile::Builder::new()
             .prefix(".upload.")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .tempfile_in(dir)
             .map_err(self.io(path))?;
         let mut source = Counting {

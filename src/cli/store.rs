@@ -419,6 +419,7 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
             );
         }
     }
+    fs_err::create_dir_all(&args.dir)?;
     {
         use fs_err::os::unix::fs::OpenOptionsExt;
         use std::io::Write;
