@@ -6,11 +6,15 @@ use std::path::Path;
 use super::backend::{Backend, BackendError};
 use crate::model::cache_record::{Blob, blob_path};
 use crate::model::hash::ContentHash;
+use crate::store::fsutil::start_writeback;
 
 /// zstd's default level: about as fast as a disk reads, a third of a qcow2's size.
 const LEVEL: i32 = 3;
 /// Bytes handed from the unpacking thread to the hashing and writing one at a time.
 const CHUNK: usize = 4 << 20;
+/// How much is written before the kernel is asked to start putting it on disk, so the
+/// store's fsync at commit has little left to wait for.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// `source` compressed into a temporary file in `scratch`; returns the file, its size and
 /// the blake3 of the bytes that went in (so a file that changed since commit is caught).
@@ -83,7 +87,7 @@ pub(super) fn download(
     if let Some(dir) = target.parent() {
         fs_err::create_dir_all(dir)?;
     }
-    let mut out = io::BufWriter::with_capacity(1 << 20, fs_err::File::create(target)?);
+    let mut out = fs_err::File::create(target)?;
     let mut hasher = blake3::Hasher::new();
     // Two stages, so unpacking overlaps hashing and writing: a thread reads and unpacks
     // into chunks, this one hashes and writes them.
@@ -114,9 +118,15 @@ pub(super) fn download(
                 }
             }
         });
+        let (mut written, mut flushed) = (0u64, 0u64);
         for chunk in received {
             hasher.update(&chunk);
             out.write_all(&chunk)?;
+            written += chunk.len() as u64;
+            if written - flushed >= WRITEBACK_EVERY {
+                start_writeback(out.file(), flushed, written - flushed);
+                flushed = written;
+            }
         }
         unpacker
             .join()

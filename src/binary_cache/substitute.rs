@@ -243,16 +243,13 @@ impl Substituters {
         Ok(Some(record))
     }
 
-    /// Downloads every file of `offer` into `dir` (a staging directory), each checked
-    /// against the record; returns the disk's blake3 and size. `parent` is the local entry
-    /// the disk backs onto, which must be where the cache's disk expects it.
-    pub fn fetch(
+    /// Refuses `offer` unless its disk backs onto `parent` as this store holds it: the
+    /// same directory name (the disk's backing path names it) and the same bytes.
+    pub fn check_parent(
         &self,
         offer: &Offer,
         parent: Option<&Entry>,
-        dir: &Path,
-        on_bytes: &(dyn Fn(u64) + Sync),
-    ) -> Result<(ContentHash, u64), SubstituteError> {
+    ) -> Result<(), SubstituteError> {
         let record = &offer.record;
         if let (Some(theirs), Some(parent)) = (&record.parent_dir, parent)
             && theirs != parent.dir_name()
@@ -273,25 +270,57 @@ impl Substituters {
                 parent: parent.dir_name().to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// Downloads every file of `offer` into `dir` (a staging directory), each checked
+    /// against the record; returns the disk's blake3 and size. The parent is not needed
+    /// yet, so a child downloads while its parent is still arriving; check it with
+    /// [`Substituters::check_parent`] before committing.
+    pub fn fetch(
+        &self,
+        offer: &Offer,
+        dir: &Path,
+        on_bytes: &(dyn Fn(u64) + Sync),
+    ) -> Result<(ContentHash, u64), SubstituteError> {
+        let record = &offer.record;
         let cache = self.backends[offer.backend].as_ref();
-        for (file, blob) in &record.files {
-            let safe = Path::new(file)
+        if let Some(file) = record.files.keys().find(|file| {
+            !Path::new(file)
                 .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !safe {
-                return Err(SubstituteError::WrongRecord {
-                    url: offer.url.clone(),
-                    entry: record.name.clone(),
-                    reason: format!("it lists `{file}`, outside the entry"),
-                });
-            }
-            download(cache, blob, &dir.join(file), on_bytes).map_err(|source| {
-                SubstituteError::Blob {
-                    url: offer.url.clone(),
-                    entry: record.name.clone(),
-                    file: file.clone(),
-                    source: Box::new(source),
-                }
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        }) {
+            return Err(SubstituteError::WrongRecord {
+                url: offer.url.clone(),
+                entry: record.name.clone(),
+                reason: format!("it lists `{file}`, outside the entry"),
+            });
+        }
+        // Every file at once: the kernel and initrd arrive while the disk does.
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let downloads: Vec<_> = record
+                .files
+                .iter()
+                .map(|(file, blob)| {
+                    let target = dir.join(file);
+                    let handle = scope.spawn(move || download(cache, blob, &target, on_bytes));
+                    (file, handle)
+                })
+                .collect();
+            downloads
+                .into_iter()
+                .map(|(file, handle)| {
+                    let result = handle.join().expect("blob downloads do not panic");
+                    (file, result)
+                })
+                .collect()
+        });
+        for (file, result) in results {
+            result.map_err(|source| SubstituteError::Blob {
+                url: offer.url.clone(),
+                entry: record.name.clone(),
+                file: file.clone(),
+                source: Box::new(source),
             })?;
         }
         let disk = record.disk().expect("checked when the record was read");

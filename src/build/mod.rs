@@ -3,6 +3,7 @@
 
 pub mod debian_image;
 pub mod layer;
+mod produce;
 pub mod realise;
 pub mod reproduce;
 pub mod substitution;

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::realise::{BuildError, Context, RealiseOptions, boot_files_for, failed, produce};
+use super::produce::produce;
+use super::realise::{BuildError, Context, RealiseOptions, boot_files_for, failed};
 use crate::model::config::Config;
 use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::ContentHash;

@@ -33,7 +33,7 @@
 
 mod archive;
 mod entry;
-mod fsutil;
+pub(crate) mod fsutil;
 mod layout;
 mod lock;
 mod qcow2;

@@ -1,0 +1,337 @@
+//! Producing one derivation's output in a staging directory: downloading or importing an
+//! image, building one from a Debian mirror or farm's tiny recipe, or booting a build VM
+//! for a platform's steps. Nothing here commits; `realise` does, under the entry's lock.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::realise::{BuildError, Context, failed, human_bytes};
+use crate::build::layer::{BootFiles, LayerBuild};
+use crate::fetch::{self, Compression, Download};
+use crate::model::config::{Config, ImageSource};
+use crate::model::derivation::{DrvId, DrvNode};
+use crate::model::hash::ContentHash;
+use crate::model::plan::Action;
+use crate::model::qemu::{MachineSpec, choose_accel};
+use crate::model::values::DiskFormat;
+use crate::progress::Reporter;
+use crate::store::{Entry, Staging, relative_backing};
+use crate::sys::qemu_img;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A downloaded image that matched its declared hash but does not unpack was broken when
+/// it was published: fetching it again cannot help, and the error must not say it might.
+fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> BuildError {
+    match e.downcast::<fetch::FetchError>() {
+        Ok(decompress) if matches!(*decompress, fetch::FetchError::Decompress { .. }) => {
+            let fetch::FetchError::Decompress {
+                compression,
+                source,
+                ..
+            } = *decompress
+            else {
+                unreachable!("matched above")
+            };
+            BuildError::BrokenPublished {
+                name: name.to_string(),
+                url: url.to_string(),
+                algo,
+                detail: format!("it is not a valid {compression} stream ({source})"),
+            }
+        }
+        Ok(other) => BuildError::Failed {
+            name: name.to_string(),
+            source: other,
+        },
+        Err(other) => BuildError::Failed {
+            name: name.to_string(),
+            source: other,
+        },
+    }
+}
+
+/// Makes the derivation's output in `staging` (download, import, mmdebstrap, tiny image,
+/// layer build) and returns its disk's blake3 and size. Commits nothing.
+pub(super) fn produce(
+    cx: &Context,
+    node: &DrvNode,
+    action: &Action,
+    parent: Option<&Entry>,
+    boot: Option<BootFiles>,
+    staging: &Staging,
+    started: Instant,
+) -> Result<(ContentHash, u64), BuildError> {
+    let (config, store, options, reporter) = (cx.config, cx.store, cx.options, cx.reporter);
+    let name = node.name.as_str();
+    let output = match (action, &node.id) {
+        (Action::Fetch { url }, DrvId::Image { image, .. }) => {
+            let ImageSource::Url { hash, .. } = &config.images[image].source else {
+                unreachable!("fetch actions come from url images")
+            };
+            let bar = reporter.bytes_for("fetch", &format!("{name} from {url}"), None);
+            // Retries and cut-offs are problems, shown even with `--quiet`; resumes are news.
+            let say = |line: &str| match line.strip_prefix("warning: ") {
+                Some(warning) => reporter.warn(warning),
+                None => reporter.line(line),
+            };
+            let downloaded = fetch::download(
+                &Download {
+                    url,
+                    expected: hash,
+                    partial: &store.partial_path(&node.hash),
+                    attempts: options.fetch_attempts,
+                    stall_timeout: options.fetch_timeout,
+                    say: &say,
+                },
+                &bar,
+            )
+            .map_err(failed(name))?;
+            bar.finish_and_clear();
+            let format = config.images[image].format;
+            let out = place_image(
+                &downloaded.path,
+                downloaded.compression,
+                Some(downloaded.blake3),
+                format,
+                staging,
+                true,
+                reporter,
+            )
+            .map_err(|e| broken_published(name, url, hash.algo.name(), e))?;
+            reporter.line(format!(
+                "{:>12} {name} from {url} ({}, verified {})",
+                "fetched",
+                human_bytes(downloaded.size),
+                hash.algo.name()
+            ));
+            out
+        }
+        (Action::Import { path }, DrvId::Image { image, .. }) => {
+            let img = &config.images[image];
+            let ImageSource::Path { hash, .. } = &img.source else {
+                unreachable!("import actions come from path images")
+            };
+            let bar =
+                reporter.bytes_for("import", &format!("{name} from `{}`", path.display()), None);
+            let hashes = match hash {
+                Some(expected) => fetch::verify_file(path, expected, &bar),
+                None => fetch::hash_file(path, None, &bar),
+            }
+            .map_err(failed(name))?;
+            bar.finish_and_clear();
+            let compression =
+                Compression::detect(path, &path.to_string_lossy()).map_err(failed(name))?;
+            let out = place_image(
+                path,
+                compression,
+                Some(hashes.blake3),
+                img.format,
+                staging,
+                false,
+                reporter,
+            )
+            .map_err(|e| BuildError::Failed {
+                name: name.to_string(),
+                source: e,
+            })?;
+            reporter.line(format!(
+                "{:>12} {name} from `{}`",
+                "imported",
+                path.display()
+            ));
+            out
+        }
+        (Action::Layer { steps: 0 }, DrvId::Platform { .. }) => {
+            let parent = parent.expect("parents are realised first");
+            empty_layer(staging, parent).map_err(failed(name))?;
+            reporter.line(format!(
+                "{:>12} {name} (empty layer on {})",
+                "built",
+                parent.dir_name()
+            ));
+            staging.hash_disk().map_err(failed(name))?
+        }
+        (Action::Layer { .. }, DrvId::Platform { platform, target }) => {
+            let parent = parent.expect("parents are realised first");
+            let target = &config.targets[target];
+            let platform = &config.platforms[platform];
+            let host_arch = crate::sys::hostinfo::host_arch().unwrap_or(target.arch);
+            let accel = choose_accel(
+                options.accel.unwrap_or(target.accel),
+                crate::sys::hostinfo::kvm_facts(),
+                host_arch,
+                target.arch,
+            );
+            let build = LayerBuild {
+                name,
+                platform,
+                recipe: &node.derivation.recipe,
+                parent,
+                boot,
+                staging,
+                hw: MachineSpec {
+                    arch: target.arch,
+                    machine: target.machine.clone(),
+                    cpu: target.cpu.clone(),
+                    accel,
+                    memory_mib: platform
+                        .resources
+                        .memory
+                        .map(|m| m.mib())
+                        .unwrap_or(1024)
+                        .max(1024),
+                    cpus: std::thread::available_parallelism()
+                        .map(|n| n.get() as u32)
+                        .unwrap_or(1)
+                        .min(4),
+                },
+                boot_timeout: options.boot_timeout,
+                log: &store.log_path(&node.hash, name),
+            };
+            crate::build::layer::build_layer(&build, reporter).map_err(|source| {
+                BuildError::Layer {
+                    name: name.to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+            reporter.line(format!(
+                "{:>12} {name} ({} steps, {:.0} s, {accel})",
+                "built",
+                node_step_count(config, &node.id),
+                started.elapsed().as_secs_f64()
+            ));
+            staging.hash_disk().map_err(failed(name))?
+        }
+        (Action::Debootstrap { .. }, DrvId::Image { image, arch }) => {
+            let ImageSource::Debian(spec) = &config.images[image].source else {
+                unreachable!("debootstrap actions come from debian images")
+            };
+            let arch = arch.expect("Debian image ids carry an arch");
+            let bar = reporter.spinner(name, "mmdebstrap");
+            let report = crate::build::debian_image::build_debian_image(
+                &crate::build::debian_image::DebianImageRequest {
+                    spec,
+                    arch,
+                    out_dir: staging.dir(),
+                    log: &store.log_path(&node.hash, name),
+                },
+                &bar,
+            )
+            .map_err(|source| BuildError::Debian {
+                name: name.to_string(),
+                source: Box::new(source),
+            })?;
+            bar.finish_and_clear();
+            reporter.line(format!(
+                "{:>12} {name} (Debian {} {}, kernel {}, {}, {:.0} s)",
+                "built",
+                spec.suite,
+                arch.debian_name(),
+                report.kernel_version,
+                human_bytes(report.disk_file_bytes),
+                started.elapsed().as_secs_f64()
+            ));
+            staging.hash_disk().map_err(failed(name))?
+        }
+        (Action::BuildTiny, DrvId::Image { arch, .. }) => {
+            let arch = arch.expect("tiny image ids carry an arch");
+            let bar = reporter.spinner(name, "tiny image");
+            let report = crate::build::tiny_image::build_tiny_image(
+                &crate::build::tiny_image::TinyImageRequest {
+                    arch,
+                    out_dir: staging.dir(),
+                    log: &store.log_path(&node.hash, name),
+                    cache_dir: &store.deb_cache_dir(),
+                },
+                &bar,
+            )
+            .map_err(|source| BuildError::Tiny {
+                name: name.to_string(),
+                source: Box::new(source),
+            })?;
+            bar.finish_and_clear();
+            reporter.line(format!(
+                "{:>12} {name} (tiny: kernel {}, {} modules, {}, {:.0} s)",
+                "built",
+                report.kernel_version,
+                report.modules.len(),
+                human_bytes(report.disk_file_bytes),
+                started.elapsed().as_secs_f64()
+            ));
+            staging.hash_disk().map_err(failed(name))?
+        }
+        (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
+    };
+    Ok(output)
+}
+
+/// Puts an image file into `staging` as `disk.qcow2`: decompressing, converting raw to
+/// qcow2, and moving (downloads, which the store owns) or copying (the user's files).
+/// Returns the disk's blake3 and size, reusing `known_blake3` when the bytes are unchanged.
+fn place_image(
+    src: &Path,
+    compression: Compression,
+    known_blake3: Option<ContentHash>,
+    format: Option<DiskFormat>,
+    staging: &Staging,
+    owned: bool,
+    reporter: &Reporter,
+) -> Result<(ContentHash, u64), BoxError> {
+    let unpacked = staging.dir().join("image");
+    let mut blake3 = known_blake3;
+    if compression == Compression::None {
+        if owned {
+            fs_err::rename(src, &unpacked)?;
+        } else {
+            fs_err::copy(src, &unpacked)?;
+        }
+    } else {
+        let bar = reporter.bytes_for("unpack", &src.display().to_string(), None);
+        let (_, out_hash) = fetch::decompress(src, compression, &unpacked, &bar)?;
+        bar.finish_and_clear();
+        blake3 = Some(out_hash);
+        if owned {
+            fs_err::remove_file(src)?;
+        }
+    }
+    let is_qcow2 = match format {
+        Some(f) => f == DiskFormat::Qcow2,
+        None => has_qcow2_magic(&unpacked)?,
+    };
+    if is_qcow2 {
+        fs_err::rename(&unpacked, staging.disk_path())?;
+        let size = fs_err::metadata(staging.disk_path())?.len();
+        match blake3 {
+            Some(hash) => Ok((hash, size)),
+            None => Ok(staging.hash_disk()?),
+        }
+    } else {
+        qemu_img::convert_to_qcow2(&unpacked, "raw", &staging.disk_path())?;
+        fs_err::remove_file(&unpacked)?;
+        Ok(staging.hash_disk()?)
+    }
+}
+
+fn has_qcow2_magic(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = fs_err::File::open(path)?;
+    let n = file.read(&mut magic)?;
+    Ok(n == 4 && &magic == b"QFI\xfb")
+}
+
+/// A platform without steps: an empty overlay whose backing file is the parent's entry,
+/// recorded relative so the store can move.
+fn empty_layer(staging: &Staging, parent: &Entry) -> Result<(), qemu_img::QemuImgError> {
+    let disk = staging.disk_path();
+    qemu_img::create_overlay(&disk, &parent.disk_path(), None)?;
+    qemu_img::rebase_unsafe(&disk, &relative_backing(parent))
+}
+
+fn node_step_count(config: &Config, id: &DrvId) -> usize {
+    match id {
+        DrvId::Platform { platform, .. } => config.platforms[platform].steps.count(),
+        DrvId::Image { .. } => 0,
+    }
+}
