@@ -6,6 +6,7 @@ pub mod config;
 pub mod debian_recipe;
 pub mod derivation;
 pub mod diagnostic;
+pub mod first_boot;
 pub mod gc;
 pub mod graph;
 pub mod hash;

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::build::realise::human_bytes;
+use crate::model::first_boot::{self, CloudInit, ConsoleVerdict};
 use crate::model::instance::{InstanceRecord, InstanceSpec};
 use crate::model::up_plan::{Basis, Desired, SitePlan, UpPlan, VmAction, VmStep, plan_site};
 use crate::progress::Reporter;
@@ -284,8 +285,8 @@ impl Apply<'_> {
         }
     }
 
-    /// Waits until the VM answers ssh through the generated ssh_config, then records it as
-    /// ready.
+    /// Waits until the VM answers ssh through the generated ssh_config and cloud-init (where
+    /// the image has it) has finished, then records it as ready.
     fn wait_ready(
         &self,
         host: &dyn Host,
@@ -296,7 +297,21 @@ impl Apply<'_> {
         let timeout = self.options.realise.boot_timeout;
         let spinner = self.reporter.spinner(&spec.name, "waiting for ssh");
         let deadline = Instant::now() + timeout;
+        let mut no_agent = false;
+        let mut console_read = Instant::now();
         let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
+            // Every few seconds, the console: a guest at a login prompt with no agent
+            // will never answer, so say so now rather than at the timeout.
+            if console_read.elapsed() >= std::time::Duration::from_secs(5) {
+                console_read = Instant::now();
+                if let Ok(Some(console)) = host.get(&spec.paths.serial_log())
+                    && first_boot::read_console(&String::from_utf8_lossy(&console))
+                        == ConsoleVerdict::NoAgent
+                {
+                    no_agent = true;
+                    return Err("no agent".into());
+                }
+            }
             // A VM is given up on only when two looks a second apart agree that its qemu is
             // gone: one look can catch the pidfile while it is being written.
             let running = || instance::is_running(host, &spec.paths, &spec.name);
@@ -316,15 +331,66 @@ impl Apply<'_> {
                 Err(e) => Err(e.to_string()),
             }
         });
-        spinner.finish_and_clear();
-        if let Err(e) = waited {
-            return Err(UpError::NoSsh {
+        let ssh = match waited {
+            Ok(ssh) => ssh,
+            Err(_) if no_agent => {
+                spinner.finish_and_clear();
+                return Err(UpError::NoAgent {
+                    vm: spec.name.clone(),
+                    serial: host_tail(host, &spec.paths.serial_log(), 25),
+                });
+            }
+            Err(e) => {
+                spinner.finish_and_clear();
+                return Err(UpError::NoSsh {
+                    vm: spec.name.clone(),
+                    seconds: timeout.as_secs(),
+                    reason: e.to_string(),
+                    serial: host_tail(host, &spec.paths.serial_log(), 25),
+                });
+            }
+        };
+        // Ready means cloud-init has finished too: whatever runs next (a user's ssh, a
+        // playbook) must not race the image's first boot.
+        spinner.set_message("waiting for cloud-init");
+        let seconds = deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs()
+            .max(60);
+        let out = ssh
+            .run(&first_boot::wait_script(seconds), None)
+            .map_err(|e| UpError::NoSsh {
                 vm: spec.name.clone(),
                 seconds: timeout.as_secs(),
-                reason: e.to_string(),
+                reason: format!("it answered, then: {}", crate::sys::ssh::error_chain(&e)),
                 serial: host_tail(host, &spec.paths.serial_log(), 25),
-            });
+            })?;
+        spinner.finish_and_clear();
+        let failed = |status: String, detail: String| UpError::CloudInit {
+            vm: spec.name.clone(),
+            status,
+            detail,
+        };
+        match first_boot::parse_wait_output(&out.text()) {
+            CloudInit::Absent | CloudInit::Done => {}
+            CloudInit::Pending { status } => {
+                return Err(failed(
+                    format!("still {status} after {seconds} s"),
+                    String::new(),
+                ));
+            }
+            CloudInit::Failed {
+                status,
+                detail,
+                log_tail,
+            } => {
+                return Err(failed(
+                    status,
+                    format!("{detail}\nlast lines of /var/log/cloud-init.log:\n{log_tail}"),
+                ));
+            }
         }
+        drop(ssh);
         record.ready = true;
         instance::save(host, &record)?;
         self.save_mirror(site, &record)?;

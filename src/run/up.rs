@@ -35,6 +35,19 @@ pub enum UpError {
         reason: String,
         serial: String,
     },
+    #[error(
+        "VM `{vm}` booted to a login prompt, but its image has neither cloud-init nor farm's agent, so nothing will install its key\nlast lines of its serial console:\n{serial}\nhint: {}",
+        crate::model::first_boot::NO_AGENT_HINT
+    )]
+    NoAgent { vm: String, serial: String },
+    #[error(
+        "cloud-init in VM `{vm}` ended in `{status}`\n{detail}\nhint: the image's first boot failed; `farm ssh {vm}` and `cloud-init status --long` show more"
+    )]
+    CloudInit {
+        vm: String,
+        status: String,
+        detail: String,
+    },
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
