@@ -17,6 +17,8 @@ packages=(
   docker-registry               # tests: an OCI registry (the distribution project's registry:2)
   skopeo                        # the OCI cache benchmark's baseline (skopeo copy)
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
+  ovmf                          # UEFI firmware for x86_64 VMs (`firmware = "uefi"`)
+  fdisk dosfstools mtools       # tests: the cloud-image fixture's GPT disk and EFI partition
 )
 
 missing=()

@@ -375,6 +375,21 @@ fn tiny_false_is_no_source_at_all() {
 }
 
 #[test]
+fn firmware_is_only_for_images_with_their_own_bootloader() {
+    let rendered = assert_error(
+        "[images.deb]\ndebian = { suite = \"bookworm\" }\nfirmware = \"uefi\"\n",
+        "Image `deb` is one farm builds, which boots its kernel directly: `firmware` does not apply",
+        3,
+    );
+    assert!(rendered.contains("hint: `firmware` is for images with their own bootloader"));
+    assert_error(
+        "[images.cloud]\nurl = \"http://127.0.0.1/x.qcow2\"\nsha256 = \"00\"\nfirmware = \"coreboot\"\n",
+        "Unknown variant `coreboot`, expected `bios` or `uefi`",
+        4,
+    );
+}
+
+#[test]
 fn address_outside_the_network_subnet_is_rejected() {
     let text = format!(
         "{IMAGE}\n[networks.lab]\nkind = \"vde\"\nsubnet = \"10.0.0.0/24\"\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\nnics = [{{ network = \"lab\", ip = \"10.1.0.5/24\" }}]\n"

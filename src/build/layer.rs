@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use crate::model::config::Platform;
 use crate::model::derivation::{Recipe, StepInputs};
+use crate::model::first_boot::{self, CloudInit, ConsoleVerdict};
 use crate::model::hash::ContentHash;
 use crate::model::qemu::{
     DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, mac_for,
 };
 use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use crate::model::ssh_config::{SshHost, known_hosts_line, render};
+use crate::model::values::{Firmware, uefi_files};
 use crate::progress::Reporter;
 use crate::store::{Entry, Staging};
 use crate::sys::qemu_img;
@@ -70,6 +72,23 @@ pub enum BuilderError {
         serial: String,
         log: PathBuf,
     },
+    #[error("The build VM for `{platform}` booted to a login prompt, but its image has neither cloud-init nor farm's agent, so nothing will install farm's key\nlast lines of its serial console:\n{serial}\nhint: {}; the full log is `{}`", first_boot::NO_AGENT_HINT, log.display())]
+    NoAgent {
+        platform: String,
+        serial: String,
+        log: PathBuf,
+    },
+    #[error("cloud-init in the build VM for `{platform}` ended in `{status}`\n{detail}\nhint: the image's own first boot failed before any step ran; the full log is `{}`", log.display())]
+    CloudInit {
+        platform: String,
+        status: String,
+        detail: String,
+        log: PathBuf,
+    },
+    #[error(
+        "Cannot give the build VM for `{platform}` UEFI firmware: {reason}\nhint: install Debian's `ovmf` (x86_64) or `qemu-efi-aarch64` (aarch64), or set `firmware = \"bios\"` on an x86_64 image that boots from BIOS"
+    )]
+    NoFirmware { platform: String, reason: String },
     #[error("The file `{}` changed since farm hashed it; run farm build again", path.display())]
     InputChanged { path: PathBuf },
     #[error("{0}")]
@@ -94,6 +113,8 @@ pub struct LayerBuild<'a> {
     pub parent: &'a Entry,
     /// The boot files the parent boots with (its own or an ancestor's), if it boots directly.
     pub boot: Option<BootFiles>,
+    /// How the image's bootloader is started when there are no boot files.
+    pub firmware: Firmware,
     pub staging: &'a Staging,
     /// The build VM's hardware, from the target and the command line.
     pub hw: MachineSpec,
@@ -160,6 +181,19 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
         )]),
     )?;
 
+    // UEFI firmware keeps its variables in a file of the VM's own, from the host's template.
+    let uefi_vars = match (&build.boot, build.firmware) {
+        (None, Firmware::Uefi) => {
+            let vars = work.join("efivars.fd");
+            let (_, template) = uefi_files(build.hw.arch);
+            fs_err::copy(template, &vars).map_err(|e| BuilderError::NoFirmware {
+                platform: build.name.to_string(),
+                reason: e.to_string(),
+            })?;
+            Some(vars)
+        }
+        _ => None,
+    };
     let vm = QemuVm {
         name: format!("build-{}", build.name),
         hw: build.hw.clone(),
@@ -177,6 +211,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
                 cache: DiskCache::Unsafe,
             },
         ],
+        uefi_vars,
         boot: build.boot.as_ref().map(|b| DirectBoot {
             kernel: b.kernel.clone(),
             initrd: b.initrd.clone(),
@@ -203,21 +238,36 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
     let spinner = reporter.spinner(build.name, "booting build VM");
     let mut process = VmProcess::start(&vm, &work.join("qemu.stderr"))?;
     let deadline = Instant::now() + build.boot_timeout;
+    let mut no_agent = false;
     let ssh = Ssh::wait_for(&ssh_config, alias, deadline, || {
         process.check_running().map_err(|e| {
             format!(
                 "{e}; {}",
                 crate::sys::hostinfo::tail(&work.join("qemu.stderr"), 5)
             )
-        })
+        })?;
+        let console = fs_err::read(&vm.serial_log).unwrap_or_default();
+        if first_boot::read_console(&String::from_utf8_lossy(&console)) == ConsoleVerdict::NoAgent {
+            no_agent = true;
+            return Err("no agent".into());
+        }
+        Ok(())
     })
     .map_err(|e| {
         log.append_file("serial console", &vm.serial_log);
+        let serial = crate::sys::hostinfo::tail(&vm.serial_log, 25);
+        if no_agent {
+            return BuilderError::NoAgent {
+                platform: build.name.to_string(),
+                serial,
+                log: build.log.to_path_buf(),
+            };
+        }
         BuilderError::NoSsh {
             platform: build.name.to_string(),
             seconds: build.boot_timeout.as_secs(),
             reason: e.to_string(),
-            serial: crate::sys::hostinfo::tail(&vm.serial_log, 25),
+            serial,
             log: build.log.to_path_buf(),
         }
     })?;
@@ -225,6 +275,12 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
         "ssh answered after boot ({} s)",
         spinner.elapsed().as_secs()
     ));
+    spinner.set_message("waiting for cloud-init");
+    let waited = wait_for_cloud_init(build, &ssh, deadline, &mut log);
+    if waited.is_err() {
+        log.append_file("serial console", &vm.serial_log);
+    }
+    waited?;
 
     let result = run_steps(build, steps, &ssh, &mut log, &spinner)
         .and_then(|()| finish(build, &ssh, &client_key.public, &mut log, &spinner));
@@ -241,6 +297,44 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), Builde
     fs_err::remove_dir_all(&work)?;
     qemu_img::rebase_unsafe(&disk, &crate::store::relative_backing(build.parent))?;
     Ok(())
+}
+
+/// Steps run only once cloud-init (in images that have it) has finished its first boot:
+/// before that, apt may be locked, users and keys half made. A cloud-init that failed
+/// fails the build with its own words.
+fn wait_for_cloud_init(
+    build: &LayerBuild,
+    ssh: &Ssh,
+    deadline: Instant,
+    log: &mut Log,
+) -> Result<(), BuilderError> {
+    let seconds = deadline
+        .saturating_duration_since(Instant::now())
+        .as_secs()
+        .max(60);
+    let out = ssh.run(&first_boot::wait_script(seconds), None)?;
+    let text = out.text();
+    log.line("== cloud-init status");
+    log.raw(&text);
+    match first_boot::parse_wait_output(&text) {
+        CloudInit::Absent | CloudInit::Done => Ok(()),
+        CloudInit::Pending { status } => Err(BuilderError::CloudInit {
+            platform: build.name.to_string(),
+            status: format!("still {status} after {seconds} s"),
+            detail: String::new(),
+            log: build.log.to_path_buf(),
+        }),
+        CloudInit::Failed {
+            status,
+            detail,
+            log_tail,
+        } => Err(BuilderError::CloudInit {
+            platform: build.name.to_string(),
+            status,
+            detail: format!("{detail}\nlast lines of /var/log/cloud-init.log:\n{log_tail}"),
+            log: build.log.to_path_buf(),
+        }),
+    }
 }
 
 /// One step's script, shown in progress and errors by `label`.
@@ -390,8 +484,14 @@ fn finish(
     spinner.set_message("cleaning up");
     let key_body = build_key.split_whitespace().nth(1).unwrap_or(build_key);
     let cleanup = format!(
-        "for f in /root/.ssh/authorized_keys; do [ -f \"$f\" ] && grep -vF {key} \"$f\" > \"$f.farm\"; mv \"$f.farm\" \"$f\" 2>/dev/null; done; \
+        // The build key leaves every account: cloud-init gives the seed's keys to the
+        // image's default user too. `cat >` keeps each file's owner and mode.
+        "for home in /root $(cut -d: -f6 /etc/passwd | sort -u); do f=\"$home/.ssh/authorized_keys\"; \
+           [ -f \"$f\" ] || continue; grep -vF {key} \"$f\" > /tmp/farm-keys; cat /tmp/farm-keys > \"$f\"; done; rm -f /tmp/farm-keys; \
          command -v cloud-init >/dev/null && cloud-init clean --logs --seed; \
+         [ \"$(cat /etc/hostname 2>/dev/null)\" = farm-build ] && echo localhost > /etc/hostname; \
+         [ -f /etc/hosts ] && sed -i '/farm-build/d' /etc/hosts; \
+         command -v journalctl >/dev/null && journalctl -q --rotate && journalctl -q --vacuum-time=1s; \
          rm -f /etc/ssh/ssh_host_* /etc/dropbear/dropbear_*_host_key; : > /etc/machine-id; rm -f /var/lib/dbus/machine-id; \
          command -v apt-get >/dev/null && apt-get clean; rm -rf /var/lib/apt/lists/*; \
          fstrim -a >/dev/null 2>&1; sync; true",

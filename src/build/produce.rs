@@ -168,6 +168,11 @@ pub(super) fn produce(
                 platform,
                 recipe: &node.derivation.recipe,
                 parent,
+                firmware: crate::model::validate::firmware_of(
+                    config,
+                    &platform.name.value,
+                    target.arch,
+                ),
                 boot,
                 staging,
                 hw: MachineSpec {

@@ -412,11 +412,28 @@ fn lower_image(
             packages,
         })
     };
+    let firmware = match (&raw.firmware, &source) {
+        (Some(firmware), ImageSource::Debian(_) | ImageSource::Tiny) => {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "Image `{}` is one farm builds, which boots its kernel directly: `firmware` does not apply",
+                        name.value
+                    ),
+                    cx.origin(firmware),
+                )
+                .hint("`firmware` is for images with their own bootloader (`url` or `path`); remove it"),
+            );
+            return None;
+        }
+        (firmware, _) => firmware.as_ref().map(|f| *f.get_ref()),
+    };
     Some(Image {
         name,
         source,
         arch: raw.arch,
         format: raw.format,
+        firmware,
     })
 }
 

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::values::{Accel, Arch, DiskFormat, IpCidr, MacAddr, SshAddress};
+use crate::model::values::{Accel, Arch, DiskFormat, Firmware, IpCidr, MacAddr, SshAddress};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +45,8 @@ pub struct RawImage {
     pub blake3: Option<Spanned<String>>,
     pub arch: Option<Arch>,
     pub format: Option<DiskFormat>,
+    /// `bios` or `uefi`: how the image's own bootloader is started.
+    pub firmware: Option<Spanned<Firmware>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use super::hash::ExpectedHash;
-use super::values::{Accel, Arch, ByteSize, DiskFormat, IpCidr, MacAddr, SshAddress};
+use super::values::{Accel, Arch, ByteSize, DiskFormat, Firmware, IpCidr, MacAddr, SshAddress};
 
 /// Index of a source file in the loaded configuration's file list.
 pub type FileId = usize;
@@ -81,6 +81,10 @@ pub struct Image {
     pub arch: Option<Arch>,
     /// The disk format after decompression; detected when absent.
     pub format: Option<DiskFormat>,
+    /// How the image's bootloader is started; `Firmware::default_for(arch)` when absent.
+    /// Only images with their own bootloader (`url`, `path`) have one: farm's own images
+    /// boot their kernel directly.
+    pub firmware: Option<Firmware>,
 }
 
 #[derive(Clone, Debug)]

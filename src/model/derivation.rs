@@ -16,7 +16,7 @@ use super::config::{Config, ImageSource, Origin};
 use super::diagnostic::Diagnostic;
 use super::hash::{ContentHash, DrvHash, ExpectedHash};
 use super::topology::Topology;
-use super::values::{Arch, DiskFormat};
+use super::values::{Arch, DiskFormat, Firmware};
 
 /// Bumped whenever the encoding or the meaning of a field changes: every hash changes with it.
 pub const FORMAT_VERSION: u32 = 1;
@@ -68,6 +68,11 @@ pub enum Recipe {
         parent: DrvHash,
         arch: Arch,
         machine: Option<String>,
+        /// The firmware the build VM boots the image's bootloader with, when the image asks
+        /// for other than its architecture's default (absent otherwise, so the hashes of
+        /// labs that never say stay what they were).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        firmware: Option<Firmware>,
         steps: StepInputs,
     },
 }
@@ -378,10 +383,15 @@ fn derive(
                 .iter()
                 .map(|(guest, local)| Ok((guest.clone(), content(&local.value, &local.at)?)))
                 .collect::<Result<BTreeMap<_, _>, Diagnostic>>()?;
+            let firmware = Some(crate::model::validate::firmware_of(
+                config, platform, t.arch,
+            ))
+            .filter(|f| *f != Firmware::default_for(t.arch));
             let recipe = Recipe::Layer {
                 parent: parent_hash,
                 arch: t.arch,
                 machine: t.machine.clone(),
+                firmware,
                 steps: StepInputs {
                     authorized_keys,
                     upgrade: steps.upgrade,

@@ -40,6 +40,10 @@ impl InstancePaths {
     pub fn seed(&self) -> PathBuf {
         self.dir.join("seed.img")
     }
+    /// The VM's UEFI variable store (boot entries the guest writes), kept with its disk.
+    pub fn efi_vars(&self) -> PathBuf {
+        self.dir.join("efivars.fd")
+    }
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
@@ -101,6 +105,10 @@ pub struct InstanceSpec {
     pub drv_hash: DrvHash,
     pub layer: LayerRef,
     pub boot: Option<DirectBoot>,
+    /// Boots through UEFI firmware (with its variable store in the instance's directory)
+    /// rather than SeaBIOS; only when there are no boot files. Absent in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uefi: bool,
     pub hw: MachineSpec,
     /// The overlay's virtual size; the layer's when absent.
     pub disk_size: Option<u64>,
@@ -159,6 +167,7 @@ impl InstanceSpec {
                 },
             ],
             boot: self.boot.clone(),
+            uefi_vars: (self.uefi && self.boot.is_none()).then(|| paths.efi_vars()),
             nics: user
                 .into_iter()
                 .chain(self.vde_nics.iter().map(|nic| Nic {
@@ -318,6 +327,7 @@ pub(crate) mod tests {
                 blake3: Some(ContentHash([2; 32])),
             },
             boot: None,
+            uefi: false,
             hw: MachineSpec {
                 arch: Arch::X86_64,
                 machine: None,

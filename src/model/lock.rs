@@ -228,6 +228,7 @@ mod tests {
                 parent: DrvHash([parent; 32]),
                 arch: Arch::X86_64,
                 machine: None,
+                firmware: None,
                 steps: StepInputs {
                     packages: packages.iter().map(|p| p.to_string()).collect(),
                     ..Default::default()

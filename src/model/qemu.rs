@@ -123,6 +123,9 @@ pub struct QemuVm {
     pub hw: MachineSpec,
     pub disks: Vec<Disk>,
     pub boot: Option<DirectBoot>,
+    /// Boot through UEFI firmware with this VM's own copy of the variable store (the
+    /// firmware code itself is the host's, read-only); `None` is SeaBIOS (x86_64).
+    pub uefi_vars: Option<PathBuf>,
     pub nics: Vec<Nic>,
     pub serial_log: PathBuf,
     pub qmp_socket: Option<PathBuf>,
@@ -222,6 +225,15 @@ impl QemuVm {
         if self.daemonize {
             push(&["-daemonize"]);
         }
+        if let Some(vars) = &self.uefi_vars {
+            let (code, _) = crate::model::values::uefi_files(hw.arch);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"),
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]);
+        }
         if let Some(boot) = &self.boot {
             push(&["-kernel", &boot.kernel.display().to_string()]);
             if let Some(initrd) = &boot.initrd {
@@ -309,6 +321,7 @@ mod tests {
                 initrd: Some("/b/initrd.img".into()),
                 cmdline: "root=/dev/vda console=ttyS0".into(),
             }),
+            uefi_vars: None,
             nics: vec![Nic {
                 backend: NetBackend::User {
                     forwards: vec![PortForward {
@@ -339,6 +352,28 @@ mod tests {
              -drive file=/s/seed.img,if=virtio,format=raw,index=1,cache=unsafe,discard=unmap,readonly=on \
              -netdev user,id=net0,hostfwd=tcp:127.0.0.1:2201-:22 \
              -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -device virtio-rng-pci"
+        );
+    }
+
+    #[test]
+    fn uefi_boot_maps_the_hosts_firmware_read_only_and_the_vms_own_variables() {
+        let mut uefi = vm();
+        uefi.boot = None;
+        uefi.uefi_vars = Some("/s/efivars.fd".into());
+        let argv = uefi.argv().join(" ");
+        assert!(
+            argv.contains(
+                "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+                 -drive if=pflash,format=raw,unit=1,file=/s/efivars.fd"
+            ),
+            "{argv}"
+        );
+        assert!(!argv.contains("-kernel"), "{argv}");
+        uefi.hw.arch = Arch::Aarch64;
+        assert!(
+            uefi.argv()
+                .join(" ")
+                .contains("file=/usr/share/AAVMF/AAVMF_CODE.fd")
         );
     }
 

@@ -229,6 +229,48 @@ impl fmt::Display for Arch {
     }
 }
 
+/// What starts a VM that has no kernel given to qemu: the image's own bootloader, found by
+/// legacy BIOS (SeaBIOS) or by UEFI firmware (OVMF on x86_64, AAVMF on aarch64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    /// What an image needs when it does not say: x86_64 cloud images boot from BIOS (and
+    /// most from UEFI too); aarch64 has no BIOS, so UEFI.
+    pub fn default_for(arch: Arch) -> Firmware {
+        match arch {
+            Arch::X86_64 => Firmware::Bios,
+            Arch::Aarch64 => Firmware::Uefi,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+}
+
+/// The UEFI firmware files Debian's packages install (`ovmf`, `qemu-efi-aarch64`): the
+/// read-only code, and the variable store template each VM gets a copy of.
+pub fn uefi_files(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        Arch::Aarch64 => (
+            "/usr/share/AAVMF/AAVMF_CODE.fd",
+            "/usr/share/AAVMF/AAVMF_VARS.fd",
+        ),
+    }
+}
+
 /// How a VM's CPU is provided. `auto` picks KVM only where KVM really runs stock kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -111,6 +111,19 @@ fn write_seed_and_record(
 ) -> Result<InstanceRecord, InstanceError> {
     let seed = spec.seed(host_key);
     host.put(&seed_image_bytes(&seed)?, &spec.paths.seed(), 0o600)?;
+    if spec.uefi {
+        // The guest's own boot entries live here from its first boot on: made once, kept.
+        let (_, template) = crate::model::values::uefi_files(spec.hw.arch);
+        check(
+            host,
+            &spec.name,
+            "Giving the VM its UEFI variable store",
+            &format!(
+                "[ -e {vars} ] || {{ [ -e {template} ] || {{ echo \"no UEFI firmware at {template}; hint: install Debian's ovmf (x86_64) or qemu-efi-aarch64 (aarch64) on this host\" >&2; exit 1; }}; cp {template} {vars}; }}",
+                vars = q(&spec.paths.efi_vars()),
+            ),
+        )?;
+    }
     let record = InstanceRecord::new(spec.clone());
     host.put(&record.to_json(), &spec.paths.record(), 0o600)?;
     // On the host's disk before qemu starts: a hypervisor VM that crashes must not come

@@ -144,6 +144,7 @@ impl Guest {
         )
         .unwrap();
         let vm = QemuVm {
+            uefi_vars: None,
             name: "test-guest".into(),
             hw: MachineSpec {
                 arch: Arch::X86_64,

@@ -46,6 +46,9 @@ pub(super) fn resolve(
             initrd: b.initrd.as_deref().map(on_site),
             cmdline: b.cmdline.clone(),
         }),
+        uefi: layer.boot.is_none()
+            && crate::model::validate::firmware_of(desired.config, &vm.platform, target.arch)
+                == crate::model::values::Firmware::Uefi,
         hw: MachineSpec {
             arch: target.arch,
             machine: target.machine.clone(),

@@ -307,6 +307,18 @@ pub fn base_image_of<'a>(
     None
 }
 
+/// How a platform's VMs for `arch` start their bootloader when they boot through firmware:
+/// what its base image says, or the architecture's default.
+pub fn firmware_of(
+    config: &Config,
+    platform: &str,
+    arch: crate::model::values::Arch,
+) -> crate::model::values::Firmware {
+    base_image_of(config, platform)
+        .and_then(|image| image.firmware)
+        .unwrap_or(crate::model::values::Firmware::default_for(arch))
+}
+
 /// A remote host's ssh settings only mean something with an address; its root must be
 /// absolute (it is used from ssh commands, with no working directory to be relative to);
 /// and its name is an ssh_config alias, so it cannot also be a VM's.

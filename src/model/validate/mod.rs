@@ -12,8 +12,8 @@ use super::config::{Attachment, Config, Located};
 use super::diagnostic::{Diagnostic, list_names};
 use super::topology::Topology;
 
-pub use checks::base_image_of;
 use checks::*;
+pub use checks::{base_image_of, firmware_of};
 use expand::expand_topology;
 pub use expand::hostname_for;
 
