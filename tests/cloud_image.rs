@@ -1,0 +1,218 @@
+//! A cloud image as users download it (the fixture: GPT, grub, cloud-init, no farm agent),
+//! served over HTTP with its SHA-512: a platform built on it and instances booted from it,
+//! checked over ssh for everything cloud-init and farm promise; the same image booted
+//! through UEFI firmware; and one with no cloud-init refused as soon as it has booted.
+
+#[path = "support/cloud_image.rs"]
+mod cloud_image;
+#[path = "support/guest.rs"]
+#[allow(dead_code)]
+mod guest;
+#[path = "support/nginx.rs"]
+mod nginx;
+#[path = "support/project.rs"]
+#[allow(dead_code)]
+mod project;
+
+use cloud_image::{CloudImage, cloud_image, image_without_agent};
+use guest::{keygen, shared_store, vm_tests_possible};
+use nginx::{Nginx, nginx_available};
+use project::{Project, text};
+
+/// A project on the shared store whose image `[images.NAME]` is `image` served by nginx
+/// (`url` + `sha512`, then `image_lines`), with an amd64 target and `rest`. The server
+/// lives as long as the returned value.
+struct CloudLab {
+    project: Project,
+    _server: Nginx,
+    _www: tempfile::TempDir,
+}
+
+fn cloud_lab(image: &CloudImage, name: &str, image_lines: &str, rest: &str) -> CloudLab {
+    let www = tempfile::tempdir().unwrap();
+    let file = "debian-12-genericcloud-amd64.qcow2";
+    std::os::unix::fs::symlink(&image.path, www.path().join(file)).unwrap();
+    let server = Nginx::start(www.path());
+    let toml = format!(
+        "[images.{name}]\nurl = \"{}/{file}\"\nsha512 = \"{}\"\n{image_lines}\n\
+         [targets.amd64]\narch = \"x86_64\"\n{rest}",
+        server.url(),
+        image.sha512
+    );
+    CloudLab {
+        project: Project::with_store(&toml, &shared_store()),
+        _server: server,
+        _www: www,
+    }
+}
+
+fn ssh(p: &Project, vm: &str, script: &str) -> String {
+    let out = p.ok(&["ssh", vm, "--", script]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_platform_on_a_cloud_image_and_two_instances_of_it() {
+    if !vm_tests_possible("cloud_image") || !nginx_available("cloud_image") {
+        return;
+    }
+    let lab = cloud_lab(
+        &cloud_image(),
+        "cloud",
+        "",
+        r#"
+[platforms.web]
+from = "cloud"
+authorized_keys = { root = ["keys/root.pub"], alice = ["keys/alice.pub"] }
+upgrade = true
+packages = ["tree"]
+files = { "/etc/farm-motd" = "motd.txt" }
+run = ["echo made-by-run > /var/lib/farm-run-stamp"]
+
+[networks.lab]
+kind = "vde"
+subnet = "10.78.0.0/24"
+
+[vms.a]
+platform = "web"
+disk_size = "10G"
+nics = [{ network = "lab", ip = "10.78.0.11/24" }]
+
+[vms.b]
+platform = "web"
+disk_size = "10G"
+nics = [{ network = "lab", ip = "10.78.0.12/24" }]
+"#,
+    );
+    let p = &lab.project;
+    fs_err::create_dir_all(p.path().join("keys")).unwrap();
+    let root_key = keygen(&p.path().join("keys"), "root");
+    let alice_key = keygen(&p.path().join("keys"), "alice");
+    p.write("motd.txt", "hello from a cloud image\n");
+
+    p.ok(&["build"]);
+    let up = p.ok(&["up"]);
+    assert!(text(&up).contains("ready"), "{}", text(&up));
+
+    for (vm, address, other) in [
+        ("a", "10.78.0.11", "10.78.0.12"),
+        ("b", "10.78.0.12", "10.78.0.11"),
+    ] {
+        // Ready means cloud-init is done, not merely that sshd answers.
+        assert_eq!(
+            ssh(p, vm, "cloud-init status | sed -n 's/^status: //p'"),
+            "done"
+        );
+        assert_eq!(ssh(p, vm, "hostname"), vm);
+        let root_keys = ssh(p, vm, "cat /root/.ssh/authorized_keys");
+        assert!(root_keys.contains(&root_key.public), "{root_keys}");
+        let alice_keys = ssh(p, vm, "cat /home/alice/.ssh/authorized_keys");
+        assert!(alice_keys.contains(&alice_key.public), "{alice_keys}");
+        assert_eq!(
+            ssh(p, vm, "stat -c %U /home/alice/.ssh/authorized_keys"),
+            "alice"
+        );
+        // No trace of the build: its key in no account, its hostname nowhere.
+        let traces = ssh(
+            p,
+            vm,
+            "grep -l farm-build /root/.ssh/authorized_keys /home/*/.ssh/authorized_keys /etc/hostname /etc/hosts 2>/dev/null; true",
+        );
+        assert_eq!(traces, "", "the build left traces in {traces}");
+        // The steps: package, file, command.
+        assert!(ssh(p, vm, "dpkg-query -W -f='${Status}' tree").contains("install ok installed"));
+        assert_eq!(ssh(p, vm, "cat /etc/farm-motd"), "hello from a cloud image");
+        assert_eq!(ssh(p, vm, "cat /var/lib/farm-run-stamp"), "made-by-run");
+        // The static NIC, found by its MAC, and the other VM behind it.
+        let addresses = ssh(p, vm, "ip -4 -o addr show");
+        assert!(addresses.contains(&format!("{address}/24")), "{addresses}");
+        let ping = p.run(&["ssh", vm, "--", "ping", "-c", "2", "-W", "3", other]);
+        assert!(
+            ping.status.success(),
+            "{vm} cannot reach {other}:\n{}",
+            text(&ping)
+        );
+        // cloud-init's growpart grew the root partition and filesystem to the 10G disk (the layer is 8G).
+        let size: u64 = ssh(p, vm, "df -B1 --output=size / | tail -n 1")
+            .parse()
+            .unwrap();
+        assert!(size > 9 << 30, "{vm}'s root is {size} bytes");
+    }
+    // Each instance is itself: its own machine-id and host key.
+    let identity = |vm: &str| {
+        (
+            ssh(p, vm, "cat /etc/machine-id"),
+            ssh(
+                p,
+                vm,
+                "cat /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f2",
+            ),
+        )
+    };
+    let (a, b) = (identity("a"), identity("b"));
+    assert!(!a.0.is_empty() && a.0 != b.0, "machine-ids {a:?} {b:?}");
+    assert!(!a.1.is_empty() && a.1 != b.1, "host keys {a:?} {b:?}");
+    p.ok(&["down"]);
+}
+
+#[test]
+fn a_cloud_image_boots_through_uefi() {
+    if !vm_tests_possible("cloud_image_uefi") || !nginx_available("cloud_image_uefi") {
+        return;
+    }
+    let lab = cloud_lab(
+        &cloud_image(),
+        "cloud",
+        "firmware = \"uefi\"",
+        "[platforms.plain]\nfrom = \"cloud\"\n[vms.efi]\nplatform = \"plain\"\n",
+    );
+    let p = &lab.project;
+    p.ok(&["up"]);
+    assert_eq!(
+        ssh(
+            p,
+            "efi",
+            "[ -d /sys/firmware/efi ] && echo uefi || echo bios"
+        ),
+        "uefi"
+    );
+    // The VM keeps its own variable store beside its disk.
+    assert!(p.path().join(".farm/vms/efi/efivars.fd").is_file());
+    p.ok(&["down"]);
+}
+
+#[test]
+fn an_image_with_neither_cloud_init_nor_farms_agent_fails_fast_and_says_why() {
+    if !vm_tests_possible("no_agent") || !nginx_available("no_agent") {
+        return;
+    }
+    let lab = cloud_lab(
+        &image_without_agent(),
+        "bare",
+        "",
+        "[platforms.p]\nfrom = \"bare\"\nrun = [\"true\"]\n",
+    );
+    let p = &lab.project;
+    let started = std::time::Instant::now();
+    let out = p.run(&["build"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(
+            "booted to a login prompt, but its image has neither cloud-init nor farm's agent"
+        ),
+        "{said}"
+    );
+    assert!(
+        said.contains("hint: use an image with cloud-init"),
+        "{said}"
+    );
+    assert!(
+        said.contains("login:"),
+        "the console's tail is shown: {said}"
+    );
+    // Refused when the login prompt appears, not at the 300 s boot timeout.
+    let waited = started.elapsed();
+    assert!(waited.as_secs() < 300, "took {waited:?}");
+    assert!(p.entries().iter().all(|e| !e.ends_with("-p_amd64")));
+}
