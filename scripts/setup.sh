@@ -19,6 +19,7 @@ packages=(
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
   ovmf                          # UEFI firmware for x86_64 VMs (`firmware = "uefi"`)
   fdisk dosfstools mtools       # tests: the cloud-image fixture's GPT disk and EFI partition
+  libguestfs-tools              # the cloud-image benchmark's baseline (virt-customize)
 )
 
 missing=()
