@@ -19,7 +19,8 @@ packages=(
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
   ovmf                          # UEFI firmware for x86_64 VMs (`firmware = "uefi"`)
   fdisk dosfstools mtools       # tests: the cloud-image fixture's GPT disk and EFI partition
-  libguestfs-tools              # the cloud-image benchmark's baseline (virt-customize)
+  libguestfs-tools              # the cloud-image benchmark's baseline (virt-customize),
+  linux-image-cloud-amd64       #   whose appliance boots the host's kernel (nothing else does)
 )
 
 missing=()
