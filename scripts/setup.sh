@@ -18,6 +18,9 @@ packages=(
   skopeo                        # the OCI cache benchmark's baseline (skopeo copy)
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
   ovmf                          # UEFI firmware for x86_64 VMs (`firmware = "uefi"`)
+  qemu-system-arm qemu-efi-aarch64  # aarch64 VMs (TCG) and their UEFI firmware (AAVMF)
+  qemu-user-static arch-test    # arm64 programs on this host: maintainer scripts (mmdebstrap
+                                #   asks arch-test), the arm64 busybox's applet list
   fdisk dosfstools mtools       # tests: the cloud-image fixture's GPT disk and EFI partition
   libguestfs-tools              # the cloud-image benchmark's baseline (virt-customize),
   linux-image-cloud-amd64       #   whose appliance boots the host's kernel (nothing else does)
@@ -55,6 +58,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     $(printf '%s\n' "${pinned[@]}" | sort -u) >/dev/null
+fi
+
+# arm64 maintainer scripts (Debian arm64 images built by mmdebstrap) run through qemu's
+# user-mode emulator, which the kernel finds through binfmt_misc. systemd-binfmt registers it
+# at boot on a normal system; on a machine without systemd, register it here (non-fatal: only
+# arm64 Debian images need it, and farm says so when it is missing).
+binfmt=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt/qemu-aarch64" ]; then
+  { [ -e "$binfmt/register" ] || mount -t binfmt_misc binfmt_misc "$binfmt"; } 2>/dev/null &&
+    cat /usr/lib/binfmt.d/qemu-aarch64.conf > "$binfmt/register" 2>/dev/null ||
+    echo "setup: could not register qemu-aarch64 with binfmt_misc; arm64 Debian images will not build" >&2
 fi
 
 # Tests: an S3-compatible server (moto's server mode, from PyPI) in a venv of its own, so

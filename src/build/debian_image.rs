@@ -70,12 +70,12 @@ pub enum DebianImageError {
     )]
     NeedsRoot,
     #[error(
-        "Building an {arch} image on this {host} machine needs QEMU user-mode emulation registered with binfmt_misc (`{binfmt}` is missing)\nhint: apt-get install qemu-user-static binfmt-support"
+        "Building an {arch} Debian image on this {host} machine runs {arch} maintainer scripts, which needs QEMU user-mode emulation registered with binfmt_misc: {problem}\nhint: as root, `apt-get install qemu-user-static`, `mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc` if it is not mounted, then `cat /usr/lib/binfmt.d/qemu-{arch}.conf > /proc/sys/fs/binfmt_misc/register` (systemd-binfmt does this at boot; `./scripts/setup.sh` does it here)"
     )]
     ForeignArch {
         arch: Arch,
         host: &'static str,
-        binfmt: PathBuf,
+        problem: String,
     },
     #[error(transparent)]
     Tool(#[from] ToolError),
@@ -162,12 +162,47 @@ pub fn check_prerequisites(arch: Arch) -> Result<(), DebianImageError> {
     }
     let host = std::env::consts::ARCH;
     if host != arch.name() {
-        let binfmt = PathBuf::from(format!("/proc/sys/fs/binfmt_misc/qemu-{}", arch.name()));
-        if !binfmt.exists() {
-            return Err(DebianImageError::ForeignArch { arch, host, binfmt });
-        }
+        // mmdebstrap asks arch-test whether the foreign architecture's programs run.
+        crate::build::tools::require(&["arch-test"])?;
+    }
+    if host != arch.name()
+        && let Some(problem) = binfmt_problem(Path::new("/proc/sys/fs/binfmt_misc"), arch)
+    {
+        return Err(DebianImageError::ForeignArch {
+            arch,
+            host,
+            problem,
+        });
     }
     Ok(())
+}
+
+/// Why `arch`'s programs would not run here through binfmt_misc under `dir`, or `None` when
+/// they would: the file system is mounted, qemu's entry is registered and enabled, and the
+/// interpreter it names exists.
+pub fn binfmt_problem(dir: &Path, arch: Arch) -> Option<String> {
+    if !dir.join("register").exists() {
+        return Some(format!("`{}` is not mounted", dir.display()));
+    }
+    let entry = dir.join(format!("qemu-{}", arch.name()));
+    let Ok(text) = fs_err::read_to_string(&entry) else {
+        return Some(format!("`{}` is not registered", entry.display()));
+    };
+    if text.lines().next() != Some("enabled") {
+        return Some(format!("`{}` is disabled", entry.display()));
+    }
+    let interpreter = text
+        .lines()
+        .find_map(|l| l.strip_prefix("interpreter "))
+        .map(PathBuf::from);
+    match interpreter {
+        Some(path) if !path.exists() => Some(format!(
+            "`{}` names the interpreter `{}`, which is not installed",
+            entry.display(),
+            path.display()
+        )),
+        _ => None,
+    }
 }
 
 /// Builds `out_dir/disk.qcow2` and `out_dir/boot/{vmlinuz,initrd.img,cmdline}`.
@@ -317,6 +352,31 @@ fn version_key(version: &str) -> Vec<(u64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A binfmt_misc directory as the kernel shows it, faked in a temporary directory.
+    #[test]
+    fn binfmt_problems_name_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let arm = Arch::Aarch64;
+        let problem = |d: &Path| binfmt_problem(d, arm).unwrap_or_default();
+        assert!(problem(dir.path()).contains("is not mounted"));
+        fs_err::write(dir.path().join("register"), "").unwrap();
+        assert!(problem(dir.path()).contains("qemu-aarch64` is not registered"));
+        let entry = dir.path().join("qemu-aarch64");
+        let interpreter = dir.path().join("aarch64-binfmt-P");
+        let text = |state: &str| {
+            format!(
+                "{state}\ninterpreter {}\nflags: POF\noffset 0\n",
+                interpreter.display()
+            )
+        };
+        fs_err::write(&entry, text("disabled")).unwrap();
+        assert!(problem(dir.path()).contains("is disabled"));
+        fs_err::write(&entry, text("enabled")).unwrap();
+        assert!(problem(dir.path()).contains("which is not installed"));
+        fs_err::write(&interpreter, "").unwrap();
+        assert_eq!(binfmt_problem(dir.path(), arm), None);
+    }
 
     fn spec() -> DebianSpec {
         DebianSpec {

@@ -37,7 +37,8 @@ pub fn required_packages(arch: Arch) -> Vec<String> {
     .collect()
 }
 
-fn kernel_package(arch: Arch) -> &'static str {
+/// The cloud kernel's meta-package for `arch` (it depends on the current versioned kernel).
+pub fn kernel_package(arch: Arch) -> &'static str {
     match arch {
         Arch::X86_64 => "linux-image-cloud-amd64",
         Arch::Aarch64 => "linux-image-cloud-arm64",
@@ -48,11 +49,15 @@ fn kernel_package(arch: Arch) -> &'static str {
 /// filesystem, mounted read-write from the start (fsck needs nothing else), and the console
 /// is the serial port farm logs (`ttyS0` on PC, the PL011 `ttyAMA0` on the arm `virt` board).
 pub fn kernel_cmdline(arch: Arch) -> String {
-    let console = match arch {
+    format!("root=/dev/vda rw console={}", serial_console(arch))
+}
+
+/// The serial console's device: the 16550 `ttyS0` on PC, the PL011 `ttyAMA0` on arm `virt`.
+pub fn serial_console(arch: Arch) -> &'static str {
+    match arch {
         Arch::X86_64 => "ttyS0",
         Arch::Aarch64 => "ttyAMA0",
-    };
-    format!("root=/dev/vda rw console={console}")
+    }
 }
 
 /// Runs after the essential packages, before the kernel package builds the initramfs:

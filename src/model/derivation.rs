@@ -325,17 +325,6 @@ fn derive(
                 }
                 ImageSource::Tiny => {
                     let arch = arch.expect("tiny image ids carry an arch");
-                    if arch != Arch::X86_64 {
-                        return Err(Diagnostic::new(
-                            format!(
-                                "Image `{image}` is farm's tiny image, which is built for x86_64 only, but a platform on it is wanted for {arch}"
-                            ),
-                            img.name.at.clone(),
-                        )
-                        .hint(format!(
-                            "base {arch} platforms on a Debian image (`debian = {{ suite = \"bookworm\" }}`), or build them for x86_64 targets only"
-                        )));
-                    }
                     Recipe::TinyImage {
                         arch,
                         farm_parts: super::tiny_recipe::digest(arch),

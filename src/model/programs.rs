@@ -2,12 +2,14 @@
 //! from, so a missing one is reported with the `apt-get install` that fixes it.
 
 /// Every program farm checks for, here or on a host, with the Debian package providing it.
-const DEBIAN_PACKAGES: [(&str, &str); 15] = [
+const DEBIAN_PACKAGES: [(&str, &str); 17] = [
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("qemu-system-aarch64", "qemu-system-arm"),
     ("qemu-img", "qemu-utils"),
     ("b3sum", "b3sum"),
     ("mmdebstrap", "mmdebstrap"),
+    ("arch-test", "arch-test"),
+    ("qemu-aarch64-static", "qemu-user-static"),
     ("mkfs.ext4", "e2fsprogs"),
     ("apt-get", "apt"),
     ("apt-cache", "apt"),

@@ -21,10 +21,49 @@ pub const UDHCPC_SCRIPT: &str = include_str!("../guest_agent/tiny/udhcpc.script"
 
 /// The kernel command line. `quiet` because every line on a serial console costs time under
 /// TCG; the disk is mounted by the initramfs, so no `root=`.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet";
+pub fn kernel_cmdline(arch: Arch) -> String {
+    format!(
+        "console={} quiet",
+        super::debian_recipe::serial_console(arch)
+    )
+}
 
-/// The meta-package whose `Depends:` names the current versioned cloud kernel.
-pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// busybox init's configuration with the shell on `arch`'s serial console.
+pub fn inittab(arch: Arch) -> String {
+    INITTAB.replace(
+        "ttyS0::",
+        &format!("{}::", super::debian_recipe::serial_console(arch)),
+    )
+}
+
+/// The meta-package whose `Depends:` names the current versioned cloud kernel
+/// (`linux-image-cloud-amd64`, `linux-image-cloud-arm64`).
+pub fn kernel_meta_package(arch: Arch) -> &'static str {
+    super::debian_recipe::kernel_package(arch)
+}
+
+/// Where `arch`'s libraries live in Debian (`lib/x86_64-linux-gnu`), and its dynamic loader:
+/// the file name there and the path every executable names as its interpreter.
+pub struct LibraryLayout {
+    pub dir: &'static str,
+    pub loader: &'static str,
+    pub interpreter: &'static str,
+}
+
+pub fn library_layout(arch: Arch) -> LibraryLayout {
+    match arch {
+        Arch::X86_64 => LibraryLayout {
+            dir: "lib/x86_64-linux-gnu",
+            loader: "ld-linux-x86-64.so.2",
+            interpreter: "lib64/ld-linux-x86-64.so.2",
+        },
+        Arch::Aarch64 => LibraryLayout {
+            dir: "lib/aarch64-linux-gnu",
+            loader: "ld-linux-aarch64.so.1",
+            interpreter: "lib/ld-linux-aarch64.so.1",
+        },
+    }
+}
 
 /// The modules the guest needs (their dependencies are added from each module's
 /// `depends=`): virtio disks and NICs, and FAT for the seed volume. A module missing from
@@ -55,11 +94,11 @@ pub const PACKAGES: [&str; 9] = [
     "zlib1g",
 ];
 
-/// The shared objects dropbear, dropbearconvert and dropbearkey need (their `NEEDED`
-/// entries, transitively: libtomcrypt pulls libgmp), copied into `/lib/x86_64-linux-gnu`,
-/// the directory Debian's dynamic loader searches without an `ld.so.cache`.
-pub const DROPBEAR_LIBS: [&str; 7] = [
-    "ld-linux-x86-64.so.2",
+/// The shared objects dropbear, dropbearconvert and dropbearkey need besides the loader
+/// (their `NEEDED` entries, transitively: libtomcrypt pulls libgmp), copied into the
+/// architecture's library directory ([`library_layout`]), which Debian's dynamic loader
+/// searches without an `ld.so.cache`.
+pub const DROPBEAR_LIBS: [&str; 6] = [
     "libc.so.6",
     "libcrypt.so.1",
     "libtomcrypt.so.1",
@@ -71,6 +110,8 @@ pub const DROPBEAR_LIBS: [&str; 7] = [
 /// blake3 over everything above for `arch`: part of every tiny image derivation.
 pub fn digest(arch: Arch) -> ContentHash {
     let mut hasher = blake3::Hasher::new();
+    let layout = library_layout(arch);
+    let (cmdline, inittab) = (kernel_cmdline(arch), inittab(arch));
     let parts = [
         BOOT_SCRIPT,
         SEED_LIBRARY,
@@ -78,8 +119,12 @@ pub fn digest(arch: Arch) -> ContentHash {
         INITTAB,
         SSHD_SCRIPT,
         UDHCPC_SCRIPT,
-        KERNEL_CMDLINE,
-        KERNEL_META_PACKAGE,
+        cmdline.as_str(),
+        inittab.as_str(),
+        kernel_meta_package(arch),
+        layout.dir,
+        layout.loader,
+        layout.interpreter,
         arch.debian_name(),
     ];
     let lists: [&[&str]; 3] = [&WANTED_MODULES, &PACKAGES, &DROPBEAR_LIBS];
@@ -88,4 +133,21 @@ pub fn digest(arch: Arch) -> ContentHash {
         hasher.update(part.as_bytes());
     }
     ContentHash::from_blake3(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_arch_gets_its_console_loader_and_kernel() {
+        let arm = Arch::Aarch64;
+        assert_eq!(kernel_cmdline(arm), "console=ttyAMA0 quiet");
+        assert!(inittab(arm).contains("\nttyAMA0::respawn:-/bin/sh\n"));
+        assert!(!inittab(arm).contains("ttyS0"));
+        assert_eq!(inittab(Arch::X86_64), INITTAB);
+        assert_eq!(kernel_meta_package(arm), "linux-image-cloud-arm64");
+        assert_eq!(library_layout(arm).interpreter, "lib/ld-linux-aarch64.so.1");
+        assert_ne!(digest(arm), digest(Arch::X86_64));
+    }
 }

@@ -34,7 +34,7 @@ pub use packages::deb_file_name;
 
 use crate::build::tool_log::LogError;
 use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, tree_bytes};
-use crate::model::tiny_recipe::{KERNEL_CMDLINE, PACKAGES};
+use crate::model::tiny_recipe::{PACKAGES, kernel_cmdline};
 use crate::model::values::Arch;
 
 /// Free space in the root filesystem beyond what the files use: room for logs, keys and a
@@ -74,9 +74,13 @@ pub struct TinyImageReport {
 #[derive(Debug, thiserror::Error)]
 pub enum TinyImageError {
     #[error(
-        "The tiny image is only built for x86_64 so far (asked for {arch})\nhint: use a Debian image for other architectures"
+        "Building the {arch} tiny image on this {host} host needs `{program}` to list the applets of {arch}'s busybox\nhint: install Debian's `qemu-user-static` (`./scripts/setup.sh` does)"
     )]
-    UnsupportedArch { arch: Arch },
+    NoEmulator {
+        arch: Arch,
+        host: &'static str,
+        program: String,
+    },
     #[error(
         "Building the tiny image needs root: `mkfs.ext4 -d` records file owners as it finds them, and dropbear refuses keys in a home not owned by root\nhint: run the build as root (e.g. `sudo -E farm build`)"
     )]
@@ -113,15 +117,13 @@ pub fn build_tiny_image(
     progress: &ProgressBar,
 ) -> Result<TinyImageReport, TinyImageError> {
     let started = Instant::now();
-    if req.arch != Arch::X86_64 || std::env::consts::ARCH != "x86_64" {
-        // The rootfs lists busybox's applets by running the unpacked busybox, and apt
-        // downloads the host's architecture.
-        return Err(TinyImageError::UnsupportedArch { arch: req.arch });
-    }
     crate::build::tools::require(&["apt-get", "apt-cache", "dpkg-deb", "mkfs.ext4", "qemu-img"])?;
     if fs_err::metadata("/proc/self")?.uid() != 0 {
         return Err(TinyImageError::NeedsRoot);
     }
+    // The root tree lists busybox's applets by running the unpacked busybox: another
+    // architecture's through qemu's user-mode emulator (checked before anything is fetched).
+    let emulator = foreign_emulator(req.arch)?;
     let scratch = Scratch::fresh(req.out_dir, &["unpacked", "rootfs"], &["rootfs.raw"])?;
     fs_err::create_dir_all(req.cache_dir)?;
     let log = ToolRunner::open(req.log)?;
@@ -132,10 +134,11 @@ pub fn build_tiny_image(
     // 1. Packages.
     progress.set_message("resolving the tiny image's packages");
     let phase = Instant::now();
-    let kernel_version = packages::current_kernel(&log)?;
+    let apt = packages::Apt::for_arch(req.arch, req.cache_dir)?;
+    let kernel_version = packages::current_kernel(&log, &apt)?;
     let mut packages = vec![format!("linux-image-{kernel_version}")];
     packages.extend(PACKAGES.iter().map(|p| p.to_string()));
-    let debs = packages::fetch_debs(&log, req.cache_dir, &packages, progress)?;
+    let debs = packages::fetch_debs(&log, &apt, req.cache_dir, &packages, progress)?;
     let fetch_time = phase.elapsed();
 
     progress.set_message("unpacking packages");
@@ -168,7 +171,10 @@ pub fn build_tiny_image(
     let busybox = fs_err::read(unpacked.join("bin/busybox"))?;
     let initrd = initramfs::initramfs(&busybox, &module_dir, &modules)?;
     fs_err::write(boot.join("initrd.img"), &initrd)?;
-    fs_err::write(boot.join("cmdline"), format!("{KERNEL_CMDLINE}\n"))?;
+    fs_err::write(
+        boot.join("cmdline"),
+        format!("{}\n", kernel_cmdline(req.arch)),
+    )?;
     for name in ["vmlinuz", "initrd.img", "cmdline"] {
         // Readable by the (unprivileged) qemu that boots it; the store makes it read-only.
         fs_err::set_permissions(boot.join(name), std::fs::Permissions::from_mode(0o644))?;
@@ -176,8 +182,15 @@ pub fn build_tiny_image(
 
     // 4. The root tree.
     progress.set_message("assembling the root tree");
-    let applets = tree::busybox_applets(&log, &unpacked.join("bin/busybox"))?;
-    tree::root_tree(&rootfs, &unpacked, &module_dir, &modules, &applets)?;
+    let applets = tree::busybox_applets(&log, &unpacked.join("bin/busybox"), emulator.as_deref())?;
+    tree::root_tree(
+        req.arch,
+        &rootfs,
+        &unpacked,
+        &module_dir,
+        &modules,
+        &applets,
+    )?;
 
     // 5. The filesystem and the qcow2.
     let rootfs_bytes = tree_bytes(&rootfs)?;
@@ -209,6 +222,22 @@ pub fn build_tiny_image(
         report.total_time.as_secs_f64(),
     ))?;
     Ok(report)
+}
+
+/// qemu's user-mode emulator for `arch` when it is not the host's (`qemu-aarch64-static`),
+/// or `None` when `arch`'s programs run natively.
+fn foreign_emulator(arch: Arch) -> Result<Option<PathBuf>, TinyImageError> {
+    if Some(arch) == crate::sys::hostinfo::host_arch() {
+        return Ok(None);
+    }
+    let program = format!("qemu-{}-static", arch.name());
+    crate::sys::programs::find_program(&program)
+        .map(Some)
+        .ok_or(TinyImageError::NoEmulator {
+            arch,
+            host: std::env::consts::ARCH,
+            program,
+        })
 }
 
 /// One item a line, for the files that list modules.

@@ -8,21 +8,80 @@ use indicatif::ProgressBar;
 
 use super::TinyImageError;
 use crate::build::tools::ToolRunner;
-use crate::model::tiny_recipe::KERNEL_META_PACKAGE;
+use crate::model::tiny_recipe::kernel_meta_package;
+use crate::model::values::Arch;
 
-/// The versioned kernel `linux-image-cloud-amd64` points at (`6.1.0-28-cloud-amd64`), so the
-/// image follows Debian's security updates. Runs `apt-get update` once if apt knows nothing.
-pub(super) fn current_kernel(log: &ToolRunner) -> Result<String, TinyImageError> {
+/// How apt is asked about one architecture's packages. For the host's own architecture,
+/// the host's apt as it is. For another one, a private apt state under the build cache
+/// (package lists, archives, an empty dpkg status) that reads the host's sources: the host's
+/// apt configuration is never changed (no `dpkg --add-architecture`), yet the same mirror
+/// serves both.
+pub(super) struct Apt {
+    arch: Arch,
+    options: Vec<String>,
+}
+
+impl Apt {
+    pub(super) fn for_arch(arch: Arch, cache_dir: &Path) -> std::io::Result<Self> {
+        if Some(arch) == crate::sys::hostinfo::host_arch() {
+            return Ok(Self {
+                arch,
+                options: Vec::new(),
+            });
+        }
+        let root = cache_dir.join(format!("apt-{}", arch.debian_name()));
+        fs_err::create_dir_all(root.join("lists/partial"))?;
+        fs_err::create_dir_all(root.join("cache/archives/partial"))?;
+        let status = root.join("status");
+        if !status.exists() {
+            fs_err::write(&status, "")?;
+        }
+        let path = |p: PathBuf| p.display().to_string();
+        let options = [
+            format!("APT::Architecture={}", arch.debian_name()),
+            format!("APT::Architectures::={}", arch.debian_name()),
+            format!("Dir::State::Lists={}", path(root.join("lists"))),
+            format!("Dir::Cache={}", path(root.join("cache"))),
+            format!("Dir::State::status={}", path(status)),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_string(), o])
+        .collect();
+        Ok(Self { arch, options })
+    }
+
+    /// `apt-get`/`apt-cache` with this architecture's options.
+    fn tool<'a>(&self, log: &'a ToolRunner, tool: &str) -> crate::build::tools::Invocation<'a> {
+        log.tool(tool).args(&self.options)
+    }
+
+    fn update(&self, log: &ToolRunner) -> Result<(), TinyImageError> {
+        self.tool(log, "apt-get")
+            .args(["-o", "APT::Sandbox::User=root", "update"])
+            .hint(|| {
+                "check that the Debian mirror in /etc/apt/sources.list(.d) is reachable".into()
+            })
+            .run()?;
+        Ok(())
+    }
+}
+
+/// The versioned kernel the cloud kernel's meta-package points at (`6.1.0-28-cloud-amd64`),
+/// so the image follows Debian's security updates. Runs `apt-get update` once if apt knows
+/// nothing.
+pub(super) fn current_kernel(log: &ToolRunner, apt: &Apt) -> Result<String, TinyImageError> {
+    let meta = kernel_meta_package(apt.arch);
+    let flavour = format!("-cloud-{}", apt.arch.debian_name());
     let parse = |out: &str| {
         out.lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
             .map(str::trim)
-            .find(|v| v.ends_with("-cloud-amd64"))
+            .find(|v| v.ends_with(&flavour))
             .map(str::to_string)
     };
     let depends = || {
-        log.tool("apt-cache")
-            .args(["depends", KERNEL_META_PACKAGE])
+        apt.tool(log, "apt-cache")
+            .args(["depends", meta])
             .hint(apt_hint)
             .run()
     };
@@ -31,19 +90,11 @@ pub(super) fn current_kernel(log: &ToolRunner) -> Result<String, TinyImageError>
     {
         return Ok(version);
     }
-    apt_update(log)?;
+    apt.update(log)?;
     let out = depends()?;
     parse(&out).ok_or(TinyImageError::NoCandidate {
-        package: KERNEL_META_PACKAGE.into(),
+        package: meta.into(),
     })
-}
-
-fn apt_update(log: &ToolRunner) -> Result<(), TinyImageError> {
-    log.tool("apt-get")
-        .args(["update"])
-        .hint(|| "check that the Debian mirror in /etc/apt/sources.list is reachable".into())
-        .run()?;
-    Ok(())
 }
 
 fn apt_hint() -> String {
@@ -58,10 +109,11 @@ pub fn deb_file_name(package: &str, version: &str, arch: &str) -> String {
 /// The candidate `(version, architecture)` of each package, from one `apt-cache show`.
 fn candidates(
     log: &ToolRunner,
+    apt: &Apt,
     packages: &[String],
 ) -> Result<BTreeMap<String, (String, String)>, TinyImageError> {
-    let out = log
-        .tool("apt-cache")
+    let out = apt
+        .tool(log, "apt-cache")
         .args(["show", "--no-all-versions"])
         .args(packages)
         .hint(apt_hint)
@@ -87,17 +139,18 @@ fn candidates(
 /// there already.
 pub(super) fn fetch_debs(
     log: &ToolRunner,
+    apt: &Apt,
     cache_dir: &Path,
     packages: &[String],
     progress: &ProgressBar,
 ) -> Result<Vec<PathBuf>, TinyImageError> {
-    let mut found = candidates(log, packages);
+    let mut found = candidates(log, apt, packages);
     if found
         .as_ref()
         .map_or(true, |f| packages.iter().any(|p| !f.contains_key(p)))
     {
-        apt_update(log)?;
-        found = candidates(log, packages);
+        apt.update(log)?;
+        found = candidates(log, apt, packages);
     }
     let found = found?;
     let mut debs = Vec::new();
@@ -116,7 +169,7 @@ pub(super) fn fetch_debs(
     }
     if !missing.is_empty() {
         progress.set_message(format!("apt-get download ({} packages)", missing.len()));
-        log.tool("apt-get")
+        apt.tool(log, "apt-get")
             // The cache directory is usually not readable by `_apt`; downloading as root
             // avoids a warning and a failed chown.
             .args([

@@ -9,17 +9,23 @@ use super::modules::index_modules;
 use super::{TinyImageError, lines};
 use crate::build::tools::ToolRunner;
 use crate::model::tiny_recipe::{
-    BOOT_SCRIPT, DROPBEAR_LIBS, INITTAB, SEED_LIBRARY, SSHD_SCRIPT, UDHCPC_SCRIPT,
+    BOOT_SCRIPT, DROPBEAR_LIBS, SEED_LIBRARY, SSHD_SCRIPT, UDHCPC_SCRIPT, inittab, library_layout,
 };
+use crate::model::values::Arch;
 
 /// busybox's applets with their install paths (`/bin/sh`, `/sbin/init`, …), from the
-/// unpacked binary itself, so the links match the busybox that is shipped.
+/// unpacked binary itself, so the links match the busybox that is shipped; another
+/// architecture's busybox runs under `emulator` (qemu user mode).
 pub(super) fn busybox_applets(
     log: &ToolRunner,
     busybox: &Path,
+    emulator: Option<&Path>,
 ) -> Result<Vec<String>, TinyImageError> {
-    let out = log
-        .program(busybox, "busybox")
+    let run = match emulator {
+        Some(emulator) => log.program(emulator, "qemu-user").args([busybox]),
+        None => log.program(busybox, "busybox"),
+    };
+    let out = run
         .args(["--list-full"])
         .hint(|| "the unpacked program does not run on this host".into())
         .run()?;
@@ -32,12 +38,14 @@ pub(super) fn busybox_applets(
 
 /// Writes the root tree the disk is made of.
 pub(super) fn root_tree(
+    arch: Arch,
     root: &Path,
     unpacked: &Path,
     module_dir: &Path,
     modules: &[String],
     applets: &[String],
 ) -> Result<(), TinyImageError> {
+    let layout = library_layout(arch);
     let mode = |path: &Path, mode: u32| {
         fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))
     };
@@ -46,8 +54,7 @@ pub(super) fn root_tree(
         "sbin",
         "usr/bin",
         "usr/sbin",
-        "lib/x86_64-linux-gnu",
-        "lib64",
+        layout.dir,
         "lib/modules/farm",
         "etc/farm",
         "etc/dropbear",
@@ -105,21 +112,27 @@ pub(super) fn root_tree(
         "usr/lib/openssh/sftp-server",
     )?;
     std::os::unix::fs::symlink("openssh/sftp-server", root.join("usr/lib/sftp-server"))?;
-    for lib in DROPBEAR_LIBS {
-        let from = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
+    for lib in std::iter::once(layout.loader).chain(DROPBEAR_LIBS) {
+        let from = [layout.dir.to_string(), format!("usr/{}", layout.dir)]
             .iter()
             .map(|d| unpacked.join(d).join(lib))
             .find(|p| p.exists())
             .ok_or_else(|| TinyImageError::Missing {
-                path: unpacked.join("lib/x86_64-linux-gnu").join(lib),
+                path: unpacked.join(layout.dir).join(lib),
             })?;
         // fs_err::copy follows the package's `libz.so.1 -> libz.so.1.2.13` link.
-        copy_exe(&from, &format!("lib/x86_64-linux-gnu/{lib}"))?;
+        copy_exe(&from, &format!("{}/{lib}", layout.dir))?;
     }
-    // The interpreter path written in every x86_64 executable.
+    // The interpreter path written in every executable of the architecture
+    // (`/lib64/ld-linux-x86-64.so.2`, `/lib/ld-linux-aarch64.so.1`).
+    let interpreter = root.join(layout.interpreter);
+    if let Some(dir) = interpreter.parent() {
+        fs_err::create_dir_all(dir)?;
+    }
+    let up = "../".repeat(layout.interpreter.matches('/').count());
     std::os::unix::fs::symlink(
-        "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-        root.join("lib64/ld-linux-x86-64.so.2"),
+        format!("{up}{}/{}", layout.dir, layout.loader),
+        &interpreter,
     )?;
 
     let index = index_modules(module_dir)?;
@@ -131,13 +144,14 @@ pub(super) fn root_tree(
     }
 
     fs_err::create_dir_all(root.join("usr/lib/farm"))?;
+    let inittab = inittab(arch);
     let files: [(&str, &str, u32); 15] = [
         ("etc/farm/modules", &lines(modules), 0o644),
         ("etc/farm/boot.sh", BOOT_SCRIPT, 0o755),
         ("usr/lib/farm/seed-lib.sh", SEED_LIBRARY, 0o644),
         ("etc/farm/sshd.sh", SSHD_SCRIPT, 0o755),
         ("etc/farm/udhcpc.script", UDHCPC_SCRIPT, 0o755),
-        ("etc/inittab", INITTAB, 0o644),
+        ("etc/inittab", &inittab, 0o644),
         (
             "etc/passwd",
             "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
