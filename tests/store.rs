@@ -539,3 +539,93 @@ fn a_damaged_entry_is_reported_not_ignored() {
     assert!(matches!(err, StoreError::CorruptEntry { .. }), "{err}");
     assert!(err.to_string().contains("has no `meta.json`"), "{err}");
 }
+
+fn write_pattern(disk: &Path, offset_mib: u64, byte: u8) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {byte} {offset_mib}M 1M"))
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn checkpoint_meta(key: u8, previous: Option<u8>) -> farm::store::CheckpointMeta {
+    farm::store::CheckpointMeta {
+        key: farm::model::hash::ContentHash([key; 32]),
+        previous: previous.map(|p| farm::model::hash::ContentHash([p; 32])),
+        label: format!("step {key}"),
+        created_unix: now_unix(),
+    }
+}
+
+/// Two steps' checkpoints committed as a build does (frozen in a work directory, backing
+/// paths made relative, moved in in order): a resume finds the longest prefix, the chain
+/// reads what each step wrote, a key committed twice keeps the first, and gc's sweep drops
+/// the group with its parent.
+#[test]
+fn step_checkpoints_chain_resume_and_go_with_their_parent() {
+    let dir = TestDir::new();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let (parent, _) = realise(&store, &key(1), "base", Duration::ZERO);
+    let work = dir.path().join("work");
+    fs_err::create_dir_all(&work).unwrap();
+    let (ck0, ck1) = (work.join("ck-0.qcow2"), work.join("ck-1.qcow2"));
+    qemu_img::create_overlay(&ck0, &parent.disk_path(), None).unwrap();
+    write_pattern(&ck0, 1, 0xa1);
+    qemu_img::create_overlay(&ck1, &ck0, None).unwrap();
+    write_pattern(&ck1, 2, 0xb2);
+
+    let (first, second) = (checkpoint_meta(10, None), checkpoint_meta(11, Some(10)));
+    for (disk, meta) in [(&ck0, &first), (&ck1, &second)] {
+        let backing = store.checkpoint_backing(&parent, meta.previous.as_ref());
+        qemu_img::rebase_unsafe(disk, &backing).unwrap();
+        assert!(
+            store
+                .commit_checkpoint(&parent, meta, disk, None, None)
+                .unwrap()
+        );
+    }
+    let keys = [
+        first.key,
+        second.key,
+        farm::model::hash::ContentHash([12; 32]),
+    ];
+    let (skipped, resume) = store.resume_point(&parent, &keys).unwrap();
+    assert_eq!(skipped, 2);
+    assert_eq!(resume.meta, second);
+    // The committed chain resolves inside the store and reads both steps' writes.
+    let chain = qemu_img::backing_chain(&resume.disk_path()).unwrap();
+    assert_eq!(chain.len(), 3, "{chain:?}");
+    for (offset, byte) in [(1, 0xa1), (2, 0xb2)] {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-r", "-c"])
+            .arg(format!("read -P {byte} {offset}M 1M"))
+            .arg(resume.disk_path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("Pattern verification failed"), "{text}");
+    }
+    assert_eq!(
+        mode(&resume.disk_path()) & 0o222,
+        0,
+        "checkpoints are sealed"
+    );
+
+    // Another build's copy of the same key is not taken: its successors would not match.
+    let again = work.join("again.qcow2");
+    qemu_img::create_overlay(&again, &parent.disk_path(), None).unwrap();
+    assert!(
+        !store
+            .commit_checkpoint(&parent, &first, &again, None, None)
+            .unwrap()
+    );
+    // A changed first step resumes nothing.
+    assert!(store.resume_point(&parent, &keys[2..]).is_none());
+
+    let live: std::collections::BTreeSet<String> = ["other".to_string()].into();
+    let swept = store.sweep_checkpoints(&live, false).unwrap();
+    assert_eq!(swept.items, 1);
+    assert!(!store.checkpoints_dir(&parent).exists());
+}

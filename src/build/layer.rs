@@ -11,21 +11,18 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::checkpointing::{Checkpointer, StepDisks, commit_checkpoints};
+use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
 use crate::model::config::Platform;
-use crate::model::derivation::{Recipe, StepInputs};
-use crate::model::first_boot::{self, CloudInit, ConsoleVerdict};
+use crate::model::derivation::Recipe;
+use crate::model::first_boot::{self, CloudInit};
 use crate::model::hash::ContentHash;
-use crate::model::qemu::{
-    DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, mac_for,
-};
-use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
-use crate::model::ssh_config::{SshHost, known_hosts_line, render};
-use crate::model::values::{Firmware, uefi_files};
+use crate::model::qemu::MachineSpec;
+use crate::model::values::Firmware;
 use crate::progress::Reporter;
-use crate::store::{Entry, Staging};
+use crate::store::{Entry, Staging, Store};
 use crate::sys::qemu_img;
 use crate::sys::ssh::{Ssh, shell_quote};
-use crate::sys::vm_process::VmProcess;
 
 /// Kernel, initrd and command line for direct kernel boot, as kept in an entry's `boot/`.
 #[derive(Clone, Debug)]
@@ -103,6 +100,8 @@ pub enum BuilderError {
     Ssh(#[from] crate::sys::ssh::SshError),
     #[error(transparent)]
     Keygen(#[from] crate::sys::keys::KeygenError),
+    #[error("Cannot checkpoint the build VM's disk: {0}")]
+    Qmp(#[from] crate::sys::qmp::QmpError),
 }
 
 /// Everything one layer build needs.
@@ -111,6 +110,8 @@ pub struct LayerBuild<'a> {
     pub platform: &'a Platform,
     pub recipe: &'a Recipe,
     pub parent: &'a Entry,
+    /// Where step checkpoints are found and kept.
+    pub store: &'a Store,
     /// The boot files the parent boots with (its own or an ancestor's), if it boots directly.
     pub boot: Option<BootFiles>,
     /// How the image's bootloader is started when there are no boot files.
@@ -127,182 +128,159 @@ pub struct LayerBuild<'a> {
 /// space costs nothing; the guest's root filesystem is grown to fill it before the steps.
 const BUILD_DISK_FLOOR: u64 = 8 << 30;
 
-pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<(), BuilderError> {
-    let Recipe::Layer { steps, .. } = build.recipe else {
+/// What a layer build did, for its status line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerReport {
+    /// Steps of the build, farm's own first step (growing the root filesystem) included.
+    pub steps: usize,
+    /// Steps taken from checkpoints instead of run.
+    pub reused: usize,
+}
+
+pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerReport, BuilderError> {
+    let Recipe::Layer { steps: inputs, .. } = build.recipe else {
         unreachable!("build_layer is only called for layers")
     };
+    let steps = build_steps(&build.platform.steps, inputs);
+    let keys = checkpoint_keys(build.recipe, &steps);
     let work = build.staging.dir().join("build");
     fs_err::create_dir_all(&work)?;
     let mut log = Log::create(build.log)?;
 
-    // The disk: an overlay on the parent's layer (absolute while building, relative at commit).
+    // Resume from the checkpoint of the longest unchanged prefix of steps, if kept.
+    let resume = build.store.resume_point(build.parent, &keys);
+    let reused = resume.as_ref().map_or(0, |(n, _)| *n);
+    let (base, resumed_boot) = match &resume {
+        Some((n, checkpoint)) => {
+            log.line(&format!(
+                "resuming after step {n} of {} ({}) from checkpoint `{}`",
+                steps.len(),
+                checkpoint.meta.label,
+                checkpoint.dir.display()
+            ));
+            (checkpoint.disk_path(), checkpoint.boot_dir())
+        }
+        None => (build.parent.disk_path(), None),
+    };
+    let boot = match &resumed_boot {
+        Some(dir) => BootFiles::in_dir(dir),
+        None => build.boot.clone(),
+    };
+
+    // The disk: a chain of overlays, one per step (absolute while building); the layer is
+    // squashed onto the parent at the end.
     let parent_size = qemu_img::info(&build.parent.disk_path())?.virtual_size;
     let disk = build.staging.disk_path();
+    let disks = StepDisks::new(&work, disk.clone(), steps.len());
     qemu_img::create_overlay(
-        &disk,
-        &build.parent.disk_path(),
+        &disks.during(reused),
+        &base,
         Some(parent_size.max(BUILD_DISK_FLOOR)),
     )?;
 
-    // Access: an ephemeral client key and a host key farm knows in advance.
-    let client_key = keygen(&work.join("id_ed25519"))?;
-    let host_key = keygen(&work.join("host_ed25519"))?;
-    let mac = mac_for(&format!("build-{}", build.name), 0);
-    let mut seed = SeedSpec::new(
-        format!("farm-build-{}", build.staging.key().store_key()),
-        "farm-build",
-    );
-    seed.authorized_keys = vec![client_key.public.clone()];
-    seed.host_key = Some((host_key.private.clone(), host_key.public.clone()));
-    seed.nics = vec![SeedNic {
-        mac,
-        address: None,
-        gateway: None,
-    }];
-    let seed_path = work.join("seed.img");
-    fs_err::write(&seed_path, seed_image_bytes(&seed)?)?;
-
-    let port = crate::sys::hostinfo::free_local_port()?;
-    let alias = "farm-build";
-    let ssh_config = work.join("ssh_config");
-    fs_err::write(
-        work.join("known_hosts"),
-        known_hosts_line(alias, &host_key.public),
-    )?;
-    fs_err::write(
-        &ssh_config,
-        render(&[SshHost::vm(
-            alias,
-            "127.0.0.1",
-            port,
-            work.join("id_ed25519"),
-            work.join("known_hosts"),
-            Vec::new(),
-        )]),
-    )?;
-
-    // UEFI firmware keeps its variables in a file of the VM's own, from the host's template.
-    let uefi_vars = match (&build.boot, build.firmware) {
-        (None, Firmware::Uefi) => {
-            let vars = work.join("efivars.fd");
-            let (_, template) = uefi_files(build.hw.arch);
-            fs_err::copy(template, &vars).map_err(|e| BuilderError::NoFirmware {
-                platform: build.name.to_string(),
-                reason: e.to_string(),
-            })?;
-            Some(vars)
-        }
-        _ => None,
-    };
-    let vm = QemuVm {
-        name: format!("build-{}", build.name),
-        hw: build.hw.clone(),
-        disks: vec![
-            Disk {
-                path: disk.clone(),
-                format: "qcow2",
-                readonly: false,
-                cache: DiskCache::Unsafe,
-            },
-            Disk {
-                path: seed_path,
-                format: "raw",
-                readonly: true,
-                cache: DiskCache::Unsafe,
-            },
-        ],
-        uefi_vars,
-        boot: build.boot.as_ref().map(|b| DirectBoot {
-            kernel: b.kernel.clone(),
-            initrd: b.initrd.clone(),
-            cmdline: b.cmdline.clone(),
-        }),
-        nics: vec![Nic {
-            backend: NetBackend::User {
-                forwards: vec![PortForward {
-                    host_addr: "127.0.0.1".to_string(),
-                    host_port: port,
-                    guest_port: 22,
-                }],
-            },
-            mac,
-        }],
-        serial_log: work.join("serial.log"),
-        qmp_socket: None,
-        pidfile: None,
-        daemonize: false,
-        tag: None,
-    };
-    log.line(&format!("$ {} {}", vm.binary(), vm.argv().join(" ")));
-
+    // Load the machine state saved after the last reused step, or boot.
     let spinner = reporter.spinner(build.name, "booting build VM");
-    let mut process = VmProcess::start(&vm, &work.join("qemu.stderr"))?;
-    let deadline = Instant::now() + build.boot_timeout;
-    let mut no_agent = false;
-    let ssh = Ssh::wait_for(&ssh_config, alias, deadline, || {
-        process.check_running().map_err(|e| {
-            format!(
-                "{e}; {}",
-                crate::sys::hostinfo::tail(&work.join("qemu.stderr"), 5)
-            )
-        })?;
-        let console = fs_err::read(&vm.serial_log).unwrap_or_default();
-        if first_boot::read_console(&String::from_utf8_lossy(&console)) == ConsoleVerdict::NoAgent {
-            no_agent = true;
-            return Err("no agent".into());
+    let saved = resume.as_ref().and_then(|(_, c)| c.vm_dir());
+    let restored = match &saved {
+        Some(saved) => {
+            spinner.set_message("loading the saved build VM");
+            match super::build_vm::restore(build, &work, &disks.during(reused), saved, &mut log) {
+                Ok(running) => Some(running),
+                Err(reason) => {
+                    log.line(&format!(
+                        "cannot load the machine state in `{}` ({reason}); booting the checkpoint's disk instead",
+                        saved.display()
+                    ));
+                    // Whatever the failed attempt wrote goes with it.
+                    fs_err::remove_file(disks.during(reused))?;
+                    qemu_img::create_overlay(
+                        &disks.during(reused),
+                        &base,
+                        Some(parent_size.max(BUILD_DISK_FLOOR)),
+                    )?;
+                    spinner.set_message("booting build VM");
+                    None
+                }
+            }
         }
-        Ok(())
-    })
-    .map_err(|e| {
-        log.append_file("serial console", &vm.serial_log);
-        let serial = crate::sys::hostinfo::tail(&vm.serial_log, 25);
-        if no_agent {
-            return BuilderError::NoAgent {
-                platform: build.name.to_string(),
-                serial,
-                log: build.log.to_path_buf(),
-            };
-        }
-        BuilderError::NoSsh {
-            platform: build.name.to_string(),
-            seconds: build.boot_timeout.as_secs(),
-            reason: e.to_string(),
-            serial,
-            log: build.log.to_path_buf(),
-        }
-    })?;
-    log.line(&format!(
-        "ssh answered after boot ({} s)",
-        spinner.elapsed().as_secs()
-    ));
-    spinner.set_message("waiting for cloud-init");
-    let waited = wait_for_cloud_init(build, &ssh, deadline, &mut log);
-    if waited.is_err() {
-        log.append_file("serial console", &vm.serial_log);
-    }
-    waited?;
-
-    let result = run_steps(build, steps, &ssh, &mut log, &spinner)
-        .and_then(|()| finish(build, &ssh, &client_key.public, &mut log, &spinner));
+        None => None,
+    };
+    let running = match restored {
+        Some(running) => running,
+        None => super::build_vm::boot(
+            build,
+            &work,
+            &disks.during(reused),
+            boot,
+            &mut log,
+            &spinner,
+        )?,
+    };
+    let mut checkpointer = Checkpointer::start(&running, disks, &work, resumed_boot, true)?;
+    let super::build_vm::BuildVm {
+        mut process,
+        qmp_dir: _qmp_dir,
+        ssh,
+        vm,
+        machine,
+        ..
+    } = running;
+    let result = run_steps(
+        build,
+        &steps,
+        reused,
+        &ssh,
+        &mut checkpointer,
+        &mut log,
+        &spinner,
+    )
+    .and_then(|()| finish(build, &ssh, &machine.client_public, &mut log, &spinner));
     spinner.finish_and_clear();
     drop(ssh);
     log.append_file("serial console", &vm.serial_log);
-    result?;
+    let keep = |log: &mut Log| {
+        let kept = commit_checkpoints(
+            build.store,
+            build.parent,
+            &steps,
+            &keys,
+            &checkpointer.frozen,
+            log,
+        );
+        log.line(&format!("kept {kept} new step checkpoints"));
+    };
+    if let Err(e) = result {
+        // The steps that did finish are kept: fixing a failed step resumes right before it.
+        process.kill();
+        keep(&mut log);
+        return Err(e);
+    }
 
     spinner.set_message("shutting down");
     if !process.wait_exit(Duration::from_secs(120)) {
         log.line("the guest did not power off within 120 s; killing qemu");
         process.kill();
     }
-    fs_err::remove_dir_all(&work)?;
+    // One layer on the parent, whatever the chain of checkpoints beneath it.
+    let squash = Instant::now();
+    qemu_img::rebase_safe(&disk, &build.parent.disk_path())?;
+    log.line(&format!(
+        "squashed onto the parent in {:.1} s",
+        squash.elapsed().as_secs_f64()
+    ));
     qemu_img::rebase_unsafe(&disk, &crate::store::relative_backing(build.parent))?;
-    Ok(())
+    keep(&mut log);
+    fs_err::remove_dir_all(&work)?;
+    Ok(LayerReport {
+        steps: steps.len(),
+        reused,
+    })
 }
 
 /// Steps run only once cloud-init (in images that have it) has finished its first boot:
 /// before that, apt may be locked, users and keys half made. A cloud-init that failed
 /// fails the build with its own words.
-fn wait_for_cloud_init(
+pub(super) fn wait_for_cloud_init(
     build: &LayerBuild,
     ssh: &Ssh,
     deadline: Instant,
@@ -337,89 +315,6 @@ fn wait_for_cloud_init(
     }
 }
 
-/// One step's script, shown in progress and errors by `label`.
-struct StepScript {
-    label: String,
-    script: String,
-    stdin: Option<Vec<u8>>,
-}
-
-/// The steps as shell scripts, in the documented order. apt is required; dnf and apk are
-/// used when apt-get is missing.
-fn step_scripts(build: &LayerBuild, steps: &StepInputs) -> Result<Vec<StepScript>, BuilderError> {
-    let mut out = Vec::new();
-    out.push(StepScript {
-        label: "grow root filesystem".into(),
-        // Images farm builds have ext4 directly on /dev/vda; cloud images grow themselves.
-        script: "if [ \"$(findmnt -no SOURCE /)\" = /dev/vda ] && command -v resize2fs >/dev/null; then resize2fs /dev/vda; fi".into(),
-        stdin: None,
-    });
-    for (grant, key) in build
-        .platform
-        .steps
-        .authorized_keys
-        .iter()
-        .zip(&steps.authorized_keys)
-    {
-        let bytes = read_verified(&grant.key_file.value, &key.key)?;
-        let user = shell_quote(&grant.user);
-        out.push(StepScript {
-            label: format!("authorized_keys for {}", grant.user),
-            script: format!(
-                "set -e; id -u {user} >/dev/null 2>&1 || useradd -m -s /bin/sh {user}; \
-                 home=$(getent passwd {user} | cut -d: -f6); mkdir -p \"$home/.ssh\"; \
-                 cat >> \"$home/.ssh/authorized_keys\"; \
-                 chown -R {user}: \"$home/.ssh\"; chmod 700 \"$home/.ssh\"; chmod 600 \"$home/.ssh/authorized_keys\""
-            ),
-            stdin: Some(bytes),
-        });
-    }
-    const APT: &str = "export DEBIAN_FRONTEND=noninteractive; APT='apt-get -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold'";
-    if steps.upgrade {
-        out.push(StepScript {
-            label: "upgrade".into(),
-            script: format!(
-                "set -e; if command -v apt-get >/dev/null; then {APT}; $APT update && $APT dist-upgrade; \
-                 elif command -v dnf >/dev/null; then dnf -y upgrade; \
-                 elif command -v apk >/dev/null; then apk upgrade --update; \
-                 else echo 'no supported package manager (apt-get, dnf, apk)' >&2; exit 127; fi"
-            ),
-            stdin: None,
-        });
-    }
-    if !steps.packages.is_empty() {
-        let list: Vec<String> = steps.packages.iter().map(|p| shell_quote(p)).collect();
-        let list = list.join(" ");
-        out.push(StepScript {
-            label: format!("packages ({})", steps.packages.join(", ")),
-            script: format!(
-                "set -e; if command -v apt-get >/dev/null; then {APT}; $APT update && $APT install --no-install-recommends {list}; \
-                 elif command -v dnf >/dev/null; then dnf -y install {list}; \
-                 elif command -v apk >/dev/null; then apk add --update {list}; \
-                 else echo 'no supported package manager (apt-get, dnf, apk)' >&2; exit 127; fi"
-            ),
-            stdin: None,
-        });
-    }
-    for ((guest, local), expected) in build.platform.steps.files.iter().zip(steps.files.values()) {
-        let bytes = read_verified(&local.value, expected)?;
-        let path = shell_quote(guest);
-        out.push(StepScript {
-            label: format!("file {guest}"),
-            script: format!("set -e; mkdir -p \"$(dirname {path})\"; cat > {path}"),
-            stdin: Some(bytes),
-        });
-    }
-    for (i, command) in steps.run.iter().enumerate() {
-        out.push(StepScript {
-            label: format!("run[{i}] `{command}`"),
-            script: format!("sh -ec {}", shell_quote(command)),
-            stdin: None,
-        });
-    }
-    Ok(out)
-}
-
 /// Reads an input again and checks it is still what the derivation hashed.
 fn read_verified(path: &Path, expected: &ContentHash) -> Result<Vec<u8>, BuilderError> {
     let bytes = fs_err::read(path)?;
@@ -431,18 +326,26 @@ fn read_verified(path: &Path, expected: &ContentHash) -> Result<Vec<u8>, Builder
     Ok(bytes)
 }
 
+/// Runs `steps` from `first` on (the ones before are in the checkpoint the VM resumed
+/// from), checkpointing after each.
 fn run_steps(
     build: &LayerBuild,
-    steps: &StepInputs,
+    steps: &[BuildStep],
+    first: usize,
     ssh: &Ssh,
+    checkpointer: &mut Checkpointer,
     log: &mut Log,
     spinner: &indicatif::ProgressBar,
 ) -> Result<(), BuilderError> {
-    for step in step_scripts(build, steps)? {
+    for (index, step) in steps.iter().enumerate().skip(first) {
+        let stdin = match &step.stdin {
+            Some(input) => Some(read_verified(&input.path, &input.hash)?),
+            None => None,
+        };
         spinner.set_message(step.label.clone());
         let started = Instant::now();
         log.line(&format!("== {}", step.label));
-        let out = ssh.run(&step.script, step.stdin.as_deref())?;
+        let out = ssh.run(&step.script, stdin.as_deref())?;
         let text = out.text();
         log.raw(&text);
         log.line(&format!(
@@ -455,7 +358,7 @@ fn run_steps(
             let lines: Vec<&str> = text.lines().collect();
             return Err(BuilderError::StepFailed {
                 platform: build.name.to_string(),
-                step: step.label,
+                step: step.label.clone(),
                 status: out
                     .status
                     .map(|c| c.to_string())
@@ -464,6 +367,7 @@ fn run_steps(
                 log: build.log.to_path_buf(),
             });
         }
+        checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
     }
     Ok(())
 }
@@ -487,7 +391,7 @@ fn finish(
         // The build key leaves every account: cloud-init gives the seed's keys to the
         // image's default user too. `cat >` keeps each file's owner and mode.
         "for home in /root $(cut -d: -f6 /etc/passwd | sort -u); do f=\"$home/.ssh/authorized_keys\"; \
-           [ -f \"$f\" ] || continue; grep -vF {key} \"$f\" > /tmp/farm-keys; cat /tmp/farm-keys > \"$f\"; done; rm -f /tmp/farm-keys; \
+           [ -f \"$f\" ] || continue; grep -vF {key} \"$f\" | grep -v ' farm-build$' > /tmp/farm-keys; cat /tmp/farm-keys > \"$f\"; done; rm -f /tmp/farm-keys; \
          command -v cloud-init >/dev/null && cloud-init clean --logs --seed; \
          [ \"$(cat /etc/hostname 2>/dev/null)\" = farm-build ] && echo localhost > /etc/hostname; \
          [ -f /etc/hosts ] && sed -i '/farm-build/d' /etc/hosts; \
@@ -516,6 +420,31 @@ fn extract_boot_files(
     boot_dir: &Path,
     log: &mut Log,
 ) -> Result<(), BuilderError> {
+    if !download_newest_kernel(ssh, boot_dir, &inherited.cmdline, log)? {
+        log.line("no readable kernel in /boot: the layer keeps its parent's boot files");
+        return Ok(());
+    }
+    let same_kernel = fs_err::read(&inherited.kernel)? == fs_err::read(boot_dir.join("vmlinuz"))?;
+    let same_initrd = match &inherited.initrd {
+        Some(p) => fs_err::read(p)? == fs_err::read(boot_dir.join("initrd.img"))?,
+        None => false,
+    };
+    if same_kernel && same_initrd {
+        fs_err::remove_dir_all(boot_dir)?;
+    } else {
+        log.line("boot files changed: the layer keeps its own");
+    }
+    Ok(())
+}
+
+/// Downloads the guest's newest kernel and its initrd into `dir` (`vmlinuz`, `initrd.img`,
+/// and `cmdline`); `false` when it has none that can be read.
+pub(super) fn download_newest_kernel(
+    ssh: &Ssh,
+    dir: &Path,
+    cmdline: &str,
+    log: &mut Log,
+) -> Result<bool, BuilderError> {
     let find = ssh.run(
         "k=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1); [ -n \"$k\" ] && echo \"$k\" && echo \"/boot/initrd.img-${k#/boot/vmlinuz-}\"",
         None,
@@ -523,39 +452,23 @@ fn extract_boot_files(
     let listing = String::from_utf8_lossy(&find.stdout).into_owned();
     let mut lines = listing.lines();
     let (Some(kernel), Some(initrd)) = (lines.next(), lines.next()) else {
-        log.line("no kernel in /boot: the layer keeps its parent's boot files");
-        return Ok(());
+        return Ok(false);
     };
     let kernel_bytes = ssh.download(kernel)?;
     let initrd_bytes = ssh.download(initrd)?;
     if !kernel_bytes.success() || !initrd_bytes.success() {
-        log.line("cannot read the guest's kernel or initrd: keeping the parent's boot files");
-        return Ok(());
+        return Ok(false);
     }
-    let same_kernel = fs_err::read(&inherited.kernel)? == kernel_bytes.stdout;
-    let same_initrd = match &inherited.initrd {
-        Some(p) => fs_err::read(p)? == initrd_bytes.stdout,
-        None => false,
-    };
-    if same_kernel && same_initrd {
-        return Ok(());
-    }
-    log.line(&format!(
-        "boot files changed: keeping {kernel} and {initrd} in the layer"
-    ));
-    fs_err::create_dir_all(boot_dir)?;
-    fs_err::write(boot_dir.join("vmlinuz"), &kernel_bytes.stdout)?;
-    fs_err::write(boot_dir.join("initrd.img"), &initrd_bytes.stdout)?;
-    fs_err::write(boot_dir.join("cmdline"), format!("{}\n", inherited.cmdline))?;
-    Ok(())
-}
-
-fn keygen(path: &Path) -> Result<crate::sys::keys::KeyPair, BuilderError> {
-    Ok(crate::sys::keys::generate(path, "farm-build")?)
+    log.line(&format!("copied {kernel} and {initrd} out of the guest"));
+    fs_err::create_dir_all(dir)?;
+    fs_err::write(dir.join("vmlinuz"), &kernel_bytes.stdout)?;
+    fs_err::write(dir.join("initrd.img"), &initrd_bytes.stdout)?;
+    fs_err::write(dir.join("cmdline"), format!("{cmdline}\n"))?;
+    Ok(true)
 }
 
 /// The build log: every command, its output, and the serial console at the end.
-struct Log {
+pub(super) struct Log {
     file: fs_err::File,
 }
 
@@ -569,16 +482,16 @@ impl Log {
         })
     }
 
-    fn line(&mut self, text: &str) {
+    pub(super) fn line(&mut self, text: &str) {
         self.raw(&format!("{text}\n"));
     }
 
-    fn raw(&mut self, text: &str) {
+    pub(super) fn raw(&mut self, text: &str) {
         use std::io::Write;
         let _ = self.file.write_all(text.as_bytes());
     }
 
-    fn append_file(&mut self, title: &str, path: &Path) {
+    pub(super) fn append_file(&mut self, title: &str, path: &Path) {
         let mut text = format!("== {title} ({})\n", path.display());
         let _ = writeln!(
             text,

@@ -1,6 +1,8 @@
 //! Realising a build plan: fetched and imported images, Debian images from a mirror, farm's
 //! tiny image, and platform layers built in a VM, each committed to the store.
 
+mod build_vm;
+mod checkpointing;
 pub mod debian_image;
 pub mod layer;
 mod produce;

@@ -168,6 +168,7 @@ pub(super) fn produce(
                 platform,
                 recipe: &node.derivation.recipe,
                 parent,
+                store,
                 firmware: crate::model::validate::firmware_of(
                     config,
                     &platform.name.value,
@@ -194,14 +195,18 @@ pub(super) fn produce(
                 boot_timeout: options.boot_timeout,
                 log: &store.log_path(&node.hash, name),
             };
-            crate::build::layer::build_layer(&build, reporter).map_err(|source| {
+            let report = crate::build::layer::build_layer(&build, reporter).map_err(|source| {
                 BuildError::Layer {
                     name: name.to_string(),
                     source: Box::new(source),
                 }
             })?;
+            let reused = match report.reused {
+                0 => String::new(),
+                n => format!(", {n}/{} build steps from checkpoints", report.steps),
+            };
             reporter.line(format!(
-                "{:>12} {name} ({} steps, {:.0} s, {accel})",
+                "{:>12} {name} ({} steps{reused}, {:.0} s, {accel})",
                 "built",
                 node_step_count(config, &node.id),
                 started.elapsed().as_secs_f64()

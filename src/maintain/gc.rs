@@ -199,6 +199,13 @@ pub fn gc(
     report.swept += store.sweep_tmp(dry)?;
     report.swept += store.sweep_partials(STALE_AFTER, &wanted_keys, dry)?;
     report.swept += store.sweep_logs(&removed, STALE_AFTER, dry)?;
+    // Step checkpoints back onto their parent entry: they go with it.
+    let live: BTreeSet<String> = gc_entries
+        .iter()
+        .map(|e| e.dir_name.clone())
+        .filter(|name| !removed.contains(name))
+        .collect();
+    report.swept += store.sweep_checkpoints(&live, dry)?;
     Ok(report)
 }
 

@@ -182,6 +182,7 @@ impl InstanceSpec {
             pidfile: Some(paths.pidfile()),
             daemonize: true,
             tag: Some(self.tag.clone()),
+            incoming: false,
         }
     }
 

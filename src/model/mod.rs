@@ -1,6 +1,7 @@
 //! The pure model: configuration types, derivations and their hashes, topology, plans.
 //! Nothing in here performs I/O.
 
+pub mod build_steps;
 pub mod cache_record;
 pub mod config;
 pub mod debian_recipe;
@@ -19,6 +20,7 @@ pub mod plan;
 pub mod programs;
 pub mod qemu;
 pub mod seed;
+pub mod shell;
 pub mod signing;
 pub mod ssh_config;
 pub mod tiny_recipe;

@@ -135,6 +135,10 @@ pub struct QemuVm {
     /// Environment that marks the process as farm's (instances), so it is found again
     /// without farm's state directory.
     pub tag: Option<ProcessTag>,
+    /// Start paused, waiting for a saved machine state through QMP (`-incoming defer`,
+    /// then `migrate-incoming`): a build VM resumed from a checkpoint runs on from there
+    /// instead of booting.
+    pub incoming: bool,
 }
 
 /// What farm's long-lived processes (instances' qemu, VDE switches and taps) carry in their
@@ -224,6 +228,9 @@ impl QemuVm {
         }
         if self.daemonize {
             push(&["-daemonize"]);
+        }
+        if self.incoming {
+            push(&["-incoming", "defer"]);
         }
         if let Some(vars) = &self.uefi_vars {
             let (code, _) = crate::model::values::uefi_files(hw.arch);
@@ -337,6 +344,7 @@ mod tests {
             pidfile: None,
             daemonize: false,
             tag: None,
+            incoming: false,
         }
     }
 

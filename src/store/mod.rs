@@ -9,6 +9,7 @@
 //! <root>/partial/             resumable downloads
 //! <root>/logs/                build logs
 //! <root>/debs/                .deb files the tiny image is assembled from (a download cache)
+//! <root>/steps/<parent>/<key> build-step checkpoints of layers on <parent> (see `checkpoints`)
 //! ```
 //!
 //! The rename of a staging directory into `store/` is the commit point. Everything an entry
@@ -32,6 +33,7 @@
 //! ```
 
 mod archive;
+mod checkpoints;
 mod entry;
 pub(crate) mod fsutil;
 mod layout;
@@ -48,6 +50,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use archive::{ArchiveError, ArchiveReport, MANIFEST, Manifest};
+pub use checkpoints::{Checkpoint, CheckpointMeta};
 pub use entry::{
     BOOT_DIR, DISK_FILE, Entry, EntryMeta, FileRecord, MAX_NAME_LEN, META_FILE, entry_dir_name,
     relative_backing,

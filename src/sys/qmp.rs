@@ -1,4 +1,5 @@
-//! A minimal QMP client: enough to ask a guest to power down or qemu to quit.
+//! A minimal QMP client: enough to ask a guest to power down or qemu to quit, and to run a
+//! command with arguments and read its answer (a build VM's disk snapshots).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -20,4 +21,82 @@ pub fn execute(socket: &Path, command: &str) -> std::io::Result<()> {
     line.clear();
     let _ = reader.read_line(&mut line); // `quit` may close before answering
     Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP on `{socket}`: {source}")]
+    Io {
+        socket: String,
+        source: std::io::Error,
+    },
+    #[error("QMP command `{command}` failed: {message}")]
+    Command { command: String, message: String },
+}
+
+/// A QMP session on one qemu's socket, past the capabilities handshake.
+pub struct Qmp {
+    socket: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects and negotiates; every answer is awaited at most `timeout`.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let name = socket.display().to_string();
+        let io = |source| QmpError::Io {
+            socket: name.clone(),
+            source,
+        };
+        let stream = UnixStream::connect(socket).map_err(io)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().map_err(io)?),
+            writer: stream,
+            socket: name.clone(),
+        };
+        let mut greeting = String::new();
+        qmp.reader.read_line(&mut greeting).map_err(io)?;
+        qmp.command("qmp_capabilities", serde_json::json!({}))?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` with `arguments` and returns its `return` value; events that arrive
+    /// meanwhile are skipped.
+    pub fn command(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, QmpError> {
+        let request = serde_json::json!({ "execute": command, "arguments": arguments });
+        let io = |source| QmpError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
+        self.writer
+            .write_all(format!("{request}\n").as_bytes())
+            .map_err(io)?;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).map_err(io)? == 0 {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let Ok(answer) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let Some(value) = answer.get("return") {
+                return Ok(value.clone());
+            }
+            if let Some(error) = answer.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    message: error["desc"]
+                        .as_str()
+                        .unwrap_or("no description")
+                        .to_string(),
+                });
+            }
+        }
+    }
 }

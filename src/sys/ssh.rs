@@ -3,6 +3,7 @@
 //! handshake). Connections are described by an ssh_config file — the same one users get —
 //! because openssh's builder options do not reach jump hosts.
 
+pub use crate::model::shell::shell_quote;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -399,20 +400,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
-}
-
-/// Single-quotes a string for a POSIX shell.
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shell_quote;
-
-    #[test]
-    fn quotes_for_posix_shells() {
-        assert_eq!(shell_quote("/etc/motd"), "'/etc/motd'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-    }
 }

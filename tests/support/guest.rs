@@ -193,6 +193,7 @@ impl Guest {
             pidfile: None,
             daemonize: false,
             tag: None,
+            incoming: false,
         };
         let mut process = VmProcess::start(&vm, &work.path().join("qemu.stderr")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(300);
