@@ -112,6 +112,8 @@ pub struct LayerBuild<'a> {
     pub parent: &'a Entry,
     /// Where step checkpoints are found and kept.
     pub store: &'a Store,
+    /// Whether to resume from step checkpoints and keep new ones.
+    pub checkpoints: bool,
     /// The boot files the parent boots with (its own or an ancestor's), if it boots directly.
     pub boot: Option<BootFiles>,
     /// How the image's bootloader is started when there are no boot files.
@@ -148,7 +150,11 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     let mut log = Log::create(build.log)?;
 
     // Resume from the checkpoint of the longest unchanged prefix of steps, if kept.
-    let resume = build.store.resume_point(build.parent, &keys);
+    let resume = if build.checkpoints {
+        build.store.resume_point(build.parent, &keys)
+    } else {
+        None
+    };
     let reused = resume.as_ref().map_or(0, |(n, _)| *n);
     let (base, resumed_boot) = match &resume {
         Some((n, checkpoint)) => {
@@ -216,7 +222,8 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
             &spinner,
         )?,
     };
-    let mut checkpointer = Checkpointer::start(&running, disks, &work, resumed_boot, true)?;
+    let mut checkpointer =
+        Checkpointer::start(&running, disks, &work, resumed_boot, build.checkpoints)?;
     let super::build_vm::BuildVm {
         mut process,
         qmp_dir: _qmp_dir,
@@ -239,6 +246,9 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     drop(ssh);
     log.append_file("serial console", &vm.serial_log);
     let keep = |log: &mut Log| {
+        if !build.checkpoints {
+            return;
+        }
         let kept = commit_checkpoints(
             build.store,
             build.parent,

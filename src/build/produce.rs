@@ -169,6 +169,7 @@ pub(super) fn produce(
                 recipe: &node.derivation.recipe,
                 parent,
                 store,
+                checkpoints: options.step_checkpoints,
                 firmware: crate::model::validate::firmware_of(
                     config,
                     &platform.name.value,

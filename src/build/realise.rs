@@ -85,6 +85,9 @@ pub struct RealiseOptions {
     pub jobs: usize,
     /// The caches `Substitute` steps fetch from (set by `plan_with_caches`).
     pub substitution: Option<std::sync::Arc<crate::build::substitution::Substitution>>,
+    /// Resume layer builds from step checkpoints and keep new ones (`false` for
+    /// `--no-checkpoints` and `--check`, which must run every step).
+    pub step_checkpoints: bool,
 }
 
 impl Default for RealiseOptions {
@@ -96,6 +99,7 @@ impl Default for RealiseOptions {
             boot_timeout: Duration::from_secs(DEFAULT_BOOT_TIMEOUT_SECS),
             jobs: 1,
             substitution: None,
+            step_checkpoints: true,
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct BuildArgs {
     /// whether each output is the same bit for bit; the store is not changed.
     #[arg(long, conflicts_with = "dry_run")]
     pub check: bool,
+    /// Run every step of the platforms built, ignoring step checkpoints and keeping none.
+    #[arg(long)]
+    pub no_checkpoints: bool,
     /// With `--check`: fail when an output differs.
     #[arg(long, requires = "check")]
     pub strict: bool,
@@ -215,6 +218,8 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         boot_timeout: std::time::Duration::from_secs(args.boot_timeout),
         jobs: args.jobs.unwrap_or_else(default_jobs),
         substitution: None,
+        // A check must run every step again: a checkpoint would only repeat the store.
+        step_checkpoints: !args.no_checkpoints && !args.check,
     };
     if args.check {
         return check_reproducible(&project, &store, &args, &realise_options, reporter);

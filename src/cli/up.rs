@@ -68,6 +68,7 @@ pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyho
             fetch_attempts: args.fetch.fetch_attempts,
             fetch_timeout: args.fetch.timeout(),
             substitution: None,
+            step_checkpoints: true,
         },
         caches: args.caches.choice()?,
         stop_timeout: Duration::from_secs(args.stop_timeout),
