@@ -106,7 +106,10 @@ fn a_changed_last_step_resumes_from_the_step_before_it() {
     // A checkpoint whose machine state is gone is booted: slower, the same result.
     let resumed_from = log
         .lines()
-        .find_map(|l| l.strip_prefix("resuming after step 2 of 3 ("))
+        .find_map(|l| {
+            l.split_once("resuming after step 2 of 3 (")
+                .map(|(_, rest)| rest)
+        })
         .and_then(|l| l.split('`').rev().nth(1))
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| panic!("no resume line in the log:\n{log}"));

@@ -267,7 +267,9 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     }
 
     spinner.set_message("shutting down");
-    if !process.wait_exit(Duration::from_secs(120)) {
+    if process.wait_exit(Duration::from_secs(120)) {
+        log.line("the guest powered off");
+    } else {
         log.line("the guest did not power off within 120 s; killing qemu");
         process.kill();
     }
@@ -411,8 +413,10 @@ fn finish(
          fstrim -a >/dev/null 2>&1; sync; true",
         key = shell_quote(key_body)
     );
+    log.line("== cleanup");
     let out = ssh.run(&cleanup, None)?;
     log.raw(&out.text());
+    log.line("== cleanup finished; powering off");
     spinner.set_message("shutting down");
     // The connection drops as the guest goes down: the result is not an error.
     let _ = ssh.run(
@@ -480,6 +484,7 @@ pub(super) fn download_newest_kernel(
 /// The build log: every command, its output, and the serial console at the end.
 pub(super) struct Log {
     file: fs_err::File,
+    started: Instant,
 }
 
 impl Log {
@@ -489,11 +494,15 @@ impl Log {
         }
         Ok(Log {
             file: fs_err::File::create(path)?,
+            started: Instant::now(),
         })
     }
 
+    /// One line of farm's own, stamped with the seconds since the build began, so where
+    /// a build's time went can be read off the log.
     pub(super) fn line(&mut self, text: &str) {
-        self.raw(&format!("{text}\n"));
+        let at = self.started.elapsed().as_secs_f64();
+        self.raw(&format!("[{at:7.1}s] {text}\n"));
     }
 
     pub(super) fn raw(&mut self, text: &str) {
