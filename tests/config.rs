@@ -1171,3 +1171,62 @@ fn a_trusted_public_key_must_be_name_colon_base64_of_an_ed25519_key() {
         1,
     );
 }
+
+/// The seed's lab as an Ansible inventory: groups by level, hypervisor, platform, target
+/// and network; host variables; only the VMs the states list; every format renders them.
+#[test]
+fn the_seed_lab_as_an_ansible_inventory() {
+    let topology = parse(SEED).unwrap();
+    let running = |vm: &str| (vm != "debian_vs_user_amd64").then(|| "running".to_string());
+    let inv = farm::model::inventory::inventory(&topology, &running, "/lab/.farm/ssh config");
+    let group = |name: &str| -> Vec<&str> {
+        inv.groups
+            .get(name)
+            .map(|h| h.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(group("level_1"), ["debian_vs_amd64"]);
+    assert_eq!(group("level_2"), ["debian_vs_vde_amd64"]);
+    assert_eq!(group("hypervisors"), ["debian_vs_amd64"]);
+    assert_eq!(group("on_L0"), ["debian_vs_amd64"]);
+    assert_eq!(group("on_debian_vs_amd64"), ["debian_vs_vde_amd64"]);
+    assert_eq!(group("network_lab"), ["debian_vs_vde_amd64"]);
+    assert_eq!(group("platform_debian_vs_vde"), ["debian_vs_vde_amd64"]);
+    assert_eq!(group("target_amd64").len(), 2);
+    // Not listed: not running.
+    assert!(!inv.hostvars.contains_key("debian_vs_user_amd64"));
+    let vars = &inv.hostvars["debian_vs_vde_amd64"];
+    assert_eq!(vars["farm_level"], 2);
+    assert_eq!(vars["farm_hypervisor"], "debian_vs_amd64");
+    assert_eq!(vars["farm_addresses"]["lab"], "10.0.0.21");
+    assert_eq!(vars["farm_state"], "running");
+    // The ssh_config path is quoted for the shell Ansible hands it to.
+    assert_eq!(
+        inv.vars["ansible_ssh_common_args"],
+        "-F '/lab/.farm/ssh config'"
+    );
+
+    let list = inv.to_json();
+    assert_eq!(
+        list["_meta"]["hostvars"]["debian_vs_amd64"]["farm_level"],
+        1
+    );
+    assert_eq!(list["level_2"]["hosts"][0], "debian_vs_vde_amd64");
+    assert!(
+        list["all"]["children"]
+            .as_array()
+            .unwrap()
+            .contains(&"hypervisors".into())
+    );
+    assert_eq!(inv.host_json("debian_vs_amd64")["farm_level"], 1);
+    assert_eq!(inv.host_json("nope"), serde_json::json!({}));
+    let yaml = inv.to_yaml();
+    assert!(
+        yaml.contains("    level_2:\n      hosts:\n        debian_vs_vde_amd64:\n"),
+        "{yaml}"
+    );
+    let ini = inv.to_ini();
+    assert!(ini.contains("\n[level_2]\ndebian_vs_vde_amd64\n"), "{ini}");
+    assert!(ini.contains("debian_vs_amd64 farm_addresses="), "{ini}");
+    assert!(ini.contains(" farm_level=1 "), "{ini}");
+}

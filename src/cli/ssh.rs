@@ -25,8 +25,28 @@ pub struct SshArgs {
 
 #[derive(Debug, Args)]
 pub struct InventoryArgs {
+    /// How to print it: a static YAML or INI inventory, or JSON as `--list` prints it.
+    #[arg(long, value_enum, default_value = "yaml")]
+    pub format: InventoryFormat,
+    /// Ansible's dynamic inventory protocol: every group and host as JSON
+    /// (`ansible -i inventory.sh`, where the script runs `farm inventory "$@"`).
+    #[arg(long, conflicts_with_all = ["host", "format"])]
+    pub list: bool,
+    /// Ansible's dynamic inventory protocol: one host's variables as JSON.
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// List every VM farm.toml declares, not only those brought up.
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub state: StateArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InventoryFormat {
+    Yaml,
+    Ini,
+    Json,
 }
 
 /// Replaces farm with `ssh -F .farm/ssh_config NAME [CMD…]`: an interactive shell, exit
@@ -53,18 +73,41 @@ pub fn run_ssh(options: &ProjectOptions, args: SshArgs) -> anyhow::Result<()> {
     ))
 }
 
-/// An Ansible inventory (YAML) whose hosts are the VMs, reached through farm's ssh_config.
+/// An Ansible inventory whose hosts are the VMs, reached through farm's ssh_config (see
+/// `model::inventory` for its groups and variables).
+///
+/// Which VMs are up comes from their instance records, without reaching any site: a VM
+/// `farm up` brought up and no `farm down` took down is listed; `--all` lists the rest as
+/// `missing` (or `stopped`, after `farm down --keep`).
 pub fn run_inventory(options: &ProjectOptions, args: InventoryArgs) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let state = StatePaths::new(&args.state.dir(&project));
-    let mut out = String::from("all:\n  vars:\n");
-    out.push_str(&format!(
-        "    ansible_ssh_common_args: \"-F {}\"\n    ansible_user: root\n  hosts:\n",
-        state.ssh_config().display()
-    ));
-    for vm in project.loaded.topology.vms.values() {
-        out.push_str(&format!("    {}:\n", vm.name));
-    }
-    print!("{out}");
+    let recorded = |vm: &str| -> Option<String> {
+        let bytes = fs_err::read(state.instance(vm).record()).ok()?;
+        let record = crate::model::instance::InstanceRecord::parse(&bytes).ok()?;
+        Some(if record.kept { "stopped" } else { "running" }.to_string())
+    };
+    let states = |vm: &str| match recorded(vm) {
+        Some(state) if args.all || state == "running" => Some(state),
+        None if args.all => Some("missing".to_string()),
+        _ => None,
+    };
+    let inventory = crate::model::inventory::inventory(
+        &project.loaded.topology,
+        &states,
+        &state.ssh_config().display().to_string(),
+    );
+    let text = if let Some(host) = &args.host {
+        format!("{:#}", inventory.host_json(host))
+    } else if args.list {
+        format!("{:#}", inventory.to_json())
+    } else {
+        match args.format {
+            InventoryFormat::Yaml => inventory.to_yaml(),
+            InventoryFormat::Ini => inventory.to_ini(),
+            InventoryFormat::Json => format!("{:#}", inventory.to_json()),
+        }
+    };
+    println!("{}", text.trim_end());
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod gc;
 pub mod graph;
 pub mod hash;
 pub mod instance;
+pub mod inventory;
 pub mod limits;
 pub mod lock;
 pub mod network;
