@@ -14,7 +14,7 @@ mod nginx;
 #[allow(dead_code)]
 mod project;
 
-use cloud_image::{CloudImage, cloud_image, image_without_agent};
+use cloud_image::{CloudImage, cloud_image, image_with_failing_cloud_init, image_without_agent};
 use guest::{keygen, shared_store, vm_tests_possible};
 use nginx::{Nginx, nginx_available};
 use project::{Project, text};
@@ -214,5 +214,37 @@ fn an_image_with_neither_cloud_init_nor_farms_agent_fails_fast_and_says_why() {
     // Refused when the login prompt appears, not at the 300 s boot timeout.
     let waited = started.elapsed();
     assert!(waited.as_secs() < 300, "took {waited:?}");
+    assert!(p.entries().iter().all(|e| !e.ends_with("-p_amd64")));
+}
+
+#[test]
+fn a_cloud_init_that_ends_in_error_fails_the_build_with_its_log() {
+    if !vm_tests_possible("failing_cloud_init") || !nginx_available("failing_cloud_init") {
+        return;
+    }
+    let lab = cloud_lab(
+        &image_with_failing_cloud_init(),
+        "broken",
+        "",
+        "[platforms.p]\nfrom = \"broken\"\nrun = [\"touch /etc/ran\"]\n",
+    );
+    let p = &lab.project;
+    let out = p.run(&["build"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("cloud-init in the build VM for `p_amd64` ended in `error`"),
+        "{said}"
+    );
+    // cloud-init's own words: the failing module, and its log's tail.
+    assert!(said.contains("bootcmd"), "{said}");
+    assert!(
+        said.contains("last lines of /var/log/cloud-init.log"),
+        "{said}"
+    );
+    assert!(
+        said.contains("hint: the image's own first boot failed"),
+        "{said}"
+    );
     assert!(p.entries().iter().all(|e| !e.ends_with("-p_amd64")));
 }

@@ -32,6 +32,12 @@ pub fn image_without_agent() -> CloudImage {
     fixture("no-agent", &["--without-cloud-init"])
 }
 
+/// The same disk whose cloud-init ends in `status: error` on first boot (a `bootcmd` that
+/// fails).
+pub fn image_with_failing_cloud_init() -> CloudImage {
+    fixture("failing-cloud-init", &["--failing-cloud-init"])
+}
+
 fn fixture(kind: &str, args: &[&str]) -> CloudImage {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cloud-image.sh");
     let version = blake3::hash(&fs_err::read(&script).unwrap()).to_hex();
