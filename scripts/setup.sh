@@ -81,4 +81,13 @@ if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$mot
   "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
 fi
 
+# Tests: Ansible (ansible-core from PyPI) against the VMs of a lab, in a venv of its own.
+ansible_venv=/opt/farm-ansible
+ansible_version=2.19.4
+if ! "$ansible_venv/bin/python" -c "import ansible.release as r, sys; sys.exit(r.__version__ != '$ansible_version')" 2>/dev/null; then
+  echo "setup: installing ansible-core==$ansible_version into $ansible_venv" >&2
+  python3 -m venv "$ansible_venv"
+  "$ansible_venv/bin/pip" install -q --disable-pip-version-check "ansible-core==$ansible_version"
+fi
+
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }

@@ -46,6 +46,34 @@ fn cloud_lab(image: &CloudImage, name: &str, image_lines: &str, rest: &str) -> C
     }
 }
 
+/// Ansible from the venv `scripts/setup.sh` makes, run in the project with host keys checked.
+fn ansible_tool(p: &Project, tool: &str, args: &[&str]) -> String {
+    let program = std::path::Path::new("/opt/farm-ansible/bin").join(tool);
+    assert!(
+        program.exists(),
+        "`{}` is missing; run ./scripts/setup.sh",
+        program.display()
+    );
+    let out = std::process::Command::new(program)
+        .current_dir(p.path())
+        .args(args)
+        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        .env("ANSIBLE_NOCOLOR", "1")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{tool} {args:?}:\n{said}");
+    said
+}
+
+fn ansible(p: &Project, args: &[&str]) -> String {
+    ansible_tool(p, "ansible", args)
+}
+
+fn ansible_playbook(p: &Project, args: &[&str]) -> String {
+    ansible_tool(p, "ansible-playbook", args)
+}
+
 fn ssh(p: &Project, vm: &str, script: &str) -> String {
     let out = p.ok(&["ssh", vm, "--", script]);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -152,6 +180,36 @@ nics = [{ network = "lab", ip = "10.78.0.12/24" }]
     let (a, b) = (identity("a"), identity("b"));
     assert!(!a.0.is_empty() && a.0 != b.0, "machine-ids {a:?} {b:?}");
     assert!(!a.1.is_empty() && a.1 != b.1, "host keys {a:?} {b:?}");
+
+    // Ansible against the same VMs, through farm's inventory as a dynamic inventory script
+    // (cloud images have the python3 Ansible's modules need), with host keys checked.
+    let script = p.path().join("inventory.sh");
+    fs_err::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncd '{}' && FARM_STORE='{}' exec '{}' inventory \"$@\"\n",
+            p.path().display(),
+            p.store.display(),
+            env!("CARGO_BIN_EXE_farm")
+        ),
+    )
+    .unwrap();
+    fs_err::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ping = ansible(p, &["network_lab", "-i", "inventory.sh", "-m", "ping"]);
+    assert_eq!(ping.matches("\"pong\"").count(), 2, "{ping}");
+    p.write(
+        "site.yml",
+        "- hosts: level_1\n  tasks:\n    - ansible.builtin.apt: { name: jq, update_cache: true }\n    \
+         - ansible.builtin.copy: { dest: /etc/from-ansible, content: \"{{ farm_addresses.lab }}\\n\" }\n",
+    );
+    let play = ansible_playbook(p, &["-i", "inventory.sh", "site.yml"]);
+    // Gathering facts, the package, the file: on both VMs, nothing failed.
+    assert_eq!(play.matches("ok=3").count(), 2, "{play}");
+    assert_eq!(play.matches("failed=0").count(), 2, "{play}");
+    for (vm, address) in [("a", "10.78.0.11"), ("b", "10.78.0.12")] {
+        assert_eq!(ssh(p, vm, "cat /etc/from-ansible"), address);
+        assert!(ssh(p, vm, "jq --version").starts_with("jq-"));
+    }
     p.ok(&["down"]);
 }
 

@@ -117,6 +117,35 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         "{console}"
     );
 
+    // Ansible reaches both L2 VMs through the jump chain, host keys checked, with farm's
+    // inventory (`raw`: the tiny image has no python).
+    let inventory = p.ok(&["inventory"]);
+    fs_err::write(p.path().join("inventory.yml"), &inventory.stdout).unwrap();
+    let ansible = std::path::Path::new("/opt/farm-ansible/bin/ansible");
+    assert!(
+        ansible.exists(),
+        "ansible is missing; run ./scripts/setup.sh"
+    );
+    let out = Command::new(ansible)
+        .current_dir(p.path())
+        .args([
+            "level_2",
+            "-i",
+            "inventory.yml",
+            "-m",
+            "raw",
+            "-a",
+            "hostname",
+        ])
+        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        .env("ANSIBLE_NOCOLOR", "1")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(said.matches("| CHANGED | rc=0").count(), 2, "{said}");
+    assert!(said.contains("deep-leaf"), "{said}");
+
     // A second up pushes nothing and starts nothing.
     let again = p.ok(&["up"]);
     let log = stderr(&again);
