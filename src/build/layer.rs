@@ -1,9 +1,11 @@
-//! Realising a platform layer: boot a build VM on an overlay of the parent's layer, run the
-//! platform's steps over ssh, shut it down cleanly, and leave the overlay (plus kernel and
-//! initrd when they changed) in the staging directory for the store to commit.
+//! Realising a platform layer: start a build VM (booted on the parent's layer, or loaded
+//! from the checkpoint of the longest unchanged prefix of steps), run the remaining steps
+//! over ssh with a checkpoint after each, shut it down cleanly, squash its disk onto the
+//! parent, and leave it (plus kernel and initrd when they changed) in the staging directory
+//! for the store to commit.
 //!
-//! Steps run in a fixed order, the order of `StepInputs`: authorized keys, upgrade,
-//! packages, files, run. Access is by an ephemeral ed25519 key given through a NoCloud seed,
+//! Steps run in a fixed order (`model::build_steps`): authorized keys, upgrade, packages,
+//! files, run, then a playbook, which `ansible-playbook` applies from this machine. Access is by an ephemeral ed25519 key given through a NoCloud seed,
 //! with the guest's host key pinned (also from the seed), so even the build VM is reached
 //! with host-key checking on. The key is removed from the layer before commit.
 
@@ -86,6 +88,10 @@ pub enum BuilderError {
         "Cannot give the build VM for `{platform}` UEFI firmware: {reason}\nhint: install Debian's `ovmf` (x86_64) or `qemu-efi-aarch64` (aarch64), or set `firmware = \"bios\"` on an x86_64 image that boots from BIOS"
     )]
     NoFirmware { platform: String, reason: String },
+    #[error(
+        "Platform `{platform}` names a playbook, but `ansible-playbook` is not installed here\nhint: install ansible-core (`pip install ansible-core`), or point FARM_ANSIBLE_PLAYBOOK at it"
+    )]
+    NoAnsible { platform: String },
     #[error("The file `{}` changed since farm hashed it; run farm build again", path.display())]
     InputChanged { path: PathBuf },
     #[error("{0}")]
@@ -144,6 +150,10 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
         unreachable!("build_layer is only called for layers")
     };
     let steps = build_steps(&build.platform.steps, inputs);
+    if steps.iter().any(|s| s.playbook.is_some()) {
+        // Known before minutes of booting.
+        ansible_playbook(build)?;
+    }
     let keys = checkpoint_keys(build.recipe, &steps);
     let work = build.staging.dir().join("build");
     fs_err::create_dir_all(&work)?;
@@ -350,6 +360,13 @@ fn run_steps(
     spinner: &indicatif::ProgressBar,
 ) -> Result<(), BuilderError> {
     for (index, step) in steps.iter().enumerate().skip(first) {
+        if let Some(playbook) = &step.playbook {
+            spinner.set_message(step.label.clone());
+            read_verified(&playbook.path, &playbook.hash)?;
+            run_playbook(build, &step.label, &playbook.path, log)?;
+            checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
+            continue;
+        }
         let stdin = match &step.stdin {
             Some(input) => Some(read_verified(&input.path, &input.hash)?),
             None => None,
@@ -382,6 +399,77 @@ fn run_steps(
         checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
     }
     Ok(())
+}
+
+/// `ansible-playbook`: `FARM_ANSIBLE_PLAYBOOK`, or found on PATH.
+fn ansible_playbook(build: &LayerBuild) -> Result<PathBuf, BuilderError> {
+    std::env::var_os("FARM_ANSIBLE_PLAYBOOK")
+        .map(PathBuf::from)
+        .or_else(|| crate::sys::programs::find_program("ansible-playbook"))
+        .ok_or_else(|| BuilderError::NoAnsible {
+            platform: build.name.to_string(),
+        })
+}
+
+/// Runs `ansible-playbook` here against the build VM, through its own ssh_config (host key
+/// pinned, checked).
+fn run_playbook(
+    build: &LayerBuild,
+    label: &str,
+    playbook: &Path,
+    log: &mut Log,
+) -> Result<(), BuilderError> {
+    let program = ansible_playbook(build)?;
+    let work = build.staging.dir().join("build");
+    let inventory = work.join("inventory.yml");
+    fs_err::write(
+        &inventory,
+        format!(
+            "all:\n  hosts:\n    farm-build:\n      ansible_user: root\n      ansible_ssh_common_args: {}\n",
+            serde_json::Value::String(format!(
+                "-F {}",
+                shell_quote(&work.join("ssh_config").display().to_string())
+            ))
+        ),
+    )?;
+    let playbook = std::path::absolute(playbook)?;
+    let started = Instant::now();
+    log.line(&format!("== {label}"));
+    let out = std::process::Command::new(&program)
+        .arg("-i")
+        .arg(&inventory)
+        .arg(&playbook)
+        .current_dir(playbook.parent().unwrap_or(Path::new("/")))
+        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        .env("ANSIBLE_NOCOLOR", "1")
+        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    log.raw(&text);
+    log.line(&format!(
+        "== {label} finished in {:.1} s with {}",
+        started.elapsed().as_secs_f64(),
+        out.status
+    ));
+    if out.status.success() {
+        return Ok(());
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    Err(BuilderError::StepFailed {
+        platform: build.name.to_string(),
+        step: label.to_string(),
+        status: out
+            .status
+            .code()
+            .map_or_else(|| "unknown (killed by a signal)".into(), |c| c.to_string()),
+        tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+        log: build.log.to_path_buf(),
+    })
 }
 
 /// Leaves the guest ready to be a template: fresh boot files extracted when they changed,

@@ -484,6 +484,7 @@ fn lower_platform(
             packages: cx.packages(&raw.packages, problems),
             files,
             run: raw.run,
+            playbook: raw.playbook.as_ref().map(|p| cx.path(p)),
         },
         resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),
     }

@@ -82,6 +82,8 @@ pub struct RawPlatform {
     pub files: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
     pub run: Vec<String>,
+    /// An Ansible playbook applied in the build VM after `run`.
+    pub playbook: Option<Spanned<String>>,
     pub memory: Option<Spanned<RawSize>>,
     pub cpus: Option<Spanned<i64>>,
     pub disk_size: Option<Spanned<RawSize>>,

@@ -26,6 +26,9 @@ pub struct BuildStep {
     pub script: String,
     /// A local file given on stdin, with the content hash the derivation recorded.
     pub stdin: Option<StepInput>,
+    /// An Ansible playbook farm runs on this machine against the build VM, instead of
+    /// `script` in the guest.
+    pub playbook: Option<StepInput>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +49,7 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
         // Images farm builds have ext4 directly on /dev/vda; cloud images grow themselves.
         script: "if [ \"$(findmnt -no SOURCE /)\" = /dev/vda ] && command -v resize2fs >/dev/null; then resize2fs /dev/vda; fi".into(),
         stdin: None,
+        playbook: None,
     }];
     for (grant, key) in platform.authorized_keys.iter().zip(&inputs.authorized_keys) {
         let user = shell_quote(&grant.user);
@@ -61,6 +65,7 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
                 path: grant.key_file.value.clone(),
                 hash: key.key,
             }),
+            playbook: None,
         });
     }
     if inputs.upgrade {
@@ -73,6 +78,7 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
                  else echo 'no supported package manager (apt-get, dnf, apk)' >&2; exit 127; fi"
             ),
             stdin: None,
+            playbook: None,
         });
     }
     if !inputs.packages.is_empty() {
@@ -87,6 +93,7 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
                  else echo 'no supported package manager (apt-get, dnf, apk)' >&2; exit 127; fi"
             ),
             stdin: None,
+            playbook: None,
         });
     }
     for ((guest, local), hash) in platform.files.iter().zip(inputs.files.values()) {
@@ -98,6 +105,7 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
                 path: local.value.clone(),
                 hash: *hash,
             }),
+            playbook: None,
         });
     }
     for (i, command) in inputs.run.iter().enumerate() {
@@ -105,6 +113,28 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
             label: format!("run[{i}] `{command}`"),
             script: format!("sh -ec {}", shell_quote(command)),
             stdin: None,
+            playbook: None,
+        });
+    }
+    if let (Some(local), Some(input)) = (&platform.playbook, &inputs.playbook) {
+        let name = local
+            .value
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        out.push(BuildStep {
+            label: format!("playbook {name}"),
+            // Not run: it names the roles tree, so a changed role changes the step's key.
+            script: format!(
+                "ansible-playbook {name} (roles {})",
+                input
+                    .roles
+                    .map_or_else(|| "none".to_string(), |r| r.to_hex())
+            ),
+            stdin: None,
+            playbook: Some(StepInput {
+                path: local.value.clone(),
+                hash: input.playbook,
+            }),
         });
     }
     out
@@ -199,6 +229,47 @@ mod tests {
                 "run[1] `make install`"
             ]
         );
+    }
+
+    #[test]
+    fn a_playbook_comes_last_and_its_roles_are_in_its_key() {
+        use crate::model::config::Located;
+        use crate::model::derivation::PlaybookInput;
+        let platform = Steps {
+            playbook: Some(Located::new(
+                PathBuf::from("ansible/site.yml"),
+                crate::model::config::Origin::default(),
+            )),
+            ..Default::default()
+        };
+        let with_roles = |roles: u8| {
+            let inputs = StepInputs {
+                run: vec!["true".into()],
+                playbook: Some(PlaybookInput {
+                    playbook: ContentHash([7; 32]),
+                    roles: Some(ContentHash([roles; 32])),
+                }),
+                ..Default::default()
+            };
+            let recipe = Recipe::Layer {
+                parent: DrvHash([1; 32]),
+                arch: Arch::X86_64,
+                machine: None,
+                firmware: None,
+                steps: inputs.clone(),
+            };
+            let steps = build_steps(&platform, &inputs);
+            (checkpoint_keys(&recipe, &steps), steps)
+        };
+        let (keys, steps) = with_roles(1);
+        assert_eq!(steps.last().unwrap().label, "playbook site.yml");
+        assert_eq!(
+            steps.last().unwrap().playbook.as_ref().unwrap().hash,
+            ContentHash([7; 32])
+        );
+        let (other, _) = with_roles(2);
+        assert_eq!(keys[..2], other[..2]);
+        assert_ne!(keys[2], other[2]);
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub struct Steps {
     /// Guest path → local file.
     pub files: BTreeMap<String, Located<PathBuf>>,
     pub run: Vec<String>,
+    /// An Ansible playbook applied to the build VM last; its `roles/` directory, when it
+    /// has one beside it, is an input too.
+    pub playbook: Option<Located<PathBuf>>,
 }
 
 impl Steps {
@@ -159,6 +162,7 @@ impl Steps {
             && self.packages.is_empty()
             && self.files.is_empty()
             && self.run.is_empty()
+            && self.playbook.is_none()
     }
 
     /// Number of distinct step kinds present, for plan summaries.
@@ -169,6 +173,7 @@ impl Steps {
             !self.packages.is_empty(),
             !self.files.is_empty(),
             !self.run.is_empty(),
+            self.playbook.is_some(),
         ]
         .iter()
         .filter(|present| **present)

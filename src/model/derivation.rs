@@ -86,6 +86,21 @@ pub struct StepInputs {
     pub packages: Vec<String>,
     pub files: BTreeMap<String, ContentHash>,
     pub run: Vec<String>,
+    /// The playbook and the tree of its `roles/` (absent when the platform has none, so
+    /// the hashes of platforms without one stay what they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub playbook: Option<PlaybookInput>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlaybookInput {
+    pub playbook: ContentHash,
+    pub roles: Option<ContentHash>,
+}
+
+/// The `roles/` directory beside a playbook, whose tree is an input of the layer.
+pub fn roles_dir(playbook: &Path) -> PathBuf {
+    playbook.parent().unwrap_or(Path::new(".")).join("roles")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -206,6 +221,9 @@ pub fn referenced_files(config: &Config) -> Vec<(PathBuf, Origin, Option<Expecte
         }
         for local in platform.steps.files.values() {
             files.push((local.value.clone(), local.at.clone(), None));
+        }
+        if let Some(playbook) = &platform.steps.playbook {
+            files.push((playbook.value.clone(), playbook.at.clone(), None));
         }
     }
     files
@@ -387,6 +405,13 @@ fn derive(
                     packages: packages.into_iter().collect(),
                     files,
                     run: steps.run.clone(),
+                    playbook: match &steps.playbook {
+                        Some(p) => Some(PlaybookInput {
+                            playbook: content(&p.value, &p.at)?,
+                            roles: inputs.get(&roles_dir(&p.value)).copied(),
+                        }),
+                        None => None,
+                    },
                 },
             };
             (format!("{platform}_{target}"), recipe, Some(parent_id))

@@ -97,11 +97,74 @@ pub fn hash_inputs(
         // Best effort: a cache that cannot be written only costs a re-hash next time.
         let _ = write_atomically(&cache_path, &serde_json::to_vec(&cache).unwrap_or_default());
     }
+    // A playbook's `roles/` is an input as a whole tree (not remembered by stamp: a tree
+    // has no single mtime to trust).
+    for platform in config.platforms.values() {
+        if let Some(playbook) = &platform.steps.playbook {
+            let roles = crate::model::derivation::roles_dir(&playbook.value);
+            if roles.is_dir() && !hashes.contains_key(&roles) {
+                match hash_tree(&roles) {
+                    Ok(hash) => {
+                        hashes.insert(roles, hash);
+                    }
+                    Err(e) => problems.push(Diagnostic::new(
+                        format!("Cannot read `{}`: {e}", roles.display()),
+                        playbook.at.clone(),
+                    )),
+                }
+            }
+        }
+    }
     if problems.is_empty() {
         Ok(hashes)
     } else {
         Err(problems)
     }
+}
+
+/// blake3 over a directory tree: every file's path relative to `root`, whether it is
+/// executable, and its content, in path order. Symlinks are hashed as their target text.
+pub fn hash_tree(root: &Path) -> std::io::Result<ContentHash> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut entries = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs_err::read_dir(&dir)? {
+            let path = entry?.path();
+            let meta = fs_err::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                entries.push((path, meta));
+            }
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = blake3::Hasher::new();
+    for (path, meta) in entries {
+        let relative = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        let body = if meta.file_type().is_symlink() {
+            fs_err::read_link(&path)?
+                .to_string_lossy()
+                .as_bytes()
+                .to_vec()
+        } else {
+            hash_file(&path)?.0.to_vec()
+        };
+        for field in [
+            relative.as_bytes(),
+            &[(meta.permissions().mode() & 0o111 != 0) as u8],
+            &body,
+        ] {
+            hasher.update(&(field.len() as u64).to_le_bytes());
+            hasher.update(field);
+        }
+    }
+    Ok(ContentHash::from_blake3(hasher.finalize()))
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
