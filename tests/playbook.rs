@@ -88,7 +88,8 @@ fn a_platform_playbook_is_a_cached_step_and_its_roles_are_inputs() {
         said.contains("`ansible-playbook` is not installed"),
         "{said}"
     );
-    assert!(!said.contains("booting build VM"), "{said}");
+    // (The parent `py` may be built first on a fresh store; `played` boots nothing.)
+    assert!(!said.contains("played_amd64 booting build VM"), "{said}");
 
     let built = with_ansible(&p, &["build"]);
     assert!(built.status.success(), "{}", text(&built));
