@@ -152,7 +152,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     let steps = build_steps(&build.platform.steps, inputs);
     if steps.iter().any(|s| s.playbook.is_some()) {
         // Known before minutes of booting.
-        ansible_playbook(build)?;
+        super::playbook::ansible_playbook(build)?;
     }
     let keys = checkpoint_keys(build.recipe, &steps);
     let work = build.staging.dir().join("build");
@@ -363,7 +363,7 @@ fn run_steps(
         if let Some(playbook) = &step.playbook {
             spinner.set_message(step.label.clone());
             read_verified(&playbook.path, &playbook.hash)?;
-            run_playbook(build, &step.label, &playbook.path, log)?;
+            super::playbook::run_playbook(build, &step.label, &playbook.path, log)?;
             checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
             continue;
         }
@@ -399,77 +399,6 @@ fn run_steps(
         checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
     }
     Ok(())
-}
-
-/// `ansible-playbook`: `FARM_ANSIBLE_PLAYBOOK`, or found on PATH.
-fn ansible_playbook(build: &LayerBuild) -> Result<PathBuf, BuilderError> {
-    std::env::var_os("FARM_ANSIBLE_PLAYBOOK")
-        .map(PathBuf::from)
-        .or_else(|| crate::sys::programs::find_program("ansible-playbook"))
-        .ok_or_else(|| BuilderError::NoAnsible {
-            platform: build.name.to_string(),
-        })
-}
-
-/// Runs `ansible-playbook` here against the build VM, through its own ssh_config (host key
-/// pinned, checked).
-fn run_playbook(
-    build: &LayerBuild,
-    label: &str,
-    playbook: &Path,
-    log: &mut Log,
-) -> Result<(), BuilderError> {
-    let program = ansible_playbook(build)?;
-    let work = build.staging.dir().join("build");
-    let inventory = work.join("inventory.yml");
-    fs_err::write(
-        &inventory,
-        format!(
-            "all:\n  hosts:\n    farm-build:\n      ansible_user: root\n      ansible_ssh_common_args: {}\n",
-            serde_json::Value::String(format!(
-                "-F {}",
-                shell_quote(&work.join("ssh_config").display().to_string())
-            ))
-        ),
-    )?;
-    let playbook = std::path::absolute(playbook)?;
-    let started = Instant::now();
-    log.line(&format!("== {label}"));
-    let out = std::process::Command::new(&program)
-        .arg("-i")
-        .arg(&inventory)
-        .arg(&playbook)
-        .current_dir(playbook.parent().unwrap_or(Path::new("/")))
-        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
-        .env("ANSIBLE_NOCOLOR", "1")
-        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
-        .stdin(std::process::Stdio::null())
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    log.raw(&text);
-    log.line(&format!(
-        "== {label} finished in {:.1} s with {}",
-        started.elapsed().as_secs_f64(),
-        out.status
-    ));
-    if out.status.success() {
-        return Ok(());
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    Err(BuilderError::StepFailed {
-        platform: build.name.to_string(),
-        step: label.to_string(),
-        status: out
-            .status
-            .code()
-            .map_or_else(|| "unknown (killed by a signal)".into(), |c| c.to_string()),
-        tail: lines[lines.len().saturating_sub(15)..].join("\n"),
-        log: build.log.to_path_buf(),
-    })
 }
 
 /// Leaves the guest ready to be a template: fresh boot files extracted when they changed,

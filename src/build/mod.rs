@@ -5,6 +5,7 @@ mod build_vm;
 mod checkpointing;
 pub mod debian_image;
 pub mod layer;
+mod playbook;
 mod produce;
 pub mod realise;
 pub mod reproduce;
