@@ -155,3 +155,34 @@ fn store_commands_never_create_a_store() {
         );
     }
 }
+
+#[test]
+fn an_unknown_init_and_a_missing_vm_playbook_fail_check_with_their_lines() {
+    let project = Project::new(
+        "[images.x]\ndebian = { suite = \"bookworm\", init = \"openrc\" }\n[targets.amd64]\narch = \"x86_64\"\n[platforms.p]\nfrom = \"x\"\n[vms.v]\nplatform = \"p\"\nplaybook = \"missing.yml\"\n",
+    );
+    let out = project.run(&["check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Unknown variant `openrc`, expected `systemd` or `busybox`")
+            && err.contains("farm.toml:2:"),
+        "{err}"
+    );
+
+    project.write(
+        "farm.toml",
+        "[images.x]\ndebian = { suite = \"bookworm\", init = \"busybox\" }\n[targets.amd64]\narch = \"x86_64\"\n[platforms.p]\nfrom = \"x\"\n[vms.v]\nplatform = \"p\"\nplaybook = \"missing.yml\"\n",
+    );
+    let before = list(project.path());
+    for command in [&["check"][..], &["up"]] {
+        let out = project.run(command);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {}", text(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("Cannot read `missing.yml`") && err.contains("farm.toml:9:"),
+            "{err}"
+        );
+    }
+    assert_eq!(list(project.path()), before, "bad input changes no file");
+}

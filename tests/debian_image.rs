@@ -176,6 +176,7 @@ fn builds_and_boots_a_debian_image_reachable_by_pinned_ssh() {
         mirror: "http://deb.debian.org/debian".into(),
         variant: "minbase".into(),
         packages: vec![],
+        init: Default::default(),
     };
     let report = build_debian_image(
         &DebianImageRequest {

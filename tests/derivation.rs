@@ -121,7 +121,10 @@ fn debian_images_depend_on_farms_own_parts() {
         .find(|n| n.name == "bookworm-amd64")
         .unwrap();
     let text = String::from_utf8(node.derivation.canonical_bytes()).unwrap();
-    let parts = farm::model::debian_recipe::digest(farm::model::values::Arch::X86_64);
+    let parts = farm::model::debian_recipe::digest(
+        farm::model::values::Arch::X86_64,
+        farm::model::config::DebianInit::Systemd,
+    );
     assert!(
         text.contains(&format!("\"farm_parts\":\"{parts}\"")),
         "{text}"
@@ -215,6 +218,35 @@ fn closure_orders_parents_first() {
 
 /// The tiny image is per architecture and keyed by what farm bakes into it; platforms on it
 /// are ordinary layers.
+/// `init = "busybox"` is part of the key; images that never say keep theirs (no `init` in
+/// the encoding).
+#[test]
+fn a_debian_images_init_is_part_of_its_key() {
+    let g = graph(BASE, "hello\n");
+    let systemd = g
+        .nodes
+        .values()
+        .find(|n| n.name == "bookworm-amd64")
+        .unwrap();
+    let encoded = String::from_utf8(systemd.derivation.canonical_bytes()).unwrap();
+    assert!(!encoded.contains("\"init\""), "{encoded}");
+    let busybox_text = BASE.replacen(
+        "suite = \"bookworm\"",
+        "suite = \"bookworm\", init = \"busybox\"",
+        1,
+    );
+    assert_ne!(busybox_text, BASE);
+    let g2 = graph(&busybox_text, "hello\n");
+    let busybox = g2
+        .nodes
+        .values()
+        .find(|n| n.name == "bookworm-amd64")
+        .unwrap();
+    let encoded = String::from_utf8(busybox.derivation.canonical_bytes()).unwrap();
+    assert!(encoded.contains("\"init\":\"busybox\""), "{encoded}");
+    assert_ne!(systemd.hash, busybox.hash);
+}
+
 #[test]
 fn tiny_images_are_per_arch_and_depend_on_farms_own_parts() {
     let text = "[images.tiny]\ntiny = true\n[targets.amd64]\narch = \"x86_64\"\n\

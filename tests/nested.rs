@@ -1,8 +1,10 @@
-//! The nested topology in CI: L0 (this machine) → L1 (a Debian hypervisor VM) → L2 (a tiny
-//! VM inside L1), reached through the generated jump chain. Under TCG inside TCG, so L2 is
-//! farm's tiny image; L1's layer (qemu, qemu-img, b3sum from Debian) is built once in the
-//! shared test store. One L2 is only on a VDE network (`vxvde://`) that L1 attaches with a
-//! tap, as the seed's `debian_vs_vde_amd64`.
+//! The nested topology in CI: L0 (this machine) → L1 (a Debian hypervisor VM) → L2 (two VMs
+//! inside L1), reached through the generated jump chain. Under TCG inside TCG a systemd guest
+//! never finishes booting, so L2 is a Debian image with `init = "busybox"` (farm's tiny boot,
+//! with apt, dpkg and python for Ansible); L1's layer (qemu, qemu-img, b3sum from Debian) is
+//! built once in the shared test store. One L2 is only on a VDE network (`vxvde://`) that L1
+//! attaches with a tap, as the seed's `debian_vs_vde_amd64`. Both L2s get a playbook that
+//! `farm up` applies once: it installs a package and writes a file.
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
@@ -23,9 +25,13 @@ use project::{Project, text};
 fn lab() -> String {
     labs::hypervisor_lab(
         r#"
-[platforms.vleaf]
-from = "tiny"
-memory = "256M"
+[images.pybox]
+debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3-apt"] }
+
+[platforms.pyleaf]
+from = "pybox"
+memory = "384M"
+files = { "/root/farm-test-hello.deb" = "farm-test-hello.deb" }
 
 [networks.lab]
 kind = "vde"
@@ -35,17 +41,87 @@ subnet = "10.0.0.0/24"
 [vms.hv]
 platform = "debian_vs"
 attach = { lab = "10.0.0.254/24" }
-deploy = { targets = ["amd64"], platforms = ["leaf", "vleaf"] }
+deploy = { targets = ["amd64"], platforms = ["pyleaf"] }
 
-[vms.leaf_amd64]
+[vms.pyleaf_amd64]
 hostname = "deep-leaf"
+playbook = "site.yml"
 
 # As the seed's debian_vs_vde_amd64: only on the VDE network, reached through hv's tap.
 [vms.vleaf_amd64]
+platform = "pyleaf"
+host = "hv"
 user_network = false
 nics = [{ network = "lab", ip = "10.0.0.21/24" }]
+playbook = "site.yml"
 "#,
     )
+}
+
+const ANSIBLE_BIN: &str = "/opt/farm-ansible/bin";
+
+/// The playbook both L2s name: a package from a `.deb` (Ansible's apt module, which needs
+/// python3-apt) and a file from the inventory's variables.
+const PLAYBOOK: &str = r#"- hosts: level_2
+  gather_facts: false
+  tasks:
+    - name: Install the lab's package
+      ansible.builtin.apt:
+        deb: /root/farm-test-hello.deb
+    - name: Say where this VM runs
+      ansible.builtin.copy:
+        content: "{{ inventory_hostname }} at level {{ farm_level }} on {{ farm_hypervisor }}\n"
+        dest: /root/provisioned
+"#;
+
+/// farm with ansible-core (from `scripts/setup.sh`) on its PATH.
+fn with_ansible(p: &Project, args: &[&str]) -> std::process::Output {
+    assert!(
+        std::path::Path::new(ANSIBLE_BIN).join("ansible").exists(),
+        "ansible is missing; run ./scripts/setup.sh"
+    );
+    let path = format!(
+        "{ANSIBLE_BIN}:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = p.farm(args).env("PATH", path).output().unwrap();
+    assert!(out.status.success(), "farm {args:?}\n{}", text(&out));
+    out
+}
+
+/// `farm-test-hello_1.0_all.deb` in the project, built with dpkg-deb with fixed times, so its
+/// bytes (an input of the `pyleaf` layer) are the same in every run.
+fn hello_package(p: &Project) {
+    let root = p.path().join("pkg");
+    fs_err::create_dir_all(root.join("DEBIAN")).unwrap();
+    fs_err::create_dir_all(root.join("usr/bin")).unwrap();
+    fs_err::write(
+        root.join("DEBIAN/control"),
+        "Package: farm-test-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: farm <farm@localhost>\nDescription: farm's test package\n",
+    )
+    .unwrap();
+    let program = root.join("usr/bin/farm-test-hello");
+    fs_err::write(
+        &program,
+        "#!/bin/sh\necho \"hello from farm's test package\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs_err::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let touched = Command::new("find")
+        .arg(&root)
+        .args(["-exec", "touch", "-h", "-d", "@1700000000", "{}", "+"])
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let built = Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "--build"])
+        .arg(&root)
+        .arg(p.path().join("farm-test-hello.deb"))
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", text(&built));
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -58,29 +134,52 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         return;
     }
     let p = Project::with_store(&lab(), &shared_store());
+    hello_package(&p);
+    p.write("site.yml", PLAYBOOK);
     // Two L2 guests boot under TCG inside an L1 that is itself under TCG, on 2 cores: one
     // has taken 165 s to answer ssh and the other over 300 s in CI, so they get 600 s.
-    let up = p.ok(&["up", "--boot-timeout", "600"]);
+    let up = with_ansible(&p, &["up", "--boot-timeout", "600"]);
     let log = stderr(&up);
     assert!(
         log.contains("pushed"),
         "the leaf's layers went to hv: {log}"
     );
+    // The playbook ran once on both L2s, after the lab answered: the package is installed
+    // (dpkg knows it) and the file names where each VM runs.
+    assert!(
+        log.contains("provisioned pyleaf_amd64, vleaf_amd64"),
+        "{log}"
+    );
+    for vm in ["pyleaf_amd64", "vleaf_amd64"] {
+        let out = p.ok(&[
+            "ssh",
+            vm,
+            "--",
+            "farm-test-hello; dpkg-query -W farm-test-hello; cat /root/provisioned",
+        ]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("hello from farm's test package")
+                && said.contains("farm-test-hello\t1.0")
+                && said.contains(&format!("{vm} at level 2 on hv")),
+            "{vm}: {said}"
+        );
+    }
 
     // farm ssh into L2 from L0, through hv.
-    let out = p.ok(&["ssh", "leaf_amd64", "--", "hostname"]);
+    let out = p.ok(&["ssh", "pyleaf_amd64", "--", "hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deep-leaf");
     // Plain ssh with the generated config: the ProxyJump chain and pinned keys.
     let config = p.path().join(".farm/ssh_config");
     let config_text = fs_err::read_to_string(&config).unwrap();
     assert!(
-        config_text.contains("Host leaf_amd64") && config_text.contains("ProxyJump hv"),
+        config_text.contains("Host pyleaf_amd64") && config_text.contains("ProxyJump hv"),
         "{config_text}"
     );
     let plain = Command::new("ssh")
         .arg("-F")
         .arg(&config)
-        .args(["leaf_amd64", "cat /proc/cpuinfo | grep -c processor"])
+        .args(["pyleaf_amd64", "cat /proc/cpuinfo | grep -c processor"])
         .output()
         .unwrap();
     assert!(plain.status.success(), "{}", text(&plain));
@@ -103,54 +202,57 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["name"] == "leaf_amd64")
+        .find(|r| r["name"] == "pyleaf_amd64")
         .unwrap();
     assert_eq!(leaf["host"], "hv");
     assert_eq!(leaf["level"], 2);
     assert_eq!(leaf["state"], "running");
 
     // Its console, read where it runs (inside hv), through the same ssh_config.
-    let logs = p.ok(&["logs", "leaf_amd64"]);
+    let logs = p.ok(&["logs", "pyleaf_amd64"]);
     let console = String::from_utf8_lossy(&logs.stdout);
     assert!(
         console.contains("farm-seed: hostname deep-leaf"),
         "{console}"
     );
 
-    // Ansible reaches both L2 VMs through the jump chain, host keys checked, with farm's
-    // inventory (`raw`: the tiny image has no python).
-    let inventory = p.ok(&["inventory"]);
-    fs_err::write(p.path().join("inventory.yml"), &inventory.stdout).unwrap();
-    let ansible = std::path::Path::new("/opt/farm-ansible/bin/ansible");
-    assert!(
-        ansible.exists(),
-        "ansible is missing; run ./scripts/setup.sh"
-    );
-    let out = Command::new(ansible)
+    // Ansible's modules run on both L2 VMs through the jump chain, host keys checked, with
+    // farm as a dynamic inventory script (`--list`).
+    let script = p.path().join("inventory.sh");
+    fs_err::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} --config {} inventory \"$@\"\n",
+            env!("CARGO_BIN_EXE_farm"),
+            p.path().join("farm.toml").display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let out = Command::new(format!("{ANSIBLE_BIN}/ansible"))
         .current_dir(p.path())
-        .args([
-            "level_2",
-            "-i",
-            "inventory.yml",
-            "-m",
-            "raw",
-            "-a",
-            "hostname",
-        ])
+        .args(["level_2", "-i", "inventory.sh", "-m", "ping"])
+        .env("FARM_STORE", shared_store())
         .env("ANSIBLE_HOST_KEY_CHECKING", "True")
         .env("ANSIBLE_NOCOLOR", "1")
         .output()
         .unwrap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    assert_eq!(said.matches("| CHANGED | rc=0").count(), 2, "{said}");
-    assert!(said.contains("deep-leaf"), "{said}");
+    assert_eq!(said.matches("\"ping\": \"pong\"").count(), 2, "{said}");
 
-    // A second up pushes nothing and starts nothing.
-    let again = p.ok(&["up"]);
+    // A second up pushes nothing, starts nothing and provisions nothing.
+    let again = with_ansible(&p, &["up"]);
     let log = stderr(&again);
     assert!(
-        !log.contains("pushed") && !log.contains("starting") && !log.contains("restarting"),
+        !log.contains("pushed")
+            && !log.contains("starting")
+            && !log.contains("restarting")
+            && !log.contains("playbook"),
         "{log}"
     );
 
@@ -163,12 +265,15 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(p.state_of("hv"), "stopped");
-    let again = p.ok(&["up"]);
+    let again = with_ansible(&p, &["up"]);
     let log = stderr(&again);
     assert!(
         log.contains("restarting hv (qemu not running)")
-            && log.contains("restart  leaf_amd64   its hypervisor restarts")
-            && log.contains("restarting leaf_amd64 (qemu not running)")
+            && log.contains("restart  pyleaf_amd64")
+            && log.contains("its hypervisor restarts")
+            && log.contains("restarting pyleaf_amd64 (qemu not running)")
+            // Restarted on the same overlays: provisioned already.
+            && !log.contains("playbook")
             && !log.contains("warning"),
         "{log}"
     );
@@ -178,7 +283,7 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
     // Down: the leaf before its hypervisor.
     let down = p.ok(&["down"]);
     let log = stderr(&down);
-    let leaf_at = log.find("stopped leaf_amd64").expect("leaf stopped");
+    let leaf_at = log.find("stopped pyleaf_amd64").expect("leaf stopped");
     let hv_at = log.find("stopped hv").expect("hv stopped");
     assert!(leaf_at < hv_at, "{log}");
     assert!(project::list(&p.path().join(".farm/vms")).is_empty());

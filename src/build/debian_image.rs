@@ -24,11 +24,12 @@ use indicatif::ProgressBar;
 
 use crate::build::tool_log::LogError;
 use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, quote_word, tree_bytes};
-use crate::model::config::DebianSpec;
+use crate::model::config::{DebianInit, DebianSpec};
 pub use crate::model::debian_recipe::{
     AGENT_SCRIPT, AGENT_UNIT, CUSTOMIZE_SCRIPT, DEFAULT_VARIANT, ESSENTIAL_HOOK, SEED_LIBRARY,
-    kernel_cmdline, required_packages,
+    customize_script, kernel_cmdline, required_packages,
 };
+use crate::model::tiny_recipe;
 use crate::model::values::Arch;
 
 /// Free space added to the root filesystem beyond what the packages use: at least this much,
@@ -87,9 +88,44 @@ pub enum DebianImageError {
     Scratch(#[from] ScratchError),
     #[error(transparent)]
     Log(#[from] LogError),
+    /// farm's initramfs for `init = "busybox"`, made from the tree's busybox and modules.
+    #[error(transparent)]
+    Initramfs(#[from] Box<crate::build::tiny_image::TinyImageError>),
     /// File system errors; `fs_err` puts the path in the message.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// The files the customize hook for `init` reads from the agent directory.
+fn agent_files(init: DebianInit, arch: Arch) -> Vec<(&'static str, String)> {
+    let files: Vec<(&str, &str)> = match init {
+        DebianInit::Systemd => vec![
+            ("farm-seed.sh", AGENT_SCRIPT),
+            ("seed-lib.sh", SEED_LIBRARY),
+            ("farm-seed.service", AGENT_UNIT),
+        ],
+        DebianInit::Busybox => vec![
+            ("boot.sh", tiny_recipe::BOOT_SCRIPT),
+            ("seed-lib.sh", SEED_LIBRARY),
+            ("sshd.sh", tiny_recipe::SSHD_SCRIPT),
+            ("udhcpc.script", tiny_recipe::UDHCPC_SCRIPT),
+        ],
+    };
+    let mut files: Vec<(&'static str, String)> =
+        files.into_iter().map(|(n, t)| (n, t.to_string())).collect();
+    if init == DebianInit::Busybox {
+        files.push(("inittab", tiny_recipe::inittab(arch)));
+    }
+    files.push((customize_file(init), customize_script(init).to_string()));
+    files
+}
+
+/// The customize hook's file name in the agent directory.
+fn customize_file(init: DebianInit) -> &'static str {
+    match init {
+        DebianInit::Systemd => "customize-rootfs.sh",
+        DebianInit::Busybox => "customize-rootfs-busybox.sh",
+    }
 }
 
 /// The disk size for a root tree of `rootfs_bytes`: used space plus headroom (see
@@ -103,7 +139,7 @@ pub fn disk_size_for(rootfs_bytes: u64) -> u64 {
 /// The packages given to `--include`: farm's, then the spec's, without repeats.
 pub fn include_list(spec: &DebianSpec, arch: Arch) -> Vec<String> {
     let mut seen = HashSet::new();
-    required_packages(arch)
+    required_packages(arch, spec.init)
         .into_iter()
         .chain(spec.packages.iter().cloned())
         .filter(|p| seen.insert(p.clone()))
@@ -125,7 +161,7 @@ pub fn mmdebstrap_args(
     };
     let customize = format!(
         "sh {} \"$1\" {}",
-        shell_quote(&agent_dir.join("customize-rootfs.sh")),
+        shell_quote(&agent_dir.join(customize_file(spec.init))),
         shell_quote(agent_dir)
     );
     let mut args: Vec<OsString> = vec![
@@ -224,12 +260,7 @@ pub fn build_debian_image(
     let agent_dir = req.out_dir.join("agent");
 
     fs_err::create_dir_all(&agent_dir)?;
-    for (name, text) in [
-        ("farm-seed.sh", AGENT_SCRIPT),
-        ("seed-lib.sh", SEED_LIBRARY),
-        ("farm-seed.service", AGENT_UNIT),
-        ("customize-rootfs.sh", CUSTOMIZE_SCRIPT),
-    ] {
+    for (name, text) in agent_files(req.spec.init, req.arch) {
         fs_err::write(agent_dir.join(name), text)?;
     }
 
@@ -265,6 +296,24 @@ pub fn build_debian_image(
         dir: boot_src.clone(),
         arch: req.arch,
     })?;
+    if req.spec.init == DebianInit::Busybox {
+        // farm's initramfs replaces Debian's in the tree too, so a platform built on this
+        // image finds the boot files it booted with and keeps them.
+        progress.set_message("writing farm's initramfs");
+        let module_dir = rootfs.join("lib/modules").join(&kernel_version);
+        let (initrd, modules) =
+            crate::build::tiny_image::farm_initramfs(&rootfs.join("bin/busybox"), &module_dir)
+                .map_err(Box::new)?;
+        fs_err::write(
+            boot_src.join(format!("initrd.img-{kernel_version}")),
+            &initrd,
+        )?;
+        log.note(&format!(
+            "busybox init: farm's initramfs ({} KiB) with modules {}",
+            initrd.len() >> 10,
+            modules.join(" ")
+        ))?;
+    }
     let boot = req.out_dir.join("boot");
     fs_err::create_dir_all(&boot)?;
     for (from, to) in [("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img")] {
@@ -275,7 +324,7 @@ pub fn build_debian_image(
     }
     fs_err::write(
         boot.join("cmdline"),
-        format!("{}\n", kernel_cmdline(req.arch)),
+        format!("{}\n", kernel_cmdline(req.arch, req.spec.init)),
     )?;
 
     // 3. The filesystem.
@@ -384,7 +433,47 @@ mod tests {
             mirror: "http://deb.debian.org/debian".into(),
             variant: String::new(),
             packages: vec!["qemu-utils".into(), "openssh-server".into()],
+            init: DebianInit::Systemd,
         }
+    }
+
+    #[test]
+    fn busybox_init_takes_the_tiny_userland_and_its_hook() {
+        let mut spec = spec();
+        spec.init = DebianInit::Busybox;
+        spec.packages = vec!["python3".into(), "dropbear-bin".into()];
+        let args = mmdebstrap_args(&spec, Arch::X86_64, Path::new("r"), Path::new("a"));
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args[3],
+            "--include=linux-image-cloud-amd64,busybox-static,dropbear-bin,openssh-sftp-server,python3"
+        );
+        assert_eq!(
+            args[6],
+            "--customize-hook=sh a/customize-rootfs-busybox.sh \"$1\" a"
+        );
+        let names: Vec<&str> = agent_files(spec.init, Arch::Aarch64)
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        for name in [
+            "boot.sh",
+            "sshd.sh",
+            "udhcpc.script",
+            "inittab",
+            "seed-lib.sh",
+        ] {
+            assert!(names.contains(&name), "{names:?}");
+        }
+        let inittab = &agent_files(spec.init, Arch::Aarch64)[4].1;
+        assert!(inittab.contains("ttyAMA0::respawn"), "{inittab}");
+        assert_eq!(
+            kernel_cmdline(Arch::X86_64, DebianInit::Busybox),
+            "console=ttyS0 quiet"
+        );
     }
 
     #[test]
@@ -433,11 +522,11 @@ mod tests {
                 .starts_with("--include=linux-image-cloud-arm64,")
         );
         assert_eq!(
-            kernel_cmdline(Arch::Aarch64),
+            kernel_cmdline(Arch::Aarch64, DebianInit::Systemd),
             "root=/dev/vda rw console=ttyAMA0"
         );
         assert_eq!(
-            kernel_cmdline(Arch::X86_64),
+            kernel_cmdline(Arch::X86_64, DebianInit::Systemd),
             "root=/dev/vda rw console=ttyS0"
         );
     }

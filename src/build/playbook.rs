@@ -9,12 +9,9 @@ use crate::sys::ssh::shell_quote;
 
 /// `ansible-playbook`: `FARM_ANSIBLE_PLAYBOOK`, or found on PATH.
 pub(super) fn ansible_playbook(build: &LayerBuild) -> Result<PathBuf, BuilderError> {
-    std::env::var_os("FARM_ANSIBLE_PLAYBOOK")
-        .map(PathBuf::from)
-        .or_else(|| crate::sys::programs::find_program("ansible-playbook"))
-        .ok_or_else(|| BuilderError::NoAnsible {
-            platform: build.name.to_string(),
-        })
+    crate::sys::ansible::ansible_playbook().ok_or_else(|| BuilderError::NoAnsible {
+        platform: build.name.to_string(),
+    })
 }
 
 /// Runs `ansible-playbook` here against the build VM, through its own ssh_config (host key
@@ -41,16 +38,7 @@ pub(super) fn run_playbook(
     let playbook = std::path::absolute(playbook)?;
     let started = Instant::now();
     log.line(&format!("== {label}"));
-    let out = std::process::Command::new(&program)
-        .arg("-i")
-        .arg(&inventory)
-        .arg(&playbook)
-        .current_dir(playbook.parent().unwrap_or(Path::new("/")))
-        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
-        .env("ANSIBLE_NOCOLOR", "1")
-        .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
-        .stdin(std::process::Stdio::null())
-        .output()?;
+    let out = crate::sys::ansible::playbook_command(&program, &inventory, &playbook).output()?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

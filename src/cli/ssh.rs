@@ -82,21 +82,7 @@ pub fn run_ssh(options: &ProjectOptions, args: SshArgs) -> anyhow::Result<()> {
 pub fn run_inventory(options: &ProjectOptions, args: InventoryArgs) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let state = StatePaths::new(&args.state.dir(&project));
-    let recorded = |vm: &str| -> Option<String> {
-        let bytes = fs_err::read(state.instance(vm).record()).ok()?;
-        let record = crate::model::instance::InstanceRecord::parse(&bytes).ok()?;
-        Some(if record.kept { "stopped" } else { "running" }.to_string())
-    };
-    let states = |vm: &str| match recorded(vm) {
-        Some(state) if args.all || state == "running" => Some(state),
-        None if args.all => Some("missing".to_string()),
-        _ => None,
-    };
-    let inventory = crate::model::inventory::inventory(
-        &project.loaded.topology,
-        &states,
-        &state.ssh_config().display().to_string(),
-    );
+    let inventory = crate::run::provision::lab_inventory(&project, &state, args.all);
     let text = if let Some(host) = &args.host {
         format!("{:#}", inventory.host_json(host))
     } else if args.list {

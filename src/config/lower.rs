@@ -410,6 +410,7 @@ fn lower_image(
             mirror,
             variant,
             packages,
+            init: debian.init,
         })
     };
     let firmware = match (&raw.firmware, &source) {
@@ -584,5 +585,6 @@ fn lower_vm(
         attach: lower_attach(&raw.attach, cx),
         deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
         resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),
+        playbook: raw.playbook.as_ref().map(|p| cx.path(p)),
     }
 }

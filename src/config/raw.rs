@@ -57,6 +57,9 @@ pub struct RawDebian {
     pub variant: Option<Spanned<String>>,
     #[serde(default)]
     pub packages: Vec<Spanned<String>>,
+    /// `systemd` (the default) or `busybox`: see `DebianInit`.
+    #[serde(default)]
+    pub init: crate::model::config::DebianInit,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +215,8 @@ pub struct RawVm {
     pub memory: Option<Spanned<RawSize>>,
     pub cpus: Option<Spanned<i64>>,
     pub disk_size: Option<Spanned<RawSize>>,
+    /// An Ansible playbook `farm up` applies to the VM once, after its first boot.
+    pub playbook: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

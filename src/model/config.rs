@@ -120,6 +120,27 @@ pub struct DebianSpec {
     pub mirror: String,
     pub variant: String,
     pub packages: Vec<String>,
+    pub init: DebianInit,
+}
+
+/// What runs as PID 1 in a Debian image farm builds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DebianInit {
+    /// systemd, udev, networkd and OpenSSH, with farm's seed agent as a unit: Debian as
+    /// people run it.
+    #[default]
+    Systemd,
+    /// busybox init running the tiny image's boot script, with dropbear and farm's own small
+    /// initramfs: no systemd, no udev. For guests inside guests, where nested TCG makes a
+    /// systemd boot take ten minutes, that still need apt, dpkg and python (Ansible).
+    Busybox,
+}
+
+impl DebianInit {
+    pub fn is_systemd(&self) -> bool {
+        *self == DebianInit::Systemd
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +288,9 @@ pub struct VmDecl {
     pub attach: Vec<Attachment>,
     pub deploy: Option<Deploy>,
     pub resources: Resources,
+    /// An Ansible playbook `farm up` applies once after the VM's first boot (again after it
+    /// is replaced, or when the playbook changes).
+    pub playbook: Option<Located<PathBuf>>,
 }
 
 /// A TCP port forwarded from the hypervisor's 127.0.0.1 to the guest.

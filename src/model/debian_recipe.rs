@@ -3,6 +3,7 @@
 //! line. All of it is an input of the image's derivation (`digest`), so a farm whose agent
 //! changed builds new images instead of reusing stale ones.
 
+use super::config::DebianInit;
 use super::hash::ContentHash;
 use super::values::Arch;
 
@@ -14,27 +15,45 @@ pub const SEED_LIBRARY: &str = include_str!("../guest_agent/seed-lib.sh");
 pub const AGENT_UNIT: &str = include_str!("../guest_agent/farm-seed.service");
 /// The mmdebstrap customize hook that installs the agent and strips the build's identity.
 pub const CUSTOMIZE_SCRIPT: &str = include_str!("../guest_agent/customize-rootfs.sh");
+/// The customize hook for `init = "busybox"`: the tiny image's boot files instead of the
+/// agent's unit, busybox's applets where Debian has no program of that name.
+pub const BUSYBOX_CUSTOMIZE_SCRIPT: &str =
+    include_str!("../guest_agent/customize-rootfs-busybox.sh");
+
+/// The customize hook for `init`.
+pub fn customize_script(init: DebianInit) -> &'static str {
+    match init {
+        DebianInit::Systemd => CUSTOMIZE_SCRIPT,
+        DebianInit::Busybox => BUSYBOX_CUSTOMIZE_SCRIPT,
+    }
+}
 
 /// The variant used when the spec names none: the smallest set that still has apt.
 pub const DEFAULT_VARIANT: &str = "minbase";
 
 /// Packages farm needs in every image it boots, before the spec's own: the cloud kernel
-/// (virtio, ext4 and vfat, no hardware drivers), systemd as init (the agent is a systemd
-/// unit; networkd configures NICs), sshd, `ip`, udev for `/dev/disk/by-label`, and
-/// systemd-resolved so names resolve with the DNS server DHCP hands out. The agent's other
-/// tools (blkid, mount, useradd, ssh-keygen) come with these or with minbase.
-pub fn required_packages(arch: Arch) -> Vec<String> {
-    [
-        kernel_package(arch),
-        "systemd-sysv",
-        "systemd-resolved",
-        "openssh-server",
-        "iproute2",
-        "udev",
-    ]
-    .iter()
-    .map(|p| p.to_string())
-    .collect()
+/// (virtio, ext4 and vfat, no hardware drivers), then per init:
+/// - systemd: systemd as init (the agent is a systemd unit; networkd configures NICs), sshd,
+///   `ip`, udev for `/dev/disk/by-label`, and systemd-resolved so names resolve with the DNS
+///   server DHCP hands out. The agent's other tools (blkid, mount, useradd, ssh-keygen) come
+///   with these or with minbase.
+/// - busybox: the tiny image's userland: busybox (init, `ip`, udhcpc), dropbear and
+///   OpenSSH's sftp-server, which today's `scp` and Ansible's file transfers speak.
+pub fn required_packages(arch: Arch, init: DebianInit) -> Vec<String> {
+    let own: &[&str] = match init {
+        DebianInit::Systemd => &[
+            "systemd-sysv",
+            "systemd-resolved",
+            "openssh-server",
+            "iproute2",
+            "udev",
+        ],
+        DebianInit::Busybox => &["busybox-static", "dropbear-bin", "openssh-sftp-server"],
+    };
+    std::iter::once(kernel_package(arch))
+        .chain(own.iter().copied())
+        .map(str::to_string)
+        .collect()
 }
 
 /// The cloud kernel's meta-package for `arch` (it depends on the current versioned kernel).
@@ -48,8 +67,12 @@ pub fn kernel_package(arch: Arch) -> &'static str {
 /// The kernel command line for direct kernel boot: the whole first virtio disk is the root
 /// filesystem, mounted read-write from the start (fsck needs nothing else), and the console
 /// is the serial port farm logs (`ttyS0` on PC, the PL011 `ttyAMA0` on the arm `virt` board).
-pub fn kernel_cmdline(arch: Arch) -> String {
-    format!("root=/dev/vda rw console={}", serial_console(arch))
+/// With busybox as init the tiny image's initramfs mounts the disk, so its command line.
+pub fn kernel_cmdline(arch: Arch, init: DebianInit) -> String {
+    match init {
+        DebianInit::Systemd => format!("root=/dev/vda rw console={}", serial_console(arch)),
+        DebianInit::Busybox => super::tiny_recipe::kernel_cmdline(arch),
+    }
 }
 
 /// The serial console's device: the 16550 `ttyS0` on PC, the PL011 `ttyAMA0` on arm `virt`.
@@ -71,9 +94,18 @@ pub const ESSENTIAL_HOOK: &str = concat!(
     r#"echo FSTYPE=ext4 > "$1/etc/initramfs-tools/conf.d/farm-fsck""#,
 );
 
-/// blake3 over everything above for `arch`: part of every Debian image derivation.
-pub fn digest(arch: Arch) -> ContentHash {
+/// blake3 over everything above for `arch` and `init`: part of every Debian image
+/// derivation. systemd's parts are hashed as they were before `init` existed, so those
+/// images keep their keys; busybox adds its hook and the tiny image's recipe.
+pub fn digest(arch: Arch, init: DebianInit) -> ContentHash {
     let mut hasher = blake3::Hasher::new();
+    if init == DebianInit::Busybox {
+        let tiny = super::tiny_recipe::digest(arch).to_hex();
+        for part in [BUSYBOX_CUSTOMIZE_SCRIPT.as_bytes(), tiny.as_bytes()] {
+            hasher.update(&(part.len() as u64).to_le_bytes());
+            hasher.update(part);
+        }
+    }
     for part in [
         AGENT_SCRIPT,
         SEED_LIBRARY,
@@ -85,10 +117,10 @@ pub fn digest(arch: Arch) -> ContentHash {
         hasher.update(&(part.len() as u64).to_le_bytes());
         hasher.update(part.as_bytes());
     }
-    for package in required_packages(arch) {
+    for package in required_packages(arch, init) {
         hasher.update(package.as_bytes());
         hasher.update(b"\n");
     }
-    hasher.update(kernel_cmdline(arch).as_bytes());
+    hasher.update(kernel_cmdline(arch, init).as_bytes());
     ContentHash::from_blake3(hasher.finalize())
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::config::{Config, ImageSource, Origin};
+use super::config::{Config, DebianInit, ImageSource, Origin};
 use super::diagnostic::Diagnostic;
 use super::hash::{ContentHash, DrvHash, ExpectedHash};
 use super::topology::Topology;
@@ -53,6 +53,9 @@ pub enum Recipe {
         variant: String,
         packages: Vec<String>,
         arch: Arch,
+        /// Absent for systemd, so the keys of images that never say stay what they were.
+        #[serde(default, skip_serializing_if = "DebianInit::is_systemd")]
+        init: DebianInit,
         /// What farm itself bakes in (agent, hooks, its packages): see `debian_recipe`.
         farm_parts: ContentHash,
     },
@@ -226,6 +229,12 @@ pub fn referenced_files(config: &Config) -> Vec<(PathBuf, Origin, Option<Expecte
             files.push((playbook.value.clone(), playbook.at.clone(), None));
         }
     }
+    // Not derivation inputs, but read by `farm up`: checked with the rest.
+    for vm in config.vms.values() {
+        if let Some(playbook) = &vm.playbook {
+            files.push((playbook.value.clone(), playbook.at.clone(), None));
+        }
+    }
     files
 }
 
@@ -338,7 +347,8 @@ fn derive(
                         variant: spec.variant.clone(),
                         packages: packages.into_iter().collect(),
                         arch,
-                        farm_parts: super::debian_recipe::digest(arch),
+                        init: spec.init,
+                        farm_parts: super::debian_recipe::digest(arch, spec.init),
                     }
                 }
                 ImageSource::Tiny => {

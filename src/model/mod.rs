@@ -19,6 +19,7 @@ pub mod network;
 pub mod observation;
 pub mod plan;
 pub mod programs;
+pub mod provision;
 pub mod qemu;
 pub mod seed;
 pub mod shell;

@@ -309,6 +309,7 @@ mod tests {
             attach: Vec::new(),
             resources: Default::default(),
             is_hypervisor: false,
+            playbook: None,
             origin: Origin::default(),
         }
     }

@@ -49,6 +49,8 @@ pub struct VmNode {
     pub resources: Resources,
     /// Whether this VM runs VMs of its own.
     pub is_hypervisor: bool,
+    /// The playbook `farm up` applies once after the VM's first boot.
+    pub playbook: Option<std::path::PathBuf>,
     /// Where the VM was generated (a `deploy` entry) or declared (`[vms.NAME]`).
     pub origin: Origin,
 }

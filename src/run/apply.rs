@@ -194,6 +194,8 @@ impl Apply<'_> {
                 self.reporter
                     .status("starting", format!("{name} ({})", reasons(step)));
                 let key = self.state.host_key(name)?;
+                // A new overlay: its playbook (if any) has not run on it.
+                crate::run::provision::forget(self.state, name)?;
                 let record = instance::create(host, spec, (key.private, key.public))?;
                 self.save_mirror(site, &record)?;
                 instance::start(host, spec)?;

@@ -13,6 +13,7 @@ pub mod instance;
 pub mod layers;
 pub mod observe;
 pub mod parallel;
+pub mod provision;
 pub mod site;
 pub mod ssh_files;
 pub mod state;

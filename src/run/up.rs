@@ -68,6 +68,8 @@ pub enum UpError {
     Observe(#[from] ObserveError),
     #[error(transparent)]
     Cache(#[from] crate::binary_cache::BackendError),
+    #[error(transparent)]
+    Provision(#[from] crate::run::provision::ProvisionError),
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +161,12 @@ pub fn up(
             target: vm.target.clone(),
         })
         .collect();
+    let paths = StatePaths::new(state_root);
+    // A playbook that cannot run is refused before anything is built or started.
+    let due = crate::run::provision::due(project, &paths, &selected)?;
+    if !options.dry_run {
+        crate::run::provision::check_ansible(&due)?;
+    }
     let existing = Store::open_existing(&project.store_dir)?;
     let (store, built, _store_use) = if options.dry_run {
         let present = match &existing {
@@ -195,7 +203,6 @@ pub fn up(
         (Some(store), built, Some(store_use))
     };
 
-    let paths = StatePaths::new(state_root);
     // A dry run only reads: it reaches what runs through the ssh_config that exists, and
     // remote hosts through one rendered in a temporary directory.
     let (state, scratch) = if options.dry_run {
@@ -252,6 +259,14 @@ pub fn up(
 
     let Some(state) = state else {
         print!("{}", plan.render());
+        for d in &due {
+            println!(
+                "playbook {} on {} ({}, after the lab is up)",
+                d.playbook.display(),
+                d.vm,
+                d.reason
+            );
+        }
         let problems = plan.problems();
         if !problems.is_empty() {
             return Err(UpError::Plan {
@@ -301,6 +316,9 @@ pub fn up(
     first_error(results)?;
     let specs = apply.specs.into_inner().unwrap_or_else(|e| e.into_inner());
     write_state_ssh_files(project, &state, &specs)?;
+    // Replaced VMs lost their markers while the plan was applied: asked again.
+    let due = crate::run::provision::due(project, &state, &desired.selected)?;
+    crate::run::provision::apply(project, &state, &due, reporter)?;
     Ok(rows_from_specs(topology, &desired.selected, &specs, &state))
 }
 

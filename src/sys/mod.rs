@@ -2,6 +2,7 @@
 //! ControlMaster), QMP, qemu-img, ssh-keygen, qemu processes, mounts, facts about this
 //! machine. No policy lives here.
 
+pub mod ansible;
 pub mod hostinfo;
 pub mod keys;
 pub mod mounts;

@@ -224,6 +224,23 @@ pub fn build_tiny_image(
     Ok(report)
 }
 
+/// farm's initramfs (busybox, the virtio and ext4 modules in load order, an `/init` that
+/// mounts `/dev/vda`) from a Debian tree's `busybox` and module directory, with the modules
+/// it loads: what boots a Debian image with `init = "busybox"`.
+pub fn farm_initramfs(
+    busybox: &Path,
+    module_dir: &Path,
+) -> Result<(Vec<u8>, Vec<String>), TinyImageError> {
+    if !busybox.exists() {
+        return Err(TinyImageError::Missing {
+            path: busybox.to_path_buf(),
+        });
+    }
+    let modules = modules::resolve_modules(module_dir)?;
+    let initrd = initramfs::initramfs(&fs_err::read(busybox)?, module_dir, &modules)?;
+    Ok((initrd, modules))
+}
+
 /// qemu's user-mode emulator for `arch` when it is not the host's (`qemu-aarch64-static`),
 /// or `None` when `arch`'s programs run natively.
 fn foreign_emulator(arch: Arch) -> Result<Option<PathBuf>, TinyImageError> {

@@ -506,6 +506,7 @@ fn build_node(config: &Config, pending: Pending, decl: Option<&VmDecl>) -> VmNod
         attach: decl.map(|d| attachments(&d.attach)).unwrap_or_default(),
         resources,
         is_hypervisor: false,
+        playbook: decl.and_then(|d| d.playbook.as_ref().map(|p| p.value.clone())),
         name: pending.name,
         platform: pending.platform,
         target: pending.target,
