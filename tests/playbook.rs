@@ -121,3 +121,110 @@ fn a_platform_playbook_is_a_cached_step_and_its_roles_are_inputs() {
     );
     p.ok(&["down"]);
 }
+
+/// A VM's own playbook (`[vms.NAME] playbook`): `farm up` applies it once the VM answers,
+/// not again on a second up, again when it changes; a failing one names the VM and the log
+/// and is tried again next time. The image is the nested test's busybox-init Debian.
+const VM_LAB: &str = r#"
+[images.pybox]
+debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3-apt"] }
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.plain]
+from = "pybox"
+memory = "384M"
+
+[vms.solo]
+platform = "plain"
+playbook = "vm.yml"
+"#;
+
+fn vm_playbook(stamp: &str) -> String {
+    format!(
+        "- hosts: vms\n  gather_facts: false\n  tasks:\n    \
+         - ansible.builtin.copy: {{ dest: /root/stamp, content: \"{stamp} level {{{{ farm_level }}}}\\n\" }}\n"
+    )
+}
+
+#[test]
+fn a_vms_playbook_runs_once_again_when_changed_and_a_failure_names_the_vm() {
+    if !vm_tests_possible("playbook") {
+        return;
+    }
+    let p = Project::with_store(VM_LAB, &shared_store());
+    p.write("vm.yml", &vm_playbook("one"));
+    let stamp = || {
+        let out = p.ok(&["ssh", "solo", "--", "cat /root/stamp"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    // Without ansible-playbook: refused before anything is built or started.
+    let none = p
+        .farm(&["up"])
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+        .output()
+        .unwrap();
+    let said = text(&none);
+    assert_eq!(none.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(
+            "VM `solo` names the playbook `vm.yml`, but `ansible-playbook` is not installed"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("starting"), "{said}");
+
+    let up = with_ansible(&p, &["up"]);
+    let log = text(&up);
+    assert!(up.status.success(), "{log}");
+    assert!(
+        log.contains("playbook vm.yml on solo (not applied to this VM yet)")
+            && log.contains("provisioned solo"),
+        "{log}"
+    );
+    assert_eq!(stamp(), "one level 1");
+
+    let again = with_ansible(&p, &["up"]);
+    assert!(!text(&again).contains("playbook"), "{}", text(&again));
+
+    // Changed: applied again to the running VM.
+    p.write("vm.yml", &vm_playbook("two"));
+    let plan = p.ok(&["up", "--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&plan.stdout)
+            .contains("playbook vm.yml on solo (the playbook changed"),
+        "{}",
+        text(&plan)
+    );
+    let changed = with_ansible(&p, &["up"]);
+    assert!(
+        text(&changed).contains("(the playbook changed)"),
+        "{}",
+        text(&changed)
+    );
+    assert_eq!(stamp(), "two level 1");
+
+    // A failing playbook: exit 1, the VM and the log named; tried again by the next up.
+    p.write(
+        "vm.yml",
+        "- hosts: vms\n  gather_facts: false\n  tasks:\n    - ansible.builtin.command: /bin/false\n",
+    );
+    let failed = with_ansible(&p, &["up"]);
+    let said = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("The playbook `vm.yml` failed on `solo`") && said.contains("provision.log"),
+        "{said}"
+    );
+    p.write("vm.yml", &vm_playbook("three"));
+    let fixed = with_ansible(&p, &["up"]);
+    assert!(
+        text(&fixed).contains("provisioned solo"),
+        "{}",
+        text(&fixed)
+    );
+    assert_eq!(stamp(), "three level 1");
+    p.ok(&["down"]);
+}
