@@ -22,6 +22,8 @@ packages=(
   qemu-user-static arch-test    # arm64 programs on this host: maintainer scripts (mmdebstrap
                                 #   asks arch-test), the arm64 busybox's applet list
   fdisk dosfstools mtools       # tests: the cloud-image fixture's GPT disk and EFI partition
+  libvirt-dev                   # building farm: the `virt` crate links libvirt
+  libvirt-daemon-system libvirt-clients  # the libvirt backend: libvirtd (started by its tests), virsh
   libguestfs-tools              # the cloud-image benchmark's baseline (virt-customize),
   linux-image-cloud-amd64       #   whose appliance boots the host's kernel (nothing else does)
 )

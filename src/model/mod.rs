@@ -13,6 +13,7 @@ pub mod graph;
 pub mod hash;
 pub mod instance;
 pub mod inventory;
+pub mod libvirt;
 pub mod limits;
 pub mod lock;
 pub mod network;

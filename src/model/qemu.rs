@@ -104,6 +104,25 @@ pub struct Nic {
     pub mac: MacAddr,
 }
 
+impl Nic {
+    /// `-netdev`'s value for this NIC's backend, as `id`.
+    pub fn netdev(&self, id: &str) -> String {
+        match &self.backend {
+            NetBackend::User { forwards } => {
+                let mut s = format!("user,id={id}");
+                for f in forwards {
+                    s.push_str(&format!(
+                        ",hostfwd=tcp:{}:{}-:{}",
+                        f.host_addr, f.host_port, f.guest_port
+                    ));
+                }
+                s
+            }
+            NetBackend::Vde { sock } => format!("vde,id={id},sock={sock}"),
+        }
+    }
+}
+
 /// The virtual machine's hardware: the same for a build VM and an instance of a target.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MachineSpec {
@@ -262,20 +281,7 @@ impl QemuVm {
         }
         for (i, nic) in self.nics.iter().enumerate() {
             let id = format!("net{i}");
-            let netdev = match &nic.backend {
-                NetBackend::User { forwards } => {
-                    let mut s = format!("user,id={id}");
-                    for f in forwards {
-                        s.push_str(&format!(
-                            ",hostfwd=tcp:{}:{}-:{}",
-                            f.host_addr, f.host_port, f.guest_port
-                        ));
-                    }
-                    s
-                }
-                NetBackend::Vde { sock } => format!("vde,id={id},sock={sock}"),
-            };
-            push(&["-netdev", &netdev]);
+            push(&["-netdev", &nic.netdev(&id)]);
             push(&[
                 "-device",
                 &format!("virtio-net-pci,netdev={id},mac={}", nic.mac),

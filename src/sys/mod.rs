@@ -5,6 +5,7 @@
 pub mod ansible;
 pub mod hostinfo;
 pub mod keys;
+pub mod libvirt;
 pub mod mounts;
 pub mod process;
 pub mod procfs;

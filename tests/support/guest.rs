@@ -97,104 +97,8 @@ impl Guest {
         memory_mib: u64,
         extra_nics: Vec<SeedNic>,
     ) -> Guest {
-        let work = tempfile::tempdir().unwrap();
-        let disk = work.path().join("disk.qcow2");
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(entry_dir.join("disk.qcow2"))
-            .arg(&disk)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let host = keygen(work.path(), "host");
-        let mac = mac_for("test-guest", 0);
-        let mut seed = SeedSpec::new("test-guest-1", "test-guest");
-        if seed_key {
-            seed.authorized_keys = vec![client.public.clone()];
-        }
-        seed.host_key = Some((
-            fs_err::read_to_string(&host.private).unwrap(),
-            host.public.clone(),
-        ));
-        seed.nics = vec![SeedNic {
-            mac,
-            address: None,
-            gateway: None,
-        }];
-        seed.nics.extend(extra_nics.iter().cloned());
-        let seed_path = work.path().join("seed.img");
-        fs_err::write(&seed_path, seed_image_bytes(&seed).unwrap()).unwrap();
-        let port = farm::sys::hostinfo::free_local_port().unwrap();
-        let config = work.path().join("ssh_config");
-        fs_err::write(
-            work.path().join("known_hosts"),
-            known_hosts_line("guest", &host.public),
-        )
-        .unwrap();
-        fs_err::write(
-            &config,
-            render(&[SshHost::vm(
-                "guest",
-                "127.0.0.1",
-                port,
-                client.private.clone(),
-                work.path().join("known_hosts"),
-                vec![],
-            )]),
-        )
-        .unwrap();
-        let vm = QemuVm {
-            uefi_vars: None,
-            name: "test-guest".into(),
-            hw: MachineSpec {
-                arch: Arch::X86_64,
-                machine: None,
-                cpu: None,
-                accel: ResolvedAccel::Tcg,
-                memory_mib,
-                cpus: 1,
-            },
-            disks: vec![
-                Disk {
-                    path: disk,
-                    format: "qcow2",
-                    readonly: false,
-                    cache: DiskCache::Unsafe,
-                },
-                Disk {
-                    path: seed_path,
-                    format: "raw",
-                    readonly: true,
-                    cache: DiskCache::Unsafe,
-                },
-            ],
-            boot: boot.map(|b| DirectBoot {
-                kernel: b.kernel,
-                initrd: b.initrd,
-                cmdline: b.cmdline,
-            }),
-            nics: std::iter::once(Nic {
-                backend: NetBackend::User {
-                    forwards: vec![PortForward {
-                        host_addr: "127.0.0.1".into(),
-                        host_port: port,
-                        guest_port: 22,
-                    }],
-                },
-                mac,
-            })
-            .chain(extra_nics.iter().map(|n| Nic {
-                backend: NetBackend::User { forwards: vec![] },
-                mac: n.mac,
-            }))
-            .collect(),
-            serial_log: work.path().join("serial.log"),
-            qmp_socket: None,
-            pidfile: None,
-            daemonize: false,
-            tag: None,
-            incoming: false,
-        };
+        let Prepared { work, vm, config } =
+            prepare(entry_dir, boot, client, seed_key, memory_mib, extra_nics);
         let mut process = VmProcess::start(&vm, &work.path().join("qemu.stderr")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(300);
         let ssh = match Ssh::wait_for(&config, "guest", deadline, || process.check_running()) {
@@ -206,7 +110,127 @@ impl Guest {
         };
         Guest { work, process, ssh }
     }
+}
 
+/// A guest ready to start: its overlay, seed and ssh_config (host `guest`, host key pinned)
+/// in `work`, and the machine as data, for whichever backend starts it.
+pub struct Prepared {
+    pub work: tempfile::TempDir,
+    pub vm: QemuVm,
+    pub config: PathBuf,
+}
+
+/// Prepares a guest on `entry_dir` (see [`Guest::boot_with`]).
+pub fn prepare(
+    entry_dir: &Path,
+    boot: Option<BootFiles>,
+    client: &Key,
+    seed_key: bool,
+    memory_mib: u64,
+    extra_nics: Vec<SeedNic>,
+) -> Prepared {
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.qcow2");
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(entry_dir.join("disk.qcow2"))
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let host = keygen(work.path(), "host");
+    let mac = mac_for("test-guest", 0);
+    let mut seed = SeedSpec::new("test-guest-1", "test-guest");
+    if seed_key {
+        seed.authorized_keys = vec![client.public.clone()];
+    }
+    seed.host_key = Some((
+        fs_err::read_to_string(&host.private).unwrap(),
+        host.public.clone(),
+    ));
+    seed.nics = vec![SeedNic {
+        mac,
+        address: None,
+        gateway: None,
+    }];
+    seed.nics.extend(extra_nics.iter().cloned());
+    let seed_path = work.path().join("seed.img");
+    fs_err::write(&seed_path, seed_image_bytes(&seed).unwrap()).unwrap();
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    let config = work.path().join("ssh_config");
+    fs_err::write(
+        work.path().join("known_hosts"),
+        known_hosts_line("guest", &host.public),
+    )
+    .unwrap();
+    fs_err::write(
+        &config,
+        render(&[SshHost::vm(
+            "guest",
+            "127.0.0.1",
+            port,
+            client.private.clone(),
+            work.path().join("known_hosts"),
+            vec![],
+        )]),
+    )
+    .unwrap();
+    let vm = QemuVm {
+        uefi_vars: None,
+        name: "test-guest".into(),
+        hw: MachineSpec {
+            arch: Arch::X86_64,
+            machine: None,
+            cpu: None,
+            accel: ResolvedAccel::Tcg,
+            memory_mib,
+            cpus: 1,
+        },
+        disks: vec![
+            Disk {
+                path: disk,
+                format: "qcow2",
+                readonly: false,
+                cache: DiskCache::Unsafe,
+            },
+            Disk {
+                path: seed_path,
+                format: "raw",
+                readonly: true,
+                cache: DiskCache::Unsafe,
+            },
+        ],
+        boot: boot.map(|b| DirectBoot {
+            kernel: b.kernel,
+            initrd: b.initrd,
+            cmdline: b.cmdline,
+        }),
+        nics: std::iter::once(Nic {
+            backend: NetBackend::User {
+                forwards: vec![PortForward {
+                    host_addr: "127.0.0.1".into(),
+                    host_port: port,
+                    guest_port: 22,
+                }],
+            },
+            mac,
+        })
+        .chain(extra_nics.iter().map(|n| Nic {
+            backend: NetBackend::User { forwards: vec![] },
+            mac: n.mac,
+        }))
+        .collect(),
+        serial_log: work.path().join("serial.log"),
+        qmp_socket: None,
+        pidfile: None,
+        daemonize: false,
+        tag: None,
+        incoming: false,
+    };
+    Prepared { work, vm, config }
+}
+
+impl Guest {
     /// Runs `script` and returns its stdout, failing the test (with output) on a non-zero exit.
     pub fn sh(&self, script: &str) -> String {
         let out: Output = self.ssh.run(script, None).unwrap();

@@ -1,0 +1,364 @@
+//! The libvirt backend's domain XML, from the same [`QemuVm`] the qemu backend turns into a
+//! command line: disks, direct kernel boot, UEFI, memory and vCPUs, the serial console in the
+//! file `farm logs` reads, deterministic MACs.
+//!
+//! NICs go through `<qemu:commandline>` (QEMU user networking with its ssh forward, VDE), as
+//! farm's own backend starts them, with explicit PCI addresses so they never collide with
+//! the devices libvirt places itself. farm's metadata element names the project, VM and
+//! spec hash: `status`, `down` and the orphan search find exactly farm's domains by it.
+//!
+//! Pure: text in, text out; `sys::libvirt` talks to libvirtd.
+
+use super::qemu::{QemuVm, ResolvedAccel};
+use super::values::Arch;
+
+/// The XML namespace of farm's metadata element.
+pub const METADATA_NS: &str = "https://farm.invalid/xmlns/instance/1";
+/// The element's prefix in the domain XML (libvirt keys metadata by namespace URI).
+pub const METADATA_PREFIX: &str = "farm";
+
+/// What makes a domain farm's: the project's state directory, the VM, and the hash of the
+/// spec it was defined from (a different hash means the domain must be defined again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainMeta {
+    pub project: String,
+    pub vm: String,
+    pub spec: String,
+}
+
+impl DomainMeta {
+    /// The metadata element's content, as `virDomainSetMetadata` and the domain XML take it.
+    pub fn element(&self) -> String {
+        format!(
+            "<{p}:instance xmlns:{p}=\"{METADATA_NS}\"><{p}:project>{}</{p}:project><{p}:vm>{}</{p}:vm><{p}:spec>{}</{p}:spec></{p}:instance>",
+            escape(&self.project),
+            escape(&self.vm),
+            escape(&self.spec),
+            p = METADATA_PREFIX
+        )
+    }
+
+    /// Reads what [`DomainMeta::element`] wrote, as libvirt hands it back when asked by
+    /// [`METADATA_NS`] (reformatted, without the namespace) or inside a domain's XML (with a
+    /// prefix): `None` when the fields are not there.
+    pub fn parse(xml: &str) -> Option<DomainMeta> {
+        // `<project>` as the metadata call returns it, `<farm:project>` in a domain's XML.
+        let field = |name: &str| -> Option<String> {
+            let needle = format!("{name}>");
+            let open = xml.match_indices(&needle).find_map(|(at, _)| {
+                let tag_start = xml[..at].rfind('<')?;
+                let prefix = &xml[tag_start + 1..at];
+                let is_open_tag = prefix.is_empty()
+                    || (prefix.ends_with(':') && !prefix.starts_with('/') && !prefix.contains(' '));
+                is_open_tag.then_some(at + needle.len())
+            })?;
+            let close = open + xml[open..].find("</")?;
+            Some(unescape(&xml[open..close]))
+        };
+        Some(DomainMeta {
+            project: field("project")?,
+            vm: field("vm")?,
+            spec: field("spec")?,
+        })
+    }
+}
+
+/// The domain XML for `vm`, owned by `meta`. `run_as_root` gives qemu the DAC label
+/// `+0:+0` without relabelling, so libvirtd never changes the owner of store layers the
+/// overlay backs onto (farm running as root on `qemu:///system`).
+pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
+    let hw = &vm.hw;
+    let mut x = String::new();
+    let domain_type = match hw.accel {
+        ResolvedAccel::Kvm => "kvm",
+        ResolvedAccel::Tcg => "qemu",
+    };
+    x.push_str(&format!(
+        "<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\n"
+    ));
+    x.push_str(&format!("  <name>{}</name>\n", escape(&vm.name)));
+    x.push_str(&format!(
+        "  <metadata>\n    {}\n  </metadata>\n",
+        meta.element()
+    ));
+    x.push_str(&format!(
+        "  <memory unit='MiB'>{}</memory>\n  <vcpu>{}</vcpu>\n",
+        hw.memory_mib, hw.cpus
+    ));
+    let machine = hw.machine.clone().unwrap_or_else(|| match hw.arch {
+        Arch::X86_64 => "q35".to_string(),
+        Arch::Aarch64 => "virt".to_string(),
+    });
+    x.push_str("  <os>\n");
+    x.push_str(&format!(
+        "    <type arch='{}' machine='{}'>hvm</type>\n",
+        hw.arch.name(),
+        escape(&machine)
+    ));
+    if let Some(vars) = &vm.uefi_vars {
+        let (code, _) = crate::model::values::uefi_files(hw.arch);
+        x.push_str(&format!(
+            "    <loader readonly='yes' type='pflash'>{}</loader>\n    <nvram>{}</nvram>\n",
+            escape(code),
+            escape(&vars.display().to_string())
+        ));
+    }
+    if let Some(boot) = &vm.boot {
+        x.push_str(&format!(
+            "    <kernel>{}</kernel>\n",
+            escape(&boot.kernel.display().to_string())
+        ));
+        if let Some(initrd) = &boot.initrd {
+            x.push_str(&format!(
+                "    <initrd>{}</initrd>\n",
+                escape(&initrd.display().to_string())
+            ));
+        }
+        x.push_str(&format!(
+            "    <cmdline>{}</cmdline>\n",
+            escape(&boot.cmdline)
+        ));
+    }
+    x.push_str("  </os>\n");
+    if hw.arch == Arch::X86_64 {
+        // ACPI: what `virsh shutdown` (and farm's down) asks the guest through.
+        x.push_str("  <features><acpi/></features>\n");
+    }
+    x.push_str(&match (&hw.cpu, hw.accel) {
+        (Some(model), _) => format!(
+            "  <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>{}</model></cpu>\n",
+            escape(model)
+        ),
+        (None, ResolvedAccel::Kvm) => "  <cpu mode='host-passthrough' check='none'/>\n".into(),
+        (None, ResolvedAccel::Tcg) => "  <cpu mode='maximum' check='none'/>\n".into(),
+    });
+    x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
+    x.push_str("  <devices>\n");
+    x.push_str(&format!(
+        "    <emulator>/usr/bin/{}</emulator>\n",
+        vm.binary()
+    ));
+    for (i, disk) in vm.disks.iter().enumerate() {
+        let cache = match disk.cache {
+            crate::model::qemu::DiskCache::Writeback => "writeback",
+            crate::model::qemu::DiskCache::Unsafe => "unsafe",
+        };
+        x.push_str(&format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}' cache='{cache}' discard='unmap'/>\n      <source file='{}'/>\n      <target dev='vd{}' bus='virtio'/>\n{}    </disk>\n",
+            disk.format,
+            escape(&disk.path.display().to_string()),
+            (b'a' + i as u8) as char,
+            if disk.readonly { "      <readonly/>\n" } else { "" }
+        ));
+    }
+    x.push_str(&format!(
+        "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n",
+        escape(&vm.serial_log.display().to_string())
+    ));
+    x.push_str("    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>\n");
+    x.push_str("    <memballoon model='none'/>\n");
+    x.push_str("  </devices>\n");
+    if run_as_root {
+        x.push_str(
+            "  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>\n",
+        );
+    }
+    let args = nic_args(vm, &machine);
+    if !args.is_empty() {
+        x.push_str("  <qemu:commandline>\n");
+        for arg in args {
+            x.push_str(&format!("    <qemu:arg value='{}'/>\n", escape(&arg)));
+        }
+        x.push_str("  </qemu:commandline>\n");
+    }
+    x.push_str("</domain>\n");
+    x
+}
+
+/// `-netdev`/`-device` pairs for the NICs, on the root bus at slots libvirt leaves free
+/// (0x10 onwards).
+fn nic_args(vm: &QemuVm, machine: &str) -> Vec<String> {
+    let bus = if machine.starts_with("pc") && !machine.contains("q35") {
+        "pci.0"
+    } else {
+        "pcie.0"
+    };
+    let mut args = Vec::new();
+    for (i, nic) in vm.nics.iter().enumerate() {
+        let id = format!("farmnet{i}");
+        args.push("-netdev".to_string());
+        args.push(nic.netdev(&id));
+        args.push("-device".to_string());
+        args.push(format!(
+            "virtio-net-pci,netdev={id},mac={},bus={bus},addr={:#x}",
+            nic.mac,
+            0x10 + i
+        ));
+    }
+    args
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&apos;", "'")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::qemu::{
+        DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, mac_for,
+    };
+    use std::path::PathBuf;
+
+    fn vm() -> QemuVm {
+        QemuVm {
+            name: "web".into(),
+            hw: MachineSpec {
+                arch: Arch::X86_64,
+                machine: None,
+                cpu: None,
+                accel: ResolvedAccel::Tcg,
+                memory_mib: 512,
+                cpus: 2,
+            },
+            disks: vec![
+                Disk {
+                    path: "/lab/.farm/vms/web/disk.qcow2".into(),
+                    format: "qcow2",
+                    readonly: false,
+                    cache: DiskCache::Writeback,
+                },
+                Disk {
+                    path: "/lab/.farm/vms/web/seed.img".into(),
+                    format: "raw",
+                    readonly: true,
+                    cache: DiskCache::Writeback,
+                },
+            ],
+            boot: Some(DirectBoot {
+                kernel: "/store/x/boot/vmlinuz".into(),
+                initrd: Some("/store/x/boot/initrd.img".into()),
+                cmdline: "console=ttyS0 quiet".into(),
+            }),
+            uefi_vars: None,
+            nics: vec![
+                Nic {
+                    backend: NetBackend::User {
+                        forwards: vec![PortForward {
+                            host_addr: "127.0.0.1".into(),
+                            host_port: 2222,
+                            guest_port: 22,
+                        }],
+                    },
+                    mac: mac_for("web", 0),
+                },
+                Nic {
+                    backend: NetBackend::Vde {
+                        sock: "vxvde://234.0.0.1".into(),
+                    },
+                    mac: mac_for("web", 1),
+                },
+            ],
+            serial_log: PathBuf::from("/lab/.farm/vms/web/serial.log"),
+            qmp_socket: None,
+            pidfile: None,
+            daemonize: false,
+            tag: None,
+            incoming: false,
+        }
+    }
+
+    fn meta() -> DomainMeta {
+        DomainMeta {
+            project: "/lab/<a&b>/.farm".into(),
+            vm: "web".into(),
+            spec: "blake3-00ff".into(),
+        }
+    }
+
+    #[test]
+    fn the_domain_carries_the_vms_hardware_boot_disks_console_and_nics() {
+        let xml = domain_xml(&vm(), &meta(), true);
+        for part in [
+            "<domain type='qemu'",
+            "<name>web</name>",
+            "<memory unit='MiB'>512</memory>",
+            "<vcpu>2</vcpu>",
+            "<type arch='x86_64' machine='q35'>hvm</type>",
+            "<kernel>/store/x/boot/vmlinuz</kernel>",
+            "<initrd>/store/x/boot/initrd.img</initrd>",
+            "<cmdline>console=ttyS0 quiet</cmdline>",
+            "<cpu mode='maximum' check='none'/>",
+            "<source file='/lab/.farm/vms/web/disk.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
+            "<target dev='vdb' bus='virtio'/>\n      <readonly/>",
+            "<source path='/lab/.farm/vms/web/serial.log'/>",
+            "<label>+0:+0</label>",
+            "<qemu:arg value='user,id=farmnet0,hostfwd=tcp:127.0.0.1:2222-:22'/>",
+            "bus=pcie.0,addr=0x10'/>",
+            "<qemu:arg value='vde,id=farmnet1,sock=vxvde://234.0.0.1'/>",
+            "bus=pcie.0,addr=0x11'/>",
+        ] {
+            assert!(xml.contains(part), "missing {part:?} in\n{xml}");
+        }
+        assert!(!domain_xml(&vm(), &meta(), false).contains("seclabel"));
+    }
+
+    #[test]
+    fn metadata_round_trips_and_marks_only_farms_domains() {
+        let element = meta().element();
+        assert!(element.contains("/lab/&lt;a&amp;b&gt;/.farm"), "{element}");
+        assert_eq!(DomainMeta::parse(&element), Some(meta()));
+        // As libvirt hands it back: another prefix, whitespace between elements.
+        let reformatted = format!(
+            "<ns0:instance xmlns:ns0=\"{METADATA_NS}\">\n  <ns0:project>/p</ns0:project>\n  <ns0:vm>a</ns0:vm>\n  <ns0:spec>s</ns0:spec>\n</ns0:instance>"
+        );
+        assert_eq!(
+            DomainMeta::parse(&reformatted),
+            Some(DomainMeta {
+                project: "/p".into(),
+                vm: "a".into(),
+                spec: "s".into()
+            })
+        );
+        // As `virDomainGetMetadata` returns it: no namespace, no prefix.
+        let default_ns =
+            "<instance>\n  <project>/q</project>\n  <vm>b</vm>\n  <spec>t</spec>\n</instance>";
+        assert_eq!(
+            DomainMeta::parse(default_ns).map(|m| (m.project, m.vm, m.spec)),
+            Some(("/q".into(), "b".into(), "t".into()))
+        );
+        assert_eq!(DomainMeta::parse("<mine:x xmlns:mine='urn:other'/>"), None);
+    }
+
+    #[test]
+    fn uefi_kvm_and_a_named_cpu() {
+        let mut vm = vm();
+        vm.uefi_vars = Some("/lab/.farm/vms/web/vars.fd".into());
+        vm.hw.accel = ResolvedAccel::Kvm;
+        vm.hw.cpu = Some("Haswell".into());
+        vm.hw.machine = Some("pc".into());
+        let xml = domain_xml(&vm, &meta(), false);
+        assert!(xml.contains("<domain type='kvm'"), "{xml}");
+        assert!(
+            xml.contains("<nvram>/lab/.farm/vms/web/vars.fd</nvram>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<model fallback='forbid'>Haswell</model>"),
+            "{xml}"
+        );
+        assert!(xml.contains("bus=pci.0,addr=0x10"), "{xml}");
+    }
+}

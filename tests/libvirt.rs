@@ -1,0 +1,169 @@
+//! The libvirt backend's parts against a real libvirtd, started by the test when none runs
+//! (no systemd here: `virtlogd -d`, `libvirtd -d`, as ENVIRONMENT.md describes) and stopped
+//! after it: farm's tiny image defined from farm's domain XML boots and answers ssh with its
+//! pinned host key, `virsh` shows farm's metadata, the console is in the file `farm logs`
+//! reads, a domain that is not farm's is never touched (its name is refused), and the
+//! domain shuts down and is undefined.
+
+#[path = "support/guest.rs"]
+#[allow(dead_code)]
+mod guest;
+#[path = "support/project.rs"]
+#[allow(dead_code)]
+mod project;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use farm::build::layer::BootFiles;
+use farm::model::libvirt::{DomainMeta, METADATA_NS, domain_xml};
+use farm::sys::libvirt::{DomainStopped, Libvirt, LibvirtError};
+use farm::sys::ssh::Ssh;
+use guest::{keygen, prepare, shared_store, vm_tests_possible};
+use project::Project;
+
+const URI: &str = "qemu:///system";
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-c", URI])
+        .args(args)
+        .output()
+        .expect("virsh (libvirt-clients; run ./scripts/setup.sh)")
+}
+
+/// libvirtd for the test: the running one, or one started here and stopped on drop.
+struct Libvirtd {
+    started: bool,
+}
+
+impl Libvirtd {
+    fn ensure() -> Libvirtd {
+        if virsh(&["version"]).status.success() {
+            return Libvirtd { started: false };
+        }
+        for dir in ["/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt"] {
+            fs_err::create_dir_all(dir).unwrap();
+        }
+        for daemon in ["virtlogd", "libvirtd"] {
+            let status = Command::new(daemon)
+                .arg("-d")
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run {daemon} ({e}); run ./scripts/setup.sh"));
+            assert!(status.success(), "{daemon} -d failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !virsh(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "libvirtd did not answer at {URI} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Libvirtd { started: true }
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        if !self.started {
+            return;
+        }
+        for pidfile in ["/var/run/libvirtd.pid", "/var/run/virtlogd.pid"] {
+            if let Ok(pid) = fs_err::read_to_string(pidfile) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}
+
+const TINY: &str = "[images.tiny]\ntiny = true\n[targets.amd64]\narch = \"x86_64\"\n";
+
+#[test]
+fn a_tiny_guest_runs_as_a_libvirt_domain_and_other_domains_are_left_alone() {
+    if !vm_tests_possible("libvirt") {
+        return;
+    }
+    let _daemon = Libvirtd::ensure();
+    let p = Project::with_store(TINY, &shared_store());
+    p.ok(&["build"]);
+    let entry = p.entry("tiny-amd64");
+    let boot = BootFiles::in_dir(&entry.join("boot")).expect("the tiny image has boot files");
+    let keys = tempfile::tempdir().unwrap();
+    let client = keygen(keys.path(), "client");
+    let mut prepared = prepare(&entry, Some(boot), &client, true, 256, Vec::new());
+    let name = format!("farm-test-{}", std::process::id());
+    prepared.vm.name = name.clone();
+    let meta = DomainMeta {
+        project: prepared.work.path().display().to_string(),
+        vm: name.clone(),
+        spec: "blake3-test".into(),
+    };
+    let lv = Libvirt::connect(URI).unwrap();
+
+    // Someone else's domain with the name farm wants: refused, and left as it was.
+    let foreign = prepared.work.path().join("foreign.xml");
+    fs_err::write(
+        &foreign,
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+        ),
+    )
+    .unwrap();
+    let defined = virsh(&["define", &foreign.display().to_string()]);
+    assert!(defined.status.success(), "{}", project::text(&defined));
+    let xml = domain_xml(&prepared.vm, &meta, true);
+    match lv.define(&name, &xml, &meta) {
+        Err(LibvirtError::Taken { .. }) => {}
+        other => panic!("a foreign domain's name was not refused: {other:?}"),
+    }
+    assert!(
+        !lv.farm_domains().unwrap().iter().any(|d| d.name == name),
+        "the foreign domain is not farm's"
+    );
+    assert!(virsh(&["undefine", &name]).status.success());
+
+    // farm's domain: defined, started, answering ssh with its pinned host key.
+    lv.define(&name, &xml, &meta).unwrap();
+    lv.start(&name, &meta).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ssh = Ssh::wait_for(&prepared.config, "guest", deadline, || {
+        match lv.is_active(&name, &meta) {
+            Ok(Some(true)) => Ok(()),
+            other => Err(format!("the domain is not running: {other:?}")),
+        }
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the libvirt domain did not answer ssh: {e}\nserial console:\n{}",
+            farm::sys::hostinfo::tail(&prepared.vm.serial_log, 40)
+        )
+    });
+    let out = ssh.run("hostname", None).unwrap();
+    assert_eq!(out.text().trim(), "test-guest");
+    drop(ssh);
+
+    // virsh lists it with farm's metadata; farm finds it, and only by that.
+    let list = String::from_utf8_lossy(&virsh(&["list", "--name"]).stdout).into_owned();
+    assert!(list.lines().any(|l| l.trim() == name), "{list}");
+    let dumped = String::from_utf8_lossy(&virsh(&["dumpxml", &name]).stdout).into_owned();
+    assert!(dumped.contains(METADATA_NS), "{dumped}");
+    let ours = lv.farm_domains().unwrap();
+    let found = ours.iter().find(|d| d.name == name).expect("farm's domain");
+    assert_eq!(found.meta, meta);
+    assert!(found.active);
+    let console = fs_err::read_to_string(&prepared.vm.serial_log).unwrap();
+    assert!(console.contains("farm-seed:"), "{console}");
+
+    // Down: ACPI and `poweroff` over ssh (busybox init has no ACPI daemon), then undefined.
+    let config = prepared.config.clone();
+    let poweroff = move || farm::run::apply::ssh_poweroff(&config, "guest");
+    let stopped = lv
+        .stop(&name, &meta, Duration::from_secs(60), Some(&poweroff))
+        .unwrap();
+    assert!(matches!(stopped, DomainStopped::ShutDown(_)), "{stopped:?}");
+    assert_eq!(lv.is_active(&name, &meta).unwrap(), Some(false));
+    lv.undefine(&name, &meta).unwrap();
+    assert_eq!(lv.is_active(&name, &meta).unwrap(), None);
+    assert!(!virsh(&["dominfo", &name]).status.success());
+}
