@@ -211,6 +211,27 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Its master dies between commands (ssh's keepalive gave up on a stalled guest, say):
+    // the next command connects again instead of failing.
+    let masters: Vec<u32> = ssh_processes(&config.display().to_string())
+        .into_iter()
+        .filter(|(_, args)| {
+            args.iter().any(|a| a == "-M")
+                && args
+                    .iter()
+                    .rev()
+                    .find(|a| !a.is_empty())
+                    .is_some_and(|a| a == "lab")
+        })
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(!masters.is_empty(), "no ssh master for lab");
+    for pid in masters {
+        Command::new("kill").arg(pid.to_string()).status().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab.run("echo back").unwrap();
+    assert_eq!(out.text().trim(), "back");
     drop(lab);
     let restart = p.ok(&["up"]);
     let log = stderr(&restart);

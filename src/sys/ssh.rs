@@ -119,7 +119,15 @@ impl Ssh {
             .args(["-o", "StrictHostKeyChecking=yes"])
             .arg("-o")
             .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
-            .args(["-o", "ServerAliveInterval=15", "--", alias])
+            // Two minutes of silence before giving up: a guest under (nested) TCG on a
+            // busy machine can stall for most of one.
+            .args([
+                "-o",
+                "ServerAliveInterval=15",
+                "-o",
+                "ServerAliveCountMax=8",
+            ])
+            .args(["--", alias])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

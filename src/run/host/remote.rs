@@ -6,7 +6,7 @@
 //! which costs nothing that matters (each is a short shell script) and keeps the session's
 //! single-threaded runtime simple.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,6 +16,10 @@ use crate::sys::ssh::{Ssh, SshError, shell_quote};
 pub struct RemoteHost {
     name: String,
     ssh: Mutex<Ssh>,
+    /// How to connect again when the master is found dead between commands.
+    config: PathBuf,
+    alias: String,
+    timeout: Duration,
 }
 
 /// Exit status `get` uses for "no such file", told apart from a failing `cat`.
@@ -32,7 +36,22 @@ impl RemoteHost {
         Ok(RemoteHost {
             name: name.to_string(),
             ssh: Mutex::new(Ssh::connect(ssh_config, alias, timeout)?),
+            config: ssh_config.to_path_buf(),
+            alias: alias.to_string(),
+            timeout,
         })
+    }
+
+    /// The session, connected again first if its master has died since the last command
+    /// (a guest under TCG can stall long enough for ssh's keepalive to give up on it).
+    /// A command that was running when the master died is not repeated: it fails.
+    fn live_session(&self) -> Result<std::sync::MutexGuard<'_, Ssh>, HostError> {
+        let mut session = self.session();
+        if !session.is_alive() {
+            *session = Ssh::connect(&self.config, &self.alias, self.timeout)
+                .map_err(|e| self.spawn_error(e))?;
+        }
+        Ok(session)
     }
 
     /// Whether its ssh connection still stands (it drops when the host reboots).
@@ -79,7 +98,7 @@ impl Host for RemoteHost {
     }
 
     fn run(&self, script: &str) -> Result<Output, HostError> {
-        self.session()
+        self.live_session()?
             .run(script, None)
             .map_err(|e| self.spawn_error(e))
     }
@@ -92,7 +111,7 @@ impl Host for RemoteHost {
             "mkdir -p \"$(dirname {target})\" && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {target}"
         );
         let out = self
-            .session()
+            .live_session()?
             .run(&script, Some(bytes))
             .map_err(|e| self.spawn_error(e))?;
         if !out.success() {
@@ -104,7 +123,7 @@ impl Host for RemoteHost {
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {
         let p = shell_quote(&path.display().to_string());
         let out = self
-            .session()
+            .live_session()?
             .run(&format!("[ -e {p} ] || exit {ABSENT}; cat {p}"), None)
             .map_err(|e| self.spawn_error(e))?;
         match out.status {
@@ -120,7 +139,7 @@ impl Host for RemoteHost {
         input: &mut dyn std::io::Read,
         on_chunk: &mut dyn FnMut(&[u8]),
     ) -> Result<Output, HostError> {
-        self.session()
+        self.live_session()?
             .run_streamed(script, input, on_chunk)
             .map_err(|e| self.spawn_error(e))
     }
@@ -129,7 +148,7 @@ impl Host for RemoteHost {
     /// `socat` there when the server refuses to forward (dropbear).
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
         let forwarded = self
-            .session()
+            .live_session()?
             .with_forwarded_socket(socket, |local| crate::sys::qmp::execute(local, command));
         match forwarded {
             // Best effort by design, as on this machine: the caller checks the process.
