@@ -171,6 +171,7 @@ pub(super) fn boot(
     );
     seed.authorized_keys = vec![client_key.public.clone()];
     seed.host_key = Some((host_key.private.clone(), host_key.public.clone()));
+    seed.init_modules_only = true;
     seed.nics = vec![SeedNic {
         mac: mac_for(&format!("build-{}", build.name), 0),
         address: None,

@@ -41,6 +41,11 @@ pub struct SeedSpec {
     /// before the VM ever boots and never has to trust on first use.
     pub host_key: Option<(String, String)>,
     pub nics: Vec<SeedNic>,
+    /// A build VM's seed: cloud-init runs its init modules only (network, users, keys,
+    /// growpart). The image's config and final modules (locale, apt sources, grub-dpkg,
+    /// keys to the console, …) run at each instance's first boot, where they belong; in a
+    /// build VM under TCG they cost ~10 s of every cold build for nothing.
+    pub init_modules_only: bool,
 }
 
 /// How one NIC, recognised by its MAC address, gets its address.
@@ -63,6 +68,7 @@ impl SeedSpec {
             authorized_keys: Vec::new(),
             host_key: None,
             nics: Vec::new(),
+            init_modules_only: false,
         }
     }
 
@@ -266,6 +272,11 @@ fn render_user_data(spec: &SeedSpec) -> String {
         // there, so nothing is generated. (`[]` fails cloud-init's schema: minItems 1.)
         out.push_str("ssh_genkeytypes: [ed25519]\n");
     }
+    if spec.init_modules_only {
+        // One cheap module each (an empty list is not a list cloud-init runs happily).
+        out.push_str("cloud_config_modules: [runcmd]\n");
+        out.push_str("cloud_final_modules: [scripts-user]\n");
+    }
     // No `runcmd`: cloud-init's schema rejects an empty list, and farm runs no commands here.
     out
 }
@@ -388,6 +399,19 @@ mod tests {
             .find(|(p, _)| p == path)
             .unwrap_or_else(|| panic!("no {path}"));
         String::from_utf8(content.clone()).unwrap()
+    }
+
+    #[test]
+    fn a_build_vms_seed_runs_only_cloud_inits_init_modules() {
+        let user_data = |spec: &SeedSpec| file(&render_files(spec), "user-data");
+        let mut build = spec();
+        assert!(!user_data(&build).contains("cloud_config_modules"));
+        build.init_modules_only = true;
+        let text = user_data(&build);
+        assert!(
+            text.contains("cloud_config_modules: [runcmd]\ncloud_final_modules: [scripts-user]\n"),
+            "{text}"
+        );
     }
 
     #[test]
