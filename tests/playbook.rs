@@ -44,6 +44,18 @@ fn with_ansible(p: &Project, args: &[&str]) -> std::process::Output {
     p.farm(args).env("PATH", path).output().unwrap()
 }
 
+/// farm with a PATH that has no ansible-playbook: it must exit 1; its output.
+fn refused_without_ansible(p: &Project, args: &[&str]) -> String {
+    let out = p
+        .farm(args)
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    said
+}
+
 fn role(p: &Project, marker: &str) {
     p.write(
         "ansible/roles/stamp/tasks/main.yml",
@@ -77,13 +89,7 @@ fn a_platform_playbook_is_a_cached_step_and_its_roles_are_inputs() {
     role(&p, &nonce);
 
     // Without ansible-playbook: refused before a VM boots.
-    let none = p
-        .farm(&["build"])
-        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
-        .output()
-        .unwrap();
-    let said = text(&none);
-    assert_eq!(none.status.code(), Some(1), "{said}");
+    let said = refused_without_ansible(&p, &["build"]);
     assert!(
         said.contains("`ansible-playbook` is not installed"),
         "{said}"
@@ -161,13 +167,7 @@ fn a_vms_playbook_runs_once_again_when_changed_and_a_failure_names_the_vm() {
     };
 
     // Without ansible-playbook: refused before anything is built or started.
-    let none = p
-        .farm(&["up"])
-        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
-        .output()
-        .unwrap();
-    let said = text(&none);
-    assert_eq!(none.status.code(), Some(1), "{said}");
+    let said = refused_without_ansible(&p, &["up"]);
     assert!(
         said.contains(
             "VM `solo` names the playbook `vm.yml`, but `ansible-playbook` is not installed"
