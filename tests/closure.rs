@@ -45,6 +45,13 @@ impl Host for FlakyHost {
     fn ssh_answers(&self, address: std::net::SocketAddr, timeout: std::time::Duration) -> bool {
         self.inner.ssh_answers(address, timeout)
     }
+    fn with_socket(
+        &self,
+        remote: &Path,
+        use_socket: &mut dyn FnMut(&Path),
+    ) -> Result<(), HostError> {
+        self.inner.with_socket(remote, use_socket)
+    }
     fn run_with_input(
         &self,
         script: &str,

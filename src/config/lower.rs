@@ -9,6 +9,7 @@ use toml::Spanned;
 use super::raw::{
     RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawPlatform, RawSize, RawVm,
 };
+use crate::model::backend::{self, Backend};
 use crate::model::config::{
     Attachment, Config, DebianSpec, Deploy, DuplicateDefinition, FileId, Forward, Host, Image,
     ImageSource, KeyGrant, Located, Network, NetworkKind, Nic, Origin, Platform, Resources, Steps,
@@ -185,7 +186,7 @@ pub fn merge_file(
     }
     for (name, host) in raw.hosts {
         if check_name(&name, cx, "host", problems) {
-            let host = lower_host(cx.located(&name), host, cx);
+            let host = lower_host(cx.located(&name), host, cx, problems);
             insert(config, |c| &mut c.hosts, "host", host);
         }
     }
@@ -510,8 +511,46 @@ fn lower_attach(
         .collect()
 }
 
-fn lower_host(name: Located<String>, raw: RawHost, cx: &FileContext) -> Host {
+/// `backend` and `libvirt_uri` of a host or hypervisor VM, each checked at its span; the
+/// backend is located at `backend` (where a later refusal points).
+fn lower_backend(
+    kind: &Option<Spanned<String>>,
+    uri: &Option<Spanned<String>>,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) -> Option<Located<Backend>> {
+    let uri_ok = uri
+        .as_ref()
+        .map(|u| cx.checked(u, |u: &String| backend::parse_uri(u), problems));
+    let kind = kind.as_ref()?;
+    cx.checked(kind, |k: &String| backend::parse_kind(k), problems)?;
+    if let Some(u) = uri.as_ref().filter(|_| kind.get_ref() != "libvirt") {
+        problems.push(cx.refused(
+            u,
+            Refusal {
+                message: "`libvirt_uri` is set but `backend` is not \"libvirt\"".into(),
+                hint: "add `backend = \"libvirt\"`, or remove `libvirt_uri`".into(),
+            },
+        ));
+    }
+    let uri = uri
+        .as_ref()
+        .filter(|_| uri_ok.flatten().is_some())
+        .map(|u| u.get_ref().as_str());
+    Some(Located::new(
+        backend::from_parts(kind.get_ref(), uri),
+        cx.origin(kind),
+    ))
+}
+
+fn lower_host(
+    name: Located<String>,
+    raw: RawHost,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) -> Host {
     Host {
+        backend: lower_backend(&raw.backend, &raw.libvirt_uri, cx, problems),
         name,
         address: raw.address.as_ref().map(|a| cx.located(a)),
         identity_file: raw.identity_file.as_ref().map(|s| cx.located(s)),
@@ -586,5 +625,6 @@ fn lower_vm(
         deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
         resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),
         playbook: raw.playbook.as_ref().map(|p| cx.path(p)),
+        backend: lower_backend(&raw.backend, &raw.libvirt_uri, cx, problems),
     }
 }

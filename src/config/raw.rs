@@ -185,6 +185,9 @@ pub struct RawHost {
     pub deploy: Option<RawDeploy>,
     #[serde(default)]
     pub attach: BTreeMap<Spanned<String>, Spanned<IpCidr>>,
+    /// How the VMs on this host run: `qemu` (default) or `libvirt`.
+    pub backend: Option<Spanned<String>>,
+    pub libvirt_uri: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +220,9 @@ pub struct RawVm {
     pub disk_size: Option<Spanned<RawSize>>,
     /// An Ansible playbook `farm up` applies to the VM once, after its first boot.
     pub playbook: Option<Spanned<String>>,
+    /// How the VMs this VM deploys run on it: `qemu` (default) or `libvirt`.
+    pub backend: Option<Spanned<String>>,
+    pub libvirt_uri: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
 
+use super::backend::Backend;
 use super::hash::ExpectedHash;
 use super::values::{Accel, Arch, ByteSize, DiskFormat, Firmware, IpCidr, MacAddr, SshAddress};
 
@@ -257,6 +258,8 @@ pub struct Host {
     pub root: Option<Located<String>>,
     pub deploy: Option<Deploy>,
     pub attach: Vec<Attachment>,
+    /// How the VMs on this host run (`backend`, `libvirt_uri`).
+    pub backend: Option<Located<Backend>>,
 }
 
 /// The seed's permutations: every platform × every target becomes a VM `<platform>_<target>`.
@@ -291,6 +294,8 @@ pub struct VmDecl {
     /// An Ansible playbook `farm up` applies once after the VM's first boot (again after it
     /// is replaced, or when the playbook changes).
     pub playbook: Option<Located<PathBuf>>,
+    /// How the VMs this VM deploys run on it (`backend`, `libvirt_uri`).
+    pub backend: Option<Located<Backend>>,
 }
 
 /// A TCP port forwarded from the hypervisor's 127.0.0.1 to the guest.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::backend::Backend;
 use super::hash::{ContentHash, DrvHash};
 use super::qemu::{
     DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, ProcessTag, QemuVm,
@@ -117,6 +118,9 @@ pub struct InstanceSpec {
     pub authorized_keys: Vec<String>,
     pub paths: InstancePaths,
     pub tag: ProcessTag,
+    /// How its site runs it; absent in records from before backends (qemu).
+    #[serde(default, skip_serializing_if = "Backend::is_qemu")]
+    pub backend: Backend,
 }
 
 impl InstanceSpec {
@@ -353,6 +357,7 @@ pub(crate) mod tests {
             authorized_keys: vec!["ssh-ed25519 AAAA farm".into()],
             paths: InstancePaths::new(Path::new("/p/.farm"), "web"),
             tag: ProcessTag::vm("/p/.farm", "web"),
+            backend: Backend::Qemu,
         }
     }
 

@@ -9,6 +9,7 @@
 //!
 //! Pure: text in, text out; `sys::libvirt` talks to libvirtd.
 
+use super::instance::InstanceSpec;
 use super::qemu::{QemuVm, ResolvedAccel};
 use super::values::Arch;
 
@@ -27,6 +28,50 @@ pub struct DomainMeta {
 }
 
 impl DomainMeta {
+    /// The metadata of `spec`'s domain: its project tag, name, and the blake3 of the spec
+    /// (a different hash means it was defined from another spec).
+    pub fn for_spec(spec: &InstanceSpec) -> DomainMeta {
+        let json = serde_json::to_vec(spec).unwrap_or_default();
+        DomainMeta {
+            project: spec.tag.project.clone(),
+            vm: spec.name.clone(),
+            spec: format!("blake3-{}", blake3::hash(&json).to_hex()),
+        }
+    }
+
+    /// What finds an existing domain of `vm` in `project` (the spec is not compared).
+    pub fn owner(project: &str, vm: &str) -> DomainMeta {
+        DomainMeta {
+            project: project.to_string(),
+            vm: vm.to_string(),
+            spec: String::new(),
+        }
+    }
+
+    /// The domain's UUID: the same for a VM of a project every time it is defined, so a
+    /// changed spec redefines the domain instead of clashing with it (libvirt would give a
+    /// domain without one a new UUID, and refuses a second domain of the same name).
+    pub fn uuid(&self) -> String {
+        let mut hasher = blake3::Hasher::new_derive_key("farm 2026 libvirt domain uuid");
+        hasher.update(self.project.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(self.vm.as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        // RFC 9562 version 8 (custom), variant 10.
+        b[6] = (b[6] & 0x0f) | 0x80;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
+
     /// The metadata element's content, as `virDomainSetMetadata` and the domain XML take it.
     pub fn element(&self) -> String {
         format!(
@@ -77,6 +122,7 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
         "<domain type='{domain_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\n"
     ));
     x.push_str(&format!("  <name>{}</name>\n", escape(&vm.name)));
+    x.push_str(&format!("  <uuid>{}</uuid>\n", meta.uuid()));
     x.push_str(&format!(
         "  <metadata>\n    {}\n  </metadata>\n",
         meta.element()
@@ -163,11 +209,18 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
             "  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>\n",
         );
     }
-    let args = nic_args(vm, &machine);
-    if !args.is_empty() {
+    let args = passthrough_args(vm, &machine);
+    let env: Vec<(&str, String)> = vm.tag.iter().flat_map(|t| t.env()).collect();
+    if !args.is_empty() || !env.is_empty() {
         x.push_str("  <qemu:commandline>\n");
         for arg in args {
             x.push_str(&format!("    <qemu:arg value='{}'/>\n", escape(&arg)));
+        }
+        for (name, value) in env {
+            x.push_str(&format!(
+                "    <qemu:env name='{name}' value='{}'/>\n",
+                escape(&value)
+            ));
         }
         x.push_str("  </qemu:commandline>\n");
     }
@@ -175,15 +228,25 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
     x
 }
 
-/// `-netdev`/`-device` pairs for the NICs, on the root bus at slots libvirt leaves free
-/// (0x10 onwards).
-fn nic_args(vm: &QemuVm, machine: &str) -> Vec<String> {
+/// What libvirt's XML does not say and farm needs as on its own backend: `-name` with
+/// farm's process name (QEMU merges it with libvirt's `-name guest=…`, and `status` tells a
+/// VM's qemu by it), farm's own QMP socket (a second monitor beside libvirt's), and the
+/// NICs: `-netdev`/`-device` pairs on the root bus at slots libvirt leaves free (0x10 on).
+fn passthrough_args(vm: &QemuVm, machine: &str) -> Vec<String> {
     let bus = if machine.starts_with("pc") && !machine.contains("q35") {
         "pci.0"
     } else {
         "pcie.0"
     };
     let mut args = Vec::new();
+    if vm.tag.is_some() {
+        args.push("-name".to_string());
+        args.push(format!("{},process=farm-{}", vm.name, vm.name));
+    }
+    if let Some(qmp) = &vm.qmp_socket {
+        args.push("-qmp".to_string());
+        args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
     for (i, nic) in vm.nics.iter().enumerate() {
         let id = format!("farmnet{i}");
         args.push("-netdev".to_string());
@@ -313,6 +376,23 @@ mod tests {
             assert!(xml.contains(part), "missing {part:?} in\n{xml}");
         }
         assert!(!domain_xml(&vm(), &meta(), false).contains("seclabel"));
+        assert!(!xml.contains("qemu:env"), "untagged: no environment");
+    }
+
+    #[test]
+    fn a_tagged_vm_carries_farms_process_tag_name_and_qmp_socket() {
+        let mut vm = vm();
+        vm.tag = Some(crate::model::qemu::ProcessTag::vm("/lab/.farm", "web"));
+        vm.qmp_socket = Some("/lab/.farm/vms/web/qmp.sock".into());
+        let xml = domain_xml(&vm, &meta(), true);
+        for part in [
+            "<qemu:env name='FARM_PROJECT' value='/lab/.farm'/>",
+            "<qemu:env name='FARM_PROCESS' value='vm:web'/>",
+            "<qemu:arg value='-name'/>\n    <qemu:arg value='web,process=farm-web'/>",
+            "<qemu:arg value='unix:/lab/.farm/vms/web/qmp.sock,server=on,wait=off'/>",
+        ] {
+            assert!(xml.contains(part), "missing {part:?} in\n{xml}");
+        }
     }
 
     #[test]
@@ -340,6 +420,20 @@ mod tests {
             Some(("/q".into(), "b".into(), "t".into()))
         );
         assert_eq!(DomainMeta::parse("<mine:x xmlns:mine='urn:other'/>"), None);
+    }
+
+    #[test]
+    fn a_vm_keeps_its_uuid_across_specs_and_projects_differ() {
+        let uuid = meta().uuid();
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(&uuid[14..15], "8", "{uuid}");
+        let respecced = DomainMeta {
+            spec: "blake3-other".into(),
+            ..meta()
+        };
+        assert_eq!(respecced.uuid(), uuid);
+        assert_ne!(DomainMeta::owner("/other/.farm", "web").uuid(), uuid);
+        assert!(domain_xml(&vm(), &meta(), true).contains(&format!("<uuid>{uuid}</uuid>")));
     }
 
     #[test]

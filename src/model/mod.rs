@@ -1,6 +1,7 @@
 //! The pure model: configuration types, derivations and their hashes, topology, plans.
 //! Nothing in here performs I/O.
 
+pub mod backend;
 pub mod build_steps;
 pub mod cache_record;
 pub mod config;

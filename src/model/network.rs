@@ -309,6 +309,7 @@ mod tests {
             attach: Vec::new(),
             resources: Default::default(),
             is_hypervisor: false,
+            guest_backend: Default::default(),
             playbook: None,
             origin: Origin::default(),
         }
@@ -340,6 +341,7 @@ mod tests {
                 name: "local".into(),
                 remote: None,
                 attach: vec![("sw".into(), "10.1.0.254/24".parse().unwrap())],
+                backend: Default::default(),
             },
         );
         for v in [

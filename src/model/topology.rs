@@ -4,6 +4,7 @@
 //! (`deploy = { targets, platforms }`) into VMs named `<platform>_<target>` and merges in
 //! the matching `[vms.NAME]` tables.
 
+use super::backend::Backend;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -49,6 +50,8 @@ pub struct VmNode {
     pub resources: Resources,
     /// Whether this VM runs VMs of its own.
     pub is_hypervisor: bool,
+    /// How the VMs it deploys run on it (only meaningful for a hypervisor VM).
+    pub guest_backend: Backend,
     /// The playbook `farm up` applies once after the VM's first boot.
     pub playbook: Option<std::path::PathBuf>,
     /// Where the VM was generated (a `deploy` entry) or declared (`[vms.NAME]`).
@@ -69,6 +72,8 @@ pub struct HostNode {
     /// How to reach the host when it is not this machine.
     pub remote: Option<RemoteHostSpec>,
     pub attach: Vec<(String, IpCidr)>,
+    /// How the VMs on it run.
+    pub backend: Backend,
 }
 
 /// A physical hypervisor farm reaches over ssh with the user's own credentials.
@@ -89,6 +94,15 @@ impl Topology {
             Placement::Host(name) => self.hosts.get(name).and_then(|h| h.remote.as_ref()),
             Placement::Vm(_) => None,
         }
+    }
+
+    /// How VMs placed on `placement` run: the host's or hypervisor VM's `backend`.
+    pub fn backend_on(&self, placement: &Placement) -> Backend {
+        match placement {
+            Placement::Host(name) => self.hosts.get(name).map(|h| h.backend.clone()),
+            Placement::Vm(name) => self.vms.get(name).map(|v| v.guest_backend.clone()),
+        }
+        .unwrap_or_default()
     }
 
     /// Whether VMs on `placement` are reached over ssh through it (a hypervisor VM or a

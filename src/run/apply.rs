@@ -149,6 +149,10 @@ impl Apply<'_> {
                 self.reporter
                     .status("stopped", format!("{} ({how})", step.name));
             }
+            if let Some(previous) = &step.previous {
+                let kept = (step.action == VmAction::Restart).then_some(&step.spec);
+                instance::retire_domain(host, previous, kept)?;
+            }
             if step.action == VmAction::Replace {
                 instance::remove(host, &step.spec.paths, &step.name)?;
                 self.state.remove_instance(&step.name)?;
@@ -164,14 +168,12 @@ impl Apply<'_> {
         spec: &InstanceSpec,
         previous: Option<&InstanceSpec>,
     ) -> Result<instance::Stopped, UpError> {
-        let paths = previous.map_or(&spec.paths, |p| &p.paths);
         let config = self.sites.ssh_config().to_path_buf();
         let name = spec.name.clone();
         let poweroff = move || ssh_poweroff(&config, &name);
-        Ok(instance::stop(
+        Ok(instance::stop_spec(
             host,
-            paths,
-            &spec.name,
+            previous.unwrap_or(spec),
             self.options.stop_timeout,
             Some(&poweroff),
         )?)

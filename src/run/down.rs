@@ -144,6 +144,16 @@ pub fn down(
             &placement,
             reporter,
         )?);
+        if !keep {
+            undefine_lost_domains(
+                host.as_ref(),
+                desired.topology.backend_on(&placement).libvirt_uri(),
+                &desired.project_tag(),
+                &wanted,
+                everything,
+                reporter,
+            )?;
+        }
         tear_down_networks(
             host.as_ref(),
             &desired,
@@ -178,22 +188,30 @@ impl Teardown<'_> {
             let paths = crate::model::instance::InstancePaths::new(site_state, name);
             let config = self.sites.ssh_config().to_path_buf();
             let poweroff = || ssh_poweroff(&config, name);
-            let how = instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?;
+            let record = host
+                .get(&paths.record())?
+                .and_then(|b| crate::model::instance::InstanceRecord::parse(&b).ok());
+            let how = match &record {
+                Some(record) => {
+                    instance::stop_spec(host, &record.spec, self.timeout, Some(&poweroff))?
+                }
+                None => instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?,
+            };
             if self.keep {
-                let record = host
-                    .get(&paths.record())?
-                    .and_then(|b| crate::model::instance::InstanceRecord::parse(&b).ok());
                 if let Some(mut record) = record {
                     record.kept = true;
                     instance::save(host, &record)?;
                 }
             } else {
+                if let Some(record) = &record {
+                    instance::retire_domain(host, &record.spec, None)?;
+                }
                 instance::remove(host, &paths, name)?;
                 self.state.remove_instance(name)?;
             }
             let kept = if self.keep { ", overlay kept" } else { "" };
             let verb = match how {
-                Stopped::Killed(_) | Stopped::Quit(_) => "killed",
+                Stopped::Killed(_) | Stopped::Quit(_) | Stopped::Destroyed(_) => "killed",
                 _ => "stopped",
             };
             self.reporter.status(verb, format!("{name} ({how}{kept})"));
@@ -232,6 +250,44 @@ fn stop_orphans(
         stopped.push(vm);
     }
     Ok(stopped)
+}
+
+/// farm's domains of this project on a libvirt site that no instance record accounts for
+/// (its state was removed, or the VM left farm.toml): destroyed and undefined, those of
+/// wanted VMs or, when everything goes down, all. Other domains are never looked at twice.
+fn undefine_lost_domains(
+    host: &dyn Host,
+    uri: Option<&str>,
+    project: &str,
+    wanted: &BTreeSet<String>,
+    everything: bool,
+    reporter: &Reporter,
+) -> Result<(), UpError> {
+    let Some(uri) = uri else {
+        return Ok(());
+    };
+    let lost = crate::run::domain::with_libvirt(host, uri, |lv| {
+        let mut lost = Vec::new();
+        for domain in lv.farm_domains()? {
+            if domain.meta.project != project || !(everything || wanted.contains(&domain.name)) {
+                continue;
+            }
+            lv.destroy(&domain.name, &domain.meta)?;
+            lv.undefine(&domain.name, &domain.meta)?;
+            lost.push(domain.name);
+        }
+        Ok(lost)
+    })?;
+    for name in lost {
+        reporter.status(
+            "undefined",
+            format!(
+                "{name} (a libvirt domain of this project on {} farm had no state for)",
+                host.name()
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// A site's network goes when none of its VMs runs any more (and, when everything goes

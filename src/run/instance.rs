@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::model::backend::Backend;
 use crate::model::instance::{InstancePaths, InstanceRecord, InstanceSpec};
+use crate::model::libvirt::DomainMeta;
 use crate::model::seed::seed_image_bytes;
 use crate::run::host::{Host, HostError, process_alive_test};
 use crate::sys::ssh::shell_quote;
@@ -23,13 +25,20 @@ pub enum InstanceError {
     },
     #[error(transparent)]
     Seed(#[from] crate::model::seed::SeedError),
+    #[error(transparent)]
+    Libvirt(#[from] crate::sys::libvirt::LibvirtError),
 }
 
 fn q(path: &Path) -> String {
     shell_quote(&path.display().to_string())
 }
 
-fn check(host: &dyn Host, vm: &str, what: &str, script: &str) -> Result<String, InstanceError> {
+pub(crate) fn check(
+    host: &dyn Host,
+    vm: &str,
+    what: &str,
+    script: &str,
+) -> Result<String, InstanceError> {
     let out = host.run(script)?;
     if !out.success() {
         return Err(InstanceError::Command {
@@ -143,8 +152,16 @@ pub fn save(host: &dyn Host, record: &InstanceRecord) -> Result<(), InstanceErro
     Ok(())
 }
 
-/// Starts qemu detached with farm's process tag in its environment; it outlives farm.
+/// Starts the instance on its backend: qemu detached with farm's process tag in its
+/// environment (it outlives farm), or its libvirt domain.
 pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
+    match &spec.backend {
+        Backend::Qemu => start_qemu(host, spec),
+        Backend::Libvirt { uri } => crate::run::domain::start(host, spec, uri),
+    }
+}
+
+fn start_qemu(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
     let vm = spec.qemu();
     let paths = &spec.paths;
     let env: Vec<String> = vm
@@ -199,6 +216,8 @@ pub enum Stopped {
     Quit(Duration),
     /// Not even qemu answered: killed.
     Killed(Duration),
+    /// The guest did not power off in time; libvirt destroyed the domain.
+    Destroyed(Duration),
 }
 
 impl std::fmt::Display for Stopped {
@@ -216,8 +235,49 @@ impl std::fmt::Display for Stopped {
                 "did not power off within {:.0} s and qemu did not quit; killed",
                 d.as_secs_f64()
             ),
+            Stopped::Destroyed(d) => write!(
+                f,
+                "did not power off within {:.0} s; libvirt destroyed the domain (unsynced guest writes are lost)",
+                d.as_secs_f64()
+            ),
         }
     }
+}
+
+/// Stops the instance `spec` describes (its last record's) on its backend.
+pub fn stop_spec(
+    host: &dyn Host,
+    spec: &InstanceSpec,
+    timeout: Duration,
+    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
+) -> Result<Stopped, InstanceError> {
+    match &spec.backend {
+        Backend::Qemu => stop(host, &spec.paths, &spec.name, timeout, ssh_poweroff),
+        Backend::Libvirt { uri } => crate::run::domain::stop(
+            host,
+            &spec.paths,
+            &DomainMeta::owner(&spec.tag.project, &spec.name),
+            uri,
+            timeout,
+            ssh_poweroff,
+        ),
+    }
+}
+
+/// Removes the libvirt domain `old` was defined as, when `new` (if any) is not a libvirt
+/// domain of the same daemon: the instance is replaced, removed, or moves to qemu.
+pub fn retire_domain(
+    host: &dyn Host,
+    old: &InstanceSpec,
+    new: Option<&InstanceSpec>,
+) -> Result<(), InstanceError> {
+    let Backend::Libvirt { uri } = &old.backend else {
+        return Ok(());
+    };
+    if new.is_some_and(|n| n.backend == old.backend) {
+        return Ok(());
+    }
+    crate::run::domain::undefine(host, &DomainMeta::owner(&old.tag.project, &old.name), uri)
 }
 
 /// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when given:

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod closure;
+pub mod domain;
 pub mod down;
 pub mod host;
 pub mod instance;

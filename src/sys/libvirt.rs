@@ -58,6 +58,9 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn connect(uri: &str) -> Result<Libvirt, LibvirtError> {
+        // libvirt's default handler prints every error (a lookup of a name that is free
+        // too); farm reports the ones that matter itself.
+        virt::error::clear_error_callback();
         Connect::open(Some(uri))
             .map(|conn| Libvirt {
                 conn,
@@ -159,6 +162,26 @@ impl Libvirt {
         match self.owned(name, meta)? {
             Some(d) => self.call("inspect", name, d.is_active()).map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// Asks the guest to power off (ACPI); `false` when the domain does not run.
+    pub fn shutdown(&self, name: &str, meta: &DomainMeta) -> Result<bool, LibvirtError> {
+        match self.owned(name, meta)? {
+            Some(d) if d.is_active().unwrap_or(false) => {
+                // A guest still booting may refuse: the caller asks again.
+                let _ = d.shutdown();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Stops the domain at once (qemu killed, as pulling the plug).
+    pub fn destroy(&self, name: &str, meta: &DomainMeta) -> Result<(), LibvirtError> {
+        match self.owned(name, meta)? {
+            Some(d) if d.is_active().unwrap_or(false) => self.call("destroy", name, d.destroy()),
+            _ => Ok(()),
         }
     }
 

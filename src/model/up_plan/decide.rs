@@ -137,6 +137,7 @@ fn differences(old: &InstanceSpec, new: &InstanceSpec) -> Vec<String> {
         }
     };
     let mib = |m: u64| ByteSize(m << 20).to_string();
+    differ("backend", old.backend.to_string(), new.backend.to_string());
     differ("hostname", old.hostname.clone(), new.hostname.clone());
     differ("memory", mib(old.hw.memory_mib), mib(new.hw.memory_mib));
     differ("cpus", old.hw.cpus.to_string(), new.hw.cpus.to_string());

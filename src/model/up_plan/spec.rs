@@ -90,5 +90,6 @@ pub(super) fn resolve(
         authorized_keys: desired.farm_key.iter().cloned().collect(),
         paths: InstancePaths::new(&layout.state_dir, &vm.name),
         tag: ProcessTag::vm(&desired.project_tag(), &vm.name),
+        backend: desired.topology.backend_on(&vm.placement),
     }
 }

@@ -264,6 +264,32 @@ pub(super) fn check_network_sites(
     }
 }
 
+/// `backend` on a VM says how the VMs it deploys run; on a VM that deploys none it would
+/// be read as the VM's own backend, which its host's or hypervisor's `backend` decides.
+pub(super) fn check_backends(config: &Config, topology: &Topology, problems: &mut Vec<Diagnostic>) {
+    for decl in config.vms.values() {
+        let (Some(vm), Some(backend)) = (topology.vms.get(&decl.name.value), &decl.backend) else {
+            continue;
+        };
+        if !vm.is_hypervisor {
+            let site = vm.placement.name();
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` sets `backend` but runs no VMs: `backend` says how the VMs on a host or hypervisor VM run",
+                        vm.name
+                    ),
+                    backend.at.clone(),
+                )
+                .hint(format!(
+                    "to run `{}` itself under {}, set `backend` on `{site}`, where it runs",
+                    vm.name, backend.value
+                )),
+            );
+        }
+    }
+}
+
 /// A platform whose base image is for one architecture cannot run on a target of another.
 pub(super) fn check_arch(config: &Config, topology: &Topology, problems: &mut Vec<Diagnostic>) {
     let mut reported = BTreeSet::new();

@@ -1,6 +1,7 @@
 //! The seed's permutations expanded: every `deploy` and `[vms]` table becomes a placed VM,
 //! at any depth (a fixpoint over deploys, so VMs can deploy VMs).
 
+use crate::model::backend::Backend;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -30,6 +31,7 @@ pub(super) fn expand_topology(config: &Config, problems: &mut Vec<Diagnostic>) -
                 name: LOCAL_HOST.to_string(),
                 remote: None,
                 attach: Vec::new(),
+                backend: Backend::default(),
             },
         );
     }
@@ -48,6 +50,11 @@ pub(super) fn expand_topology(config: &Config, problems: &mut Vec<Diagnostic>) -
                         .map_or_else(|| PathBuf::from(REMOTE_ROOT), |r| PathBuf::from(&r.value)),
                 }),
                 attach: attachments(&host.attach),
+                backend: host
+                    .backend
+                    .as_ref()
+                    .map(|b| b.value.clone())
+                    .unwrap_or_default(),
             },
         );
     }
@@ -506,6 +513,9 @@ fn build_node(config: &Config, pending: Pending, decl: Option<&VmDecl>) -> VmNod
         attach: decl.map(|d| attachments(&d.attach)).unwrap_or_default(),
         resources,
         is_hypervisor: false,
+        guest_backend: decl
+            .and_then(|d| d.backend.as_ref().map(|b| b.value.clone()))
+            .unwrap_or_default(),
         playbook: decl.and_then(|d| d.playbook.as_ref().map(|p| p.value.clone())),
         name: pending.name,
         platform: pending.platform,

@@ -28,6 +28,7 @@ pub fn validate(config: &Config) -> Result<Topology, Vec<Diagnostic>> {
     check_addresses(config, &topology, &mut problems);
     check_network_sites(config, &topology, &mut problems);
     check_arch(config, &topology, &mut problems);
+    check_backends(config, &topology, &mut problems);
     check_remote_hosts(config, &topology, &mut problems);
     if problems.is_empty() {
         Ok(topology)

@@ -62,6 +62,18 @@ pub trait Host: Send + Sync {
     }
     /// Whether an ssh server answers at `address` as seen from the host (its banner).
     fn ssh_answers(&self, address: SocketAddr, timeout: Duration) -> bool;
+    /// Whether this is the machine farm runs on (its sockets are reached directly).
+    fn is_local(&self) -> bool {
+        false
+    }
+    /// Runs `use_socket` with a path on this machine that reaches the Unix socket `remote`
+    /// on the host (itself on this machine; forwarded by the ssh connection elsewhere), so
+    /// a client library here talks to a daemon there (libvirtd).
+    fn with_socket(
+        &self,
+        remote: &Path,
+        use_socket: &mut dyn FnMut(&Path),
+    ) -> Result<(), HostError>;
 }
 
 /// Everything a child's output pipe still has.
@@ -150,6 +162,19 @@ impl Host for LocalHost {
 
     fn ssh_answers(&self, address: SocketAddr, timeout: Duration) -> bool {
         crate::sys::ssh::tcp_banner(address, timeout)
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    fn with_socket(
+        &self,
+        remote: &Path,
+        use_socket: &mut dyn FnMut(&Path),
+    ) -> Result<(), HostError> {
+        use_socket(remote);
+        Ok(())
     }
 
     fn run_with_input(

@@ -157,6 +157,17 @@ impl Host for RemoteHost {
         }
     }
 
+    /// Through the session's master: the session is held while `use_socket` runs.
+    fn with_socket(
+        &self,
+        remote: &Path,
+        use_socket: &mut dyn FnMut(&Path),
+    ) -> Result<(), HostError> {
+        self.live_session()?
+            .with_forwarded_socket(remote, |local| use_socket(local))
+            .map_err(|e| self.spawn_error(e))
+    }
+
     /// Through the session's master, without holding the session: banners of several VMs
     /// are awaited at once.
     fn ssh_answers(&self, address: std::net::SocketAddr, timeout: Duration) -> bool {
