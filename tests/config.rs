@@ -1230,3 +1230,72 @@ fn the_seed_lab_as_an_ansible_inventory() {
     assert!(ini.contains("debian_vs_amd64 farm_addresses="), "{ini}");
     assert!(ini.contains(" farm_level=1 "), "{ini}");
 }
+
+#[test]
+fn backends_are_read_per_host_and_hypervisor_vm() {
+    use farm::model::backend::Backend;
+    use farm::model::topology::Placement;
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[hosts.L0]\nbackend = \"libvirt\"\n\
+         [vms.hv]\nplatform = \"p\"\nhost = \"L0\"\nbackend = \"libvirt\"\nlibvirt_uri = \"qemu:///session\"\n\
+         [vms.inner]\nplatform = \"p\"\nhost = \"hv\"\n"
+    );
+    let topology = parse(&text).unwrap();
+    assert_eq!(
+        topology.backend_on(&Placement::Host("L0".into())),
+        Backend::Libvirt {
+            uri: "qemu:///system".into()
+        }
+    );
+    assert_eq!(
+        topology.backend_on(&Placement::Vm("hv".into())),
+        Backend::Libvirt {
+            uri: "qemu:///session".into()
+        }
+    );
+    let plain = format!("{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[vms.a]\nplatform = \"p\"\n");
+    let topology = parse(&plain).unwrap();
+    assert_eq!(
+        topology.backend_on(&topology.vms["a"].placement),
+        Backend::Qemu
+    );
+}
+
+#[test]
+fn an_unknown_backend_or_uri_is_rejected_with_its_line() {
+    let text = format!("{IMAGE}\n[hosts.L0]\nbackend = \"xen\"\n");
+    let rendered = assert_error(&text, "Unknown backend `xen`", 10);
+    assert!(rendered.contains("hint: use \"qemu\""), "{rendered}");
+    let text = format!(
+        "{IMAGE}\n[hosts.L0]\nbackend = \"libvirt\"\nlibvirt_uri = \"qemu+ssh://root@far/system\"\n"
+    );
+    let rendered = assert_error(
+        &text,
+        "Unsupported libvirt_uri `qemu+ssh://root@far/system`",
+        11,
+    );
+    assert!(
+        rendered.contains("declare it as a host with `address`"),
+        "{rendered}"
+    );
+    let text = format!("{IMAGE}\n[hosts.L0]\nlibvirt_uri = \"qemu:///session\"\n");
+    assert_error(
+        &text,
+        "`libvirt_uri` is set but `backend` is not \"libvirt\"",
+        10,
+    );
+}
+
+#[test]
+fn a_backend_on_a_vm_that_runs_no_vms_is_rejected() {
+    let text = format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[hosts.L0]\n[vms.a]\nplatform = \"p\"\nhost = \"L0\"\nbackend = \"libvirt\"\n"
+    );
+    let rendered = assert_error(&text, "VM `a` sets `backend` but runs no VMs", 15);
+    assert!(
+        rendered.contains(
+            "hint: to run `a` itself under libvirt (qemu:///system), set `backend` on `L0`"
+        ),
+        "{rendered}"
+    );
+}

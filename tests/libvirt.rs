@@ -3,7 +3,10 @@
 //! after it: farm's tiny image defined from farm's domain XML boots and answers ssh with its
 //! pinned host key, `virsh` shows farm's metadata, the console is in the file `farm logs`
 //! reads, a domain that is not farm's is never touched (its name is refused), and the
-//! domain shuts down and is undefined.
+//! domain shuts down and is undefined. Then the same through `farm up` with
+//! `backend = "libvirt"`: up, ssh, a no-op up, a changed `memory` applied, `virsh` showing the
+//! domain with farm's metadata, `farm logs`, and `down`, which leaves a domain defined by
+//! someone else alone.
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
@@ -32,25 +35,29 @@ fn virsh(args: &[&str]) -> std::process::Output {
         .expect("virsh (libvirt-clients; run ./scripts/setup.sh)")
 }
 
-/// libvirtd for the test: the running one, or one started here and stopped on drop.
-struct Libvirtd {
-    started: bool,
-}
+/// libvirtd for the tests: the running one, or one started here and stopped when the last
+/// test using it is done (tests of this file run in parallel).
+struct Libvirtd;
+
+/// (tests using libvirtd now, whether this process started it)
+static DAEMON: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
 
 impl Libvirtd {
     fn ensure() -> Libvirtd {
+        let mut daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+        daemon.0 += 1;
         if virsh(&["version"]).status.success() {
-            return Libvirtd { started: false };
+            return Libvirtd;
         }
         for dir in ["/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt"] {
             fs_err::create_dir_all(dir).unwrap();
         }
-        for daemon in ["virtlogd", "libvirtd"] {
-            let status = Command::new(daemon)
+        for program in ["virtlogd", "libvirtd"] {
+            let status = Command::new(program)
                 .arg("-d")
                 .status()
-                .unwrap_or_else(|e| panic!("cannot run {daemon} ({e}); run ./scripts/setup.sh"));
-            assert!(status.success(), "{daemon} -d failed");
+                .unwrap_or_else(|e| panic!("cannot run {program} ({e}); run ./scripts/setup.sh"));
+            assert!(status.success(), "{program} -d failed");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while !virsh(&["version"]).status.success() {
@@ -60,13 +67,16 @@ impl Libvirtd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        Libvirtd { started: true }
+        daemon.1 = true;
+        Libvirtd
     }
 }
 
 impl Drop for Libvirtd {
     fn drop(&mut self) {
-        if !self.started {
+        let mut daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
+        daemon.0 -= 1;
+        if daemon.0 > 0 || !daemon.1 {
             return;
         }
         for pidfile in ["/var/run/libvirtd.pid", "/var/run/virtlogd.pid"] {
@@ -74,6 +84,7 @@ impl Drop for Libvirtd {
                 let _ = Command::new("kill").arg(pid.trim()).status();
             }
         }
+        daemon.1 = false;
     }
 }
 
@@ -166,4 +177,104 @@ fn a_tiny_guest_runs_as_a_libvirt_domain_and_other_domains_are_left_alone() {
     lv.undefine(&name, &meta).unwrap();
     assert_eq!(lv.is_active(&name, &meta).unwrap(), None);
     assert!(!virsh(&["dominfo", &name]).status.success());
+}
+
+fn lab(vm: &str, memory: &str, port: u16) -> String {
+    format!(
+        "{TINY}[platforms.plain]\nfrom = \"tiny\"\n[hosts.L0]\nbackend = \"libvirt\"\n\
+         [vms.{vm}]\nplatform = \"plain\"\nhost = \"L0\"\nmemory = \"{memory}\"\nssh_port = {port}\n"
+    )
+}
+
+fn mem_total_kib(p: &Project, vm: &str) -> u64 {
+    let out = p.ok(&["ssh", vm, "--", "grep", "MemTotal", "/proc/meminfo"]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {}", project::text(&out)))
+}
+
+#[test]
+fn farm_up_converges_libvirt_domains_and_down_leaves_other_domains() {
+    if !vm_tests_possible("libvirt_lifecycle") {
+        return;
+    }
+    let _daemon = Libvirtd::ensure();
+    let vm = format!("lv-{}", std::process::id());
+    let foreign = format!("not-farms-{}", std::process::id());
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    let p = Project::with_store(&lab(&vm, "256M", port), &shared_store());
+
+    // A domain someone else defined on the same libvirtd.
+    let xml = p.path().join("foreign.xml");
+    fs_err::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>64</memory><os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+        ),
+    )
+    .unwrap();
+    assert!(
+        virsh(&["define", &xml.display().to_string()])
+            .status
+            .success()
+    );
+
+    let up = p.ok(&["up"]);
+    assert!(project::text(&up).contains(&vm), "{}", project::text(&up));
+    let out = p.ok(&["ssh", &vm, "--", "echo kept > /root/mark; sync; hostname"]);
+    assert!(!project::text(&out).trim().is_empty());
+    let before = mem_total_kib(&p, &vm);
+
+    // virsh sees farm's domain, with farm's metadata naming this project.
+    let list = project::text(&virsh(&["list", "--name"]));
+    assert!(list.lines().any(|l| l.trim() == vm), "{list}");
+    let dumped = project::text(&virsh(&["dumpxml", &vm]));
+    assert!(dumped.contains(METADATA_NS), "{dumped}");
+    let state = p.path().join(".farm").display().to_string();
+    assert!(
+        dumped.contains(&format!("<farm:project>{state}</farm:project>")),
+        "{dumped}"
+    );
+
+    // A second `up` changes nothing: the same qemu keeps running.
+    let pidfile = p.path().join(".farm/vms").join(&vm).join("qemu.pid");
+    let pid = fs_err::read_to_string(&pidfile).unwrap();
+    let again = project::text(&p.ok(&["up"]));
+    assert!(
+        !again.contains("starting") && !again.contains("restarting"),
+        "{again}"
+    );
+    assert_eq!(fs_err::read_to_string(&pidfile).unwrap(), pid);
+
+    // A changed `memory` restarts the domain with it, on the same disk.
+    fs_err::write(p.path().join("farm.toml"), lab(&vm, "384M", port)).unwrap();
+    let changed = project::text(&p.ok(&["up"]));
+    assert!(changed.contains("memory 256M → 384M"), "{changed}");
+    let after = mem_total_kib(&p, &vm);
+    assert!(
+        after > before + 100 * 1024,
+        "MemTotal {before} → {after} kB"
+    );
+    let mark = p.ok(&["ssh", &vm, "--", "cat", "/root/mark"]);
+    assert_eq!(String::from_utf8_lossy(&mark.stdout).trim(), "kept");
+    let dominfo = project::text(&virsh(&["dominfo", &vm]));
+    assert!(dominfo.contains("393216 KiB"), "{dominfo}");
+
+    // The console is where `farm logs` reads it.
+    let logs = project::text(&p.ok(&["logs", &vm]));
+    assert!(logs.contains("farm-seed:"), "{logs}");
+
+    // Down: farm's domain goes; the other stays defined.
+    p.ok(&["down"]);
+    assert!(
+        !virsh(&["dominfo", &vm]).status.success(),
+        "farm's domain is undefined"
+    );
+    assert!(
+        virsh(&["dominfo", &foreign]).status.success(),
+        "a domain that is not farm's survives `farm down`"
+    );
+    assert!(virsh(&["undefine", &foreign]).status.success());
 }

@@ -522,9 +522,10 @@ fn lower_backend(
     let uri_ok = uri
         .as_ref()
         .map(|u| cx.checked(u, |u: &String| backend::parse_uri(u), problems));
-    let kind = kind.as_ref()?;
-    cx.checked(kind, |k: &String| backend::parse_kind(k), problems)?;
-    if let Some(u) = uri.as_ref().filter(|_| kind.get_ref() != "libvirt") {
+    if let Some(u) = uri
+        .as_ref()
+        .filter(|_| kind.as_ref().is_none_or(|k| k.get_ref() != "libvirt"))
+    {
         problems.push(cx.refused(
             u,
             Refusal {
@@ -533,6 +534,8 @@ fn lower_backend(
             },
         ));
     }
+    let kind = kind.as_ref()?;
+    cx.checked(kind, |k: &String| backend::parse_kind(k), problems)?;
     let uri = uri
         .as_ref()
         .filter(|_| uri_ok.flatten().is_some())

@@ -169,6 +169,7 @@ pub fn stop(
     let mut asked = None::<Instant>;
     while started.elapsed() < timeout {
         if !is_running(host, paths, name)? {
+            settle(host, owner, uri)?;
             return Ok(Stopped::PoweredOff(started.elapsed()));
         }
         if asked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
@@ -182,6 +183,18 @@ pub fn stop(
     }
     with_libvirt(host, uri, |lv| lv.destroy(name, owner))?;
     Ok(Stopped::Destroyed(timeout))
+}
+
+/// Waits (briefly) for libvirtd to see that the domain's qemu has gone: it may still call
+/// it running for a moment, and would refuse to start it again.
+fn settle(host: &dyn Host, owner: &DomainMeta, uri: &str) -> Result<(), InstanceError> {
+    with_libvirt(host, uri, |lv| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lv.is_active(&owner.vm, owner)? == Some(true) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    })
 }
 
 /// Removes the domain's definition (it no longer runs).
