@@ -5,17 +5,18 @@
 //! reads, a domain that is not farm's is never touched (its name is refused), and the
 //! domain shuts down and is undefined. Then the same through `farm up` with
 //! `backend = "libvirt"`: up, ssh, a no-op up, a changed `memory` applied, `virsh` showing the
-//! domain with farm's metadata, `farm logs`, and `down`, which leaves a domain defined by
+//! domain with farm's metadata, a NIC on a libvirt network reached over its bridge, `farm logs`, and `down`, which leaves a domain defined by
 //! someone else alone.
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
+#[path = "support/libvirtd.rs"]
+mod libvirtd;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
 mod project;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use farm::build::layer::BootFiles;
@@ -23,70 +24,8 @@ use farm::model::libvirt::{DomainMeta, METADATA_NS, domain_xml};
 use farm::sys::libvirt::{DomainStopped, Libvirt, LibvirtError};
 use farm::sys::ssh::Ssh;
 use guest::{keygen, prepare, shared_store, vm_tests_possible};
+use libvirtd::{Libvirtd, URI, virsh};
 use project::Project;
-
-const URI: &str = "qemu:///system";
-
-fn virsh(args: &[&str]) -> std::process::Output {
-    Command::new("virsh")
-        .args(["-c", URI])
-        .args(args)
-        .output()
-        .expect("virsh (libvirt-clients; run ./scripts/setup.sh)")
-}
-
-/// libvirtd for the tests: the running one, or one started here and stopped when the last
-/// test using it is done (tests of this file run in parallel).
-struct Libvirtd;
-
-/// (tests using libvirtd now, whether this process started it)
-static DAEMON: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
-
-impl Libvirtd {
-    fn ensure() -> Libvirtd {
-        let mut daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
-        daemon.0 += 1;
-        if virsh(&["version"]).status.success() {
-            return Libvirtd;
-        }
-        for dir in ["/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt"] {
-            fs_err::create_dir_all(dir).unwrap();
-        }
-        for program in ["virtlogd", "libvirtd"] {
-            let status = Command::new(program)
-                .arg("-d")
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run {program} ({e}); run ./scripts/setup.sh"));
-            assert!(status.success(), "{program} -d failed");
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !virsh(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "libvirtd did not answer at {URI} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        daemon.1 = true;
-        Libvirtd
-    }
-}
-
-impl Drop for Libvirtd {
-    fn drop(&mut self) {
-        let mut daemon = DAEMON.lock().unwrap_or_else(|e| e.into_inner());
-        daemon.0 -= 1;
-        if daemon.0 > 0 || !daemon.1 {
-            return;
-        }
-        for pidfile in ["/var/run/libvirtd.pid", "/var/run/virtlogd.pid"] {
-            if let Ok(pid) = fs_err::read_to_string(pidfile) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
-            }
-        }
-        daemon.1 = false;
-    }
-}
 
 const TINY: &str = "[images.tiny]\ntiny = true\n[targets.amd64]\narch = \"x86_64\"\n";
 
@@ -179,11 +118,46 @@ fn a_tiny_guest_runs_as_a_libvirt_domain_and_other_domains_are_left_alone() {
     assert!(!virsh(&["dominfo", &name]).status.success());
 }
 
-fn lab(vm: &str, memory: &str, port: u16) -> String {
+/// A VM on libvirt with user networking (ssh) and a NIC on the libvirt network `network`.
+fn lab(vm: &str, memory: &str, port: u16, network: &str) -> String {
     format!(
         "{TINY}[platforms.plain]\nfrom = \"tiny\"\n[hosts.L0]\nbackend = \"libvirt\"\n\
-         [vms.{vm}]\nplatform = \"plain\"\nhost = \"L0\"\nmemory = \"{memory}\"\nssh_port = {port}\n"
+         [vms.{vm}]\nplatform = \"plain\"\nhost = \"L0\"\nmemory = \"{memory}\"\nssh_port = {port}\n\
+         nics = [{{ libvirt_network = \"{network}\", ip = \"{LIBVIRT_NET_GUEST}/24\" }}]\n"
     )
+}
+
+/// An isolated libvirt network (a bridge with this machine at .1, no DHCP or DNS, so no
+/// dnsmasq), defined for the test and removed after it.
+struct LibvirtNetwork(String);
+
+const LIBVIRT_NET_GUEST: &str = "192.168.213.21";
+
+impl LibvirtNetwork {
+    fn start(dir: &std::path::Path) -> LibvirtNetwork {
+        let name = format!("farmt{}", std::process::id());
+        let xml = dir.join("network.xml");
+        fs_err::write(
+            &xml,
+            format!(
+                "<network><name>{name}</name><bridge name='fbr{}'/><dns enable='no'/><ip address='192.168.213.1' netmask='255.255.255.0'/></network>",
+                std::process::id() % 100_000
+            ),
+        )
+        .unwrap();
+        let defined = virsh(&["net-define", &xml.display().to_string()]);
+        assert!(defined.status.success(), "{}", project::text(&defined));
+        let started = virsh(&["net-start", &name]);
+        assert!(started.status.success(), "{}", project::text(&started));
+        LibvirtNetwork(name)
+    }
+}
+
+impl Drop for LibvirtNetwork {
+    fn drop(&mut self) {
+        virsh(&["net-destroy", &self.0]);
+        virsh(&["net-undefine", &self.0]);
+    }
 }
 
 fn mem_total_kib(p: &Project, vm: &str) -> u64 {
@@ -204,7 +178,13 @@ fn farm_up_converges_libvirt_domains_and_down_leaves_other_domains() {
     let vm = format!("lv-{}", std::process::id());
     let foreign = format!("not-farms-{}", std::process::id());
     let port = farm::sys::hostinfo::free_local_port().unwrap();
-    let p = Project::with_store(&lab(&vm, "256M", port), &shared_store());
+    let p = Project::with_store(TINY, &shared_store());
+    let network = LibvirtNetwork::start(p.path());
+    fs_err::write(
+        p.path().join("farm.toml"),
+        lab(&vm, "256M", port, &network.0),
+    )
+    .unwrap();
 
     // A domain someone else defined on the same libvirtd.
     let xml = p.path().join("foreign.xml");
@@ -226,6 +206,13 @@ fn farm_up_converges_libvirt_domains_and_down_leaves_other_domains() {
     let out = p.ok(&["ssh", &vm, "--", "echo kept > /root/mark; sync; hostname"]);
     assert!(!project::text(&out).trim().is_empty());
     let before = mem_total_kib(&p, &vm);
+
+    // Its NIC on the libvirt network answers from this machine, over libvirt's bridge.
+    let address = std::net::SocketAddr::new(LIBVIRT_NET_GUEST.parse().unwrap(), 22);
+    assert!(
+        farm::sys::ssh::tcp_banner(address, Duration::from_secs(10)),
+        "no ssh banner from {address} over the libvirt network"
+    );
 
     // virsh sees farm's domain, with farm's metadata naming this project.
     let list = project::text(&virsh(&["list", "--name"]));
@@ -249,7 +236,11 @@ fn farm_up_converges_libvirt_domains_and_down_leaves_other_domains() {
     assert_eq!(fs_err::read_to_string(&pidfile).unwrap(), pid);
 
     // A changed `memory` restarts the domain with it, on the same disk.
-    fs_err::write(p.path().join("farm.toml"), lab(&vm, "384M", port)).unwrap();
+    fs_err::write(
+        p.path().join("farm.toml"),
+        lab(&vm, "384M", port, &network.0),
+    )
+    .unwrap();
     let changed = project::text(&p.ok(&["up"]));
     assert!(changed.contains("memory 256M → 384M"), "{changed}");
     let after = mem_total_kib(&p, &vm);

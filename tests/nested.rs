@@ -38,8 +38,14 @@ kind = "vde"
 url = "vxvde://234.0.0.1"
 subnet = "10.0.0.0/24"
 
+# The bundled L1 with libvirt: its guests run as libvirt domains.
+[platforms.debian_vs_libvirt]
+from = "debian_vs"
+packages = ["libvirt-daemon-system"]
+
 [vms.hv]
-platform = "debian_vs"
+platform = "debian_vs_libvirt"
+backend = "libvirt"
 attach = { lab = "10.0.0.254/24" }
 deploy = { targets = ["amd64"], platforms = ["pyleaf"] }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use super::raw::{
-    RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawPlatform, RawSize, RawVm,
+    RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawNic, RawPlatform, RawSize,
+    RawVm,
 };
 use crate::model::backend::{self, Backend};
 use crate::model::config::{
@@ -564,6 +565,50 @@ fn lower_host(
     }
 }
 
+/// The VM's VDE NICs (`network`) or its libvirt ones (`libvirt_network`); a NIC naming
+/// both or neither is reported once, with the VDE ones.
+fn lower_nics(
+    raw: &[Spanned<RawNic>],
+    libvirt: bool,
+    cx: &FileContext,
+    problems: &mut Vec<Diagnostic>,
+) -> Vec<Nic> {
+    raw.iter()
+        .filter_map(|spanned| {
+            let n = spanned.get_ref();
+            let network = match (&n.network, &n.libvirt_network) {
+                (Some(network), None) if !libvirt => network,
+                (None, Some(network)) if libvirt => network,
+                (Some(_), Some(_)) | (None, None) => {
+                    if !libvirt {
+                        problems.push(cx.refused(
+                            spanned,
+                            Refusal {
+                                message: "A NIC names both `network` and `libvirt_network`, or neither".into(),
+                                hint: "give each NIC one: `{ network = \"lab\" }` (a VDE network of farm.toml) or `{ libvirt_network = \"default\" }` (a network of the site's libvirtd)".into(),
+                            },
+                        ));
+                    }
+                    return None;
+                }
+                _ => return None,
+            };
+            Some(Nic {
+                network: cx.located(network),
+                ip: n.ip.as_ref().and_then(|ip| {
+                    cx.checked(ip, limits::host_address, problems)
+                        .map(|()| cx.located(ip))
+                }),
+                gateway: n.gateway.as_ref().map(|g| cx.located(g)),
+                mac: n.mac.as_ref().and_then(|m| {
+                    cx.checked(m, limits::nic_mac, problems)
+                        .map(|()| cx.located(m))
+                }),
+            })
+        })
+        .collect()
+}
+
 fn lower_vm(
     name: Located<String>,
     raw: RawVm,
@@ -608,22 +653,8 @@ fn lower_vm(
         }),
         forwards,
         user_network: raw.user_network.unwrap_or(true),
-        nics: raw
-            .nics
-            .iter()
-            .map(|n| Nic {
-                network: cx.located(&n.network),
-                ip: n.ip.as_ref().and_then(|ip| {
-                    cx.checked(ip, limits::host_address, problems)
-                        .map(|()| cx.located(ip))
-                }),
-                gateway: n.gateway.as_ref().map(|g| cx.located(g)),
-                mac: n.mac.as_ref().and_then(|m| {
-                    cx.checked(m, limits::nic_mac, problems)
-                        .map(|()| cx.located(m))
-                }),
-            })
-            .collect(),
+        nics: lower_nics(&raw.nics, false, cx, problems),
+        libvirt_nics: lower_nics(&raw.nics, true, cx, problems),
         attach: lower_attach(&raw.attach, cx),
         deploy: raw.deploy.as_ref().map(|d| lower_deploy(d, cx)),
         resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),

@@ -211,7 +211,7 @@ pub struct RawVm {
     pub forwards: Vec<Spanned<RawForward>>,
     pub user_network: Option<bool>,
     #[serde(default)]
-    pub nics: Vec<RawNic>,
+    pub nics: Vec<Spanned<RawNic>>,
     #[serde(default)]
     pub attach: BTreeMap<Spanned<String>, Spanned<IpCidr>>,
     pub deploy: Option<RawDeploy>,
@@ -235,7 +235,10 @@ pub struct RawForward {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawNic {
-    pub network: Spanned<String>,
+    /// A VDE network of farm.toml.
+    pub network: Option<Spanned<String>>,
+    /// A network of the site's libvirtd (its `backend` must be libvirt).
+    pub libvirt_network: Option<Spanned<String>>,
     pub ip: Option<Spanned<IpCidr>>,
     pub gateway: Option<Spanned<IpAddr>>,
     pub mac: Option<Spanned<MacAddr>>,

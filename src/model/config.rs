@@ -288,6 +288,8 @@ pub struct VmDecl {
     pub forwards: Vec<Located<Forward>>,
     pub user_network: bool,
     pub nics: Vec<Nic>,
+    /// NICs on networks of the site's libvirtd (`libvirt_network = "default"`).
+    pub libvirt_nics: Vec<Nic>,
     pub attach: Vec<Attachment>,
     pub deploy: Option<Deploy>,
     pub resources: Resources,

@@ -96,6 +96,15 @@ pub struct VdeNicSpec {
     pub plug: String,
 }
 
+/// A NIC on a network of the site's libvirtd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtNicSpec {
+    pub network: String,
+    pub mac: MacAddr,
+    pub address: Option<IpCidr>,
+    pub gateway: Option<IpAddr>,
+}
+
 /// Everything about one instance that farm.toml, the store and the site decide.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
@@ -115,6 +124,9 @@ pub struct InstanceSpec {
     pub disk_size: Option<u64>,
     pub user_net: Option<UserNet>,
     pub vde_nics: Vec<VdeNicSpec>,
+    /// NICs on networks of the site's libvirtd (the libvirt backend only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub libvirt_nics: Vec<LibvirtNicSpec>,
     pub authorized_keys: Vec<String>,
     pub paths: InstancePaths,
     pub tag: ProcessTag,
@@ -180,6 +192,12 @@ impl InstanceSpec {
                     },
                     mac: nic.mac,
                 }))
+                .chain(self.libvirt_nics.iter().map(|nic| Nic {
+                    backend: NetBackend::LibvirtNetwork {
+                        network: nic.network.clone(),
+                    },
+                    mac: nic.mac,
+                }))
                 .collect(),
             serial_log: paths.serial_log(),
             qmp_socket: Some(paths.qmp()),
@@ -201,6 +219,11 @@ impl InstanceSpec {
                 gateway: None,
             })
             .chain(self.vde_nics.iter().map(|nic| SeedNic {
+                mac: nic.mac,
+                address: nic.address,
+                gateway: nic.gateway,
+            }))
+            .chain(self.libvirt_nics.iter().map(|nic| SeedNic {
                 mac: nic.mac,
                 address: nic.address,
                 gateway: nic.gateway,
@@ -354,6 +377,7 @@ pub(crate) mod tests {
                 gateway: None,
                 plug: "vxvde://234.0.0.1".into(),
             }],
+            libvirt_nics: Vec::new(),
             authorized_keys: vec!["ssh-ed25519 AAAA farm".into()],
             paths: InstancePaths::new(Path::new("/p/.farm"), "web"),
             tag: ProcessTag::vm("/p/.farm", "web"),

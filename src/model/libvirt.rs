@@ -10,7 +10,7 @@
 //! Pure: text in, text out; `sys::libvirt` talks to libvirtd.
 
 use super::instance::InstanceSpec;
-use super::qemu::{QemuVm, ResolvedAccel};
+use super::qemu::{NetBackend, QemuVm, ResolvedAccel};
 use super::values::Arch;
 
 /// The XML namespace of farm's metadata element.
@@ -201,6 +201,15 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
         "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>\n",
         escape(&vm.serial_log.display().to_string())
     ));
+    for nic in &vm.nics {
+        if let NetBackend::LibvirtNetwork { network } = &nic.backend {
+            x.push_str(&format!(
+                "    <interface type='network'>\n      <source network='{}'/>\n      <mac address='{}'/>\n      <model type='virtio'/>\n    </interface>\n",
+                escape(network),
+                nic.mac
+            ));
+        }
+    }
     x.push_str("    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>\n");
     x.push_str("    <memballoon model='none'/>\n");
     x.push_str("  </devices>\n");
@@ -247,10 +256,18 @@ fn passthrough_args(vm: &QemuVm, machine: &str) -> Vec<String> {
         args.push("-qmp".to_string());
         args.push(format!("unix:{},server=on,wait=off", qmp.display()));
     }
-    for (i, nic) in vm.nics.iter().enumerate() {
+    // Numbered among the passed-through NICs only: libvirt networks are libvirt's.
+    let passed = vm
+        .nics
+        .iter()
+        .filter(|nic| !matches!(nic.backend, NetBackend::LibvirtNetwork { .. }));
+    for (i, nic) in passed.enumerate() {
         let id = format!("farmnet{i}");
+        let Some(netdev) = nic.netdev(&id) else {
+            continue;
+        };
         args.push("-netdev".to_string());
-        args.push(nic.netdev(&id));
+        args.push(netdev);
         args.push("-device".to_string());
         args.push(format!(
             "virtio-net-pci,netdev={id},mac={},bus={bus},addr={:#x}",
@@ -280,9 +297,7 @@ fn unescape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::qemu::{
-        DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, mac_for,
-    };
+    use crate::model::qemu::{DirectBoot, Disk, DiskCache, MachineSpec, Nic, PortForward, mac_for};
     use std::path::PathBuf;
 
     fn vm() -> QemuVm {
@@ -326,6 +341,12 @@ mod tests {
                         }],
                     },
                     mac: mac_for("web", 0),
+                },
+                Nic {
+                    backend: NetBackend::LibvirtNetwork {
+                        network: "default".into(),
+                    },
+                    mac: mac_for("web", 64),
                 },
                 Nic {
                     backend: NetBackend::Vde {
@@ -372,6 +393,10 @@ mod tests {
             "bus=pcie.0,addr=0x10'/>",
             "<qemu:arg value='vde,id=farmnet1,sock=vxvde://234.0.0.1'/>",
             "bus=pcie.0,addr=0x11'/>",
+            &format!(
+                "<interface type='network'>\n      <source network='default'/>\n      <mac address='{}'/>",
+                mac_for("web", 64)
+            ),
         ] {
             assert!(xml.contains(part), "missing {part:?} in\n{xml}");
         }

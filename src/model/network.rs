@@ -306,6 +306,7 @@ mod tests {
                     mac: None,
                 })
                 .collect(),
+            libvirt_nics: Vec::new(),
             attach: Vec::new(),
             resources: Default::default(),
             is_hypervisor: false,

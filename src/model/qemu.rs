@@ -96,6 +96,9 @@ pub enum NetBackend {
     User { forwards: Vec<PortForward> },
     /// A VDE network: a switch's control directory or a vdeplug4 URL.
     Vde { sock: String },
+    /// A network of libvirtd's (the libvirt backend only: the domain XML says it; qemu's
+    /// own command line has no such thing, and `check` refuses it on the qemu backend).
+    LibvirtNetwork { network: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,9 +108,10 @@ pub struct Nic {
 }
 
 impl Nic {
-    /// `-netdev`'s value for this NIC's backend, as `id`.
-    pub fn netdev(&self, id: &str) -> String {
-        match &self.backend {
+    /// `-netdev`'s value for this NIC's backend, as `id`; `None` for a libvirt network,
+    /// which is libvirt's to make.
+    pub fn netdev(&self, id: &str) -> Option<String> {
+        Some(match &self.backend {
             NetBackend::User { forwards } => {
                 let mut s = format!("user,id={id}");
                 for f in forwards {
@@ -119,7 +123,8 @@ impl Nic {
                 s
             }
             NetBackend::Vde { sock } => format!("vde,id={id},sock={sock}"),
-        }
+            NetBackend::LibvirtNetwork { .. } => return None,
+        })
     }
 }
 
@@ -281,7 +286,10 @@ impl QemuVm {
         }
         for (i, nic) in self.nics.iter().enumerate() {
             let id = format!("net{i}");
-            push(&["-netdev", &nic.netdev(&id)]);
+            let Some(netdev) = nic.netdev(&id) else {
+                continue;
+            };
+            push(&["-netdev", &netdev]);
             push(&[
                 "-device",
                 &format!("virtio-net-pci,netdev={id},mac={}", nic.mac),

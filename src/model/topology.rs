@@ -46,6 +46,8 @@ pub struct VmNode {
     pub forwards: Vec<Forward>,
     pub user_network: bool,
     pub nics: Vec<NicNode>,
+    /// NICs on networks of its site's libvirtd.
+    pub libvirt_nics: Vec<NicNode>,
     pub attach: Vec<(String, IpCidr)>,
     pub resources: Resources,
     /// Whether this VM runs VMs of its own.

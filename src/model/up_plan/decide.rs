@@ -177,6 +177,18 @@ fn differences(old: &InstanceSpec, new: &InstanceSpec) -> Vec<String> {
         format!("[{}]", list.join(", "))
     };
     differ("nics", nics(old), nics(new));
+    let libvirt_nics = |s: &InstanceSpec| {
+        let list: Vec<String> = s
+            .libvirt_nics
+            .iter()
+            .map(|n| {
+                let address = n.address.map_or("dhcp".into(), |a| a.to_string());
+                format!("libvirt:{} {} {address}", n.network, n.mac)
+            })
+            .collect();
+        format!("[{}]", list.join(", "))
+    };
+    differ("libvirt nics", libvirt_nics(old), libvirt_nics(new));
     if old.authorized_keys != new.authorized_keys {
         out.push("farm's key changed".into());
     }

@@ -4,11 +4,16 @@
 use std::path::Path;
 
 use super::{Desired, SiteLayout};
-use crate::model::instance::{InstancePaths, InstanceSpec, LayerRef, UserNet, VdeNicSpec};
+use crate::model::instance::{
+    InstancePaths, InstanceSpec, LayerRef, LibvirtNicSpec, UserNet, VdeNicSpec,
+};
 use crate::model::network::{SiteNetwork, vde_nics};
 use crate::model::observation::SiteFacts;
 use crate::model::qemu::{DirectBoot, MachineSpec, ProcessTag, choose_accel, mac_for};
 use crate::model::topology::VmNode;
+
+/// The first MAC index of libvirt NICs: clear of the user NIC (0) and VDE NICs (1…).
+const LIBVIRT_NIC_BASE: usize = 64;
 
 /// Memory of a VM whose platform and table say nothing.
 pub const DEFAULT_MEMORY_MIB: u64 = 1024;
@@ -85,6 +90,19 @@ pub(super) fn resolve(
                     gateway: nic.gateway,
                     plug,
                 }
+            })
+            .collect(),
+        libvirt_nics: vm
+            .libvirt_nics
+            .iter()
+            .enumerate()
+            .map(|(i, nic)| LibvirtNicSpec {
+                network: nic.network.clone(),
+                mac: nic
+                    .mac
+                    .unwrap_or_else(|| mac_for(&vm.name, LIBVIRT_NIC_BASE + i)),
+                address: nic.ip,
+                gateway: nic.gateway,
             })
             .collect(),
         authorized_keys: desired.farm_key.iter().cloned().collect(),

@@ -268,6 +268,28 @@ pub(super) fn check_network_sites(
 /// be read as the VM's own backend, which its host's or hypervisor's `backend` decides.
 pub(super) fn check_backends(config: &Config, topology: &Topology, problems: &mut Vec<Diagnostic>) {
     for decl in config.vms.values() {
+        let Some(vm) = topology.vms.get(&decl.name.value) else {
+            continue;
+        };
+        if let Some(nic) = decl.libvirt_nics.first()
+            && topology.backend_on(&vm.placement).is_qemu()
+        {
+            let site = vm.placement.name();
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "VM `{}` has a NIC on libvirt network `{}`, but `{site}` runs its VMs with farm's qemu backend",
+                        vm.name, nic.network.value
+                    ),
+                    nic.network.at.clone(),
+                )
+                .hint(format!(
+                    "set `backend = \"libvirt\"` on `{site}`, or use a VDE network of farm.toml (`{{ network = \"NAME\" }}`)"
+                )),
+            );
+        }
+    }
+    for decl in config.vms.values() {
         let (Some(vm), Some(backend)) = (topology.vms.get(&decl.name.value), &decl.backend) else {
             continue;
         };

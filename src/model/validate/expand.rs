@@ -479,6 +479,17 @@ fn attachments(attach: &[Attachment]) -> Vec<(String, IpCidr)> {
         .collect()
 }
 
+fn nic_nodes(nics: &[crate::model::config::Nic]) -> Vec<NicNode> {
+    nics.iter()
+        .map(|n| NicNode {
+            network: n.network.value.clone(),
+            ip: n.ip.as_ref().map(|i| i.value),
+            gateway: n.gateway.as_ref().map(|g| g.value),
+            mac: n.mac.as_ref().map(|m| m.value),
+        })
+        .collect()
+}
+
 fn build_node(config: &Config, pending: Pending, decl: Option<&VmDecl>) -> VmNode {
     let platform_resources = config
         .platforms
@@ -497,19 +508,8 @@ fn build_node(config: &Config, pending: Pending, decl: Option<&VmDecl>) -> VmNod
             .map(|d| d.forwards.iter().map(|f| f.value).collect())
             .unwrap_or_default(),
         user_network: decl.is_none_or(|d| d.user_network),
-        nics: decl
-            .map(|d| {
-                d.nics
-                    .iter()
-                    .map(|n| NicNode {
-                        network: n.network.value.clone(),
-                        ip: n.ip.as_ref().map(|i| i.value),
-                        gateway: n.gateway.as_ref().map(|g| g.value),
-                        mac: n.mac.as_ref().map(|m| m.value),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        nics: decl.map(|d| nic_nodes(&d.nics)).unwrap_or_default(),
+        libvirt_nics: decl.map(|d| nic_nodes(&d.libvirt_nics)).unwrap_or_default(),
         attach: decl.map(|d| attachments(&d.attach)).unwrap_or_default(),
         resources,
         is_hypervisor: false,
