@@ -1299,3 +1299,15 @@ fn a_backend_on_a_vm_that_runs_no_vms_is_rejected() {
         "{rendered}"
     );
 }
+
+#[test]
+fn a_platform_runs_with_the_vm_defaults_of_the_platform_it_is_built_from() {
+    let text = format!(
+        "{IMAGE}\n[platforms.hv]\nfrom = \"deb\"\nmemory = \"2G\"\ncpus = 2\n\
+         [platforms.hv_more]\nfrom = \"hv\"\ncpus = 3\n[vms.a]\nplatform = \"hv_more\"\n"
+    );
+    let topology = parse(&text).unwrap();
+    let vm = &topology.vms["a"];
+    assert_eq!(vm.resources.memory.map(|m| m.mib()), Some(2048));
+    assert_eq!(vm.resources.cpus, Some(3));
+}

@@ -4,7 +4,8 @@
 //! with apt, dpkg and python for Ansible); L1's layer (qemu, qemu-img, b3sum from Debian) is
 //! built once in the shared test store. One L2 is only on a VDE network (`vxvde://`) that L1
 //! attaches with a tap, as the seed's `debian_vs_vde_amd64`. Both L2s get a playbook that
-//! `farm up` applies once: it installs a package and writes a file.
+//! `farm up` applies once: it installs a package and writes a file. L1 runs its L2s under
+//! libvirt (`backend = "libvirt"`, libvirtd started by L1's systemd).
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
@@ -20,8 +21,9 @@ use std::process::Command;
 use guest::{shared_store, vm_tests_possible};
 use project::{Project, text};
 
-/// The hypervisor platform is the bundled farm.toml's L1 (`debian_vs`), on the Debian image
-/// the other VM tests share.
+/// The hypervisor platform is the bundled farm.toml's L1 (`debian_vs`, on the Debian image
+/// the other VM tests share) with libvirt added, and it runs its L2 pair as libvirt domains;
+/// tests/two_sites.rs runs L2s on farm's own qemu backend.
 fn lab() -> String {
     labs::hypervisor_lab(
         r#"
@@ -214,6 +216,23 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
     assert_eq!(leaf["level"], 2);
     assert_eq!(leaf["state"], "running");
 
+    // Inside hv, the L2s are libvirt domains (hv's `backend = "libvirt"`) with farm's
+    // metadata, which hv's own virsh lists.
+    let inside = p.ok(&[
+        "ssh",
+        "hv",
+        "--",
+        "virsh -c qemu:///system list --name; virsh -c qemu:///system dumpxml vleaf_amd64",
+    ]);
+    let said = String::from_utf8_lossy(&inside.stdout);
+    assert!(
+        said.lines().any(|l| l.trim() == "pyleaf_amd64")
+            && said.lines().any(|l| l.trim() == "vleaf_amd64")
+            && said.contains(farm::model::libvirt::METADATA_NS)
+            && said.contains("vde,id=farmnet0,sock=vxvde://234.0.0.1"),
+        "{said}"
+    );
+
     // Its console, read where it runs (inside hv), through the same ssh_config.
     let logs = p.ok(&["logs", "pyleaf_amd64"]);
     let console = String::from_utf8_lossy(&logs.stdout);
@@ -285,6 +304,15 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
     );
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vleaf-amd64");
+
+    // libvirtd inside hv stops (its domains run on): `down` starts it again to shut them
+    // down through it.
+    p.ok(&[
+        "ssh",
+        "hv",
+        "--",
+        "systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket && ! test -S /var/run/libvirt/libvirt-sock",
+    ]);
 
     // Down: the leaf before its hypervisor.
     let down = p.ok(&["down"]);

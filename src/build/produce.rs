@@ -182,8 +182,8 @@ pub(super) fn produce(
                     machine: target.machine.clone(),
                     cpu: target.cpu.clone(),
                     accel,
-                    memory_mib: platform
-                        .resources
+                    memory_mib: config
+                        .platform_resources(&platform.name.value)
                         .memory
                         .map(|m| m.mib())
                         .unwrap_or(1024)

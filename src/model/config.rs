@@ -218,6 +218,22 @@ pub struct Resources {
     pub disk_size: Option<ByteSize>,
 }
 
+impl Config {
+    /// A platform's VM defaults: its own where set, else those of the platform it is built
+    /// `from`, and so on up (a platform made from a hypervisor platform runs like it).
+    pub fn platform_resources(&self, name: &str) -> Resources {
+        let mut resources = Resources::default();
+        let mut current = self.platforms.get(name);
+        // Bounded: `check` reports cycles, but this must end before it has.
+        for _ in 0..=self.platforms.len() {
+            let Some(platform) = current else { break };
+            resources = resources.or(&platform.resources);
+            current = self.platforms.get(&platform.from.value);
+        }
+        resources
+    }
+}
+
 impl Resources {
     /// `self` where set, else `fallback`.
     pub fn or(&self, fallback: &Resources) -> Resources {

@@ -491,11 +491,7 @@ fn nic_nodes(nics: &[crate::model::config::Nic]) -> Vec<NicNode> {
 }
 
 fn build_node(config: &Config, pending: Pending, decl: Option<&VmDecl>) -> VmNode {
-    let platform_resources = config
-        .platforms
-        .get(&pending.platform)
-        .map(|p| p.resources.clone())
-        .unwrap_or_default();
+    let platform_resources = config.platform_resources(&pending.platform);
     let resources = decl
         .map(|d| d.resources.or(&platform_resources))
         .unwrap_or(platform_resources);
