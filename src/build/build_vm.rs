@@ -342,7 +342,7 @@ fn load_saved(
     let state = saved.join(STATE_FILE);
     qmp.command(
         "migrate-incoming",
-        serde_json::json!({ "uri": format!("exec:{}", load_command(&state)) }),
+        serde_json::json!({ "uri": format!("exec:{}", crate::sys::qmp::load_command(&state)) }),
     )
     .map_err(|e| e.to_string())?;
     // The guest runs on by itself once the state is in (qemu exits if it cannot load it).
@@ -411,20 +411,6 @@ pub(super) const MACHINE_FILE: &str = "machine.json";
 
 /// The shell command qemu writes a state through: zstd's fastest level, since the state
 /// is mostly page cache and zeroes.
-pub(super) fn save_command(path: &Path) -> String {
-    format!(
-        "zstd -1 -q -T2 -o {}",
-        crate::model::shell::shell_quote(&path.display().to_string())
-    )
-}
-
-fn load_command(path: &Path) -> String {
-    format!(
-        "zstd -d -q -c {}",
-        crate::model::shell::shell_quote(&path.display().to_string())
-    )
-}
-
 /// Waits until qemu answers on its QMP socket.
 fn connect_when_ready(socket: &Path, process: &mut VmProcess) -> Result<Qmp, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -436,34 +422,6 @@ fn connect_when_ready(socket: &Path, process: &mut VmProcess) -> Result<Qmp, Str
                 process.check_running()?;
                 std::thread::sleep(Duration::from_millis(50));
             }
-        }
-    }
-}
-
-/// Polls `query` until the migration completes; its error or a timeout otherwise.
-pub(super) fn wait_for_migration(
-    qmp: &mut Qmp,
-    query: &str,
-    timeout: Duration,
-) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let info = qmp
-            .command(query, serde_json::json!({}))
-            .map_err(|e| e.to_string())?;
-        match info["status"].as_str() {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                return Err(format!(
-                    "the migration {}: {}",
-                    info["status"],
-                    info["error-desc"].as_str().unwrap_or("no reason given")
-                ));
-            }
-            _ if Instant::now() > deadline => {
-                return Err(format!("the migration took over {} s", timeout.as_secs()));
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }

@@ -14,13 +14,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::build_vm::{BuildVm, MACHINE_FILE, STATE_FILE, save_command, wait_for_migration};
+use super::build_vm::{BuildVm, MACHINE_FILE, STATE_FILE};
 use super::layer::{BootFiles, BuilderError, Log};
 use crate::model::build_steps::BuildStep;
 use crate::model::hash::ContentHash;
 use crate::store::{CheckpointMeta, Entry, Store};
 use crate::sys::qemu_img;
 use crate::sys::qmp::Qmp;
+use crate::sys::qmp::{save_command, wait_for_migration};
 use crate::sys::ssh::Ssh;
 
 /// No throttle to speak of: 64 GiB/s.

@@ -10,6 +10,7 @@ mod gc;
 mod graph;
 mod logs;
 mod show;
+mod snapshot;
 mod ssh;
 mod status;
 mod store;
@@ -84,6 +85,9 @@ pub enum Command {
     Inventory(ssh::InventoryArgs),
     /// Write the topology (hosts, VMs, networks) as a Graphviz DOT file, and SVG if `dot` is installed.
     Graph(graph::GraphArgs),
+    /// Save the running lab, nested VMs included, and restore it in seconds.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 pub use crate::project::UsageError;
@@ -120,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Logs(args) => logs::run(&options, args),
         Command::Inventory(args) => ssh::run_inventory(&options, args),
         Command::Graph(args) => graph::run(&options, args),
+        Command::Snapshot(command) => snapshot::run(&options, command, &reporter),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +139,10 @@ fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     let bad_input = err.chain().any(|cause| {
         cause.downcast_ref::<ConfigError>().is_some()
             || cause.downcast_ref::<UsageError>().is_some()
+            || matches!(
+                cause.downcast_ref::<crate::run::snapshot::SnapshotError>(),
+                Some(crate::run::snapshot::SnapshotError::Refused(_))
+            )
             || cause.downcast_ref::<StoreError>().is_some_and(|e| {
                 // A `--store` that names nothing, or a file: the command line is wrong.
                 matches!(

@@ -121,6 +121,16 @@ pub fn gc(
     state_dirs.sort();
     state_dirs.dedup();
     for state_dir in &state_dirs {
+        // A snapshot's frozen disks back onto the layers its records name.
+        for (name, record) in crate::run::snapshot::saved_records(state_dir) {
+            roots.push((
+                record.spec.layer.entry.clone(),
+                KeepReason::Snapshot {
+                    name,
+                    state_dir: state_dir.clone(),
+                },
+            ));
+        }
         for (vm, record) in StatePaths::new(state_dir).records() {
             roots.push((
                 record.spec.layer.entry.clone(),

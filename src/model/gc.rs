@@ -30,6 +30,8 @@ pub enum KeepReason {
     Project(PathBuf),
     /// An instance of a project boots on it.
     Instance { vm: String, state_dir: PathBuf },
+    /// A saved lab snapshot's disk backs onto it.
+    Snapshot { name: String, state_dir: PathBuf },
     /// A running process (qemu) has its files open.
     OpenBy { pid: u32, command: String },
     /// Named with `--keep`.
@@ -47,6 +49,9 @@ impl fmt::Display for KeepReason {
             KeepReason::Project(config) => write!(f, "wanted by `{}`", config.display()),
             KeepReason::Instance { vm, state_dir } => {
                 write!(f, "VM `{vm}` of `{}` boots on it", state_dir.display())
+            }
+            KeepReason::Snapshot { name, state_dir } => {
+                write!(f, "snapshot `{name}` of `{}` needs it", state_dir.display())
             }
             KeepReason::OpenBy { pid, command } => write!(f, "open in {command} (pid {pid})"),
             KeepReason::Asked => write!(f, "--keep"),

@@ -26,6 +26,7 @@ pub mod qemu;
 pub mod seed;
 pub mod shell;
 pub mod signing;
+pub mod snapshot;
 pub mod ssh_config;
 pub mod tiny_recipe;
 pub mod topology;

@@ -162,7 +162,15 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> 
 }
 
 fn start_qemu(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
-    let vm = spec.qemu();
+    start_qemu_vm(host, spec, &spec.qemu())
+}
+
+/// Starts `vm` (the spec's qemu, or a variant of it: waiting for a saved state) detached.
+pub fn start_qemu_vm(
+    host: &dyn Host,
+    spec: &InstanceSpec,
+    vm: &crate::model::qemu::QemuVm,
+) -> Result<(), InstanceError> {
     let paths = &spec.paths;
     let env: Vec<String> = vm
         .tag

@@ -16,6 +16,7 @@ pub mod observe;
 pub mod parallel;
 pub mod provision;
 pub mod site;
+pub mod snapshot;
 pub mod ssh_files;
 pub mod state;
 pub mod status;

@@ -38,7 +38,7 @@ mod entry;
 pub(crate) mod fsutil;
 mod layout;
 mod lock;
-mod qcow2;
+pub(crate) mod qcow2;
 mod roots;
 mod staging;
 mod sweep;

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Sends `command` (e.g. `system_powerdown`, `quit`) after the capabilities handshake.
 pub fn execute(socket: &Path, command: &str) -> std::io::Result<()> {
@@ -97,6 +97,46 @@ impl Qmp {
                         .to_string(),
                 });
             }
+        }
+    }
+}
+
+/// A migration target that writes qemu's machine state, compressed, to `path`.
+pub fn save_command(path: &Path) -> String {
+    format!(
+        "zstd -1 -q -T2 -o {}",
+        crate::model::shell::shell_quote(&path.display().to_string())
+    )
+}
+
+/// The migration source that reads a state [`save_command`] wrote.
+pub fn load_command(path: &Path) -> String {
+    format!(
+        "zstd -d -q -c {}",
+        crate::model::shell::shell_quote(&path.display().to_string())
+    )
+}
+
+/// Polls `query` until the migration completes; its error or a timeout otherwise.
+pub fn wait_for_migration(qmp: &mut Qmp, query: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = qmp
+            .command(query, serde_json::json!({}))
+            .map_err(|e| e.to_string())?;
+        match info["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                return Err(format!(
+                    "the migration {}: {}",
+                    info["status"],
+                    info["error-desc"].as_str().unwrap_or("no reason given")
+                ));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(format!("the migration took over {} s", timeout.as_secs()));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }

@@ -1,0 +1,88 @@
+//! `farm snapshot save|restore|ls|rm`: whole-lab snapshots (see `run::snapshot`).
+
+use clap::{Args, Subcommand};
+
+use crate::progress::Reporter;
+use crate::project::{Project, ProjectOptions};
+use crate::run::snapshot;
+
+use super::up::StateArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save the running lab (every VM of this machine, with the VMs inside them): memory,
+    /// devices and disks; it runs on from the snapshot unless --stop.
+    Save(SaveArgs),
+    /// Stop what runs and start the lab from a snapshot; waits until every VM answers ssh.
+    Restore(NameArgs),
+    /// List the snapshots: name, when, VMs, size.
+    Ls(StateOnly),
+    /// Remove a snapshot.
+    Rm(NameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SaveArgs {
+    pub name: String,
+    /// Leave the lab stopped after saving it.
+    #[arg(long)]
+    pub stop: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StateOnly {
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+pub fn run(
+    options: &ProjectOptions,
+    command: SnapshotCommand,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    match command {
+        SnapshotCommand::Save(args) => {
+            snapshot::save(
+                &project,
+                &args.state.dir(&project),
+                &args.name,
+                args.stop,
+                reporter,
+            )?;
+        }
+        SnapshotCommand::Restore(args) => {
+            snapshot::restore(&project, &args.state.dir(&project), &args.name, reporter)?;
+        }
+        SnapshotCommand::Ls(args) => {
+            let found = snapshot::list(&args.state.dir(&project));
+            println!("{:<20} {:>12} {:>10}  VMS", "NAME", "CREATED", "SIZE");
+            for m in found {
+                let size: u64 = m.vms.iter().map(|v| v.disk_bytes + v.state_bytes).sum();
+                let mut vms: Vec<&str> = m.vms.iter().map(|v| v.name.as_str()).collect();
+                vms.extend(m.inside.iter().map(String::as_str));
+                println!(
+                    "{:<20} {:>12} {:>10}  {}",
+                    m.name,
+                    m.created,
+                    crate::build::realise::human_bytes(size),
+                    vms.join(", ")
+                );
+            }
+        }
+        SnapshotCommand::Rm(args) => {
+            snapshot::remove(&args.state.dir(&project), &args.name)?;
+            reporter.status("removed", format!("snapshot {}", args.name));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! A lab snapshot as data: which VMs were saved (each top-level VM's frozen overlay and its
+//! memory and device state; the VMs inside hypervisor VMs are inside their hypervisor's
+//! state), and what it was made from (the topology and qemu), so a restore into another
+//! farm.toml or another qemu is refused before anything stops.
+//!
+//! Pure: `run::snapshot` saves and restores.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::topology::{Placement, Topology};
+
+/// The version of the manifest's layout; another is refused, not guessed at.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    pub format: u32,
+    pub name: String,
+    /// Seconds since the epoch when it was saved.
+    pub created: u64,
+    /// [`topology_digest`] of the farm.toml it was saved from.
+    pub topology: String,
+    /// The first line of `qemu-system-… --version` that saved it (a state loads only into
+    /// the qemu that wrote it, or a newer one that still reads it: farm asks for the same).
+    pub qemu: String,
+    /// The top-level VMs, each with its disk and machine state.
+    pub vms: Vec<SavedVm>,
+    /// VMs saved inside a hypervisor VM's state.
+    pub inside: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedVm {
+    pub name: String,
+    /// Bytes of the frozen overlay and of the compressed machine state.
+    pub disk_bytes: u64,
+    pub state_bytes: u64,
+}
+
+/// Where a snapshot's files are: `<state>/snapshots/<name>/`.
+#[derive(Clone, Debug)]
+pub struct SnapshotPaths {
+    pub dir: PathBuf,
+}
+
+impl SnapshotPaths {
+    pub fn new(state_dir: &Path, name: &str) -> Self {
+        Self {
+            dir: state_dir.join("snapshots").join(name),
+        }
+    }
+    pub fn manifest(&self) -> PathBuf {
+        self.dir.join("snapshot.json")
+    }
+    /// The VM's saved local directory (its record, seed, host key…), as in `.farm/vms/`.
+    pub fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.dir.join("vms").join(vm)
+    }
+    /// The top-level VM's frozen overlay: restored instances get a new overlay on it.
+    pub fn disk(&self, vm: &str) -> PathBuf {
+        self.dir.join("disks").join(format!("{vm}.qcow2"))
+    }
+    /// Its memory and device state, zstd-compressed.
+    pub fn state(&self, vm: &str) -> PathBuf {
+        self.dir.join("disks").join(format!("{vm}.state.zst"))
+    }
+}
+
+/// What a snapshot must be restored into: every VM's name, placement, platform and target.
+/// Memory, ports and the like are in the saved records and come back with them.
+pub fn topology_digest(topology: &Topology) -> String {
+    let mut hasher = blake3::Hasher::new_derive_key("farm 2026 snapshot topology");
+    for vm in topology.vms.values() {
+        let placement = match &vm.placement {
+            Placement::Host(h) => format!("host:{h}"),
+            Placement::Vm(v) => format!("vm:{v}"),
+        };
+        hasher.update(
+            format!("{}\0{placement}\0{}\0{}\n", vm.name, vm.platform, vm.target).as_bytes(),
+        );
+    }
+    format!("blake3-{}", hasher.finalize().to_hex())
+}
+
+/// Why `manifest` cannot be restored here, if it cannot.
+pub fn refusal(manifest: &SnapshotManifest, topology: &str, qemu: &str) -> Option<String> {
+    if manifest.format != SNAPSHOT_FORMAT {
+        return Some(format!(
+            "Snapshot `{}` has format {}, this farm reads format {SNAPSHOT_FORMAT}\nhint: save it again with this farm",
+            manifest.name, manifest.format
+        ));
+    }
+    if manifest.topology != topology {
+        return Some(format!(
+            "Snapshot `{}` was saved from another topology (its VMs, where they run, or their platforms differ from farm.toml's)\nhint: restore it with the farm.toml it was saved from, or save a new one",
+            manifest.name
+        ));
+    }
+    if manifest.qemu != qemu {
+        return Some(format!(
+            "Snapshot `{}` was saved by `{}`, this machine has `{qemu}`: a machine state loads only into the qemu that wrote it\nhint: save a new snapshot with this qemu",
+            manifest.name, manifest.qemu
+        ));
+    }
+    None
+}
+
+/// A snapshot name: a file name of letters, digits, `-`, `_` and `.` (not leading).
+pub fn valid_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "Invalid snapshot name `{name}`\nhint: use letters, digits, `-`, `_` and `.` (at most 64, not starting with `.`)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> SnapshotManifest {
+        SnapshotManifest {
+            format: SNAPSHOT_FORMAT,
+            name: "booted".into(),
+            created: 1,
+            topology: "blake3-aa".into(),
+            qemu: "QEMU emulator version 7.2.22".into(),
+            vms: vec![SavedVm {
+                name: "hv".into(),
+                disk_bytes: 1,
+                state_bytes: 2,
+            }],
+            inside: vec!["leaf".into()],
+        }
+    }
+
+    #[test]
+    fn another_topology_or_qemu_is_refused_with_a_hint() {
+        let m = manifest();
+        assert_eq!(refusal(&m, "blake3-aa", &m.qemu.clone()), None);
+        let other = refusal(&m, "blake3-bb", &m.qemu.clone()).unwrap();
+        assert!(
+            other.contains("another topology") && other.contains("hint:"),
+            "{other}"
+        );
+        let qemu = refusal(&m, "blake3-aa", "QEMU emulator version 8.2.0").unwrap();
+        assert!(qemu.contains("7.2.22") && qemu.contains("8.2.0"), "{qemu}");
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<SnapshotManifest>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn names_are_file_names() {
+        assert!(valid_name("booted-1.2_x").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(valid_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn paths_live_under_the_state_directory() {
+        let p = SnapshotPaths::new(Path::new("/lab/.farm"), "booted");
+        assert_eq!(
+            p.manifest(),
+            Path::new("/lab/.farm/snapshots/booted/snapshot.json")
+        );
+        assert_eq!(
+            p.disk("hv"),
+            Path::new("/lab/.farm/snapshots/booted/disks/hv.qcow2")
+        );
+    }
+}
