@@ -2,8 +2,8 @@
 //! networking and an L2 only on a VDE network that L1 attaches with a tap. `farm snapshot
 //! save` saves it (the L2s inside L1's state), `restore` twice brings back exactly that
 //! moment: every VM answers ssh, a file written before the save is there and one written
-//! after it is not, the VDE L2 answers through L1's tap, and the snapshot's files never
-//! change. Refusals (an unknown name, a taken name, another topology, removing a snapshot a
+//! after it is not, the VDE L2 answers through L1's tap, and the snapshot's files (a store
+//! entry on L1's layer, kept by gc while the snapshot is named) never change. Refusals (an unknown name, a taken name, another topology, removing a snapshot a
 //! running lab uses) exit 2 and change nothing; `down` cleans everything.
 
 #[path = "support/guest.rs"]
@@ -46,21 +46,45 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// blake3 of every file of the snapshot, by relative path.
-fn fingerprint(dir: &std::path::Path) -> Vec<(String, String)> {
+/// The store entries of snapshot `name`, from its manifest.
+fn entries_of(p: &Project, name: &str) -> Vec<std::path::PathBuf> {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs_err::read(
+            p.path()
+                .join(".farm/snapshots")
+                .join(name)
+                .join("snapshot.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    manifest["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| p.store.join("store").join(v["entry"].as_str().unwrap()))
+        .collect()
+}
+
+/// blake3 of every file of the snapshot's entries, by path.
+fn fingerprint(entries: &[std::path::PathBuf]) -> Vec<(String, String)> {
     let mut files = Vec::new();
-    for sub in ["", "disks", "vms/hv", "vms/uleaf", "vms/vleaf"] {
-        for name in project::list(&dir.join(sub)) {
-            let path = dir.join(sub).join(&name);
-            if path.is_file() {
+    let mut dirs: Vec<std::path::PathBuf> = entries.to_vec();
+    while let Some(dir) = dirs.pop() {
+        for name in project::list(&dir) {
+            let path = dir.join(&name);
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
                 let bytes = fs_err::read(&path).unwrap();
                 files.push((
-                    format!("{sub}/{name}"),
+                    path.display().to_string(),
                     blake3::hash(&bytes).to_hex().to_string(),
                 ));
             }
         }
     }
+    files.sort();
     files
 }
 
@@ -107,11 +131,24 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
         "{log}"
     );
     let dir = p.path().join(".farm/snapshots/booted");
-    let saved = fingerprint(&dir);
-    assert!(
-        saved.iter().any(|(f, _)| f == "disks/hv.state.zst"),
-        "{saved:?}"
-    );
+    // The saved VM is a store entry on hv's layer: its overlay, state and the VMs' records.
+    let entries = entries_of(&p, "booted");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let saved = fingerprint(&entries);
+    for file in [
+        "disk.qcow2",
+        "state.zst",
+        "vms/hv/instance.json",
+        "vms/vleaf/instance.json",
+    ] {
+        assert!(
+            saved.iter().any(|(f, _)| f.ends_with(&format!("/{file}"))),
+            "{file} not in {saved:?}"
+        );
+    }
+    // gc keeps it (and the layers under it) while the snapshot is named.
+    let gc = text(&p.ok(&["gc", "--dry-run", "--why"]));
+    assert!(gc.contains("snapshot `booted`"), "{gc}");
     // It runs on from the snapshot: the same moment.
     assert_the_saved_moment(&p);
     let listed = stdout(&p.ok(&["snapshot", "ls"]));
@@ -139,7 +176,7 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
             "{up}"
         );
     }
-    assert_eq!(fingerprint(&dir), saved, "the snapshot's files changed");
+    assert_eq!(fingerprint(&entries), saved, "the snapshot's files changed");
 
     // Refusals: exit 2, nothing changed.
     let pid = fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();

@@ -80,7 +80,7 @@ pub fn run(
             }
         }
         SnapshotCommand::Rm(args) => {
-            snapshot::remove(&args.state.dir(&project), &args.name)?;
+            snapshot::remove(&project, &args.state.dir(&project), &args.name)?;
             reporter.status("removed", format!("snapshot {}", args.name));
         }
     }

@@ -51,12 +51,19 @@ pub struct UpArgs {
     pub fetch: FetchArgs,
     #[command(flatten)]
     pub caches: super::build::SubstituteArgs,
+    /// Start the lab from this snapshot (`farm snapshot restore NAME`) instead of booting it.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["names", "dry_run"])]
+    pub snapshot: Option<String>,
     #[command(flatten)]
     pub state: StateArgs,
 }
 
 pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
+    if let Some(name) = &args.snapshot {
+        crate::run::snapshot::restore(&project, &args.state.dir(&project), name, reporter)?;
+        return Ok(());
+    }
     check_vm_names(&project, &args.names)?;
     let up_options = UpOptions {
         names: args.names,

@@ -121,10 +121,10 @@ pub fn gc(
     state_dirs.sort();
     state_dirs.dedup();
     for state_dir in &state_dirs {
-        // A snapshot's frozen disks back onto the layers its records name.
-        for (name, record) in crate::run::snapshot::saved_records(state_dir) {
+        // A snapshot's entries (and, through them, the layers they back onto).
+        for (name, entry) in crate::run::snapshot::saved_entries(state_dir) {
             roots.push((
-                record.spec.layer.entry.clone(),
+                entry,
                 KeepReason::Snapshot {
                     name,
                     state_dir: state_dir.clone(),

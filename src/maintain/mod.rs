@@ -29,7 +29,11 @@ pub fn entries_named(
 ) -> Result<Vec<String>, NamedError> {
     let by_store: Vec<String> = entries
         .iter()
-        .filter(|e| e.dir_name() == name || e.meta.name == name)
+        .filter(|e| {
+            e.dir_name() == name
+                || e.meta.name == name
+                || crate::model::snapshot::snapshot_of(&e.meta.derivation) == Some(name)
+        })
         .map(|e| e.dir_name().to_string())
         .collect();
     if !by_store.is_empty() {

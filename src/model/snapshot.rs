@@ -34,12 +34,62 @@ pub struct SnapshotManifest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedVm {
     pub name: String,
+    /// Its store entry (`<key>-snap-<vm>`): the frozen overlay backing onto the VM's layer
+    /// entry, the compressed machine state, and the local directories of the VM and of the
+    /// VMs inside it.
+    pub entry: String,
     /// Bytes of the frozen overlay and of the compressed machine state.
     pub disk_bytes: u64,
     pub state_bytes: u64,
 }
 
-/// Where a snapshot's files are: `<state>/snapshots/<name>/`.
+/// The label of a saved VM's store entry.
+pub fn entry_name(vm: &str) -> String {
+    let mut name = format!("snap-{vm}");
+    name.truncate(64);
+    name
+}
+
+/// What a saved VM's store entry is, as its metadata keeps it: content-addressed (the hashes
+/// of the state and of the frozen overlay are in it), so the same save is the same entry.
+#[allow(clippy::too_many_arguments)]
+pub fn entry_derivation(
+    snapshot: &str,
+    vm: &str,
+    layer: &str,
+    disk: &str,
+    state: &str,
+    topology: &str,
+    qemu: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "snapshot",
+        "snapshot": snapshot,
+        "vm": vm,
+        "layer": layer,
+        "disk_blake3": disk,
+        "state_blake3": state,
+        "topology": topology,
+        "qemu": qemu,
+    })
+}
+
+/// The store key of a saved VM's entry.
+pub fn entry_key(derivation: &serde_json::Value) -> super::hash::DrvHash {
+    super::hash::DrvHash(blake3::derive_key(
+        "farm 2026 snapshot entry",
+        derivation.to_string().as_bytes(),
+    ))
+}
+
+/// The snapshot a store entry belongs to, from its derivation.
+pub fn snapshot_of(derivation: &serde_json::Value) -> Option<&str> {
+    (derivation["kind"] == "snapshot")
+        .then(|| derivation["snapshot"].as_str())
+        .flatten()
+}
+
+/// Where a snapshot's manifest is, `<state>/snapshots/<name>/`; its files are store entries.
 #[derive(Clone, Debug)]
 pub struct SnapshotPaths {
     pub dir: PathBuf,
@@ -54,19 +104,15 @@ impl SnapshotPaths {
     pub fn manifest(&self) -> PathBuf {
         self.dir.join("snapshot.json")
     }
-    /// The VM's saved local directory (its record, seed, host key…), as in `.farm/vms/`.
-    pub fn vm_dir(&self, vm: &str) -> PathBuf {
-        self.dir.join("vms").join(vm)
-    }
-    /// The top-level VM's frozen overlay: restored instances get a new overlay on it.
-    pub fn disk(&self, vm: &str) -> PathBuf {
-        self.dir.join("disks").join(format!("{vm}.qcow2"))
-    }
-    /// Its memory and device state, zstd-compressed.
-    pub fn state(&self, vm: &str) -> PathBuf {
-        self.dir.join("disks").join(format!("{vm}.state.zst"))
-    }
 }
+
+/// The files of a saved VM's store entry, beside its `disk.qcow2`.
+pub const STATE_FILE: &str = "state.zst";
+/// The snapshot's manifest, also kept in each of its entries so a store that received them
+/// (imported, pulled) can restore the snapshot without the state directory that saved it.
+pub const MANIFEST_FILE: &str = "snapshot.json";
+/// The local directories of the VM and of the VMs inside it, by VM name.
+pub const VMS_DIR: &str = "vms";
 
 /// What a snapshot must be restored into: every VM's name, placement, platform and target.
 /// Memory, ports and the like are in the saved records and come back with them.
@@ -137,6 +183,7 @@ mod tests {
             qemu: "QEMU emulator version 7.2.22".into(),
             vms: vec![SavedVm {
                 name: "hv".into(),
+                entry: "00-snap-hv".into(),
                 disk_bytes: 1,
                 state_bytes: 2,
             }],
@@ -160,6 +207,18 @@ mod tests {
     }
 
     #[test]
+    fn entries_are_keyed_by_content_and_name_their_snapshot() {
+        let d = entry_derivation("booted", "hv", "aa-layer", "d1", "s1", "t", "q");
+        let same = entry_derivation("booted", "hv", "aa-layer", "d1", "s1", "t", "q");
+        let other = entry_derivation("booted", "hv", "aa-layer", "d1", "s2", "t", "q");
+        assert_eq!(entry_key(&d), entry_key(&same));
+        assert_ne!(entry_key(&d), entry_key(&other));
+        assert_eq!(snapshot_of(&d), Some("booted"));
+        assert_eq!(snapshot_of(&serde_json::json!({"kind": "platform"})), None);
+        assert_eq!(entry_name(&"v".repeat(70)).len(), 64);
+    }
+
+    #[test]
     fn names_are_file_names() {
         assert!(valid_name("booted-1.2_x").is_ok());
         for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
@@ -173,10 +232,6 @@ mod tests {
         assert_eq!(
             p.manifest(),
             Path::new("/lab/.farm/snapshots/booted/snapshot.json")
-        );
-        assert_eq!(
-            p.disk("hv"),
-            Path::new("/lab/.farm/snapshots/booted/disks/hv.qcow2")
         );
     }
 }

@@ -179,15 +179,21 @@ pub fn start_qemu_vm(
         .map(|(k, v)| format!("{k}={}", shell_quote(&v)))
         .collect();
     let argv: Vec<String> = vm.argv().iter().map(|a| shell_quote(a)).collect();
+    // A daemonizing qemu reports start-up errors before it detaches (its stderr is gone
+    // afterwards); one that does not is detached by `setsid`, its stderr kept in the file
+    // for whoever waits on it (loading a saved state can fail well after start).
+    let (env, binary, argv) = (env.join(" "), vm.binary(), argv.join(" "));
+    let stderr = q(&paths.stderr_log());
+    let launch = if vm.daemonize {
+        format!("env {env} {binary} {argv} 2> {stderr} || {{ cat {stderr} >&2; exit 1; }}")
+    } else {
+        format!("setsid -f env {env} {binary} {argv} < /dev/null > /dev/null 2> {stderr}")
+    };
     let script = format!(
-        "rm -f {pid} {qmp}; : > {serial}; env {env} {binary} {argv} 2> {stderr} || {{ cat {stderr} >&2; exit 1; }}",
+        "rm -f {pid} {qmp}; : > {serial}; {launch}",
         pid = q(&paths.pidfile()),
         qmp = q(&paths.qmp()),
         serial = q(&paths.serial_log()),
-        stderr = q(&paths.stderr_log()),
-        env = env.join(" "),
-        binary = vm.binary(),
-        argv = argv.join(" "),
     );
     check(host, &spec.name, "Starting qemu", &script)
         .map(drop)

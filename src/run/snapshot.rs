@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::model::instance::{InstanceRecord, InstanceSpec};
 use crate::model::snapshot::{
-    SNAPSHOT_FORMAT, SavedVm, SnapshotManifest, SnapshotPaths, refusal, topology_digest, valid_name,
+    MANIFEST_FILE, SNAPSHOT_FORMAT, STATE_FILE, SavedVm, SnapshotManifest, SnapshotPaths, VMS_DIR,
+    entry_derivation, entry_key, entry_name, refusal, snapshot_of, topology_digest, valid_name,
 };
 use crate::model::topology::{Placement, Topology};
 use crate::progress::Reporter;
@@ -20,6 +21,7 @@ use crate::project::Project;
 use crate::run::host::{Host, LocalHost};
 use crate::run::instance::{self, InstanceError};
 use crate::run::state::StateDir;
+use crate::store::Store;
 use crate::sys::qmp::{Qmp, load_command, save_command, wait_for_migration};
 
 /// How long saving or loading one VM's state may take (a 2 GiB L1 under TCG takes seconds).
@@ -161,12 +163,12 @@ pub fn save(
             .next()
             .map_or("qemu-system-x86_64", |r| r.spec.qemu().binary()),
     )?;
-    let partial = paths.dir.with_extension("partial");
-    let _ = fs_err::remove_dir_all(&partial);
-    fs_err::create_dir_all(partial.join("disks")).map_err(io("create", &partial))?;
-    let staged = SnapshotPaths {
-        dir: partial.clone(),
-    };
+    let store = Store::open(&project.store_dir).map_err(store_error)?;
+    check_space(&store, &records)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("snapshot")
+        .tempdir_in(store.root().join("tmp"))
+        .map_err(io("create a directory in", &store.root().join("tmp")))?;
 
     // Every VM is paused before any is saved: the lab is one moment, across VMs.
     let started = Instant::now();
@@ -186,12 +188,12 @@ pub fn save(
             started.elapsed().as_secs_f64()
         ),
     );
-    let saved: Vec<Result<SavedVm, SnapshotError>> = std::thread::scope(|scope| {
+    let saved: Vec<Result<PathBuf, SnapshotError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = sessions
             .iter_mut()
             .map(|(vm, qmp)| {
-                let state_file = staged.state(vm);
-                scope.spawn(move || save_state(vm, qmp, &state_file))
+                let state_file = scratch.path().join(format!("{vm}.{STATE_FILE}"));
+                scope.spawn(move || save_state(vm, qmp, &state_file).map(|()| state_file))
             })
             .collect();
         handles
@@ -202,14 +204,13 @@ pub fn save(
             })
             .collect()
     });
-    let saved: Vec<SavedVm> = match saved.into_iter().collect() {
-        Ok(saved) => saved,
+    let state_files: Vec<PathBuf> = match saved.into_iter().collect() {
+        Ok(files) => files,
         Err(e) => {
             // Nothing is lost: the VMs run on where they were.
             for (_, qmp) in &mut sessions {
                 let _ = qmp.command("cont", serde_json::json!({}));
             }
-            let _ = fs_err::remove_dir_all(&partial);
             return Err(e);
         }
     };
@@ -218,16 +219,36 @@ pub fn save(
         quit(&host, &record.spec, vm)?;
     }
     drop(sessions);
-    let mut vms = Vec::new();
-    for mut saved_vm in saved {
-        let disk = records[&saved_vm.name].spec.paths.disk();
-        let frozen = staged.disk(&saved_vm.name);
-        fs_err::rename(&disk, &frozen).map_err(io("move", &disk))?;
-        saved_vm.disk_bytes = fs_err::metadata(&frozen).map_or(0, |m| m.len());
-        vms.push(saved_vm);
-    }
-    for vm in top.iter().chain(&inside) {
-        copy_vm_dir(&state.instance(vm).dir, &staged.vm_dir(vm))?;
+
+    // Each top-level VM becomes a store entry on its layer's; the manifest names them all
+    // and travels in each.
+    let digest = topology_digest(topology);
+    let mut staged = Vec::new();
+    for ((vm, record), state_file) in records.iter().zip(&state_files) {
+        let inside_it: Vec<&String> = inside
+            .iter()
+            .filter(|v| {
+                // The chain starts at the host; the first VM in it is the top-level one.
+                topology
+                    .chain(v)
+                    .iter()
+                    .find(|p| matches!(p, Placement::Vm(_)))
+                    == Some(&Placement::Vm(vm.clone()))
+            })
+            .collect();
+        staged.push(stage_vm(
+            &store,
+            &state,
+            StageVm {
+                snapshot: name,
+                vm,
+                record,
+                state_file,
+                inside: &inside_it,
+                topology: &digest,
+                qemu: &qemu,
+            },
+        )?);
     }
     let manifest = SnapshotManifest {
         format: SNAPSHOT_FORMAT,
@@ -235,15 +256,24 @@ pub fn save(
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        topology: topology_digest(topology),
+        topology: digest,
         qemu,
-        vms,
+        vms: staged.iter().map(|s| s.saved.clone()).collect(),
         inside,
     };
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    fs_err::write(staged.manifest(), json).map_err(io("write", &staged.manifest()))?;
-    let _ = crate::store::fsutil::fsync_dir(&partial);
-    fs_err::rename(&partial, &paths.dir).map_err(io("name", &paths.dir))?;
+    for vm in staged {
+        fs_err::write(vm.staging.dir().join(MANIFEST_FILE), &json)
+            .map_err(io("write", vm.staging.dir()))?;
+        store.commit(vm.staging, vm.meta).map_err(store_error)?;
+        // The overlay's bytes are in the entry now.
+        let _ = fs_err::remove_file(records[&vm.saved.name].spec.paths.disk());
+    }
+    fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
+    let manifest_path = paths.manifest();
+    let tmp = manifest_path.with_extension("tmp");
+    fs_err::write(&tmp, &json).map_err(io("write", &tmp))?;
+    fs_err::rename(&tmp, &manifest_path).map_err(io("write", &manifest_path))?;
     reporter.status(
         "saved",
         format!(
@@ -263,13 +293,146 @@ pub fn save(
         ),
     );
     if !stop {
-        load(project, &state, &paths, &manifest, reporter)?;
+        load(project, &state, &store, &manifest, reporter)?;
     }
     Ok(manifest)
 }
 
+/// Refuses a save the store's filesystem has no room for, before anything pauses: each
+/// VM's state (compressed, about a quarter of its memory under a booted lab) and a copy of
+/// its overlay.
+fn check_space(
+    store: &Store,
+    records: &BTreeMap<String, InstanceRecord>,
+) -> Result<(), SnapshotError> {
+    let needed: u64 = records
+        .values()
+        .map(|r| {
+            (r.spec.hw.memory_mib << 20) / 4
+                + fs_err::metadata(r.spec.paths.disk()).map_or(0, |m| m.len())
+        })
+        .sum();
+    let Some(free) = crate::sys::hostinfo::free_bytes(store.root()) else {
+        return Ok(());
+    };
+    if free < needed {
+        return Err(SnapshotError::Refused(format!(
+            "Not enough space for the snapshot in `{}`: about {} needed, {} free\nhint: `farm gc` removes what nothing needs, or point FARM_STORE at a larger disk",
+            store.root().display(),
+            crate::build::realise::human_bytes(needed),
+            crate::build::realise::human_bytes(free)
+        )));
+    }
+    Ok(())
+}
+
+fn store_error(e: crate::store::StoreError) -> SnapshotError {
+    SnapshotError::Failed(e.to_string())
+}
+
+/// What one top-level VM's entry is made of.
+struct StageVm<'a> {
+    snapshot: &'a str,
+    vm: &'a str,
+    record: &'a InstanceRecord,
+    state_file: &'a Path,
+    inside: &'a [&'a String],
+    topology: &'a str,
+    qemu: &'a str,
+}
+
+/// A saved VM's entry, staged and ready to commit.
+struct StagedVm {
+    saved: SavedVm,
+    staging: crate::store::Staging,
+    meta: crate::store::EntryMeta,
+}
+
+/// Stages a top-level VM's entry: a copy of its overlay backing onto its layer's entry (the
+/// original stays until the entry is committed: a failure loses nothing), its state, and
+/// the local directories of it and the VMs inside it.
+fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm, SnapshotError> {
+    let started = Instant::now();
+    let spec = &v.record.spec;
+    let layer = &spec.layer.entry;
+    let (disk_hash, _) = crate::store::fsutil::hash_file(&spec.paths.disk())
+        .map_err(io("read", &spec.paths.disk()))?;
+    let (state_hash, state_bytes) =
+        crate::store::fsutil::hash_file(v.state_file).map_err(io("read", v.state_file))?;
+    let derivation = entry_derivation(
+        v.snapshot,
+        v.vm,
+        layer,
+        &disk_hash.to_hex(),
+        &state_hash.to_hex(),
+        v.topology,
+        v.qemu,
+    );
+    let key = entry_key(&derivation);
+    let label = entry_name(v.vm);
+    let lock = store.lock(&key).map_err(store_error)?;
+    let staging = store.stage(&lock, &label).map_err(store_error)?;
+    let disk = staging.disk_path();
+    let copy = std::process::Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always"])
+        .arg(spec.paths.disk())
+        .arg(&disk)
+        .status()
+        .map_err(io("copy", &spec.paths.disk()))?;
+    if !copy.success() {
+        return Err(SnapshotError::Failed(format!(
+            "Cannot copy `{}` into the store",
+            spec.paths.disk().display()
+        )));
+    }
+    let parent = store.entry_by_dir(layer).ok_or_else(|| {
+        SnapshotError::Failed(format!(
+            "VM `{}` runs on store entry `{layer}`, which is not in `{}`\nhint: `farm store verify`",
+            v.vm,
+            store.root().display()
+        ))
+    })?;
+    crate::sys::qemu_img::rebase_unsafe(&disk, &crate::store::relative_backing(&parent))
+        .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    fs_err::rename(v.state_file, staging.dir().join(STATE_FILE))
+        .map_err(io("move", v.state_file))?;
+    for vm in std::iter::once(&v.vm.to_string()).chain(v.inside.iter().copied()) {
+        copy_vm_dir(
+            &state.instance(vm).dir,
+            &staging.dir().join(VMS_DIR).join(vm),
+        )?;
+    }
+    let (output, size) = staging.hash_disk().map_err(store_error)?;
+    let meta = crate::store::EntryMeta {
+        layout: 0,
+        name: label,
+        drv_hash: key,
+        derivation,
+        output_blake3: output,
+        size,
+        parent: Some(layer.clone()),
+        built_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        build_seconds: started.elapsed().as_secs_f64(),
+        disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
+    };
+    Ok(StagedVm {
+        saved: SavedVm {
+            name: v.vm.to_string(),
+            entry: crate::store::entry_dir_name(&key, &meta.name),
+            disk_bytes: size,
+            state_bytes,
+        },
+        staging,
+        meta,
+    })
+}
+
 /// Writes one paused VM's machine state to `state_file`.
-fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<SavedVm, SnapshotError> {
+fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<(), SnapshotError> {
     let failed = |e: String| SnapshotError::Failed(format!("Cannot save VM `{vm}`: {e}"));
     qmp.command(
         "migrate-set-parameters",
@@ -282,12 +445,7 @@ fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<SavedVm, Sna
     )
     .map_err(|e| failed(migration_hint(&e.to_string())))?;
     wait_for_migration(qmp, "query-migrate", MIGRATION_TIMEOUT)
-        .map_err(|e| failed(migration_hint(&e)))?;
-    Ok(SavedVm {
-        name: vm.to_string(),
-        disk_bytes: 0,
-        state_bytes: fs_err::metadata(state_file).map_or(0, |m| m.len()),
-    })
+        .map_err(|e| failed(migration_hint(&e)))
 }
 
 /// qemu names the device that blocks a migration; farm adds what to do about it.
@@ -336,29 +494,28 @@ pub fn restore(
 ) -> Result<Duration, SnapshotError> {
     valid_name(name).map_err(SnapshotError::Refused)?;
     let state = StateDir::open(state_root)?;
-    let paths = SnapshotPaths::new(state.root(), name);
-    let manifest = read_manifest(&paths, name)?;
+    let store = Store::open(&project.store_dir).map_err(store_error)?;
+    let manifest = find_manifest(&state, &store, name)?;
     let (top, _) = lab_vms(&project.loaded.topology)?;
-    let host = local();
-    // What runs goes first (and is refused about before anything stops).
-    let running: Vec<(String, InstanceRecord)> = state
-        .records()
-        .into_iter()
-        .filter(|(vm, _)| top.contains(vm))
-        .collect();
-    let binary = manifest
-        .vms
+    let entries = entries_of(&store, &manifest)?;
+    let binary = entries
         .first()
-        .and_then(|v| read_record(&paths.vm_dir(&v.name)))
+        .and_then(|(vm, entry)| read_record(&entry.dir.join(VMS_DIR).join(vm)))
         .map_or("qemu-system-x86_64", |r| r.spec.qemu().binary());
     let here = qemu_version(binary)?;
     if let Some(why) = refusal(&manifest, &topology_digest(&project.loaded.topology), &here) {
         return Err(SnapshotError::Refused(why));
     }
-    for (vm, record) in &running {
-        quit(&host, &record.spec, vm)?;
+    // What runs goes (refused about before anything stops).
+    let host = local();
+    for (vm, record) in state
+        .records()
+        .into_iter()
+        .filter(|(vm, _)| top.contains(vm))
+    {
+        quit(&host, &record.spec, &vm)?;
     }
-    load(project, &state, &paths, &manifest, reporter)
+    load(project, &state, &store, &manifest, reporter)
 }
 
 fn read_record(dir: &Path) -> Option<InstanceRecord> {
@@ -366,18 +523,71 @@ fn read_record(dir: &Path) -> Option<InstanceRecord> {
     InstanceRecord::parse(&bytes).ok()
 }
 
-fn read_manifest(paths: &SnapshotPaths, name: &str) -> Result<SnapshotManifest, SnapshotError> {
-    let bytes = fs_err::read(paths.manifest()).map_err(|_| {
-        SnapshotError::Refused(format!(
-            "No snapshot `{name}`\nhint: `farm snapshot ls` lists them"
-        ))
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+fn parse_manifest(
+    bytes: &[u8],
+    path: &Path,
+    name: &str,
+) -> Result<SnapshotManifest, SnapshotError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         SnapshotError::Failed(format!(
             "Snapshot `{name}` is damaged (`{}`: {e})",
-            paths.manifest().display()
+            path.display()
         ))
     })
+}
+
+/// The snapshot's manifest: from the state directory that saved it, or else from its
+/// entries in the store (imported or pulled from another machine).
+fn find_manifest(
+    state: &StateDir,
+    store: &Store,
+    name: &str,
+) -> Result<SnapshotManifest, SnapshotError> {
+    let path = SnapshotPaths::new(state.root(), name).manifest();
+    if let Ok(bytes) = fs_err::read(&path) {
+        return parse_manifest(&bytes, &path, name);
+    }
+    let mut found: Vec<crate::store::Entry> = store
+        .entries()
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|e| snapshot_of(&e.meta.derivation) == Some(name))
+        .collect();
+    found.sort_by_key(|e| std::cmp::Reverse(e.meta.built_at_unix));
+    let Some(entry) = found.first() else {
+        return Err(SnapshotError::Refused(format!(
+            "No snapshot `{name}`\nhint: `farm snapshot ls` lists them"
+        )));
+    };
+    let path = entry.dir.join(MANIFEST_FILE);
+    let bytes = fs_err::read(&path).map_err(io("read", &path))?;
+    parse_manifest(&bytes, &path, name)
+}
+
+/// Each saved VM's store entry; refused when one is missing (removed by gc with its
+/// snapshot, or never imported).
+fn entries_of(
+    store: &Store,
+    manifest: &SnapshotManifest,
+) -> Result<Vec<(String, crate::store::Entry)>, SnapshotError> {
+    manifest
+        .vms
+        .iter()
+        .map(|saved| {
+            store
+                .entry_by_dir(&saved.entry)
+                .map(|e| (saved.name.clone(), e))
+                .ok_or_else(|| {
+                    SnapshotError::Refused(format!(
+                        "Snapshot `{}` needs store entry `{}` (VM `{}`), which `{}` does not have\nhint: `farm store import` or `farm store pull` it, or save the snapshot again",
+                        manifest.name,
+                        saved.entry,
+                        saved.name,
+                        store.root().display()
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// Starts every saved VM from its state on a fresh overlay, and waits for every VM of the
@@ -385,16 +595,19 @@ fn read_manifest(paths: &SnapshotPaths, name: &str) -> Result<SnapshotManifest, 
 fn load(
     project: &Project,
     state: &StateDir,
-    paths: &SnapshotPaths,
+    store: &Store,
     manifest: &SnapshotManifest,
     reporter: &Reporter,
 ) -> Result<Duration, SnapshotError> {
     let started = Instant::now();
     let host = local();
-    for vm in manifest.vms.iter().map(|v| &v.name).chain(&manifest.inside) {
-        let dir = state.instance(vm).dir;
-        let _ = fs_err::remove_dir_all(&dir);
-        copy_vm_dir(&paths.vm_dir(vm), &dir)?;
+    let entries = entries_of(store, manifest)?;
+    for (_, entry) in &entries {
+        for vm in list_dirs(&entry.dir.join(VMS_DIR)) {
+            let dir = state.instance(&vm).dir;
+            let _ = fs_err::remove_dir_all(&dir);
+            copy_vm_dir(&entry.dir.join(VMS_DIR).join(&vm), &dir)?;
+        }
     }
     // The networks farm runs on this machine, for the VMs that join them.
     let topology = &project.loaded.topology;
@@ -408,12 +621,21 @@ fn load(
         }
     }
     let results: Vec<Result<(), SnapshotError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = manifest
-            .vms
+        let handles: Vec<_> = entries
             .iter()
-            .map(|saved| {
+            .map(|(vm, entry)| {
                 let host = &host;
-                scope.spawn(move || start_from_state(host, state, paths, &saved.name))
+                scope.spawn(move || {
+                    // The state is immutable: a load that failed (qemu died while reading
+                    // it) is tried once more from scratch before the restore fails.
+                    start_from_state(host, state, entry, vm).or_else(|first| {
+                        reporter.warn(format!("{first}\nloading it once more"));
+                        if let Some(record) = read_record(&state.instance(vm).dir) {
+                            quit(host, &record.spec, vm)?;
+                        }
+                        start_from_state(host, state, entry, vm)
+                    })
+                })
             })
             .collect();
         handles
@@ -462,34 +684,34 @@ fn load(
     Ok(took)
 }
 
-/// One top-level VM: a new overlay on its frozen disk, qemu waiting for the state, the
-/// state loaded, the VM running.
+/// One top-level VM: a new overlay on its entry's frozen disk, qemu waiting for the state,
+/// the state loaded, the VM running.
 fn start_from_state(
     host: &dyn Host,
     state: &StateDir,
-    paths: &SnapshotPaths,
+    entry: &crate::store::Entry,
     vm: &str,
 ) -> Result<(), SnapshotError> {
     let record = read_record(&state.instance(vm).dir).ok_or_else(|| {
         SnapshotError::Failed(format!(
-            "Snapshot `{}` has no record of VM `{vm}`",
-            paths.dir.display()
+            "Store entry `{}` has no record of VM `{vm}`",
+            entry.dir.display()
         ))
     })?;
     let spec = &record.spec;
-    let frozen = paths.disk(vm);
     instance::check(
         host,
         vm,
         "Creating the overlay on the snapshot's disk",
         &format!(
             "qemu-img create -q -f qcow2 -F qcow2 -b {} {}",
-            crate::sys::ssh::shell_quote(&frozen.display().to_string()),
+            crate::sys::ssh::shell_quote(&entry.disk_path().display().to_string()),
             crate::sys::ssh::shell_quote(&spec.paths.disk().display().to_string()),
         ),
     )?;
     let mut qemu = spec.qemu();
     qemu.incoming = true;
+    qemu.daemonize = false;
     instance::start_qemu_vm(host, spec, &qemu)?;
     let failed = |e: String| {
         SnapshotError::Failed(format!(
@@ -507,7 +729,7 @@ fn start_from_state(
     };
     qmp.command(
         "migrate-incoming",
-        serde_json::json!({ "uri": format!("exec:{}", load_command(&paths.state(vm))) }),
+        serde_json::json!({ "uri": format!("exec:{}", load_command(&entry.dir.join(STATE_FILE))) }),
     )
     .map_err(|e| failed(e.to_string()))?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
@@ -549,58 +771,76 @@ fn answer(state: &StateDir, vm: &str) -> Result<(), SnapshotError> {
 
 /// The snapshots of this state directory, oldest first.
 pub fn list(state_root: &Path) -> Vec<SnapshotManifest> {
-    let dir = state_root.join("snapshots");
-    let mut found: Vec<SnapshotManifest> = fs_err::read_dir(&dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let paths = SnapshotPaths::new(state_root, &name);
-                    read_manifest(&paths, &name).ok()
-                })
-                .collect()
+    let mut found: Vec<SnapshotManifest> = list_dirs(&state_root.join("snapshots"))
+        .into_iter()
+        .filter_map(|name| {
+            let path = SnapshotPaths::new(state_root, &name).manifest();
+            let bytes = fs_err::read(&path).ok()?;
+            parse_manifest(&bytes, &path, &name).ok()
         })
-        .unwrap_or_default();
+        .collect();
     found.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
     found
 }
 
-/// Every VM record kept in the snapshots of `state_root`, with its snapshot's name: the
-/// layers they name are gc roots while the snapshot exists.
-pub fn saved_records(state_root: &Path) -> Vec<(String, InstanceRecord)> {
+/// The store entries of the snapshots of `state_root`, with their snapshot's name: gc roots
+/// while the snapshot exists (their closure keeps the layers they back onto).
+pub fn saved_entries(state_root: &Path) -> Vec<(String, String)> {
     list(state_root)
         .into_iter()
-        .flat_map(|manifest| {
-            let paths = SnapshotPaths::new(state_root, &manifest.name);
-            manifest
-                .vms
-                .iter()
-                .filter_map(|v| read_record(&paths.vm_dir(&v.name)))
-                .map(|r| (manifest.name.clone(), r))
+        .flat_map(|m| {
+            m.vms
+                .into_iter()
+                .map(move |v| (m.name.clone(), v.entry))
                 .collect::<Vec<_>>()
         })
         .collect()
 }
 
-/// Removes snapshot `name`. A lab restored from it must not run on it: refused then.
-pub fn remove(state_root: &Path, name: &str) -> Result<(), SnapshotError> {
+/// Removes snapshot `name` (its entries go with the next `farm gc`). Refused while a
+/// running VM's overlay backs onto it.
+pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), SnapshotError> {
     valid_name(name).map_err(SnapshotError::Refused)?;
     let state = StateDir::open(state_root)?;
     let paths = SnapshotPaths::new(state.root(), name);
-    read_manifest(&paths, name)?;
+    let bytes = fs_err::read(paths.manifest()).map_err(|_| {
+        SnapshotError::Refused(format!(
+            "No snapshot `{name}`\nhint: `farm snapshot ls` lists them"
+        ))
+    })?;
+    let manifest = parse_manifest(&bytes, &paths.manifest(), name)?;
     let host = local();
+    let store_dir = project.store_dir.join("store");
     for (vm, record) in state.records() {
         let backing = crate::store::qcow2::read_info(&record.spec.paths.disk())
             .ok()
             .flatten()
             .and_then(|info| info.backing);
-        if backing.is_some_and(|b| Path::new(&b).starts_with(&paths.dir))
-            && instance::is_running(&host, &record.spec.paths, &vm)?
-        {
+        let on_it = backing.is_some_and(|b| {
+            manifest
+                .vms
+                .iter()
+                .any(|v| Path::new(&b).starts_with(store_dir.join(&v.entry)))
+        });
+        if on_it && instance::is_running(&host, &record.spec.paths, &vm)? {
             return Err(SnapshotError::Refused(format!(
                 "VM `{vm}` runs on snapshot `{name}`'s disk\nhint: `farm down` first, or restore another snapshot"
             )));
         }
     }
     fs_err::remove_dir_all(&paths.dir).map_err(io("remove", &paths.dir))
+}
+
+/// Names of the directories in `dir`, sorted; none when it does not exist.
+fn list_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs_err::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }

@@ -44,6 +44,22 @@ pub fn memory_available() -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
+/// Bytes an unprivileged writer may still put on the filesystem holding `path`.
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` is written by statvfs
+    // before it is read (only when it returns 0).
+    let stat = unsafe {
+        if libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
 /// The last `lines` lines of a text file (a serial console log), for error messages.
 pub fn tail(path: &std::path::Path, lines: usize) -> String {
     let text = fs_err::read(path)
