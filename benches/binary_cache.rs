@@ -23,24 +23,11 @@ mod nginx;
 #[path = "../tests/support/registry.rs"]
 mod registry;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use manual_vm::{farm, files_under};
-
-fn copy_lab(dir: &Path, extra: &str) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let toml = fs_err::read_to_string(repo.join("farm.toml")).unwrap();
-    fs_err::write(dir.join("farm.toml"), format!("{extra}\n{toml}")).unwrap();
-    for folder in ["images", "platforms"] {
-        fs_err::create_dir_all(dir.join(folder)).unwrap();
-        for file in fs_err::read_dir(repo.join(folder)).unwrap() {
-            let file = file.unwrap();
-            fs_err::copy(file.path(), dir.join(folder).join(file.file_name())).unwrap();
-        }
-    }
-}
 
 /// What one round of pulls measured.
 struct Pulls {
@@ -78,7 +65,7 @@ fn pulls(lab: &Lab, round: &str) -> Pulls {
     );
     let runner = dir.join("runner");
     fs_err::create_dir_all(&runner).unwrap();
-    copy_lab(
+    manual_vm::copy_bundled_lab(
         &runner,
         &format!("substituters = [\"{url}\"]\n{}", lab.trust),
     );
@@ -239,7 +226,7 @@ fn main() {
     let trust = String::from_utf8(out.stdout).unwrap();
     let builder = scratch.path().join("builder");
     fs_err::create_dir_all(&builder).unwrap();
-    copy_lab(&builder, "");
+    manual_vm::copy_bundled_lab(&builder, "");
     let store_a = std::env::var_os("FARM_BENCH_STORE")
         .map(PathBuf::from)
         .unwrap_or_else(|| scratch.path().join("store-a"));
@@ -287,7 +274,7 @@ fn main() {
     );
     let runner = scratch.path().join("runner");
     fs_err::create_dir_all(&runner).unwrap();
-    copy_lab(&runner, &format!("substituters = [\"{url}\"]\n{trust}"));
+    manual_vm::copy_bundled_lab(&runner, &format!("substituters = [\"{url}\"]\n{trust}"));
     // Cold `farm up` with the cache warm, and with none (FARM_BENCH_PULL_ONLY=1 skips it).
     if std::env::var_os("FARM_BENCH_PULL_ONLY").is_some() {
         return;

@@ -21,15 +21,7 @@ fn main() {
     let project = tempfile::tempdir().unwrap();
     let dir = project.path();
     // The bundled lab: farm.toml and its images/ and platforms/ files.
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    fs_err::copy(repo.join("farm.toml"), dir.join("farm.toml")).unwrap();
-    for folder in ["images", "platforms"] {
-        fs_err::create_dir_all(dir.join(folder)).unwrap();
-        for file in fs_err::read_dir(repo.join(folder)).unwrap() {
-            let file = file.unwrap();
-            fs_err::copy(file.path(), dir.join(folder).join(file.file_name())).unwrap();
-        }
-    }
+    manual_vm::copy_bundled_lab(dir, "");
     let fresh = tempfile::tempdir().unwrap();
     let store = std::env::var_os("FARM_BENCH_STORE")
         .map(std::path::PathBuf::from)

@@ -12,7 +12,7 @@
 #[allow(dead_code)]
 mod manual_vm;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,7 @@ fn run(what: &str, cmd: &mut Command) -> Duration {
 fn main() {
     let project = tempfile::tempdir().unwrap();
     let dir = project.path();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    fs_err::copy(repo.join("farm.toml"), dir.join("farm.toml")).unwrap();
-    for folder in ["images", "platforms"] {
-        fs_err::create_dir_all(dir.join(folder)).unwrap();
-        for file in fs_err::read_dir(repo.join(folder)).unwrap() {
-            let file = file.unwrap();
-            fs_err::copy(file.path(), dir.join(folder).join(file.file_name())).unwrap();
-        }
-    }
+    manual_vm::copy_bundled_lab(dir, "");
     let scratch = tempfile::tempdir().unwrap();
     let store = std::env::var_os("FARM_BENCH_STORE")
         .map(PathBuf::from)

@@ -4,7 +4,8 @@
 //! moment: every VM answers ssh, a file written before the save is there and one written
 //! after it is not, the VDE L2 answers through L1's tap, and the snapshot's files (a store
 //! entry on L1's layer, kept by gc while the snapshot is named) never change. Refusals (an unknown name, a taken name, another topology, removing a snapshot a
-//! running lab uses) exit 2 and change nothing; `down` cleans everything.
+//! running lab uses) exit 2 and change nothing; `down` cleans everything. Exported and
+//! imported into another store, the snapshot restores there by name.
 
 #[path = "support/guest.rs"]
 #[allow(dead_code)]
@@ -215,7 +216,34 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     // Down cleans everything; the snapshot goes with `rm`.
     p.ok(&["down"]);
     assert!(project::list(&p.path().join(".farm/vms")).is_empty());
+    let archive = p.path().join("lab.tar.zst");
+    let archive_arg = archive.display().to_string();
+    p.ok(&["store", "export", "-o", &archive_arg, "booted"]);
     p.ok(&["snapshot", "rm", "booted"]);
     assert!(!dir.exists());
     assert!(!stdout(&p.ok(&["snapshot", "ls"])).contains("booted"));
+
+    // A store that received the snapshot (as a CI runner pulls one) restores it by name,
+    // without the state directory that saved it: the layers inside L1 came along, so `up`
+    // finds the lab as farm.toml says.
+    let other = tempfile::tempdir().unwrap();
+    let with_other = |args: &[&str]| {
+        let out = p
+            .farm(args)
+            .env("FARM_STORE", other.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "farm {args:?}\n{}", text(&out));
+        out
+    };
+    with_other(&["store", "import", &archive_arg]);
+    with_other(&["snapshot", "restore", "booted"]);
+    assert_the_saved_moment(&p);
+    let up = String::from_utf8_lossy(&with_other(&["up"]).stderr).into_owned();
+    assert!(
+        !up.contains("starting") && !up.contains("restarting"),
+        "{up}"
+    );
+    with_other(&["down"]);
+    assert!(project::list(&p.path().join(".farm/vms")).is_empty());
 }

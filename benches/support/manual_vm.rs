@@ -272,3 +272,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The bundled lab (farm.toml, `images/`, `platforms/`) copied into `dir`, with `extra`
+/// (top-level keys) put before farm.toml's own text.
+pub fn copy_bundled_lab(dir: &Path, extra: &str) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = fs_err::read_to_string(repo.join("farm.toml")).unwrap();
+    fs_err::write(dir.join("farm.toml"), format!("{extra}\n{toml}")).unwrap();
+    for folder in ["images", "platforms"] {
+        fs_err::create_dir_all(dir.join(folder)).unwrap();
+        for file in fs_err::read_dir(repo.join(folder)).unwrap() {
+            let file = file.unwrap();
+            fs_err::copy(file.path(), dir.join(folder).join(file.file_name())).unwrap();
+        }
+    }
+}

@@ -122,7 +122,7 @@ pub fn gc(
     state_dirs.dedup();
     for state_dir in &state_dirs {
         // A snapshot's entries (and, through them, the layers they back onto).
-        for (name, entry) in crate::run::snapshot::saved_entries(state_dir) {
+        for (name, entry) in crate::run::snapshot::saved_entries(state_dir, store) {
             roots.push((
                 entry,
                 KeepReason::Snapshot {

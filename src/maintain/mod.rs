@@ -27,17 +27,21 @@ pub fn entries_named(
     name: &str,
     said: &str,
 ) -> Result<Vec<String>, NamedError> {
-    let by_store: Vec<String> = entries
+    let mut by_store: Vec<String> = entries
         .iter()
-        .filter(|e| {
-            e.dir_name() == name
-                || e.meta.name == name
-                || crate::model::snapshot::snapshot_of(&e.meta.derivation) == Some(name)
-        })
+        .filter(|e| e.dir_name() == name || e.meta.name == name)
         .map(|e| e.dir_name().to_string())
         .collect();
+    by_store.extend(crate::run::snapshot::latest_entries(entries, name));
     if !by_store.is_empty() {
-        return Ok(by_store);
+        // A snapshot's entries bring the layers of the VMs saved inside them.
+        let inside: Vec<String> = entries
+            .iter()
+            .filter(|e| by_store.iter().any(|d| d == e.dir_name()))
+            .flat_map(crate::run::snapshot::layers_inside)
+            .filter(|layer| entries.iter().any(|e| e.dir_name() == layer))
+            .collect();
+        return Ok(by_store.into_iter().chain(inside).collect());
     }
     let Some(project) = project else {
         return Err(UsageError {

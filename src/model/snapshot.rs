@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::instance::InstanceSpec;
 use super::topology::{Placement, Topology};
 
 /// The version of the manifest's layout; another is refused, not guessed at.
@@ -74,12 +75,10 @@ pub fn entry_derivation(
     })
 }
 
-/// The store key of a saved VM's entry.
+/// The store key of a saved VM's entry: its derivation hashed as every entry's is (so an
+/// import or a pull checks it the same way).
 pub fn entry_key(derivation: &serde_json::Value) -> super::hash::DrvHash {
-    super::hash::DrvHash(blake3::derive_key(
-        "farm 2026 snapshot entry",
-        derivation.to_string().as_bytes(),
-    ))
+    super::derivation::hash_of_json(derivation)
 }
 
 /// The snapshot a store entry belongs to, from its derivation.
@@ -113,6 +112,9 @@ pub const STATE_FILE: &str = "state.zst";
 pub const MANIFEST_FILE: &str = "snapshot.json";
 /// The local directories of the VM and of the VMs inside it, by VM name.
 pub const VMS_DIR: &str = "vms";
+/// farm's ssh key pair the lab's VMs authorize (`id_ed25519`, `id_ed25519.pub`): a store
+/// that restores the snapshot elsewhere logs in with it.
+pub const IDENTITY_DIR: &str = "identity";
 
 /// What a snapshot must be restored into: every VM's name, placement, platform and target.
 /// Memory, ports and the like are in the saved records and come back with them.
@@ -151,6 +153,40 @@ pub fn refusal(manifest: &SnapshotManifest, topology: &str, qemu: &str) -> Optio
         ));
     }
     None
+}
+
+/// The store root a top-level VM's record was made for: its layer's disk is
+/// `<root>/store/<entry>/disk.qcow2`.
+fn store_root_of(spec: &InstanceSpec) -> Option<PathBuf> {
+    Some(spec.layer.disk.parent()?.parent()?.parent()?.to_path_buf())
+}
+
+/// Points a saved top-level VM's record at `store_root` (the same store moved, or another
+/// store that received the entries): its layer and boot files. A store moves freely, its
+/// entries back onto each other by relative paths.
+pub fn relocate_store(spec: &mut InstanceSpec, store_root: &Path) {
+    let Some(old) = store_root_of(spec) else {
+        return;
+    };
+    if old == store_root {
+        return;
+    }
+    let moved = |path: &Path| -> PathBuf {
+        path.strip_prefix(&old)
+            .map_or_else(|_| path.to_path_buf(), |rest| store_root.join(rest))
+    };
+    spec.layer.disk = moved(&spec.layer.disk);
+    if let Some(boot) = &mut spec.boot {
+        boot.kernel = moved(&boot.kernel);
+        boot.initrd = boot.initrd.as_deref().map(moved);
+    }
+}
+
+/// The state directory a top-level VM's record was made for (`<state>/vms/<vm>`); a lab
+/// restores only into that one, since its processes, inside hypervisor VMs too, carry it
+/// as their project's tag.
+pub fn state_root_of(spec: &InstanceSpec) -> Option<&Path> {
+    spec.paths.dir.parent()?.parent()
 }
 
 /// A snapshot name: a file name of letters, digits, `-`, `_` and `.` (not leading).
@@ -216,6 +252,33 @@ mod tests {
         assert_eq!(snapshot_of(&d), Some("booted"));
         assert_eq!(snapshot_of(&serde_json::json!({"kind": "platform"})), None);
         assert_eq!(entry_name(&"v".repeat(70)).len(), 64);
+    }
+
+    #[test]
+    fn a_record_moves_with_its_store_but_keeps_its_state_directory() {
+        let mut spec = crate::model::instance::tests::spec();
+        spec.boot = Some(crate::model::qemu::DirectBoot {
+            kernel: "/s/store/0101-plain_amd64/boot/vmlinuz".into(),
+            initrd: Some("/s/store/0101-plain_amd64/boot/initrd.img".into()),
+            cmdline: "console=ttyS0".into(),
+        });
+        relocate_store(&mut spec, Path::new("/ci/cache"));
+        assert_eq!(
+            spec.layer.disk,
+            Path::new("/ci/cache/store/0101-plain_amd64/disk.qcow2")
+        );
+        let boot = spec.boot.as_ref().unwrap();
+        assert_eq!(
+            boot.kernel,
+            Path::new("/ci/cache/store/0101-plain_amd64/boot/vmlinuz")
+        );
+        assert_eq!(
+            boot.initrd.as_deref(),
+            Some(Path::new(
+                "/ci/cache/store/0101-plain_amd64/boot/initrd.img"
+            ))
+        );
+        assert_eq!(state_root_of(&spec), Some(Path::new("/p/.farm")));
     }
 
     #[test]

@@ -22,6 +22,10 @@ use crate::run::{instance, parallel};
 use crate::store::Entry;
 use crate::sys::ssh::Ssh;
 
+/// How long a guest booting its kernel directly may leave its console empty: the kernel
+/// prints within seconds even under TCG nested in TCG.
+const SILENT_CONSOLE: std::time::Duration = std::time::Duration::from_secs(90);
+
 /// What applying the plan shares across sites and threads.
 pub(crate) struct Apply<'a> {
     pub(crate) project: &'a Project,
@@ -295,25 +299,50 @@ impl Apply<'_> {
         &self,
         host: &dyn Host,
         site: &SitePlan,
+        record: InstanceRecord,
+    ) -> Result<(), UpError> {
+        self.wait_ready_or_restart_silent(host, site, record, true)
+    }
+
+    /// [`Self::wait_ready`]; a guest booting its kernel directly that has not written a
+    /// byte to its console after [`SILENT_CONSOLE`] is stuck before its kernel ran (seen
+    /// with KVM nested inside a guest that itself runs under TCG): its qemu is restarted
+    /// once, when `may_restart`.
+    fn wait_ready_or_restart_silent(
+        &self,
+        host: &dyn Host,
+        site: &SitePlan,
         mut record: InstanceRecord,
+        may_restart: bool,
     ) -> Result<(), UpError> {
         let spec = record.spec.clone();
         let timeout = self.options.realise.boot_timeout;
         let spinner = self.reporter.spinner(&spec.name, "waiting for ssh");
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let mut no_agent = false;
+        let mut silent = false;
         let mut console_read = Instant::now();
         let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
             // Every few seconds, the console: a guest at a login prompt with no agent
             // will never answer, so say so now rather than at the timeout.
             if console_read.elapsed() >= std::time::Duration::from_secs(5) {
                 console_read = Instant::now();
-                if let Ok(Some(console)) = host.get(&spec.paths.serial_log())
-                    && first_boot::read_console(&String::from_utf8_lossy(&console))
+                let console = host.get(&spec.paths.serial_log()).ok().flatten();
+                if let Some(console) = &console
+                    && first_boot::read_console(&String::from_utf8_lossy(console))
                         == ConsoleVerdict::NoAgent
                 {
                     no_agent = true;
                     return Err("no agent".into());
+                }
+                if may_restart
+                    && spec.boot.is_some()
+                    && started.elapsed() >= SILENT_CONSOLE
+                    && console.is_none_or(|c| c.is_empty())
+                {
+                    silent = true;
+                    return Err("its console stayed empty".into());
                 }
             }
             // A VM is given up on only when two looks a second apart agree that its qemu is
@@ -337,6 +366,23 @@ impl Apply<'_> {
         });
         let ssh = match waited {
             Ok(ssh) => ssh,
+            Err(_) if silent => {
+                spinner.finish_and_clear();
+                self.reporter.warn(format!(
+                    "{}: nothing on its console {} s after it started (stuck before its kernel ran); restarting it once",
+                    spec.name,
+                    SILENT_CONSOLE.as_secs()
+                ));
+                instance::stop(
+                    host,
+                    &spec.paths,
+                    &spec.name,
+                    std::time::Duration::ZERO,
+                    None,
+                )?;
+                instance::start(host, &spec)?;
+                return self.wait_ready_or_restart_silent(host, site, record, false);
+            }
             Err(_) if no_agent => {
                 spinner.finish_and_clear();
                 return Err(UpError::NoAgent {

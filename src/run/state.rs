@@ -35,6 +35,20 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
+/// Names of the directories in `dir`, sorted; none when it does not exist.
+pub fn subdirectories(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs_err::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// The state directory's paths. Reading through it changes nothing.
 #[derive(Clone, Debug)]
 pub struct StatePaths {
@@ -98,16 +112,7 @@ impl StatePaths {
 
     /// Names of the VMs with a local directory.
     pub fn instance_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs_err::read_dir(self.root.join("vms"))
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        subdirectories(&self.root.join("vms"))
     }
 
     /// The records kept here, by VM (usable ones only).

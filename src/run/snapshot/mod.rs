@@ -1,0 +1,324 @@
+//! Lab snapshots: `farm snapshot save` (`save`) pauses every top-level VM on this machine
+//! (so the lab is consistent across VMs), writes each one's memory and device state through
+//! QMP (a hypervisor VM carries its guests, their qemus and networks inside that state),
+//! lets qemu quit, and commits each VM as a store entry on its layer's: frozen overlay,
+//! state, the records and keys it needs. `restore` starts every VM again from its entry on
+//! a fresh overlay and waits for every VM, at every level, to answer ssh with its pinned
+//! host key. An entry is never written again: restoring twice gives two identical starts.
+
+mod restore;
+mod save;
+
+pub use restore::restore;
+pub use save::save;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::model::instance::{InstanceRecord, InstanceSpec};
+use crate::model::snapshot::{
+    IDENTITY_DIR, MANIFEST_FILE, SNAPSHOT_FORMAT, STATE_FILE, SavedVm, SnapshotManifest,
+    SnapshotPaths, VMS_DIR, entry_derivation, entry_key, entry_name, refusal, relocate_store,
+    snapshot_of, state_root_of, topology_digest, valid_name,
+};
+use crate::model::topology::{Placement, Topology};
+use crate::progress::Reporter;
+use crate::project::Project;
+use crate::run::host::{Host, LocalHost};
+use crate::run::instance::{self, InstanceError};
+use crate::run::state::StateDir;
+use crate::store::Store;
+use crate::sys::qmp::{Qmp, load_command, save_command, wait_for_migration};
+
+/// How long saving or loading one VM's state may take (a 2 GiB L1 under TCG takes seconds).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long every VM has to answer ssh after its state is loaded.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Refused before anything changed (exit 2).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    State(#[from] crate::run::state::StateError),
+    #[error(transparent)]
+    Host(#[from] crate::run::host::HostError),
+    #[error("Cannot {what} `{}`: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+/// The VMs a snapshot holds: the top-level ones (saved with their state) and those inside
+/// them. Refused when a top-level VM is somewhere a snapshot cannot reach yet.
+fn lab_vms(topology: &Topology) -> Result<(Vec<String>, Vec<String>), SnapshotError> {
+    let mut top = Vec::new();
+    let mut inside = Vec::new();
+    for vm in topology.vms.values() {
+        match &vm.placement {
+            Placement::Host(host) => {
+                if topology.remote_host(&vm.placement).is_some() {
+                    return Err(SnapshotError::Refused(format!(
+                        "VM `{}` runs on remote host `{host}`: snapshots hold VMs of this machine only (and the VMs inside them)",
+                        vm.name
+                    )));
+                }
+                if !topology.backend_on(&vm.placement).is_qemu() {
+                    return Err(SnapshotError::Refused(format!(
+                        "VM `{}` is a libvirt domain on `{host}`: snapshots hold VMs of farm's qemu backend only\nhint: VMs inside a hypervisor VM may run under libvirt; its own state holds them",
+                        vm.name
+                    )));
+                }
+                top.push(vm.name.clone());
+            }
+            Placement::Vm(_) => inside.push(vm.name.clone()),
+        }
+    }
+    if top.is_empty() {
+        return Err(SnapshotError::Refused(
+            "farm.toml declares no VM to snapshot".into(),
+        ));
+    }
+    Ok((top, inside))
+}
+
+/// `vms` (inside hypervisor VMs) by level: deepest first to pause them, shallowest first to
+/// resume them.
+fn by_level(topology: &Topology, vms: &[String], deepest_first: bool) -> Vec<Vec<String>> {
+    let mut levels: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for vm in vms {
+        if let Some(node) = topology.vms.get(vm) {
+            levels.entry(node.level).or_default().push(vm.clone());
+        }
+    }
+    let mut ordered: Vec<Vec<String>> = levels.into_values().collect();
+    if deepest_first {
+        ordered.reverse();
+    }
+    ordered
+}
+
+/// Sends `command` (`stop` or `cont`) to the qemu of each VM in `vms`, through the site it
+/// runs on (its hypervisor VM, over farm's ssh connection). A hypervisor VM's state is
+/// saved with its guests paused: a vCPU caught running a nested guest would be saved in
+/// a state qemu refuses to load ("vCPU set in guest-mode inconsistent with migrated kernel
+/// nested state").
+fn tell_inside(
+    project: &Project,
+    state: &StateDir,
+    vms: &[String],
+    command: &str,
+) -> Result<(), SnapshotError> {
+    let topology = &project.loaded.topology;
+    let sites = crate::run::site::Sites::new(topology, &state.ssh_config());
+    let records = state.records();
+    for vm in vms {
+        let (Some(node), Some(record)) = (topology.vms.get(vm), records.get(vm)) else {
+            continue;
+        };
+        let host = sites
+            .connect(&node.placement)
+            .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+        host.qmp(&record.spec.paths.qmp(), command)?;
+    }
+    Ok(())
+}
+
+/// The first line of `binary --version`.
+fn qemu_version(binary: &str) -> Result<String, SnapshotError> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(io("run", Path::new(binary)))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
+fn records_of(
+    state: &StateDir,
+    names: &[String],
+) -> Result<BTreeMap<String, InstanceRecord>, SnapshotError> {
+    let records = state.records();
+    names
+        .iter()
+        .map(|name| {
+            records
+                .get(name)
+                .cloned()
+                .map(|r| (name.clone(), r))
+                .ok_or_else(|| {
+                    SnapshotError::Refused(format!(
+                        "VM `{name}` has never been brought up\nhint: `farm up` first"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn local() -> LocalHost {
+    LocalHost {
+        name: crate::model::topology::LOCAL_HOST.to_string(),
+    }
+}
+
+fn store_error(e: crate::store::StoreError) -> SnapshotError {
+    SnapshotError::Failed(e.to_string())
+}
+
+/// Tells qemu to quit and waits for it (killed after 10 s).
+fn quit(host: &dyn Host, spec: &InstanceSpec, vm: &str) -> Result<(), SnapshotError> {
+    instance::stop(host, &spec.paths, vm, Duration::ZERO, None)?;
+    Ok(())
+}
+
+/// Copies a VM's local directory, without its running qemu's files (and the overlay, moved
+/// into the snapshot separately).
+fn copy_vm_dir(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+    fs_err::create_dir_all(to).map_err(io("create", to))?;
+    let Ok(entries) = fs_err::read_dir(from) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let skip = matches!(
+            name.to_str(),
+            Some("disk.qcow2" | "qemu.pid" | "qmp.sock" | "qemu.stderr" | "serial.log")
+        );
+        if skip || !entry.path().is_file() {
+            continue;
+        }
+        fs_err::copy(entry.path(), to.join(&name)).map_err(io("copy", &entry.path()))?;
+    }
+    Ok(())
+}
+
+fn read_record(dir: &Path) -> Option<InstanceRecord> {
+    let bytes = fs_err::read(dir.join("instance.json")).ok()?;
+    InstanceRecord::parse(&bytes).ok()
+}
+
+fn parse_manifest(
+    bytes: &[u8],
+    path: &Path,
+    name: &str,
+) -> Result<SnapshotManifest, SnapshotError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        SnapshotError::Failed(format!(
+            "Snapshot `{name}` is damaged (`{}`: {e})",
+            path.display()
+        ))
+    })
+}
+
+/// The snapshots of this state directory, oldest first.
+pub fn list(state_root: &Path) -> Vec<SnapshotManifest> {
+    let mut found: Vec<SnapshotManifest> =
+        crate::run::state::subdirectories(&state_root.join("snapshots"))
+            .into_iter()
+            .filter_map(|name| {
+                let path = SnapshotPaths::new(state_root, &name).manifest();
+                let bytes = fs_err::read(&path).ok()?;
+                parse_manifest(&bytes, &path, &name).ok()
+            })
+            .collect();
+    found.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
+    found
+}
+
+/// The entries of the latest snapshot saved as `name` in this store (a name saved again,
+/// after `rm`, leaves older entries until gc): those its newest manifest lists.
+pub fn latest_entries(entries: &[crate::store::Entry], name: &str) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|e| snapshot_of(&e.meta.derivation) == Some(name))
+        .filter_map(|e| {
+            let path = e.dir.join(MANIFEST_FILE);
+            parse_manifest(&fs_err::read(&path).ok()?, &path, name).ok()
+        })
+        .max_by_key(|m| m.created)
+        .map(|m| m.vms.into_iter().map(|v| v.entry).collect())
+        .unwrap_or_default()
+}
+
+/// The layers the VMs inside a saved VM boot on, by entry directory: a store that restores
+/// the snapshot needs them for `farm up` to see those VMs as they are (their layers are in
+/// the hypervisor's disk too, but farm plans from its own store).
+pub fn layers_inside(entry: &crate::store::Entry) -> Vec<String> {
+    let mut layers: Vec<String> = crate::run::state::subdirectories(&entry.dir.join(VMS_DIR))
+        .into_iter()
+        .filter_map(|vm| read_record(&entry.dir.join(VMS_DIR).join(vm)))
+        .map(|r| r.spec.layer.entry)
+        .filter(|layer| Some(layer) != entry.meta.parent.as_ref())
+        .collect();
+    layers.sort();
+    layers.dedup();
+    layers
+}
+
+/// The store entries of the snapshots of `state_root`, with their snapshot's name: gc roots
+/// while the snapshot exists (their closure keeps the layers they back onto).
+pub fn saved_entries(state_root: &Path, store: &Store) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for manifest in list(state_root) {
+        for saved in manifest.vms {
+            if let Some(entry) = store.entry_by_dir(&saved.entry) {
+                for layer in layers_inside(&entry) {
+                    found.push((manifest.name.clone(), layer));
+                }
+            }
+            found.push((manifest.name.clone(), saved.entry));
+        }
+    }
+    found
+}
+
+/// Removes snapshot `name` (its entries go with the next `farm gc`). Refused while a
+/// running VM's overlay backs onto it.
+pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), SnapshotError> {
+    valid_name(name).map_err(SnapshotError::Refused)?;
+    let state = StateDir::open(state_root)?;
+    let paths = SnapshotPaths::new(state.root(), name);
+    let bytes = fs_err::read(paths.manifest()).map_err(|_| {
+        SnapshotError::Refused(format!(
+            "No snapshot `{name}`\nhint: `farm snapshot ls` lists them"
+        ))
+    })?;
+    let manifest = parse_manifest(&bytes, &paths.manifest(), name)?;
+    let host = local();
+    let store_dir = project.store_dir.join("store");
+    for (vm, record) in state.records() {
+        let backing = crate::store::qcow2::read_info(&record.spec.paths.disk())
+            .ok()
+            .flatten()
+            .and_then(|info| info.backing);
+        let on_it = backing.is_some_and(|b| {
+            manifest
+                .vms
+                .iter()
+                .any(|v| Path::new(&b).starts_with(store_dir.join(&v.entry)))
+        });
+        if on_it && instance::is_running(&host, &record.spec.paths, &vm)? {
+            return Err(SnapshotError::Refused(format!(
+                "VM `{vm}` runs on snapshot `{name}`'s disk\nhint: `farm down` first, or restore another snapshot"
+            )));
+        }
+    }
+    fs_err::remove_dir_all(&paths.dir).map_err(io("remove", &paths.dir))
+}

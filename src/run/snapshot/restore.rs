@@ -1,0 +1,296 @@
+//! `farm snapshot restore`: refusals first, then each saved VM started from its entry, and
+//! every VM at every level waited for.
+
+use super::*;
+
+/// Stops the lab that runs (its state is discarded: qemu is told to quit at once) and
+/// starts it again from snapshot `name`; the time until every VM answers ssh.
+pub fn restore(
+    project: &Project,
+    state_root: &Path,
+    name: &str,
+    reporter: &Reporter,
+) -> Result<Duration, SnapshotError> {
+    valid_name(name).map_err(SnapshotError::Refused)?;
+    let state = StateDir::open(state_root)?;
+    let store = Store::open(&project.store_dir).map_err(store_error)?;
+    let manifest = find_manifest(&state, &store, name)?;
+    let (top, _) = lab_vms(&project.loaded.topology)?;
+    let entries = entries_of(&store, &manifest)?;
+    let binary = entries
+        .first()
+        .and_then(|(vm, entry)| read_record(&entry.dir.join(VMS_DIR).join(vm)))
+        .map_or("qemu-system-x86_64", |r| r.spec.qemu().binary());
+    let here = qemu_version(binary)?;
+    if let Some(why) = refusal(&manifest, &topology_digest(&project.loaded.topology), &here) {
+        return Err(SnapshotError::Refused(why));
+    }
+    for (vm, entry) in &entries {
+        let saved_for = read_record(&entry.dir.join(VMS_DIR).join(vm))
+            .and_then(|r| state_root_of(&r.spec).map(Path::to_path_buf));
+        if let Some(saved_for) = saved_for.filter(|p| p != state.root()) {
+            return Err(SnapshotError::Refused(format!(
+                "Snapshot `{name}` was saved by the project whose state directory is `{}`; this one's is `{}`: the lab's processes, inside its hypervisor VMs too, are tagged with that path\nhint: restore it from a project at `{}` (or with `--state {}`)",
+                saved_for.display(),
+                state.root().display(),
+                saved_for.parent().unwrap_or(&saved_for).display(),
+                saved_for.display()
+            )));
+        }
+    }
+    // What runs goes (refused about before anything stops).
+    let host = local();
+    for (vm, record) in state
+        .records()
+        .into_iter()
+        .filter(|(vm, _)| top.contains(vm))
+    {
+        quit(&host, &record.spec, &vm)?;
+    }
+    load(project, &state, &store, &manifest, reporter)
+}
+
+/// The snapshot's manifest: from the state directory that saved it, or else from its
+/// entries in the store (imported or pulled from another machine).
+fn find_manifest(
+    state: &StateDir,
+    store: &Store,
+    name: &str,
+) -> Result<SnapshotManifest, SnapshotError> {
+    let path = SnapshotPaths::new(state.root(), name).manifest();
+    if let Ok(bytes) = fs_err::read(&path) {
+        return parse_manifest(&bytes, &path, name);
+    }
+    let entries = store.entries().map_err(store_error)?;
+    let latest = latest_entries(&entries, name);
+    let Some(entry) = latest.first().and_then(|dir| store.entry_by_dir(dir)) else {
+        return Err(SnapshotError::Refused(format!(
+            "No snapshot `{name}`\nhint: `farm snapshot ls` lists them"
+        )));
+    };
+    let path = entry.dir.join(MANIFEST_FILE);
+    let bytes = fs_err::read(&path).map_err(io("read", &path))?;
+    parse_manifest(&bytes, &path, name)
+}
+
+/// Each saved VM's store entry; refused when one is missing (removed by gc with its
+/// snapshot, or never imported).
+fn entries_of(
+    store: &Store,
+    manifest: &SnapshotManifest,
+) -> Result<Vec<(String, crate::store::Entry)>, SnapshotError> {
+    manifest
+        .vms
+        .iter()
+        .map(|saved| {
+            store
+                .entry_by_dir(&saved.entry)
+                .map(|e| (saved.name.clone(), e))
+                .ok_or_else(|| {
+                    SnapshotError::Refused(format!(
+                        "Snapshot `{}` needs store entry `{}` (VM `{}`), which `{}` does not have\nhint: `farm store import` or `farm store pull` it, or save the snapshot again",
+                        manifest.name,
+                        saved.entry,
+                        saved.name,
+                        store.root().display()
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Starts every saved VM from its state on a fresh overlay, and waits for every VM of the
+/// snapshot to answer ssh.
+pub(super) fn load(
+    project: &Project,
+    state: &StateDir,
+    store: &Store,
+    manifest: &SnapshotManifest,
+    reporter: &Reporter,
+) -> Result<Duration, SnapshotError> {
+    let started = Instant::now();
+    let host = local();
+    let entries = entries_of(store, manifest)?;
+    for (_, entry) in &entries {
+        for vm in crate::run::state::subdirectories(&entry.dir.join(VMS_DIR)) {
+            let dir = state.instance(&vm).dir;
+            let _ = fs_err::remove_dir_all(&dir);
+            copy_vm_dir(&entry.dir.join(VMS_DIR).join(&vm), &dir)?;
+        }
+    }
+    // The records point at this store (it may have moved, or received the entries).
+    for (vm, _) in &entries {
+        let dir = state.instance(vm).dir;
+        if let Some(mut record) = read_record(&dir) {
+            relocate_store(&mut record.spec, store.root());
+            fs_err::write(dir.join("instance.json"), record.to_json())
+                .map_err(io("write", &dir))?;
+        }
+    }
+    // The networks farm runs on this machine, for the VMs that join them.
+    let topology = &project.loaded.topology;
+    let project_tag = state.root().display().to_string();
+    for placement in topology.hosts.keys().map(|h| Placement::Host(h.clone())) {
+        for network in
+            crate::model::network::site_networks(&project.loaded.config, topology, &placement)
+        {
+            crate::run::vde::ensure_up(&host, state.root(), &network, &project_tag)
+                .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+        }
+    }
+    let results = crate::run::parallel::each(&entries, |(vm, entry)| {
+        // The state is immutable: a load that failed (qemu died while reading it) is tried
+        // once more from scratch before the restore fails.
+        start_from_state(&host, state, entry, vm).or_else(|first| {
+            reporter.warn(format!("{first}\nloading it once more"));
+            if let Some(record) = read_record(&state.instance(vm).dir) {
+                quit(&host, &record.spec, vm)?;
+            }
+            start_from_state(&host, state, entry, vm)
+        })
+    });
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    let loaded = started.elapsed();
+    if let Some((_, entry)) = entries.first() {
+        install_identity(state, &entry.dir.join(IDENTITY_DIR))?;
+    }
+    crate::run::up::write_state_ssh_files(project, state, &BTreeMap::new())
+        .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    // The top-level VMs answer, then the VMs inside them (saved paused) run on, level by
+    // level, each level answering before the next is reached through it.
+    let top: Vec<String> = manifest.vms.iter().map(|v| v.name.clone()).collect();
+    let mut levels = vec![top];
+    levels.extend(by_level(&project.loaded.topology, &manifest.inside, false));
+    for (depth, level) in levels.iter().enumerate() {
+        if depth > 0 {
+            tell_inside(project, state, level, "cont")?;
+        }
+        let answered = crate::run::parallel::each(level, |vm| answer(state, vm));
+        answered.into_iter().collect::<Result<Vec<()>, _>>()?;
+    }
+    let everyone: Vec<&String> = levels.iter().flatten().collect();
+    let took = started.elapsed();
+    reporter.status(
+        "restored",
+        format!(
+            "snapshot {}: states loaded in {:.1} s, {} VM(s) answering ssh after {:.1} s",
+            manifest.name,
+            loaded.as_secs_f64(),
+            everyone.len(),
+            took.as_secs_f64()
+        ),
+    );
+    Ok(took)
+}
+
+/// Makes the snapshot's ssh key pair farm's key in `state`, when it is not already: the
+/// restored VMs authorize that key only (a state directory on another machine has its own).
+fn install_identity(state: &StateDir, saved: &Path) -> Result<(), SnapshotError> {
+    let private = state.identity_file();
+    let public = private.with_extension("pub");
+    let saved_public = saved.join("id_ed25519.pub");
+    let same = match (fs_err::read(&public), fs_err::read(&saved_public)) {
+        (Ok(here), Ok(there)) => here == there,
+        _ => false,
+    };
+    if same || !saved_public.exists() {
+        return Ok(());
+    }
+    for (from, to, mode) in [
+        (saved.join("id_ed25519"), &private, 0o600),
+        (saved_public, &public, 0o644),
+    ] {
+        let bytes = fs_err::read(&from).map_err(io("read", &from))?;
+        let tmp = to.with_extension("snapshot-tmp");
+        fs_err::write(&tmp, bytes).map_err(io("write", &tmp))?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(io("set permissions of", &tmp))?;
+        fs_err::rename(&tmp, to).map_err(io("write", to))?;
+    }
+    Ok(())
+}
+
+/// One top-level VM: a new overlay on its entry's frozen disk, qemu waiting for the state,
+/// the state loaded, the VM running.
+fn start_from_state(
+    host: &dyn Host,
+    state: &StateDir,
+    entry: &crate::store::Entry,
+    vm: &str,
+) -> Result<(), SnapshotError> {
+    let record = read_record(&state.instance(vm).dir).ok_or_else(|| {
+        SnapshotError::Failed(format!(
+            "Store entry `{}` has no record of VM `{vm}`",
+            entry.dir.display()
+        ))
+    })?;
+    let spec = &record.spec;
+    instance::check(
+        host,
+        vm,
+        "Creating the overlay on the snapshot's disk",
+        &format!(
+            "qemu-img create -q -f qcow2 -F qcow2 -b {} {}",
+            crate::sys::ssh::shell_quote(&entry.disk_path().display().to_string()),
+            crate::sys::ssh::shell_quote(&spec.paths.disk().display().to_string()),
+        ),
+    )?;
+    let mut qemu = spec.qemu();
+    qemu.incoming = true;
+    qemu.daemonize = false;
+    instance::start_qemu_vm(host, spec, &qemu)?;
+    let failed = |e: String| {
+        SnapshotError::Failed(format!(
+            "Cannot load VM `{vm}`'s saved state: {e}\n{}",
+            crate::sys::hostinfo::tail(&spec.paths.stderr_log(), 5)
+        ))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut qmp = loop {
+        match Qmp::connect(&spec.paths.qmp(), Duration::from_secs(60)) {
+            Ok(qmp) => break qmp,
+            Err(e) if Instant::now() > deadline => return Err(failed(e.to_string())),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    qmp.command(
+        "migrate-incoming",
+        serde_json::json!({ "uri": format!("exec:{}", load_command(&entry.dir.join(STATE_FILE))) }),
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let status = qmp
+            .command("query-status", serde_json::json!({}))
+            .map_err(|e| failed(e.to_string()))?;
+        match status["status"].as_str() {
+            Some("inmigrate") if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Some("running") => return Ok(()),
+            Some("paused") | Some("postmigrate") | Some("prelaunch") => {
+                qmp.command("cont", serde_json::json!({}))
+                    .map_err(|e| failed(e.to_string()))?;
+                return Ok(());
+            }
+            other => return Err(failed(format!("qemu is {other:?}"))),
+        }
+    }
+}
+
+/// Waits for `vm` to answer ssh (host key pinned), then sets its clock, which stood still
+/// while it was saved.
+fn answer(state: &StateDir, vm: &str) -> Result<(), SnapshotError> {
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    let ssh = crate::sys::ssh::Ssh::wait_for(&state.ssh_config(), vm, deadline, || Ok(()))
+        .map_err(|e| {
+            SnapshotError::Failed(format!(
+                "VM `{vm}` did not answer ssh after its snapshot was restored: {e}\nhint: `farm logs {vm}` shows its console"
+            ))
+        })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let _ = ssh.run(&format!("date -u -s @{now} >/dev/null 2>&1"), None);
+    Ok(())
+}
