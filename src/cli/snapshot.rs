@@ -23,6 +23,7 @@ pub enum SnapshotCommand {
 
 #[derive(Debug, Args)]
 pub struct SaveArgs {
+    /// The snapshot's name: letters, digits, `-`, `_` and `.`.
     pub name: String,
     /// Leave the lab stopped after saving it.
     #[arg(long)]
@@ -33,6 +34,7 @@ pub struct SaveArgs {
 
 #[derive(Debug, Args)]
 pub struct NameArgs {
+    /// The snapshot's name, as `farm snapshot ls` lists it.
     pub name: String,
     #[command(flatten)]
     pub state: StateArgs,
@@ -65,7 +67,10 @@ pub fn run(
         }
         SnapshotCommand::Ls(args) => {
             let found = snapshot::list(&args.state.dir(&project));
-            println!("{:<20} {:>12} {:>10}  VMS", "NAME", "CREATED", "SIZE");
+            println!("{:<20} {:>12} {:>10}  VMS", "NAME", "SAVED", "SIZE");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
             for m in found {
                 let size: u64 = m.vms.iter().map(|v| v.disk_bytes + v.state_bytes).sum();
                 let mut vms: Vec<&str> = m.vms.iter().map(|v| v.name.as_str()).collect();
@@ -73,7 +78,7 @@ pub fn run(
                 println!(
                     "{:<20} {:>12} {:>10}  {}",
                     m.name,
-                    m.created,
+                    age(now.saturating_sub(m.created)),
                     crate::build::realise::human_bytes(size),
                     vms.join(", ")
                 );
@@ -85,4 +90,25 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// `seconds` ago, as people say it.
+fn age(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds} s ago"),
+        60..3600 => format!("{} min ago", seconds / 60),
+        3600..86400 => format!("{} h ago", seconds / 3600),
+        _ => format!("{} d ago", seconds / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ages_read_as_people_say_them() {
+        assert_eq!(super::age(5), "5 s ago");
+        assert_eq!(super::age(125), "2 min ago");
+        assert_eq!(super::age(7300), "2 h ago");
+        assert_eq!(super::age(3 * 86400 + 5), "3 d ago");
+    }
 }
