@@ -46,16 +46,6 @@ impl Backend {
             "/var/run/libvirt/libvirt-sock".to_string()
         }
     }
-
-    /// Where libvirtd writes a running domain's qemu pid, as a shell word on the site.
-    pub fn libvirt_pidfile_shell(uri: &str, domain: &str) -> String {
-        let name = crate::model::shell::shell_quote(&format!("{domain}.pid"));
-        if is_session(uri) {
-            format!("\"${{XDG_RUNTIME_DIR:-$HOME/.cache}}/libvirt/qemu/run/\"{name}")
-        } else {
-            format!("/run/libvirt/qemu/{name}")
-        }
-    }
 }
 
 /// `backend = "…"` as farm.toml says it.
@@ -110,20 +100,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sockets_and_pidfiles_follow_the_uri() {
+    fn sockets_follow_the_uri() {
         assert_eq!(
             Backend::libvirt_socket_shell("qemu:///system"),
             "/var/run/libvirt/libvirt-sock"
         );
         assert!(Backend::libvirt_socket_shell("qemu:///session").contains("XDG_RUNTIME_DIR"));
-        assert_eq!(
-            Backend::libvirt_pidfile_shell("qemu:///system", "web"),
-            "/run/libvirt/qemu/'web.pid'"
-        );
-        assert!(
-            Backend::libvirt_pidfile_shell("qemu:///session", "web")
-                .ends_with("/libvirt/qemu/run/\"'web.pid'")
-        );
         assert_eq!(Backend::default().to_string(), "qemu");
     }
 

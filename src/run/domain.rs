@@ -99,7 +99,8 @@ fn ensure_daemon(host: &dyn Host, uri: &str) -> Result<String, InstanceError> {
 pub fn start(host: &dyn Host, spec: &InstanceSpec, uri: &str) -> Result<(), InstanceError> {
     let paths = &spec.paths;
     let root = host.run("id -u")?.text().trim() == "0";
-    let run_as_root = root && !is_session(uri);
+    // Root's session daemon, like the system one, would run qemu as `libvirt-qemu`.
+    let run_as_root = root;
     let meta = DomainMeta::for_spec(spec);
     let xml = domain_xml(&spec.qemu(), &meta, run_as_root);
     host.put(xml.as_bytes(), &paths.dir.join("domain.xml"), 0o600)?;
@@ -115,13 +116,33 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec, uri: &str) -> Result<(), Inst
         lv.start(&spec.name, &meta)
     })
     .map_err(|e| with_start_hint(e, &spec.name, root || is_session(uri)))?;
-    let copy = format!(
-        "cp {} {}",
-        Backend::libvirt_pidfile_shell(uri, &spec.name),
-        q(&paths.pidfile())
-    );
-    crate::run::instance::check(host, &spec.name, "Reading the domain's qemu pid", &copy)?;
+    crate::run::instance::check(
+        host,
+        &spec.name,
+        "Finding the domain's qemu",
+        &pid_by_tag(spec, &paths.pidfile()),
+    )?;
     Ok(())
+}
+
+/// A script writing the pid of `spec`'s qemu to `pidfile`, found by farm's tag in its
+/// command line and environment: where libvirtd keeps its own pidfile depends on the
+/// daemon (system, session, root's session), the tag does not.
+fn pid_by_tag(spec: &InstanceSpec, pidfile: &Path) -> String {
+    let name = shell_quote(&format!("process=farm-{}", spec.name));
+    let project = shell_quote(&format!(
+        "{}={}",
+        crate::model::qemu::TAG_PROJECT,
+        spec.tag.project
+    ));
+    format!(
+        "for d in /proc/[0-9]*; do \
+           grep -qaF -- {name} \"$d/cmdline\" 2>/dev/null && \
+           tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qxF -- {project} && \
+           {{ echo \"${{d#/proc/}}\" > {pidfile}; exit 0; }}; \
+         done; echo 'libvirt started the domain, but its qemu is not to be found' >&2; exit 1",
+        pidfile = q(pidfile)
+    )
 }
 
 /// What to do when libvirtd refuses to start a domain: its qemu log, and for a
