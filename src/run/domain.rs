@@ -5,8 +5,9 @@
 //! farm talks to libvirtd with its C API (`sys::libvirt`): on this machine directly, on a
 //! remote host or inside a hypervisor VM through libvirtd's socket forwarded by farm's own
 //! ssh connection (the same jump chain as everything else). The domain's qemu carries
-//! farm's process tag, `-name` and QMP socket, and its pid (found by that tag) goes into the instance's
-//! pidfile, so observing, `status` and waiting for ssh are the same code for both backends.
+//! farm's process tag, `-name` and QMP socket, and its pid (found by that tag) goes into
+//! the instance's pidfile, so observing, `status` and waiting for ssh are the same code for
+//! both backends.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
