@@ -188,8 +188,8 @@ fn quit(host: &dyn Host, spec: &InstanceSpec, vm: &str) -> Result<(), SnapshotEr
     Ok(())
 }
 
-/// Copies a VM's local directory, without its running qemu's files (and the overlay, moved
-/// into the snapshot separately).
+/// Copies a VM's local directory, without its running qemu's files and its overlay (a
+/// saved VM's overlay goes into its store entry as the entry's disk).
 fn copy_vm_dir(from: &Path, to: &Path) -> Result<(), SnapshotError> {
     fs_err::create_dir_all(to).map_err(io("create", to))?;
     let Ok(entries) = fs_err::read_dir(from) else {
