@@ -10,10 +10,10 @@ use super::up::StateArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Save the running lab (every VM of this machine, with the VMs inside them): memory,
-    /// devices and disks; it runs on from the snapshot unless --stop.
+    /// Save the running lab (every VM of this machine, or those named, with the VMs inside
+    /// them): memory, devices and disks; it runs on from the snapshot unless --stop.
     Save(SaveArgs),
-    /// Stop what runs and start the lab from a snapshot; waits until every VM answers ssh.
+    /// Stop the snapshot's VMs and start them from it; waits until every VM answers ssh.
     Restore(NameArgs),
     /// List the snapshots: name, when, VMs, size.
     Ls(StateOnly),
@@ -25,6 +25,8 @@ pub enum SnapshotCommand {
 pub struct SaveArgs {
     /// The snapshot's name: letters, digits, `-`, `_` and `.`.
     pub name: String,
+    /// Top-level VMs to save, with the VMs inside them (default: all of this machine's).
+    pub vms: Vec<String>,
     /// Leave the lab stopped after saving it.
     #[arg(long)]
     pub stop: bool,
@@ -58,6 +60,7 @@ pub fn run(
                 &project,
                 &args.state.dir(&project),
                 &args.name,
+                &args.vms,
                 args.stop,
                 reporter,
             )?;

@@ -116,11 +116,100 @@ pub const VMS_DIR: &str = "vms";
 /// that restores the snapshot elsewhere logs in with it.
 pub const IDENTITY_DIR: &str = "identity";
 
-/// What a snapshot must be restored into: every VM's name, placement, platform and target.
-/// Memory, ports and the like are in the saved records and come back with them.
-pub fn topology_digest(topology: &Topology) -> String {
-    let mut hasher = blake3::Hasher::new_derive_key("farm 2026 snapshot topology");
+/// What a snapshot holds: the top-level VMs saved with their state, and every VM inside
+/// them (in their hypervisor's state).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub top: Vec<String>,
+    pub inside: Vec<String>,
+}
+
+impl Selection {
+    /// Every VM of the selection, top-level ones first.
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.top.iter().chain(&self.inside)
+    }
+}
+
+/// The top-level VM whose state holds `vm` (`vm` itself when it runs on a host).
+pub fn top_level_of<'a>(topology: &'a Topology, vm: &'a str) -> &'a str {
+    topology
+        .chain(vm)
+        .into_iter()
+        .find_map(|p| match p {
+            Placement::Vm(v) => topology.vms.get_key_value(&v).map(|(k, _)| k.as_str()),
+            Placement::Host(_) => None,
+        })
+        .unwrap_or(vm)
+}
+
+/// The VMs a snapshot of `names` holds (the whole lab when `names` is empty): each named
+/// VM with every VM inside it. A VM inside a hypervisor VM cannot be named alone (its
+/// state is part of its hypervisor's), nor can a VM on a remote host or under libvirt yet.
+pub fn selection(topology: &Topology, names: &[String]) -> Result<Selection, String> {
+    for name in names {
+        let Some(vm) = topology.vms.get(name) else {
+            let known: Vec<&str> = topology.vms.keys().map(String::as_str).collect();
+            return Err(format!(
+                "No VM `{name}` in farm.toml\nhint: its VMs are {}",
+                known.join(", ")
+            ));
+        };
+        if let Placement::Vm(_) = vm.placement {
+            let top = top_level_of(topology, name);
+            return Err(format!(
+                "VM `{name}` runs inside `{top}`: its state is part of `{top}`'s\nhint: `farm snapshot save NAME {top}` saves it with the VMs beside it"
+            ));
+        }
+    }
+    let mut selection = Selection {
+        top: Vec::new(),
+        inside: Vec::new(),
+    };
     for vm in topology.vms.values() {
+        let top = top_level_of(topology, &vm.name);
+        if !names.is_empty() && !names.iter().any(|n| n == top) {
+            continue;
+        }
+        match &vm.placement {
+            Placement::Host(host) => {
+                if topology.remote_host(&vm.placement).is_some() {
+                    return Err(format!(
+                        "VM `{}` runs on remote host `{host}`: snapshots hold VMs of this machine only (and the VMs inside them)\nhint: name the VMs of this machine: `farm snapshot save NAME VM…`",
+                        vm.name
+                    ));
+                }
+                if !topology.backend_on(&vm.placement).is_qemu() {
+                    return Err(format!(
+                        "VM `{}` is a libvirt domain on `{host}`: snapshots hold VMs of farm's qemu backend only\nhint: VMs inside a hypervisor VM may run under libvirt; its own state holds them",
+                        vm.name
+                    ));
+                }
+                selection.top.push(vm.name.clone());
+            }
+            Placement::Vm(_) => selection.inside.push(vm.name.clone()),
+        }
+    }
+    if selection.top.is_empty() {
+        return Err("farm.toml declares no VM to snapshot".into());
+    }
+    Ok(selection)
+}
+
+/// What a snapshot of `vms` must be restored into: each one's name, placement, platform
+/// and target. Memory, ports and the like are in the saved records and come back with
+/// them; VMs outside the snapshot may change freely.
+pub fn topology_digest<'a>(
+    topology: &Topology,
+    vms: impl IntoIterator<Item = &'a String>,
+) -> String {
+    let wanted: std::collections::BTreeSet<&String> = vms.into_iter().collect();
+    let mut hasher = blake3::Hasher::new_derive_key("farm 2026 snapshot topology");
+    for name in &wanted {
+        let Some(vm) = topology.vms.get(*name) else {
+            hasher.update(format!("{name}\0missing\n").as_bytes());
+            continue;
+        };
         let placement = match &vm.placement {
             Placement::Host(h) => format!("host:{h}"),
             Placement::Vm(v) => format!("vm:{v}"),
@@ -279,6 +368,92 @@ mod tests {
             ))
         );
         assert_eq!(state_root_of(&spec), Some(Path::new("/p/.farm")));
+    }
+
+    fn lab(extra: &str) -> Topology {
+        let text = format!(
+            r#"
+[images.tiny]
+tiny = true
+[targets.amd64]
+arch = "x86_64"
+[platforms.plain]
+from = "tiny"
+[hosts.here]
+[vms.alpha]
+platform = "plain"
+host = "here"
+[vms.hyper]
+platform = "plain"
+host = "here"
+[vms.inner]
+platform = "plain"
+host = "hyper"
+[vms.deep]
+platform = "plain"
+host = "inner"
+{extra}"#
+        );
+        let map = crate::config::SourceMap::new(vec![crate::config::SourceFile {
+            path: PathBuf::from("/p/farm.toml"),
+            text,
+        }]);
+        crate::config::parse_sources(&map, &[crate::config::SourceKind::Main], None)
+            .unwrap_or_else(|d| panic!("{}", map.render_all(&d)))
+            .1
+    }
+
+    #[test]
+    fn a_selection_is_top_level_vms_with_everything_inside_them() {
+        let topology = lab("");
+        let all = selection(&topology, &[]).unwrap();
+        assert_eq!(all.top, ["alpha", "hyper"]);
+        assert_eq!(all.inside, ["deep", "inner"]);
+        let part = selection(&topology, &["hyper".into()]).unwrap();
+        assert_eq!(part.top, ["hyper"]);
+        assert_eq!(part.inside, ["deep", "inner"]);
+        assert_eq!(top_level_of(&topology, "deep"), "hyper");
+        let inner = selection(&topology, &["deep".into()]).unwrap_err();
+        assert!(
+            inner.contains("runs inside `hyper`") && inner.contains("save NAME hyper"),
+            "{inner}"
+        );
+        let unknown = selection(&topology, &["nope".into()]).unwrap_err();
+        assert!(
+            unknown.contains("No VM `nope`") && unknown.contains("alpha, deep"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn the_digest_covers_the_saved_vms_only() {
+        let topology = lab("");
+        let part = selection(&topology, &["hyper".into()]).unwrap();
+        let before = topology_digest(&topology, part.all());
+        let whole = topology_digest(&topology, topology.vms.keys());
+        // Another VM beside the snapshot's changes nothing; one of its own does.
+        let more = lab("[vms.gamma]\nplatform = \"plain\"\n");
+        assert_eq!(topology_digest(&more, part.all()), before);
+        assert_ne!(topology_digest(&more, more.vms.keys()), whole);
+        let mut without = topology.clone();
+        without.vms.remove("deep");
+        assert_ne!(topology_digest(&without, part.all()), before);
+    }
+
+    #[test]
+    fn a_remote_vm_is_refused_unless_left_out() {
+        let topology = lab(
+            "[hosts.far]\naddress = \"root@192.0.2.1\"\n[vms.away]\nplatform = \"plain\"\nhost = \"far\"\n",
+        );
+        let whole = selection(&topology, &[]).unwrap_err();
+        assert!(
+            whole.contains("remote host `far`") && whole.contains("hint:"),
+            "{whole}"
+        );
+        assert_eq!(
+            selection(&topology, &["alpha".into()]).unwrap().top,
+            ["alpha"]
+        );
     }
 
     #[test]

@@ -91,12 +91,33 @@ pub fn qmp_with_socat<H: Host + ?Sized>(
     socket: &Path,
     command: &str,
 ) -> Result<(), HostError> {
-    let script = format!(
+    host.run(&socat_qmp_script(socket, command)).map(|_| ())
+}
+
+/// A shell script sending QMP `command` to `socket` with `socat` (best effort).
+fn socat_qmp_script(socket: &Path, command: &str) -> String {
+    format!(
         "printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"{command}\"}}' | \
          timeout 5 socat - UNIX-CONNECT:{} >/dev/null 2>&1 || true",
         crate::sys::ssh::shell_quote(&socket.display().to_string())
-    );
-    host.run(&script).map(|_| ())
+    )
+}
+
+/// QMP `command` to `socket` on the machine `ssh` is logged into: through a socket the
+/// connection forwards, so that machine needs no QMP client; `socat` there when its
+/// server refuses to forward (dropbear). Best effort, as on this machine: the caller
+/// checks the process afterwards.
+pub fn qmp_over_ssh(
+    ssh: &crate::sys::ssh::Ssh,
+    socket: &Path,
+    command: &str,
+) -> Result<(), crate::sys::ssh::SshError> {
+    match ssh.with_forwarded_socket(socket, |local| crate::sys::qmp::execute(local, command)) {
+        Ok(_) => Ok(()),
+        Err(_) => ssh
+            .run(&socat_qmp_script(socket, command), None)
+            .map(|_| ()),
+    }
 }
 
 /// A shell test, true when `pidfile` names a live process that has `argument` as one of

@@ -147,14 +147,8 @@ impl Host for RemoteHost {
     /// Through a socket the ssh connection forwards, so the host needs no QMP client;
     /// `socat` there when the server refuses to forward (dropbear).
     fn qmp(&self, socket: &Path, command: &str) -> Result<(), HostError> {
-        let forwarded = self
-            .live_session()?
-            .with_forwarded_socket(socket, |local| crate::sys::qmp::execute(local, command));
-        match forwarded {
-            // Best effort by design, as on this machine: the caller checks the process.
-            Ok(_) => Ok(()),
-            Err(_) => crate::run::host::qmp_with_socat(self, socket, command),
-        }
+        crate::run::host::qmp_over_ssh(&*self.live_session()?, socket, command)
+            .map_err(|e| self.spawn_error(e))
     }
 
     /// Through the session's master: the session is held while `use_socket` runs.

@@ -1,5 +1,5 @@
-//! Lab snapshots: `farm snapshot save` (`save`) pauses every top-level VM on this machine
-//! (so the lab is consistent across VMs), writes each one's memory and device state through
+//! Lab snapshots: `farm snapshot save` (`save`) pauses every top-level VM on this machine,
+//! or those named (so the lab is consistent across VMs), writes each one's memory and device state through
 //! QMP (a hypervisor VM carries its guests, their qemus and networks inside that state),
 //! lets qemu quit, and commits each VM as a store entry on its layer's: frozen overlay,
 //! state, the records and keys it needs. `restore` starts every VM again from its entry on
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::model::instance::{InstanceRecord, InstanceSpec};
 use crate::model::snapshot::{
-    IDENTITY_DIR, MANIFEST_FILE, SNAPSHOT_FORMAT, STATE_FILE, SavedVm, SnapshotManifest,
+    IDENTITY_DIR, MANIFEST_FILE, SNAPSHOT_FORMAT, STATE_FILE, SavedVm, Selection, SnapshotManifest,
     SnapshotPaths, VMS_DIR, entry_derivation, entry_key, entry_name, refusal, relocate_store,
-    snapshot_of, state_root_of, topology_digest, valid_name,
+    selection, snapshot_of, state_root_of, top_level_of, topology_digest, valid_name,
 };
 use crate::model::topology::{Placement, Topology};
 use crate::progress::Reporter;
@@ -60,39 +60,6 @@ pub enum SnapshotError {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
     let path = path.to_path_buf();
     move |source| SnapshotError::Io { what, path, source }
-}
-
-/// The VMs a snapshot holds: the top-level ones (saved with their state) and those inside
-/// them. Refused when a top-level VM is somewhere a snapshot cannot reach yet.
-fn lab_vms(topology: &Topology) -> Result<(Vec<String>, Vec<String>), SnapshotError> {
-    let mut top = Vec::new();
-    let mut inside = Vec::new();
-    for vm in topology.vms.values() {
-        match &vm.placement {
-            Placement::Host(host) => {
-                if topology.remote_host(&vm.placement).is_some() {
-                    return Err(SnapshotError::Refused(format!(
-                        "VM `{}` runs on remote host `{host}`: snapshots hold VMs of this machine only (and the VMs inside them)",
-                        vm.name
-                    )));
-                }
-                if !topology.backend_on(&vm.placement).is_qemu() {
-                    return Err(SnapshotError::Refused(format!(
-                        "VM `{}` is a libvirt domain on `{host}`: snapshots hold VMs of farm's qemu backend only\nhint: VMs inside a hypervisor VM may run under libvirt; its own state holds them",
-                        vm.name
-                    )));
-                }
-                top.push(vm.name.clone());
-            }
-            Placement::Vm(_) => inside.push(vm.name.clone()),
-        }
-    }
-    if top.is_empty() {
-        return Err(SnapshotError::Refused(
-            "farm.toml declares no VM to snapshot".into(),
-        ));
-    }
-    Ok((top, inside))
 }
 
 /// `vms` (inside hypervisor VMs) by level: deepest first to pause them, shallowest first to

@@ -2,9 +2,11 @@
 //! every VM at every level waited for.
 
 use super::*;
+use crate::run::host::qmp_over_ssh;
+use crate::sys::ssh::Ssh;
 
-/// Stops the lab that runs (its state is discarded: qemu is told to quit at once) and
-/// starts it again from snapshot `name`; the time until every VM answers ssh.
+/// Stops the snapshot's VMs that run (their state is discarded: qemu is told to quit at
+/// once) and starts them again from snapshot `name`; the time until every VM answers ssh.
 pub fn restore(
     project: &Project,
     state_root: &Path,
@@ -15,14 +17,18 @@ pub fn restore(
     let state = StateDir::open(state_root)?;
     let store = Store::open(&project.store_dir).map_err(store_error)?;
     let manifest = find_manifest(&state, &store, name)?;
-    let (top, _) = lab_vms(&project.loaded.topology)?;
     let entries = entries_of(&store, &manifest)?;
     let binary = entries
         .first()
         .and_then(|(vm, entry)| read_record(&entry.dir.join(VMS_DIR).join(vm)))
         .map_or("qemu-system-x86_64", |r| r.spec.qemu().binary());
     let here = qemu_version(binary)?;
-    if let Some(why) = refusal(&manifest, &topology_digest(&project.loaded.topology), &here) {
+    let saved = manifest.vms.iter().map(|v| &v.name).chain(&manifest.inside);
+    if let Some(why) = refusal(
+        &manifest,
+        &topology_digest(&project.loaded.topology, saved),
+        &here,
+    ) {
         return Err(SnapshotError::Refused(why));
     }
     for (vm, entry) in &entries {
@@ -38,12 +44,13 @@ pub fn restore(
             )));
         }
     }
-    // What runs goes (refused about before anything stops).
+    // What runs of the snapshot's VMs goes (refused about before anything stops); the
+    // VMs outside it run on.
     let host = local();
     for (vm, record) in state
         .records()
         .into_iter()
-        .filter(|(vm, _)| top.contains(vm))
+        .filter(|(vm, _)| manifest.vms.iter().any(|v| &v.name == vm))
     {
         quit(&host, &record.spec, &vm)?;
     }
@@ -156,17 +163,39 @@ pub(super) fn load(
     }
     crate::run::up::write_state_ssh_files(project, state, &BTreeMap::new())
         .map_err(|e| SnapshotError::Failed(e.to_string()))?;
-    // The top-level VMs answer, then the VMs inside them (saved paused) run on, level by
-    // level, each level answering before the next is reached through it.
-    let top: Vec<String> = manifest.vms.iter().map(|v| v.name.clone()).collect();
-    let mut levels = vec![top];
-    levels.extend(by_level(&project.loaded.topology, &manifest.inside, false));
-    for (depth, level) in levels.iter().enumerate() {
-        if depth > 0 {
-            tell_inside(project, state, level, "cont")?;
+    // Every VM answers, level by level: the top-level VMs first; each hypervisor VM, once it
+    // answers, resumes the VMs inside it (saved paused) over that connection, and they are
+    // reached through it (a new login into each hop costs most of a second under TCG).
+    let topology = &project.loaded.topology;
+    let records = state.records();
+    let mut levels = vec![manifest.vms.iter().map(|v| v.name.clone()).collect()];
+    levels.extend(by_level(topology, &manifest.inside, false));
+    let mut sessions: BTreeMap<String, Ssh> = BTreeMap::new();
+    for level in &levels {
+        let waits: Vec<Wait> = level
+            .iter()
+            .map(|vm| Wait {
+                vm: vm.clone(),
+                jump: match topology.vms.get(vm).map(|node| &node.placement) {
+                    Some(Placement::Vm(parent)) => sessions.get(parent).map(Ssh::control_socket),
+                    _ => None,
+                },
+                resume: manifest
+                    .inside
+                    .iter()
+                    .filter(|guest| {
+                        topology.vms.get(*guest).map(|node| &node.placement)
+                            == Some(&Placement::Vm(vm.clone()))
+                    })
+                    .filter_map(|guest| records.get(guest))
+                    .map(|record| record.spec.paths.qmp())
+                    .collect(),
+            })
+            .collect();
+        for answered in crate::run::parallel::each(waits, |wait| answer(state, wait)) {
+            let (vm, ssh) = answered?;
+            sessions.insert(vm, ssh);
         }
-        let answered = crate::run::parallel::each(level, |vm| answer(state, vm));
-        answered.into_iter().collect::<Result<Vec<()>, _>>()?;
     }
     let everyone: Vec<&String> = levels.iter().flatten().collect();
     let took = started.elapsed();
@@ -278,19 +307,38 @@ fn start_from_state(
     }
 }
 
-/// Waits for `vm` to answer ssh (host key pinned), then sets its clock, which stood still
-/// while it was saved.
-fn answer(state: &StateDir, vm: &str) -> Result<(), SnapshotError> {
+/// One VM to wait for after a restore.
+struct Wait {
+    vm: String,
+    /// The control socket of farm's connection to the hypervisor VM it runs in.
+    jump: Option<PathBuf>,
+    /// The QMP sockets, inside it, of the VMs it runs (saved paused).
+    resume: Vec<PathBuf>,
+}
+
+/// Waits for a VM to answer ssh (host key pinned), resumes the VMs inside it, then sets
+/// its clock, which stood still while it was saved. The connection stays open for the
+/// VMs inside it to be reached through.
+fn answer(state: &StateDir, wait: Wait) -> Result<(String, Ssh), SnapshotError> {
+    let Wait { vm, jump, resume } = wait;
     let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let ssh = crate::sys::ssh::Ssh::wait_for(&state.ssh_config(), vm, deadline, || Ok(()))
+    let ssh = Ssh::wait_for_through(&state.ssh_config(), &vm, deadline, jump.as_deref(), || Ok(()))
         .map_err(|e| {
             SnapshotError::Failed(format!(
                 "VM `{vm}` did not answer ssh after its snapshot was restored: {e}\nhint: `farm logs {vm}` shows its console"
             ))
         })?;
+    for socket in &resume {
+        qmp_over_ssh(&ssh, socket, "cont").map_err(|e| {
+            SnapshotError::Failed(format!(
+                "Cannot resume a VM inside `{vm}` (`{}`): {e}",
+                socket.display()
+            ))
+        })?;
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let _ = ssh.run(&format!("date -u -s @{now} >/dev/null 2>&1"), None);
-    Ok(())
+    Ok((vm, ssh))
 }

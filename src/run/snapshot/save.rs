@@ -2,18 +2,20 @@
 
 use super::*;
 
-/// Saves the running lab as `name`; it runs on afterwards from the snapshot (a restore, as
-/// the overlays it ran on are now the snapshot's), or stays stopped with `stop`.
+/// Saves the running lab as `name` (the top-level VMs in `vms` and the VMs inside them, or
+/// the whole lab when `vms` is empty); it runs on afterwards from the snapshot (a restore,
+/// as the overlays it ran on are now the snapshot's), or stays stopped with `stop`.
 pub fn save(
     project: &Project,
     state_root: &Path,
     name: &str,
+    vms: &[String],
     stop: bool,
     reporter: &Reporter,
 ) -> Result<SnapshotManifest, SnapshotError> {
     valid_name(name).map_err(SnapshotError::Refused)?;
     let topology = &project.loaded.topology;
-    let (top, inside) = lab_vms(topology)?;
+    let Selection { top, inside } = selection(topology, vms).map_err(SnapshotError::Refused)?;
     let state = StateDir::open(state_root)?;
     let paths = SnapshotPaths::new(state.root(), name);
     if paths.dir.exists() {
@@ -93,19 +95,12 @@ pub fn save(
 
     // Each top-level VM becomes a store entry on its layer's; the manifest names them all
     // and travels in each.
-    let digest = topology_digest(topology);
+    let digest = topology_digest(topology, top.iter().chain(&inside));
     let mut staged = Vec::new();
     for ((vm, record), state_file) in records.iter().zip(&state_files) {
         let inside_it: Vec<&String> = inside
             .iter()
-            .filter(|v| {
-                // The chain starts at the host; the first VM in it is the top-level one.
-                topology
-                    .chain(v)
-                    .iter()
-                    .find(|p| matches!(p, Placement::Vm(_)))
-                    == Some(&Placement::Vm(vm.clone()))
-            })
+            .filter(|v| top_level_of(topology, v) == vm)
             .collect();
         staged.push(stage_vm(
             &store,
