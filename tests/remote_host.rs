@@ -192,6 +192,8 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
         "{log}"
     );
 
+    snapshots_on_both_hosts(&p, &root);
+
     // QMP reaches the remote qemu through a socket the ssh connection forwards (no socat
     // there): `quit` ends it, and the next up restarts only it.
     let lab = farm::run::host::remote::RemoteHost::connect(
@@ -250,6 +252,97 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
     assert!(!root.join("state/vms/far").exists());
     // The host's store stays: the next up there pushes nothing.
     assert!(!list(&root.join("cache/store")).is_empty());
+    // A snapshot's entry on the host goes with it.
+    p.ok(&["snapshot", "rm", "part"]);
+    p.ok(&["snapshot", "rm", "whole"]);
+    assert!(
+        list(&root.join("cache/store"))
+            .iter()
+            .all(|e| !e.ends_with("-snap-far")),
+        "far's snapshot entry stayed on lab"
+    );
+}
+
+/// A snapshot of `near` alone leaves `far` running; one of both keeps `far`'s disk and
+/// state in `lab`'s own store (its records here) and restores both to the saved moment;
+/// the remote entry goes with `snapshot rm`, refused while `far` runs on it.
+fn snapshots_on_both_hosts(p: &Project, root: &Path) {
+    let far_pid = || fs_err::read_to_string(root.join("state/vms/far/qemu.pid")).unwrap();
+    let mark = |file: &str| {
+        for vm in ["near", "far"] {
+            p.ok(&["ssh", vm, "--", &format!("echo x > /root/{file}; sync")]);
+        }
+    };
+    let assert_saved_moment = |what: &str| {
+        for vm in ["near", "far"] {
+            let out = p.ok(&["ssh", vm, "--", "ls /root"]);
+            let files = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                files.contains("before") && !files.contains("after"),
+                "{vm} after {what}: {files}"
+            );
+        }
+    };
+    mark("before");
+    let pid = far_pid();
+    let part = p.ok(&["snapshot", "save", "part", "near"]);
+    assert!(
+        stderr(&part).contains("saved snapshot part: near"),
+        "{}",
+        text(&part)
+    );
+    assert_eq!(far_pid(), pid, "saving `near` alone touched `far`");
+
+    let whole = p.ok(&["snapshot", "save", "whole"]);
+    let log = stderr(&whole);
+    assert!(log.contains("far (on lab) state"), "{log}");
+    let remote_entries: Vec<_> = list(&root.join("cache/store"))
+        .into_iter()
+        .filter(|e| e.ends_with("-snap-far"))
+        .collect();
+    assert_eq!(remote_entries.len(), 1, "{remote_entries:?}");
+    let remote_entry = root.join("cache/store").join(&remote_entries[0]);
+    for file in ["disk.qcow2", "state.zst", "meta.json", "snapshot.json"] {
+        assert!(
+            remote_entry.join(file).exists(),
+            "{remote_entry:?} has no {file}"
+        );
+    }
+    let local_store = p.store.join("store");
+    assert!(
+        list(&local_store).iter().all(|e| !e.ends_with("-snap-far")),
+        "far's state came to this machine"
+    );
+
+    mark("after");
+    let restored = p.ok(&["snapshot", "restore", "whole"]);
+    assert!(
+        stderr(&restored).contains("2 VM(s) answering ssh"),
+        "{}",
+        text(&restored)
+    );
+    assert_saved_moment("restoring `whole`");
+    let out = p.ok(&["ssh", "far", "--", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "far-away");
+
+    // `near` alone goes back; `far` runs on.
+    let pid = far_pid();
+    p.ok(&["ssh", "near", "--", "echo x > /root/after; sync"]);
+    p.ok(&["snapshot", "restore", "part"]);
+    assert_eq!(far_pid(), pid, "restoring `near` alone touched `far`");
+    assert_saved_moment("restoring `part`");
+
+    // `far` runs on `whole`'s entry in lab's store: removing it is refused, and nothing goes.
+    let refused = p.run(&["snapshot", "rm", "whole"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        stderr(&refused).contains("VM `far` runs on snapshot `whole`"),
+        "{}",
+        text(&refused)
+    );
+    assert!(remote_entry.join("state.zst").exists());
+    let up = p.ok(&["up"]);
+    assert!(!stderr(&up).contains("starting"), "{}", text(&up));
 }
 
 /// ssh processes whose command line names `needle` (a project's ssh_config), by pid, with

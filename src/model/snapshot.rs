@@ -42,6 +42,14 @@ pub struct SavedVm {
     /// Bytes of the frozen overlay and of the compressed machine state.
     pub disk_bytes: u64,
     pub state_bytes: u64,
+    /// The remote host it runs on, whose own store holds its entry (saved on its host: a
+    /// machine state and disk are gigabytes, and they are restored where they ran). Absent
+    /// for this machine's VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// That host's qemu (`--version`'s first line), which alone can load the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_qemu: Option<String>,
 }
 
 /// The label of a saved VM's store entry.
@@ -145,7 +153,8 @@ pub fn top_level_of<'a>(topology: &'a Topology, vm: &'a str) -> &'a str {
 
 /// The VMs a snapshot of `names` holds (the whole lab when `names` is empty): each named
 /// VM with every VM inside it. A VM inside a hypervisor VM cannot be named alone (its
-/// state is part of its hypervisor's), nor can a VM on a remote host or under libvirt yet.
+/// state is part of its hypervisor's), nor can a libvirt domain (libvirt keeps its own
+/// saved states).
 pub fn selection(topology: &Topology, names: &[String]) -> Result<Selection, String> {
     for name in names {
         let Some(vm) = topology.vms.get(name) else {
@@ -173,15 +182,9 @@ pub fn selection(topology: &Topology, names: &[String]) -> Result<Selection, Str
         }
         match &vm.placement {
             Placement::Host(host) => {
-                if topology.remote_host(&vm.placement).is_some() {
-                    return Err(format!(
-                        "VM `{}` runs on remote host `{host}`: snapshots hold VMs of this machine only (and the VMs inside them)\nhint: name the VMs of this machine: `farm snapshot save NAME VM…`",
-                        vm.name
-                    ));
-                }
                 if !topology.backend_on(&vm.placement).is_qemu() {
                     return Err(format!(
-                        "VM `{}` is a libvirt domain on `{host}`: snapshots hold VMs of farm's qemu backend only\nhint: VMs inside a hypervisor VM may run under libvirt; its own state holds them",
+                        "VM `{}` is a libvirt domain on `{host}`: snapshots hold VMs of farm's qemu backend only\nhint: name the other VMs (`farm snapshot save NAME VM…`); VMs inside a hypervisor VM may run under libvirt, its state holds them",
                         vm.name
                     ));
                 }
@@ -311,6 +314,8 @@ mod tests {
                 entry: "00-snap-hv".into(),
                 disk_bytes: 1,
                 state_bytes: 2,
+                host: None,
+                host_qemu: None,
             }],
             inside: vec!["leaf".into()],
         }
@@ -441,17 +446,24 @@ host = "inner"
     }
 
     #[test]
-    fn a_remote_vm_is_refused_unless_left_out() {
+    fn remote_vms_are_selected_and_libvirt_domains_refused() {
         let topology = lab(
             "[hosts.far]\naddress = \"root@192.0.2.1\"\n[vms.away]\nplatform = \"plain\"\nhost = \"far\"\n",
         );
-        let whole = selection(&topology, &[]).unwrap_err();
+        assert_eq!(
+            selection(&topology, &[]).unwrap().top,
+            ["alpha", "away", "hyper"]
+        );
+        let libvirt = lab(
+            "[hosts.virt]\nbackend = \"libvirt\"\n[vms.domain]\nplatform = \"plain\"\nhost = \"virt\"\n",
+        );
+        let refused = selection(&libvirt, &[]).unwrap_err();
         assert!(
-            whole.contains("remote host `far`") && whole.contains("hint:"),
-            "{whole}"
+            refused.contains("libvirt domain on `virt`") && refused.contains("hint:"),
+            "{refused}"
         );
         assert_eq!(
-            selection(&topology, &["alpha".into()]).unwrap().top,
+            selection(&libvirt, &["alpha".into()]).unwrap().top,
             ["alpha"]
         );
     }

@@ -6,6 +6,7 @@
 //! a fresh overlay and waits for every VM, at every level, to answer ssh with its pinned
 //! host key. An entry is never written again: restoring twice gives two identical starts.
 
+mod remote;
 mod restore;
 mod save;
 
@@ -14,6 +15,7 @@ pub use save::save;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::instance::{InstanceRecord, InstanceSpec};
@@ -25,8 +27,10 @@ use crate::model::snapshot::{
 use crate::model::topology::{Placement, Topology};
 use crate::progress::Reporter;
 use crate::project::Project;
+use crate::run::closure::HostStore;
 use crate::run::host::{Host, LocalHost};
 use crate::run::instance::{self, InstanceError};
+use crate::run::site::Sites;
 use crate::run::state::StateDir;
 use crate::store::Store;
 use crate::sys::qmp::{Qmp, load_command, save_command, wait_for_migration};
@@ -104,18 +108,97 @@ fn tell_inside(
     Ok(())
 }
 
-/// The first line of `binary --version`.
-fn qemu_version(binary: &str) -> Result<String, SnapshotError> {
-    let out = std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(io("run", Path::new(binary)))?;
+/// The first line of `binary --version` on `host`.
+fn qemu_version(host: &dyn Host, binary: &str) -> Result<String, SnapshotError> {
+    let out = host.run(&format!("{binary} --version"))?;
+    if !out.success() {
+        return Err(SnapshotError::Failed(format!(
+            "Cannot run `{binary} --version` on host `{}`: {}",
+            host.name(),
+            out.text().trim()
+        )));
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
         .unwrap_or_default()
         .trim()
         .to_string())
+}
+
+/// A top-level VM of a snapshot and the host it runs on: this machine, or a remote host
+/// whose own store keeps its saved disk and state.
+struct TopVm {
+    name: String,
+    host: Arc<dyn Host>,
+    /// farm's store on the remote host; `None` on this machine.
+    remote_store: Option<HostStore>,
+}
+
+/// The hosts the top-level VMs `names` run on, connected through `sites`.
+fn top_vms(
+    topology: &Topology,
+    sites: &Sites<'_>,
+    names: &[String],
+) -> Result<Vec<TopVm>, SnapshotError> {
+    names
+        .iter()
+        .map(|name| {
+            let placement = topology
+                .vms
+                .get(name)
+                .map(|node| node.placement.clone())
+                .ok_or_else(|| SnapshotError::Refused(format!("No VM `{name}` in farm.toml")))?;
+            let host = sites
+                .connect(&placement)
+                .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+            let remote_store = topology
+                .remote_host(&placement)
+                .map(|remote| HostStore::under(&remote.root));
+            Ok(TopVm {
+                name: name.clone(),
+                host,
+                remote_store,
+            })
+        })
+        .collect()
+}
+
+/// Runs `work` on a QMP session with the qemu listening on `socket` on `host` (through a
+/// socket farm's ssh connection forwards when the host is remote), connecting until
+/// `connect_for` has passed (a qemu just started makes its socket a moment later).
+fn with_qmp<T>(
+    host: &dyn Host,
+    socket: &Path,
+    connect_for: Duration,
+    work: impl FnOnce(&mut Qmp) -> Result<T, SnapshotError>,
+) -> Result<T, SnapshotError> {
+    let mut work = Some(work);
+    let mut result = None;
+    host.with_socket(socket, &mut |local| {
+        let deadline = Instant::now() + connect_for;
+        let session = loop {
+            match Qmp::connect(local, Duration::from_secs(60)) {
+                Ok(qmp) => break Ok(qmp),
+                Err(e) if Instant::now() >= deadline => break Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        if let Some(work) = work.take() {
+            result = Some(
+                session
+                    .map_err(|e| SnapshotError::Failed(e.to_string()))
+                    .and_then(|mut qmp| work(&mut qmp)),
+            );
+        }
+    })?;
+    result.unwrap_or_else(|| {
+        Err(SnapshotError::Failed(format!(
+            "Cannot reach QMP socket `{}` on host `{}`",
+            socket.display(),
+            host.name()
+        )))
+    })
 }
 
 fn records_of(
@@ -220,7 +303,13 @@ pub fn latest_entries(entries: &[crate::store::Entry], name: &str) -> Vec<String
             parse_manifest(&fs_err::read(&path).ok()?, &path, name).ok()
         })
         .max_by_key(|m| m.created)
-        .map(|m| m.vms.into_iter().map(|v| v.entry).collect())
+        .map(|m| {
+            m.vms
+                .into_iter()
+                .filter(|v| v.host.is_none())
+                .map(|v| v.entry)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -244,7 +333,7 @@ pub fn layers_inside(entry: &crate::store::Entry) -> Vec<String> {
 pub fn saved_entries(state_root: &Path, store: &Store) -> Vec<(String, String)> {
     let mut found = Vec::new();
     for manifest in list(state_root) {
-        for saved in manifest.vms {
+        for saved in manifest.vms.into_iter().filter(|v| v.host.is_none()) {
             if let Some(entry) = store.entry_by_dir(&saved.entry) {
                 for layer in layers_inside(&entry) {
                     found.push((manifest.name.clone(), layer));
@@ -256,8 +345,8 @@ pub fn saved_entries(state_root: &Path, store: &Store) -> Vec<(String, String)> 
     found
 }
 
-/// Removes snapshot `name` (its entries go with the next `farm gc`). Refused while a
-/// running VM's overlay backs onto it.
+/// Removes snapshot `name` (its entries here go with the next `farm gc`, those on remote
+/// hosts at once). Refused while a running VM's overlay backs onto it.
 pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), SnapshotError> {
     valid_name(name).map_err(SnapshotError::Refused)?;
     let state = StateDir::open(state_root)?;
@@ -270,7 +359,8 @@ pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), Sn
     let manifest = parse_manifest(&bytes, &paths.manifest(), name)?;
     let host = local();
     let store_dir = project.store_dir.join("store");
-    for (vm, record) in state.records() {
+    let records = state.records();
+    for (vm, record) in &records {
         let backing = crate::store::qcow2::read_info(&record.spec.paths.disk())
             .ok()
             .flatten()
@@ -281,11 +371,35 @@ pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), Sn
                 .iter()
                 .any(|v| Path::new(&b).starts_with(store_dir.join(&v.entry)))
         });
-        if on_it && instance::is_running(&host, &record.spec.paths, &vm)? {
-            return Err(SnapshotError::Refused(format!(
-                "VM `{vm}` runs on snapshot `{name}`'s disk\nhint: `farm down` first, or restore another snapshot"
-            )));
+        if on_it && instance::is_running(&host, &record.spec.paths, vm)? {
+            return Err(in_use(vm, name));
+        }
+    }
+    // The entries of VMs on remote hosts go now: no gc there knows the snapshot.
+    let remote: Vec<&SavedVm> = manifest.vms.iter().filter(|v| v.host.is_some()).collect();
+    if !remote.is_empty() {
+        let topology = &project.loaded.topology;
+        let sites = Sites::new(topology, &state.ssh_config());
+        let names: Vec<String> = remote.iter().map(|v| v.name.clone()).collect();
+        let vms = top_vms(topology, &sites, &names)?;
+        for (vm, saved) in vms.iter().zip(&remote) {
+            if let Some(record) = records.get(&vm.name)
+                && remote::in_use(&*vm.host, saved, &record.spec)?
+            {
+                return Err(in_use(&vm.name, name));
+            }
+        }
+        for (vm, saved) in vms.iter().zip(&remote) {
+            if let Some(remote_store) = &vm.remote_store {
+                remote::remove(&*vm.host, remote_store, saved)?;
+            }
         }
     }
     fs_err::remove_dir_all(&paths.dir).map_err(io("remove", &paths.dir))
+}
+
+fn in_use(vm: &str, snapshot: &str) -> SnapshotError {
+    SnapshotError::Refused(format!(
+        "VM `{vm}` runs on snapshot `{snapshot}`'s disk\nhint: `farm down` first, or restore another snapshot"
+    ))
 }

@@ -21,8 +21,10 @@ pub fn restore(
     let binary = entries
         .first()
         .and_then(|(vm, entry)| read_record(&entry.dir.join(VMS_DIR).join(vm)))
-        .map_or("qemu-system-x86_64", |r| r.spec.qemu().binary());
-    let here = qemu_version(binary)?;
+        .map_or("qemu-system-x86_64".to_string(), |r| {
+            r.spec.qemu().binary().to_string()
+        });
+    let here = qemu_version(&local(), &binary).unwrap_or_default();
     let saved = manifest.vms.iter().map(|v| &v.name).chain(&manifest.inside);
     if let Some(why) = refusal(
         &manifest,
@@ -44,17 +46,44 @@ pub fn restore(
             )));
         }
     }
+    let topology = &project.loaded.topology;
+    let sites = Sites::new(topology, &state.ssh_config());
+    let names: Vec<String> = manifest.vms.iter().map(|v| v.name.clone()).collect();
+    let vms = top_vms(topology, &sites, &names)?;
+    let snapshot_dir = SnapshotPaths::new(state.root(), name).dir;
+    for (vm, saved) in vms.iter().zip(&manifest.vms) {
+        let Some(remote_store) = &vm.remote_store else {
+            continue;
+        };
+        let record = read_record(&snapshot_dir.join(VMS_DIR).join(&vm.name)).ok_or_else(|| {
+            SnapshotError::Refused(format!(
+                "Snapshot `{name}` keeps VM `{}`'s records in `{}`, which is gone\nhint: a snapshot of VMs on remote hosts restores from the project that saved it",
+                vm.name,
+                snapshot_dir.display()
+            ))
+        })?;
+        let there = qemu_version(&*vm.host, record.spec.qemu().binary())?;
+        if saved.host_qemu.as_deref().is_some_and(|q| q != there) {
+            return Err(SnapshotError::Refused(format!(
+                "Snapshot `{name}`'s VM `{}` was saved by `{}`, host `{}` has `{there}` now: a machine state loads only into the qemu that wrote it\nhint: save a new snapshot",
+                vm.name,
+                saved.host_qemu.as_deref().unwrap_or_default(),
+                vm.host.name()
+            )));
+        }
+        if let Some(why) = remote::missing(&*vm.host, remote_store, saved)? {
+            return Err(SnapshotError::Refused(format!("{why} (snapshot `{name}`)")));
+        }
+    }
     // What runs of the snapshot's VMs goes (refused about before anything stops); the
     // VMs outside it run on.
-    let host = local();
-    for (vm, record) in state
-        .records()
-        .into_iter()
-        .filter(|(vm, _)| manifest.vms.iter().any(|v| &v.name == vm))
-    {
-        quit(&host, &record.spec, &vm)?;
+    let records = state.records();
+    for vm in &vms {
+        if let Some(record) = records.get(&vm.name) {
+            quit(&*vm.host, &record.spec, &vm.name)?;
+        }
     }
-    load(project, &state, &store, &manifest, reporter)
+    load(project, &state, &store, &manifest, &vms, reporter)
 }
 
 /// The snapshot's manifest: from the state directory that saved it, or else from its
@@ -80,7 +109,7 @@ fn find_manifest(
     parse_manifest(&bytes, &path, name)
 }
 
-/// Each saved VM's store entry; refused when one is missing (removed by gc with its
+/// Each saved VM's store entry (of this machine's VMs); refused when one is missing (removed by gc with its
 /// snapshot, or never imported).
 fn entries_of(
     store: &Store,
@@ -89,6 +118,7 @@ fn entries_of(
     manifest
         .vms
         .iter()
+        .filter(|saved| saved.host.is_none())
         .map(|saved| {
             store
                 .entry_by_dir(&saved.entry)
@@ -113,20 +143,31 @@ pub(super) fn load(
     state: &StateDir,
     store: &Store,
     manifest: &SnapshotManifest,
+    vms: &[TopVm],
     reporter: &Reporter,
 ) -> Result<Duration, SnapshotError> {
     let started = Instant::now();
-    let host = local();
-    let entries = entries_of(store, manifest)?;
-    for (_, entry) in &entries {
-        for vm in crate::run::state::subdirectories(&entry.dir.join(VMS_DIR)) {
-            let dir = state.instance(&vm).dir;
+    let topology = &project.loaded.topology;
+    let entries: BTreeMap<String, crate::store::Entry> =
+        entries_of(store, manifest)?.into_iter().collect();
+    let snapshot_dir = SnapshotPaths::new(state.root(), &manifest.name).dir;
+    // The records of each VM and of the VMs inside it: in its entry, or in the snapshot's
+    // directory for a VM of a remote host.
+    for vm in vms {
+        let from = entries
+            .get(&vm.name)
+            .map_or(snapshot_dir.join(VMS_DIR), |entry| entry.dir.join(VMS_DIR));
+        for name in crate::run::state::subdirectories(&from)
+            .into_iter()
+            .filter(|name| top_level_of(topology, name) == vm.name)
+        {
+            let dir = state.instance(&name).dir;
             let _ = fs_err::remove_dir_all(&dir);
-            copy_vm_dir(&entry.dir.join(VMS_DIR).join(&vm), &dir)?;
+            copy_vm_dir(&from.join(&name), &dir)?;
         }
     }
     // The records point at this store (it may have moved, or received the entries).
-    for (vm, _) in &entries {
+    for vm in entries.keys() {
         let dir = state.instance(vm).dir;
         if let Some(mut record) = read_record(&dir) {
             relocate_store(&mut record.spec, store.root());
@@ -134,35 +175,76 @@ pub(super) fn load(
                 .map_err(io("write", &dir))?;
         }
     }
-    // The networks farm runs on this machine, for the VMs that join them.
-    let topology = &project.loaded.topology;
+    crate::run::up::write_state_ssh_files(project, state, &BTreeMap::new())
+        .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    // The networks farm runs on the VMs' hosts, for the VMs that join them.
+    let mut placements: Vec<Placement> = vms
+        .iter()
+        .filter_map(|vm| topology.vms.get(&vm.name).map(|n| n.placement.clone()))
+        .collect();
+    placements.dedup();
     let project_tag = state.root().display().to_string();
-    for placement in topology.hosts.keys().map(|h| Placement::Host(h.clone())) {
+    for placement in placements {
+        let Some(vm) = vms
+            .iter()
+            .find(|vm| topology.vms.get(&vm.name).map(|n| &n.placement) == Some(&placement))
+        else {
+            continue;
+        };
+        let layout = crate::model::up_plan::SiteLayout::of(
+            topology,
+            &placement,
+            state.root(),
+            &store.root().join("store"),
+        );
         for network in
             crate::model::network::site_networks(&project.loaded.config, topology, &placement)
         {
-            crate::run::vde::ensure_up(&host, state.root(), &network, &project_tag)
+            crate::run::vde::ensure_up(&*vm.host, &layout.state_dir, &network, &project_tag)
                 .map_err(|e| SnapshotError::Failed(e.to_string()))?;
         }
     }
-    let results = crate::run::parallel::each(&entries, |(vm, entry)| {
+    let sources: Vec<Source> = vms
+        .iter()
+        .map(|vm| match (entries.get(&vm.name), &vm.remote_store) {
+            (Some(entry), _) => Ok(Source {
+                vm,
+                disk: entry.disk_path(),
+                state_file: entry.dir.join(STATE_FILE),
+                vm_dir: None,
+            }),
+            (None, Some(remote_store)) => {
+                let saved = manifest.vms.iter().find(|s| s.name == vm.name);
+                let dir = remote::entry_dir(remote_store, saved.map_or("", |s| &s.entry));
+                Ok(Source {
+                    vm,
+                    disk: dir.join(crate::store::DISK_FILE),
+                    state_file: dir.join(STATE_FILE),
+                    vm_dir: Some(dir.join(VMS_DIR).join(&vm.name)),
+                })
+            }
+            (None, None) => Err(SnapshotError::Failed(format!(
+                "Snapshot `{}` has no entry for VM `{}`",
+                manifest.name, vm.name
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let results = crate::run::parallel::each(&sources, |source| {
         // The state is immutable: a load that failed (qemu died while reading it) is tried
         // once more from scratch before the restore fails.
-        start_from_state(&host, state, entry, vm).or_else(|first| {
+        start_from_state(state, source).or_else(|first| {
             reporter.warn(format!("{first}\nloading it once more"));
-            if let Some(record) = read_record(&state.instance(vm).dir) {
-                quit(&host, &record.spec, vm)?;
+            if let Some(record) = read_record(&state.instance(&source.vm.name).dir) {
+                quit(&*source.vm.host, &record.spec, &source.vm.name)?;
             }
-            start_from_state(&host, state, entry, vm)
+            start_from_state(state, source)
         })
     });
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
     let loaded = started.elapsed();
-    if let Some((_, entry)) = entries.first() {
+    if let Some(entry) = entries.values().next() {
         install_identity(state, &entry.dir.join(IDENTITY_DIR))?;
     }
-    crate::run::up::write_state_ssh_files(project, state, &BTreeMap::new())
-        .map_err(|e| SnapshotError::Failed(e.to_string()))?;
     // Every VM answers, level by level: the top-level VMs first; each hypervisor VM, once it
     // answers, resumes the VMs inside it (saved paused) over that connection, and they are
     // reached through it (a new login into each hop costs most of a second under TCG).
@@ -239,29 +321,43 @@ fn install_identity(state: &StateDir, saved: &Path) -> Result<(), SnapshotError>
     Ok(())
 }
 
+/// Where a top-level VM starts from: its saved disk and state, on its host.
+struct Source<'a> {
+    vm: &'a TopVm,
+    disk: PathBuf,
+    state_file: PathBuf,
+    /// On a remote host: the entry's copy of the VM's directory there (seed, firmware
+    /// variables), put back before qemu starts.
+    vm_dir: Option<PathBuf>,
+}
+
 /// One top-level VM: a new overlay on its entry's frozen disk, qemu waiting for the state,
 /// the state loaded, the VM running.
-fn start_from_state(
-    host: &dyn Host,
-    state: &StateDir,
-    entry: &crate::store::Entry,
-    vm: &str,
-) -> Result<(), SnapshotError> {
+fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), SnapshotError> {
+    let (vm, host) = (&source.vm.name, &*source.vm.host);
     let record = read_record(&state.instance(vm).dir).ok_or_else(|| {
         SnapshotError::Failed(format!(
-            "Store entry `{}` has no record of VM `{vm}`",
-            entry.dir.display()
+            "Snapshot has no record of VM `{vm}` (`{}`)",
+            state.instance(vm).dir.display()
         ))
     })?;
     let spec = &record.spec;
+    let quoted = |p: &Path| crate::sys::ssh::shell_quote(&p.display().to_string());
+    let put_back = source.vm_dir.as_ref().map_or(String::new(), |from| {
+        format!(
+            "mkdir -p {dir} && cp -rp {from}/. {dir}/ && ",
+            dir = quoted(&spec.paths.dir),
+            from = quoted(from)
+        )
+    });
     instance::check(
         host,
         vm,
         "Creating the overlay on the snapshot's disk",
         &format!(
-            "qemu-img create -q -f qcow2 -F qcow2 -b {} {}",
-            crate::sys::ssh::shell_quote(&entry.disk_path().display().to_string()),
-            crate::sys::ssh::shell_quote(&spec.paths.disk().display().to_string()),
+            "{put_back}qemu-img create -q -f qcow2 -F qcow2 -b {} {}",
+            quoted(&source.disk),
+            quoted(&spec.paths.disk()),
         ),
     )?;
     let mut qemu = spec.qemu();
@@ -269,42 +365,43 @@ fn start_from_state(
     qemu.daemonize = false;
     instance::start_qemu_vm(host, spec, &qemu)?;
     let failed = |e: String| {
-        SnapshotError::Failed(format!(
-            "Cannot load VM `{vm}`'s saved state: {e}\n{}",
-            crate::sys::hostinfo::tail(&spec.paths.stderr_log(), 5)
-        ))
+        let tail = match host.get(&spec.paths.stderr_log()) {
+            Ok(Some(bytes)) => {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(5)..].join("\n")
+            }
+            _ => String::new(),
+        };
+        SnapshotError::Failed(format!("Cannot load VM `{vm}`'s saved state: {e}\n{tail}"))
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut qmp = loop {
-        match Qmp::connect(&spec.paths.qmp(), Duration::from_secs(60)) {
-            Ok(qmp) => break qmp,
-            Err(e) if Instant::now() > deadline => return Err(failed(e.to_string())),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    qmp.command(
-        "migrate-incoming",
-        serde_json::json!({ "uri": format!("exec:{}", load_command(&entry.dir.join(STATE_FILE))) }),
-    )
-    .map_err(|e| failed(e.to_string()))?;
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    loop {
-        let status = qmp
-            .command("query-status", serde_json::json!({}))
+    let load = format!("exec:{}", load_command(&source.state_file));
+    with_qmp(host, &spec.paths.qmp(), Duration::from_secs(20), |qmp| {
+        qmp.command("migrate-incoming", serde_json::json!({ "uri": load }))
             .map_err(|e| failed(e.to_string()))?;
-        match status["status"].as_str() {
-            Some("inmigrate") if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let status = qmp
+                .command("query-status", serde_json::json!({}))
+                .map_err(|e| failed(e.to_string()))?;
+            match status["status"].as_str() {
+                Some("inmigrate") if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Some("running") => return Ok(()),
+                Some("paused") | Some("postmigrate") | Some("prelaunch") => {
+                    qmp.command("cont", serde_json::json!({}))
+                        .map_err(|e| failed(e.to_string()))?;
+                    return Ok(());
+                }
+                other => return Err(failed(format!("qemu is {other:?}"))),
             }
-            Some("running") => return Ok(()),
-            Some("paused") | Some("postmigrate") | Some("prelaunch") => {
-                qmp.command("cont", serde_json::json!({}))
-                    .map_err(|e| failed(e.to_string()))?;
-                return Ok(());
-            }
-            other => return Err(failed(format!("qemu is {other:?}"))),
         }
-    }
+    })
+    .map_err(|e| match e {
+        SnapshotError::Failed(message) if !message.starts_with("Cannot load") => failed(message),
+        other => other,
+    })
 }
 
 /// One VM to wait for after a restore.

@@ -1,5 +1,6 @@
 //! `farm snapshot save`: pause, save each top-level VM's state, commit it as a store entry.
 
+use super::remote;
 use super::*;
 
 /// Saves the running lab as `name` (the top-level VMs in `vms` and the VMs inside them, or
@@ -24,45 +25,74 @@ pub fn save(
         )));
     }
     let records = records_of(&state, &top)?;
-    let host = local();
-    for (vm, record) in &records {
-        if !instance::is_running(&host, &record.spec.paths, vm)? {
+    let sites = Sites::new(topology, &state.ssh_config());
+    let vms = top_vms(topology, &sites, &top)?;
+    for vm in &vms {
+        if !instance::is_running(&*vm.host, &records[&vm.name].spec.paths, &vm.name)? {
             return Err(SnapshotError::Refused(format!(
-                "VM `{vm}` is not running\nhint: `farm up` first: a snapshot saves a running lab"
+                "VM `{}` is not running\nhint: `farm up` first: a snapshot saves a running lab",
+                vm.name
             )));
         }
     }
-    let qemu = qemu_version(
-        records
-            .values()
-            .next()
-            .map_or("qemu-system-x86_64", |r| r.spec.qemu().binary()),
-    )?;
+    // The qemu of each host that saves a state: only it can load the state again.
+    let mut qemus: BTreeMap<String, String> = BTreeMap::new();
+    for vm in &vms {
+        if let std::collections::btree_map::Entry::Vacant(slot) =
+            qemus.entry(vm.host.name().to_string())
+        {
+            let binary = records[&vm.name].spec.qemu().binary().to_string();
+            slot.insert(qemu_version(&*vm.host, &binary)?);
+        }
+    }
+    let local_qemu = match vms.iter().find(|vm| vm.remote_store.is_none()) {
+        Some(vm) => qemus[vm.host.name()].clone(),
+        None => qemu_version(&local(), "qemu-system-x86_64").unwrap_or_default(),
+    };
     let store = Store::open(&project.store_dir).map_err(store_error)?;
-    check_space(&store, &records)?;
+    check_space(&store, &vms, &records)?;
     let scratch = tempfile::Builder::new()
         .prefix("snapshot")
         .tempdir_in(store.root().join("tmp"))
         .map_err(io("create a directory in", &store.root().join("tmp")))?;
+    let state_file = |vm: &TopVm| match &vm.remote_store {
+        Some(remote_store) => remote::state_file(remote_store, name, &vm.name),
+        None => scratch.path().join(format!("{}.{STATE_FILE}", vm.name)),
+    };
 
-    // Every VM is paused before any is saved: the lab is one moment, across VMs. The VMs
-    // inside hypervisor VMs go first, deepest first (see `tell_inside`).
+    // Every VM is paused before any is saved: the lab is one moment, across VMs and hosts.
+    // The VMs inside hypervisor VMs go first, deepest first (see `tell_inside`).
     let started = Instant::now();
     for level in by_level(topology, &inside, true) {
         tell_inside(project, &state, &level, "stop")?;
     }
-    let resume_inside = || {
+    let resume = |paused: &[&TopVm]| {
+        for vm in paused {
+            let socket = records[&vm.name].spec.paths.qmp();
+            let _ = with_qmp(&*vm.host, &socket, Duration::ZERO, |qmp| {
+                qmp.command("cont", serde_json::json!({}))
+                    .map_err(|e| SnapshotError::Failed(e.to_string()))
+            });
+        }
         for level in by_level(topology, &inside, false) {
             let _ = tell_inside(project, &state, &level, "cont");
         }
     };
-    let mut sessions = Vec::new();
-    for (vm, record) in &records {
-        let mut qmp = Qmp::connect(&record.spec.paths.qmp(), Duration::from_secs(30))
-            .map_err(|e| SnapshotError::Failed(format!("Cannot pause VM `{vm}`: {e}")))?;
-        qmp.command("stop", serde_json::json!({}))
-            .map_err(|e| SnapshotError::Failed(format!("Cannot pause VM `{vm}`: {e}")))?;
-        sessions.push((vm.clone(), qmp));
+    let mut paused = Vec::new();
+    for vm in &vms {
+        let socket = records[&vm.name].spec.paths.qmp();
+        let stopped = with_qmp(&*vm.host, &socket, Duration::ZERO, |qmp| {
+            qmp.command("stop", serde_json::json!({}))
+                .map_err(|e| SnapshotError::Failed(e.to_string()))
+        });
+        if let Err(e) = stopped {
+            resume(&paused);
+            return Err(SnapshotError::Failed(format!(
+                "Cannot pause VM `{}`: {e}",
+                vm.name
+            )));
+        }
+        paused.push(vm);
     }
     reporter.status(
         "paused",
@@ -72,61 +102,74 @@ pub fn save(
             started.elapsed().as_secs_f64()
         ),
     );
-    let saved = crate::run::parallel::each(sessions.iter_mut(), |(vm, qmp)| {
-        let state_file = scratch.path().join(format!("{vm}.{STATE_FILE}"));
-        save_state(vm, qmp, &state_file).map(|()| state_file)
+    let saved = crate::run::parallel::each(&vms, |vm| {
+        let socket = records[&vm.name].spec.paths.qmp();
+        with_qmp(&*vm.host, &socket, Duration::ZERO, |qmp| {
+            save_state(&vm.name, qmp, &state_file(vm))
+        })
     });
-    let state_files: Vec<PathBuf> = match saved.into_iter().collect() {
-        Ok(files) => files,
-        Err(e) => {
-            // Nothing is lost: the VMs run on where they were.
-            for (_, qmp) in &mut sessions {
-                let _ = qmp.command("cont", serde_json::json!({}));
-            }
-            resume_inside();
-            return Err(e);
-        }
-    };
-    // qemu quits (its disk caches written out); the overlay is then the state's disk.
-    for (vm, record) in &records {
-        quit(&host, &record.spec, vm)?;
+    if let Some(Err(e)) = saved.into_iter().find(Result::is_err) {
+        // Nothing is lost: the VMs run on where they were.
+        resume(&paused);
+        return Err(e);
     }
-    drop(sessions);
+    // qemu quits (its disk caches written out); the overlay is then the state's disk.
+    for vm in &vms {
+        quit(&*vm.host, &records[&vm.name].spec, &vm.name)?;
+    }
 
-    // Each top-level VM becomes a store entry on its layer's; the manifest names them all
-    // and travels in each.
+    // Each top-level VM becomes a store entry on its layer's, in its host's store; the
+    // manifest names them all and travels in each.
     let digest = topology_digest(topology, top.iter().chain(&inside));
     let mut staged = Vec::new();
-    for ((vm, record), state_file) in records.iter().zip(&state_files) {
+    let mut staged_remote = Vec::new();
+    for vm in &vms {
+        let record = &records[&vm.name];
         let inside_it: Vec<&String> = inside
             .iter()
-            .filter(|v| top_level_of(topology, v) == vm)
+            .filter(|v| top_level_of(topology, v) == vm.name)
             .collect();
-        staged.push(stage_vm(
-            &store,
-            &state,
-            StageVm {
-                snapshot: name,
-                vm,
-                record,
-                state_file,
-                inside: &inside_it,
-                topology: &digest,
-                qemu: &qemu,
-            },
-        )?);
+        let stage = StageVm {
+            snapshot: name,
+            vm: &vm.name,
+            record,
+            state_file: &state_file(vm),
+            inside: &inside_it,
+            topology: &digest,
+            qemu: &qemus[vm.host.name()],
+        };
+        match &vm.remote_store {
+            None => staged.push(stage_vm(&store, &state, stage)?),
+            Some(remote_store) => {
+                // Its records stay on this machine, in the snapshot's directory.
+                for v in std::iter::once(&vm.name).chain(inside_it.iter().copied()) {
+                    copy_vm_dir(&state.instance(v).dir, &paths.dir.join(VMS_DIR).join(v))?;
+                }
+                staged_remote.push(remote::stage(
+                    &vm.host,
+                    remote_store,
+                    &state_file(vm),
+                    stage,
+                )?);
+            }
+        }
     }
-    let manifest = SnapshotManifest {
+    let mut manifest = SnapshotManifest {
         format: SNAPSHOT_FORMAT,
         name: name.to_string(),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         topology: digest,
-        qemu,
-        vms: staged.iter().map(|s| s.saved.clone()).collect(),
+        qemu: local_qemu,
+        vms: staged
+            .iter()
+            .map(|s| s.saved.clone())
+            .chain(staged_remote.iter().map(|s| s.saved.clone()))
+            .collect(),
         inside,
     };
+    manifest.vms.sort_by(|a, b| a.name.cmp(&b.name));
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     for vm in staged {
         fs_err::write(vm.staging.dir().join(MANIFEST_FILE), &json)
@@ -134,6 +177,20 @@ pub fn save(
         store.commit(vm.staging, vm.meta).map_err(store_error)?;
         // The overlay's bytes are in the entry now.
         let _ = fs_err::remove_file(records[&vm.saved.name].spec.paths.disk());
+    }
+    for vm in staged_remote {
+        let host = vms
+            .iter()
+            .find(|v| v.name == vm.saved.name)
+            .map(|v| v.host.clone());
+        let saved = vm.commit(&json)?;
+        if let Some(host) = host {
+            let disk = records[&saved.name].spec.paths.disk();
+            let _ = host.run(&format!(
+                "rm -f {}",
+                crate::sys::ssh::shell_quote(&disk.display().to_string())
+            ));
+        }
     }
     fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
     let manifest_path = paths.manifest();
@@ -148,8 +205,12 @@ pub fn save(
                 .vms
                 .iter()
                 .map(|v| format!(
-                    "{} state {} disk {}",
+                    "{}{} state {} disk {}",
                     v.name,
+                    v.host
+                        .as_ref()
+                        .map(|h| format!(" (on {h})"))
+                        .unwrap_or_default(),
                     crate::build::realise::human_bytes(v.state_bytes),
                     crate::build::realise::human_bytes(v.disk_bytes)
                 ))
@@ -158,49 +219,74 @@ pub fn save(
             started.elapsed().as_secs_f64()
         ),
     );
+    drop(sites);
     if !stop {
-        super::restore::load(project, &state, &store, &manifest, reporter)?;
+        super::restore::load(project, &state, &store, &manifest, &vms, reporter)?;
     }
     Ok(manifest)
 }
 
-/// Refuses a save the store's filesystem has no room for, before anything pauses: each
-/// VM's state (compressed, about a quarter of its memory under a booted lab) and a copy of
-/// its overlay.
+/// Refuses a save a store's filesystem has no room for (this machine's, or a remote
+/// host's for its VMs), before anything pauses: each VM's state (compressed, about a
+/// quarter of its memory under a booted lab) and a copy of its overlay.
 fn check_space(
     store: &Store,
+    vms: &[TopVm],
     records: &BTreeMap<String, InstanceRecord>,
 ) -> Result<(), SnapshotError> {
-    let needed: u64 = records
-        .values()
-        .map(|r| {
-            (r.spec.hw.memory_mib << 20) / 4
-                + fs_err::metadata(r.spec.paths.disk()).map_or(0, |m| m.len())
-        })
-        .sum();
-    let Some(free) = crate::sys::hostinfo::free_bytes(store.root()) else {
-        return Ok(());
+    let needed = |vm: &TopVm| {
+        let spec = &records[&vm.name].spec;
+        let overlay = match &vm.remote_store {
+            None => fs_err::metadata(spec.paths.disk()).map_or(0, |m| m.len()),
+            // Overlays on a remote host: most are small, the state dominates.
+            Some(_) => 0,
+        };
+        (spec.hw.memory_mib << 20) / 4 + overlay
     };
-    if free < needed {
-        return Err(SnapshotError::Refused(format!(
-            "Not enough space for the snapshot in `{}`: about {} needed, {} free\nhint: `farm gc` removes what nothing needs, or point FARM_STORE at a larger disk",
-            store.root().display(),
+    let local: u64 = vms
+        .iter()
+        .filter(|vm| vm.remote_store.is_none())
+        .map(needed)
+        .sum();
+    let free = crate::sys::hostinfo::free_bytes(store.root()).unwrap_or(u64::MAX);
+    let short = |place: String, needed: u64, free: u64| {
+        SnapshotError::Refused(format!(
+            "Not enough space for the snapshot in {place}: about {} needed, {} free\nhint: `farm gc` removes what nothing needs, or point FARM_STORE at a larger disk",
             crate::build::realise::human_bytes(needed),
             crate::build::realise::human_bytes(free)
-        )));
+        ))
+    };
+    if free < local {
+        return Err(short(format!("`{}`", store.root().display()), local, free));
+    }
+    for vm in vms {
+        if let Some(remote_store) = &vm.remote_store {
+            let free = remote::prepare(&*vm.host, remote_store, &vm.name)?;
+            if free < needed(vm) {
+                return Err(short(
+                    format!(
+                        "`{}` on host `{}`",
+                        remote_store.root.display(),
+                        vm.host.name()
+                    ),
+                    needed(vm),
+                    free,
+                ));
+            }
+        }
     }
     Ok(())
 }
 
 /// What one top-level VM's entry is made of.
-struct StageVm<'a> {
-    snapshot: &'a str,
-    vm: &'a str,
-    record: &'a InstanceRecord,
-    state_file: &'a Path,
-    inside: &'a [&'a String],
-    topology: &'a str,
-    qemu: &'a str,
+pub(super) struct StageVm<'a> {
+    pub(super) snapshot: &'a str,
+    pub(super) vm: &'a str,
+    pub(super) record: &'a InstanceRecord,
+    pub(super) state_file: &'a Path,
+    pub(super) inside: &'a [&'a String],
+    pub(super) topology: &'a str,
+    pub(super) qemu: &'a str,
 }
 
 /// A saved VM's entry, staged and ready to commit.
@@ -297,6 +383,8 @@ fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm,
             entry: crate::store::entry_dir_name(&key, &meta.name),
             disk_bytes: size,
             state_bytes,
+            host: None,
+            host_qemu: None,
         },
         staging,
         meta,
