@@ -252,6 +252,19 @@ fn vms_on_a_remote_host_over_ssh_and_on_this_machine() {
     assert!(!root.join("state/vms/far").exists());
     // The host's store stays: the next up there pushes nothing.
     assert!(!list(&root.join("cache/store")).is_empty());
+    // `up --snapshot` of a snapshot of `near` alone: `near` from it, `far` booted afresh.
+    let up = p.ok(&["up", "--snapshot", "part"]);
+    let log = stderr(&up);
+    assert!(
+        log.contains("restored snapshot part") && log.contains("ready far"),
+        "{log}"
+    );
+    for (vm, saved) in [("near", true), ("far", false)] {
+        let out = p.ok(&["ssh", vm, "--", "ls /root"]);
+        let files = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(files.contains("before"), saved, "{vm}: {files}");
+    }
+    p.ok(&["down"]);
     // A snapshot's entry on the host goes with it.
     p.ok(&["snapshot", "rm", "part"]);
     p.ok(&["snapshot", "rm", "whole"]);

@@ -247,3 +247,51 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     with_other(&["down"]);
     assert!(project::list(&p.path().join(".farm/vms")).is_empty());
 }
+
+/// A device qemu cannot save (an NVMe controller, in qemu 7.2) fails the save with qemu's
+/// name for it and a hint, writes no state, and leaves the VM as it was.
+#[test]
+fn a_device_that_cannot_migrate_is_named() {
+    if !vm_tests_possible("snapshot") {
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qmp.sock");
+    let mut qemu = std::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,accel=tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-S", "-device", "nvme,serial=farm-test", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", socket.display()))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut qmp = loop {
+        match farm::sys::qmp::Qmp::connect(&socket, Duration::from_secs(10)) {
+            Ok(qmp) => break qmp,
+            Err(e) if Instant::now() > deadline => panic!("qemu's QMP never answered: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let state = dir.path().join("state.zst");
+    let error = farm::run::snapshot::save_state("nvm", &mut qmp, &state)
+        .unwrap_err()
+        .to_string();
+    let status = qmp.command("query-status", serde_json::json!({}));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(
+        error.contains("Cannot save VM `nvm`")
+            && error.contains("non-migratable device")
+            && error.contains("nvme")
+            && error.contains("hint: a device of this VM cannot be saved"),
+        "{error}"
+    );
+    assert!(!state.exists(), "a failed save left {state:?}");
+    assert_eq!(status.unwrap()["status"], "prelaunch");
+}

@@ -51,7 +51,8 @@ pub struct UpArgs {
     pub fetch: FetchArgs,
     #[command(flatten)]
     pub caches: super::build::SubstituteArgs,
-    /// Start the lab from this snapshot (`farm snapshot restore NAME`) instead of booting it.
+    /// Start the lab from this snapshot (`farm snapshot restore NAME`) instead of booting it;
+    /// VMs the snapshot does not hold come up as usual.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["names", "dry_run"])]
     pub snapshot: Option<String>,
     #[command(flatten)]
@@ -61,8 +62,24 @@ pub struct UpArgs {
 pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     if let Some(name) = &args.snapshot {
-        crate::run::snapshot::restore(&project, &args.state.dir(&project), name, reporter)?;
-        return Ok(());
+        let restored =
+            crate::run::snapshot::restore(&project, &args.state.dir(&project), name, reporter)?;
+        // A snapshot of some VMs: the others come up as farm.toml says.
+        let saved: Vec<&String> = restored
+            .vms
+            .iter()
+            .map(|v| &v.name)
+            .chain(&restored.inside)
+            .collect();
+        if project
+            .loaded
+            .topology
+            .vms
+            .keys()
+            .all(|vm| saved.contains(&vm))
+        {
+            return Ok(());
+        }
     }
     check_vm_names(&project, &args.names)?;
     let up_options = UpOptions {

@@ -11,7 +11,7 @@ mod restore;
 mod save;
 
 pub use restore::restore;
-pub use save::save;
+pub use save::{save, save_state};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -6,13 +6,13 @@ use crate::run::host::qmp_over_ssh;
 use crate::sys::ssh::Ssh;
 
 /// Stops the snapshot's VMs that run (their state is discarded: qemu is told to quit at
-/// once) and starts them again from snapshot `name`; the time until every VM answers ssh.
+/// once) and starts them again from snapshot `name`, until every VM answers ssh.
 pub fn restore(
     project: &Project,
     state_root: &Path,
     name: &str,
     reporter: &Reporter,
-) -> Result<Duration, SnapshotError> {
+) -> Result<SnapshotManifest, SnapshotError> {
     valid_name(name).map_err(SnapshotError::Refused)?;
     let state = StateDir::open(state_root)?;
     let store = Store::open(&project.store_dir).map_err(store_error)?;
@@ -83,7 +83,8 @@ pub fn restore(
             quit(&*vm.host, &record.spec, &vm.name)?;
         }
     }
-    load(project, &state, &store, &manifest, &vms, reporter)
+    load(project, &state, &store, &manifest, &vms, reporter)?;
+    Ok(manifest)
 }
 
 /// The snapshot's manifest: from the state directory that saved it, or else from its

@@ -391,8 +391,9 @@ fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm,
     })
 }
 
-/// Writes one paused VM's machine state to `state_file`.
-fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<(), SnapshotError> {
+/// Writes one paused VM's machine state to `state_file` (zstd), through QMP; a device that
+/// cannot migrate fails it with qemu's name for the device.
+pub fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<(), SnapshotError> {
     let failed = |e: String| SnapshotError::Failed(format!("Cannot save VM `{vm}`: {e}"));
     qmp.command(
         "migrate-set-parameters",
@@ -410,8 +411,18 @@ fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<(), Snapshot
 
 /// qemu names the device that blocks a migration; farm adds what to do about it.
 fn migration_hint(message: &str) -> String {
-    if message.contains("migration blocker") || message.contains("not migratable") {
-        format!("{message}\nhint: a device of this VM cannot be saved (qemu names it above)")
+    let blocked = [
+        "migration blocker",
+        "not migratable",
+        "non-migratable",
+        "blocked by",
+    ]
+    .iter()
+    .any(|sign| message.contains(sign));
+    if blocked {
+        format!(
+            "{message}\nhint: a device of this VM cannot be saved (qemu names it above): leave that VM out (`farm snapshot save NAME VM…` naming the others) or remove the device"
+        )
     } else {
         message.to_string()
     }
