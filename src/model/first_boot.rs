@@ -6,13 +6,14 @@
 //! take what those scripts and the console printed.
 
 /// Run over ssh once the guest answers: waits (up to `seconds`) for cloud-init to finish,
-/// then prints its verdict, or `farm: no cloud-init` when the image has none (farm's own
+/// then prints its verdict (one `cloud-init` run: each costs seconds of Python start-up
+/// under TCG; asked again only when the wait ran out), or `farm: no cloud-init` when the image has none (farm's own
 /// images, the tiny image). The log tail follows the verdict, for the error message.
 pub fn wait_script(seconds: u64) -> String {
     format!(
         "command -v cloud-init >/dev/null 2>&1 || {{ echo 'farm: no cloud-init'; exit 0; }}; \
-         timeout {seconds} cloud-init status --wait >/dev/null 2>&1; \
-         cloud-init status --long 2>&1; \
+         timeout {seconds} cloud-init status --wait --long 2>&1; \
+         if [ $? -eq 124 ]; then cloud-init status --long 2>&1; fi; \
          echo '{LOG_MARK}'; \
          (sudo -n tail -n {LOG_LINES} /var/log/cloud-init.log 2>/dev/null || tail -n {LOG_LINES} /var/log/cloud-init.log 2>&1); true"
     )
@@ -55,7 +56,8 @@ pub fn parse_wait_output(text: &str) -> CloudInit {
     let detail: Vec<&str> = verdict
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("status:"))
+        // `--wait` prints a dot per look before the verdict.
+        .filter(|l| !l.is_empty() && !l.starts_with("status:") && !l.chars().all(|c| c == '.'))
         .collect();
     match status.as_str() {
         "done" | "disabled" => CloudInit::Done,
@@ -115,7 +117,7 @@ mod tests {
                 status: "running".into()
             }
         );
-        let error = "status: error\ntime: x\ndetail:\n('locale', ProcessExecutionError(...))\nfarm: cloud-init.log\nline one\nline two\n";
+        let error = "......\nstatus: error\ntime: x\ndetail:\n('locale', ProcessExecutionError(...))\nfarm: cloud-init.log\nline one\nline two\n";
         match parse_wait_output(error) {
             CloudInit::Failed {
                 status,
@@ -123,7 +125,10 @@ mod tests {
                 log_tail,
             } => {
                 assert_eq!(status, "error");
-                assert!(detail.contains("('locale'"), "{detail}");
+                assert!(
+                    detail.contains("('locale'") && !detail.contains("......"),
+                    "{detail}"
+                );
                 assert_eq!(log_tail, "line one\nline two");
             }
             other => panic!("{other:?}"),
