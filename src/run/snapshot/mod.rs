@@ -232,6 +232,34 @@ fn store_error(e: crate::store::StoreError) -> SnapshotError {
     SnapshotError::Failed(e.to_string())
 }
 
+/// The metadata of a saved VM's entry on its layer's: its disk's hash and size, `started`
+/// when the entry began to be staged.
+fn entry_meta(
+    label: String,
+    key: crate::model::hash::DrvHash,
+    derivation: serde_json::Value,
+    (output, size): (crate::model::hash::ContentHash, u64),
+    layer: &str,
+    started: Instant,
+) -> crate::store::EntryMeta {
+    crate::store::EntryMeta {
+        layout: 0,
+        name: label,
+        drv_hash: key,
+        derivation,
+        output_blake3: output,
+        size,
+        parent: Some(layer.to_string()),
+        built_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        build_seconds: started.elapsed().as_secs_f64(),
+        disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
+    }
+}
+
 /// Tells qemu to quit and waits for it (killed after 10 s).
 fn quit(host: &dyn Host, spec: &InstanceSpec, vm: &str) -> Result<(), SnapshotError> {
     instance::stop(host, &spec.paths, vm, Duration::ZERO, None)?;

@@ -106,24 +106,11 @@ pub(super) fn stage(
         ),
     )?;
     let [output, size] = words(&copied, v.vm)?;
-    let meta = crate::store::EntryMeta {
-        layout: 0,
-        name: label,
-        drv_hash: key,
-        derivation,
-        output_blake3: output
-            .parse::<ContentHash>()
-            .map_err(|e| SnapshotError::Failed(format!("VM `{}`: {e}", v.vm)))?,
-        size: size.parse().unwrap_or_default(),
-        parent: Some(layer.clone()),
-        built_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        build_seconds: started.elapsed().as_secs_f64(),
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
-    };
+    let output = output
+        .parse::<ContentHash>()
+        .map_err(|e| SnapshotError::Failed(format!("VM `{}`: {e}", v.vm)))?;
+    let size = size.parse().unwrap_or_default();
+    let meta = entry_meta(label, key, derivation, (output, size), layer, started);
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
     host.put(&json, &staging.join(crate::store::META_FILE), 0o644)?;
     Ok(RemoteStaged {

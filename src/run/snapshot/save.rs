@@ -361,22 +361,7 @@ fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm,
         }
     }
     let (output, size) = staging.hash_disk().map_err(store_error)?;
-    let meta = crate::store::EntryMeta {
-        layout: 0,
-        name: label,
-        drv_hash: key,
-        derivation,
-        output_blake3: output,
-        size,
-        parent: Some(layer.clone()),
-        built_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        build_seconds: started.elapsed().as_secs_f64(),
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
-    };
+    let meta = entry_meta(label, key, derivation, (output, size), layer, started);
     Ok(StagedVm {
         saved: SavedVm {
             name: v.vm.to_string(),
