@@ -327,6 +327,13 @@ fn snapshots_on_both_hosts(p: &Project, root: &Path) {
         "far's state came to this machine"
     );
 
+    let listed = p.ok(&["snapshot", "ls"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.contains("far (on lab), near") && listed.contains("part "),
+        "{listed}"
+    );
+
     mark("after");
     let restored = p.ok(&["snapshot", "restore", "whole"]);
     assert!(

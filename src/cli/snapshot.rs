@@ -76,8 +76,16 @@ pub fn run(
                 .map_or(0, |d| d.as_secs());
             for m in found {
                 let size: u64 = m.vms.iter().map(|v| v.disk_bytes + v.state_bytes).sum();
-                let mut vms: Vec<&str> = m.vms.iter().map(|v| v.name.as_str()).collect();
-                vms.extend(m.inside.iter().map(String::as_str));
+                // A VM saved on a remote host says where its entry is.
+                let mut vms: Vec<String> = m
+                    .vms
+                    .iter()
+                    .map(|v| match &v.host {
+                        Some(host) => format!("{} (on {host})", v.name),
+                        None => v.name.clone(),
+                    })
+                    .collect();
+                vms.extend(m.inside.iter().cloned());
                 println!(
                     "{:<20} {:>12} {:>10}  {}",
                     m.name,
