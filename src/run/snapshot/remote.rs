@@ -47,6 +47,8 @@ pub(super) struct RemoteStaged {
     host: Arc<dyn Host>,
     staging: PathBuf,
     dir: PathBuf,
+    /// The VM's overlay the entry's disk is a copy of: it goes with the commit.
+    overlay: PathBuf,
 }
 
 /// Stages a remote VM's entry on its host: a copy of its overlay rebased onto its layer
@@ -125,6 +127,7 @@ pub(super) fn stage(
         host: host.clone(),
         staging,
         dir,
+        overlay: disk,
     })
 }
 
@@ -140,9 +143,9 @@ fn words<'a, const N: usize>(text: &'a str, vm: &str) -> Result<[&'a str; N], Sn
 }
 
 impl RemoteStaged {
-    /// Writes the manifest into the entry and renames it into the host's store; the
-    /// overlay it copies goes afterwards (the caller's).
-    pub(super) fn commit(self, manifest: &[u8]) -> Result<SavedVm, SnapshotError> {
+    /// Writes the manifest into the entry, renames it into the host's store and removes
+    /// the overlay its disk copies (its bytes are in the entry now).
+    pub(super) fn commit(self, manifest: &[u8]) -> Result<(), SnapshotError> {
         self.host
             .put(manifest, &self.staging.join(MANIFEST_FILE), 0o644)?;
         instance::check(
@@ -151,13 +154,15 @@ impl RemoteStaged {
             "Committing the snapshot to the host's store",
             &format!(
                 "set -e; mkdir -p {store}
-                 if [ -e {dir}/meta.json ]; then rm -rf {s}; else rm -rf {dir}; mv {s} {dir}; fi",
+                 if [ -e {dir}/meta.json ]; then rm -rf {s}; else rm -rf {dir}; mv {s} {dir}; fi
+                 rm -f {overlay}",
                 store = quoted(self.dir.parent().unwrap_or(Path::new("/"))),
                 dir = quoted(&self.dir),
                 s = quoted(&self.staging),
+                overlay = quoted(&self.overlay),
             ),
         )?;
-        Ok(self.saved)
+        Ok(())
     }
 }
 

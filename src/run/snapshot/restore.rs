@@ -179,32 +179,33 @@ pub(super) fn load(
     crate::run::up::write_state_ssh_files(project, state, &BTreeMap::new())
         .map_err(|e| SnapshotError::Failed(e.to_string()))?;
     // The networks farm runs on the VMs' hosts, for the VMs that join them.
-    let mut placements: Vec<Placement> = vms
-        .iter()
-        .filter_map(|vm| topology.vms.get(&vm.name).map(|n| n.placement.clone()))
-        .collect();
-    placements.dedup();
+    let mut sites: BTreeMap<&Placement, &TopVm> = BTreeMap::new();
+    for vm in vms {
+        if let Some(node) = topology.vms.get(&vm.name) {
+            sites.entry(&node.placement).or_insert(vm);
+        }
+    }
     let project_tag = state.root().display().to_string();
-    for placement in placements {
-        let Some(vm) = vms
-            .iter()
-            .find(|vm| topology.vms.get(&vm.name).map(|n| &n.placement) == Some(&placement))
-        else {
-            continue;
-        };
+    for (placement, vm) in sites {
         let layout = crate::model::up_plan::SiteLayout::of(
             topology,
-            &placement,
+            placement,
             state.root(),
             &store.root().join("store"),
         );
         for network in
-            crate::model::network::site_networks(&project.loaded.config, topology, &placement)
+            crate::model::network::site_networks(&project.loaded.config, topology, placement)
         {
             crate::run::vde::ensure_up(&*vm.host, &layout.state_dir, &network, &project_tag)
                 .map_err(|e| SnapshotError::Failed(e.to_string()))?;
         }
     }
+    let no_entry = |vm: &TopVm| {
+        SnapshotError::Failed(format!(
+            "Snapshot `{}` has no entry for VM `{}`",
+            manifest.name, vm.name
+        ))
+    };
     let sources: Vec<Source> = vms
         .iter()
         .map(|vm| match (entries.get(&vm.name), &vm.remote_store) {
@@ -214,20 +215,19 @@ pub(super) fn load(
                 state_file: entry.dir.join(STATE_FILE),
                 vm_dir: None,
             }),
-            (None, Some(remote_store)) => {
-                let saved = manifest.vms.iter().find(|s| s.name == vm.name);
-                let dir = remote::entry_dir(remote_store, saved.map_or("", |s| &s.entry));
-                Ok(Source {
-                    vm,
-                    disk: dir.join(crate::store::DISK_FILE),
-                    state_file: dir.join(STATE_FILE),
-                    vm_dir: Some(dir.join(VMS_DIR).join(&vm.name)),
-                })
-            }
-            (None, None) => Err(SnapshotError::Failed(format!(
-                "Snapshot `{}` has no entry for VM `{}`",
-                manifest.name, vm.name
-            ))),
+            (None, Some(remote_store)) => match manifest.vms.iter().find(|s| s.name == vm.name) {
+                Some(saved) => {
+                    let dir = remote::entry_dir(remote_store, &saved.entry);
+                    Ok(Source {
+                        vm,
+                        disk: dir.join(crate::store::DISK_FILE),
+                        state_file: dir.join(STATE_FILE),
+                        vm_dir: Some(dir.join(VMS_DIR).join(&vm.name)),
+                    })
+                }
+                None => Err(no_entry(vm)),
+            },
+            (None, None) => Err(no_entry(vm)),
         })
         .collect::<Result<_, _>>()?;
     let results = crate::run::parallel::each(&sources, |source| {
@@ -249,7 +249,6 @@ pub(super) fn load(
     // Every VM answers, level by level: the top-level VMs first; each hypervisor VM, once it
     // answers, resumes the VMs inside it (saved paused) over that connection, and they are
     // reached through it (a new login into each hop costs most of a second under TCG).
-    let topology = &project.loaded.topology;
     let records = state.records();
     let mut levels = vec![manifest.vms.iter().map(|v| v.name.clone()).collect()];
     levels.extend(by_level(topology, &manifest.inside, false));
@@ -366,14 +365,7 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
     qemu.daemonize = false;
     instance::start_qemu_vm(host, spec, &qemu)?;
     let failed = |e: String| {
-        let tail = match host.get(&spec.paths.stderr_log()) {
-            Ok(Some(bytes)) => {
-                let text = String::from_utf8_lossy(&bytes).into_owned();
-                let lines: Vec<&str> = text.lines().collect();
-                lines[lines.len().saturating_sub(5)..].join("\n")
-            }
-            _ => String::new(),
-        };
+        let tail = crate::run::apply::host_tail(host, &spec.paths.stderr_log(), 5);
         SnapshotError::Failed(format!("Cannot load VM `{vm}`'s saved state: {e}\n{tail}"))
     };
     let load = format!("exec:{}", load_command(&source.state_file));

@@ -179,18 +179,7 @@ pub fn save(
         let _ = fs_err::remove_file(records[&vm.saved.name].spec.paths.disk());
     }
     for vm in staged_remote {
-        let host = vms
-            .iter()
-            .find(|v| v.name == vm.saved.name)
-            .map(|v| v.host.clone());
-        let saved = vm.commit(&json)?;
-        if let Some(host) = host {
-            let disk = records[&saved.name].spec.paths.disk();
-            let _ = host.run(&format!(
-                "rm -f {}",
-                crate::sys::ssh::shell_quote(&disk.display().to_string())
-            ));
-        }
+        vm.commit(&json)?;
     }
     fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
     let manifest_path = paths.manifest();
@@ -219,7 +208,6 @@ pub fn save(
             started.elapsed().as_secs_f64()
         ),
     );
-    drop(sites);
     if !stop {
         super::restore::load(project, &state, &store, &manifest, &vms, reporter)?;
     }
