@@ -1,7 +1,8 @@
 //! A cloud image as users download it (the fixture: GPT, grub, cloud-init, no farm agent),
 //! served over HTTP with its SHA-512: a platform built on it and instances booted from it,
 //! checked over ssh for everything cloud-init and farm promise; the same image booted
-//! through UEFI firmware; and one with no cloud-init refused as soon as it has booted.
+//! through UEFI firmware; the platform built in a chroot from farm's appliance; and one
+//! with no cloud-init refused as soon as it has booted.
 
 #[path = "support/cloud_image.rs"]
 mod cloud_image;
@@ -210,6 +211,111 @@ nics = [{ network = "lab", ip = "10.78.0.12/24" }]
         assert_eq!(ssh(p, vm, "cat /etc/from-ansible"), address);
         assert!(ssh(p, vm, "jq --version").starts_with("jq-"));
     }
+    p.ok(&["down"]);
+}
+
+/// `builder = "chroot"`: the steps run in a chroot of the image's root from farm's appliance,
+/// as virt-customize does; the image's first boot happens in its instance, and nothing of
+/// the chroot (its DNS, its policy-rc.d) stays in the layer.
+#[test]
+fn a_platform_built_in_a_chroot_from_the_appliance() {
+    if !vm_tests_possible("cloud_image_chroot") || !nginx_available("cloud_image_chroot") {
+        return;
+    }
+    let platform = |command: &str| {
+        format!(
+            r#"
+[platforms.web]
+from = "cloud"
+builder = "chroot"
+authorized_keys = {{ root = ["keys/root.pub"], alice = ["keys/alice.pub"] }}
+packages = ["tree"]
+files = {{ "/etc/farm-motd" = "motd.txt" }}
+run = ["{command}"]
+
+[vms.c]
+platform = "web"
+disk_size = "10G"
+"#
+        )
+    };
+    let lab = cloud_lab(
+        &cloud_image(),
+        "cloud",
+        "",
+        &platform("echo first > /var/lib/farm-run-stamp"),
+    );
+    let p = &lab.project;
+    fs_err::create_dir_all(p.path().join("keys")).unwrap();
+    let root_key = keygen(&p.path().join("keys"), "root");
+    let alice_key = keygen(&p.path().join("keys"), "alice");
+    p.write("motd.txt", "made in a chroot\n");
+    p.ok(&["build"]);
+
+    // Only the command changed: the appliance boots on the checkpoint before it.
+    let toml = fs_err::read_to_string(p.path().join("farm.toml")).unwrap();
+    p.write(
+        "farm.toml",
+        &toml.replace(
+            "echo first > /var/lib/farm-run-stamp",
+            "echo chroot-$(hostname) > /var/lib/farm-run-stamp",
+        ),
+    );
+    let rebuilt = text(&p.ok(&["build"]));
+    assert!(
+        rebuilt.contains("5/6 build steps from checkpoints"),
+        "{rebuilt}"
+    );
+    let log = fs_err::read_dir(p.store.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.to_string_lossy().ends_with("-web_amd64.log"))
+        .map(|path| fs_err::read_to_string(path).unwrap())
+        .find(|log| log.contains("chroot-$(hostname)"))
+        .expect("the rebuild's log");
+    assert!(
+        log.contains("== mounting the image's root filesystem in the appliance"),
+        "{log}"
+    );
+    assert!(!log.contains("cloud-init status"), "{log}");
+
+    p.ok(&["up"]);
+    assert_eq!(
+        ssh(p, "c", "cloud-init status | sed -n 's/^status: //p'"),
+        "done"
+    );
+    assert_eq!(ssh(p, "c", "hostname"), "c");
+    assert!(ssh(p, "c", "cat /root/.ssh/authorized_keys").contains(&root_key.public));
+    assert!(ssh(p, "c", "cat /home/alice/.ssh/authorized_keys").contains(&alice_key.public));
+    assert_eq!(
+        ssh(p, "c", "stat -c %U /home/alice/.ssh/authorized_keys"),
+        "alice"
+    );
+    assert!(ssh(p, "c", "dpkg-query -W -f='${Status}' tree").contains("install ok installed"));
+    assert_eq!(ssh(p, "c", "cat /etc/farm-motd"), "made in a chroot");
+    // The command ran in the chroot: the appliance's hostname, not the instance's.
+    assert_eq!(
+        ssh(p, "c", "cat /var/lib/farm-run-stamp"),
+        "chroot-farm-build"
+    );
+    // What the chroot needed is gone: the image's resolv.conf link is as it shipped, no
+    // policy-rc.d, nothing set aside.
+    assert_eq!(
+        ssh(p, "c", "readlink /etc/resolv.conf"),
+        "../run/systemd/resolve/stub-resolv.conf"
+    );
+    assert_eq!(
+        ssh(
+            p,
+            "c",
+            "ls -d /usr/sbin/policy-rc.d /var/lib/farm-chroot 2>/dev/null; grep -l farm-build /root/.ssh/authorized_keys /home/*/.ssh/authorized_keys /etc/hostname /etc/hosts 2>/dev/null; true"
+        ),
+        ""
+    );
+    let size: u64 = ssh(p, "c", "df -B1 --output=size / | tail -n 1")
+        .parse()
+        .unwrap();
+    assert!(size > 9 << 30, "c's root is {size} bytes");
     p.ok(&["down"]);
 }
 

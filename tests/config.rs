@@ -1311,3 +1311,30 @@ fn a_platform_runs_with_the_vm_defaults_of_the_platform_it_is_built_from() {
     assert_eq!(vm.resources.memory.map(|m| m.mib()), Some(2048));
     assert_eq!(vm.resources.cpus, Some(3));
 }
+
+#[test]
+fn a_chroot_build_with_a_playbook_is_refused_at_the_builder_line() {
+    let rendered = assert_error(
+        &format!(
+            "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nplaybook = \"site.yml\"\nbuilder = \"chroot\"\n"
+        ),
+        "Platform `p` runs its steps in a chroot (`builder = \"chroot\"`), but a playbook needs the image booted",
+        IMAGE.lines().count() + 5,
+    );
+    assert!(
+        rendered.contains("hint: remove `builder = \"chroot\"`"),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn an_unknown_builder_is_refused_with_the_choices() {
+    let rendered = parse(&format!(
+        "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\nbuilder = \"docker\"\n"
+    ))
+    .expect_err("an unknown builder must be refused");
+    assert!(
+        rendered.contains("boot") && rendered.contains("chroot"),
+        "{rendered}"
+    );
+}

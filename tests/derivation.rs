@@ -262,3 +262,29 @@ fn tiny_images_are_per_arch_and_depend_on_farms_own_parts() {
     let layer = g.nodes.values().find(|n| n.name == "small_amd64").unwrap();
     assert_eq!(layer.derivation.parent(), Some(node.hash));
 }
+
+/// A chroot build is another output (no first boot happened in it): its key differs from
+/// the booted build's, and saying `builder = "boot"` is the same as not saying.
+#[test]
+fn the_builder_is_part_of_a_layers_key_and_boot_is_the_default() {
+    let plain = graph(BASE, "hello\n");
+    let with = |builder: &str| {
+        let text = BASE.replace(
+            "[platforms.web]\nfrom = \"base\"\n",
+            &format!("[platforms.web]\nfrom = \"base\"\nbuilder = \"{builder}\"\n"),
+        );
+        assert_ne!(text, BASE);
+        graph(&text, "hello\n")
+    };
+    assert_eq!(
+        hash_of(&with("boot"), "web_amd64"),
+        hash_of(&plain, "web_amd64")
+    );
+    let chroot = with("chroot");
+    assert_ne!(hash_of(&chroot, "web_amd64"), hash_of(&plain, "web_amd64"));
+    // Only the platform that says so: its parent keeps its key.
+    assert_eq!(
+        hash_of(&chroot, "base_amd64"),
+        hash_of(&plain, "base_amd64")
+    );
+}

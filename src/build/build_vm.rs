@@ -42,6 +42,9 @@ pub(super) struct Machine {
 /// A running build VM reached over ssh, and the files a checkpoint saves with its state.
 pub(super) struct BuildVm {
     pub process: VmProcess,
+    /// The QMP name of the disk the steps write (`virtio0`, or the image's disk in the
+    /// appliance of a chroot build).
+    pub disk_device: &'static str,
     /// Holds the QMP socket (see [`qmp_dir`]); removed when the VM is done.
     pub qmp_dir: tempfile::TempDir,
     pub ssh: Ssh,
@@ -62,33 +65,38 @@ pub(super) fn fingerprint(build: &LayerBuild, boot: Option<&BootFiles>) -> Strin
     .to_string()
 }
 
-/// The qemu of a build VM writing `disk`.
+/// The qemu of a build VM writing `disk`. With `appliance` (a chroot build: farm's tiny
+/// VM's own root), that is the first disk and the image's disk the second
+/// (`chroot::DISK_DEVICE`), and `boot` is the appliance's.
+#[allow(clippy::too_many_arguments)]
 fn build_vm(
     build: &LayerBuild,
     work: &Path,
     disk: &Path,
     seed: &Path,
+    appliance: Option<&Path>,
     boot: Option<&BootFiles>,
     uefi_vars: Option<PathBuf>,
     port: u16,
 ) -> QemuVm {
+    let qcow2 = |path: &Path| Disk {
+        path: path.to_path_buf(),
+        format: "qcow2",
+        readonly: false,
+        cache: DiskCache::Unsafe,
+    };
+    let mut disks: Vec<Disk> = appliance.map(qcow2).into_iter().collect();
+    disks.push(qcow2(disk));
+    disks.push(Disk {
+        path: seed.to_path_buf(),
+        format: "raw",
+        readonly: true,
+        cache: DiskCache::Unsafe,
+    });
     QemuVm {
         name: format!("build-{}", build.name),
         hw: build.hw.clone(),
-        disks: vec![
-            Disk {
-                path: disk.to_path_buf(),
-                format: "qcow2",
-                readonly: false,
-                cache: DiskCache::Unsafe,
-            },
-            Disk {
-                path: seed.to_path_buf(),
-                format: "raw",
-                readonly: true,
-                cache: DiskCache::Unsafe,
-            },
-        ],
+        disks,
         uefi_vars,
         boot: boot.map(|b| DirectBoot {
             kernel: b.kernel.clone(),
@@ -182,8 +190,23 @@ pub(super) fn boot(
     let port = crate::sys::hostinfo::free_local_port()?;
     let ssh_config = ssh_files(work, port, &host_key.public)?;
 
+    // A chroot build boots farm's appliance on a throwaway overlay of its own; the image's
+    // boot files are still what its checkpoints record.
+    let appliance_disk = match &build.appliance {
+        Some(appliance) => {
+            let overlay = work.join("appliance.qcow2");
+            let _ = fs_err::remove_file(&overlay);
+            crate::sys::qemu_img::create_overlay(&overlay, &appliance.disk, None)?;
+            Some(overlay)
+        }
+        None => None,
+    };
+    let qemu_boot = match &build.appliance {
+        Some(appliance) => Some(appliance.boot.clone()),
+        None => boot.clone(),
+    };
     // UEFI firmware keeps its variables in a file of the VM's own, from the host's template.
-    let uefi_vars = match (&boot, build.firmware) {
+    let uefi_vars = match (&qemu_boot, build.firmware) {
         (None, Firmware::Uefi) => {
             let vars = work.join("efivars.fd");
             let (_, template) = uefi_files(build.hw.arch);
@@ -203,7 +226,8 @@ pub(super) fn boot(
             work,
             disk,
             &seed_path,
-            boot.as_ref(),
+            appliance_disk.as_deref(),
+            qemu_boot.as_ref(),
             uefi_vars,
             port,
         )
@@ -248,14 +272,23 @@ pub(super) fn boot(
         "ssh answered after boot ({} s)",
         spinner.elapsed().as_secs()
     ));
-    spinner.set_message("waiting for cloud-init");
-    let waited = super::layer::wait_for_cloud_init(build, &ssh, deadline, log);
-    if waited.is_err() {
-        log.append_file("serial console", &vm.serial_log);
-    }
-    waited?;
+    let disk_device = if build.appliance.is_some() {
+        // The appliance has no cloud-init; the image's root is mounted for the steps.
+        spinner.set_message("mounting the image");
+        super::layer::mount_chroot(build, &ssh, log)?;
+        crate::model::chroot::DISK_DEVICE
+    } else {
+        spinner.set_message("waiting for cloud-init");
+        let waited = super::layer::wait_for_cloud_init(build, &ssh, deadline, log);
+        if waited.is_err() {
+            log.append_file("serial console", &vm.serial_log);
+        }
+        waited?;
+        BUILD_DISK_DEVICE
+    };
     Ok(BuildVm {
         process,
+        disk_device,
         qmp_dir,
         ssh,
         machine: Machine {
@@ -331,7 +364,16 @@ fn load_saved(
     let vm = QemuVm {
         incoming: true,
         qmp_socket: Some(qmp_dir.path().join("qmp")),
-        ..build_vm(build, work, disk, &seed, boot.as_ref(), uefi_vars, port)
+        ..build_vm(
+            build,
+            work,
+            disk,
+            &seed,
+            None,
+            boot.as_ref(),
+            uefi_vars,
+            port,
+        )
     };
     log.line(&format!("$ {} {}", vm.binary(), vm.argv().join(" ")));
     let mut process =
@@ -395,6 +437,7 @@ fn load_saved(
     ));
     Ok(BuildVm {
         process,
+        disk_device: BUILD_DISK_DEVICE,
         qmp_dir,
         ssh,
         vm,
@@ -404,6 +447,9 @@ fn load_saved(
         boot,
     })
 }
+
+/// The block device qemu names the first `-drive if=virtio` disk: a booted build VM's.
+const BUILD_DISK_DEVICE: &str = "virtio0";
 
 /// The saved state and its description in a checkpoint's `vm/`.
 pub(super) const STATE_FILE: &str = "state.zst";

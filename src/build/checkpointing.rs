@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::build_vm::{BuildVm, MACHINE_FILE, STATE_FILE};
+use super::guest::Guest;
 use super::layer::{BootFiles, BuilderError, Log};
 use crate::model::build_steps::BuildStep;
 use crate::model::hash::ContentHash;
@@ -22,13 +23,9 @@ use crate::store::{CheckpointMeta, Entry, Store};
 use crate::sys::qemu_img;
 use crate::sys::qmp::Qmp;
 use crate::sys::qmp::{save_command, wait_for_migration};
-use crate::sys::ssh::Ssh;
 
 /// No throttle to speak of: 64 GiB/s.
 const MIGRATION_BYTES_PER_SECOND: u64 = 64 << 30;
-
-/// The block device qemu names the first `-drive if=virtio` disk.
-const BUILD_DISK_DEVICE: &str = "virtio0";
 
 /// Which file the build VM writes during each step: `ck-N.qcow2` in the work directory
 /// while step N runs (frozen into step N's checkpoint after it), and the staged layer disk
@@ -71,6 +68,8 @@ pub(super) struct Frozen {
 /// Takes the checkpoints of one build VM.
 pub(super) struct Checkpointer {
     qmp: Qmp,
+    /// The QMP name of the disk the steps write.
+    device: &'static str,
     disks: StepDisks,
     work: PathBuf,
     /// What a saved state is loaded with again; `None` when states are not saved.
@@ -100,8 +99,12 @@ struct MachineFiles {
 impl Checkpointer {
     /// `boot` is the checkpoint's boot directory the VM was resumed with, if any. Machine
     /// states are saved with checkpoints when `save_states` (and zstd is installed).
+    /// `guest` is where the steps run (the VM, or the chroot in it): its `/boot` is read.
+    /// A chroot build's appliance is not the machine its steps shape, so its state is never
+    /// saved: such checkpoints are disks, resumed by booting the appliance again (seconds).
     pub(super) fn start(
         vm: &BuildVm,
+        guest: &Guest,
         disks: StepDisks,
         work: &Path,
         boot: Option<PathBuf>,
@@ -114,13 +117,16 @@ impl Checkpointer {
             .expect("build VMs have a QMP socket");
         let qmp = Qmp::connect(socket, Duration::from_secs(120))?;
         let boot_listing = if vm.boot.is_some() {
-            Some(vm.ssh.run(BOOT_LISTING, None)?.text())
+            Some(guest.run(BOOT_LISTING, None)?.text())
         } else {
             None
         };
-        let save_states = save_states && crate::sys::programs::find_program("zstd").is_some();
+        let save_states = save_states
+            && !guest.is_chroot()
+            && crate::sys::programs::find_program("zstd").is_some();
         Ok(Self {
             qmp,
+            device: vm.disk_device,
             disks,
             work: work.to_path_buf(),
             machine: save_states.then(|| MachineFiles {
@@ -141,18 +147,18 @@ impl Checkpointer {
     pub(super) fn after_step(
         &mut self,
         step: usize,
-        ssh: &Ssh,
+        guest: &Guest,
         inherited: Option<&BootFiles>,
         log: &mut Log,
     ) -> Result<(), BuilderError> {
         // What the guest wrote must reach the disk file before it is frozen.
-        let listing = ssh.run(&format!("sync; {BOOT_LISTING}"), None)?.text();
+        let listing = guest.run(&format!("sync; {BOOT_LISTING}"), None)?.text();
         if let Some(before) = &self.boot_listing
             && *before != listing
         {
             let dir = self.work.join(format!("boot-{step}"));
             let cmdline = inherited.map(|b| b.cmdline.as_str()).unwrap_or_default();
-            if super::layer::download_newest_kernel(ssh, &dir, cmdline, log)? {
+            if super::layer::download_newest_kernel(guest, &dir, cmdline, log)? {
                 self.boot = Some(dir);
             }
             self.boot_listing = Some(listing);
@@ -163,7 +169,7 @@ impl Checkpointer {
         let snapshot = self.qmp.command(
             "blockdev-snapshot-sync",
             serde_json::json!({
-                "device": BUILD_DISK_DEVICE,
+                "device": self.device,
                 "snapshot-file": next.display().to_string(),
                 "format": "qcow2",
             }),

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::checkpointing::{Checkpointer, StepDisks, commit_checkpoints};
+use super::guest::Guest;
 use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
 use crate::model::config::Platform;
 use crate::model::derivation::Recipe;
@@ -84,6 +85,12 @@ pub enum BuilderError {
         detail: String,
         log: PathBuf,
     },
+    #[error("Cannot mount the image of `{platform}` for a chroot build\n{detail}\nhint: farm's appliance mounts ext4 root filesystems (ext4 /boot and vfat /boot/efi beside them); for another layout set `builder = \"boot\"` on the platform; the full log is `{}`", log.display())]
+    NoChrootRoot {
+        platform: String,
+        detail: String,
+        log: PathBuf,
+    },
     #[error(
         "Cannot give the build VM for `{platform}` UEFI firmware: {reason}\nhint: install Debian's `ovmf` (x86_64) or `qemu-efi-aarch64` (aarch64), or set `firmware = \"bios\"` on an x86_64 image that boots from BIOS"
     )]
@@ -130,6 +137,17 @@ pub struct LayerBuild<'a> {
     /// How long the guest may take to answer ssh.
     pub boot_timeout: Duration,
     pub log: &'a Path,
+    /// farm's appliance, for a `builder = "chroot"` platform: the steps run in a chroot of
+    /// the image's root inside it, and the image never boots.
+    pub appliance: Option<Appliance>,
+}
+
+/// farm's tiny image as the VM a chroot build runs in: its disk (an entry's, never written:
+/// the build VM gets an overlay) and its boot files.
+#[derive(Clone, Debug)]
+pub struct Appliance {
+    pub disk: PathBuf,
+    pub boot: BootFiles,
 }
 
 /// A virtual size large enough for upgrades and packages. The layer is sparse, so unused
@@ -232,27 +250,44 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
             &spinner,
         )?,
     };
-    let mut checkpointer =
-        Checkpointer::start(&running, disks, &work, resumed_boot, build.checkpoints)?;
+    let guest = match build.appliance {
+        Some(_) => Guest::chroot(&running.ssh),
+        None => Guest::booted(&running.ssh),
+    };
+    let mut checkpointer = Checkpointer::start(
+        &running,
+        &guest,
+        disks,
+        &work,
+        resumed_boot,
+        build.checkpoints,
+    )?;
+    let result = run_steps(
+        build,
+        &steps,
+        reused,
+        &guest,
+        &mut checkpointer,
+        &mut log,
+        &spinner,
+    )
+    .and_then(|()| {
+        finish(
+            build,
+            &guest,
+            &running.machine.client_public,
+            &mut log,
+            &spinner,
+        )
+    });
+    spinner.finish_and_clear();
     let super::build_vm::BuildVm {
         mut process,
         qmp_dir: _qmp_dir,
         ssh,
         vm,
-        machine,
         ..
     } = running;
-    let result = run_steps(
-        build,
-        &steps,
-        reused,
-        &ssh,
-        &mut checkpointer,
-        &mut log,
-        &spinner,
-    )
-    .and_then(|()| finish(build, &ssh, &machine.client_public, &mut log, &spinner));
-    spinner.finish_and_clear();
     drop(ssh);
     log.append_file("serial console", &vm.serial_log);
     let keep = |log: &mut Log| {
@@ -337,6 +372,26 @@ pub(super) fn wait_for_cloud_init(
     }
 }
 
+/// Mounts the image's root in the appliance of a chroot build (`chroot::setup_script`).
+pub(super) fn mount_chroot(
+    build: &LayerBuild,
+    ssh: &Ssh,
+    log: &mut Log,
+) -> Result<(), BuilderError> {
+    log.line("== mounting the image's root filesystem in the appliance");
+    let out = ssh.run(&crate::model::chroot::setup_script(), None)?;
+    let text = out.text();
+    log.raw(&text);
+    if out.success() {
+        return Ok(());
+    }
+    Err(BuilderError::NoChrootRoot {
+        platform: build.name.to_string(),
+        detail: text.trim().to_string(),
+        log: build.log.to_path_buf(),
+    })
+}
+
 /// Reads an input again and checks it is still what the derivation hashed.
 fn read_verified(path: &Path, expected: &ContentHash) -> Result<Vec<u8>, BuilderError> {
     let bytes = fs_err::read(path)?;
@@ -354,7 +409,7 @@ fn run_steps(
     build: &LayerBuild,
     steps: &[BuildStep],
     first: usize,
-    ssh: &Ssh,
+    guest: &Guest,
     checkpointer: &mut Checkpointer,
     log: &mut Log,
     spinner: &indicatif::ProgressBar,
@@ -364,7 +419,7 @@ fn run_steps(
             spinner.set_message(step.label.clone());
             read_verified(&playbook.path, &playbook.hash)?;
             super::playbook::run_playbook(build, &step.label, &playbook.path, log)?;
-            checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
+            checkpointer.after_step(index, guest, build.boot.as_ref(), log)?;
             continue;
         }
         let stdin = match &step.stdin {
@@ -374,7 +429,7 @@ fn run_steps(
         spinner.set_message(step.label.clone());
         let started = Instant::now();
         log.line(&format!("== {}", step.label));
-        let out = ssh.run(&step.script, stdin.as_deref())?;
+        let out = guest.run(&step.script, stdin.as_deref())?;
         let text = out.text();
         log.raw(&text);
         log.line(&format!(
@@ -396,7 +451,7 @@ fn run_steps(
                 log: build.log.to_path_buf(),
             });
         }
-        checkpointer.after_step(index, ssh, build.boot.as_ref(), log)?;
+        checkpointer.after_step(index, guest, build.boot.as_ref(), log)?;
     }
     Ok(())
 }
@@ -405,14 +460,14 @@ fn run_steps(
 /// the build key and per-instance state removed, free blocks discarded, then powered off.
 fn finish(
     build: &LayerBuild,
-    ssh: &Ssh,
+    guest: &Guest,
     build_key: &str,
     log: &mut Log,
     spinner: &indicatif::ProgressBar,
 ) -> Result<(), BuilderError> {
     spinner.set_message("extracting boot files");
     if let Some(inherited) = &build.boot {
-        extract_boot_files(ssh, inherited, &build.staging.boot_dir(), log)?;
+        extract_boot_files(guest, inherited, &build.staging.boot_dir(), log)?;
     }
     spinner.set_message("cleaning up");
     let key_body = build_key.split_whitespace().nth(1).unwrap_or(build_key);
@@ -421,7 +476,7 @@ fn finish(
         // image's default user too. `cat >` keeps each file's owner and mode.
         "for home in /root $(cut -d: -f6 /etc/passwd | sort -u); do f=\"$home/.ssh/authorized_keys\"; \
            [ -f \"$f\" ] || continue; grep -vF {key} \"$f\" | grep -v ' farm-build$' > /tmp/farm-keys; cat /tmp/farm-keys > \"$f\"; done; rm -f /tmp/farm-keys; \
-         command -v cloud-init >/dev/null && cloud-init clean --logs --seed; \
+         [ -e /var/lib/cloud/instance ] && command -v cloud-init >/dev/null && cloud-init clean --logs --seed; \
          [ \"$(cat /etc/hostname 2>/dev/null)\" = farm-build ] && echo localhost > /etc/hostname; \
          [ -f /etc/hosts ] && sed -i '/farm-build/d' /etc/hosts; \
          command -v journalctl >/dev/null && journalctl -q --rotate && journalctl -q --vacuum-time=1s; \
@@ -431,12 +486,19 @@ fn finish(
         key = shell_quote(key_body)
     );
     log.line("== cleanup");
-    let out = ssh.run(&cleanup, None)?;
+    let out = guest.run(&cleanup, None)?;
     log.raw(&out.text());
+    if guest.is_chroot() {
+        log.line("== unmounting the image");
+        let out = guest
+            .machine()
+            .run(&crate::model::chroot::teardown_script(), None)?;
+        log.raw(&out.text());
+    }
     log.line("== cleanup finished; powering off");
     spinner.set_message("shutting down");
     // The connection drops as the guest goes down: the result is not an error.
-    let _ = ssh.run(
+    let _ = guest.machine().run(
         "(sleep 1; poweroff || systemctl poweroff || halt -p) >/dev/null 2>&1 &",
         None,
     );
@@ -446,12 +508,12 @@ fn finish(
 /// Copies the guest's newest kernel and initrd into `boot_dir` when they differ from the
 /// ones it booted with (an upgrade installed a new kernel); otherwise the layer inherits.
 fn extract_boot_files(
-    ssh: &Ssh,
+    guest: &Guest,
     inherited: &BootFiles,
     boot_dir: &Path,
     log: &mut Log,
 ) -> Result<(), BuilderError> {
-    if !download_newest_kernel(ssh, boot_dir, &inherited.cmdline, log)? {
+    if !download_newest_kernel(guest, boot_dir, &inherited.cmdline, log)? {
         log.line("no readable kernel in /boot: the layer keeps its parent's boot files");
         return Ok(());
     }
@@ -471,12 +533,12 @@ fn extract_boot_files(
 /// Downloads the guest's newest kernel and its initrd into `dir` (`vmlinuz`, `initrd.img`,
 /// and `cmdline`); `false` when it has none that can be read.
 pub(super) fn download_newest_kernel(
-    ssh: &Ssh,
+    guest: &Guest,
     dir: &Path,
     cmdline: &str,
     log: &mut Log,
 ) -> Result<bool, BuilderError> {
-    let find = ssh.run(
+    let find = guest.run(
         "k=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1); [ -n \"$k\" ] && echo \"$k\" && echo \"/boot/initrd.img-${k#/boot/vmlinuz-}\"",
         None,
     )?;
@@ -485,8 +547,8 @@ pub(super) fn download_newest_kernel(
     let (Some(kernel), Some(initrd)) = (lines.next(), lines.next()) else {
         return Ok(false);
     };
-    let kernel_bytes = ssh.download(kernel)?;
-    let initrd_bytes = ssh.download(initrd)?;
+    let kernel_bytes = guest.download(kernel)?;
+    let initrd_bytes = guest.download(initrd)?;
     if !kernel_bytes.success() || !initrd_bytes.success() {
         return Ok(false);
     }

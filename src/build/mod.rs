@@ -4,6 +4,7 @@
 mod build_vm;
 mod checkpointing;
 pub mod debian_image;
+mod guest;
 pub mod layer;
 mod playbook;
 mod produce;

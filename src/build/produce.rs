@@ -5,15 +5,15 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::realise::{BuildError, Context, failed, human_bytes};
-use crate::build::layer::{BootFiles, LayerBuild};
+use super::realise::{BuildError, Context, failed, human_bytes, realise_appliance};
+use crate::build::layer::{Appliance, BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
 use crate::model::config::{Config, ImageSource};
 use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::ContentHash;
 use crate::model::plan::Action;
 use crate::model::qemu::{MachineSpec, choose_accel};
-use crate::model::values::DiskFormat;
+use crate::model::values::{Builder, DiskFormat};
 use crate::progress::Reporter;
 use crate::store::{Entry, Staging, relative_backing};
 use crate::sys::qemu_img;
@@ -163,7 +163,27 @@ pub(super) fn produce(
                 host_arch,
                 target.arch,
             );
+            let appliance = match platform.steps.builder() {
+                Builder::Boot => None,
+                Builder::Chroot => {
+                    let entry = realise_appliance(cx, target.arch)?;
+                    let boot = entry
+                        .boot_dir()
+                        .and_then(|dir| BootFiles::in_dir(&dir))
+                        .ok_or_else(|| {
+                            failed(name)(std::io::Error::other(format!(
+                                "the appliance `{}` has no boot files",
+                                entry.dir.display()
+                            )))
+                        })?;
+                    Some(Appliance {
+                        disk: entry.disk_path(),
+                        boot,
+                    })
+                }
+            };
             let build = LayerBuild {
+                appliance,
                 name,
                 platform,
                 recipe: &node.derivation.recipe,

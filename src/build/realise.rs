@@ -12,10 +12,10 @@ use crate::build::layer::BootFiles;
 use crate::build::produce::produce;
 use crate::fetch;
 use crate::model::config::Config;
-use crate::model::derivation::{DrvId, DrvNode};
+use crate::model::derivation::{Derivation, DrvId, DrvNode, FORMAT_VERSION, Recipe};
 use crate::model::hash::DrvHash;
 use crate::model::plan::{Action, BuildPlan};
-use crate::model::values::Accel;
+use crate::model::values::{Accel, Arch};
 use crate::progress::Reporter;
 use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store};
 
@@ -380,6 +380,41 @@ fn realise_one(
     let entry = store.commit(staging, meta).map_err(failed(name))?;
     drop(lock);
     Ok(entry)
+}
+
+/// The store entry name of the appliance chroot builds run in.
+pub const APPLIANCE_NAME: &str = "farm-appliance";
+
+/// farm's tiny image for `arch` as the appliance of chroot builds: the same derivation as
+/// a `tiny = true` image of that arch (one entry serves both), realised when first needed
+/// under its own lock. Not a parent of the layers it builds: they do not contain it.
+pub(super) fn realise_appliance(cx: &Context, arch: Arch) -> Result<Entry, BuildError> {
+    let derivation = Derivation {
+        format: FORMAT_VERSION,
+        recipe: Recipe::TinyImage {
+            arch,
+            farm_parts: crate::model::tiny_recipe::digest(arch),
+        },
+    };
+    let node = DrvNode {
+        id: DrvId::Image {
+            image: APPLIANCE_NAME.to_string(),
+            arch: Some(arch),
+        },
+        name: format!("{APPLIANCE_NAME}-{}", arch.debian_name()),
+        hash: derivation.hash(),
+        derivation,
+        parent: None,
+    };
+    if let Some(entry) = lookup(cx.store, &node)? {
+        return Ok(entry);
+    }
+    realise_one(cx, &node, &Action::BuildTiny, &|| {
+        Some(Ancestry {
+            parent: None,
+            boot: None,
+        })
+    })
 }
 
 pub fn human_bytes(bytes: u64) -> String {

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::values::{Accel, Arch, DiskFormat, Firmware, IpCidr, MacAddr, SshAddress};
+use crate::model::values::{
+    Accel, Arch, Builder, DiskFormat, Firmware, IpCidr, MacAddr, SshAddress,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +89,8 @@ pub struct RawPlatform {
     pub run: Vec<String>,
     /// An Ansible playbook applied in the build VM after `run`.
     pub playbook: Option<Spanned<String>>,
+    /// `boot` (the default) or `chroot`: see `Builder`.
+    pub builder: Option<Spanned<Builder>>,
     pub memory: Option<Spanned<RawSize>>,
     pub cpus: Option<Spanned<i64>>,
     pub disk_size: Option<Spanned<RawSize>>,

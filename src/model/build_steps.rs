@@ -15,7 +15,7 @@ use super::config::Steps;
 use super::derivation::{Recipe, StepInputs};
 use super::hash::{ContentHash, DrvHash};
 use super::shell::shell_quote;
-use super::values::{Arch, Firmware};
+use super::values::{Arch, Builder, Firmware};
 
 /// One step as the build VM runs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,10 +46,17 @@ const APT: &str = "export DEBIAN_FRONTEND=noninteractive; APT='apt-get -y -q -o 
 /// upgrade, packages, files, run. apt is required; dnf and apk are used when apt-get is
 /// missing.
 pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
+    let grow = match platform.builder() {
+        // Images farm builds have ext4 directly on /dev/vda; cloud images grow themselves.
+        Builder::Boot => {
+            "if [ \"$(findmnt -no SOURCE /)\" = /dev/vda ] && command -v resize2fs >/dev/null; then resize2fs /dev/vda; fi"
+        }
+        // Nothing of the image runs in a chroot build, cloud-init's growpart neither.
+        Builder::Chroot => super::chroot::GROW_SCRIPT,
+    };
     let mut out = vec![BuildStep {
         label: "grow root filesystem".into(),
-        // Images farm builds have ext4 directly on /dev/vda; cloud images grow themselves.
-        script: "if [ \"$(findmnt -no SOURCE /)\" = /dev/vda ] && command -v resize2fs >/dev/null; then resize2fs /dev/vda; fi".into(),
+        script: grow.into(),
         stdin: None,
         playbook: None,
     }];
@@ -149,6 +156,9 @@ struct BuildBase<'a> {
     arch: Arch,
     machine: &'a Option<String>,
     firmware: &'a Option<Firmware>,
+    /// Absent for `boot`, so the keys of checkpoints kept before it existed stay valid.
+    #[serde(skip_serializing_if = "Builder::is_boot")]
+    builder: Builder,
 }
 
 /// Bumped when the way checkpoints are taken changes, so old ones are never resumed from.
@@ -162,6 +172,7 @@ pub fn checkpoint_keys(recipe: &Recipe, steps: &[BuildStep]) -> Vec<ContentHash>
         arch,
         machine,
         firmware,
+        builder,
         ..
     } = recipe
     else {
@@ -172,6 +183,7 @@ pub fn checkpoint_keys(recipe: &Recipe, steps: &[BuildStep]) -> Vec<ContentHash>
         arch: *arch,
         machine,
         firmware,
+        builder: *builder,
     };
     let mut hasher = blake3::Hasher::new_derive_key(KEY_CONTEXT);
     hasher.update(&serde_json::to_vec(&base).expect("the build base serializes"));
@@ -212,6 +224,7 @@ mod tests {
             arch: Arch::X86_64,
             machine: None,
             firmware: None,
+            builder: Builder::Boot,
             steps: inputs.clone(),
         };
         (recipe, build_steps(&Steps::default(), &inputs))
@@ -258,6 +271,7 @@ mod tests {
                 arch: Arch::X86_64,
                 machine: None,
                 firmware: None,
+                builder: Builder::Boot,
                 steps: inputs.clone(),
             };
             let steps = build_steps(&platform, &inputs);

@@ -175,9 +175,16 @@ pub struct Steps {
     /// An Ansible playbook applied to the build VM last; its `roles/` directory, when it
     /// has one beside it, is an input too.
     pub playbook: Option<Located<PathBuf>>,
+    /// How the steps reach the image (absent: `boot`).
+    pub builder: Option<Located<crate::model::values::Builder>>,
 }
 
 impl Steps {
+    /// How the steps reach the image.
+    pub fn builder(&self) -> crate::model::values::Builder {
+        self.builder.as_ref().map(|b| b.value).unwrap_or_default()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.authorized_keys.is_empty()
             && !self.upgrade

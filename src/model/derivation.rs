@@ -16,7 +16,7 @@ use super::config::{Config, DebianInit, ImageSource, Origin};
 use super::diagnostic::Diagnostic;
 use super::hash::{ContentHash, DrvHash, ExpectedHash};
 use super::topology::Topology;
-use super::values::{Arch, DiskFormat, Firmware};
+use super::values::{Arch, Builder, DiskFormat, Firmware};
 
 /// Bumped whenever the encoding or the meaning of a field changes: every hash changes with it.
 pub const FORMAT_VERSION: u32 = 1;
@@ -76,6 +76,10 @@ pub enum Recipe {
         /// labs that never say stay what they were).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         firmware: Option<Firmware>,
+        /// How the steps reached the image: a chroot build leaves no trace of a first boot,
+        /// so it is another output (absent for `boot`, so existing keys stay).
+        #[serde(default, skip_serializing_if = "Builder::is_boot")]
+        builder: Builder,
         steps: StepInputs,
     },
 }
@@ -409,6 +413,7 @@ fn derive(
                 arch: t.arch,
                 machine: t.machine.clone(),
                 firmware,
+                builder: steps.builder(),
                 steps: StepInputs {
                     authorized_keys,
                     upgrade: steps.upgrade,

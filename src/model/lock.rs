@@ -229,6 +229,7 @@ mod tests {
                 arch: Arch::X86_64,
                 machine: None,
                 firmware: None,
+                builder: Default::default(),
                 steps: StepInputs {
                     packages: packages.iter().map(|p| p.to_string()).collect(),
                     ..Default::default()

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod build_steps;
 pub mod cache_record;
+pub mod chroot;
 pub mod config;
 pub mod debian_recipe;
 pub mod derivation;

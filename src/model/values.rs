@@ -256,6 +256,34 @@ impl Firmware {
     }
 }
 
+/// How a platform's steps reach its image. `boot` starts the image itself (its services and
+/// first boot run, as on an instance); `chroot` never boots it: farm's tiny appliance VM
+/// mounts the image's root filesystem and runs the steps in a chroot of it, as
+/// `virt-customize` does. Faster for cloud images (no firmware, systemd or cloud-init under
+/// TCG), but nothing of the image runs while its steps do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Builder {
+    #[default]
+    Boot,
+    Chroot,
+}
+
+impl Builder {
+    pub fn name(self) -> &'static str {
+        match self {
+            Builder::Boot => "boot",
+            Builder::Chroot => "chroot",
+        }
+    }
+
+    /// Serde's `skip_serializing_if`: the default is left out of derivations, so the keys
+    /// of platforms that never say stay what they were.
+    pub fn is_boot(&self) -> bool {
+        *self == Builder::Boot
+    }
+}
+
 /// The UEFI firmware files Debian's packages install (`ovmf`, `qemu-efi-aarch64`): the
 /// read-only code, and the variable store template each VM gets a copy of.
 pub fn uefi_files(arch: Arch) -> (&'static str, &'static str) {

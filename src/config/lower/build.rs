@@ -194,6 +194,20 @@ pub(super) fn lower_platform(
         })
         .map(|(guest, local)| (guest.get_ref().clone(), cx.path(local)))
         .collect();
+    if let (Some(builder), Some(_)) = (&raw.builder, &raw.playbook)
+        && *builder.get_ref() == crate::model::values::Builder::Chroot
+    {
+        problems.push(
+            Diagnostic::new(
+                format!(
+                    "Platform `{}` runs its steps in a chroot (`builder = \"chroot\"`), but a playbook needs the image booted: Ansible reaches it over ssh",
+                    name.value
+                ),
+                cx.origin(builder),
+            )
+            .hint("remove `builder = \"chroot\"` (steps then run in the booted image), or do the playbook's work with `run` commands"),
+        );
+    }
     Platform {
         name,
         from: cx.located(&raw.from),
@@ -204,6 +218,7 @@ pub(super) fn lower_platform(
             files,
             run: raw.run,
             playbook: raw.playbook.as_ref().map(|p| cx.path(p)),
+            builder: raw.builder.as_ref().map(|b| cx.located(b)),
         },
         resources: cx.resources(&raw.memory, &raw.cpus, &raw.disk_size, problems),
     }

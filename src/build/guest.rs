@@ -1,0 +1,45 @@
+//! Where a layer's steps run: the build VM's own shell (`builder = "boot"`), or a chroot of
+//! the image's root inside farm's appliance VM (`builder = "chroot"`, see
+//! `crate::model::chroot`). Everything that acts on the image (steps, checkpoint syncs,
+//! kernel downloads, cleanup) goes through a [`Guest`], so it reads the same either way.
+
+use crate::model::chroot;
+use crate::sys::ssh::{Output, Ssh, SshError, shell_quote};
+
+pub(super) struct Guest<'a> {
+    ssh: &'a Ssh,
+    chroot: bool,
+}
+
+impl<'a> Guest<'a> {
+    pub(super) fn booted(ssh: &'a Ssh) -> Self {
+        Guest { ssh, chroot: false }
+    }
+
+    pub(super) fn chroot(ssh: &'a Ssh) -> Self {
+        Guest { ssh, chroot: true }
+    }
+
+    pub(super) fn is_chroot(&self) -> bool {
+        self.chroot
+    }
+
+    /// Runs `script` as root in the image, `stdin` on its standard input.
+    pub(super) fn run(&self, script: &str, stdin: Option<&[u8]>) -> Result<Output, SshError> {
+        if self.chroot {
+            self.ssh.run(&chroot::wrap(script), stdin)
+        } else {
+            self.ssh.run(script, stdin)
+        }
+    }
+
+    /// Reads a file of the image whole.
+    pub(super) fn download(&self, path: &str) -> Result<Output, SshError> {
+        self.run(&format!("cat {}", shell_quote(path)), None)
+    }
+
+    /// The machine itself: the build VM, or the appliance around the chroot.
+    pub(super) fn machine(&self) -> &Ssh {
+        self.ssh
+    }
+}
