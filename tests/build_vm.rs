@@ -330,3 +330,84 @@ run = ["date +%s%N > /etc/stamp"]
     );
     assert_eq!(p.entry("stamp_amd64"), entry);
 }
+
+/// `builder = "chroot"` on farm's own Debian image (ext4 on the whole disk, a kernel kept
+/// beside it): the steps run without the image booted, a failed step is resumed after like
+/// any other (the appliance mounts the checkpoint again), and what the chroot needed is not
+/// in the layer.
+#[test]
+fn a_chroot_build_on_a_debian_image_resumes_after_a_failed_step_and_leaves_no_trace() {
+    if !vm_tests_possible("chroot_debian") {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let user = keygen(keys.path(), "user");
+    let platform = |last: &str| {
+        format!(
+            r#"
+[platforms.jailed]
+from = "base"
+builder = "chroot"
+authorized_keys = ["keys/user.pub"]
+files = {{ "/etc/farm-motd" = "motd.txt" }}
+run = ["if [ -d /run/systemd/system ]; then echo booted; else echo chroot; fi > /etc/farm-marker", "{last}"]
+"#
+        )
+    };
+    let p = project(&platform("echo oops >&2; exit 7"));
+    p.write("keys/user.pub", &user.public);
+    p.write("motd.txt", "hello from a chroot\n");
+    let failed = p.run(&["build"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("run[1] `echo oops >&2; exit 7`"), "{stderr}");
+    assert!(stderr.contains("exit status 7"), "{stderr}");
+
+    p.write(
+        "farm.toml",
+        &format!("{BASE}\n{}", platform("tree --version > /etc/tree-version")),
+    );
+    let built = text(&p.ok(&["build"]));
+    assert!(built.contains("4/5 build steps from checkpoints"), "{built}");
+
+    let entry = p.entry("jailed_amd64");
+    let guest = Guest::boot(&entry, boot_files(&p, &entry), &user, false);
+    assert_eq!(guest.sh("cat /etc/farm-marker"), "chroot");
+    assert_eq!(guest.sh("cat /etc/farm-motd"), "hello from a chroot");
+    assert!(guest.sh("cat /etc/tree-version").starts_with("tree v"));
+    assert_eq!(
+        guest.sh("ls -d /usr/sbin/policy-rc.d /var/lib/farm-chroot 2>/dev/null; true"),
+        ""
+    );
+}
+
+/// A disk the appliance finds no root filesystem on fails at once, saying what it looked
+/// for and what to do instead.
+#[test]
+fn a_chroot_build_on_a_disk_without_an_ext4_root_is_refused_with_a_hint() {
+    if !vm_tests_possible("chroot_blank") {
+        return;
+    }
+    let p = Project::with_store(
+        "[images.blank]\npath = \"blank.qcow2\"\n[targets.amd64]\narch = \"x86_64\"\n\
+         [platforms.b]\nfrom = \"blank\"\nbuilder = \"chroot\"\nrun = [\"true\"]\n",
+        &shared_store(),
+    );
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(p.path().join("blank.qcow2"))
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = p.run(&["build"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Cannot mount the image of `b_amd64` for a chroot build"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("found no ext4 root filesystem"), "{stderr}");
+    assert!(stderr.contains("set `builder = \"boot\"`"), "{stderr}");
+    assert!(!p.entries().iter().any(|e| e.ends_with("-b_amd64")));
+}
