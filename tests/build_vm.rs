@@ -360,7 +360,10 @@ run = ["if [ -d /run/systemd/system ]; then echo booted; else echo chroot; fi > 
     let failed = p.run(&["build"]);
     assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
     let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(stderr.contains("run[1] `echo oops >&2; exit 7`"), "{stderr}");
+    assert!(
+        stderr.contains("run[1] `echo oops >&2; exit 7`"),
+        "{stderr}"
+    );
     assert!(stderr.contains("exit status 7"), "{stderr}");
 
     p.write(
@@ -368,7 +371,10 @@ run = ["if [ -d /run/systemd/system ]; then echo booted; else echo chroot; fi > 
         &format!("{BASE}\n{}", platform("tree --version > /etc/tree-version")),
     );
     let built = text(&p.ok(&["build"]));
-    assert!(built.contains("4/5 build steps from checkpoints"), "{built}");
+    assert!(
+        built.contains("4/5 build steps from checkpoints"),
+        "{built}"
+    );
 
     let entry = p.entry("jailed_amd64");
     let guest = Guest::boot(&entry, boot_files(&p, &entry), &user, false);

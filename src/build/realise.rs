@@ -12,7 +12,7 @@ use crate::build::layer::BootFiles;
 use crate::build::produce::produce;
 use crate::fetch;
 use crate::model::config::Config;
-use crate::model::derivation::{Derivation, DrvId, DrvNode, FORMAT_VERSION, Recipe};
+use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::DrvHash;
 use crate::model::plan::{Action, BuildPlan};
 use crate::model::values::{Accel, Arch};
@@ -382,30 +382,10 @@ fn realise_one(
     Ok(entry)
 }
 
-/// The store entry name of the appliance chroot builds run in.
-pub const APPLIANCE_NAME: &str = "farm-appliance";
-
-/// farm's tiny image for `arch` as the appliance of chroot builds: the same derivation as
-/// a `tiny = true` image of that arch (one entry serves both), realised when first needed
-/// under its own lock. Not a parent of the layers it builds: they do not contain it.
+/// farm's appliance for `arch` (see `derivation::appliance_node`), realised when a chroot
+/// build first needs it, under its own lock.
 pub(super) fn realise_appliance(cx: &Context, arch: Arch) -> Result<Entry, BuildError> {
-    let derivation = Derivation {
-        format: FORMAT_VERSION,
-        recipe: Recipe::TinyImage {
-            arch,
-            farm_parts: crate::model::tiny_recipe::digest(arch),
-        },
-    };
-    let node = DrvNode {
-        id: DrvId::Image {
-            image: APPLIANCE_NAME.to_string(),
-            arch: Some(arch),
-        },
-        name: format!("{APPLIANCE_NAME}-{}", arch.debian_name()),
-        hash: derivation.hash(),
-        derivation,
-        parent: None,
-    };
+    let node = crate::model::derivation::appliance_node(arch);
     if let Some(entry) = lookup(cx.store, &node)? {
         return Ok(entry);
     }

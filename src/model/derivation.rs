@@ -153,6 +153,48 @@ fn hash_canonical(bytes: &[u8]) -> DrvHash {
     DrvHash::from_blake3(hasher.finalize())
 }
 
+/// The store entry name of the appliance chroot builds run in (`farm-appliance-amd64`).
+pub const APPLIANCE_NAME: &str = "farm-appliance";
+
+/// farm's tiny image for `arch` as the appliance of `builder = "chroot"` builds: the same
+/// derivation as a `tiny = true` image of that arch, so one entry serves both. It is not a
+/// parent of the layers it builds (they do not contain it); projects keep it as a gc root.
+pub fn appliance_node(arch: Arch) -> DrvNode {
+    let derivation = Derivation {
+        format: FORMAT_VERSION,
+        recipe: Recipe::TinyImage {
+            arch,
+            farm_parts: super::tiny_recipe::digest(arch),
+        },
+    };
+    DrvNode {
+        id: DrvId::Image {
+            image: APPLIANCE_NAME.to_string(),
+            arch: Some(arch),
+        },
+        name: format!("{APPLIANCE_NAME}-{}", arch.debian_name()),
+        hash: derivation.hash(),
+        derivation,
+        parent: None,
+    }
+}
+
+/// The arches whose appliance the chroot builds of `graph` need.
+pub fn appliance_arches(graph: &DrvGraph) -> BTreeSet<Arch> {
+    graph
+        .nodes
+        .values()
+        .filter_map(|node| match &node.derivation.recipe {
+            Recipe::Layer {
+                arch,
+                builder: Builder::Chroot,
+                ..
+            } => Some(*arch),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Identifies a derivation in a configuration.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DrvId {

@@ -126,10 +126,17 @@ impl Project {
         &self.loaded.project_dir
     }
 
-    /// The store entries of every derivation this farm.toml defines, where built.
+    /// The store entries of every derivation this farm.toml defines, and of the appliance
+    /// its chroot builds run in, where built.
     pub fn entries_in(&self, store: &Store) -> Result<Vec<Entry>, StoreError> {
         let mut entries = Vec::new();
         for node in self.graph.all() {
+            entries.extend(store.lookup(&node.hash, &node.name)?);
+        }
+        // The appliance its chroot builds run in: rebuilding it needs the Debian mirror,
+        // which an offline lab may not have.
+        for arch in crate::model::derivation::appliance_arches(&self.graph) {
+            let node = crate::model::derivation::appliance_node(arch);
             entries.extend(store.lookup(&node.hash, &node.name)?);
         }
         Ok(entries)
