@@ -347,3 +347,39 @@ fn a_layer_is_not_imported_onto_a_parent_this_store_holds_with_other_bytes() {
     );
     assert_eq!(store_entries(&root), vec![own_base.dir_name().to_string()]);
 }
+
+/// A lab's export takes the appliance of its chroot builds along when the store has it, so
+/// the offline machine can rebuild such a platform after a change to its steps.
+#[test]
+fn a_labs_export_takes_the_appliance_of_its_chroot_builds_along() {
+    let dir = empty_store_dir();
+    let store_dir = dir.path().join("store");
+    let lab = |builder: &str| {
+        format!(
+            "[images.blank]\npath = \"blank.qcow2\"\n[targets.amd64]\narch = \"x86_64\"\n\
+             [platforms.p]\nfrom = \"blank\"\n{builder}\n"
+        )
+    };
+    let p = Project::with_store(&lab("builder = \"chroot\""), &store_dir);
+    qemu_img::create(&p.path().join("blank.qcow2"), 8 << 20).unwrap();
+    p.ok(&["build"]);
+    entries::commit_appliance(&Store::open(&store_dir).unwrap());
+    let members = |name: &str| {
+        let archive = p.path().join(name);
+        p.ok(&["store", "export", "-o", archive.to_str().unwrap()]);
+        let out = Command::new("tar")
+            .args(["--zstd", "-tf"])
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let with = members("with.tar.zst");
+    assert!(with.contains("-farm-appliance-amd64/disk.qcow2"), "{with}");
+    assert!(with.contains("-p_amd64/disk.qcow2"), "{with}");
+    p.write("farm.toml", &lab(""));
+    p.ok(&["build"]);
+    let without = members("without.tar.zst");
+    assert!(!without.contains("farm-appliance"), "{without}");
+}

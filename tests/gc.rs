@@ -2,6 +2,9 @@
 //! exactly what is live (this farm.toml, another project, a `--keep`, a running qemu's
 //! backing chain) and removes the rest, leftovers included.
 
+#[path = "support/entries.rs"]
+#[allow(dead_code)]
+mod entries;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
 mod project;
@@ -214,39 +217,12 @@ fn gc_with_an_unknown_keep_name_exits_2_and_removes_nothing() {
 /// it again needs the Debian mirror, which an offline lab may not reach.
 #[test]
 fn gc_keeps_the_appliance_of_a_projects_chroot_builds() {
-    use farm::store::{EntryMeta, LAYOUT_VERSION, Store};
     let shared = tempfile::tempdir().unwrap();
     let store_dir = shared.path().join("cache");
     let p = Project::with_store("", &store_dir);
     lab(&p, &[("a", 16)]);
     p.ok(&["build"]);
-    // The appliance's entry, as `realise_appliance` commits it (a blank disk will do here).
-    let store = Store::open(&store_dir).unwrap();
-    let node = farm::model::derivation::appliance_node(farm::model::values::Arch::X86_64);
-    let lock = store.lock(&node.hash).unwrap();
-    let staging = store.stage(&lock, &node.name).unwrap();
-    blank(&staging.disk_path(), 8);
-    let (output_blake3, size) = staging.hash_disk().unwrap();
-    store
-        .commit(
-            staging,
-            EntryMeta {
-                layout: LAYOUT_VERSION,
-                name: node.name.clone(),
-                drv_hash: node.hash,
-                derivation: serde_json::to_value(&node.derivation).unwrap(),
-                output_blake3,
-                size,
-                parent: None,
-                built_at_unix: 1,
-                build_seconds: 0.5,
-                disk_mtime_ns: None,
-                files: Default::default(),
-                meta_blake3: None,
-            },
-        )
-        .unwrap();
-    drop(lock);
+    entries::commit_appliance(&farm::store::Store::open(&store_dir).unwrap());
 
     // A platform built in a chroot: its appliance is wanted.
     let toml = fs_err::read_to_string(p.path().join("farm.toml")).unwrap();

@@ -370,6 +370,14 @@ pub(super) fn chosen_entries(
                 None => missing.push(node.name.clone()),
             }
         }
+        // The appliance of its chroot builds goes along when it is here (~8 MiB), so the
+        // offline machine can rebuild such a platform after a change to its steps.
+        for arch in crate::model::derivation::appliance_arches(&project.graph) {
+            let node = crate::model::derivation::appliance_node(arch);
+            if let Some(entry) = store.lookup(&node.hash, &node.name)? {
+                dirs.push(entry.dir_name().to_string());
+            }
+        }
         if !missing.is_empty() {
             anyhow::bail!(
                 "Not in the store yet: `{}`\nhint: run `farm build` first",

@@ -66,3 +66,28 @@ pub fn commit_with_data(
     };
     store.commit(staging, meta).unwrap()
 }
+
+/// Commits farm's appliance for x86_64 under its real derivation and name, as a chroot
+/// build leaves it, with a small blank disk instead of the tiny image (no mirror needed).
+pub fn commit_appliance(store: &Store) -> Entry {
+    let node = farm::model::derivation::appliance_node(farm::model::values::Arch::X86_64);
+    let lock = store.lock(&node.hash).unwrap();
+    let staging = store.stage(&lock, &node.name).unwrap();
+    qemu_img::create(&staging.disk_path(), 8 * MIB).unwrap();
+    let (output_blake3, size) = staging.hash_disk().unwrap();
+    let meta = EntryMeta {
+        layout: LAYOUT_VERSION,
+        name: node.name.clone(),
+        drv_hash: node.hash,
+        derivation: serde_json::to_value(&node.derivation).unwrap(),
+        output_blake3,
+        size,
+        parent: None,
+        built_at_unix: 1,
+        build_seconds: 0.5,
+        disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
+    };
+    store.commit(staging, meta).unwrap()
+}
