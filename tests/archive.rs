@@ -3,6 +3,7 @@
 //! namespace with no route out.
 
 #[path = "support/entries.rs"]
+#[allow(dead_code)]
 mod entries;
 #[path = "support/guest.rs"]
 #[allow(dead_code)]

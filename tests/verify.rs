@@ -2,6 +2,7 @@
 //! boot files, damage done by flipping bytes on disk, and the real `farm` binary.
 
 #[path = "support/entries.rs"]
+#[allow(dead_code)]
 mod entries;
 #[path = "support/project.rs"]
 #[allow(dead_code)]
