@@ -661,3 +661,36 @@ fn check_rebuilds_into_scratch_and_reports_whether_outputs_match() {
         "scratch directories are removed"
     );
 }
+
+/// `--dry-run` says how each platform's steps will run: in a build VM, or in a chroot from
+/// farm's appliance; nothing is fetched or built.
+#[test]
+fn a_dry_run_says_which_platforms_build_in_a_chroot() {
+    let server = TestServer::start();
+    let image = qcow2_bytes("16M");
+    let url = server.add_bytes("/deb.qcow2", image.clone());
+    let project = Project::new(&farm_toml(
+        &url,
+        &sha256_hex(&image),
+        "[platforms.jailed]\nfrom = \"deb\"\nbuilder = \"chroot\"\nrun = [\"true\"]\n\
+         [platforms.booted]\nfrom = \"deb\"\nrun = [\"true\"]\n",
+    ));
+    let out = project.run(&["build", "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    let line = |name: &str| {
+        said.lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("no line for {name} in:\n{said}"))
+            .to_string()
+    };
+    assert!(
+        line("jailed_amd64").ends_with("1 step kinds in a chroot from farm's appliance"),
+        "{said}"
+    );
+    assert!(
+        line("booted_amd64").ends_with("1 step kinds in a build VM"),
+        "{said}"
+    );
+    assert!(project.entries().is_empty(), "{:?}", project.entries());
+}

@@ -2,12 +2,15 @@
 //! from the checkpoint of the longest unchanged prefix of steps), run the remaining steps
 //! over ssh with a checkpoint after each, shut it down cleanly, squash its disk onto the
 //! parent, and leave it (plus kernel and initrd when they changed) in the staging directory
-//! for the store to commit.
+//! for the store to commit. With `builder = "chroot"` the build VM is farm's appliance with
+//! the layer's disk as its second disk, and the steps run in a chroot of the image's root
+//! (`crate::build::guest`, `crate::model::chroot`); everything else is the same.
 //!
 //! Steps run in a fixed order (`model::build_steps`): authorized keys, upgrade, packages,
-//! files, run, then a playbook, which `ansible-playbook` applies from this machine. Access is by an ephemeral ed25519 key given through a NoCloud seed,
-//! with the guest's host key pinned (also from the seed), so even the build VM is reached
-//! with host-key checking on. The key is removed from the layer before commit.
+//! files, run, then a playbook, which `ansible-playbook` applies from this machine. Access
+//! is by an ephemeral ed25519 key given through a NoCloud seed, with the guest's host key
+//! pinned (also from the seed), so even the build VM is reached with host-key checking on.
+//! The key is removed from the layer before commit.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

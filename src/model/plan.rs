@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::config::{Config, ImageSource};
 use super::derivation::{DrvGraph, DrvId, DrvNode, Recipe};
 use super::hash::DrvHash;
+use super::values::Builder;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -148,7 +149,13 @@ impl fmt::Display for BuildPlan {
                 Action::Debootstrap { suite, mirror } => format!("{suite} from {mirror}"),
                 Action::BuildTiny => "tiny image (kernel, busybox, dropbear) from apt".to_string(),
                 Action::Layer { steps: 0 } => "empty layer".to_string(),
-                Action::Layer { steps } => format!("{steps} step kinds in a build VM"),
+                Action::Layer { steps } => match &step.node.derivation.recipe {
+                    Recipe::Layer {
+                        builder: Builder::Chroot,
+                        ..
+                    } => format!("{steps} step kinds in a chroot from farm's appliance"),
+                    _ => format!("{steps} step kinds in a build VM"),
+                },
                 Action::Substitute { from, bytes, .. } => {
                     format!("from {from} ({:.1} MiB)", *bytes as f64 / (1 << 20) as f64)
                 }
