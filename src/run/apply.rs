@@ -36,7 +36,6 @@ pub(crate) struct Apply<'a> {
     pub(crate) entries: &'a BTreeMap<String, Entry>,
     pub(crate) options: &'a UpOptions,
     pub(crate) reporter: &'a Reporter,
-    pub(crate) started: Instant,
     /// The spec of every VM brought up (or kept), for ssh_config and the status table.
     pub(crate) specs: Mutex<BTreeMap<String, InstanceSpec>>,
 }
@@ -447,9 +446,9 @@ impl Apply<'_> {
         self.reporter.status(
             "ready",
             format!(
-                "{} (ssh after {:.0} s)",
+                "{} (ssh {:.0} s after it started)",
                 spec.name,
-                self.started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64()
             ),
         );
         Ok(())

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::build::substitution::plan_with_caches;
@@ -147,7 +147,6 @@ pub fn up(
     options: &UpOptions,
     reporter: &Reporter,
 ) -> Result<Vec<VmStatus>, UpError> {
-    let started = Instant::now();
     let topology = &project.loaded.topology;
     let selected = with_ancestors(topology, &options.names);
 
@@ -304,7 +303,6 @@ pub fn up(
         entries: &entries,
         options,
         reporter,
-        started,
         specs: std::sync::Mutex::new(BTreeMap::new()),
     };
     let roots: Vec<&SitePlan> = plan
