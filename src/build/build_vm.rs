@@ -192,18 +192,14 @@ pub(super) fn boot(
 
     // A chroot build boots farm's appliance on a throwaway overlay of its own; the image's
     // boot files are still what its checkpoints record.
-    let appliance_disk = match &build.appliance {
+    let (appliance_disk, qemu_boot) = match &build.appliance {
         Some(appliance) => {
             let overlay = work.join("appliance.qcow2");
             let _ = fs_err::remove_file(&overlay);
             crate::sys::qemu_img::create_overlay(&overlay, &appliance.disk, None)?;
-            Some(overlay)
+            (Some(overlay), Some(appliance.boot.clone()))
         }
-        None => None,
-    };
-    let qemu_boot = match &build.appliance {
-        Some(appliance) => Some(appliance.boot.clone()),
-        None => boot.clone(),
+        None => (None, boot.clone()),
     };
     // UEFI firmware keeps its variables in a file of the VM's own, from the host's template.
     let uefi_vars = match (&qemu_boot, build.firmware) {
@@ -275,7 +271,7 @@ pub(super) fn boot(
     let disk_device = if build.appliance.is_some() {
         // The appliance has no cloud-init; the image's root is mounted for the steps.
         spinner.set_message("mounting the image");
-        super::layer::mount_chroot(build, &ssh, log)?;
+        super::guest::mount_chroot(build, &ssh, log)?;
         crate::model::chroot::DISK_DEVICE
     } else {
         spinner.set_message("waiting for cloud-init");

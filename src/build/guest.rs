@@ -3,8 +3,29 @@
 //! `crate::model::chroot`). Everything that acts on the image (steps, checkpoint syncs,
 //! kernel downloads, cleanup) goes through a [`Guest`], so it reads the same either way.
 
+use super::layer::{BuilderError, LayerBuild, Log};
 use crate::model::chroot;
 use crate::sys::ssh::{Output, Ssh, SshError, shell_quote};
+
+/// Mounts the image's root in the appliance of a chroot build (`chroot::setup_script`).
+pub(super) fn mount_chroot(
+    build: &LayerBuild,
+    ssh: &Ssh,
+    log: &mut Log,
+) -> Result<(), BuilderError> {
+    log.line("== mounting the image's root filesystem in the appliance");
+    let out = ssh.run(&chroot::setup_script(), None)?;
+    let text = out.text();
+    log.raw(&text);
+    if out.success() {
+        return Ok(());
+    }
+    Err(BuilderError::NoChrootRoot {
+        platform: build.name.to_string(),
+        detail: text.trim().to_string(),
+        log: build.log.to_path_buf(),
+    })
+}
 
 pub(super) struct Guest<'a> {
     ssh: &'a Ssh,
@@ -36,6 +57,17 @@ impl<'a> Guest<'a> {
     /// Reads a file of the image whole.
     pub(super) fn download(&self, path: &str) -> Result<Output, SshError> {
         self.run(&format!("cat {}", shell_quote(path)), None)
+    }
+
+    /// Undoes what [`mount_chroot`] did to the image and unmounts it (`chroot::teardown_script`);
+    /// nothing to do in a booted build VM.
+    pub(super) fn unmount(&self, log: &mut Log) -> Result<(), SshError> {
+        if self.chroot {
+            log.line("== unmounting the image");
+            let out = self.ssh.run(&chroot::teardown_script(), None)?;
+            log.raw(&out.text());
+        }
+        Ok(())
     }
 
     /// The machine itself: the build VM, or the appliance around the chroot.

@@ -375,26 +375,6 @@ pub(super) fn wait_for_cloud_init(
     }
 }
 
-/// Mounts the image's root in the appliance of a chroot build (`chroot::setup_script`).
-pub(super) fn mount_chroot(
-    build: &LayerBuild,
-    ssh: &Ssh,
-    log: &mut Log,
-) -> Result<(), BuilderError> {
-    log.line("== mounting the image's root filesystem in the appliance");
-    let out = ssh.run(&crate::model::chroot::setup_script(), None)?;
-    let text = out.text();
-    log.raw(&text);
-    if out.success() {
-        return Ok(());
-    }
-    Err(BuilderError::NoChrootRoot {
-        platform: build.name.to_string(),
-        detail: text.trim().to_string(),
-        log: build.log.to_path_buf(),
-    })
-}
-
 /// Reads an input again and checks it is still what the derivation hashed.
 fn read_verified(path: &Path, expected: &ContentHash) -> Result<Vec<u8>, BuilderError> {
     let bytes = fs_err::read(path)?;
@@ -491,13 +471,7 @@ fn finish(
     log.line("== cleanup");
     let out = guest.run(&cleanup, None)?;
     log.raw(&out.text());
-    if guest.is_chroot() {
-        log.line("== unmounting the image");
-        let out = guest
-            .machine()
-            .run(&crate::model::chroot::teardown_script(), None)?;
-        log.raw(&out.text());
-    }
+    guest.unmount(log)?;
     log.line("== cleanup finished; powering off");
     spinner.set_message("shutting down");
     // The connection drops as the guest goes down: the result is not an error.

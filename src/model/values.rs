@@ -270,13 +270,6 @@ pub enum Builder {
 }
 
 impl Builder {
-    pub fn name(self) -> &'static str {
-        match self {
-            Builder::Boot => "boot",
-            Builder::Chroot => "chroot",
-        }
-    }
-
     /// Serde's `skip_serializing_if`: the default is left out of derivations, so the keys
     /// of platforms that never say stay what they were.
     pub fn is_boot(&self) -> bool {

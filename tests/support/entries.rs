@@ -4,7 +4,8 @@
 use std::process::Command;
 
 use farm::model::derivation::hash_of_json;
-use farm::store::{Entry, EntryMeta, LAYOUT_VERSION, Store, relative_backing};
+use farm::model::hash::DrvHash;
+use farm::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
 use farm::sys::qemu_img;
 
 const MIB: u64 = 1 << 20;
@@ -49,6 +50,18 @@ pub fn commit_with_data(
         fs_err::write(staging.boot_dir().join("vmlinuz"), kernel).unwrap();
         fs_err::write(staging.boot_dir().join("cmdline"), "console=ttyS0\n").unwrap();
     }
+    commit_staged(store, staging, name, key, derivation, parent)
+}
+
+/// Commits what `staging` holds as the entry `name` of derivation `key`.
+fn commit_staged(
+    store: &Store,
+    staging: Staging,
+    name: &str,
+    key: DrvHash,
+    derivation: serde_json::Value,
+    parent: Option<&Entry>,
+) -> Entry {
     let (output_blake3, size) = staging.hash_disk().unwrap();
     let meta = EntryMeta {
         layout: LAYOUT_VERSION,
@@ -74,20 +87,6 @@ pub fn commit_appliance(store: &Store) -> Entry {
     let lock = store.lock(&node.hash).unwrap();
     let staging = store.stage(&lock, &node.name).unwrap();
     qemu_img::create(&staging.disk_path(), 8 * MIB).unwrap();
-    let (output_blake3, size) = staging.hash_disk().unwrap();
-    let meta = EntryMeta {
-        layout: LAYOUT_VERSION,
-        name: node.name.clone(),
-        drv_hash: node.hash,
-        derivation: serde_json::to_value(&node.derivation).unwrap(),
-        output_blake3,
-        size,
-        parent: None,
-        built_at_unix: 1,
-        build_seconds: 0.5,
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
-    };
-    store.commit(staging, meta).unwrap()
+    let derivation = serde_json::to_value(&node.derivation).unwrap();
+    commit_staged(store, staging, &node.name, node.hash, derivation, None)
 }
