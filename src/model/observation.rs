@@ -41,6 +41,15 @@ impl ObservedInstance {
     pub fn running(&self) -> bool {
         self.pid.is_some()
     }
+
+    /// Whether the directory holds only the copy of the record of a VM that runs on another
+    /// site (`farm up` keeps one on this machine for `status`, `ssh` and `logs`), not an
+    /// instance of the site observed, whose state directory is `site_state`.
+    pub fn is_copy_from_elsewhere(&self, site_state: &std::path::Path, name: &str) -> bool {
+        self.record.as_ref().is_ok_and(|record| {
+            record.spec.paths.dir != super::instance::InstancePaths::new(site_state, name).dir
+        })
+    }
 }
 
 /// A process carrying this project's tag.

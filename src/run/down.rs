@@ -64,12 +64,20 @@ pub fn down(
     let everything = names.is_empty();
     let sites = Sites::new(topology, &state.ssh_config());
 
-    // Every site that may hold a wanted VM, deepest first.
+    // Every site that may hold a wanted VM, deepest first: the hosts (a VM that left
+    // farm.toml may still run there), the hypervisor VMs wanted VMs run in, and the sites
+    // inside wanted hypervisor VMs.
     let mut placements: Vec<(u32, Placement)> =
         desired.top_sites().into_iter().map(|p| (0, p)).collect();
     for vm in topology.vms.values() {
-        if desired.site_inside(&vm.name).is_some() && (wanted.contains(&vm.name) || everything) {
+        if !(wanted.contains(&vm.name) || everything) {
+            continue;
+        }
+        if desired.site_inside(&vm.name).is_some() {
             placements.push((vm.level, Placement::Vm(vm.name.clone())));
+        }
+        if matches!(vm.placement, Placement::Vm(_)) {
+            placements.push((vm.level - 1, vm.placement.clone()));
         }
     }
     placements.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -110,13 +118,15 @@ pub fn down(
             Ask::No,
             &BTreeMap::new(),
         )?;
+        let site_state = desired.layout(&placement).state_dir;
         let on_site: Vec<String> = observation
             .instances
-            .keys()
-            .filter(|name| {
-                wanted.contains(*name) || (everything && !topology.vms.contains_key(*name))
+            .iter()
+            .filter(|(name, instance)| {
+                (wanted.contains(*name) || (everything && !topology.vms.contains_key(*name)))
+                    && !instance.is_copy_from_elsewhere(&site_state, name)
             })
-            .cloned()
+            .map(|(name, _)| name.clone())
             .collect();
         let teardown = Teardown {
             sites: &sites,
@@ -125,11 +135,7 @@ pub fn down(
             timeout,
             reporter,
         };
-        let down_here = teardown.stop_all(
-            host.as_ref(),
-            &desired.layout(&placement).state_dir,
-            &on_site,
-        )?;
+        let down_here = teardown.stop_all(host.as_ref(), &site_state, &on_site)?;
         for name in &down_here {
             if desired.site_inside(name).is_some() {
                 down_hypervisors.insert(name.clone());
