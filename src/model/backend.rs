@@ -46,6 +46,20 @@ impl Backend {
             "/var/run/libvirt/libvirt-sock".to_string()
         }
     }
+
+    /// Where the qemu of VM `vm` writes its own messages (why it would not start, or why
+    /// it stopped), as a shell word evaluated on the site: farm's file beside the overlay
+    /// for its own qemu, libvirt's per-domain log for a domain.
+    pub fn qemu_log_shell(&self, stderr_log: &std::path::Path, vm: &str) -> String {
+        let vm = crate::model::shell::shell_quote(vm);
+        match self {
+            Backend::Qemu => crate::model::shell::shell_quote(&stderr_log.display().to_string()),
+            Backend::Libvirt { uri } if is_session(uri) => {
+                format!("\"${{XDG_CACHE_HOME:-$HOME/.cache}}/libvirt/qemu/log/\"{vm}.log")
+            }
+            Backend::Libvirt { .. } => format!("/var/log/libvirt/qemu/{vm}.log"),
+        }
+    }
 }
 
 /// `backend = "…"` as farm.toml says it.
@@ -107,6 +121,30 @@ mod tests {
         );
         assert!(Backend::libvirt_socket_shell("qemu:///session").contains("XDG_RUNTIME_DIR"));
         assert_eq!(Backend::default().to_string(), "qemu");
+    }
+
+    #[test]
+    fn a_domain_logs_where_libvirt_keeps_its_logs() {
+        let stderr = std::path::Path::new("/lab/.farm/vms/web/qemu.stderr");
+        assert_eq!(
+            Backend::Qemu.qemu_log_shell(stderr, "web"),
+            "'/lab/.farm/vms/web/qemu.stderr'"
+        );
+        let system = Backend::Libvirt {
+            uri: "qemu:///system".into(),
+        };
+        assert_eq!(
+            system.qemu_log_shell(stderr, "web"),
+            "/var/log/libvirt/qemu/'web'.log"
+        );
+        let session = Backend::Libvirt {
+            uri: "qemu:///session".into(),
+        };
+        assert!(
+            session
+                .qemu_log_shell(stderr, "web")
+                .ends_with("/libvirt/qemu/log/\"'web'.log")
+        );
     }
 
     #[test]

@@ -59,6 +59,40 @@ pub fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<
     Ok(host.run(&script)?.success())
 }
 
+/// The last `lines` of what the instance's qemu said (farm's file for its own qemu,
+/// libvirt's log for a domain), headed by the log's path; why it stopped is usually there.
+pub fn qemu_log_tail(host: &dyn Host, spec: &InstanceSpec, lines: usize) -> String {
+    const ABSENT: i32 = 3;
+    let log = spec
+        .backend
+        .qemu_log_shell(&spec.paths.stderr_log(), &spec.name);
+    let script = format!(
+        "f={log}; printf '%s\\n' \"$f\"; [ -e \"$f\" ] || exit {ABSENT}; tail -n {lines} \"$f\""
+    );
+    let out = match host.run(&script) {
+        Ok(out) => out,
+        Err(e) => return format!("(cannot read qemu's log on {}: {e})", host.name()),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (path, tail) = stdout.split_once('\n').unwrap_or((&stdout, ""));
+    match out.status {
+        Some(0) if tail.trim().is_empty() => {
+            format!("qemu's log `{path}` on {} is empty", host.name())
+        }
+        Some(0) => format!(
+            "qemu's log `{path}` on {} ends:\n{}",
+            host.name(),
+            tail.trim_end()
+        ),
+        Some(ABSENT) => format!("(no `{path}` on {})", host.name()),
+        _ => format!(
+            "(cannot read `{path}` on {}: {})",
+            host.name(),
+            out.text().trim()
+        ),
+    }
+}
+
 /// Makes the overlay on the layer, the seed and the record. Does not start it.
 pub fn create(
     host: &dyn Host,
