@@ -118,15 +118,26 @@ pub fn ensure_up(
         let tap = network.tap_name(site_state);
         let pidfile = dir.join("tap.pid");
         let log = dir.join("tap.log");
+        // A vde_plug can exit right after it made the tap (seen once here, in an L1 just
+        // rebooted), taking the tap with it: the tap counts as up once it has its address
+        // and its vde_plug still runs half a second later; else it is started again, a few
+        // times, and the last vde_plug's log is the error.
         let script = format!(
-            "if ! {alive}; then \
+            "started=0; n=0; \
+             while :; do \
+               if {alive} && ip addr replace {address} dev {tap} 2>/dev/null && ip link set {tap} up 2>/dev/null; then \
+                 [ $started = 0 ] && exit 0; sleep 0.5; {alive} && exit 0; \
+               fi; \
+               n=$((n+1)); [ $n -gt 4 ] && {{ echo 'vde_plug did not keep the tap {tap} up; its log:'; cat {log}; exit 1; }}; \
+               [ $n -gt 1 ] && sleep 2; \
                [ -e /dev/net/tun ] || modprobe tun 2>/dev/null || true; \
-               env {env}vde_plug --daemon --pidfile {pid} --descr {descr} tap://{tap} {plug} \
-                 </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; \
-               i=0; while ! ip link show {tap} >/dev/null 2>&1; do \
-                 i=$((i+1)); [ $i -gt 50 ] && {{ echo 'no tap {tap} appeared'; cat {log}; exit 1; }}; sleep 0.1; done; \
-             fi; \
-             ip addr replace {address} dev {tap} && ip link set {tap} up",
+               if ! {alive}; then \
+                 env {env}vde_plug --daemon --pidfile {pid} --descr {descr} tap://{tap} {plug} \
+                   </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; \
+                 started=1; \
+               fi; \
+               i=0; while ! ip link show {tap} >/dev/null 2>&1 && [ $i -lt 50 ]; do i=$((i+1)); sleep 0.1; done; \
+             done",
             alive = process_alive_test(&pidfile, &format!("tap://{tap}")),
             env = env("tap"),
             pid = q(&pidfile),
