@@ -15,6 +15,7 @@ pub mod graph;
 pub mod hash;
 pub mod instance;
 pub mod inventory;
+pub mod kernel_panic;
 pub mod libvirt;
 pub mod limits;
 pub mod lock;

@@ -174,10 +174,16 @@ impl Apply<'_> {
         let config = self.sites.ssh_config().to_path_buf();
         let name = spec.name.clone();
         let poweroff = move || ssh_poweroff(&config, &name);
+        let running = previous.unwrap_or(spec);
+        // A panicked kernel powers nothing off: waiting for it is time lost.
+        let timeout = match crate::run::recover::panic_on_console(host, running) {
+            Some(_) => std::time::Duration::ZERO,
+            None => self.options.stop_timeout,
+        };
         Ok(instance::stop_spec(
             host,
-            previous.unwrap_or(spec),
-            self.options.stop_timeout,
+            running,
+            timeout,
             Some(&poweroff),
         )?)
     }
@@ -304,9 +310,10 @@ impl Apply<'_> {
     }
 
     /// [`Self::wait_ready`]; a guest booting its kernel directly that has not written a
-    /// byte to its console after [`SILENT_CONSOLE`] is stuck before its kernel ran (seen
-    /// with KVM nested inside a guest that itself runs under TCG): its qemu is restarted
-    /// once, when `may_restart`.
+    /// byte to its console after [`SILENT_CONSOLE`] is stuck before its kernel ran, and one
+    /// whose qemu stopped before the guest wrote a byte never ran at all (both seen with KVM
+    /// nested inside a guest that itself runs under TCG, the second with nothing in qemu's
+    /// log): its qemu is restarted once, when `may_restart`.
     fn wait_ready_or_restart_silent(
         &self,
         host: &dyn Host,
@@ -320,7 +327,8 @@ impl Apply<'_> {
         let started = Instant::now();
         let deadline = started + timeout;
         let mut no_agent = false;
-        let mut silent = false;
+        // Why the guest is restarted once, when it is.
+        let mut restart_because: Option<String> = None;
         let mut console_read = Instant::now();
         let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
             // Every few seconds, the console: a guest at a login prompt with no agent
@@ -340,7 +348,10 @@ impl Apply<'_> {
                     && started.elapsed() >= SILENT_CONSOLE
                     && console.is_none_or(|c| c.is_empty())
                 {
-                    silent = true;
+                    restart_because = Some(format!(
+                        "nothing on its console {} s after it started (stuck before its kernel ran); restarting it once",
+                        SILENT_CONSOLE.as_secs()
+                    ));
                     return Err("its console stayed empty".into());
                 }
             }
@@ -356,29 +367,29 @@ impl Apply<'_> {
             };
             match gone {
                 Ok(true) => Ok(()),
-                Ok(false) => Err(format!(
-                    "qemu is not running; {}",
-                    host_tail(host, &spec.paths.stderr_log(), 5)
-                )),
+                Ok(false) => {
+                    let log = instance::qemu_log_tail(host, &spec, 6);
+                    let console = host.get(&spec.paths.serial_log()).ok().flatten();
+                    if may_restart && console.is_none_or(|c| c.is_empty()) {
+                        restart_because = Some(format!(
+                            "its qemu stopped before the guest wrote a byte to its console; restarting it once\n{log}"
+                        ));
+                    }
+                    Err(format!("qemu is not running; {log}"))
+                }
                 Err(e) => Err(e.to_string()),
             }
         });
         let ssh = match waited {
             Ok(ssh) => ssh,
-            Err(_) if silent => {
+            Err(_) if restart_because.is_some() => {
                 spinner.finish_and_clear();
                 self.reporter.warn(format!(
-                    "{}: nothing on its console {} s after it started (stuck before its kernel ran); restarting it once",
+                    "{}: {}",
                     spec.name,
-                    SILENT_CONSOLE.as_secs()
+                    restart_because.unwrap_or_default()
                 ));
-                instance::stop(
-                    host,
-                    &spec.paths,
-                    &spec.name,
-                    std::time::Duration::ZERO,
-                    None,
-                )?;
+                instance::stop_spec(host, &spec, std::time::Duration::ZERO, None)?;
                 instance::start(host, &spec)?;
                 return self.wait_ready_or_restart_silent(host, site, record, false);
             }

@@ -199,7 +199,12 @@ impl Teardown<'_> {
                 .and_then(|b| crate::model::instance::InstanceRecord::parse(&b).ok());
             let how = match &record {
                 Some(record) => {
-                    instance::stop_spec(host, &record.spec, self.timeout, Some(&poweroff))?
+                    // A panicked kernel powers nothing off: waiting for it is time lost.
+                    let timeout = match crate::run::recover::panic_on_console(host, &record.spec) {
+                        Some(_) => Duration::ZERO,
+                        None => self.timeout,
+                    };
+                    instance::stop_spec(host, &record.spec, timeout, Some(&poweroff))?
                 }
                 None => instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?,
             };

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod observe;
 pub mod parallel;
 pub mod provision;
+pub mod recover;
 pub mod site;
 pub mod snapshot;
 pub mod ssh_files;

@@ -147,6 +147,37 @@ pub fn up(
     options: &UpOptions,
     reporter: &Reporter,
 ) -> Result<Vec<VmStatus>, UpError> {
+    let failed = match up_once(project, state_root, options, reporter) {
+        Err(e) if !options.dry_run => e,
+        done => return done,
+    };
+    // A hypervisor VM that died under its guests is restarted with them, once.
+    let topology = &project.loaded.topology;
+    let selected = with_ancestors(topology, &options.names);
+    let paths = StatePaths::new(state_root);
+    let panicked = crate::run::recover::panicked_hypervisors(topology, &selected, &paths);
+    if panicked.is_empty() {
+        return Err(failed);
+    }
+    for dead in &panicked {
+        reporter.warn(format!(
+            "{vm}: its kernel panicked while `up` ran, and `up` failed: {what}\nits console:\n{console}\n{vm} is stopped, and `up` converges once more: it restarts, with the VMs inside it",
+            vm = dead.vm,
+            what = failed.to_string().lines().next().unwrap_or_default(),
+            console = dead.console,
+        ));
+        crate::run::recover::stop_dead(topology, &paths, &dead.vm)?;
+    }
+    up_once(project, state_root, options, reporter)
+}
+
+/// Builds what is missing, then observes, plans and applies once.
+fn up_once(
+    project: &Project,
+    state_root: &Path,
+    options: &UpOptions,
+    reporter: &Reporter,
+) -> Result<Vec<VmStatus>, UpError> {
     let topology = &project.loaded.topology;
     let selected = with_ancestors(topology, &options.names);
 

@@ -1,0 +1,103 @@
+//! Reading a VM's serial console for a kernel panic. A panicked guest's qemu keeps running
+//! (Linux waits forever after a panic unless told to reboot), so to farm it looks like a
+//! VM that stopped answering; its console says what happened.
+
+/// How far before the panic line the oops that led to it is looked for.
+const OOPS_WINDOW: usize = 80;
+
+/// The lines of an oops worth an error message: what went wrong, in which task, where.
+const HEADLINES: [&str; 7] = [
+    "BUG:",
+    "Oops",
+    "sysrq: ",
+    "Comm: ",
+    "RIP: ",
+    "stack guard page",
+    "Kernel panic - not syncing",
+];
+
+/// The panic and the headlines of the oops that led to it, when `console` shows the kernel
+/// panicked. Only the last boot counts: a console that shows a boot after the panic (a
+/// reboot) is not a dead machine.
+pub fn kernel_panic(console: &str) -> Option<String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let last = lines
+        .iter()
+        .rposition(|l| l.contains("Kernel panic - not syncing"))?;
+    let rebooted = lines[last..]
+        .iter()
+        .any(|l| l.contains("Linux version ") || l.contains("SeaBIOS"));
+    if rebooted {
+        return None;
+    }
+    let window = &lines[last.saturating_sub(OOPS_WINDOW)..=last];
+    let mut excerpt: Vec<&str> = Vec::new();
+    for line in window {
+        let headline = HEADLINES.iter().any(|h| line.contains(h));
+        // `---[ end Kernel panic …` repeats the panic line.
+        if headline && !line.contains("---[ end ") && !excerpt.contains(line) {
+            excerpt.push(line.trim_end());
+        }
+    }
+    if excerpt.is_empty() {
+        excerpt.push(lines[last].trim_end());
+    }
+    Some(excerpt.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The console of a hypervisor VM seen here, whose kernel overflowed a stack in its
+    /// KVM thread.
+    const PANICKED: &str = "hv login: [   26.980543] tun: Universal TUN/TAP device driver, 1.6
+[  108.465510] BUG: TASK stack guard page was hit at 00000000097b60aa (stack is 0000000050bd55e7..0000000080f560dc)
+[  108.470049] stack guard page: 0000 [#1] PREEMPT SMP NOPTI
+[  108.470049] CPU: 0 PID: 516 Comm: CPU 0/KVM Not tainted 6.1.0-50-cloud-amd64 #1  Debian 6.1.176-1
+[  108.470049] RIP: 0010:asm_exc_page_fault+0x4/0x30
+[  108.470049] Code: 74 24 28 ff 74 24 28
+[  108.470049] RSP: 0018:ff4aebcb007d0000 EFLAGS: 00000087
+[  108.470049] RAX: ff1751ec1741fb80 RBX: ff4aebcb007d0058 RCX: ffffffffb3c01199
+[  108.479895] Kernel panic - not syncing: corrupted stack end detected inside scheduler
+[  108.482623] ---[ end Kernel panic - not syncing: corrupted stack end detected inside scheduler ]---
+";
+
+    #[test]
+    fn a_panic_is_found_with_the_oops_that_led_to_it() {
+        let excerpt = kernel_panic(PANICKED).expect("a panic");
+        let lines: Vec<&str> = excerpt.lines().collect();
+        assert!(lines[0].ends_with("BUG: TASK stack guard page was hit at 00000000097b60aa (stack is 0000000050bd55e7..0000000080f560dc)"), "{excerpt}");
+        assert!(
+            excerpt.contains("Comm: CPU 0/KVM") && excerpt.contains("RIP: 0010:asm_exc_page_fault")
+        );
+        assert!(lines.last().unwrap().ends_with(
+            "Kernel panic - not syncing: corrupted stack end detected inside scheduler"
+        ));
+        assert!(
+            !excerpt.contains("RAX:")
+                && !excerpt.contains("Code:")
+                && !excerpt.contains("---[ end")
+        );
+    }
+
+    #[test]
+    fn a_console_without_a_panic_or_rebooted_since_has_none() {
+        assert_eq!(
+            kernel_panic("Debian GNU/Linux 12 hv ttyS0\nhv login:"),
+            None
+        );
+        let rebooted =
+            format!("{PANICKED}SeaBIOS (version 1.16.2)\n[    0.000000] Linux version 6.1.0\n");
+        assert_eq!(kernel_panic(&rebooted), None);
+    }
+
+    #[test]
+    fn a_panic_without_an_oops_is_its_own_line() {
+        let console = "a\nb\n[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\n[    2.1] ---[ end Kernel panic - not syncing: VFS: Unable to mount root fs ]---\n";
+        assert_eq!(
+            kernel_panic(console).unwrap(),
+            "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs"
+        );
+    }
+}

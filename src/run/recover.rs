@@ -1,0 +1,77 @@
+//! Hypervisor VMs whose kernel panicked while `up` ran. Seen here with KVM inside a guest
+//! that itself runs under TCG: now and then L1's kernel overflows a stack in its KVM
+//! thread and panics. Its qemu keeps running a dead machine, so ssh through it times out
+//! and every VM inside it stops answering; `up` fails with an error about one of those.
+//! When `up` fails, the consoles of the hypervisor VMs it started or kept say whether that
+//! happened; `up` then stops them and converges once more, which restarts them and the VMs
+//! inside them on their overlays (as after any hypervisor's crash).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::model::instance::InstanceSpec;
+use crate::model::kernel_panic::kernel_panic;
+use crate::model::topology::Topology;
+use crate::run::host::Host;
+use crate::run::instance;
+use crate::run::site::Sites;
+use crate::run::state::StatePaths;
+use crate::run::up::UpError;
+use crate::sys::ssh::shell_quote;
+
+/// A hypervisor VM found dead, with what its console says.
+pub struct Panicked {
+    pub vm: String,
+    /// The panic and the oops that led to it.
+    pub console: String,
+}
+
+/// The hypervisor VMs among `selected` whose console (read where each runs) ends in a
+/// kernel panic. Those that cannot be looked at (their site does not answer) are left out.
+pub fn panicked_hypervisors(
+    topology: &Topology,
+    selected: &BTreeSet<String>,
+    paths: &StatePaths,
+) -> Vec<Panicked> {
+    let records = paths.records();
+    let sites = Sites::new(topology, &paths.ssh_config());
+    topology
+        .vms
+        .values()
+        .filter(|vm| vm.is_hypervisor && selected.contains(&vm.name))
+        .filter_map(|vm| {
+            let record = records.get(&vm.name)?;
+            let host = sites.connect(&vm.placement).ok()?;
+            let console = panic_on_console(host.as_ref(), &record.spec)?;
+            Some(Panicked {
+                vm: vm.name.clone(),
+                console,
+            })
+        })
+        .collect()
+}
+
+/// The kernel panic `spec`'s console ends in, if it does (its last 64 KiB are read: a
+/// panic and its oops are a few KiB, a long-running VM's console may be large).
+pub fn panic_on_console(host: &dyn Host, spec: &InstanceSpec) -> Option<String> {
+    let serial = shell_quote(&spec.paths.serial_log().display().to_string());
+    let out = host
+        .run(&format!("tail -c 65536 {serial} 2>/dev/null"))
+        .ok()?;
+    kernel_panic(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Stops `vm` at once (a panicked kernel syncs nothing and powers nothing off), so the
+/// next plan restarts it with the VMs inside it.
+pub fn stop_dead(topology: &Topology, paths: &StatePaths, vm: &str) -> Result<(), UpError> {
+    let Some(record) = paths.records().remove(vm) else {
+        return Ok(());
+    };
+    let Some(node) = topology.vms.get(vm) else {
+        return Ok(());
+    };
+    let sites = Sites::new(topology, &paths.ssh_config());
+    let host = sites.connect(&node.placement)?;
+    instance::stop_spec(host.as_ref(), &record.spec, Duration::ZERO, None)?;
+    Ok(())
+}
