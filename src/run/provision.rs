@@ -36,6 +36,11 @@ pub enum ProvisionError {
         tail: String,
         log: PathBuf,
     },
+    #[error(
+        "The playbook `{playbook}` succeeded, but what it wrote could not be flushed to disk on {}\nhint: `farm up` runs it again on them",
+        vms.join("; ")
+    )]
+    Unflushed { playbook: PathBuf, vms: Vec<String> },
     #[error("Cannot read `{path}`: {source}")]
     Read {
         path: PathBuf,
@@ -217,12 +222,26 @@ pub fn apply(
             String::from_utf8_lossy(&out.stderr)
         );
         append_log(&log_path, playbook, &names, &text, &out.status)?;
-        let through = succeeded_hosts(&text);
-        for d in &vms {
-            if out.status.success() || through.contains(&d.vm) {
-                write(&marker(state, &d.vm), &marker_text(&d.hash))?;
+        let through: Vec<&Due> = {
+            let succeeded = succeeded_hosts(&text);
+            vms.iter()
+                .filter(|d| out.status.success() || succeeded.contains(&d.vm))
+                .copied()
+                .collect()
+        };
+        // A VM is marked only once what the playbook wrote is on its disk: a crash of its
+        // hypervisor right after (its page cache lost) must not leave it marked but
+        // unprovisioned.
+        let flushed =
+            crate::run::parallel::each(through, |d| (d, flush_disk(&state.ssh_config(), &d.vm)));
+        let mut unflushed = Vec::new();
+        for (d, result) in flushed {
+            match result {
+                Ok(()) => write(&marker(state, &d.vm), &marker_text(&d.hash))?,
+                Err(why) => unflushed.push(format!("`{}`: {why}", d.vm)),
             }
         }
+        let through = succeeded_hosts(&text);
         if !out.status.success() {
             let lines: Vec<&str> = text.lines().collect();
             return Err(ProvisionError::Failed {
@@ -236,6 +255,12 @@ pub fn apply(
                 log: log_path,
             });
         }
+        if !unflushed.is_empty() {
+            return Err(ProvisionError::Unflushed {
+                playbook: playbook.to_path_buf(),
+                vms: unflushed,
+            });
+        }
         reporter.status(
             "provisioned",
             format!(
@@ -247,6 +272,29 @@ pub fn apply(
         );
     }
     Ok(())
+}
+
+/// `sync` in the VM, over ssh: its writes go to its disk, and through its qemu's flush to
+/// the disk of whatever it runs on.
+fn flush_disk(ssh_config: &Path, vm: &str) -> Result<(), String> {
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg("ssh")
+        .arg("-F")
+        .arg(ssh_config)
+        .args(["-o", "BatchMode=yes", vm, "sync"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ssh: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`sync` over ssh failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 fn append_log(
