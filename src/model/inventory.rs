@@ -61,6 +61,12 @@ pub fn inventory(topology: &Topology, states: &dyn VmStates, ssh_config: &str) -
         Value::String(format!("-F {}", super::shell::shell_quote(ssh_config))),
     );
     vars.insert("ansible_user".to_string(), Value::String("root".into()));
+    // A VM behind a hypervisor VM under TCG can take longer than Ansible's 10 s to finish an
+    // ssh handshake through the jumps, and a nested guest's sshd now and then drops one:
+    // a connection is given 30 s and tried again (Ansible retries only ssh's own failures,
+    // exit 255, so no task runs twice). A group or host variable of the user's wins.
+    vars.insert("ansible_ssh_timeout".to_string(), json!(30));
+    vars.insert("ansible_ssh_retries".to_string(), json!(5));
     let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut hostvars = BTreeMap::new();
     for vm in topology.vms.values() {
