@@ -10,6 +10,8 @@ use std::time::Instant;
 use crate::build::realise::human_bytes;
 use crate::model::first_boot::{self, CloudInit, ConsoleVerdict};
 use crate::model::instance::{InstanceRecord, InstanceSpec};
+use crate::model::qemu::ResolvedAccel;
+use crate::model::topology::Placement;
 use crate::model::up_plan::{Basis, Desired, SitePlan, UpPlan, VmAction, VmStep, plan_site};
 use crate::progress::Reporter;
 use crate::project::Project;
@@ -25,6 +27,12 @@ use crate::sys::ssh::Ssh;
 /// How long a guest booting its kernel directly may leave its console empty: the kernel
 /// prints within seconds even under TCG nested in TCG.
 const SILENT_CONSOLE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// How long a guest under KVM inside a hypervisor VM that itself runs under TCG may take
+/// to answer ssh before it is restarted once: such guests answer in 15-25 s when TCG's
+/// emulated SVM works, and now and then hang for good early in boot (seen: a console
+/// stopped at the kernel's timer check, another that stayed empty).
+const NESTED_KVM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What applying the plan shares across sites and threads.
 pub(crate) struct Apply<'a> {
@@ -298,6 +306,17 @@ impl Apply<'_> {
         }
     }
 
+    /// The hypervisor VM `spec` runs in, when `spec` runs under KVM and that hypervisor VM
+    /// under TCG.
+    fn kvm_inside_tcg(&self, site: &SitePlan, spec: &InstanceSpec) -> Option<String> {
+        let Placement::Vm(hv) = &site.placement else {
+            return None;
+        };
+        let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+        let under_tcg = specs.get(hv)?.hw.accel == ResolvedAccel::Tcg;
+        (spec.hw.accel == ResolvedAccel::Kvm && under_tcg).then(|| hv.clone())
+    }
+
     /// Waits until the VM answers ssh through the generated ssh_config and cloud-init (where
     /// the image has it) has finished, then records it as ready.
     fn wait_ready(
@@ -329,6 +348,9 @@ impl Apply<'_> {
         let mut no_agent = false;
         // Why the guest is restarted once, when it is.
         let mut restart_because: Option<String> = None;
+        let kvm_under_tcg = may_restart
+            .then(|| self.kvm_inside_tcg(site, &spec))
+            .flatten();
         let mut console_read = Instant::now();
         let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
             // Every few seconds, the console: a guest at a login prompt with no agent
@@ -342,6 +364,15 @@ impl Apply<'_> {
                 {
                     no_agent = true;
                     return Err("no agent".into());
+                }
+                if let Some(hv) = &kvm_under_tcg
+                    && started.elapsed() >= NESTED_KVM_PATIENCE
+                {
+                    restart_because = Some(format!(
+                        "no ssh {} s after it started, under KVM inside {hv}, which runs under TCG (whose emulated SVM hangs such guests now and then); restarting it once",
+                        NESTED_KVM_PATIENCE.as_secs()
+                    ));
+                    return Err("it hung under KVM inside TCG".into());
                 }
                 if may_restart
                     && spec.boot.is_some()
