@@ -68,6 +68,20 @@ playbook = "site.yml"
 
 const ANSIBLE_BIN: &str = "/opt/farm-ansible/bin";
 
+/// hv's line in [`lab`] that a playbook is added after.
+const HV_DEPLOY: &str = r#"deploy = { targets = ["amd64"], platforms = ["pyleaf"] }"#;
+
+/// A playbook for hv (no python there: `raw`) that makes its kernel panic the first time
+/// it runs, two seconds after its first task returns, while the second one runs.
+const PANIC_ONCE: &str = r#"- hosts: hv
+  gather_facts: false
+  tasks:
+    - name: Panic the kernel two seconds from now, the first time only
+      ansible.builtin.raw: "[ -e /root/panicked-once ] || { touch /root/panicked-once && sync && setsid -f sh -c 'sleep 2; echo c > /proc/sysrq-trigger' > /dev/null 2>&1 < /dev/null; }"
+    - name: Still here
+      ansible.builtin.raw: sleep 8
+"#;
+
 /// The playbook both L2s name: a package from a `.deb` (Ansible's apt module, which needs
 /// python3-apt) and a file from the inventory's variables.
 const PLAYBOOK: &str = r#"- hosts: level_2
@@ -281,6 +295,63 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
         "{log}"
     );
 
+    // `down` of one L2 by name stops it inside hv (not the copy of its record kept here),
+    // and nothing else; the next up makes it anew and provisions only it.
+    let down = p.ok(&["down", "vleaf_amd64"]);
+    let log = stderr(&down);
+    assert!(
+        log.contains("stopped vleaf_amd64 (powered off") && !log.contains("pyleaf_amd64"),
+        "{log}"
+    );
+    let listed = p.ok(&[
+        "ssh",
+        "hv",
+        "--",
+        "virsh -c qemu:///system list --all --name",
+    ]);
+    let domains = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        !domains.contains("vleaf_amd64") && domains.contains("pyleaf_amd64"),
+        "{domains}"
+    );
+    assert_eq!(p.state_of("hv"), "running");
+    assert_eq!(p.state_of("pyleaf_amd64"), "running");
+    let again = with_ansible(&p, &["up"]);
+    let log = stderr(&again);
+    assert!(
+        log.contains("starting vleaf_amd64 (new)")
+            && log.contains("provisioned vleaf_amd64 (")
+            && !log.contains("starting pyleaf_amd64")
+            && !log.contains("starting hv"),
+        "{log}"
+    );
+
+    // hv's kernel panics while `up` provisions it (KVM inside a guest under TCG makes L1's
+    // kernel panic now and then; here on purpose, once): up reads the panic on hv's
+    // console, stops hv and converges once more, which restarts hv and both L2s on their
+    // overlays; the playbook then passes.
+    p.write("panic-once.yml", PANIC_ONCE);
+    p.write(
+        "farm.toml",
+        &lab().replace(
+            HV_DEPLOY,
+            &format!("{HV_DEPLOY}\nplaybook = \"panic-once.yml\""),
+        ),
+    );
+    let recovered = with_ansible(&p, &["up"]);
+    let log = stderr(&recovered);
+    assert!(
+        log.contains("hv: its kernel panicked while `up` ran, and `up` failed: The playbook `panic-once.yml` failed on `hv`")
+            && log.contains("Kernel panic - not syncing: sysrq triggered crash")
+            && log.contains("restarting hv (qemu not running)")
+            && log.contains("restarting pyleaf_amd64 (qemu not running)")
+            && log.contains("restarting vleaf_amd64 (qemu not running)")
+            && log.contains("provisioned hv (panic-once.yml"),
+        "{log}"
+    );
+    let out = p.ok(&["ssh", "vleaf_amd64", "--", "cat /root/provisioned"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vleaf_amd64 at level 2 on hv"));
+
     // L1's qemu dies: up restarts it, then the L2s inside it (their disks are in L1's
     // overlay), and logs in to the new L1 without tripping over the old connection.
     let hv_pid = fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();
@@ -299,7 +370,11 @@ fn l0_l1_l2_up_ssh_noop_and_down_children_first() {
             && log.contains("restarting pyleaf_amd64 (qemu not running)")
             // Restarted on the same overlays: provisioned already.
             && !log.contains("playbook")
-            && !log.contains("warning"),
+            // No warning but farm's own restart of a guest whose start KVM inside TCG
+            // spoiled, which may happen here.
+            && !log
+                .lines()
+                .any(|l| l.starts_with("warning:") && !l.ends_with("restarting it once")),
         "{log}"
     );
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "hostname"]);
