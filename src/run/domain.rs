@@ -77,7 +77,7 @@ fn ensure_daemon(host: &dyn Host, uri: &str) -> Result<String, InstanceError> {
         format!(
             "if ! [ -S {socket} ]; then \
                command -v libvirtd >/dev/null || {{ echo 'libvirtd is not installed; hint: add `libvirt-daemon-system` to the platform'\"'\"'s packages' >&2; exit 1; }}; \
-               mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt; \
+               mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/dnsmasq; \
                pgrep -x virtlogd >/dev/null || virtlogd -d; \
                pgrep -x libvirtd >/dev/null || libvirtd -d; \
                i=0; while ! [ -S {socket} ]; do i=$((i+1)); [ $i -gt 300 ] && {{ echo 'libvirtd started but did not listen within 30 s' >&2; exit 1; }}; sleep 0.1; done; \

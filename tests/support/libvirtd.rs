@@ -28,7 +28,13 @@ impl Libvirtd {
         if virsh(&["version"]).status.success() {
             return Libvirtd;
         }
-        for dir in ["/var/log/libvirt", "/var/run/libvirt", "/var/lib/libvirt"] {
+        // What systemd's units and a long-used machine have: libvirtd's network driver
+        // writes a network's dnsmasq files into `dnsmasq/` and does not make it.
+        for dir in [
+            "/var/log/libvirt",
+            "/var/run/libvirt",
+            "/var/lib/libvirt/dnsmasq",
+        ] {
             fs_err::create_dir_all(dir).unwrap();
         }
         for program in ["virtlogd", "libvirtd"] {
