@@ -183,11 +183,8 @@ impl Apply<'_> {
         let name = spec.name.clone();
         let poweroff = move || ssh_poweroff(&config, &name);
         let running = previous.unwrap_or(spec);
-        // A panicked kernel powers nothing off: waiting for it is time lost.
-        let timeout = match crate::run::recover::panic_on_console(host, running) {
-            Some(_) => std::time::Duration::ZERO,
-            None => self.options.stop_timeout,
-        };
+        let timeout =
+            crate::run::recover::power_off_timeout(host, running, self.options.stop_timeout);
         Ok(instance::stop_spec(
             host,
             running,

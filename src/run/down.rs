@@ -199,11 +199,8 @@ impl Teardown<'_> {
                 .and_then(|b| crate::model::instance::InstanceRecord::parse(&b).ok());
             let how = match &record {
                 Some(record) => {
-                    // A panicked kernel powers nothing off: waiting for it is time lost.
-                    let timeout = match crate::run::recover::panic_on_console(host, &record.spec) {
-                        Some(_) => Duration::ZERO,
-                        None => self.timeout,
-                    };
+                    let timeout =
+                        crate::run::recover::power_off_timeout(host, &record.spec, self.timeout);
                     instance::stop_spec(host, &record.spec, timeout, Some(&poweroff))?
                 }
                 None => instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?,

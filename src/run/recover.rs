@@ -7,6 +7,7 @@
 //! inside them on their overlays (as after any hypervisor's crash).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::instance::InstanceSpec;
@@ -24,6 +25,9 @@ pub struct Panicked {
     pub vm: String,
     /// The panic and the oops that led to it.
     pub console: String,
+    /// Its last record's spec, and the site it runs on: what stopping it needs.
+    spec: InstanceSpec,
+    host: Arc<dyn Host>,
 }
 
 /// The hypervisor VMs among `selected` whose console (read where each runs) ends in a
@@ -33,19 +37,21 @@ pub fn panicked_hypervisors(
     selected: &BTreeSet<String>,
     paths: &StatePaths,
 ) -> Vec<Panicked> {
-    let records = paths.records();
+    let mut records = paths.records();
     let sites = Sites::new(topology, &paths.ssh_config());
     topology
         .vms
         .values()
         .filter(|vm| vm.is_hypervisor && selected.contains(&vm.name))
         .filter_map(|vm| {
-            let record = records.get(&vm.name)?;
+            let spec = records.remove(&vm.name)?.spec;
             let host = sites.connect(&vm.placement).ok()?;
-            let console = panic_on_console(host.as_ref(), &record.spec)?;
+            let console = panic_on_console(host.as_ref(), &spec)?;
             Some(Panicked {
                 vm: vm.name.clone(),
                 console,
+                spec,
+                host,
             })
         })
         .collect()
@@ -61,17 +67,19 @@ pub fn panic_on_console(host: &dyn Host, spec: &InstanceSpec) -> Option<String> 
     kernel_panic(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// Stops `vm` at once (a panicked kernel syncs nothing and powers nothing off), so the
-/// next plan restarts it with the VMs inside it.
-pub fn stop_dead(topology: &Topology, paths: &StatePaths, vm: &str) -> Result<(), UpError> {
-    let Some(record) = paths.records().remove(vm) else {
-        return Ok(());
-    };
-    let Some(node) = topology.vms.get(vm) else {
-        return Ok(());
-    };
-    let sites = Sites::new(topology, &paths.ssh_config());
-    let host = sites.connect(&node.placement)?;
-    instance::stop_spec(host.as_ref(), &record.spec, Duration::ZERO, None)?;
-    Ok(())
+/// How long to wait for `spec` to power off before qemu is told to quit: `usual`, or
+/// nothing when its console shows a panic (a panicked kernel powers nothing off).
+pub fn power_off_timeout(host: &dyn Host, spec: &InstanceSpec, usual: Duration) -> Duration {
+    match panic_on_console(host, spec) {
+        Some(_) => Duration::ZERO,
+        None => usual,
+    }
+}
+
+impl Panicked {
+    /// Stops it at once, so the next plan restarts it with the VMs inside it.
+    pub fn stop(&self) -> Result<(), UpError> {
+        instance::stop_spec(self.host.as_ref(), &self.spec, Duration::ZERO, None)?;
+        Ok(())
+    }
 }

@@ -166,7 +166,7 @@ pub fn up(
             what = failed.to_string().lines().next().unwrap_or_default(),
             console = dead.console,
         ));
-        crate::run::recover::stop_dead(topology, &paths, &dead.vm)?;
+        dead.stop()?;
     }
     up_once(project, state_root, options, reporter)
 }
