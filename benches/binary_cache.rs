@@ -18,9 +18,9 @@
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]
 mod manual_vm;
-#[path = "../tests/support/nginx.rs"]
+#[path = "../tests/it/support/nginx.rs"]
 mod nginx;
-#[path = "../tests/support/registry.rs"]
+#[path = "../tests/it/support/registry.rs"]
 mod registry;
 
 use std::path::PathBuf;

@@ -12,15 +12,15 @@
 //! farm's figure is what `farm up` spends on a push: connecting, then `push_missing` (which
 //! entries the host lacks is already known from the site's observation, which runs anyway).
 
-#[path = "../tests/support/guest.rs"]
+#[path = "../tests/it/support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
-#[path = "../tests/support/labs.rs"]
+#[path = "../tests/it/support/labs.rs"]
 mod labs;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]
 mod manual_vm;
-#[path = "../tests/support/sshd.rs"]
+#[path = "../tests/it/support/sshd.rs"]
 #[allow(dead_code)]
 mod sshd;
 

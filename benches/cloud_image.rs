@@ -9,13 +9,13 @@
 //! "boot"`, the default) is printed beside it. The appliance, like libguestfs's, is made
 //! once per store and timed on its own line.
 
-#[path = "../tests/support/cloud_image.rs"]
+#[path = "../tests/it/support/cloud_image.rs"]
 #[allow(dead_code)]
 mod cloud_image;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]
 mod manual_vm;
-#[path = "../tests/support/nginx.rs"]
+#[path = "../tests/it/support/nginx.rs"]
 mod nginx;
 
 use std::path::Path;
@@ -23,6 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use manual_vm::farm;
+// `cloud_image` finds the fixtures' directory as `super::test_home`.
+use manual_vm::test_home;
 
 fn lab(source: &str, builder: &str, command: &str) -> String {
     format!(

@@ -6,7 +6,7 @@
 //! `cargo bench --bench download`; `FARM_BENCH_DOWNLOAD_MIB` sets the file size (default
 //! 1024), `FARM_BENCH_RUNS` the runs per contender (default 3, the median is reported).
 
-#[path = "../tests/support/http_server.rs"]
+#[path = "../tests/it/support/http_server.rs"]
 mod http_server;
 
 use std::path::Path;

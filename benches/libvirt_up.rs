@@ -3,7 +3,7 @@
 //! alternating, several rounds each; then `farm down`. Prints the medians and the ratio
 //! libvirt / qemu (what defining and starting through libvirtd costs over a direct exec).
 
-#[path = "../tests/support/libvirtd.rs"]
+#[path = "../tests/it/support/libvirtd.rs"]
 #[allow(dead_code)]
 mod libvirtd;
 #[path = "support/manual_vm.rs"]

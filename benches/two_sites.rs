@@ -7,7 +7,7 @@
 //! running: each `farm up` boots its hypervisors, pushes the guests' layers into them and
 //! boots the guests. Uses the shared test store (FARM_TEST_STORE).
 
-#[path = "../tests/support/labs.rs"]
+#[path = "../tests/it/support/labs.rs"]
 mod labs;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]

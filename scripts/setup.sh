@@ -93,3 +93,10 @@ if ! "$ansible_venv/bin/python" -c "import ansible.release as r, sys; sys.exit(r
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
+
+# The test runner (`scripts/test.sh`): these machines ship cargo-nextest with Rust; anywhere
+# else it comes from crates.io (a few minutes to build, once).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest from crates.io" >&2
+  cargo install --locked --quiet cargo-nextest
+fi

@@ -223,11 +223,13 @@ impl Drop for ManualVm {
     }
 }
 
-/// The store the tests use, so benchmarks reuse images the tests built.
+/// Where the tests keep their store: benchmarks reuse the images the tests built.
+#[path = "../../tests/it/support/test_home.rs"]
+pub mod test_home;
+
+/// The store the tests keep (`test_home::shared_store`).
 pub fn shared_store() -> PathBuf {
-    std::env::var_os("FARM_TEST_STORE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("farm-test-store"))
+    test_home::shared_store()
 }
 
 /// Runs farm in `project` against `store`; panics with its stderr on failure.
