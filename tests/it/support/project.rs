@@ -139,12 +139,16 @@ impl Project {
     /// The store entry of `name` as this project's farm.toml derives it (`farm show`), so
     /// tests sharing a store find their own entry, not another test's of the same name.
     pub fn entry(&self, name: &str) -> PathBuf {
+        self.in_store(name)
+            .unwrap_or_else(|| panic!("`{name}` is not in the store"))
+    }
+
+    /// [`Project::entry`], or `None` when the store does not hold this derivation (another
+    /// of the same name may be there: the store is shared and kept between runs).
+    pub fn in_store(&self, name: &str) -> Option<PathBuf> {
         let out = self.ok(&["show", "--json", name]);
         let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let path = shown[0]["in_store"]
-            .as_str()
-            .unwrap_or_else(|| panic!("`{name}` is not in the store: {shown}"));
-        PathBuf::from(path)
+        shown[0]["in_store"].as_str().map(PathBuf::from)
     }
 }
 
