@@ -2,7 +2,7 @@
 """What a test run cost, from nextest's JUnit report: the slowest tests, the skipped ones
 and the time of each phase of `scripts/test.sh`, as tables.
 
-Usage: test-report.py JUNIT.xml [--skips FILE] [--phase NAME=SECONDS]... [--top N]
+Usage: test-report.py JUNIT.xml [--skips FILE] [--cpu FILE] [--phase NAME=SECONDS]... [--top N]
 """
 
 import argparse
@@ -14,6 +14,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("junit")
     parser.add_argument("--skips", help="the run's skip list (one line per skipped test)")
+    parser.add_argument("--cpu", help="`NAME SECONDS` lines: each test's CPU with its VMs")
     parser.add_argument("--phase", action="append", default=[], help="NAME=SECONDS")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
@@ -36,13 +37,32 @@ def main() -> int:
         cases.append((float(case.get("time", "0")), case.get("name", "?"), status))
     cases.sort(reverse=True)
     summed = sum(t for t, _, _ in cases)
+    cpu = {}
+    if args.cpu:
+        try:
+            with open(args.cpu) as f:
+                for line in f:
+                    name, _, seconds = line.strip().rpartition(" ")
+                    if name:
+                        cpu[name] = cpu.get(name, 0.0) + float(seconds)
+        except (FileNotFoundError, ValueError):
+            pass
 
     out = sys.stderr
     print(f"\n## Slowest tests ({len(cases)} ran, {summed:.0f} s of test time in all)\n", file=out)
-    print("| seconds | test | result |", file=out)
-    print("|---:|---|---|", file=out)
+    if cpu:
+        print(f"(CPU: the test's processes and the VMs they started, {sum(cpu.values()):.0f} s in all)\n", file=out)
+    print("| seconds | CPU seconds | test | result |", file=out)
+    print("|---:|---:|---|---|", file=out)
     for seconds, name, status in cases[: args.top]:
-        print(f"| {seconds:.1f} | {name} | {status} |", file=out)
+        used = f"{cpu[name]:.0f}" if name in cpu else ""
+        print(f"| {seconds:.1f} | {used} | {name} | {status} |", file=out)
+    if cpu:
+        print("\n## Most CPU\n", file=out)
+        print("| CPU seconds | test |", file=out)
+        print("|---:|---|", file=out)
+        for name, used in sorted(cpu.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"| {used:.0f} | {name} |", file=out)
 
     skipped = []
     if args.skips:

@@ -19,8 +19,11 @@ home=${FARM_TEST_HOME:-/var/tmp/farm-tests}
 store=${FARM_TEST_STORE:-$home/store}
 cap_gib=${FARM_TEST_STORE_CAP_GIB:-60}
 export FARM_TEST_SKIPS=$PWD/target/skipped-tests
+# Each test's CPU seconds, with the qemus it started (scripts/test-cpu-runner).
+export FARM_TEST_CPU_LOG=$PWD/target/test-cpu
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/scripts/test-cpu-runner
 mkdir -p target
-rm -f "$FARM_TEST_SKIPS"
+rm -f "$FARM_TEST_SKIPS" "$FARM_TEST_CPU_LOG"
 
 # Build first, so the store check below runs this tree's farm.
 cargo nextest run --no-run >/dev/null 2>target/test-build.log || {
@@ -55,6 +58,7 @@ finished=$(date +%s)
 
 python3 scripts/test-report.py target/nextest/default/junit.xml \
   --skips "$FARM_TEST_SKIPS" \
+  --cpu "$FARM_TEST_CPU_LOG" \
   --phase "setup=$((setup_done - started))" \
   --phase "build=$((built - setup_done))" \
   --phase "store check=$((verified - built))" \

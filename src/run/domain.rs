@@ -16,7 +16,7 @@ use crate::model::backend::{Backend, is_session};
 use crate::model::instance::{InstancePaths, InstanceSpec};
 use crate::model::libvirt::{DomainMeta, domain_xml};
 use crate::run::host::Host;
-use crate::run::instance::{InstanceError, Stopped, is_running};
+use crate::run::instance::{InstanceError, SSH_POWEROFF_AGAIN, Stopped, is_running};
 use crate::sys::libvirt::{Libvirt, LibvirtError};
 use crate::sys::ssh::shell_quote;
 
@@ -174,7 +174,8 @@ fn with_start_hint(e: InstanceError, vm: &str, root: bool) -> InstanceError {
 }
 
 /// Shuts the domain down: ACPI through libvirt (asked again every few seconds: a booting
-/// guest may miss it) and `poweroff` over ssh, up to `timeout`; then destroyed.
+/// guest may miss it) and `poweroff` over ssh (again every [`SSH_POWEROFF_AGAIN`]: a nested
+/// guest's sshd now and then drops a connection), up to `timeout`; then destroyed.
 pub fn stop(
     host: &dyn Host,
     paths: &InstancePaths,
@@ -189,6 +190,7 @@ pub fn stop(
     }
     let started = Instant::now();
     let mut asked = None::<Instant>;
+    let mut asked_ssh = None::<Instant>;
     while started.elapsed() < timeout {
         if !is_running(host, paths, name)? {
             settle(host, owner, uri)?;
@@ -196,10 +198,13 @@ pub fn stop(
         }
         if asked.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             with_libvirt(host, uri, |lv| lv.shutdown(name, owner))?;
-            if let Some(poweroff) = ssh_poweroff.filter(|_| asked.is_none()) {
-                poweroff();
-            }
             asked = Some(Instant::now());
+        }
+        if let Some(poweroff) = ssh_poweroff
+            && asked_ssh.is_none_or(|t| t.elapsed() >= SSH_POWEROFF_AGAIN)
+        {
+            poweroff();
+            asked_ssh = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(250));
     }

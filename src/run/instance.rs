@@ -328,6 +328,9 @@ pub fn retire_domain(
     crate::run::domain::undefine(host, &DomainMeta::owner(&old.tag.project, &old.name), uri)
 }
 
+/// How often a VM being stopped is asked again to power off over ssh.
+pub const SSH_POWEROFF_AGAIN: Duration = Duration::from_secs(15);
+
 /// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when given:
 /// minimal guests have no ACPI daemon), up to `timeout`; then QMP `quit`; then SIGKILL.
 pub fn stop(
@@ -341,12 +344,21 @@ pub fn stop(
         return Ok(Stopped::AlreadyDown);
     }
     let started = Instant::now();
-    host.qmp(&paths.qmp(), "system_powerdown")?;
-    if let Some(poweroff) = ssh_poweroff {
-        poweroff();
-    }
-    if wait_down(host, paths, name, started + timeout)? {
-        return Ok(Stopped::PoweredOff(started.elapsed()));
+    let deadline = started + timeout;
+    // Asked again every SSH_POWEROFF_AGAIN: a nested guest's sshd now and then drops the
+    // connection that carried `poweroff`.
+    loop {
+        host.qmp(&paths.qmp(), "system_powerdown")?;
+        if let Some(poweroff) = ssh_poweroff {
+            poweroff();
+        }
+        let next = (Instant::now() + SSH_POWEROFF_AGAIN).min(deadline);
+        if wait_down(host, paths, name, next)? {
+            return Ok(Stopped::PoweredOff(started.elapsed()));
+        }
+        if next >= deadline {
+            break;
+        }
     }
     host.qmp(&paths.qmp(), "quit")?;
     if wait_down(host, paths, name, Instant::now() + Duration::from_secs(10))? {

@@ -208,30 +208,33 @@ fn a_farm_killed_mid_build_leaves_no_entry_and_the_next_build_succeeds() {
     ));
     // Make sure the shared parents exist, so the kill lands in this layer's build VM.
     p.ok(&["build", "base"]);
+    // Staging directories of the shared store that this build did not make (another test's,
+    // or a killed build's of an earlier run) are not looked at.
+    let tmp = p.store.join("tmp");
+    let before = list(&tmp);
     let mut child = p
         .farm(&["build", "slow"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let tmp = p.store.join("tmp");
     let deadline = Instant::now() + Duration::from_secs(240);
     // Wait until the build VM is up and running the steps (its staging dir has a build log).
-    loop {
+    let staging = loop {
         let staging: Vec<String> = list(&tmp)
             .into_iter()
-            .filter(|d| d.contains("-slow_amd64."))
+            .filter(|d| d.contains("-slow_amd64.") && !before.contains(d))
             .collect();
         let running = staging
             .iter()
             .any(|d| tmp.join(d).join("build/serial.log").exists());
         if running {
             std::thread::sleep(Duration::from_secs(20));
-            break;
+            break staging;
         }
         assert!(Instant::now() < deadline, "the build VM never started");
         std::thread::sleep(Duration::from_millis(200));
-    }
+    };
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(p.in_store("slow_amd64"), None);
@@ -250,8 +253,8 @@ fn a_farm_killed_mid_build_leaves_no_entry_and_the_next_build_succeeds() {
     p.ok(&["build", "slow"]);
     assert!(p.entry("slow_amd64").join("disk.qcow2").exists());
     assert!(
-        list(&tmp).iter().all(|d| !d.contains("-slow_amd64.")),
-        "the stale staging dir was removed"
+        staging.iter().all(|d| !tmp.join(d).exists()),
+        "the stale staging dir {staging:?} was removed"
     );
 }
 
