@@ -6,13 +6,14 @@
 
 use crate::support::cloud_image;
 use crate::support::guest;
+use crate::support::hello_deb;
 use crate::support::nginx;
 use crate::support::project;
 use crate::support::skip::{ANSIBLE, Part, require_vm};
 use crate::support::test_home::shared_store;
 
 use cloud_image::{CloudImage, cloud_image, image_with_failing_cloud_init, image_without_agent};
-use guest::keygen;
+use guest::{kept_key, keygen};
 use nginx::{NGINX, Nginx};
 use project::{ANSIBLE_BIN, Project, text};
 
@@ -21,8 +22,9 @@ use project::{ANSIBLE_BIN, Project, text};
 /// lives as long as the returned value.
 struct CloudLab {
     project: Project,
-    _server: Nginx,
-    _www: tempfile::TempDir,
+    server: Nginx,
+    /// What the server serves: the image, and anything a test puts beside it.
+    www: tempfile::TempDir,
 }
 
 fn cloud_lab(image: &CloudImage, name: &str, image_lines: &str, rest: &str) -> CloudLab {
@@ -38,8 +40,8 @@ fn cloud_lab(image: &CloudImage, name: &str, image_lines: &str, rest: &str) -> C
     );
     CloudLab {
         project: Project::with_store(&toml, &shared_store()),
-        _server: server,
-        _www: www,
+        server,
+        www,
     }
 }
 
@@ -105,9 +107,11 @@ nics = [{ network = "lab", ip = "10.78.0.12/24" }]
 "#,
     );
     let p = &lab.project;
-    fs_err::create_dir_all(p.path().join("keys")).unwrap();
-    let root_key = keygen(&p.path().join("keys"), "root");
-    let alice_key = keygen(&p.path().join("keys"), "alice");
+    // Kept keys: the layer is cached between runs like the image under it.
+    let root_key = kept_key("cloud-root");
+    let alice_key = kept_key("cloud-alice");
+    p.write("keys/root.pub", &root_key.public);
+    p.write("keys/alice.pub", &alice_key.public);
     p.write("motd.txt", "hello from a cloud image\n");
 
     p.ok(&["build"]);
@@ -189,10 +193,20 @@ nics = [{ network = "lab", ip = "10.78.0.12/24" }]
     fs_err::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let ping = ansible(p, &["network_lab", "-i", "inventory.sh", "-m", "ping"]);
     assert_eq!(ping.matches("\"pong\"").count(), 2, "{ping}");
+    // The package comes from the lab's web server (the host, as QEMU's user network shows it
+    // to the guests), not the mirror: the same apt module without two `apt update`s under TCG.
+    fs_err::write(lab.www.path().join(hello_deb::FILE), hello_deb::package()).unwrap();
+    let deb_url = format!(
+        "{}/{}",
+        lab.server.url().replace("127.0.0.1", "10.0.2.2"),
+        hello_deb::FILE
+    );
     p.write(
         "site.yml",
-        "- hosts: level_1\n  tasks:\n    - ansible.builtin.apt: { name: jq, update_cache: true }\n    \
-         - ansible.builtin.copy: { dest: /etc/from-ansible, content: \"{{ farm_addresses.lab }}\\n\" }\n",
+        &format!(
+            "- hosts: level_1\n  tasks:\n    - ansible.builtin.apt: {{ deb: \"{deb_url}\" }}\n    \
+             - ansible.builtin.copy: {{ dest: /etc/from-ansible, content: \"{{{{ farm_addresses.lab }}}}\\n\" }}\n"
+        ),
     );
     let play = ansible_playbook(p, &["-i", "inventory.sh", "site.yml"]);
     // Gathering facts, the package, the file: on both VMs, nothing failed.
@@ -200,7 +214,7 @@ nics = [{ network = "lab", ip = "10.78.0.12/24" }]
     assert_eq!(play.matches("failed=0").count(), 2, "{play}");
     for (vm, address) in [("a", "10.78.0.11"), ("b", "10.78.0.12")] {
         assert_eq!(ssh(p, vm, "cat /etc/from-ansible"), address);
-        assert!(ssh(p, vm, "jq --version").starts_with("jq-"));
+        assert_eq!(ssh(p, vm, "farm-test-hello"), hello_deb::SAYS);
     }
     p.ok(&["down"]);
 }

@@ -11,6 +11,7 @@
 //! [`after_up`]) and saved, then restored by each test here and in `snapshot.rs`, so every
 //! scenario starts from the same provisioned moment in seconds.
 
+use crate::support::hello_deb;
 use crate::support::lab::{Lab, LabRecipe};
 use crate::support::labs;
 use crate::support::project::{self, ANSIBLE_BIN, Project, text};
@@ -104,7 +105,7 @@ pub fn nested_lab() -> LabRecipe {
         name: "nested",
         farm_toml: lab_toml(),
         files: vec![
-            ("farm-test-hello.deb", hello_package()),
+            ("farm-test-hello.deb", hello_deb::package()),
             ("site.yml", PLAYBOOK.as_bytes().to_vec()),
         ],
         vms: &["hv", "pyleaf_amd64", "vleaf_amd64"],
@@ -129,44 +130,6 @@ fn after_up(_: &Project, log: &str) {
         provisioned("pyleaf_amd64") && provisioned("vleaf_amd64"),
         "{log}"
     );
-}
-
-/// `farm-test-hello_1.0_all.deb`, built with dpkg-deb with fixed times, so its bytes (an
-/// input of the `pyleaf` layer) are the same in every run.
-fn hello_package() -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("pkg");
-    fs_err::create_dir_all(root.join("DEBIAN")).unwrap();
-    fs_err::create_dir_all(root.join("usr/bin")).unwrap();
-    fs_err::write(
-        root.join("DEBIAN/control"),
-        "Package: farm-test-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: farm <farm@localhost>\nDescription: farm's test package\n",
-    )
-    .unwrap();
-    let program = root.join("usr/bin/farm-test-hello");
-    fs_err::write(
-        &program,
-        "#!/bin/sh\necho \"hello from farm's test package\"\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs_err::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let touched = Command::new("find")
-        .arg(&root)
-        .args(["-exec", "touch", "-h", "-d", "@1700000000", "{}", "+"])
-        .status()
-        .unwrap();
-    assert!(touched.success());
-    let deb = dir.path().join("farm-test-hello.deb");
-    let built = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-Zgzip", "--build"])
-        .arg(&root)
-        .arg(&deb)
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "{}", text(&built));
-    fs_err::read(deb).unwrap()
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -361,11 +324,14 @@ fn a_hypervisor_whose_kernel_panics_during_up_is_restarted_with_its_guests() {
     // console, stops hv and converges once more, which restarts hv and both L2s on their
     // overlays; the playbook then passes.
     p.write("panic-once.yml", PANIC_ONCE);
-    // Ansible gives up on the dead hv sooner than farm's inventory says for a lab (30 s and
-    // five tries a connection, for L2s under TCG): what is tested is what `up` does after.
+    // Ansible gives up on the dead hv sooner than farm's inventory and ssh_config say for a
+    // lab (a connection gets 30 s and five tries, a silent server 45 s, for L2s under TCG):
+    // what is tested is what `up` does after, and a panicked L1 spins both its vCPUs until
+    // it is stopped.
     p.write(
         "host_vars/hv.yml",
-        "ansible_ssh_timeout: 10\nansible_ssh_retries: 1\n",
+        "ansible_ssh_timeout: 10\nansible_ssh_retries: 1\n\
+         ansible_ssh_extra_args: -o ServerAliveInterval=2 -o ServerAliveCountMax=2\n",
     );
     p.write(
         "farm.toml",

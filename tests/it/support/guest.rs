@@ -28,6 +28,25 @@ pub struct Key {
     pub public: String,
 }
 
+/// The ed25519 key pair `name` kept in the test home, made once: for tests whose layers
+/// take a key as an input and should be cached between runs like any other fixture.
+pub fn kept_key(name: &str) -> Key {
+    let dir = super::test_home::test_home().join("keys");
+    fs_err::create_dir_all(&dir).unwrap();
+    let lock = fs_err::File::create(dir.join(format!("{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    let private = dir.join(name);
+    if !private.exists() || !private.with_extension("pub").exists() {
+        let _ = fs_err::remove_file(&private);
+        return keygen(&dir, name);
+    }
+    let public = fs_err::read_to_string(private.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Key { private, public }
+}
+
 pub fn keygen(dir: &Path, name: &str) -> Key {
     let private = dir.join(name);
     let status = Command::new("ssh-keygen")

@@ -4,6 +4,7 @@
 pub mod cloud_image;
 pub mod entries;
 pub mod guest;
+pub mod hello_deb;
 pub mod http_server;
 pub mod lab;
 pub mod labs;
