@@ -33,6 +33,8 @@ use farm::run::closure::{HostStore, push_missing};
 use farm::run::host::remote::RemoteHost;
 use farm::store::{Entry, Store};
 use manual_vm::{entry, farm, shared_store};
+// `guest` finds kept keys in `super::test_home`.
+use manual_vm::test_home;
 
 fn lab_toml(port: u16, root: &Path) -> String {
     labs::hypervisor_lab(&format!(
