@@ -22,15 +22,16 @@ pub fn debian(rest: &str) -> String {
     format!("{BOOKWORM}{UPGRADED}{rest}")
 }
 
-/// farm's tiny image, the bundled farm.toml's L1 hypervisor platform (`debian_vs`: qemu,
-/// qemu-img, vde2, b3sum, on the upgraded parent) and a tiny `leaf`.
+/// farm's tiny image, the L1 hypervisor platform every lab of the tests uses (`debian_vs`:
+/// the bundled farm.toml's qemu, qemu-img, vde2 and b3sum, and libvirt, on the upgraded
+/// parent; one layer, so a run builds one hypervisor) and a tiny `leaf`.
 const HYPERVISOR_PLATFORMS: &str = r#"
 [images.tiny]
 tiny = true
 
 [platforms.debian_vs]
 from = "upgraded"
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum"]
+packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum", "libvirt-daemon-system"]
 memory = "2G"
 cpus = 2
 
