@@ -12,6 +12,9 @@
 //! farm's figure is what `farm up` spends on a push: connecting, then `push_missing` (which
 //! entries the host lacks is already known from the site's observation, which runs anyway).
 
+#[path = "../tests/it/support/fixture.rs"]
+#[allow(dead_code)]
+mod fixture;
 #[path = "../tests/it/support/guest.rs"]
 #[allow(dead_code)]
 mod guest;
@@ -33,7 +36,7 @@ use farm::run::closure::{HostStore, push_missing};
 use farm::run::host::remote::RemoteHost;
 use farm::store::{Entry, Store};
 use manual_vm::{entry, farm, shared_store};
-// `guest` finds kept keys in `super::test_home`.
+// `guest` and `fixture` find the test home as `super::test_home`.
 use manual_vm::test_home;
 
 fn lab_toml(port: u16, root: &Path) -> String {

@@ -12,6 +12,9 @@
 #[path = "../tests/it/support/cloud_image.rs"]
 #[allow(dead_code)]
 mod cloud_image;
+#[path = "../tests/it/support/fixture.rs"]
+#[allow(dead_code)]
+mod fixture;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]
 mod manual_vm;
@@ -23,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use manual_vm::farm;
-// `cloud_image` finds the fixtures' directory as `super::test_home`.
+// `cloud_image` (through `fixture`) finds the fixtures' directory as `super::test_home`.
 use manual_vm::test_home;
 
 fn lab(source: &str, builder: &str, command: &str) -> String {

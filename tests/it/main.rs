@@ -16,6 +16,7 @@ mod converge;
 mod debian_image;
 mod derivation;
 mod fetch;
+mod fixtures;
 mod gc;
 mod libvirt;
 mod nested;

@@ -1,7 +1,7 @@
 //! Two hypervisor VMs, each running a VM of its own: the sites are independent, so farm
 //! boots both hypervisors, pushes into both and starts both guests at the same time instead
-//! of one site after the other. Its own test binary: two Debian L1 VMs under TCG should not
-//! share the two cores with the other nested test.
+//! of one site after the other. It boots its L1s rather than restoring a snapshot: their
+//! side-by-side boot is what it tests.
 
 use crate::support::labs;
 use crate::support::project;
@@ -10,8 +10,8 @@ use crate::support::test_home::shared_store;
 
 use project::Project;
 
-/// Two hypervisor VMs on the bundled farm.toml's L1 platform (shared with tests/nested.rs
-/// through the test store), a tiny guest in each.
+/// Two hypervisor VMs on the tests' L1 platform (`debian_vs`, the nested lab's too: one layer
+/// in the test store), a tiny guest in each.
 const VMS: &str = r#"
 [vms.hv_a]
 platform = "debian_vs"

@@ -32,9 +32,7 @@ pub struct Key {
 /// take a key as an input and should be cached between runs like any other fixture.
 pub fn kept_key(name: &str) -> Key {
     let dir = super::test_home::test_home().join("keys");
-    fs_err::create_dir_all(&dir).unwrap();
-    let lock = fs_err::File::create(dir.join(format!("{name}.lock"))).unwrap();
-    lock.lock().unwrap();
+    let _turn = super::fixture::take_turn(&dir, name);
     let private = dir.join(name);
     if !private.exists() || !private.with_extension("pub").exists() {
         let _ = fs_err::remove_file(&private);

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Instant;
 
+use super::fixture::take_turn;
 use super::project::{self, Project, text};
 use super::test_home::{labs_dir, shared_store};
 
@@ -51,10 +52,7 @@ impl Lab {
     /// The lab of `recipe` at its saved moment: restored from its snapshot, or brought up
     /// and saved first when no snapshot of this recipe restores.
     pub fn restore(recipe: &LabRecipe) -> Lab {
-        let dir = labs_dir();
-        fs_err::create_dir_all(&dir).unwrap();
-        let turn = fs_err::File::create(dir.join(format!("{}.lock", recipe.name))).unwrap();
-        turn.lock().unwrap();
+        let turn = take_turn(&labs_dir(), recipe.name);
 
         first_in_line();
         let project = lab_project(recipe);

@@ -3,6 +3,7 @@
 
 pub mod cloud_image;
 pub mod entries;
+pub mod fixture;
 pub mod guest;
 pub mod hello_deb;
 pub mod http_server;
