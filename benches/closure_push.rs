@@ -19,6 +19,7 @@ mod fixture;
 #[allow(dead_code)]
 mod guest;
 #[path = "../tests/it/support/labs.rs"]
+#[allow(dead_code)]
 mod labs;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]

@@ -8,6 +8,7 @@
 //! boots the guests. Uses the shared test store (FARM_TEST_STORE).
 
 #[path = "../tests/it/support/labs.rs"]
+#[allow(dead_code)]
 mod labs;
 #[path = "support/manual_vm.rs"]
 #[allow(dead_code)]

@@ -22,6 +22,7 @@ mod libvirt;
 mod nested;
 mod observe;
 mod playbook;
+mod recovery;
 mod remote_host;
 mod snapshot;
 mod step_cache;

@@ -9,12 +9,14 @@
 //!
 //! The lab is a shared lab ([`nested_lab`]): brought up once (the bring-up's own checks are in
 //! [`after_up`]) and saved, then restored by each test here and in `snapshot.rs`, so every
-//! scenario starts from the same provisioned moment in seconds.
+//! scenario starts from the same provisioned moment in seconds. Scenarios that need no
+//! Debian L2 (recovery after a panic or `kill -9`, `down` without libvirtd) are in
+//! `recovery.rs`, on the tiny-L2 lab.
 
 use crate::support::hello_deb;
 use crate::support::lab::{Lab, LabRecipe};
 use crate::support::labs;
-use crate::support::project::{self, ANSIBLE_BIN, Project, text};
+use crate::support::project::{ANSIBLE_BIN, Project, text};
 use crate::support::skip::{ANSIBLE, require_vm};
 use crate::support::test_home::shared_store;
 
@@ -24,7 +26,11 @@ use std::process::Command;
 /// libvirt), and it runs its L2 pair as libvirt domains; tests/two_sites.rs runs L2s on the
 /// same platform with farm's own qemu backend.
 fn lab_toml() -> String {
-    labs::hypervisor_lab(
+    labs::two_leaf_lab(
+        "pyleaf",
+        "234.0.0.1",
+        "10.0.0",
+        r#"hostname = "deep-leaf""#,
         r#"
 [images.pybox]
 debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3-apt"] }
@@ -33,50 +39,9 @@ debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3
 from = "pybox"
 memory = "384M"
 files = { "/root/farm-test-hello.deb" = "farm-test-hello.deb" }
-
-[networks.lab]
-kind = "vde"
-url = "vxvde://234.0.0.1"
-subnet = "10.0.0.0/24"
-
-# Its guests run as libvirt domains.
-[vms.hv]
-platform = "debian_vs"
-backend = "libvirt"
-attach = { lab = "10.0.0.254/24" }
-deploy = { targets = ["amd64"], platforms = ["pyleaf"] }
-
-[vms.pyleaf_amd64]
-hostname = "deep-leaf"
-playbook = "site.yml"
-
-# As the seed's debian_vs_vde_amd64: only on the VDE network, reached through hv's tap.
-[vms.vleaf_amd64]
-platform = "pyleaf"
-host = "hv"
-user_network = false
-nics = [{ network = "lab", ip = "10.0.0.21/24" }]
-playbook = "site.yml"
 "#,
     )
 }
-
-/// hv's line in [`lab`] that a playbook is added after.
-const HV_DEPLOY: &str = r#"deploy = { targets = ["amd64"], platforms = ["pyleaf"] }"#;
-
-/// A playbook for hv (no python there: `raw`) that makes its kernel panic the first time
-/// it runs, while its second task runs. The mark that says "panicked once" is written by the
-/// process that panics the kernel: under load a keepalive can drop the first task's
-/// connection mid-command, and Ansible's retry must not find the mark without a panic to
-/// come.
-const PANIC_ONCE: &str = r#"- hosts: hv
-  gather_facts: false
-  tasks:
-    - name: Panic the kernel two seconds from now, the first time only
-      ansible.builtin.raw: "[ -e /root/panicked-once ] || setsid -f sh -c 'touch /root/panicked-once && sync && sleep 2 && echo c > /proc/sysrq-trigger' > /dev/null 2>&1 < /dev/null"
-    - name: Still here, until the panic ends the connection
-      ansible.builtin.raw: sleep 60
-"#;
 
 /// The playbook both L2s name: a package from a `.deb` (Ansible's apt module, which needs
 /// python3-apt) and a file from the inventory's variables.
@@ -306,108 +271,6 @@ fn down_of_one_l2_by_name_stops_it_inside_its_hypervisor_and_up_makes_only_it_ag
     );
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "cat /root/provisioned"]);
     assert!(stdout(&out).contains("vleaf_amd64 at level 2 on hv"));
-}
-
-#[test]
-fn a_hypervisor_whose_kernel_panics_during_up_is_restarted_with_its_guests() {
-    let Some(lab) = restored("nested_kernel_panic") else {
-        return;
-    };
-    let p = &lab.project;
-    // hv's kernel panics while `up` provisions it (KVM inside a guest under TCG makes L1's
-    // kernel panic now and then; here on purpose, once): up reads the panic on hv's
-    // console, stops hv and converges once more, which restarts hv and both L2s on their
-    // overlays; the playbook then passes.
-    p.write("panic-once.yml", PANIC_ONCE);
-    // Ansible gives up on the dead hv sooner than farm's inventory and ssh_config say for a
-    // lab (a connection gets 30 s and five tries, a silent server 45 s, for L2s under TCG):
-    // what is tested is what `up` does after, and a panicked L1 spins both its vCPUs until
-    // it is stopped.
-    p.write(
-        "host_vars/hv.yml",
-        "ansible_ssh_timeout: 10\nansible_ssh_retries: 1\n\
-         ansible_ssh_extra_args: -o ServerAliveInterval=2 -o ServerAliveCountMax=2\n",
-    );
-    p.write(
-        "farm.toml",
-        &lab_toml().replace(
-            HV_DEPLOY,
-            &format!("{HV_DEPLOY}\nplaybook = \"panic-once.yml\""),
-        ),
-    );
-    let recovered = p.ok_with_ansible(&["up"]);
-    let log = stderr(&recovered);
-    assert!(
-        log.contains("hv: its kernel panicked while `up` ran, and `up` failed: The playbook `panic-once.yml` failed on `hv`")
-            && log.contains("Kernel panic - not syncing: sysrq triggered crash")
-            && log.contains("restarting hv (qemu not running)")
-            && log.contains("restarting pyleaf_amd64 (qemu not running)")
-            && log.contains("restarting vleaf_amd64 (qemu not running)")
-            && log.contains("provisioned hv (panic-once.yml"),
-        "{log}"
-    );
-    // The L2s came back on their overlays: provisioned before the panic, not again.
-    let out = p.ok(&["ssh", "vleaf_amd64", "--", "cat /root/provisioned"]);
-    assert!(stdout(&out).contains("vleaf_amd64 at level 2 on hv"));
-}
-
-#[test]
-fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
-    let Some(lab) = restored("nested_kill_9") else {
-        return;
-    };
-    let p = &lab.project;
-    // L1's qemu dies: up restarts it, then the L2s inside it (their disks are in L1's
-    // overlay), and logs in to the new L1 without tripping over the old connection.
-    let hv_pid = fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();
-    Command::new("kill")
-        .args(["-9", hv_pid.trim()])
-        .status()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(p.state_of("hv"), "stopped");
-    let again = p.ok_with_ansible(&["up"]);
-    let log = stderr(&again);
-    assert!(
-        log.contains("restarting hv (qemu not running)")
-            && log.contains("restart  pyleaf_amd64")
-            && log.contains("its hypervisor restarts")
-            && log.contains("restarting pyleaf_amd64 (qemu not running)")
-            // Restarted on the same overlays: provisioned already.
-            && !log.contains("playbook")
-            // No warning but farm's own restart of a guest whose start KVM inside TCG
-            // spoiled, which may happen here.
-            && !log
-                .lines()
-                .any(|l| l.starts_with("warning:") && !l.ends_with("restarting it once")),
-        "{log}"
-    );
-    let out = p.ok(&["ssh", "vleaf_amd64", "--", "hostname"]);
-    assert_eq!(stdout(&out).trim(), "vleaf-amd64");
-}
-
-#[test]
-fn down_stops_the_guests_before_their_hypervisor_even_with_libvirtd_stopped() {
-    let Some(lab) = restored("nested_down") else {
-        return;
-    };
-    let p = &lab.project;
-    // libvirtd inside hv stops (its domains run on): `down` starts it again to shut them
-    // down through it.
-    p.ok(&[
-        "ssh",
-        "hv",
-        "--",
-        "systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket && ! test -S /var/run/libvirt/libvirt-sock",
-    ]);
-
-    // Down: the leaf before its hypervisor.
-    let down = p.ok(&["down"]);
-    let log = stderr(&down);
-    let leaf_at = log.find("stopped pyleaf_amd64").expect("leaf stopped");
-    let hv_at = log.find("stopped hv").expect("hv stopped");
-    assert!(leaf_at < hv_at, "{log}");
-    assert!(project::list(&p.path().join(".farm/vms")).is_empty());
 }
 
 /// Three levels (L1 → L2 → L3) are expressible and validated; running them is left out of

@@ -45,3 +45,42 @@ memory = "256M"
 pub fn hypervisor_lab(rest: &str) -> String {
     debian(&format!("{HYPERVISOR_PLATFORMS}{rest}"))
 }
+
+/// The shape of the tests' shared labs, as the seed's: hv (`debian_vs`, its guests libvirt
+/// domains) joins the VDE network `lab` (`vxvde://GROUP`, `PREFIX.0/24`) with a tap at
+/// `PREFIX.254`; inside it, `LEAF_amd64` (deployed by hv for the target amd64) on QEMU's user
+/// network, with `leaf_lines` added, and `vleaf_amd64` of the same platform only on `lab`
+/// at `PREFIX.21`, reached through hv's tap. Both L2s are provisioned by `site.yml`. `rest`
+/// defines platform `leaf` names, if it is not the tiny `leaf`.
+pub fn two_leaf_lab(leaf: &str, group: &str, prefix: &str, leaf_lines: &str, rest: &str) -> String {
+    hypervisor_lab(&format!(
+        r#"{rest}
+[networks.lab]
+kind = "vde"
+url = "vxvde://{group}"
+subnet = "{prefix}.0/24"
+
+[vms.hv]
+platform = "debian_vs"
+backend = "libvirt"
+attach = {{ lab = "{prefix}.254/24" }}
+deploy = {{ targets = ["amd64"], platforms = ["{leaf}"] }}
+
+[vms.{leaf}_amd64]
+playbook = "site.yml"
+{leaf_lines}
+
+[vms.vleaf_amd64]
+platform = "{leaf}"
+host = "hv"
+user_network = false
+nics = [{{ network = "lab", ip = "{prefix}.21/24" }}]
+playbook = "site.yml"
+"#
+    ))
+}
+
+/// hv's line in [`two_leaf_lab`] with `leaf`, which a test adds hv's own lines after.
+pub fn hv_deploy_line(leaf: &str) -> String {
+    format!(r#"deploy = {{ targets = ["amd64"], platforms = ["{leaf}"] }}"#)
+}
