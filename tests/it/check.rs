@@ -5,16 +5,12 @@ use crate::support::project;
 
 use std::process::Stdio;
 
-use project::{Project, list, text};
+use project::{Project, list, stderr, text};
 
 const IMAGE: &str = "[images.deb]\nurl = \"http://127.0.0.1:9/deb.qcow2\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
 
 /// What `ssh-keygen` writes: a private key must never be accepted as an authorized key.
 const PRIVATE_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----\n";
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 #[test]
 fn a_private_key_fails_check_with_exit_2_its_line_and_a_hint_and_nothing_is_written() {

@@ -11,7 +11,7 @@ use crate::support::test_home::shared_store;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use project::{Project, text};
+use project::{Project, stderr, text};
 
 fn tiny_lab(port: u16, memory: &str) -> String {
     format!(
@@ -42,10 +42,6 @@ fn mute_lab() -> Project {
 
 fn free_port() -> u16 {
     farm::sys::hostinfo::free_local_port().unwrap()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn mem_total_kib(p: &Project, vm: &str) -> u64 {

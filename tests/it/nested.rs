@@ -8,16 +8,15 @@
 //! libvirt (`backend = "libvirt"`, libvirtd started by L1's systemd).
 //!
 //! The lab is a shared lab ([`nested_lab`]): brought up once (the bring-up's own checks are in
-//! [`after_up`]) and saved, then restored by each test here and in `snapshot.rs`, so every
+//! [`after_up`]) and saved, then restored by each test here, so every
 //! scenario starts from the same provisioned moment in seconds. Scenarios that need no
 //! Debian L2 (recovery after a panic or `kill -9`, `down` without libvirtd) are in
 //! `recovery.rs`, on the tiny-L2 lab.
 
 use crate::support::hello_deb;
-use crate::support::lab::{Lab, LabRecipe};
+use crate::support::lab::{LabRecipe, restored};
 use crate::support::labs;
-use crate::support::project::{ANSIBLE_BIN, Project, text};
-use crate::support::skip::{ANSIBLE, require_vm};
+use crate::support::project::{ANSIBLE_BIN, Project, stderr, stdout, text};
 use crate::support::test_home::shared_store;
 
 use std::process::Command;
@@ -92,25 +91,9 @@ fn after_up(_: &Project, log: &str) {
     );
 }
 
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The nested lab at its saved moment, or `None` when this machine cannot run it.
-fn restored(test: &str) -> Option<Lab> {
-    if !require_vm(test, &[ANSIBLE]) {
-        return None;
-    }
-    Some(Lab::restore(&nested_lab()))
-}
-
 #[test]
 fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_nothing() {
-    let Some(lab) = restored("nested") else {
+    let Some(lab) = restored("nested", &nested_lab()) else {
         return;
     };
     let p = &lab.project;
@@ -235,7 +218,7 @@ fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_noth
 
 #[test]
 fn down_of_one_l2_by_name_stops_it_inside_its_hypervisor_and_up_makes_only_it_again() {
-    let Some(lab) = restored("nested_down_by_name") else {
+    let Some(lab) = restored("nested_down_by_name", &nested_lab()) else {
         return;
     };
     let p = &lab.project;

@@ -7,12 +7,11 @@
 //! Its tests, and `snapshot.rs`'s, take turns on the lab beside `nested.rs`'s (nextest group
 //! `tiny-lab`).
 
-use crate::support::lab::{Lab, LabRecipe};
+use crate::support::lab::{LabRecipe, restored};
 use crate::support::labs;
-use crate::support::project::{self, Project};
-use crate::support::skip::{ANSIBLE, require_vm};
+use crate::support::project::{self, Project, stderr, stdout};
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 /// The tiny-L2 lab: hv, `leaf_amd64` deployed by it on QEMU's user network and `vleaf_amd64`
 /// only on the VDE network `lab`, each provisioned once by [`PLAYBOOK`].
@@ -67,28 +66,11 @@ fn after_up(p: &Project, log: &str) {
                 .any(|l| l.trim_start().starts_with("provisioned") && l.contains(vm)),
             "{vm} not provisioned: {log}"
         );
-        let said = stdout(&p.ok(&["ssh", vm, "--", "cat /root/provisioned"]));
-        assert!(said.contains(&format!("{vm} at level 2 on hv")), "{said}");
     }
+    assert_provisioned_once(p);
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The tiny-L2 lab at its saved moment, or `None` when this machine cannot run it.
-fn restored(test: &str) -> Option<Lab> {
-    if !require_vm(test, &[ANSIBLE]) {
-        return None;
-    }
-    Some(Lab::restore(&tiny_lab()))
-}
-
-/// The L2s came back on their overlays: provisioned before, and not again.
+/// Both L2s hold what the playbook wrote (after a restart: they came back on their overlays).
 fn assert_provisioned_once(p: &Project) {
     for vm in ["leaf_amd64", "vleaf_amd64"] {
         let said = stdout(&p.ok(&["ssh", vm, "--", "cat /root/provisioned"]));
@@ -98,7 +80,7 @@ fn assert_provisioned_once(p: &Project) {
 
 #[test]
 fn a_hypervisor_whose_kernel_panics_during_up_is_restarted_with_its_guests() {
-    let Some(lab) = restored("recovery_kernel_panic") else {
+    let Some(lab) = restored("recovery_kernel_panic", &tiny_lab()) else {
         return;
     };
     let p = &lab.project;
@@ -139,7 +121,7 @@ fn a_hypervisor_whose_kernel_panics_during_up_is_restarted_with_its_guests() {
 
 #[test]
 fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
-    let Some(lab) = restored("recovery_kill_9") else {
+    let Some(lab) = restored("recovery_kill_9", &tiny_lab()) else {
         return;
     };
     let p = &lab.project;
@@ -175,7 +157,7 @@ fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
 
 #[test]
 fn down_stops_the_guests_before_their_hypervisor_even_with_libvirtd_stopped() {
-    let Some(lab) = restored("recovery_down") else {
+    let Some(lab) = restored("recovery_down", &tiny_lab()) else {
         return;
     };
     let p = &lab.project;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use farm::run::host::Host;
 use guest::keygen;
-use project::{Project, list, text};
+use project::{Project, list, stderr, text};
 use sshd::{SSHD, Sshd};
 
 fn lab_toml(port: u16, root: &Path) -> String {
@@ -50,10 +50,6 @@ hostname = "far-away"
 "#,
         root = root.display()
     )
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn qemu_running(pidfile: &Path) -> bool {

@@ -9,15 +9,11 @@
 //! imported into another store, the snapshot restores there by name.
 
 use crate::recovery::tiny_lab;
-use crate::support::lab::Lab;
-use crate::support::project::{self, Project, text};
-use crate::support::skip::{ANSIBLE, require_vm};
+use crate::support::lab::restored;
+use crate::support::project::{self, Project, stdout, text};
+use crate::support::skip::require_vm;
 
 const VMS_ALL: [&str; 3] = ["hv", "leaf_amd64", "vleaf_amd64"];
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The store entries of snapshot `name`, from its manifest.
 fn entries_of(p: &Project, name: &str) -> Vec<std::path::PathBuf> {
@@ -81,10 +77,9 @@ fn assert_the_saved_moment(p: &Project) {
 
 #[test]
 fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
-    if !require_vm("snapshot", &[ANSIBLE]) {
+    let Some(lab) = restored("snapshot", &tiny_lab()) else {
         return;
-    }
-    let lab = Lab::restore(&tiny_lab());
+    };
     let p = &lab.project;
     // A name an earlier, failed run of this test may have left in the kept lab.
     let _ = p.run(&["snapshot", "rm", "booted"]);

@@ -38,11 +38,7 @@ pub fn kept_key(name: &str) -> Key {
         let _ = fs_err::remove_file(&private);
         return keygen(&dir, name);
     }
-    let public = fs_err::read_to_string(private.with_extension("pub"))
-        .unwrap()
-        .trim()
-        .to_string();
-    Key { private, public }
+    key_at(private)
 }
 
 pub fn keygen(dir: &Path, name: &str) -> Key {
@@ -53,6 +49,11 @@ pub fn keygen(dir: &Path, name: &str) -> Key {
         .status()
         .expect("ssh-keygen");
     assert!(status.success());
+    key_at(private)
+}
+
+/// The key pair whose private half is at `private` (the public half beside it, `.pub`).
+fn key_at(private: PathBuf) -> Key {
     let public = fs_err::read_to_string(private.with_extension("pub"))
         .unwrap()
         .trim()

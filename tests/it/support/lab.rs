@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use super::fixture::take_turn;
 use super::project::{self, Project, text};
+use super::skip::{ANSIBLE, require_vm};
 use super::test_home::{labs_dir, shared_store};
 
 /// The snapshot every shared lab is saved as.
@@ -46,6 +47,16 @@ pub struct LabRecipe {
 pub struct Lab {
     pub project: Project,
     _turn: fs_err::File,
+}
+
+/// The lab of `recipe` at its saved moment for `test`, or `None` when this machine cannot run
+/// it (said loudly, and a failure under CI, by `require_vm`): a lab is brought up with
+/// Ansible, which provisions its L2s.
+pub fn restored(test: &str, recipe: &LabRecipe) -> Option<Lab> {
+    if !require_vm(test, &[ANSIBLE]) {
+        return None;
+    }
+    Some(Lab::restore(recipe))
 }
 
 impl Lab {
