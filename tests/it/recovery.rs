@@ -29,15 +29,17 @@ const PLAYBOOK: &str = r#"- hosts: level_2
 "#;
 
 /// A playbook for hv (`raw`: what is tested is the panic, not a module) that makes its
-/// kernel panic the first time it runs, while its second task runs. The mark that says
-/// "panicked once" is written by the process that panics the kernel: under load a keepalive
-/// can drop the first task's connection mid-command, and Ansible's retry must not find the
-/// mark without a panic to come.
+/// kernel panic the first time it runs, while its second task runs. The panic comes from a
+/// transient systemd unit, outside the ssh session: a process merely forked off the session
+/// (`setsid -f`) could still be hung up with Ansible's pty before it left the session, and
+/// then nothing panicked (seen under load). The mark that says "panicked once" is written by
+/// that unit, so a retry of the first task (a keepalive can drop its connection) does not
+/// find it with no panic to come.
 const PANIC_ONCE: &str = r#"- hosts: hv
   gather_facts: false
   tasks:
     - name: Panic the kernel two seconds from now, the first time only
-      ansible.builtin.raw: "[ -e /root/panicked-once ] || setsid -f sh -c 'touch /root/panicked-once && sync && sleep 2 && echo c > /proc/sysrq-trigger' > /dev/null 2>&1 < /dev/null"
+      ansible.builtin.raw: "[ -e /root/panicked-once ] || systemd-run --quiet --collect sh -c 'touch /root/panicked-once && sync && sleep 2 && echo c > /proc/sysrq-trigger'"
     - name: Still here, until the panic ends the connection
       ansible.builtin.raw: sleep 60
 "#;
