@@ -9,14 +9,14 @@
 //!
 //! The lab is a shared lab ([`nested_lab`]): brought up once (the bring-up's own checks are in
 //! [`after_up`]) and saved, then restored by each test here, so every
-//! scenario starts from the same provisioned moment in seconds. Scenarios that need no
-//! Debian L2 (recovery after a panic or `kill -9`, `down` without libvirtd) are in
+//! scenario starts from the same provisioned moment in seconds (`snapshot.rs` too). The
+//! recovery scenarios (after a kernel panic or `kill -9`) need no Debian L2: they are in
 //! `recovery.rs`, on the tiny-L2 lab.
 
 use crate::support::hello_deb;
 use crate::support::lab::{LabRecipe, restored};
 use crate::support::labs;
-use crate::support::project::{ANSIBLE_BIN, Project, stderr, stdout, text};
+use crate::support::project::{self, ANSIBLE_BIN, Project, stderr, stdout, text};
 use crate::support::test_home::shared_store;
 
 use std::process::Command;
@@ -254,6 +254,30 @@ fn down_of_one_l2_by_name_stops_it_inside_its_hypervisor_and_up_makes_only_it_ag
     );
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "cat /root/provisioned"]);
     assert!(stdout(&out).contains("vleaf_amd64 at level 2 on hv"));
+}
+
+#[test]
+fn down_stops_the_guests_before_their_hypervisor_even_with_libvirtd_stopped() {
+    let Some(lab) = restored("nested_down", &nested_lab()) else {
+        return;
+    };
+    let p = &lab.project;
+    // libvirtd inside hv stops (its domains run on): `down` starts it again to shut them
+    // down through it.
+    p.ok(&[
+        "ssh",
+        "hv",
+        "--",
+        "systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket && ! test -S /var/run/libvirt/libvirt-sock",
+    ]);
+
+    // Down: the leaf before its hypervisor.
+    let down = p.ok(&["down"]);
+    let log = stderr(&down);
+    let leaf_at = log.find("stopped pyleaf_amd64").expect("leaf stopped");
+    let hv_at = log.find("stopped hv").expect("hv stopped");
+    assert!(leaf_at < hv_at, "{log}");
+    assert!(project::list(&p.path().join(".farm/vms")).is_empty());
 }
 
 /// Three levels (L1 → L2 → L3) are expressible and validated; running them is left out of

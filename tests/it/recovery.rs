@@ -1,15 +1,14 @@
-//! Recovery of a nested lab: a hypervisor whose kernel panics while `up` provisions it, one
-//! whose qemu is killed, and `down` with the hypervisor's libvirtd stopped. None of it needs
+//! Recovery of a nested lab: a hypervisor whose kernel panics while `up` provisions it, and
+//! one whose qemu is killed. Neither needs
 //! Debian guests at level 2, so it runs on the tiny-L2 lab: L1 as in `nested.rs` (`debian_vs`
 //! running its guests as libvirt domains), and two of farm's tiny guests inside it, one on
 //! QEMU's user network and one only on the VDE network L1 joins. Tiny L2s boot in seconds
 //! where Debian ones take minutes under TCG inside TCG, and a restart of L1 restarts them.
-//! Its tests, and `snapshot.rs`'s, take turns on the lab beside `nested.rs`'s (nextest group
-//! `tiny-lab`).
+//! Its tests take turns on the lab beside `nested.rs`'s (nextest group `tiny-lab`).
 
 use crate::support::lab::{LabRecipe, restored};
 use crate::support::labs;
-use crate::support::project::{self, Project, stderr, stdout};
+use crate::support::project::{Project, stderr, stdout};
 
 use std::process::Command;
 
@@ -155,32 +154,4 @@ fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "hostname"]);
     assert_eq!(stdout(&out).trim(), "vleaf-amd64");
     assert_provisioned_once(p);
-}
-
-#[test]
-fn down_stops_the_guests_before_their_hypervisor_even_with_libvirtd_stopped() {
-    let Some(lab) = restored("recovery_down", &tiny_lab()) else {
-        return;
-    };
-    let p = &lab.project;
-    // libvirtd inside hv stops (its domains run on): `down` starts it again to shut them
-    // down through it.
-    p.ok(&[
-        "ssh",
-        "hv",
-        "--",
-        "systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket && ! test -S /var/run/libvirt/libvirt-sock",
-    ]);
-
-    // Down: the leaves before their hypervisor.
-    let down = p.ok(&["down"]);
-    let log = stderr(&down);
-    let hv_at = log.find("stopped hv").expect("hv stopped");
-    for vm in ["leaf_amd64", "vleaf_amd64"] {
-        let leaf_at = log
-            .find(&format!("stopped {vm}"))
-            .unwrap_or_else(|| panic!("{vm} not stopped: {log}"));
-        assert!(leaf_at < hv_at, "{log}");
-    }
-    assert!(project::list(&p.path().join(".farm/vms")).is_empty());
 }

@@ -1,6 +1,6 @@
-//! Lab snapshots of the tiny-L2 lab (`recovery.rs`'s shared lab, restored from its own
-//! snapshot): L1 (the tests' hypervisor platform, its guests libvirt domains) with a tiny L2
-//! on user networking and a tiny L2 only on a VDE network that L1 attaches with a tap. `farm snapshot
+//! Lab snapshots of the nested lab (`nested.rs`'s shared lab, restored from its own
+//! snapshot): L1 (the tests' hypervisor platform, its guests libvirt domains) with an L2 on
+//! user networking and an L2 only on a VDE network that L1 attaches with a tap. `farm snapshot
 //! save` saves it (the L2s inside L1's state), `restore` twice brings back exactly that
 //! moment: every VM answers ssh, a file written before the save is there and one written
 //! after it is not, the VDE L2 answers through L1's tap, and the snapshot's files (a store
@@ -8,12 +8,12 @@
 //! running lab uses) exit 2 and change nothing; `down` cleans everything. Exported and
 //! imported into another store, the snapshot restores there by name.
 
-use crate::recovery::tiny_lab;
+use crate::nested::nested_lab;
 use crate::support::lab::restored;
 use crate::support::project::{self, Project, stdout, text};
 use crate::support::skip::require_vm;
 
-const VMS_ALL: [&str; 3] = ["hv", "leaf_amd64", "vleaf_amd64"];
+const VMS_ALL: [&str; 3] = ["hv", "pyleaf_amd64", "vleaf_amd64"];
 
 /// The store entries of snapshot `name`, from its manifest.
 fn entries_of(p: &Project, name: &str) -> Vec<std::path::PathBuf> {
@@ -70,14 +70,14 @@ fn assert_the_saved_moment(p: &Project) {
     }
     // The VDE-only L2 answers over hv's tap (its ssh route), which the state holds.
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "ip", "addr"]);
-    assert!(stdout(&out).contains("10.9.0.21/24"), "{}", text(&out));
+    assert!(stdout(&out).contains("10.0.0.21/24"), "{}", text(&out));
     let tap = p.ok(&["ssh", "hv", "--", "ip", "addr"]);
-    assert!(stdout(&tap).contains("10.9.0.254/24"), "{}", text(&tap));
+    assert!(stdout(&tap).contains("10.0.0.254/24"), "{}", text(&tap));
 }
 
 #[test]
 fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
-    let Some(lab) = restored("snapshot", &tiny_lab()) else {
+    let Some(lab) = restored("snapshot", &nested_lab()) else {
         return;
     };
     let p = &lab.project;
@@ -116,7 +116,7 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     assert_the_saved_moment(p);
     let listed = stdout(&p.ok(&["snapshot", "ls"]));
     assert!(
-        listed.contains("booted") && listed.contains("hv, leaf_amd64, vleaf_amd64"),
+        listed.contains("booted") && listed.contains("hv, pyleaf_amd64, vleaf_amd64"),
         "{listed}"
     );
 
