@@ -139,14 +139,17 @@ fn ssh_files(work: &Path, port: u16, host_public: &str) -> Result<PathBuf, Build
     )?;
     fs_err::write(
         &config,
-        render(&[SshHost::vm(
-            ALIAS,
-            "127.0.0.1",
-            port,
-            work.join("id_ed25519"),
-            work.join("known_hosts"),
-            Vec::new(),
-        )]),
+        render(
+            &[SshHost::vm(
+                ALIAS,
+                "127.0.0.1",
+                port,
+                work.join("id_ed25519"),
+                work.join("known_hosts"),
+                Vec::new(),
+            )],
+            None,
+        ),
     )?;
     Ok(config)
 }

@@ -62,7 +62,7 @@ pub fn down(
     write_state_ssh_files(project, &state, &BTreeMap::new())?;
     let wanted = with_descendants(topology, names);
     let everything = names.is_empty();
-    let sites = Sites::new(topology, &state.ssh_config());
+    let sites = Sites::new(topology, &state.own_ssh_config());
 
     // Every site that may hold a wanted VM, deepest first: the hosts (a VM that left
     // farm.toml may still run there), the hypervisor VMs wanted VMs run in, and the sites

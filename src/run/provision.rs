@@ -232,8 +232,9 @@ pub fn apply(
         // A VM is marked only once what the playbook wrote is on its disk: a crash of its
         // hypervisor right after (its page cache lost) must not leave it marked but
         // unprovisioned.
-        let flushed =
-            crate::run::parallel::each(through, |d| (d, flush_disk(&state.ssh_config(), &d.vm)));
+        let flushed = crate::run::parallel::each(through, |d| {
+            (d, flush_disk(&state.own_ssh_config(), &d.vm))
+        });
         let mut unflushed = Vec::new();
         for (d, result) in flushed {
             match result {

@@ -38,7 +38,7 @@ pub fn panicked_hypervisors(
     paths: &StatePaths,
 ) -> Vec<Panicked> {
     let mut records = paths.records();
-    let sites = Sites::new(topology, &paths.ssh_config());
+    let sites = Sites::new(topology, &paths.own_ssh_config());
     topology
         .vms
         .values()

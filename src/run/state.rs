@@ -14,8 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::model::instance::{InstancePaths, InstanceRecord};
-use crate::model::ssh_config::{SshHost, known_hosts_line, render};
+use crate::model::ssh_config::{Sharing, SshHost, known_hosts_line, render};
 use crate::sys::keys::{KeyPair, KeygenError, get_or_generate};
+
+/// How long a user's shared connection to a VM outlives its last session: long enough for a
+/// sitting of commands, scp and Ansible runs; a master whose VM stops goes at once.
+const SHARED_FOR_SECS: u64 = 300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -82,8 +86,31 @@ impl StatePaths {
         self.root.join("id_ed25519")
     }
 
+    /// The ssh_config users, Ansible, `farm ssh` and `farm logs` use: connections shared
+    /// through ControlMasters in [`StatePaths::control_dir`] (see `model::ssh_config`).
     pub fn ssh_config(&self) -> PathBuf {
         self.root.join("ssh_config")
+    }
+
+    /// The same hosts unshared, for farm's own connections: each through a ControlMaster farm
+    /// holds as its child, so that none outlives it. A state directory an earlier farm wrote
+    /// has only `ssh_config`, unshared then: that one, until the next `up` writes both.
+    pub fn own_ssh_config(&self) -> PathBuf {
+        let own = self.unshared_ssh_config();
+        let users = self.ssh_config();
+        if !own.exists() && users.exists() {
+            return users;
+        }
+        own
+    }
+
+    fn unshared_ssh_config(&self) -> PathBuf {
+        self.root.join("ssh_config.farm")
+    }
+
+    /// The users' ControlMaster sockets (a short name: socket paths are short).
+    pub fn control_dir(&self) -> PathBuf {
+        self.root.join("mux")
     }
 
     pub fn known_hosts(&self) -> PathBuf {
@@ -198,7 +225,24 @@ impl StateDir {
             .iter()
             .filter_map(|(h, key)| key.as_ref().map(|key| known_hosts_line(&h.alias, key)))
             .collect();
-        write_atomic(&self.ssh_config(), render(&config).as_bytes())?;
+        let sharing = Sharing {
+            dir: self.control_dir(),
+            persist_secs: SHARED_FOR_SECS,
+        };
+        let control_dir = sharing.dir.as_path();
+        fs_err::create_dir_all(control_dir)
+            .and_then(|()| {
+                fs_err::set_permissions(control_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(io_error(control_dir))?;
+        write_atomic(
+            &self.ssh_config(),
+            render(&config, Some(&sharing)).as_bytes(),
+        )?;
+        write_atomic(
+            &self.unshared_ssh_config(),
+            render(&config, None).as_bytes(),
+        )?;
         write_atomic(&self.known_hosts(), known.as_bytes())
     }
 }

@@ -127,7 +127,7 @@ pub fn status(
         None,
         &project.store_dir,
     )?;
-    let sites = Sites::new(topology, &paths.ssh_config());
+    let sites = Sites::new(topology, &paths.own_ssh_config());
     let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Quickly)?;
     let plan = plan_up(&desired, &observed);
     let mut rows = Vec::new();

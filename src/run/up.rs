@@ -262,9 +262,9 @@ fn up_once(
     let ssh_config = match (&state, &scratch) {
         (Some(state), _) => {
             write_state_ssh_files(project, state, &BTreeMap::new())?;
-            state.ssh_config()
+            state.own_ssh_config()
         }
-        (None, Some(scratch)) if !paths.ssh_config().exists() => {
+        (None, Some(scratch)) if !paths.own_ssh_config().exists() => {
             let hosts = crate::run::ssh_files::ssh_hosts(
                 project.project_dir(),
                 topology,
@@ -273,7 +273,7 @@ fn up_once(
             );
             let config = scratch.path().join("ssh_config");
             let configs: Vec<_> = hosts.into_iter().map(|(h, _)| h).collect();
-            fs_err::write(&config, crate::model::ssh_config::render(&configs)).map_err(
+            fs_err::write(&config, crate::model::ssh_config::render(&configs, None)).map_err(
                 |source| crate::run::state::StateError::Io {
                     path: config.clone(),
                     source,
@@ -281,7 +281,7 @@ fn up_once(
             )?;
             config
         }
-        _ => paths.ssh_config(),
+        _ => paths.own_ssh_config(),
     };
     let sites = Sites::new(topology, &ssh_config);
     let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Carefully)?;

@@ -132,6 +132,11 @@ fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_noth
         .output()
         .unwrap();
     assert!(plain.status.success(), "{}", text(&plain));
+    // The users' ssh_config shares connections: those logins left a ControlMaster to the L2
+    // and one to hv, the hop it jumps through, which later ssh runs reuse.
+    for vm in ["hv", "pyleaf_amd64"] {
+        assert!(shares_a_connection(p, vm), "no shared connection to {vm}");
+    }
 
     // The VDE-only L2 answers from L0: ssh jumps to hv, then over hv's tap on `lab`.
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "ip", "addr"]);
@@ -222,6 +227,8 @@ fn down_of_one_l2_by_name_stops_it_inside_its_hypervisor_and_up_makes_only_it_ag
         return;
     };
     let p = &lab.project;
+    p.ok(&["ssh", "vleaf_amd64", "--", "true"]);
+    assert!(shares_a_connection(p, "vleaf_amd64"));
     // `down` of one L2 by name stops it inside hv (not the copy of its record kept here),
     // and nothing else; the next up makes it anew and provisions only it.
     let down = p.ok(&["down", "vleaf_amd64"]);
@@ -243,6 +250,15 @@ fn down_of_one_l2_by_name_stops_it_inside_its_hypervisor_and_up_makes_only_it_ag
     );
     assert_eq!(p.state_of("hv"), "running");
     assert_eq!(p.state_of("pyleaf_amd64"), "running");
+    // The shared connection to the stopped VM went with it (its hop through hv closed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while shares_a_connection(p, "vleaf_amd64") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shared connection to vleaf_amd64 outlived it by 15 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let again = p.ok_with_ansible(&["up"]);
     let log = stderr(&again);
     assert!(
@@ -310,4 +326,16 @@ host = "l2"
     let graph = p.ok(&["graph", "-o", "-"]);
     let dot = String::from_utf8_lossy(&graph.stdout);
     assert!(dot.contains("\"vm:l2\" -> \"vm:l3\""), "{dot}");
+}
+
+/// Whether a ControlMaster of the users' ssh_config to `vm` runs (`ssh -O check`).
+fn shares_a_connection(p: &Project, vm: &str) -> bool {
+    Command::new("ssh")
+        .arg("-F")
+        .arg(p.path().join(".farm/ssh_config"))
+        .args(["-O", "check", vm])
+        .output()
+        .unwrap()
+        .status
+        .success()
 }

@@ -94,7 +94,7 @@ fn tell_inside(
     command: &str,
 ) -> Result<(), SnapshotError> {
     let topology = &project.loaded.topology;
-    let sites = crate::run::site::Sites::new(topology, &state.ssh_config());
+    let sites = crate::run::site::Sites::new(topology, &state.own_ssh_config());
     let records = state.records();
     for vm in vms {
         let (Some(node), Some(record)) = (topology.vms.get(vm), records.get(vm)) else {
@@ -407,7 +407,7 @@ pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), Sn
     let remote: Vec<&SavedVm> = manifest.vms.iter().filter(|v| v.host.is_some()).collect();
     if !remote.is_empty() {
         let topology = &project.loaded.topology;
-        let sites = Sites::new(topology, &state.ssh_config());
+        let sites = Sites::new(topology, &state.own_ssh_config());
         let names: Vec<String> = remote.iter().map(|v| v.name.clone()).collect();
         let vms = top_vms(topology, &sites, &names)?;
         for (vm, saved) in vms.iter().zip(&remote) {

@@ -47,7 +47,7 @@ pub fn restore(
         }
     }
     let topology = &project.loaded.topology;
-    let sites = Sites::new(topology, &state.ssh_config());
+    let sites = Sites::new(topology, &state.own_ssh_config());
     let names: Vec<String> = manifest.vms.iter().map(|v| v.name.clone()).collect();
     let vms = top_vms(topology, &sites, &names)?;
     let snapshot_dir = SnapshotPaths::new(state.root(), name).dir;
@@ -412,7 +412,7 @@ struct Wait {
 fn answer(state: &StateDir, wait: Wait) -> Result<(String, Ssh), SnapshotError> {
     let Wait { vm, jump, resume } = wait;
     let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let ssh = Ssh::wait_for_through(&state.ssh_config(), &vm, deadline, jump.as_deref(), || Ok(()))
+    let ssh = Ssh::wait_for_through(&state.own_ssh_config(), &vm, deadline, jump.as_deref(), || Ok(()))
         .map_err(|e| {
             SnapshotError::Failed(format!(
                 "VM `{vm}` did not answer ssh after its snapshot was restored: {e}\nhint: `farm logs {vm}` shows its console"

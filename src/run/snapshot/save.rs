@@ -25,7 +25,7 @@ pub fn save(
         )));
     }
     let records = records_of(&state, &top)?;
-    let sites = Sites::new(topology, &state.ssh_config());
+    let sites = Sites::new(topology, &state.own_ssh_config());
     let vms = top_vms(topology, &sites, &top)?;
     for vm in &vms {
         if !instance::is_running(&*vm.host, &records[&vm.name].spec.paths, &vm.name)? {

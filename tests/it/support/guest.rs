@@ -153,14 +153,17 @@ pub fn prepare(
     .unwrap();
     fs_err::write(
         &config,
-        render(&[SshHost::vm(
-            "guest",
-            "127.0.0.1",
-            port,
-            client.private.clone(),
-            work.path().join("known_hosts"),
-            vec![],
-        )]),
+        render(
+            &[SshHost::vm(
+                "guest",
+                "127.0.0.1",
+                port,
+                client.private.clone(),
+                work.path().join("known_hosts"),
+                vec![],
+            )],
+            None,
+        ),
     )
     .unwrap();
     let vm = QemuVm {
