@@ -78,9 +78,9 @@ const MAX_CONTROL_PATH: usize = 107 - 17;
 impl Sharing {
     /// `alias`'s socket, or `None` when the path would be too long for ssh, which then fails
     /// every connection (the host is left unshared instead).
-    fn control_path(&self, alias: &str) -> Option<String> {
-        let path = self.dir.join(alias).display().to_string();
-        (path.len() <= MAX_CONTROL_PATH).then_some(path)
+    fn control_path(&self, alias: &str) -> Option<PathBuf> {
+        let path = self.dir.join(alias);
+        (path.as_os_str().len() <= MAX_CONTROL_PATH).then_some(path)
     }
 }
 
@@ -120,7 +120,7 @@ pub fn render(hosts: &[SshHost], sharing: Option<&Sharing>) -> String {
             sharing.and_then(|s| s.control_path(&h.alias).map(|path| (s, path)))
         {
             let _ = writeln!(out, "  ControlMaster auto");
-            let _ = writeln!(out, "  ControlPath {}", quote(Path::new(&path)));
+            let _ = writeln!(out, "  ControlPath {}", quote(&path));
             let _ = writeln!(out, "  ControlPersist {}", sharing.persist_secs);
         }
     }
