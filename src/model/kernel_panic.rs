@@ -1,8 +1,10 @@
-//! Reading a VM's serial console for a kernel panic. A panicked guest's qemu keeps running
-//! (Linux waits forever after a panic unless told to reboot), so to farm it looks like a
-//! VM that stopped answering; its console says what happened.
+//! Reading a VM's serial console for a kernel panic. To farm, a panicked guest is a VM that
+//! stopped answering: its qemu ends when the guest reports the panic through its panic
+//! device (`model::qemu`), or keeps running a dead machine when it cannot (Linux waits
+//! forever after a panic unless told to reboot). Its console says what happened.
 
-/// How far before the panic line the oops that led to it is looked for.
+/// How far around the panic line the oops that led to it, and the panic's own stack dump
+/// after it, are looked for.
 const OOPS_WINDOW: usize = 80;
 
 /// The lines of an oops worth an error message: what went wrong, in which task, where.
@@ -21,20 +23,21 @@ const HEADLINES: [&str; 7] = [
 /// reboot) is not a dead machine.
 pub fn kernel_panic(console: &str) -> Option<String> {
     let lines: Vec<&str> = console.lines().collect();
+    // `---[ end Kernel panic …` repeats the panic line after its stack dump, when the
+    // kernel got that far before its qemu ended.
     let last = lines
         .iter()
-        .rposition(|l| l.contains("Kernel panic - not syncing"))?;
+        .rposition(|l| l.contains("Kernel panic - not syncing") && !l.contains("---[ end "))?;
     let rebooted = lines[last..]
         .iter()
         .any(|l| l.contains("Linux version ") || l.contains("SeaBIOS"));
     if rebooted {
         return None;
     }
-    let window = &lines[last.saturating_sub(OOPS_WINDOW)..=last];
+    let window = &lines[last.saturating_sub(OOPS_WINDOW)..lines.len().min(last + OOPS_WINDOW)];
     let mut excerpt: Vec<&str> = Vec::new();
     for line in window {
         let headline = HEADLINES.iter().any(|h| line.contains(h));
-        // `---[ end Kernel panic …` repeats the panic line.
         if headline && !line.contains("---[ end ") && !excerpt.contains(line) {
             excerpt.push(line.trim_end());
         }
@@ -78,6 +81,27 @@ mod tests {
             !excerpt.contains("RAX:")
                 && !excerpt.contains("Code:")
                 && !excerpt.contains("---[ end")
+        );
+    }
+
+    /// A panic through the panic device: qemu ended during the panic's own stack dump,
+    /// before its `---[ end` line.
+    #[test]
+    fn the_panics_own_stack_dump_names_its_task() {
+        let console = "[   49.58] sysrq: Trigger a crash
+[   49.58] Kernel panic - not syncing: sysrq triggered crash
+[   49.58] CPU: 0 PID: 784 Comm: sh Not tainted 6.1.0-50-cloud-amd64 #1  Debian 6.1.176-1
+[   49.58] Call Trace:
+[   49.58]  panic+0x118/0x2f4
+[   49.58] RIP: 0033:0x7f22e3c1a350
+[   49.58] RAX: ffffffffffffffda RBX: 0000000000000002
+";
+        assert_eq!(
+            kernel_panic(console).unwrap(),
+            "[   49.58] sysrq: Trigger a crash
+[   49.58] Kernel panic - not syncing: sysrq triggered crash
+[   49.58] CPU: 0 PID: 784 Comm: sh Not tainted 6.1.0-50-cloud-amd64 #1  Debian 6.1.176-1
+[   49.58] RIP: 0033:0x7f22e3c1a350"
         );
     }
 

@@ -211,6 +211,11 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
         }
     }
     x.push_str("    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>\n");
+    if vm.has_panic_device() {
+        // A panicked guest ends (`on_crash`) instead of spinning its vCPUs, as with farm's
+        // own qemu (`QemuVm::has_panic_device`).
+        x.push_str("    <panic model='isa'/>\n");
+    }
     x.push_str("    <memballoon model='none'/>\n");
     x.push_str("  </devices>\n");
     if run_as_root {
@@ -389,6 +394,8 @@ mod tests {
             "<target dev='vdb' bus='virtio'/>\n      <readonly/>",
             "<source path='/lab/.farm/vms/web/serial.log'/>",
             "<label>+0:+0</label>",
+            "<on_crash>destroy</on_crash>",
+            "<panic model='isa'/>",
             "<qemu:arg value='user,id=farmnet0,hostfwd=tcp:127.0.0.1:2222-:22'/>",
             "bus=pcie.0,addr=0x10'/>",
             "<qemu:arg value='vde,id=farmnet1,sock=vxvde://234.0.0.1'/>",

@@ -296,7 +296,26 @@ impl QemuVm {
             ]);
         }
         push(&["-device", "virtio-rng-pci"]);
+        if self.has_panic_device() {
+            push(&["-device", "pvpanic"]);
+        }
         a
+    }
+
+    /// Whether the VM gets QEMU's panic device (x86_64 PCs: `q35`, the default, and `pc`).
+    /// A guest kernel that panics tells qemu through it, and qemu's default action then
+    /// ends the process: a panicked kernel otherwise spins every vCPU in its delay loop
+    /// (under TCG, a host core each) until someone stops it, and ssh through it times out
+    /// instead of being refused. Its console still ends in the panic, which is how farm
+    /// tells a panic from a power-off (`run::recover`). The device has no migration state,
+    /// so snapshots saved with and without it load into each other.
+    pub fn has_panic_device(&self) -> bool {
+        self.hw.arch == Arch::X86_64
+            && self
+                .hw
+                .machine
+                .as_deref()
+                .is_none_or(|m| m.starts_with("q35") || m.starts_with("pc"))
     }
 }
 
@@ -373,7 +392,8 @@ mod tests {
              -drive file=/s/disk.qcow2,if=virtio,format=qcow2,index=0,cache=writeback,discard=unmap \
              -drive file=/s/seed.img,if=virtio,format=raw,index=1,cache=unsafe,discard=unmap,readonly=on \
              -netdev user,id=net0,hostfwd=tcp:127.0.0.1:2201-:22 \
-             -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -device virtio-rng-pci"
+             -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01 -device virtio-rng-pci \
+             -device pvpanic"
         );
     }
 

@@ -158,6 +158,10 @@ fn lab_project(recipe: &LabRecipe) -> Project {
             hasher.update(node["hash"].as_str().unwrap().as_bytes());
         }
     }
+    for arg in machine_shape() {
+        hasher.update(arg.as_bytes());
+        hasher.update(b"\0");
+    }
     let key = hasher.finalize().to_hex();
     let dir: PathBuf = labs_dir().join(format!("{}-{}", recipe.name, &key[..16]));
     // What an earlier test added beside the recipe's files (a playbook, host_vars) goes.
@@ -174,6 +178,37 @@ fn lab_project(recipe: &LabRecipe) -> Project {
     let project = Project::kept(&dir, &recipe.farm_toml, &shared_store());
     write_files(&project, recipe);
     project
+}
+
+/// The qemu command line this farm gives a VM like the labs' hypervisor VM. A snapshot
+/// restores only the devices its guest booted with: one saved by a farm that gave its
+/// machines other devices is another lab (a guest restored under a panic device it never
+/// probed would not use it).
+fn machine_shape() -> Vec<String> {
+    use farm::model::qemu::{MachineSpec, QemuVm, ResolvedAccel};
+    use farm::model::values::Arch;
+    QemuVm {
+        name: "hv".into(),
+        hw: MachineSpec {
+            arch: Arch::X86_64,
+            machine: None,
+            cpu: None,
+            accel: ResolvedAccel::Tcg,
+            memory_mib: 2048,
+            cpus: 2,
+        },
+        disks: Vec::new(),
+        boot: None,
+        uefi_vars: None,
+        nics: Vec::new(),
+        serial_log: "serial.log".into(),
+        qmp_socket: None,
+        pidfile: None,
+        daemonize: false,
+        tag: None,
+        incoming: false,
+    }
+    .argv()
 }
 
 /// Removes the directories of lab `name` other than `keep` (stopping what still runs there).
