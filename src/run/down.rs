@@ -83,91 +83,37 @@ pub fn down(
     placements.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     placements.dedup();
 
+    let teardown = Teardown {
+        sites: &sites,
+        state: &state,
+        desired: &desired,
+        wanted: &wanted,
+        everything,
+        keep,
+        timeout,
+        reporter,
+    };
     let mut stopped = Vec::new();
     let mut down_hypervisors: BTreeSet<String> = BTreeSet::new();
-    for (_, placement) in placements {
-        if let Placement::Vm(hv) = &placement
-            && down_hypervisors.contains(hv)
-        {
-            continue;
-        }
-        let host = match sites.connect(&placement) {
-            Ok(host) => host,
-            Err(SiteError::VmUnreachable { vm, .. }) => {
-                // Its VMs stopped with it; farm forgets them unless asked to keep them.
-                for child in topology.children(&placement) {
-                    if wanted.contains(&child.name) && state.instance(&child.name).dir.is_dir() {
-                        if !keep {
-                            state.remove_instance(&child.name)?;
-                        }
-                        reporter.status(
-                            "stopped",
-                            format!("{} (its hypervisor {vm} is not running)", child.name),
-                        );
-                        stopped.push(child.name.clone());
-                    }
-                }
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let observation = observe_site(
-            host.as_ref(),
-            &desired,
-            &placement,
-            Ask::No,
-            &BTreeMap::new(),
-        )?;
-        let site_state = desired.layout(&placement).state_dir;
-        let on_site: Vec<String> = observation
-            .instances
+    // Sites at one depth are independent (two hypervisor VMs, or this machine and a remote
+    // host): they go down side by side, each powering its guests off at once.
+    for depth in placements.chunk_by(|a, b| a.0 == b.0) {
+        let here: Vec<&Placement> = depth
             .iter()
-            .filter(|(name, instance)| {
-                (wanted.contains(*name) || (everything && !topology.vms.contains_key(*name)))
-                    && !instance.is_copy_from_elsewhere(&site_state, name)
-            })
-            .map(|(name, _)| name.clone())
+            .map(|(_, placement)| placement)
+            .filter(|placement| !matches!(placement, Placement::Vm(hv) if down_hypervisors.contains(hv)))
             .collect();
-        let teardown = Teardown {
-            sites: &sites,
-            state: &state,
-            keep,
-            timeout,
-            reporter,
-        };
-        let down_here = teardown.stop_all(host.as_ref(), &site_state, &on_site)?;
-        for name in &down_here {
-            if desired.site_inside(name).is_some() {
-                down_hypervisors.insert(name.clone());
+        let before = stopped.clone();
+        for site_stopped in
+            crate::run::parallel::each(here, |placement| teardown.site(placement, &before))
+        {
+            for name in site_stopped? {
+                if desired.site_inside(&name).is_some() {
+                    down_hypervisors.insert(name.clone());
+                }
+                stopped.push(name);
             }
         }
-        stopped.extend(down_here);
-        stopped.extend(stop_orphans(
-            host.as_ref(),
-            &observation,
-            &wanted,
-            everything,
-            &placement,
-            reporter,
-        )?);
-        if !keep {
-            undefine_lost_domains(
-                host.as_ref(),
-                desired.topology.backend_on(&placement).libvirt_uri(),
-                &desired.project_tag(),
-                &wanted,
-                everything,
-                reporter,
-            )?;
-        }
-        tear_down_networks(
-            host.as_ref(),
-            &desired,
-            &placement,
-            &observation,
-            &stopped,
-            everything,
-        )?;
     }
     write_state_ssh_files(project, &state, &BTreeMap::new())?;
     Ok(stopped)
@@ -177,12 +123,92 @@ pub fn down(
 struct Teardown<'a> {
     sites: &'a Sites<'a>,
     state: &'a StateDir,
+    desired: &'a crate::model::up_plan::Desired<'a>,
+    /// The VMs to stop, with every VM inside them.
+    wanted: &'a BTreeSet<String>,
+    /// Everything goes down (no VM was named): VMs farm.toml no longer has go too.
+    everything: bool,
     keep: bool,
     timeout: Duration,
     reporter: &'a Reporter,
 }
 
 impl Teardown<'_> {
+    /// Stops the wanted VMs of one site, its orphans and lost domains, and the networks
+    /// nothing there uses any more (`stopped_before`: the VMs deeper sites stopped); returns
+    /// the VMs it stopped. A hypervisor VM that is not running stopped its VMs with it.
+    fn site(
+        &self,
+        placement: &Placement,
+        stopped_before: &[String],
+    ) -> Result<Vec<String>, UpError> {
+        let (desired, wanted, everything) = (self.desired, self.wanted, self.everything);
+        let topology = desired.topology;
+        let mut stopped = Vec::new();
+        let host = match self.sites.connect(placement) {
+            Ok(host) => host,
+            Err(SiteError::VmUnreachable { vm, .. }) => {
+                // Its VMs stopped with it; farm forgets them unless asked to keep them.
+                for child in topology.children(placement) {
+                    if wanted.contains(&child.name) && self.state.instance(&child.name).dir.is_dir()
+                    {
+                        if !self.keep {
+                            self.state.remove_instance(&child.name)?;
+                        }
+                        self.reporter.status(
+                            "stopped",
+                            format!("{} (its hypervisor {vm} is not running)", child.name),
+                        );
+                        stopped.push(child.name.clone());
+                    }
+                }
+                return Ok(stopped);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let observation =
+            observe_site(host.as_ref(), desired, placement, Ask::No, &BTreeMap::new())?;
+        let site_state = desired.layout(placement).state_dir;
+        let on_site: Vec<String> = observation
+            .instances
+            .iter()
+            .filter(|(name, instance)| {
+                (wanted.contains(*name) || (everything && !topology.vms.contains_key(*name)))
+                    && !instance.is_copy_from_elsewhere(&site_state, name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        stopped.extend(self.stop_all(host.as_ref(), &site_state, &on_site)?);
+        stopped.extend(stop_orphans(
+            host.as_ref(),
+            &observation,
+            wanted,
+            everything,
+            placement,
+            self.reporter,
+        )?);
+        if !self.keep {
+            undefine_lost_domains(
+                host.as_ref(),
+                topology.backend_on(placement).libvirt_uri(),
+                &desired.project_tag(),
+                wanted,
+                everything,
+                self.reporter,
+            )?;
+        }
+        let gone: Vec<String> = stopped_before.iter().chain(&stopped).cloned().collect();
+        tear_down_networks(
+            host.as_ref(),
+            desired,
+            placement,
+            &observation,
+            &gone,
+            everything,
+        )?;
+        Ok(stopped)
+    }
+
     /// Stops VMs of one site in parallel; removes them unless `keep` (then marks them kept).
     fn stop_all(
         &self,
