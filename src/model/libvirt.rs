@@ -162,7 +162,7 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
         }
         x.push_str(&format!(
             "    <cmdline>{}</cmdline>\n",
-            escape(&boot.cmdline)
+            escape(&vm.kernel_cmdline(boot))
         ));
     }
     x.push_str("  </os>\n");
@@ -388,7 +388,7 @@ mod tests {
             "<type arch='x86_64' machine='q35'>hvm</type>",
             "<kernel>/store/x/boot/vmlinuz</kernel>",
             "<initrd>/store/x/boot/initrd.img</initrd>",
-            "<cmdline>console=ttyS0 quiet</cmdline>",
+            "<cmdline>console=ttyS0 quiet no_timer_check</cmdline>",
             "<cpu mode='maximum' check='none'/>",
             "<source file='/lab/.farm/vms/web/disk.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
             "<target dev='vdb' bus='virtio'/>\n      <readonly/>",
