@@ -85,7 +85,7 @@ pub enum ConsoleVerdict {
 /// agent and tiny image's init (`farm-seed:`).
 pub fn read_console(console: &str) -> ConsoleVerdict {
     let lower = console.to_ascii_lowercase();
-    let booted = lower.lines().any(|l| l.trim_end().ends_with("login:"));
+    let booted = lower.lines().any(is_login_prompt);
     let agent = ["cloud-init", "farm-seed"]
         .iter()
         .any(|marker| lower.contains(marker));
@@ -94,6 +94,15 @@ pub fn read_console(console: &str) -> ConsoleVerdict {
     } else {
         ConsoleVerdict::Undecided
     }
+}
+
+/// A getty's `HOST login:` prompt, which kernel messages may follow on the same line (a
+/// module loaded after getty started, such as `powernow_k8: …`).
+fn is_login_prompt(line: &str) -> bool {
+    line.rsplit_once("login:").is_some_and(|(_, after)| {
+        let after = after.trim();
+        after.is_empty() || after.starts_with('[')
+    })
 }
 
 /// The hint shared by the builder's and `farm up`'s error for [`ConsoleVerdict::NoAgent`].
@@ -144,6 +153,9 @@ mod tests {
     fn a_console_with_a_login_prompt_and_no_agent_is_a_dead_end() {
         let plain = "Booting from Hard Disk...\nWelcome to Debian GNU/Linux 12!\n[  OK  ] Started ssh.service\n\nDebian GNU/Linux 12 box ttyS0\n\nbox login: ";
         assert_eq!(read_console(plain), ConsoleVerdict::NoAgent);
+        // Seen in a loaded run: kernel messages after the prompt, on its line.
+        let late_module = "Debian GNU/Linux 12 localhost ttyS0\n\nlocalhost login: [   28.131493] powernow_k8: Power state transitions not supported\n[   28.131887] powernow_k8: Power state transitions not supported\n";
+        assert_eq!(read_console(late_module), ConsoleVerdict::NoAgent);
         let cloud = "[  OK  ] Started cloud-init-local.service\nCloud-init v. 22.4.2 running 'init'\nbox login: ";
         assert_eq!(read_console(cloud), ConsoleVerdict::Undecided);
         let farm = "farm-seed: hostname web\nweb login: ";
