@@ -35,6 +35,18 @@ use crate::run::state::StateDir;
 use crate::store::Store;
 use crate::sys::qmp::{Qmp, load_command, save_command, wait_for_migration};
 
+/// What one top-level VM's entry is made of, saved here (`save`) or on its remote host
+/// (`remote`).
+struct StageVm<'a> {
+    snapshot: &'a str,
+    vm: &'a str,
+    record: &'a InstanceRecord,
+    state_file: &'a Path,
+    inside: &'a [&'a String],
+    topology: &'a str,
+    qemu: &'a str,
+}
+
 /// How long saving or loading one VM's state may take (a 2 GiB L1 under TCG takes seconds).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long every VM has to answer ssh after its state is loaded.

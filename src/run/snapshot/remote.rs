@@ -4,7 +4,6 @@
 //! VM's layer there by a relative path, as local entries do; this machine keeps the VM's
 //! records in the snapshot's directory and the manifest names the host.
 
-use super::save::StageVm;
 use super::*;
 use crate::model::hash::ContentHash;
 use crate::sys::ssh::shell_quote;

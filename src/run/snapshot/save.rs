@@ -266,17 +266,6 @@ fn check_space(
     Ok(())
 }
 
-/// What one top-level VM's entry is made of.
-pub(super) struct StageVm<'a> {
-    pub(super) snapshot: &'a str,
-    pub(super) vm: &'a str,
-    pub(super) record: &'a InstanceRecord,
-    pub(super) state_file: &'a Path,
-    pub(super) inside: &'a [&'a String],
-    pub(super) topology: &'a str,
-    pub(super) qemu: &'a str,
-}
-
 /// A saved VM's entry, staged and ready to commit.
 struct StagedVm {
     saved: SavedVm,
