@@ -15,29 +15,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, HeaderMap, IF_RANGE, RANGE};
 
-use super::FetchError;
 use super::decompress::Compression;
 use super::hashing::HashPipeline;
 use super::partial::{Fetched, Partial, remove_if_exists, sidecar_path};
-use crate::model::hash::{ContentHash, ExpectedHash};
-
-/// What to download, and where its bytes go while they arrive.
-#[derive(Clone, Copy)]
-pub struct Download<'a> {
-    pub url: &'a str,
-    pub expected: &'a ExpectedHash,
-    /// The resumable `.part` file, owned by the caller's store. A sidecar `<partial>.json`
-    /// beside it remembers the server's validators (ETag, Last-Modified) for `If-Range`.
-    pub partial: &'a Path,
-    /// HTTP requests allowed in this call (at least one); each resumes where the last stopped.
-    pub attempts: u32,
-    /// How long a connection may go without sending a byte before it counts as stalled
-    /// (and is retried): `--fetch-timeout`.
-    pub stall_timeout: Duration,
-    /// Where retries, resumes and stalls are told, one line each: a progress bar cannot
-    /// show them off a terminal.
-    pub say: &'a (dyn Fn(&str) + Sync),
-}
+use super::{Download, FetchError};
+use crate::model::hash::ContentHash;
 
 /// How long a connection may stay silent before it counts as stalled, unless told.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -459,6 +441,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::hash::ExpectedHash;
     use reqwest::header::HeaderValue;
 
     fn headers(value: &str) -> HeaderMap {

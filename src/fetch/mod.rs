@@ -13,13 +13,32 @@ mod download;
 mod hashing;
 mod partial;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use decompress::{Compression, decompress};
-pub use download::{DEFAULT_STALL_TIMEOUT, Download, Downloaded, download};
+pub use download::{DEFAULT_STALL_TIMEOUT, Downloaded, download};
 pub use hashing::{FileHashes, hash_file, verify_file};
 
 use crate::model::hash::ExpectedHash;
+
+/// What to download, and where its bytes go while they arrive.
+#[derive(Clone, Copy)]
+pub struct Download<'a> {
+    pub url: &'a str,
+    pub expected: &'a ExpectedHash,
+    /// The resumable `.part` file, owned by the caller's store. A sidecar `<partial>.json`
+    /// beside it remembers the server's validators (ETag, Last-Modified) for `If-Range`.
+    pub partial: &'a Path,
+    /// HTTP requests allowed in this call (at least one); each resumes where the last stopped.
+    pub attempts: u32,
+    /// How long a connection may go without sending a byte before it counts as stalled
+    /// (and is retried): `--fetch-timeout`.
+    pub stall_timeout: Duration,
+    /// Where retries, resumes and stalls are told, one line each: a progress bar cannot
+    /// show them off a terminal.
+    pub say: &'a (dyn Fn(&str) + Sync),
+}
 
 /// Everything that can go wrong while fetching, decompressing or hashing an input.
 #[derive(Debug, thiserror::Error)]

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use reqwest::header::{ETAG, HeaderMap, LAST_MODIFIED};
 
-use super::FetchError;
-use super::download::Download;
 use super::hashing::{DualHasher, FileHashes, hash_reader};
+use super::{Download, FetchError};
 use indicatif::ProgressBar;
 
 /// The `.part` file and the hash state of the bytes in it.
