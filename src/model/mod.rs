@@ -30,6 +30,7 @@ pub mod shell;
 pub mod signing;
 pub mod snapshot;
 pub mod ssh_config;
+pub mod text;
 pub mod tiny_recipe;
 pub mod topology;
 pub mod up_plan;

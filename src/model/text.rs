@@ -1,0 +1,70 @@
+//! Text for messages: the last lines of a log or console, an error with its causes. One
+//! definition each, so every message that quotes a log or a cause reads the same.
+
+/// The last `lines` lines of `text` (a serial console, qemu's log, a tool's stderr), with
+/// trailing blank space left out, for an error message.
+pub fn last_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.trim_end().lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// [`last_lines`] of bytes that are mostly text (a console may hold anything).
+pub fn last_lines_of_bytes(bytes: &[u8], lines: usize) -> String {
+    last_lines(&String::from_utf8_lossy(bytes), lines)
+}
+
+/// An error and its causes on one line, joined with `: `, leaving out a cause whose text
+/// the line already holds (reqwest, the object store clients and errors that quote their
+/// source would otherwise say it twice).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_lines_keeps_the_end_without_trailing_blank_lines() {
+        assert_eq!(last_lines("a\nb\nc\n\n", 2), "b\nc");
+        assert_eq!(last_lines("a\nb", 5), "a\nb");
+        assert_eq!(last_lines("", 3), "");
+        assert_eq!(last_lines_of_bytes(b"x\xffy\nz", 1), "z");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{message}")]
+    struct Layer {
+        message: String,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    fn layer(message: &str, source: Option<Layer>) -> Layer {
+        Layer {
+            message: message.into(),
+            source: source.map(Box::new),
+        }
+    }
+
+    #[test]
+    fn error_chain_joins_causes_and_skips_the_ones_already_quoted() {
+        let inner = layer("connection refused", None);
+        let middle = layer("error sending request: connection refused", Some(inner));
+        let outer = layer("Cannot fetch `x`", Some(middle));
+        assert_eq!(
+            error_chain(&outer),
+            "Cannot fetch `x`: error sending request: connection refused"
+        );
+    }
+}
