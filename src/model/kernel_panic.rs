@@ -54,17 +54,7 @@ mod tests {
 
     /// The console of a hypervisor VM seen here, whose kernel overflowed a stack in its
     /// KVM thread.
-    const PANICKED: &str = "hv login: [   26.980543] tun: Universal TUN/TAP device driver, 1.6
-[  108.465510] BUG: TASK stack guard page was hit at 00000000097b60aa (stack is 0000000050bd55e7..0000000080f560dc)
-[  108.470049] stack guard page: 0000 [#1] PREEMPT SMP NOPTI
-[  108.470049] CPU: 0 PID: 516 Comm: CPU 0/KVM Not tainted 6.1.0-50-cloud-amd64 #1  Debian 6.1.176-1
-[  108.470049] RIP: 0010:asm_exc_page_fault+0x4/0x30
-[  108.470049] Code: 74 24 28 ff 74 24 28
-[  108.470049] RSP: 0018:ff4aebcb007d0000 EFLAGS: 00000087
-[  108.470049] RAX: ff1751ec1741fb80 RBX: ff4aebcb007d0058 RCX: ffffffffb3c01199
-[  108.479895] Kernel panic - not syncing: corrupted stack end detected inside scheduler
-[  108.482623] ---[ end Kernel panic - not syncing: corrupted stack end detected inside scheduler ]---
-";
+    const PANICKED: &str = include_str!("../../tests/fixtures/consoles/kvm_stack_panic.log");
 
     #[test]
     fn a_panic_is_found_with_the_oops_that_led_to_it() {

@@ -2,6 +2,7 @@
 //! Nothing in here performs I/O.
 
 pub mod backend;
+pub mod boot_watch;
 pub mod build_steps;
 pub mod cache_record;
 pub mod chroot;

@@ -8,13 +8,14 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::build::realise::human_bytes;
-use crate::model::first_boot::{self, CloudInit, ConsoleVerdict};
+use crate::model::boot_watch::{BootFailure, BootFailureKind, BootRules};
 use crate::model::instance::{InstanceRecord, InstanceSpec};
 use crate::model::qemu::ResolvedAccel;
 use crate::model::topology::Placement;
 use crate::model::up_plan::{Basis, Desired, SitePlan, UpPlan, VmAction, VmStep, plan_site};
 use crate::progress::Reporter;
 use crate::project::Project;
+use crate::run::boot::SiteVm;
 use crate::run::host::Host;
 use crate::run::observe::{Ask, observe_site};
 use crate::run::site::Sites;
@@ -22,17 +23,7 @@ use crate::run::state::StateDir;
 use crate::run::up::{UpError, UpOptions, first_error, write_state_ssh_files};
 use crate::run::{instance, parallel};
 use crate::store::Entry;
-use crate::sys::ssh::Ssh;
-
-/// How long a guest booting its kernel directly may leave its console empty: the kernel
-/// prints within seconds even under TCG nested in TCG.
-const SILENT_CONSOLE: std::time::Duration = std::time::Duration::from_secs(90);
-
-/// How long a guest under KVM inside a hypervisor VM that itself runs under TCG may take
-/// to answer ssh before it is restarted once: such guests answer in 15-25 s when TCG's
-/// emulated SVM works, and now and then hang for good early in boot (seen: a console
-/// stopped at the kernel's timer check, another that stayed empty).
-const NESTED_KVM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+use crate::sys::boot_wait::{self, BootError, SshRoute};
 
 /// What applying the plan shares across sites and threads.
 pub(crate) struct Apply<'a> {
@@ -289,7 +280,14 @@ impl Apply<'_> {
         };
         match self.wait_ready(host, site, record) {
             Ok(()) => Ok(()),
-            Err(UpError::NoSsh { reason, .. }) => {
+            Err(UpError::Boot {
+                failure:
+                    BootFailure {
+                        kind: BootFailureKind::NoSsh { reason, .. },
+                        ..
+                    },
+                ..
+            }) => {
                 self.reporter.status(
                     "restarting",
                     format!("{} (it did not answer ssh: {reason})", step.name),
@@ -315,173 +313,56 @@ impl Apply<'_> {
     }
 
     /// Waits until the VM answers ssh through the generated ssh_config and cloud-init (where
-    /// the image has it) has finished, then records it as ready.
+    /// the image has it) has finished, then records it as ready. The rules are
+    /// `model::boot_watch`'s: a guest that hangs early in boot (a silent console, a stalled
+    /// kernel, KVM inside TCG, …) is restarted once.
     fn wait_ready(
         &self,
         host: &dyn Host,
         site: &SitePlan,
-        record: InstanceRecord,
-    ) -> Result<(), UpError> {
-        self.wait_ready_or_restart_silent(host, site, record, true)
-    }
-
-    /// [`Self::wait_ready`]; a guest booting its kernel directly that has not written a
-    /// byte to its console after [`SILENT_CONSOLE`] is stuck before its kernel ran, and one
-    /// whose qemu stopped before the guest wrote a byte never ran at all (both seen with KVM
-    /// nested inside a guest that itself runs under TCG, the second with nothing in qemu's
-    /// log): its qemu is restarted once, when `may_restart`.
-    fn wait_ready_or_restart_silent(
-        &self,
-        host: &dyn Host,
-        site: &SitePlan,
         mut record: InstanceRecord,
-        may_restart: bool,
     ) -> Result<(), UpError> {
         let spec = record.spec.clone();
         let timeout = self.options.realise.boot_timeout;
         let spinner = self.reporter.spinner(&spec.name, "waiting for ssh");
         let started = Instant::now();
-        let deadline = started + timeout;
-        let mut no_agent = false;
-        // Why the guest is restarted once, when it is.
-        let mut restart_because: Option<String> = None;
-        let kvm_under_tcg = may_restart
-            .then(|| self.kvm_inside_tcg(site, &spec))
-            .flatten();
-        let mut console_read = Instant::now();
-        let waited = Ssh::wait_for(self.sites.ssh_config(), &spec.name, deadline, || {
-            // Every few seconds, the console: a guest at a login prompt with no agent
-            // will never answer, so say so now rather than at the timeout.
-            if console_read.elapsed() >= std::time::Duration::from_secs(5) {
-                console_read = Instant::now();
-                let console = host.get(&spec.paths.serial_log()).ok().flatten();
-                if let Some(console) = &console
-                    && first_boot::read_console(&String::from_utf8_lossy(console))
-                        == ConsoleVerdict::NoAgent
-                {
-                    no_agent = true;
-                    return Err("no agent".into());
-                }
-                if let Some(hv) = &kvm_under_tcg
-                    && started.elapsed() >= NESTED_KVM_PATIENCE
-                {
-                    restart_because = Some(format!(
-                        "no ssh {} s after it started, under KVM inside {hv}, which runs under TCG (whose emulated SVM hangs such guests now and then); restarting it once",
-                        NESTED_KVM_PATIENCE.as_secs()
-                    ));
-                    return Err("it hung under KVM inside TCG".into());
-                }
-                if may_restart
-                    && spec.boot.is_some()
-                    && started.elapsed() >= SILENT_CONSOLE
-                    && console.is_none_or(|c| c.is_empty())
-                {
-                    restart_because = Some(format!(
-                        "nothing on its console {} s after it started (stuck before its kernel ran); restarting it once",
-                        SILENT_CONSOLE.as_secs()
-                    ));
-                    return Err("its console stayed empty".into());
-                }
-            }
-            // A VM is given up on only when two looks a second apart agree that its qemu is
-            // gone: one look can catch the pidfile while it is being written.
-            let running = || instance::is_running(host, &spec.paths, &spec.name);
-            let gone = match running() {
-                Ok(false) => {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                    running()
-                }
-                other => other,
-            };
-            match gone {
-                Ok(true) => Ok(()),
-                Ok(false) => {
-                    let log = instance::qemu_log_tail(host, &spec, 6);
-                    let console = host.get(&spec.paths.serial_log()).ok().flatten();
-                    if may_restart && console.is_none_or(|c| c.is_empty()) {
-                        restart_because = Some(format!(
-                            "its qemu stopped before the guest wrote a byte to its console; restarting it once\n{log}"
-                        ));
-                    }
-                    Err(format!("qemu is not running; {log}"))
-                }
-                // The site did not answer the look (a hypervisor VM under TCG can stall
-                // long enough for its ssh connection to drop): that says nothing of the
-                // VM, which is waited for until the deadline; a hypervisor VM that died
-                // is found by `up` on its console.
-                Err(_) => Ok(()),
-            }
+        let rules = BootRules {
+            timeout,
+            direct_boot: spec.boot.is_some(),
+            kvm_inside_tcg: self.kvm_inside_tcg(site, &spec),
+            may_restart: true,
+        };
+        let route = SshRoute {
+            config: self.sites.ssh_config(),
+            alias: &spec.name,
+            jump: None,
+        };
+        let mut target = SiteVm { host, spec: &spec };
+        let boot_failed = |failure| UpError::Boot {
+            vm: spec.name.clone(),
+            failure,
+        };
+        let waited = boot_wait::wait_for_ssh(&mut target, route, rules, &mut |reason, log| {
+            let log = log.map(|l| format!("\n{l}")).unwrap_or_default();
+            self.reporter.warn(format!("{}: {reason}{log}", spec.name));
         });
-        let ssh = match waited {
-            Ok(ssh) => ssh,
-            Err(_) if restart_because.is_some() => {
-                spinner.finish_and_clear();
-                self.reporter.warn(format!(
-                    "{}: {}",
-                    spec.name,
-                    restart_because.unwrap_or_default()
-                ));
-                instance::stop_spec(host, &spec, std::time::Duration::ZERO, None)?;
-                instance::start(host, &spec)?;
-                return self.wait_ready_or_restart_silent(host, site, record, false);
-            }
-            Err(_) if no_agent => {
-                spinner.finish_and_clear();
-                return Err(UpError::NoAgent {
-                    vm: spec.name.clone(),
-                    serial: host_tail(host, &spec.paths.serial_log(), 25),
-                });
-            }
+        let (ssh, watch) = match waited {
+            Ok(answered) => answered,
             Err(e) => {
                 spinner.finish_and_clear();
-                return Err(UpError::NoSsh {
-                    vm: spec.name.clone(),
-                    seconds: timeout.as_secs(),
-                    reason: e.to_string(),
-                    serial: host_tail(host, &spec.paths.serial_log(), 25),
+                return Err(match e {
+                    BootError::Failed(failure) => boot_failed(failure),
+                    BootError::Restart(e) => e.into(),
                 });
             }
         };
         // Ready means cloud-init has finished too: whatever runs next (a user's ssh, a
         // playbook) must not race the image's first boot.
         spinner.set_message("waiting for cloud-init");
-        let seconds = deadline
-            .saturating_duration_since(Instant::now())
-            .as_secs()
-            .max(60);
-        let out = ssh
-            .run(&first_boot::wait_script(seconds), None)
-            .map_err(|e| UpError::NoSsh {
-                vm: spec.name.clone(),
-                seconds: timeout.as_secs(),
-                reason: format!("it answered, then: {}", crate::sys::ssh::error_chain(&e)),
-                serial: host_tail(host, &spec.paths.serial_log(), 25),
-            })?;
+        let remaining = (started + timeout).saturating_duration_since(Instant::now());
+        let first_boot = boot_wait::wait_for_first_boot(&watch, &ssh, remaining);
         spinner.finish_and_clear();
-        let failed = |status: String, detail: String| UpError::CloudInit {
-            vm: spec.name.clone(),
-            status,
-            detail,
-        };
-        match first_boot::parse_wait_output(&out.text()) {
-            CloudInit::Absent | CloudInit::Done => {}
-            CloudInit::Pending { status } => {
-                return Err(failed(
-                    format!("still {status} after {seconds} s"),
-                    String::new(),
-                ));
-            }
-            CloudInit::Failed {
-                status,
-                detail,
-                log_tail,
-            } => {
-                return Err(failed(
-                    status,
-                    format!("{detail}\nlast lines of /var/log/cloud-init.log:\n{log_tail}"),
-                ));
-            }
-        }
+        first_boot.ready.map_err(boot_failed)?;
         drop(ssh);
         record.ready = true;
         instance::save(host, &record)?;

@@ -6,6 +6,7 @@
 //! networks are `vde`'s; `state` is the local `.farm/`.
 
 pub mod apply;
+pub mod boot;
 pub mod closure;
 pub mod domain;
 pub mod down;

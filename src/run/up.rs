@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::build::substitution::plan_with_caches;
+use crate::model::boot_watch::{BootFailure, BootFailureKind};
 use crate::model::derivation::DrvId;
 use crate::model::instance::InstanceSpec;
 use crate::model::topology::{Placement, Topology};
@@ -26,28 +27,8 @@ use crate::store::{Entry, Store, UseMode};
 pub enum UpError {
     #[error("{}", problems.join("\n"))]
     Plan { problems: Vec<String> },
-    #[error(
-        "VM `{vm}` did not answer ssh within {seconds} s ({reason})\nlast lines of its serial console:\n{serial}\nhint: `farm logs {vm}` shows the whole console"
-    )]
-    NoSsh {
-        vm: String,
-        seconds: u64,
-        reason: String,
-        serial: String,
-    },
-    #[error(
-        "VM `{vm}` booted to a login prompt, but its image has neither cloud-init nor farm's agent, so nothing will install its key\nlast lines of its serial console:\n{serial}\nhint: {}",
-        crate::model::first_boot::NO_AGENT_HINT
-    )]
-    NoAgent { vm: String, serial: String },
-    #[error(
-        "cloud-init in VM `{vm}` ended in `{status}`\n{detail}\nhint: the image's first boot failed; `farm ssh {vm}` and `cloud-init status --long` show more"
-    )]
-    CloudInit {
-        vm: String,
-        status: String,
-        detail: String,
-    },
+    #[error("{}", boot_message(vm, failure))]
+    Boot { vm: String, failure: BootFailure },
     #[error(transparent)]
     Instance(#[from] InstanceError),
     #[error(transparent)]
@@ -70,6 +51,17 @@ pub enum UpError {
     Cache(#[from] crate::binary_cache::BackendError),
     #[error(transparent)]
     Provision(#[from] crate::run::provision::ProvisionError),
+}
+
+/// A boot failure of `vm`, with where to read more.
+fn boot_message(vm: &str, failure: &BootFailure) -> String {
+    let more = match failure.kind {
+        BootFailureKind::CloudInit { .. } => {
+            format!("`farm ssh {vm}` and `cloud-init status --long` show more")
+        }
+        _ => format!("`farm logs {vm}` shows the whole console"),
+    };
+    failure.render(&format!("VM `{vm}`"), &more)
 }
 
 #[derive(Clone, Debug)]

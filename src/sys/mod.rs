@@ -3,6 +3,7 @@
 //! machine. No policy lives here.
 
 pub mod ansible;
+pub mod boot_wait;
 pub mod hostinfo;
 pub mod keys;
 pub mod libvirt;

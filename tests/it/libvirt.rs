@@ -14,12 +14,13 @@ use crate::support::project;
 use crate::support::skip::require_vm;
 use crate::support::test_home::shared_store;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use farm::build::layer::BootFiles;
+use farm::model::boot_watch::{BootRules, Qemu};
 use farm::model::libvirt::{DomainMeta, METADATA_NS, domain_xml};
+use farm::sys::boot_wait::{self, BootTarget, SshRoute};
 use farm::sys::libvirt::{DomainStopped, Libvirt, LibvirtError};
-use farm::sys::ssh::Ssh;
 use guest::{keygen, prepare};
 use libvirtd::{Libvirtd, URI, virsh};
 use project::Project;
@@ -73,19 +74,25 @@ fn a_tiny_guest_runs_as_a_libvirt_domain_and_other_domains_are_left_alone() {
     // farm's domain: defined, started, answering ssh with its pinned host key.
     lv.define(&name, &xml, &meta).unwrap();
     lv.start(&name, &meta).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let ssh = Ssh::wait_for(&prepared.config, "guest", deadline, || {
-        match lv.is_active(&name, &meta) {
-            Ok(Some(true)) => Ok(()),
-            other => Err(format!("the domain is not running: {other:?}")),
-        }
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "the libvirt domain did not answer ssh: {e}\nserial console:\n{}",
-            farm::sys::hostinfo::tail(&prepared.vm.serial_log, 40)
-        )
-    });
+    let mut domain = Domain {
+        lv: &lv,
+        name: &name,
+        meta: &meta,
+        serial_log: &prepared.vm.serial_log,
+    };
+    let route = SshRoute {
+        config: &prepared.config,
+        alias: "guest",
+        jump: None,
+    };
+    let rules = BootRules {
+        timeout: Duration::from_secs(300),
+        direct_boot: true,
+        kvm_inside_tcg: None,
+        may_restart: false,
+    };
+    let (ssh, _) = boot_wait::wait_for_ssh(&mut domain, route, rules, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("the libvirt domain: {e}"));
     let out = ssh.run("hostname", None).unwrap();
     assert_eq!(out.text().trim(), "test-guest");
     drop(ssh);
@@ -265,4 +272,36 @@ fn farm_up_converges_libvirt_domains_and_down_leaves_other_domains() {
         "a domain that is not farm's survives `farm down`"
     );
     assert!(virsh(&["undefine", &foreign]).status.success());
+}
+
+/// A libvirt domain of the test, as the boot driver looks at it (never restarted).
+struct Domain<'a> {
+    lv: &'a Libvirt,
+    name: &'a str,
+    meta: &'a DomainMeta,
+    serial_log: &'a std::path::Path,
+}
+
+impl BootTarget for Domain<'_> {
+    type Error = String;
+
+    fn qemu(&mut self) -> Qemu {
+        match self.lv.is_active(self.name, self.meta) {
+            Ok(Some(true)) => Qemu::Running,
+            Ok(_) => Qemu::Gone,
+            Err(_) => Qemu::Unknown,
+        }
+    }
+
+    fn console_from(&mut self, offset: u64) -> Vec<u8> {
+        boot_wait::read_from(self.serial_log, offset)
+    }
+
+    fn qemu_log(&mut self) -> String {
+        String::new()
+    }
+
+    fn restart(&mut self) -> Result<(), String> {
+        Err("the test never restarts its domain".into())
+    }
 }

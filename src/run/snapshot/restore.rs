@@ -2,7 +2,11 @@
 //! every VM at every level waited for.
 
 use super::*;
+use crate::model::boot_watch::BootRules;
+use crate::model::instance::InstanceSpec;
+use crate::run::boot::SiteVm;
 use crate::run::host::qmp_over_ssh;
+use crate::sys::boot_wait::{self, BootError, SshRoute, Unobserved};
 use crate::sys::ssh::Ssh;
 
 /// Stops the snapshot's VMs that run (their state is discarded: qemu is told to quit at
@@ -258,6 +262,11 @@ pub(super) fn load(
             .iter()
             .map(|vm| Wait {
                 vm: vm.clone(),
+                site: vms
+                    .iter()
+                    .find(|top| &top.name == vm)
+                    .zip(records.get(vm))
+                    .map(|(top, record)| (top.host.clone(), record.spec.clone())),
                 jump: match topology.vms.get(vm).map(|node| &node.placement) {
                     Some(Placement::Vm(parent)) => sessions.get(parent).map(Ssh::control_socket),
                     _ => None,
@@ -397,9 +406,23 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
     })
 }
 
+/// A restored VM that did not answer ssh.
+fn not_answered<E: std::fmt::Display>(vm: &str, error: BootError<E>) -> SnapshotError {
+    SnapshotError::Failed(match error {
+        BootError::Failed(failure) => failure.render(
+            &format!("VM `{vm}`, restored from its snapshot,"),
+            &format!("`farm logs {vm}` shows its console"),
+        ),
+        BootError::Restart(e) => e.to_string(),
+    })
+}
+
 /// One VM to wait for after a restore.
 struct Wait {
     vm: String,
+    /// The host a top-level VM runs on, and its spec: its qemu and console are looked at
+    /// while it is waited for. A VM inside a hypervisor VM is only waited for over ssh.
+    site: Option<(Arc<dyn Host>, InstanceSpec)>,
     /// The control socket of farm's connection to the hypervisor VM it runs in.
     jump: Option<PathBuf>,
     /// The QMP sockets, inside it, of the VMs it runs (saved paused).
@@ -410,14 +433,37 @@ struct Wait {
 /// its clock, which stood still while it was saved. The connection stays open for the
 /// VMs inside it to be reached through.
 fn answer(state: &StateDir, wait: Wait) -> Result<(String, Ssh), SnapshotError> {
-    let Wait { vm, jump, resume } = wait;
-    let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let ssh = Ssh::wait_for_through(&state.own_ssh_config(), &vm, deadline, jump.as_deref(), || Ok(()))
-        .map_err(|e| {
-            SnapshotError::Failed(format!(
-                "VM `{vm}` did not answer ssh after its snapshot was restored: {e}\nhint: `farm logs {vm}` shows its console"
-            ))
-        })?;
+    let Wait {
+        vm,
+        site,
+        jump,
+        resume,
+    } = wait;
+    let config = state.own_ssh_config();
+    let route = SshRoute {
+        config: &config,
+        alias: &vm,
+        jump: jump.as_deref(),
+    };
+    let rules = BootRules {
+        timeout: ANSWER_TIMEOUT,
+        direct_boot: false,
+        kvm_inside_tcg: None,
+        may_restart: false,
+    };
+    let waited = match &site {
+        Some((host, spec)) => {
+            let mut target = SiteVm {
+                host: &**host,
+                spec,
+            };
+            boot_wait::wait_for_ssh(&mut target, route, rules, &mut |_, _| {})
+                .map_err(|e| not_answered(&vm, e))
+        }
+        None => boot_wait::wait_for_ssh(&mut Unobserved, route, rules, &mut |_, _| {})
+            .map_err(|e| not_answered(&vm, e)),
+    };
+    let (ssh, _) = waited?;
     for socket in &resume {
         qmp_over_ssh(&ssh, socket, "cont").map_err(|e| {
             SnapshotError::Failed(format!(

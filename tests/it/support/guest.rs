@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use farm::build::layer::BootFiles;
+use farm::model::boot_watch::BootRules;
 use farm::model::qemu::{
     DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel,
     mac_for,
@@ -14,6 +15,7 @@ use farm::model::qemu::{
 use farm::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use farm::model::ssh_config::{SshHost, known_hosts_line, render};
 use farm::model::values::Arch;
+use farm::sys::boot_wait::{self, LocalQemu, SshRoute};
 use farm::sys::ssh::{Output, Ssh};
 use farm::sys::vm_process::VmProcess;
 
@@ -87,15 +89,24 @@ impl Guest {
     ) -> Guest {
         let Prepared { work, vm, config } =
             prepare(entry_dir, boot, client, seed_key, memory_mib, extra_nics);
-        let mut process = VmProcess::start(&vm, &work.path().join("qemu.stderr")).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let ssh = match Ssh::wait_for(&config, "guest", deadline, || process.check_running()) {
-            Ok(ssh) => ssh,
-            Err(e) => panic!(
-                "the test guest did not answer ssh: {e}\nserial console:\n{}",
-                farm::sys::hostinfo::tail(&vm.serial_log, 40)
-            ),
+        let stderr_log = work.path().join("qemu.stderr");
+        let mut target = LocalQemu::start(&vm, &stderr_log).unwrap();
+        let route = SshRoute {
+            config: &config,
+            alias: "guest",
+            jump: None,
         };
+        let rules = BootRules {
+            timeout: Duration::from_secs(300),
+            direct_boot: vm.boot.is_some(),
+            kvm_inside_tcg: None,
+            may_restart: true,
+        };
+        let (ssh, _) = boot_wait::wait_for_ssh(&mut target, route, rules, &mut |reason, _| {
+            eprintln!("the test guest: {reason}")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let process = target.process;
         Guest { work, process, ssh }
     }
 }
