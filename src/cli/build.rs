@@ -15,7 +15,7 @@ use crate::model::values::Accel;
 use crate::progress::Reporter;
 use crate::project::UsageError;
 use crate::project::{Project, ProjectOptions};
-use crate::run::up::state_dir_for;
+use crate::run::lab::state_dir_for;
 use crate::store::{Store, UseMode};
 use std::sync::Arc;
 

@@ -8,7 +8,8 @@ use clap::Args;
 use crate::build::realise::RealiseOptions;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::run::up::{UpOptions, state_dir_for, up};
+use crate::run::lab::{UpOptions, state_dir_for};
+use crate::run::up::up;
 
 use super::build::{AccelArg, FetchArgs, default_jobs};
 use super::status::{check_vm_names, table};

@@ -10,8 +10,8 @@ use crate::model::gc::{GcEntry, GcLimits, GcPlan, KeepReason, plan_gc};
 use crate::model::qemu::TAG_PROJECT;
 use crate::progress::Reporter;
 use crate::project::{Project, UsageError};
+use crate::run::lab::state_dir_for;
 use crate::run::state::StatePaths;
-use crate::run::up::state_dir_for;
 use crate::store::{Store, StoreError, Swept, UseMode};
 use crate::sys::procfs;
 

@@ -17,10 +17,10 @@ use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::boot::SiteVm;
 use crate::run::host::Host;
+use crate::run::lab::{LabError, UpOptions, first_error, write_state_ssh_files};
 use crate::run::observe::{Ask, observe_site};
 use crate::run::site::Sites;
 use crate::run::state::StateDir;
-use crate::run::up::{UpError, UpOptions, first_error, write_state_ssh_files};
 use crate::run::{instance, parallel};
 use crate::store::Entry;
 use crate::sys::boot_wait::{self, BootError, SshRoute};
@@ -43,9 +43,9 @@ impl Apply<'_> {
     /// Applies one site's plan. `whole` is the plan it came from while that plan still
     /// describes what runs (its hypervisor was kept); a site whose hypervisor (re)started is
     /// observed and planned again here.
-    pub(crate) fn site(&self, site: &SitePlan, whole: Option<&UpPlan>) -> Result<(), UpError> {
+    pub(crate) fn site(&self, site: &SitePlan, whole: Option<&UpPlan>) -> Result<(), LabError> {
         if !site.problems.is_empty() {
-            return Err(UpError::Plan {
+            return Err(LabError::Plan {
                 problems: site.problems.clone(),
             });
         }
@@ -101,7 +101,7 @@ impl Apply<'_> {
         }))
     }
 
-    fn push(&self, host: &dyn Host, site: &SitePlan) -> Result<(), UpError> {
+    fn push(&self, host: &dyn Host, site: &SitePlan) -> Result<(), LabError> {
         if site.push.is_empty() {
             return Ok(());
         }
@@ -134,12 +134,12 @@ impl Apply<'_> {
 
     /// Stops, in parallel, the VMs that restart or are replaced (before anything starts:
     /// their ports may go to others), and removes the replaced ones.
-    fn stop_changed(&self, host: &dyn Host, site: &SitePlan) -> Result<(), UpError> {
+    fn stop_changed(&self, host: &dyn Host, site: &SitePlan) -> Result<(), LabError> {
         let changed = site
             .vms
             .iter()
             .filter(|s| matches!(s.action, VmAction::Restart | VmAction::Replace));
-        first_error(parallel::each(changed, |step| -> Result<(), UpError> {
+        first_error(parallel::each(changed, |step| -> Result<(), LabError> {
             if step.running.is_some() {
                 let verb = match step.action {
                     VmAction::Replace => "replacing",
@@ -169,7 +169,7 @@ impl Apply<'_> {
         host: &dyn Host,
         spec: &InstanceSpec,
         previous: Option<&InstanceSpec>,
-    ) -> Result<instance::Stopped, UpError> {
+    ) -> Result<instance::Stopped, LabError> {
         let config = self.sites.ssh_config().to_path_buf();
         let name = spec.name.clone();
         let poweroff = move || ssh_poweroff(&config, &name);
@@ -191,7 +191,7 @@ impl Apply<'_> {
         site: &SitePlan,
         step: &VmStep,
         whole: Option<&UpPlan>,
-    ) -> Result<(), UpError> {
+    ) -> Result<(), LabError> {
         let name = &step.name;
         let spec = &step.spec;
         match step.action {
@@ -252,7 +252,7 @@ impl Apply<'_> {
     }
 
     /// Restarts a VM on its overlay with its new spec and waits for ssh.
-    fn restart(&self, host: &dyn Host, site: &SitePlan, step: &VmStep) -> Result<(), UpError> {
+    fn restart(&self, host: &dyn Host, site: &SitePlan, step: &VmStep) -> Result<(), LabError> {
         let key = self.state.host_key(&step.name)?;
         let record = instance::prepare_restart(
             host,
@@ -273,14 +273,14 @@ impl Apply<'_> {
         host: &dyn Host,
         site: &SitePlan,
         step: &VmStep,
-    ) -> Result<(), UpError> {
+    ) -> Result<(), LabError> {
         let record = InstanceRecord {
             ready: false,
             ..InstanceRecord::new(step.spec.clone())
         };
         match self.wait_ready(host, site, record) {
             Ok(()) => Ok(()),
-            Err(UpError::Boot {
+            Err(LabError::Boot {
                 failure:
                     BootFailure {
                         kind: BootFailureKind::NoSsh { reason, .. },
@@ -321,7 +321,7 @@ impl Apply<'_> {
         host: &dyn Host,
         site: &SitePlan,
         mut record: InstanceRecord,
-    ) -> Result<(), UpError> {
+    ) -> Result<(), LabError> {
         let spec = record.spec.clone();
         let timeout = self.options.realise.boot_timeout;
         let spinner = self.reporter.spinner(&spec.name, "waiting for ssh");
@@ -338,7 +338,7 @@ impl Apply<'_> {
             jump: None,
         };
         let mut target = SiteVm { host, spec: &spec };
-        let boot_failed = |failure| UpError::Boot {
+        let boot_failed = |failure| LabError::Boot {
             vm: spec.name.clone(),
             failure,
         };
@@ -379,7 +379,7 @@ impl Apply<'_> {
     }
 
     /// For a VM on another site: the copy of its record kept here.
-    fn save_mirror(&self, site: &SitePlan, record: &InstanceRecord) -> Result<(), UpError> {
+    fn save_mirror(&self, site: &SitePlan, record: &InstanceRecord) -> Result<(), LabError> {
         if site.layout.remote {
             self.state.save_record(record)?;
         }

@@ -14,10 +14,10 @@ use crate::project::Project;
 use crate::run::apply::ssh_poweroff;
 use crate::run::host::Host;
 use crate::run::instance::{self, Stopped};
+use crate::run::lab::{LabError, desired, write_state_ssh_files};
 use crate::run::observe::{Ask, observe_site};
 use crate::run::site::{SiteError, Sites};
 use crate::run::state::StateDir;
-use crate::run::up::{UpError, desired, write_state_ssh_files};
 use crate::store::Store;
 
 /// The named VMs (all when none) and every VM running inside them, at any depth.
@@ -45,7 +45,7 @@ pub fn down(
     keep: bool,
     timeout: Duration,
     reporter: &Reporter,
-) -> Result<Vec<String>, UpError> {
+) -> Result<Vec<String>, LabError> {
     let topology = &project.loaded.topology;
     let state = StateDir::open(state_root)?;
     let all: BTreeSet<String> = topology.vms.keys().cloned().collect();
@@ -141,7 +141,7 @@ impl Teardown<'_> {
         &self,
         placement: &Placement,
         stopped_before: &[String],
-    ) -> Result<Vec<String>, UpError> {
+    ) -> Result<Vec<String>, LabError> {
         let (desired, wanted, everything) = (self.desired, self.wanted, self.everything);
         let topology = desired.topology;
         let mut stopped = Vec::new();
@@ -215,8 +215,8 @@ impl Teardown<'_> {
         host: &dyn Host,
         site_state: &Path,
         names: &[String],
-    ) -> Result<Vec<String>, UpError> {
-        crate::run::parallel::each(names, |name| -> Result<String, UpError> {
+    ) -> Result<Vec<String>, LabError> {
+        crate::run::parallel::each(names, |name| -> Result<String, LabError> {
             let paths = crate::model::instance::InstancePaths::new(site_state, name);
             let config = self.sites.ssh_config().to_path_buf();
             let poweroff = || ssh_poweroff(&config, name);
@@ -265,7 +265,7 @@ fn stop_orphans(
     everything: bool,
     placement: &Placement,
     reporter: &Reporter,
-) -> Result<Vec<String>, UpError> {
+) -> Result<Vec<String>, LabError> {
     let mut stopped = Vec::new();
     for (vm, pids) in observation.orphans() {
         if !everything && !wanted.contains(&vm) {
@@ -296,7 +296,7 @@ fn undefine_lost_domains(
     wanted: &BTreeSet<String>,
     everything: bool,
     reporter: &Reporter,
-) -> Result<(), UpError> {
+) -> Result<(), LabError> {
     let Some(uri) = uri else {
         return Ok(());
     };
@@ -333,7 +333,7 @@ fn tear_down_networks(
     observation: &SiteObservation,
     stopped: &[String],
     everything: bool,
-) -> Result<(), UpError> {
+) -> Result<(), LabError> {
     let state_dir = desired.layout(placement).state_dir;
     for network in crate::model::network::site_networks(desired.config, desired.topology, placement)
     {

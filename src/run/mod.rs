@@ -12,6 +12,7 @@ pub mod domain;
 pub mod down;
 pub mod host;
 pub mod instance;
+pub mod lab;
 pub mod layers;
 pub mod observe;
 pub mod parallel;

@@ -14,10 +14,10 @@ use crate::model::topology::{Topology, VmNode};
 use crate::model::up_plan::{Basis, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
+use crate::run::lab::{LabError, desired};
 use crate::run::observe::{Ask, observe_lab, ssh_address};
 use crate::run::site::Sites;
 use crate::run::state::StatePaths;
-use crate::run::up::{UpError, desired};
 use crate::store::Store;
 
 /// One row of `farm up`'s and `farm status`'s tables.
@@ -113,7 +113,7 @@ pub fn status(
     project: &Project,
     state_root: &Path,
     reporter: &Reporter,
-) -> Result<Vec<VmStatus>, UpError> {
+) -> Result<Vec<VmStatus>, LabError> {
     let topology = &project.loaded.topology;
     let paths = StatePaths::new(state_root);
     let store = Store::open_existing(&project.store_dir)?;

@@ -180,7 +180,7 @@ pub(super) fn load(
                 .map_err(io("write", &dir))?;
         }
     }
-    crate::run::up::write_state_ssh_files(project, state, &BTreeMap::new())
+    crate::run::lab::write_state_ssh_files(project, state, &BTreeMap::new())
         .map_err(|e| SnapshotError::Failed(e.to_string()))?;
     // The networks farm runs on the VMs' hosts, for the VMs that join them.
     let mut sites: BTreeMap<&Placement, &TopVm> = BTreeMap::new();
