@@ -6,7 +6,7 @@ use clap::Args;
 
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::run::down::down;
+use crate::run::down::{DownOutcome, down};
 
 use super::status::check_vm_names;
 use super::up::StateArgs;
@@ -21,6 +21,9 @@ pub struct DownArgs {
     /// Seconds to wait for a clean power-off before qemu is told to quit (then killed).
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+    /// Print what would stop, on which site and in what order; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub state: StateArgs,
 }
@@ -28,16 +31,21 @@ pub struct DownArgs {
 pub fn run(options: &ProjectOptions, args: DownArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     check_vm_names(&project, &args.names)?;
-    let stopped = down(
+    let outcome = down(
         &project,
         &args.state.dir(&project),
         &args.names,
         args.keep,
         Duration::from_secs(args.timeout),
+        args.dry_run,
         reporter,
     )?;
-    if stopped.is_empty() {
-        reporter.status("done", "no VM was running");
+    match outcome {
+        DownOutcome::Planned(plan) => print!("{}", plan.render()),
+        DownOutcome::Stopped(stopped) if stopped.is_empty() => {
+            reporter.status("done", "no VM was running")
+        }
+        DownOutcome::Stopped(_) => {}
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod debian_recipe;
 pub mod derivation;
 pub mod diagnostic;
+pub mod down_plan;
 pub mod first_boot;
 pub mod gc;
 pub mod graph;

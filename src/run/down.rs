@@ -1,229 +1,228 @@
-//! `farm down`: stops the named VMs (all when none) and every VM inside them, deepest site
-//! first, powering each guest off and saying how it went; removes their overlays unless
-//! `--keep`. qemu processes farm started but has no state for (found by their tag, e.g.
-//! after `.farm/` was deleted) are stopped too, and networks nothing uses any more go.
+//! `farm down`: observes every site that may hold a VM to stop, plans the teardown
+//! (`model::down_plan`: the named VMs, all when none, and every VM inside them, deepest
+//! site first), then prints the plan (`--dry-run`) or carries it out: each guest powered
+//! off, saying how it went, overlays removed unless `--keep`, qemu processes farm started
+//! but has no state for (found by their tag, e.g. after `.farm/` was deleted) stopped too,
+//! and networks nothing uses any more torn down.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::model::observation::SiteObservation;
-use crate::model::topology::{Placement, Topology};
+use crate::model::down_plan::{
+    DownPlan, DownRequest, SiteAction, SiteLook, Teardown, plan_down, sites_to_visit,
+    with_descendants,
+};
+use crate::model::instance::InstancePaths;
+use crate::model::topology::Placement;
+use crate::model::up_plan::Desired;
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::apply::ssh_poweroff;
 use crate::run::host::Host;
 use crate::run::instance::{self, Stopped};
-use crate::run::lab::{LabError, desired, write_state_ssh_files};
+use crate::run::lab::{LabError, desired, dry_run_ssh_config, write_state_ssh_files};
 use crate::run::observe::{Ask, observe_site};
 use crate::run::site::{SiteError, Sites};
-use crate::run::state::StateDir;
+use crate::run::state::{StateDir, StatePaths};
 use crate::store::Store;
 
-/// The named VMs (all when none) and every VM running inside them, at any depth.
-pub fn with_descendants(topology: &Topology, names: &[String]) -> BTreeSet<String> {
-    topology
-        .vms
-        .values()
-        .filter(|vm| {
-            names.is_empty()
-                || names.contains(&vm.name)
-                || topology
-                    .chain(&vm.name)
-                    .iter()
-                    .any(|p| matches!(p, Placement::Vm(parent) if names.contains(parent)))
-        })
-        .map(|vm| vm.name.clone())
-        .collect()
+/// What `down` did, or would do.
+#[derive(Debug)]
+pub enum DownOutcome {
+    /// A dry run: the plan, nothing changed.
+    Planned(DownPlan),
+    /// The VMs it stopped or forgot.
+    Stopped(Vec<String>),
 }
 
-/// Stops VMs; returns the names of those it stopped or removed.
+/// Stops the VMs `names` (all when none) with every VM inside them, or only plans it.
 pub fn down(
     project: &Project,
     state_root: &Path,
     names: &[String],
     keep: bool,
     timeout: Duration,
+    dry_run: bool,
     reporter: &Reporter,
-) -> Result<Vec<String>, LabError> {
+) -> Result<DownOutcome, LabError> {
     let topology = &project.loaded.topology;
-    let state = StateDir::open(state_root)?;
-    let all: BTreeSet<String> = topology.vms.keys().cloned().collect();
+    let paths = StatePaths::new(state_root);
+    // A dry run only reads: it reaches what runs through the ssh_config that exists.
+    let (state, ssh_config, _scratch) = if dry_run {
+        let (config, scratch) = dry_run_ssh_config(project, &paths)?;
+        (None, config, scratch)
+    } else {
+        let state = StateDir::open(state_root)?;
+        write_state_ssh_files(project, &state, &BTreeMap::new())?;
+        let config = state.own_ssh_config();
+        (Some(state), config, None)
+    };
     let store = Store::open_existing(&project.store_dir)?;
     let desired = desired(
         project,
-        all,
+        topology.vms.keys().cloned().collect(),
         &BTreeMap::new(),
         store.as_ref(),
-        &state,
+        &paths,
         None,
         &project.store_dir,
     )?;
-    write_state_ssh_files(project, &state, &BTreeMap::new())?;
-    let wanted = with_descendants(topology, names);
-    let everything = names.is_empty();
-    let sites = Sites::new(topology, &state.own_ssh_config());
-
-    // Every site that may hold a wanted VM, deepest first: the hosts (a VM that left
-    // farm.toml may still run there), the hypervisor VMs wanted VMs run in, and the sites
-    // inside wanted hypervisor VMs.
-    let mut placements: Vec<(u32, Placement)> =
-        desired.top_sites().into_iter().map(|p| (0, p)).collect();
-    for vm in topology.vms.values() {
-        if !(wanted.contains(&vm.name) || everything) {
-            continue;
-        }
-        if desired.site_inside(&vm.name).is_some() {
-            placements.push((vm.level, Placement::Vm(vm.name.clone())));
-        }
-        if matches!(vm.placement, Placement::Vm(_)) {
-            placements.push((vm.level - 1, vm.placement.clone()));
-        }
-    }
-    placements.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    placements.dedup();
-
-    let teardown = Teardown {
+    let request = DownRequest {
+        wanted: with_descendants(topology, names),
+        everything: names.is_empty(),
+        keep,
+    };
+    let sites = Sites::new(topology, &ssh_config);
+    let visit = sites_to_visit(&desired, &request);
+    let looks = crate::run::parallel::each(&visit, |(_, placement)| {
+        look(&sites, &desired, &paths, placement, &request, dry_run)
+            .map(|look| (placement.clone(), look))
+    })
+    .into_iter()
+    .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let plan = plan_down(&desired, &request, &visit, &looks);
+    let Some(state) = state else {
+        return Ok(DownOutcome::Planned(plan));
+    };
+    let teardown = Apply {
         sites: &sites,
+        project: desired.project_tag(),
         state: &state,
-        desired: &desired,
-        wanted: &wanted,
-        everything,
         keep,
         timeout,
         reporter,
     };
     let mut stopped = Vec::new();
-    let mut down_hypervisors: BTreeSet<String> = BTreeSet::new();
     // Sites at one depth are independent (two hypervisor VMs, or this machine and a remote
     // host): they go down side by side, each powering its guests off at once.
-    for depth in placements.chunk_by(|a, b| a.0 == b.0) {
-        let here: Vec<&Placement> = depth
-            .iter()
-            .map(|(_, placement)| placement)
-            .filter(|placement| !matches!(placement, Placement::Vm(hv) if down_hypervisors.contains(hv)))
-            .collect();
-        let before = stopped.clone();
+    for depth in plan.sites.chunk_by(|a, b| a.depth == b.depth) {
         for site_stopped in
-            crate::run::parallel::each(here, |placement| teardown.site(placement, &before))
+            crate::run::parallel::each(depth, |site| teardown.site(&site.placement, &site.action))
         {
-            for name in site_stopped? {
-                if desired.site_inside(&name).is_some() {
-                    down_hypervisors.insert(name.clone());
-                }
-                stopped.push(name);
-            }
+            stopped.extend(site_stopped?);
         }
     }
     write_state_ssh_files(project, &state, &BTreeMap::new())?;
-    Ok(stopped)
+    Ok(DownOutcome::Stopped(stopped))
 }
 
-/// How `down` stops VMs.
-struct Teardown<'a> {
+/// What one site holds, before anything stops. farm's libvirt domains are listed only when
+/// the overlays go (lost domains are undefined then), and a dry run does not start a
+/// libvirtd that is not running to list them.
+fn look(
+    sites: &Sites,
+    desired: &Desired,
+    paths: &StatePaths,
+    placement: &Placement,
+    request: &DownRequest,
+    dry_run: bool,
+) -> Result<SiteLook, LabError> {
+    let host = match sites.connect(placement) {
+        Ok(host) => host,
+        Err(SiteError::VmUnreachable { vm, .. }) => {
+            let known = desired
+                .topology
+                .children(placement)
+                .filter(|child| paths.instance(&child.name).dir.is_dir())
+                .map(|child| child.name.clone())
+                .collect();
+            return Ok(SiteLook::HypervisorDown {
+                hypervisor: vm,
+                known,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let observation = observe_site(host.as_ref(), desired, placement, Ask::No, &BTreeMap::new())?;
+    let backend = desired.topology.backend_on(placement);
+    let uri = backend.libvirt_uri().filter(|_| !request.keep);
+    let daemon_stopped = |uri: &str| {
+        let socket = crate::model::backend::Backend::libvirt_socket_shell(uri);
+        dry_run
+            && !host.is_local()
+            && !host
+                .run(&format!("[ -S {socket} ]"))
+                .is_ok_and(|o| o.success())
+    };
+    let domains = match uri {
+        Some(uri) if !daemon_stopped(uri) => {
+            let project = desired.project_tag();
+            crate::run::domain::with_libvirt(host.as_ref(), uri, |lv| {
+                Ok(lv
+                    .farm_domains()?
+                    .into_iter()
+                    .filter(|domain| domain.meta.project == project)
+                    .map(|domain| domain.name)
+                    .collect())
+            })?
+        }
+        _ => Vec::new(),
+    };
+    Ok(SiteLook::Observed {
+        observation,
+        domains,
+    })
+}
+
+/// How `down` carries out its plan.
+struct Apply<'a> {
     sites: &'a Sites<'a>,
+    /// The project's tag: only its libvirt domains are touched.
+    project: String,
     state: &'a StateDir,
-    desired: &'a crate::model::up_plan::Desired<'a>,
-    /// The VMs to stop, with every VM inside them.
-    wanted: &'a BTreeSet<String>,
-    /// Everything goes down (no VM was named): VMs farm.toml no longer has go too.
-    everything: bool,
     keep: bool,
     timeout: Duration,
     reporter: &'a Reporter,
 }
 
-impl Teardown<'_> {
-    /// Stops the wanted VMs of one site, its orphans and lost domains, and the networks
-    /// nothing there uses any more (`stopped_before`: the VMs deeper sites stopped); returns
-    /// the VMs it stopped. A hypervisor VM that is not running stopped its VMs with it.
-    fn site(
-        &self,
-        placement: &Placement,
-        stopped_before: &[String],
-    ) -> Result<Vec<String>, LabError> {
-        let (desired, wanted, everything) = (self.desired, self.wanted, self.everything);
-        let topology = desired.topology;
-        let mut stopped = Vec::new();
-        let host = match self.sites.connect(placement) {
-            Ok(host) => host,
-            Err(SiteError::VmUnreachable { vm, .. }) => {
+impl Apply<'_> {
+    /// Carries out one site's part of the plan; returns the VMs it stopped or forgot.
+    fn site(&self, placement: &Placement, action: &SiteAction) -> Result<Vec<String>, LabError> {
+        let teardown = match action {
+            SiteAction::Gone { hypervisor, forget } => {
                 // Its VMs stopped with it; farm forgets them unless asked to keep them.
-                for child in topology.children(placement) {
-                    if wanted.contains(&child.name) && self.state.instance(&child.name).dir.is_dir()
-                    {
-                        if !self.keep {
-                            self.state.remove_instance(&child.name)?;
-                        }
-                        self.reporter.status(
-                            "stopped",
-                            format!("{} (its hypervisor {vm} is not running)", child.name),
-                        );
-                        stopped.push(child.name.clone());
+                for vm in forget {
+                    if !self.keep {
+                        self.state.remove_instance(vm)?;
                     }
+                    self.reporter.status(
+                        "stopped",
+                        format!("{vm} (its hypervisor {hypervisor} is not running)"),
+                    );
                 }
-                return Ok(stopped);
+                return Ok(forget.clone());
             }
-            Err(e) => return Err(e.into()),
+            SiteAction::Teardown(teardown) => teardown,
         };
-        let observation =
-            observe_site(host.as_ref(), desired, placement, Ask::No, &BTreeMap::new())?;
-        let site_state = desired.layout(placement).state_dir;
-        let on_site: Vec<String> = observation
-            .instances
-            .iter()
-            .filter(|(name, instance)| {
-                (wanted.contains(*name) || (everything && !topology.vms.contains_key(*name)))
-                    && !instance.is_copy_from_elsewhere(&site_state, name)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        stopped.extend(self.stop_all(host.as_ref(), &site_state, &on_site)?);
+        let host = self.sites.connect(placement)?;
+        let mut stopped = self.stop_all(host.as_ref(), teardown)?;
         stopped.extend(stop_orphans(
             host.as_ref(),
-            &observation,
-            wanted,
-            everything,
+            teardown,
             placement,
             self.reporter,
         )?);
-        if !self.keep {
-            undefine_lost_domains(
-                host.as_ref(),
-                topology.backend_on(placement).libvirt_uri(),
-                &desired.project_tag(),
-                wanted,
-                everything,
-                self.reporter,
-            )?;
+        undefine_lost_domains(host.as_ref(), teardown, self)?;
+        for network in &teardown.networks {
+            crate::run::vde::tear_down(host.as_ref(), &teardown.state_dir, network)?;
         }
-        let gone: Vec<String> = stopped_before.iter().chain(&stopped).cloned().collect();
-        tear_down_networks(
+        instance::stop_pids(
             host.as_ref(),
-            desired,
-            placement,
-            &observation,
-            &gone,
-            everything,
+            &teardown.lost_network_pids,
+            Duration::from_secs(5),
         )?;
         Ok(stopped)
     }
 
-    /// Stops VMs of one site in parallel; removes them unless `keep` (then marks them kept).
-    fn stop_all(
-        &self,
-        host: &dyn Host,
-        site_state: &Path,
-        names: &[String],
-    ) -> Result<Vec<String>, LabError> {
-        crate::run::parallel::each(names, |name| -> Result<String, LabError> {
-            let paths = crate::model::instance::InstancePaths::new(site_state, name);
+    /// Stops a site's VMs in parallel; removes them unless `keep` (then marks them kept).
+    fn stop_all(&self, host: &dyn Host, teardown: &Teardown) -> Result<Vec<String>, LabError> {
+        crate::run::parallel::each(&teardown.stop, |vm| -> Result<String, LabError> {
+            let name = &vm.name;
+            let paths = InstancePaths::new(&teardown.state_dir, name);
             let config = self.sites.ssh_config().to_path_buf();
             let poweroff = || ssh_poweroff(&config, name);
-            let record = host
-                .get(&paths.record())?
-                .and_then(|b| crate::model::instance::InstanceRecord::parse(&b).ok());
-            let how = match &record {
+            let how = match &vm.record {
                 Some(record) => {
                     let timeout =
                         crate::run::recover::power_off_timeout(host, &record.spec, self.timeout);
@@ -232,12 +231,13 @@ impl Teardown<'_> {
                 None => instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?,
             };
             if self.keep {
-                if let Some(mut record) = record {
+                if let Some(record) = &vm.record {
+                    let mut record = record.clone();
                     record.kept = true;
                     instance::save(host, &record)?;
                 }
             } else {
-                if let Some(record) = &record {
+                if let Some(record) = &vm.record {
                     instance::retire_domain(host, &record.spec, None)?;
                 }
                 instance::remove(host, &paths, name)?;
@@ -256,22 +256,16 @@ impl Teardown<'_> {
     }
 }
 
-/// Stops tagged qemu processes farm has no state for: those of wanted VMs, or every one
-/// when everything goes down.
+/// Stops tagged qemu processes farm has no state for (those the plan names).
 fn stop_orphans(
     host: &dyn Host,
-    observation: &SiteObservation,
-    wanted: &BTreeSet<String>,
-    everything: bool,
+    teardown: &Teardown,
     placement: &Placement,
     reporter: &Reporter,
 ) -> Result<Vec<String>, LabError> {
     let mut stopped = Vec::new();
-    for (vm, pids) in observation.orphans() {
-        if !everything && !wanted.contains(&vm) {
-            continue;
-        }
-        instance::stop_pids(host, &pids, Duration::from_secs(10))?;
+    for (vm, pids) in &teardown.orphans {
+        instance::stop_pids(host, pids, Duration::from_secs(10))?;
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         reporter.status(
             "stopped",
@@ -281,77 +275,45 @@ fn stop_orphans(
                 placement.name()
             ),
         );
-        stopped.push(vm);
+        stopped.push(vm.clone());
     }
     Ok(stopped)
 }
 
 /// farm's domains of this project on a libvirt site that no instance record accounts for
-/// (its state was removed, or the VM left farm.toml): destroyed and undefined, those of
-/// wanted VMs or, when everything goes down, all. Other domains are never looked at twice.
+/// (its state was removed, or the VM left farm.toml), as the plan names them: destroyed and
+/// undefined. Other domains are never looked at twice.
 fn undefine_lost_domains(
     host: &dyn Host,
-    uri: Option<&str>,
-    project: &str,
-    wanted: &BTreeSet<String>,
-    everything: bool,
-    reporter: &Reporter,
+    teardown: &Teardown,
+    apply: &Apply,
 ) -> Result<(), LabError> {
-    let Some(uri) = uri else {
+    if teardown.lost_domains.is_empty() {
+        return Ok(());
+    }
+    let Some(uri) = &teardown.libvirt_uri else {
         return Ok(());
     };
     let lost = crate::run::domain::with_libvirt(host, uri, |lv| {
         let mut lost = Vec::new();
         for domain in lv.farm_domains()? {
-            if domain.meta.project != project || !(everything || wanted.contains(&domain.name)) {
-                continue;
+            if domain.meta.project == apply.project && teardown.lost_domains.contains(&domain.name)
+            {
+                lv.destroy(&domain.name, &domain.meta)?;
+                lv.undefine(&domain.name, &domain.meta)?;
+                lost.push(domain.name);
             }
-            lv.destroy(&domain.name, &domain.meta)?;
-            lv.undefine(&domain.name, &domain.meta)?;
-            lost.push(domain.name);
         }
         Ok(lost)
     })?;
     for name in lost {
-        reporter.status(
+        apply.reporter.status(
             "undefined",
             format!(
                 "{name} (a libvirt domain of this project on {} farm had no state for)",
                 host.name()
             ),
         );
-    }
-    Ok(())
-}
-
-/// A site's network goes when none of its VMs runs any more (and, when everything goes
-/// down, tagged network daemons farm lost track of).
-fn tear_down_networks(
-    host: &dyn Host,
-    desired: &crate::model::up_plan::Desired,
-    placement: &Placement,
-    observation: &SiteObservation,
-    stopped: &[String],
-    everything: bool,
-) -> Result<(), LabError> {
-    let state_dir = desired.layout(placement).state_dir;
-    for network in crate::model::network::site_networks(desired.config, desired.topology, placement)
-    {
-        let in_use = network.users.iter().any(|user| {
-            !stopped.contains(user) && observation.instances.get(user).is_some_and(|i| i.running())
-        });
-        if !in_use {
-            crate::run::vde::tear_down(host, &state_dir, &network)?;
-        }
-    }
-    if everything {
-        let lost: Vec<u32> = observation
-            .tagged
-            .iter()
-            .filter(|p| p.what.starts_with("net:"))
-            .map(|p| p.pid)
-            .collect();
-        instance::stop_pids(host, &lost, Duration::from_secs(5))?;
     }
     Ok(())
 }

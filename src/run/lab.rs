@@ -127,6 +127,33 @@ pub fn desired<'a>(
     })
 }
 
+/// The ssh_config a dry run reaches what runs through, without writing to the state
+/// directory: the one that exists, or, when there is none, one rendered in a temporary
+/// directory (returned with it, to keep it until the dry run ends) so remote hosts are
+/// reached.
+pub fn dry_run_ssh_config(
+    project: &Project,
+    paths: &StatePaths,
+) -> Result<(PathBuf, Option<tempfile::TempDir>), LabError> {
+    let existing = paths.own_ssh_config();
+    if existing.exists() {
+        return Ok((existing, None));
+    }
+    let io_error = |path: PathBuf| move |source| crate::run::state::StateError::Io { path, source };
+    let scratch = tempfile::tempdir().map_err(io_error(std::env::temp_dir()))?;
+    let hosts = crate::run::ssh_files::ssh_hosts(
+        project.project_dir(),
+        &project.loaded.topology,
+        paths,
+        &BTreeMap::new(),
+    );
+    let config = scratch.path().join("ssh_config");
+    let configs: Vec<_> = hosts.into_iter().map(|(h, _)| h).collect();
+    fs_err::write(&config, crate::model::ssh_config::render(&configs, None))
+        .map_err(io_error(config.clone()))?;
+    Ok((config, Some(scratch)))
+}
+
 /// The first error of several (the others were reported as they happened).
 pub(crate) fn first_error(results: Vec<Result<(), LabError>>) -> Result<(), LabError> {
     results

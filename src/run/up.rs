@@ -14,7 +14,8 @@ use crate::model::up_plan::{SitePlan, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::lab::{
-    LabError, UpOptions, desired, first_error, with_ancestors, write_state_ssh_files,
+    LabError, UpOptions, desired, dry_run_ssh_config, first_error, with_ancestors,
+    write_state_ssh_files,
 };
 use crate::run::observe::{Ask, observe_lab};
 use crate::run::site::Sites;
@@ -116,22 +117,12 @@ fn up_once(
         (Some(store), built, Some(store_use))
     };
 
-    // A dry run only reads: it reaches what runs through the ssh_config that exists, and
-    // remote hosts through one rendered in a temporary directory.
-    let (state, scratch) = if options.dry_run {
-        (
-            None,
-            Some(
-                tempfile::tempdir().map_err(|source| crate::run::state::StateError::Io {
-                    path: std::env::temp_dir(),
-                    source,
-                })?,
-            ),
-        )
+    let state = if options.dry_run {
+        None
     } else {
         let state = StateDir::open(state_root)?;
         state.farm_key()?;
-        (Some(state), None)
+        Some(state)
     };
     let desired = desired(
         project,
@@ -142,29 +133,14 @@ fn up_once(
         options.realise.accel,
         &project.store_dir,
     )?;
-    let ssh_config = match (&state, &scratch) {
-        (Some(state), _) => {
+    // A dry run only reads: it reaches what runs through the ssh_config that exists, and
+    // remote hosts through one rendered in a temporary directory.
+    let (ssh_config, _scratch) = match &state {
+        Some(state) => {
             write_state_ssh_files(project, state, &BTreeMap::new())?;
-            state.own_ssh_config()
+            (state.own_ssh_config(), None)
         }
-        (None, Some(scratch)) if !paths.own_ssh_config().exists() => {
-            let hosts = crate::run::ssh_files::ssh_hosts(
-                project.project_dir(),
-                topology,
-                &paths,
-                &BTreeMap::new(),
-            );
-            let config = scratch.path().join("ssh_config");
-            let configs: Vec<_> = hosts.into_iter().map(|(h, _)| h).collect();
-            fs_err::write(&config, crate::model::ssh_config::render(&configs, None)).map_err(
-                |source| crate::run::state::StateError::Io {
-                    path: config.clone(),
-                    source,
-                },
-            )?;
-            config
-        }
-        _ => paths.own_ssh_config(),
+        None => dry_run_ssh_config(project, &paths)?,
     };
     let sites = Sites::new(topology, &ssh_config);
     let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Carefully)?;

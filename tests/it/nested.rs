@@ -287,6 +287,20 @@ fn down_stops_the_guests_before_their_hypervisor_even_with_libvirtd_stopped() {
         "systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket && ! test -S /var/run/libvirt/libvirt-sock",
     ]);
 
+    // A dry run says what would stop, where and in what order, and changes nothing (it
+    // does not even start libvirtd to list domains).
+    let planned = stdout(&p.ok(&["down", "--dry-run"]));
+    let inside_hv = planned.find("1. inside hv (depth 1):").expect(&planned);
+    let leaf = planned
+        .find("stop pyleaf_amd64 (power off its libvirt domain)")
+        .expect(&planned);
+    let host = planned.find("2. host local (depth 0):").expect(&planned);
+    let hv = planned.find("stop hv (power off)").expect(&planned);
+    assert!(inside_hv < leaf && leaf < host && host < hv, "{planned}");
+    assert_eq!(p.state_of("hv"), "running");
+    assert_eq!(p.state_of("pyleaf_amd64"), "running");
+    p.ok(&["ssh", "hv", "--", "! test -S /var/run/libvirt/libvirt-sock"]);
+
     // Down: the leaf before its hypervisor.
     let down = p.ok(&["down"]);
     let log = stderr(&down);

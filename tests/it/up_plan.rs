@@ -434,3 +434,123 @@ fn a_disk_size_smaller_than_the_layer_is_refused_before_the_overlay_is_made() {
     let (config, topology) = load(&small.replace("\"1G\"", "\"4G\""));
     assert!(fresh(&desired(&config, &topology)).problems().is_empty());
 }
+
+/// `down`'s plan over the steady lab: what `look` would have seen on each site.
+fn down_looks(
+    d: &Desired,
+    hyper_running: bool,
+) -> BTreeMap<Placement, farm::model::down_plan::SiteLook> {
+    use farm::model::down_plan::SiteLook;
+    let mut observed = steady(d);
+    observed
+        .get_mut(&here())
+        .unwrap()
+        .tagged
+        .push(TaggedProcess {
+            pid: 999,
+            what: "vm:gone".into(),
+        });
+    let mut looks = BTreeMap::new();
+    let local = observed.remove(&here()).unwrap();
+    looks.insert(
+        here(),
+        SiteLook::Observed {
+            observation: local,
+            domains: Vec::new(),
+        },
+    );
+    let inside_hyper = if hyper_running {
+        SiteLook::Observed {
+            observation: observed.remove(&inside("hyper")).unwrap(),
+            domains: Vec::new(),
+        }
+    } else {
+        SiteLook::HypervisorDown {
+            hypervisor: "hyper".into(),
+            known: vec!["inner".into()],
+        }
+    };
+    looks.insert(inside("hyper"), inside_hyper);
+    looks
+}
+
+#[test]
+fn down_plans_the_deepest_site_first_with_its_networks_and_orphans() {
+    use farm::model::down_plan::{DownRequest, plan_down, sites_to_visit, with_descendants};
+    let (config, topology) = load(LAB);
+    let d = desired(&config, &topology);
+    let all = DownRequest {
+        wanted: with_descendants(&topology, &[]),
+        everything: true,
+        keep: false,
+    };
+    let visit = sites_to_visit(&d, &all);
+    assert_eq!(visit, vec![(1, inside("hyper")), (0, here())]);
+    let plan = plan_down(&d, &all, &visit, &down_looks(&d, true));
+    assert_eq!(
+        plan.render(),
+        "down, deepest site first (overlays removed):
+  1. inside hyper (depth 1):
+       stop inner (power off)
+       tear down network lab
+  2. host local (depth 0):
+       stop alpha (power off)
+       stop beta (power off)
+       stop hyper (power off)
+       stop gone (qemu pid 999, which farm has no state for)
+"
+    );
+
+    // Naming the hypervisor takes what runs inside it and leaves the rest; the orphan of
+    // a VM that was not named stays.
+    let hyper = DownRequest {
+        wanted: with_descendants(&topology, &["hyper".to_string()]),
+        everything: false,
+        keep: true,
+    };
+    assert_eq!(
+        hyper.wanted,
+        BTreeSet::from(["hyper".to_string(), "inner".to_string()])
+    );
+    let visit = sites_to_visit(&d, &hyper);
+    let plan = plan_down(&d, &hyper, &visit, &down_looks(&d, true));
+    assert_eq!(
+        plan.render(),
+        "down, deepest site first (overlays kept):
+  1. inside hyper (depth 1):
+       stop inner (power off)
+       tear down network lab
+  2. host local (depth 0):
+       stop hyper (power off)
+"
+    );
+
+    // A hypervisor that is not running took its VMs with it: they are forgotten.
+    let plan = plan_down(&d, &all, &sites_to_visit(&d, &all), &down_looks(&d, false));
+    assert!(
+        plan.render().starts_with(
+            "down, deepest site first (overlays removed):
+  1. inside hyper (depth 1):
+       forget inner (it stopped with hyper, which is not running)
+  2. host local (depth 0):"
+        ),
+        "{}",
+        plan.render()
+    );
+
+    // Nothing observed anywhere: nothing to do.
+    let mut empty = BTreeMap::new();
+    empty.insert(
+        here(),
+        farm::model::down_plan::SiteLook::Observed {
+            observation: site(),
+            domains: Vec::new(),
+        },
+    );
+    let plan = plan_down(&d, &all, &[(0, here())], &empty);
+    assert!(plan.is_noop());
+    assert_eq!(
+        plan.render(),
+        "nothing to stop: no VM of this lab is running or has state\n"
+    );
+}
