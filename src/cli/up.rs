@@ -9,7 +9,7 @@ use crate::build::realise::RealiseOptions;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::run::lab::{UpOptions, state_dir_for};
-use crate::run::up::up;
+use crate::run::up::{UpOutcome, up};
 
 use super::build::{AccelArg, FetchArgs, default_jobs};
 use super::status::{check_vm_names, table};
@@ -98,9 +98,14 @@ pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyho
         caches: args.caches.choice()?,
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };
-    let rows = up(&project, &args.state.dir(&project), &up_options, reporter)?;
-    if !args.dry_run {
-        print!("{}", table(&project, &rows));
+    match up(&project, &args.state.dir(&project), &up_options, reporter)? {
+        UpOutcome::Up(rows) => print!("{}", table(&project, &rows)),
+        planned => {
+            print!("{}", planned.render_plan());
+            if let Some(refusal) = planned.refusal() {
+                return Err(refusal.into());
+            }
+        }
     }
     Ok(())
 }

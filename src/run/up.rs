@@ -9,8 +9,9 @@ use std::path::Path;
 use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::build::substitution::plan_with_caches;
 use crate::model::derivation::DrvId;
+use crate::model::plan::BuildPlan;
 use crate::model::topology::Placement;
-use crate::model::up_plan::{SitePlan, plan_up};
+use crate::model::up_plan::{SitePlan, UpPlan, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::lab::{
@@ -18,19 +19,70 @@ use crate::run::lab::{
     write_state_ssh_files,
 };
 use crate::run::observe::{Ask, observe_lab};
+use crate::run::provision::Due;
 use crate::run::site::Sites;
 use crate::run::state::{StateDir, StatePaths};
 use crate::run::status::{VmStatus, rows_from_specs};
 use crate::store::{Entry, Store, UseMode};
 
-/// Brings the selected VMs up; returns the status rows of all of them (none for a dry run,
-/// which prints its plan and writes nothing).
+/// What `up` did, or would do.
+#[derive(Debug)]
+pub enum UpOutcome {
+    /// A dry run, which wrote nothing: what would be built (when anything), the plan, and
+    /// the playbooks due once the lab is up.
+    Planned {
+        build: Option<BuildPlan>,
+        plan: UpPlan,
+        playbooks: Vec<Due>,
+    },
+    /// The status rows of the VMs brought up.
+    Up(Vec<VmStatus>),
+}
+
+impl UpOutcome {
+    /// The plan's problems as the error `up` would have stopped on, after a dry run showed
+    /// them in its plan.
+    pub fn refusal(&self) -> Option<LabError> {
+        let UpOutcome::Planned { plan, .. } = self else {
+            return None;
+        };
+        let problems = plan.problems();
+        (!problems.is_empty()).then(|| LabError::Plan {
+            problems: problems.into_iter().map(str::to_string).collect(),
+        })
+    }
+
+    /// A dry run's outcome as it is printed.
+    pub fn render_plan(&self) -> String {
+        let UpOutcome::Planned {
+            build,
+            plan,
+            playbooks,
+        } = self
+        else {
+            return String::new();
+        };
+        let mut out = build.as_ref().map(ToString::to_string).unwrap_or_default();
+        out.push_str(&plan.render());
+        for due in playbooks {
+            out.push_str(&format!(
+                "playbook {} on {} ({}, after the lab is up)\n",
+                due.playbook.display(),
+                due.vm,
+                due.reason
+            ));
+        }
+        out
+    }
+}
+
+/// Brings the selected VMs up, or plans it (a dry run, which writes nothing).
 pub fn up(
     project: &Project,
     state_root: &Path,
     options: &UpOptions,
     reporter: &Reporter,
-) -> Result<Vec<VmStatus>, LabError> {
+) -> Result<UpOutcome, LabError> {
     let failed = match up_once(project, state_root, options, reporter) {
         Err(e) if !options.dry_run => e,
         done => return done,
@@ -61,7 +113,7 @@ fn up_once(
     state_root: &Path,
     options: &UpOptions,
     reporter: &Reporter,
-) -> Result<Vec<VmStatus>, LabError> {
+) -> Result<UpOutcome, LabError> {
     let topology = &project.loaded.topology;
     let selected = with_ancestors(topology, &options.names);
 
@@ -82,6 +134,7 @@ fn up_once(
         crate::run::provision::check_ansible(&due)?;
     }
     let existing = Store::open_existing(&project.store_dir)?;
+    let mut planned_build = None;
     let (store, built, _store_use) = if options.dry_run {
         let present = match &existing {
             Some(store) => present_hashes(store, project.graph.closure(&wanted))?,
@@ -89,9 +142,7 @@ fn up_once(
         };
         let (build_plan, _) =
             plan_with_caches(project, &wanted, &present, &options.caches, reporter)?;
-        if !build_plan.is_noop() {
-            print!("{build_plan}");
-        }
+        planned_build = (!build_plan.is_noop()).then_some(build_plan);
         (existing, BTreeMap::new(), None)
     } else {
         let store = Store::open(&project.store_dir)?;
@@ -147,22 +198,11 @@ fn up_once(
     let plan = plan_up(&desired, &observed);
 
     let Some(state) = state else {
-        print!("{}", plan.render());
-        for d in &due {
-            println!(
-                "playbook {} on {} ({}, after the lab is up)",
-                d.playbook.display(),
-                d.vm,
-                d.reason
-            );
-        }
-        let problems = plan.problems();
-        if !problems.is_empty() {
-            return Err(LabError::Plan {
-                problems: problems.into_iter().map(str::to_string).collect(),
-            });
-        }
-        return Ok(Vec::new());
+        return Ok(UpOutcome::Planned {
+            build: planned_build,
+            plan,
+            playbooks: due,
+        });
     };
     for site in &plan.sites {
         for warning in &site.warnings {
@@ -207,5 +247,10 @@ fn up_once(
     // Replaced VMs lost their markers while the plan was applied: asked again.
     let due = crate::run::provision::due(project, &state, &desired.selected)?;
     crate::run::provision::apply(project, &state, &due, reporter)?;
-    Ok(rows_from_specs(topology, &desired.selected, &specs, &state))
+    Ok(UpOutcome::Up(rows_from_specs(
+        topology,
+        &desired.selected,
+        &specs,
+        &state,
+    )))
 }
