@@ -18,6 +18,7 @@ mod derivation;
 mod fetch;
 mod fixtures;
 mod gc;
+mod layering;
 mod libvirt;
 mod nested;
 mod observe;
