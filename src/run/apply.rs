@@ -21,7 +21,7 @@ use crate::run::lab::{LabError, UpOptions, first_error, write_state_ssh_files};
 use crate::run::observe::{Ask, observe_site};
 use crate::run::site::Sites;
 use crate::run::state::StateDir;
-use crate::run::{instance, parallel};
+use crate::run::{backend, instance, parallel};
 use crate::store::Entry;
 use crate::sys::boot_wait::{self, BootError, SshRoute};
 
@@ -153,7 +153,7 @@ impl Apply<'_> {
             }
             if let Some(previous) = &step.previous {
                 let kept = (step.action == VmAction::Restart).then_some(&step.spec);
-                instance::retire_domain(host, previous, kept)?;
+                backend::retire_domain(host, previous, kept)?;
             }
             if step.action == VmAction::Replace {
                 instance::remove(host, &step.spec.paths, &step.name)?;
@@ -176,12 +176,7 @@ impl Apply<'_> {
         let running = previous.unwrap_or(spec);
         let timeout =
             crate::run::recover::power_off_timeout(host, running, self.options.stop_timeout);
-        Ok(instance::stop_spec(
-            host,
-            running,
-            timeout,
-            Some(&poweroff),
-        )?)
+        Ok(backend::stop_spec(host, running, timeout, Some(&poweroff))?)
     }
 
     /// Brings one VM to its planned state and waits for ssh; then the site inside it.
@@ -205,7 +200,7 @@ impl Apply<'_> {
                 crate::run::provision::forget(self.state, name)?;
                 let record = instance::create(host, spec, (key.private, key.public))?;
                 self.save_mirror(site, &record)?;
-                instance::start(host, spec)?;
+                backend::start(host, spec)?;
                 self.wait_ready(host, site, record)?;
             }
             VmAction::Restart => {
@@ -262,7 +257,7 @@ impl Apply<'_> {
             (key.private, key.public),
         )?;
         self.save_mirror(site, &record)?;
-        instance::start(host, &step.spec)?;
+        backend::start(host, &step.spec)?;
         self.wait_ready(host, site, record)
     }
 

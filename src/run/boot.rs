@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::model::boot_watch::Qemu;
 use crate::model::instance::InstanceSpec;
 use crate::model::shell::shell_quote;
+use crate::run::backend;
 use crate::run::host::Host;
 use crate::run::instance::{self, InstanceError};
 use crate::sys::boot_wait::BootTarget;
@@ -46,7 +47,7 @@ impl BootTarget for SiteVm<'_> {
     }
 
     fn restart(&mut self) -> Result<(), InstanceError> {
-        instance::stop_spec(self.host, self.spec, Duration::ZERO, None)?;
-        instance::start(self.host, self.spec)
+        backend::stop_spec(self.host, self.spec, Duration::ZERO, None)?;
+        backend::start(self.host, self.spec)
     }
 }

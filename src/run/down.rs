@@ -19,6 +19,7 @@ use crate::model::up_plan::Desired;
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::apply::ssh_poweroff;
+use crate::run::backend;
 use crate::run::host::Host;
 use crate::run::instance::{self, Stopped};
 use crate::run::lab::{LabError, desired, dry_run_ssh_config, write_state_ssh_files};
@@ -148,7 +149,7 @@ fn look(
     let domains = match uri {
         Some(uri) if !daemon_stopped(uri) => {
             let project = desired.project_tag();
-            crate::run::domain::with_libvirt(host.as_ref(), uri, |lv| {
+            crate::run::backend::libvirt::with_libvirt(host.as_ref(), uri, |lv| {
                 Ok(lv
                     .farm_domains()?
                     .into_iter()
@@ -226,9 +227,9 @@ impl Apply<'_> {
                 Some(record) => {
                     let timeout =
                         crate::run::recover::power_off_timeout(host, &record.spec, self.timeout);
-                    instance::stop_spec(host, &record.spec, timeout, Some(&poweroff))?
+                    backend::stop_spec(host, &record.spec, timeout, Some(&poweroff))?
                 }
-                None => instance::stop(host, &paths, name, self.timeout, Some(&poweroff))?,
+                None => backend::qemu::stop(host, &paths, name, self.timeout, Some(&poweroff))?,
             };
             if self.keep {
                 if let Some(record) = &vm.record {
@@ -238,7 +239,7 @@ impl Apply<'_> {
                 }
             } else {
                 if let Some(record) = &vm.record {
-                    instance::retire_domain(host, &record.spec, None)?;
+                    backend::retire_domain(host, &record.spec, None)?;
                 }
                 instance::remove(host, &paths, name)?;
                 self.state.remove_instance(name)?;
@@ -294,7 +295,7 @@ fn undefine_lost_domains(
     let Some(uri) = &teardown.libvirt_uri else {
         return Ok(());
     };
-    let lost = crate::run::domain::with_libvirt(host, uri, |lv| {
+    let lost = crate::run::backend::libvirt::with_libvirt(host, uri, |lv| {
         let mut lost = Vec::new();
         for domain in lv.farm_domains()? {
             if domain.meta.project == apply.project && teardown.lost_domains.contains(&domain.name)

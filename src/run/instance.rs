@@ -2,11 +2,9 @@
 //! resolved `InstanceSpec`, through a `Host`, so it is the same on every site.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::model::backend::Backend;
 use crate::model::instance::{InstancePaths, InstanceRecord, InstanceSpec};
-use crate::model::libvirt::DomainMeta;
 use crate::model::seed::seed_image_bytes;
 use crate::run::host::{Host, HostError, process_alive_test};
 use crate::sys::ssh::shell_quote;
@@ -29,7 +27,7 @@ pub enum InstanceError {
     Libvirt(#[from] crate::sys::libvirt::LibvirtError),
 }
 
-fn q(path: &Path) -> String {
+pub(crate) fn q(path: &Path) -> String {
     shell_quote(&path.display().to_string())
 }
 
@@ -186,72 +184,6 @@ pub fn save(host: &dyn Host, record: &InstanceRecord) -> Result<(), InstanceErro
     Ok(())
 }
 
-/// Starts the instance on its backend: qemu detached with farm's process tag in its
-/// environment (it outlives farm), or its libvirt domain.
-pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
-    match &spec.backend {
-        Backend::Qemu => start_qemu(host, spec),
-        Backend::Libvirt { uri } => crate::run::domain::start(host, spec, uri),
-    }
-}
-
-fn start_qemu(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
-    start_qemu_vm(host, spec, &spec.qemu())
-}
-
-/// Starts `vm` (the spec's qemu, or a variant of it: waiting for a saved state) detached.
-pub fn start_qemu_vm(
-    host: &dyn Host,
-    spec: &InstanceSpec,
-    vm: &crate::model::qemu::QemuVm,
-) -> Result<(), InstanceError> {
-    let paths = &spec.paths;
-    let env: Vec<String> = vm
-        .tag
-        .iter()
-        .flat_map(|t| t.env())
-        .map(|(k, v)| format!("{k}={}", shell_quote(&v)))
-        .collect();
-    let argv: Vec<String> = vm.argv().iter().map(|a| shell_quote(a)).collect();
-    // A daemonizing qemu reports start-up errors before it detaches (its stderr is gone
-    // afterwards); one that does not is detached by `setsid`, its stderr kept in the file
-    // for whoever waits on it (loading a saved state can fail well after start).
-    let (env, binary, argv) = (env.join(" "), vm.binary(), argv.join(" "));
-    let stderr = q(&paths.stderr_log());
-    let launch = if vm.daemonize {
-        format!("env {env} {binary} {argv} 2> {stderr} || {{ cat {stderr} >&2; exit 1; }}")
-    } else {
-        format!("setsid -f env {env} {binary} {argv} < /dev/null > /dev/null 2> {stderr}")
-    };
-    let script = format!(
-        "rm -f {pid} {qmp}; : > {serial}; {launch}",
-        pid = q(&paths.pidfile()),
-        qmp = q(&paths.qmp()),
-        serial = q(&paths.serial_log()),
-    );
-    check(host, &spec.name, "Starting qemu", &script)
-        .map(drop)
-        .map_err(|e| match e {
-            InstanceError::Command {
-                vm,
-                host,
-                what,
-                status,
-                output,
-            } => InstanceError::Command {
-                output: format!(
-                    "{}\nhint: `farm logs {vm}` shows its console; if its disk is damaged, `farm down {vm}` discards it and `farm up` makes it anew",
-                    output.trim_end()
-                ),
-                vm,
-                host,
-                what,
-                status,
-            },
-            other => other,
-        })
-}
-
 /// How an instance went down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stopped {
@@ -292,102 +224,8 @@ impl std::fmt::Display for Stopped {
     }
 }
 
-/// Stops the instance `spec` describes (its last record's) on its backend.
-pub fn stop_spec(
-    host: &dyn Host,
-    spec: &InstanceSpec,
-    timeout: Duration,
-    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
-) -> Result<Stopped, InstanceError> {
-    match &spec.backend {
-        Backend::Qemu => stop(host, &spec.paths, &spec.name, timeout, ssh_poweroff),
-        Backend::Libvirt { uri } => crate::run::domain::stop(
-            host,
-            &spec.paths,
-            &DomainMeta::owner(&spec.tag.project, &spec.name),
-            uri,
-            timeout,
-            ssh_poweroff,
-        ),
-    }
-}
-
-/// Removes the libvirt domain `old` was defined as, when `new` (if any) is not a libvirt
-/// domain of the same daemon: the instance is replaced, removed, or moves to qemu.
-pub fn retire_domain(
-    host: &dyn Host,
-    old: &InstanceSpec,
-    new: Option<&InstanceSpec>,
-) -> Result<(), InstanceError> {
-    let Backend::Libvirt { uri } = &old.backend else {
-        return Ok(());
-    };
-    if new.is_some_and(|n| n.backend == old.backend) {
-        return Ok(());
-    }
-    crate::run::domain::undefine(host, &DomainMeta::owner(&old.tag.project, &old.name), uri)
-}
-
 /// How often a VM being stopped is asked again to power off over ssh.
 pub const SSH_POWEROFF_AGAIN: Duration = Duration::from_secs(15);
-
-/// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when given:
-/// minimal guests have no ACPI daemon), up to `timeout`; then QMP `quit`; then SIGKILL.
-pub fn stop(
-    host: &dyn Host,
-    paths: &InstancePaths,
-    name: &str,
-    timeout: Duration,
-    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
-) -> Result<Stopped, InstanceError> {
-    if !is_running(host, paths, name)? {
-        return Ok(Stopped::AlreadyDown);
-    }
-    let started = Instant::now();
-    let deadline = started + timeout;
-    // Asked again every SSH_POWEROFF_AGAIN: a nested guest's sshd now and then drops the
-    // connection that carried `poweroff`.
-    loop {
-        host.qmp(&paths.qmp(), "system_powerdown")?;
-        if let Some(poweroff) = ssh_poweroff {
-            poweroff();
-        }
-        let next = (Instant::now() + SSH_POWEROFF_AGAIN).min(deadline);
-        if wait_down(host, paths, name, next)? {
-            return Ok(Stopped::PoweredOff(started.elapsed()));
-        }
-        if next >= deadline {
-            break;
-        }
-    }
-    host.qmp(&paths.qmp(), "quit")?;
-    if wait_down(host, paths, name, Instant::now() + Duration::from_secs(10))? {
-        return Ok(Stopped::Quit(timeout));
-    }
-    let kill = format!(
-        "{alive} && kill -9 \"$pid\" && while kill -0 \"$pid\" 2>/dev/null; do sleep 0.1; done; true",
-        alive = process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"))
-    );
-    check(host, name, "Killing qemu", &kill)?;
-    Ok(Stopped::Killed(timeout))
-}
-
-fn wait_down(
-    host: &dyn Host,
-    paths: &InstancePaths,
-    name: &str,
-    deadline: Instant,
-) -> Result<bool, HostError> {
-    loop {
-        if !is_running(host, paths, name)? {
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 /// Stops processes farm has no state for (found by their tag): SIGTERM (qemu shuts down
 /// cleanly on it), then SIGKILL after `timeout`.

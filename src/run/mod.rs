@@ -6,9 +6,9 @@
 //! networks are `vde`'s; `state` is the local `.farm/`.
 
 pub mod apply;
+pub mod backend;
 pub mod boot;
 pub mod closure;
-pub mod domain;
 pub mod down;
 pub mod host;
 pub mod instance;

@@ -14,7 +14,6 @@ use crate::model::instance::InstanceSpec;
 use crate::model::kernel_panic::kernel_panic;
 use crate::model::topology::Topology;
 use crate::run::host::Host;
-use crate::run::instance;
 use crate::run::lab::LabError;
 use crate::run::site::Sites;
 use crate::run::state::StatePaths;
@@ -79,7 +78,7 @@ pub fn power_off_timeout(host: &dyn Host, spec: &InstanceSpec, usual: Duration) 
 impl Panicked {
     /// Stops it at once, so the next plan restarts it with the VMs inside it.
     pub fn stop(&self) -> Result<(), LabError> {
-        instance::stop_spec(self.host.as_ref(), &self.spec, Duration::ZERO, None)?;
+        crate::run::backend::stop_spec(self.host.as_ref(), &self.spec, Duration::ZERO, None)?;
         Ok(())
     }
 }

@@ -29,7 +29,10 @@ fn module_of(src: &Path, file: &Path) -> Module {
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    if matches!(parts.last().map(String::as_str), Some("mod" | "lib" | "main")) {
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
         parts.pop();
     }
     parts
@@ -62,7 +65,9 @@ fn code_of(text: &str) -> String {
         } else if text[i..].starts_with("#[cfg(test)]") {
             let rest = &text[i + "#[cfg(test)]".len()..];
             let trimmed = rest.trim_start();
-            if trimmed.starts_with("mod ") && let Some(open) = trimmed.find('{') {
+            if trimmed.starts_with("mod ")
+                && let Some(open) = trimmed.find('{')
+            {
                 if trimmed[..open].contains(';') {
                     out.push_str("#[cfg(test)]");
                     i += "#[cfg(test)]".len();
@@ -107,7 +112,10 @@ fn expand(tree: &str) -> Vec<String> {
     let Some(open) = tree.find('{') else {
         return vec![tree];
     };
-    let (head, body) = (&tree[..open], &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())]);
+    let (head, body) = (
+        &tree[..open],
+        &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())],
+    );
     let mut parts = Vec::new();
     let (mut depth, mut current) = (0, String::new());
     for ch in body.chars() {
@@ -194,10 +202,7 @@ fn resolve(files: &BTreeMap<Module, PathBuf>, module: &Module, path: &str) -> Op
         }
         _ => return None,
     };
-    let names: Vec<String> = segments
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let names: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
     for take in (0..=names.len()).rev() {
         let mut candidate = base.clone();
         candidate.extend(names[..take].iter().cloned());
@@ -213,8 +218,10 @@ fn import_graph() -> BTreeMap<Module, BTreeSet<Module>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut paths = Vec::new();
     rust_files(&src, &mut paths);
-    let files: BTreeMap<Module, PathBuf> =
-        paths.into_iter().map(|p| (module_of(&src, &p), p)).collect();
+    let files: BTreeMap<Module, PathBuf> = paths
+        .into_iter()
+        .map(|p| (module_of(&src, &p), p))
+        .collect();
     files
         .iter()
         .map(|(module, file)| {
@@ -326,7 +333,11 @@ fn no_floor_imports_from_a_floor_above_it() {
             }
         }
     }
-    assert!(upward.is_empty(), "imports from a floor above:\n{}", upward.join("\n"));
+    assert!(
+        upward.is_empty(),
+        "imports from a floor above:\n{}",
+        upward.join("\n")
+    );
 }
 
 #[test]
@@ -335,9 +346,14 @@ fn the_reader_finds_circles_and_expands_use_trees() {
         expand("crate::a::{b, c::{d, e as f}}"),
         ["crate::a::b", "crate::a::c::d", "crate::a::c::e"]
     );
-    let code = code_of("use crate::x::Y; // use crate::no;\n#[cfg(test)]\nmod tests { use crate::z; }\nfn f() { crate::w::g(); }");
+    let code = code_of(
+        "use crate::x::Y; // use crate::no;\n#[cfg(test)]\nmod tests { use crate::z; }\nfn f() { crate::w::g(); }",
+    );
     let found: BTreeSet<String> = paths_in(&code).into_iter().collect();
-    assert_eq!(found, BTreeSet::from(["crate::x::Y".into(), "crate::w::g".into()]));
+    assert_eq!(
+        found,
+        BTreeSet::from(["crate::x::Y".into(), "crate::w::g".into()])
+    );
     let module = |name: &str| vec![name.to_string()];
     let graph = BTreeMap::from([
         (module("a"), BTreeSet::from([module("b")])),

@@ -274,7 +274,7 @@ fn entry_meta(
 
 /// Tells qemu to quit and waits for it (killed after 10 s).
 fn quit(host: &dyn Host, spec: &InstanceSpec, vm: &str) -> Result<(), SnapshotError> {
-    instance::stop(host, &spec.paths, vm, Duration::ZERO, None)?;
+    crate::run::backend::qemu::stop(host, &spec.paths, vm, Duration::ZERO, None)?;
     Ok(())
 }
 

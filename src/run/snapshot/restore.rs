@@ -372,7 +372,7 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
     let mut qemu = spec.qemu();
     qemu.incoming = true;
     qemu.daemonize = false;
-    instance::start_qemu_vm(host, spec, &qemu)?;
+    crate::run::backend::qemu::start_vm(host, spec, &qemu)?;
     let failed = |e: String| {
         let tail = crate::run::apply::host_tail(host, &spec.paths.stderr_log(), 5);
         SnapshotError::Failed(format!("Cannot load VM `{vm}`'s saved state: {e}\n{tail}"))

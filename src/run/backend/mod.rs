@@ -1,0 +1,59 @@
+//! How a site runs its VMs: the qemu backend (farm's own detached qemu) or the libvirt
+//! backend (a domain of the site's libvirtd), chosen per instance by its spec. What both
+//! share (an instance's files, its errors, how it went down) is `run::instance`'s.
+
+use std::time::Duration;
+
+use crate::model::backend::Backend;
+use crate::model::instance::InstanceSpec;
+use crate::model::libvirt::DomainMeta;
+use crate::run::host::Host;
+use crate::run::instance::{InstanceError, Stopped};
+
+pub mod libvirt;
+pub mod qemu;
+
+/// Starts the instance on its backend: qemu detached with farm's process tag in its
+/// environment (it outlives farm), or its libvirt domain.
+pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> {
+    match &spec.backend {
+        Backend::Qemu => qemu::start(host, spec),
+        Backend::Libvirt { uri } => libvirt::start(host, spec, uri),
+    }
+}
+
+/// Stops the instance `spec` describes (its last record's) on its backend.
+pub fn stop_spec(
+    host: &dyn Host,
+    spec: &InstanceSpec,
+    timeout: Duration,
+    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
+) -> Result<Stopped, InstanceError> {
+    match &spec.backend {
+        Backend::Qemu => qemu::stop(host, &spec.paths, &spec.name, timeout, ssh_poweroff),
+        Backend::Libvirt { uri } => libvirt::stop(
+            host,
+            &spec.paths,
+            &DomainMeta::owner(&spec.tag.project, &spec.name),
+            uri,
+            timeout,
+            ssh_poweroff,
+        ),
+    }
+}
+
+/// Removes the libvirt domain `old` was defined as, when `new` (if any) is not a libvirt
+/// domain of the same daemon: the instance is replaced, removed, or moves to qemu.
+pub fn retire_domain(
+    host: &dyn Host,
+    old: &InstanceSpec,
+    new: Option<&InstanceSpec>,
+) -> Result<(), InstanceError> {
+    let Backend::Libvirt { uri } = &old.backend else {
+        return Ok(());
+    };
+    if new.is_some_and(|n| n.backend == old.backend) {
+        return Ok(());
+    }
+    libvirt::undefine(host, &DomainMeta::owner(&old.tag.project, &old.name), uri)
+}
