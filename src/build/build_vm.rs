@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::layer::{BootFiles, BuilderError, LayerBuild, Log};
-use crate::model::first_boot::{self, ConsoleVerdict};
+use crate::model::boot_watch::BootRules;
 use crate::model::qemu::{
     DirectBoot, Disk, DiskCache, NetBackend, Nic, PortForward, QemuVm, mac_for,
 };
 use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use crate::model::ssh_config::{SshHost, known_hosts_line, render};
 use crate::model::values::{Firmware, uefi_files};
+use crate::sys::boot_wait::{self, BootError, LocalQemu, SshRoute};
 use crate::sys::qmp::Qmp;
 use crate::sys::ssh::Ssh;
 use crate::sys::vm_process::VmProcess;
@@ -232,41 +233,40 @@ pub(super) fn boot(
         )
     };
     log.line(&format!("$ {} {}", vm.binary(), vm.argv().join(" ")));
-    let mut process = VmProcess::start(&vm, &work.join("qemu.stderr"))?;
-    let deadline = Instant::now() + build.boot_timeout;
-    let mut no_agent = false;
-    let ssh = Ssh::wait_for(&ssh_config, ALIAS, deadline, || {
-        process.check_running().map_err(|e| {
-            format!(
-                "{e}; {}",
-                crate::sys::hostinfo::tail(&work.join("qemu.stderr"), 5)
-            )
-        })?;
-        let console = fs_err::read(&vm.serial_log).unwrap_or_default();
-        if first_boot::read_console(&String::from_utf8_lossy(&console)) == ConsoleVerdict::NoAgent {
-            no_agent = true;
-            return Err("no agent".into());
+    let stderr_log = work.join("qemu.stderr");
+    let started = Instant::now();
+    let mut target = LocalQemu::start(&vm, &stderr_log)?;
+    let rules = BootRules {
+        timeout: build.boot_timeout,
+        direct_boot: qemu_boot.is_some(),
+        kvm_inside_tcg: None,
+        may_restart: true,
+    };
+    let route = SshRoute {
+        config: &ssh_config,
+        alias: ALIAS,
+        jump: None,
+    };
+    let waited = boot_wait::wait_for_ssh(&mut target, route, rules, &mut |reason, qemu_log| {
+        log.line(&format!("restarting the build VM: {reason}"));
+        if let Some(qemu_log) = qemu_log {
+            log.raw(&qemu_log);
         }
-        Ok(())
-    })
-    .map_err(|e| {
+    });
+    let boot_failed = |failure, log: &mut Log| {
         log.append_file("serial console", &vm.serial_log);
-        let serial = crate::sys::hostinfo::tail(&vm.serial_log, 25);
-        if no_agent {
-            return BuilderError::NoAgent {
-                platform: build.name.to_string(),
-                serial,
-                log: build.log.to_path_buf(),
-            };
-        }
-        BuilderError::NoSsh {
+        BuilderError::Boot {
             platform: build.name.to_string(),
-            seconds: build.boot_timeout.as_secs(),
-            reason: e.to_string(),
-            serial,
+            failure: Box::new(failure),
             log: build.log.to_path_buf(),
         }
-    })?;
+    };
+    let (ssh, watch) = match waited {
+        Ok(answered) => answered,
+        Err(BootError::Restart(e)) => return Err(e.into()),
+        Err(BootError::Failed(failure)) => return Err(boot_failed(failure, log)),
+    };
+    let LocalQemu { process, .. } = target;
     log.line(&format!(
         "ssh answered after boot ({} s)",
         spinner.elapsed().as_secs()
@@ -278,11 +278,13 @@ pub(super) fn boot(
         crate::model::chroot::DISK_DEVICE
     } else {
         spinner.set_message("waiting for cloud-init");
-        let waited = super::layer::wait_for_cloud_init(build, &ssh, deadline, log);
-        if waited.is_err() {
-            log.append_file("serial console", &vm.serial_log);
+        let remaining = (started + build.boot_timeout).saturating_duration_since(Instant::now());
+        let first_boot = boot_wait::wait_for_first_boot(&watch, &ssh, remaining);
+        log.line("== cloud-init status");
+        log.raw(&first_boot.output);
+        if let Err(failure) = first_boot.ready {
+            return Err(boot_failed(failure, log));
         }
-        waited?;
         BUILD_DISK_DEVICE
     };
     Ok(BuildVm {
@@ -417,14 +419,35 @@ fn load_saved(
             other => return Err(format!("the saved state did not load (qemu is {other:?})")),
         }
     }
-    let deadline = Instant::now() + RESTORE_TIMEOUT;
-    let ssh =
-        Ssh::wait_for(&ssh_config, ALIAS, deadline, || process.check_running()).map_err(|e| {
-            format!(
-                "{e}; {}",
-                crate::sys::hostinfo::tail(&work.join("qemu.stderr"), 5)
-            )
-        })?;
+    let stderr_log = work.join("qemu.stderr");
+    let mut target = LocalQemu {
+        vm: &vm,
+        process,
+        stderr_log: &stderr_log,
+    };
+    let rules = BootRules {
+        timeout: RESTORE_TIMEOUT,
+        direct_boot: false,
+        kvm_inside_tcg: None,
+        may_restart: false,
+    };
+    let route = SshRoute {
+        config: &ssh_config,
+        alias: ALIAS,
+        jump: None,
+    };
+    let (ssh, _) = boot_wait::wait_for_ssh(&mut target, route, rules, &mut |_, _| {}).map_err(
+        |e| match e {
+            BootError::Failed(failure) => failure
+                .render("the loaded build VM", "")
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            BootError::Restart(e) => e.to_string(),
+        },
+    )?;
+    let LocalQemu { process, .. } = target;
     // The guest's clock stopped when the state was saved.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

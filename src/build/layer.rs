@@ -18,17 +18,17 @@ use std::time::{Duration, Instant};
 
 use super::checkpointing::{Checkpointer, StepDisks, commit_checkpoints};
 use super::guest::Guest;
+use crate::model::boot_watch::BootFailure;
 use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
 use crate::model::config::Platform;
 use crate::model::derivation::Recipe;
-use crate::model::first_boot::{self, CloudInit};
 use crate::model::hash::ContentHash;
 use crate::model::qemu::MachineSpec;
 use crate::model::values::Firmware;
 use crate::progress::Reporter;
 use crate::store::{Entry, Staging, Store};
 use crate::sys::qemu_img;
-use crate::sys::ssh::{Ssh, shell_quote};
+use crate::sys::ssh::shell_quote;
 
 /// Kernel, initrd and command line for direct kernel boot, as kept in an entry's `boot/`.
 #[derive(Clone, Debug)]
@@ -67,25 +67,10 @@ pub enum BuilderError {
         tail: String,
         log: PathBuf,
     },
-    #[error("The build VM for `{platform}` did not answer ssh within {seconds} s ({reason})\nlast lines of its serial console:\n{serial}\nhint: the full log is `{}`", log.display())]
-    NoSsh {
+    #[error("{}", failure.render(&format!("the build VM for `{platform}`"), &format!("the full log is `{}`", log.display())))]
+    Boot {
         platform: String,
-        seconds: u64,
-        reason: String,
-        serial: String,
-        log: PathBuf,
-    },
-    #[error("The build VM for `{platform}` booted to a login prompt, but its image has neither cloud-init nor farm's agent, so nothing will install farm's key\nlast lines of its serial console:\n{serial}\nhint: {}; the full log is `{}`", first_boot::NO_AGENT_HINT, log.display())]
-    NoAgent {
-        platform: String,
-        serial: String,
-        log: PathBuf,
-    },
-    #[error("cloud-init in the build VM for `{platform}` ended in `{status}`\n{detail}\nhint: the image's own first boot failed before any step ran; the full log is `{}`", log.display())]
-    CloudInit {
-        platform: String,
-        status: String,
-        detail: String,
+        failure: Box<BootFailure>,
         log: PathBuf,
     },
     #[error("Cannot mount the image of `{platform}` for a chroot build\n{detail}\nhint: farm's appliance mounts ext4 root filesystems (ext4 /boot and vfat /boot/efi beside them); for another layout set `builder = \"boot\"` on the platform; the full log is `{}`", log.display())]
@@ -335,44 +320,6 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
         steps: steps.len(),
         reused,
     })
-}
-
-/// Steps run only once cloud-init (in images that have it) has finished its first boot:
-/// before that, apt may be locked, users and keys half made. A cloud-init that failed
-/// fails the build with its own words.
-pub(super) fn wait_for_cloud_init(
-    build: &LayerBuild,
-    ssh: &Ssh,
-    deadline: Instant,
-    log: &mut Log,
-) -> Result<(), BuilderError> {
-    let seconds = deadline
-        .saturating_duration_since(Instant::now())
-        .as_secs()
-        .max(60);
-    let out = ssh.run(&first_boot::wait_script(seconds), None)?;
-    let text = out.text();
-    log.line("== cloud-init status");
-    log.raw(&text);
-    match first_boot::parse_wait_output(&text) {
-        CloudInit::Absent | CloudInit::Done => Ok(()),
-        CloudInit::Pending { status } => Err(BuilderError::CloudInit {
-            platform: build.name.to_string(),
-            status: format!("still {status} after {seconds} s"),
-            detail: String::new(),
-            log: build.log.to_path_buf(),
-        }),
-        CloudInit::Failed {
-            status,
-            detail,
-            log_tail,
-        } => Err(BuilderError::CloudInit {
-            platform: build.name.to_string(),
-            status,
-            detail: format!("{detail}\nlast lines of /var/log/cloud-init.log:\n{log_tail}"),
-            log: build.log.to_path_buf(),
-        }),
-    }
 }
 
 /// Reads an input again and checks it is still what the derivation hashed.

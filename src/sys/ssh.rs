@@ -181,43 +181,6 @@ impl Ssh {
         })
     }
 
-    /// Keeps trying to connect until `deadline`; `still_alive` is asked between attempts so
-    /// a VM that died fails at once instead of at the deadline.
-    pub fn wait_for(
-        config_file: &Path,
-        alias: &str,
-        deadline: Instant,
-        still_alive: impl FnMut() -> Result<(), String>,
-    ) -> Result<Ssh, WaitError> {
-        Ssh::wait_for_through(config_file, alias, deadline, None, still_alive)
-    }
-
-    /// `wait_for`, reaching `alias` through `jump` (see `connect_through`).
-    pub fn wait_for_through(
-        config_file: &Path,
-        alias: &str,
-        deadline: Instant,
-        jump: Option<&Path>,
-        mut still_alive: impl FnMut() -> Result<(), String>,
-    ) -> Result<Ssh, WaitError> {
-        loop {
-            still_alive().map_err(WaitError::Died)?;
-            let connected = Ssh::connect_through(config_file, alias, Duration::from_secs(5), jump);
-            let last_error = match connected {
-                Ok(ssh) => match ssh.run("true", None) {
-                    Ok(out) if out.success() => return Ok(ssh),
-                    Ok(out) => out.text(),
-                    Err(e) => error_chain(&e),
-                },
-                Err(e) => error_chain(&e),
-            };
-            if Instant::now() >= deadline {
-                return Err(WaitError::Timeout { last_error });
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
     fn session(&self) -> &Session {
         self.session.as_ref().expect("the session lives until drop")
     }
@@ -370,14 +333,6 @@ impl Drop for Ssh {
             master.stop();
         }
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum WaitError {
-    #[error("The VM stopped before ssh answered: {0}")]
-    Died(String),
-    #[error("ssh did not answer before the deadline; last error: {last_error}")]
-    Timeout { last_error: String },
 }
 
 /// Whether an ssh server speaks on `stream` (within its read timeout): it sends its version line
