@@ -208,7 +208,7 @@ impl HttpBackend {
     fn failed(&self, e: reqwest::Error) -> BackendError {
         BackendError::Unreachable {
             url: self.url.clone(),
-            reason: error_chain(&e),
+            reason: crate::model::text::error_chain(&e),
         }
     }
 
@@ -280,20 +280,4 @@ impl Backend for HttpBackend {
             s => Err(self.status(path, s)),
         }
     }
-}
-
-/// An error and its causes, joined with `: `, leaving out a cause its error already
-/// quotes (reqwest and the object store clients repeat their sources in their messages),
-/// unlike `sys::ssh::error_chain`.
-pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(&format!(": {cause_text}"));
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -25,8 +25,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::Digest;
 
-use super::backend::{Backend, BackendError, Progress, Timeouts, error_chain};
+use super::backend::{Backend, BackendError, Progress, Timeouts};
 use super::blocking::{StreamReader, runtime};
+use crate::model::text::error_chain;
 
 const RECORD_ARTIFACT: &str = "application/vnd.farm.record.v1";
 const RECORD_MEDIA_TYPE: &str = "application/vnd.farm.record.v1+json";

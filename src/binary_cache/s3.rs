@@ -79,12 +79,12 @@ impl S3Backend {
         match e {
             object_store::Error::Generic { .. } => BackendError::Unreachable {
                 url: self.url.clone(),
-                reason: super::backend::error_chain(&e),
+                reason: crate::model::text::error_chain(&e),
             },
             other => BackendError::Io {
                 url: self.url.clone(),
                 path: path.to_string(),
-                source: io::Error::other(super::backend::error_chain(&other)),
+                source: io::Error::other(crate::model::text::error_chain(&other)),
             },
         }
     }

@@ -20,6 +20,7 @@ use super::hashing::HashPipeline;
 use super::partial::{Fetched, Partial, remove_if_exists, sidecar_path};
 use super::{Download, FetchError};
 use crate::model::hash::ContentHash;
+use crate::model::text::error_chain;
 
 /// How long a connection may stay silent before it counts as stalled, unless told.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -421,21 +422,6 @@ fn transport_error(url: &str, e: reqwest::Error, stall: Duration) -> FetchError 
         url: url.to_string(),
         detail: error_chain(&e),
     }
-}
-
-/// reqwest's top-level messages are vague ("error sending request"); the cause is below.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(err) = source {
-        let message = err.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        source = err.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -269,10 +269,7 @@ fn display_argv<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> String {
 }
 
 fn stderr_tail(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text.trim_end().lines().collect();
-    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-    lines[start..].join("\n")
+    crate::model::text::last_lines_of_bytes(stderr, STDERR_TAIL_LINES)
 }
 
 #[cfg(test)]
