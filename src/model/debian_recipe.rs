@@ -4,13 +4,13 @@
 //! changed builds new images instead of reusing stale ones.
 
 use super::config::DebianInit;
+pub use super::guest_basics::SEED_LIBRARY;
+use super::guest_basics::{kernel_package, serial_console};
 use super::hash::ContentHash;
 use super::values::Arch;
 
 /// farm's seed agent, installed as `/usr/local/sbin/farm-seed`.
 pub const AGENT_SCRIPT: &str = include_str!("../guest_agent/farm-seed.sh");
-/// The seed library both agents source, installed as `/usr/lib/farm/seed-lib.sh`.
-pub const SEED_LIBRARY: &str = include_str!("../guest_agent/seed-lib.sh");
 /// The systemd unit that runs the agent early at every boot.
 pub const AGENT_UNIT: &str = include_str!("../guest_agent/farm-seed.service");
 /// The mmdebstrap customize hook that installs the agent and strips the build's identity.
@@ -56,14 +56,6 @@ pub fn required_packages(arch: Arch, init: DebianInit) -> Vec<String> {
         .collect()
 }
 
-/// The cloud kernel's meta-package for `arch` (it depends on the current versioned kernel).
-pub fn kernel_package(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "linux-image-cloud-amd64",
-        Arch::Aarch64 => "linux-image-cloud-arm64",
-    }
-}
-
 /// The kernel command line for direct kernel boot: the whole first virtio disk is the root
 /// filesystem, mounted read-write from the start (fsck needs nothing else), and the console
 /// is the serial port farm logs (`ttyS0` on PC, the PL011 `ttyAMA0` on the arm `virt` board).
@@ -72,14 +64,6 @@ pub fn kernel_cmdline(arch: Arch, init: DebianInit) -> String {
     match init {
         DebianInit::Systemd => format!("root=/dev/vda rw console={}", serial_console(arch)),
         DebianInit::Busybox => super::tiny_recipe::kernel_cmdline(arch),
-    }
-}
-
-/// The serial console's device: the 16550 `ttyS0` on PC, the PL011 `ttyAMA0` on arm `virt`.
-pub fn serial_console(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "ttyS0",
-        Arch::Aarch64 => "ttyAMA0",
     }
 }
 

@@ -14,6 +14,7 @@ pub mod down_plan;
 pub mod first_boot;
 pub mod gc;
 pub mod graph;
+pub mod guest_basics;
 pub mod hash;
 pub mod instance;
 pub mod inventory;

@@ -3,13 +3,14 @@
 //! an input of the image's derivation (`digest`), so a farm whose boot script changed
 //! builds a new tiny image instead of reusing a stale one.
 
+use super::guest_basics::{kernel_package, serial_console};
 use super::hash::ContentHash;
 use super::values::Arch;
 
 /// busybox init's `sysinit` script: mounts, seed, network.
 pub const BOOT_SCRIPT: &str = include_str!("../guest_agent/tiny-init.sh");
 /// The seed library shared with the Debian images' agent (`/usr/lib/farm/seed-lib.sh`).
-pub use super::debian_recipe::SEED_LIBRARY;
+pub use super::guest_basics::SEED_LIBRARY;
 /// The initramfs `/init`: loads the virtio modules and switches to the disk.
 pub const INITRAMFS_INIT: &str = include_str!("../guest_agent/tiny/initramfs-init.sh");
 /// busybox init's configuration: what makes `poweroff` work.
@@ -22,24 +23,18 @@ pub const UDHCPC_SCRIPT: &str = include_str!("../guest_agent/tiny/udhcpc.script"
 /// The kernel command line. `quiet` because every line on a serial console costs time under
 /// TCG; the disk is mounted by the initramfs, so no `root=`.
 pub fn kernel_cmdline(arch: Arch) -> String {
-    format!(
-        "console={} quiet",
-        super::debian_recipe::serial_console(arch)
-    )
+    format!("console={} quiet", serial_console(arch))
 }
 
 /// busybox init's configuration with the shell on `arch`'s serial console.
 pub fn inittab(arch: Arch) -> String {
-    INITTAB.replace(
-        "ttyS0::",
-        &format!("{}::", super::debian_recipe::serial_console(arch)),
-    )
+    INITTAB.replace("ttyS0::", &format!("{}::", serial_console(arch)))
 }
 
 /// The meta-package whose `Depends:` names the current versioned cloud kernel
 /// (`linux-image-cloud-amd64`, `linux-image-cloud-arm64`).
 pub fn kernel_meta_package(arch: Arch) -> &'static str {
-    super::debian_recipe::kernel_package(arch)
+    kernel_package(arch)
 }
 
 /// Where `arch`'s libraries live in Debian (`lib/x86_64-linux-gnu`), and its dynamic loader:
