@@ -8,8 +8,7 @@ use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::run::down::{DownOutcome, down};
 
-use super::status::check_vm_names;
-use super::up::StateArgs;
+use super::lab::{StateArgs, check_vm_names};
 
 #[derive(Debug, Args)]
 pub struct DownArgs {

@@ -15,8 +15,7 @@ use crate::project::{Project, ProjectOptions};
 use crate::run::state::StatePaths;
 use crate::sys::ssh::shell_quote;
 
-use super::status::check_vm_names;
-use super::up::StateArgs;
+use super::lab::{StateArgs, check_vm_names};
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {

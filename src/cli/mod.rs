@@ -8,6 +8,7 @@ mod check;
 mod down;
 mod gc;
 mod graph;
+mod lab;
 mod logs;
 mod show;
 mod snapshot;

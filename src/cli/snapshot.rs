@@ -6,7 +6,7 @@ use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::run::snapshot;
 
-use super::up::StateArgs;
+use super::lab::StateArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {

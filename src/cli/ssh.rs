@@ -9,8 +9,7 @@ use clap::Args;
 use crate::project::{Project, ProjectOptions};
 use crate::run::state::StatePaths;
 
-use super::status::check_vm_names;
-use super::up::StateArgs;
+use super::lab::{StateArgs, check_vm_names};
 
 #[derive(Debug, Args)]
 pub struct SshArgs {

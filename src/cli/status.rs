@@ -4,12 +4,11 @@ use std::collections::BTreeMap;
 
 use clap::Args;
 
-use crate::model::diagnostic::list_names;
 use crate::progress::Reporter;
-use crate::project::{Project, ProjectOptions, UsageError};
+use crate::project::{Project, ProjectOptions};
 use crate::run::status::{VmStatus, status};
 
-use super::up::StateArgs;
+use super::lab::StateArgs;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -27,23 +26,6 @@ pub fn run(options: &ProjectOptions, args: StatusArgs, reporter: &Reporter) -> a
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", table(&project, &rows));
-    }
-    Ok(())
-}
-
-/// Fails with a usage error (exit 2) for a name that is not a VM of the project.
-pub fn check_vm_names(project: &Project, names: &[String]) -> anyhow::Result<()> {
-    for name in names {
-        if !project.loaded.topology.vms.contains_key(name) {
-            return Err(UsageError {
-                message: format!(
-                    "`{name}` is not a VM of `{}`",
-                    project.config_path.display()
-                ),
-                hint: format!("VMs: {}", list_names(project.loaded.topology.vms.keys())),
-            }
-            .into());
-        }
     }
     Ok(())
 }

@@ -1,6 +1,5 @@
 //! `farm up`: build what is missing, then bring the lab to what farm.toml says.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -8,25 +7,12 @@ use clap::Args;
 use crate::build::realise::RealiseOptions;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::run::lab::{UpOptions, state_dir_for};
+use crate::run::lab::UpOptions;
 use crate::run::up::{UpOutcome, up};
 
 use super::build::{AccelArg, FetchArgs, default_jobs};
-use super::status::{check_vm_names, table};
-
-#[derive(Debug, Args)]
-pub struct StateArgs {
-    /// The state directory for instances, keys and ssh_config [default: `.farm/` beside
-    /// farm.toml].
-    #[arg(long, env = "FARM_STATE")]
-    pub state: Option<PathBuf>,
-}
-
-impl StateArgs {
-    pub fn dir(&self, project: &Project) -> PathBuf {
-        state_dir_for(project, self.state.as_deref())
-    }
-}
+use super::lab::{StateArgs, check_vm_names};
+use super::status::table;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
