@@ -6,6 +6,7 @@ mod checkpointing;
 pub mod debian_image;
 mod guest;
 pub mod layer;
+pub mod missing;
 mod playbook;
 mod produce;
 pub mod realise;

@@ -1,23 +1,22 @@
-//! `farm build [NAME…]` and `farm plan`: load → validate → plan → print or apply.
+//! `farm build [NAME…]` and `farm plan`: load → validate → plan → print or apply
+//! (`build::missing`).
 
 use anyhow::Context;
 use clap::Args;
 
+use crate::build::missing::{LockOutcome, build_and_lock, plan_missing};
+use crate::build::realise::RealiseOptions;
 pub use crate::build::realise::default_jobs;
-use crate::build::realise::{RealiseOptions, present_hashes, realise};
 use crate::build::reproduce::{Outcome, rebuild_and_compare};
-use crate::build::substitution::{CacheChoice, Substitution, plan_with_caches};
-use crate::model::derivation::{DrvId, DrvNode};
-use crate::model::hash::ContentHash;
-use crate::model::lock::{self, LockFile};
-use crate::model::plan::{BuildPlan, plan_build};
+use crate::build::substitution::CacheChoice;
+use crate::model::derivation::DrvId;
+use crate::model::plan::plan_build;
 use crate::model::values::Accel;
 use crate::progress::Reporter;
 use crate::project::UsageError;
 use crate::project::{Project, ProjectOptions};
 use crate::run::lab::state_dir_for;
 use crate::store::{Store, UseMode};
-use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -150,60 +149,30 @@ pub struct PlanArgs {
     pub caches: SubstituteArgs,
 }
 
-/// The derivations named on the command line, or the project's default set.
-fn wanted(project: &Project, names: &[String]) -> anyhow::Result<Vec<DrvId>> {
-    if names.is_empty() {
-        return Ok(project.default_build());
-    }
-    let mut ids = Vec::new();
-    for name in names {
-        ids.extend(project.resolve(name)?);
-    }
-    Ok(ids)
-}
-
-/// The build plan against `store` (none yet: everything is to be built) and the caches.
-fn make_plan(
-    project: &Project,
-    store: Option<&Store>,
-    names: &[String],
-    caches: &CacheChoice,
-    reporter: &Reporter,
-) -> anyhow::Result<(BuildPlan, Option<Arc<Substitution>>)> {
-    let ids = wanted(project, names)?;
-    let closure = project.graph.closure(&ids);
-    let present = match store {
-        Some(store) => present_hashes(store, closure)?,
-        None => Default::default(),
-    };
-    Ok(plan_with_caches(project, &ids, &present, caches, reporter)?)
-}
-
 pub fn plan(options: &ProjectOptions, args: PlanArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     // Planning only reads: no store is made.
     let store = Store::open_existing(&project.store_dir)?;
-    let (plan, _) = make_plan(
-        &project,
-        store.as_ref(),
-        &args.names,
-        &args.caches.choice()?,
-        reporter,
-    )?;
+    let wanted = project.resolve_all(&args.names)?;
+    let caches = args.caches.choice()?;
+    let (plan, _) =
+        plan_missing::<anyhow::Error>(&project, store.as_ref(), &wanted, &caches, reporter)?;
     print!("{plan}");
     Ok(())
 }
 
 pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
+    let wanted = project.resolve_all(&args.names)?;
     let locked = match args.locked {
-        true => Some(check_locked(&project, &args.names)?),
+        true => Some(project.check_locked(&wanted)?),
         false => None,
     };
     let caches = args.caches.choice()?;
     if args.dry_run {
         let store = Store::open_existing(&project.store_dir)?;
-        let (plan, _) = make_plan(&project, store.as_ref(), &args.names, &caches, reporter)?;
+        let (plan, _) =
+            plan_missing::<anyhow::Error>(&project, store.as_ref(), &wanted, &caches, reporter)?;
         print!("{plan}");
         return Ok(());
     }
@@ -211,7 +180,7 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
     let _store_use = store.use_as(UseMode::Shared, || {
         reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
     })?;
-    let mut realise_options = RealiseOptions {
+    let realise_options = RealiseOptions {
         fetch_attempts: args.fetch.fetch_attempts,
         fetch_timeout: args.fetch.timeout(),
         accel: args.accel.map(Accel::from),
@@ -222,43 +191,39 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         step_checkpoints: !args.no_checkpoints && !args.check,
     };
     if args.check {
-        return check_reproducible(&project, &store, &args, &realise_options, reporter);
+        return check_reproducible(&project, &store, &wanted, &args, &realise_options, reporter);
     }
-    let (plan, substitution) = make_plan(&project, Some(&store), &args.names, &caches, reporter)?;
-    realise_options.substitution = substitution;
-    if plan.is_noop() {
+    let (built, lock) = build_and_lock::<anyhow::Error>(
+        &project,
+        &store,
+        &wanted,
+        &caches,
+        &realise_options,
+        &state_dir_for(&project, None),
+        locked.as_ref(),
+        reporter,
+    )?;
+    if built.plan.is_noop() {
         reporter.line(format!(
             "{:>12} all {} derivations are cached",
             "done",
-            plan.steps.len()
+            built.plan.steps.len()
         ));
-    } else {
-        realise(
-            &project.loaded.config,
-            &plan,
-            &store,
-            &realise_options,
-            reporter,
-        )?;
     }
-    project.register_root(&store, &state_dir_for(&project, None))?;
-    let output_of = |node: &DrvNode| {
-        store
-            .lookup(&node.hash, &node.name)
-            .ok()
-            .flatten()
-            .map(|e| e.meta.output_blake3)
-    };
-    match locked {
-        Some(lock) => warn_outputs_differ(&lock, &plan, output_of, reporter),
-        None => {
-            let old = project.read_lock()?;
-            let new = lock::updated(old.as_ref(), project.graph.all(), output_of);
-            if project.write_lock(&new)? {
-                reporter.line(format!(
-                    "{:>12} `{}`",
-                    "locked",
-                    project.lock_path().display()
+    match lock {
+        LockOutcome::Written(path) => {
+            reporter.line(format!("{:>12} `{}`", "locked", path.display()));
+        }
+        LockOutcome::Unchanged => {}
+        // Built here from the same derivation (an `upgrade` is not bit-reproducible):
+        // worth knowing, not an error.
+        LockOutcome::Kept { differs } => {
+            for d in differs {
+                reporter.warn(format!(
+                    "`{}` was built from the locked derivation but its output differs from \
+                     farm.lock's ({}, locked {}): it is not bit-reproducible; \
+                     `farm build --check {}` tells whether it ever is",
+                    d.name, d.built, d.locked, d.name
                 ));
             }
         }
@@ -266,70 +231,23 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
     Ok(())
 }
 
-/// `--locked`: every derivation to be built must be in farm.lock, unchanged.
-fn check_locked(project: &Project, names: &[String]) -> anyhow::Result<LockFile> {
-    let lock = project.require_lock()?;
-    let ids = wanted(project, names)?;
-    let drifts = lock::drift(&lock, project.graph.closure(&ids));
-    if drifts.is_empty() {
-        return Ok(lock);
-    }
-    let listed: Vec<String> = drifts.iter().map(|d| format!("  {d}")).collect();
-    anyhow::bail!(
-        "`{}` does not match `{}`:\n{}\nhint: if the change is meant, run `farm build` without \
-         `--locked` to build it and update the lock",
-        project.config_path.display(),
-        project.lock_path().display(),
-        listed.join("\n")
-    );
-}
-
-/// After a `--locked` build: outputs that differ from the lock's were built here from the
-/// same derivation (an `upgrade` is not bit-reproducible): worth knowing, not an error.
-fn warn_outputs_differ(
-    lock: &LockFile,
-    plan: &BuildPlan,
-    output_of: impl Fn(&DrvNode) -> Option<ContentHash>,
-    reporter: &Reporter,
-) {
-    for step in &plan.steps {
-        let locked = lock.derivations.get(&step.node.name).and_then(|l| l.output);
-        if let (Some(locked), Some(built)) = (locked, output_of(&step.node))
-            && locked != built
-        {
-            reporter.warn(format!(
-                "`{}` was built from the locked derivation but its output differs from \
-                 farm.lock's ({built}, locked {locked}): it is not bit-reproducible; \
-                 `farm build --check {}` tells whether it ever is",
-                step.node.name, step.node.name
-            ));
-        }
-    }
-}
-
 /// `--check [--strict]`.
 fn check_reproducible(
     project: &Project,
     store: &Store,
+    ids: &[DrvId],
     args: &BuildArgs,
     options: &RealiseOptions,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    let ids = wanted(project, &args.names)?;
     let plan = plan_build(
         &project.loaded.config,
         &project.graph,
-        &ids,
+        ids,
         &Default::default(),
     );
-    let checked = rebuild_and_compare(
-        &project.loaded.config,
-        &plan,
-        &ids,
-        store,
-        options,
-        reporter,
-    )?;
+    let checked =
+        rebuild_and_compare(&project.loaded.config, &plan, ids, store, options, reporter)?;
     let differs: Vec<&str> = checked
         .iter()
         .filter(|c| matches!(c.outcome, Outcome::Differs { .. }))

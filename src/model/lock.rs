@@ -192,6 +192,35 @@ pub fn updated<'a>(
     }
 }
 
+/// A derivation built from its locked recipe whose output differs from the lock's: it is
+/// not bit-reproducible (an `upgrade` step is not), worth a warning, not an error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputDiffers {
+    pub name: String,
+    pub built: ContentHash,
+    pub locked: ContentHash,
+}
+
+/// Which of `nodes` (just built under `--locked`) have an output other than `lock` records.
+pub fn outputs_differ<'a>(
+    lock: &LockFile,
+    nodes: impl IntoIterator<Item = &'a DrvNode>,
+    output_of: impl Fn(&DrvNode) -> Option<ContentHash>,
+) -> Vec<OutputDiffers> {
+    nodes
+        .into_iter()
+        .filter_map(|node| {
+            let locked = lock.derivations.get(&node.name)?.output?;
+            let built = output_of(node)?;
+            (locked != built).then(|| OutputDiffers {
+                name: node.name.clone(),
+                built,
+                locked,
+            })
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockParseError {
     #[error("{0}")]

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::Project;
+use crate::model::derivation::DrvId;
 use crate::model::lock::{self, LOCK_FILE, LockFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,17 @@ pub enum LockFileError {
         "`{path}` cannot be read: {reason}\nhint: delete it and run `farm build` to write it again"
     )]
     Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "`{config}` does not match `{path}`:\n{}\nhint: if the change is meant, run \
+         `farm build` without `--locked` to build it and update the lock",
+        drifts.join("\n")
+    )]
+    Drift {
+        config: PathBuf,
+        path: PathBuf,
+        /// Each derivation that differs, as `model::lock::Drift` says it, indented.
+        drifts: Vec<String>,
+    },
     #[error("Cannot write `{path}`: {source}")]
     Write {
         path: PathBuf,
@@ -59,6 +71,21 @@ impl Project {
     pub fn require_lock(&self) -> Result<LockFile, LockFileError> {
         self.read_lock()?.ok_or(LockFileError::Missing {
             path: self.lock_path(),
+        })
+    }
+
+    /// `--locked`: the lock, when every derivation of `ids` (and what they are built on)
+    /// is in it unchanged.
+    pub fn check_locked(&self, ids: &[DrvId]) -> Result<LockFile, LockFileError> {
+        let lock = self.require_lock()?;
+        let drifts = lock::drift(&lock, self.graph.closure(ids));
+        if drifts.is_empty() {
+            return Ok(lock);
+        }
+        Err(LockFileError::Drift {
+            config: self.config_path.clone(),
+            path: self.lock_path(),
+            drifts: drifts.iter().map(|d| format!("  {d}")).collect(),
         })
     }
 

@@ -27,6 +27,20 @@ pub struct ProjectOptions {
     pub store: Option<PathBuf>,
 }
 
+impl ProjectOptions {
+    /// The store directory without loading farm.toml (store commands work on a store
+    /// alone): `--store`, else `cache/` beside farm.toml.
+    pub fn store_dir(&self) -> PathBuf {
+        self.store.clone().unwrap_or_else(|| {
+            self.config
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .join("cache")
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Project {
     pub loaded: Loaded,
@@ -73,6 +87,29 @@ impl Project {
             store_dir,
             config_path: options.config.clone(),
         })
+    }
+
+    /// The project when its farm.toml exists, `None` when it does not: store commands
+    /// work on a store alone, but a farm.toml that is there must be valid.
+    pub fn load_if_present(options: &ProjectOptions) -> Result<Option<Project>, ConfigError> {
+        options
+            .config
+            .exists()
+            .then(|| Project::load(options))
+            .transpose()
+    }
+
+    /// The derivations the command-line `names` stand for (see `resolve`), or, given none,
+    /// what `farm build` builds (`default_build`).
+    pub fn resolve_all(&self, names: &[String]) -> Result<Vec<DrvId>, UsageError> {
+        if names.is_empty() {
+            return Ok(self.default_build());
+        }
+        let mut ids = Vec::new();
+        for name in names {
+            ids.extend(self.resolve(name)?);
+        }
+        Ok(ids)
     }
 
     /// Derivations a command-line NAME stands for: a store entry name (`<platform>_<target>`,

@@ -3,11 +3,10 @@
 //! brought up in parallel, a site inside a hypervisor VM as soon as that VM answers ssh, and
 //! each site's VMs in parallel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::build::realise::{RealiseOptions, present_hashes, realise};
-use crate::build::substitution::plan_with_caches;
+use crate::build::missing::{build_missing, plan_missing};
 use crate::model::derivation::DrvId;
 use crate::model::plan::BuildPlan;
 use crate::model::topology::Placement;
@@ -136,12 +135,13 @@ fn up_once(
     let existing = Store::open_existing(&project.store_dir)?;
     let mut planned_build = None;
     let (store, built, _store_use) = if options.dry_run {
-        let present = match &existing {
-            Some(store) => present_hashes(store, project.graph.closure(&wanted))?,
-            None => BTreeSet::new(),
-        };
-        let (build_plan, _) =
-            plan_with_caches(project, &wanted, &present, &options.caches, reporter)?;
+        let (build_plan, _) = plan_missing::<LabError>(
+            project,
+            existing.as_ref(),
+            &wanted,
+            &options.caches,
+            reporter,
+        )?;
         planned_build = (!build_plan.is_noop()).then_some(build_plan);
         (existing, BTreeMap::new(), None)
     } else {
@@ -150,22 +150,16 @@ fn up_once(
         let store_use = store.use_as(UseMode::Shared, || {
             reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
         })?;
-        let present = present_hashes(&store, project.graph.closure(&wanted))?;
-        let (build_plan, substitution) =
-            plan_with_caches(project, &wanted, &present, &options.caches, reporter)?;
-        let realise_options = RealiseOptions {
-            substitution,
-            ..options.realise.clone()
-        };
-        let built = realise(
-            &project.loaded.config,
-            &build_plan,
+        let built = build_missing::<LabError>(
+            project,
             &store,
-            &realise_options,
+            &wanted,
+            &options.caches,
+            &options.realise,
+            state_root,
             reporter,
         )?;
-        project.register_root(&store, state_root)?;
-        (Some(store), built, Some(store_use))
+        (Some(store), built.entries, Some(store_use))
     };
 
     let state = if options.dry_run {
