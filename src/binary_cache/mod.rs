@@ -9,6 +9,7 @@
 pub mod backend;
 mod blob;
 mod blocking;
+pub mod keys;
 mod oci;
 pub mod push;
 mod s3;

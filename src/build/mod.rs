@@ -9,6 +9,7 @@ pub mod layer;
 pub mod missing;
 mod playbook;
 mod produce;
+pub mod pull;
 pub mod realise;
 pub mod reproduce;
 pub mod substitution;

@@ -46,7 +46,7 @@ pub fn run(options: &ProjectOptions, args: GcArgs, reporter: &Reporter) -> anyho
     };
     let dir = match &project {
         Some(p) => p.store_dir.clone(),
-        None => super::store::store_dir(options),
+        None => options.store_dir(),
     };
     let store = Store::open_existing(&dir)?.ok_or(StoreError::NoStore { path: dir })?;
     let report = gc(

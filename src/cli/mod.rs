@@ -144,6 +144,12 @@ fn exit_code_for(err: &anyhow::Error) -> ExitCode {
                 cause.downcast_ref::<crate::run::snapshot::SnapshotError>(),
                 Some(crate::run::snapshot::SnapshotError::Refused(_))
             )
+            || cause
+                .downcast_ref::<crate::maintain::ChooseError>()
+                .is_some_and(crate::maintain::ChooseError::is_bad_input)
+            || cause
+                .downcast_ref::<crate::binary_cache::keys::KeyError>()
+                .is_some_and(crate::binary_cache::keys::KeyError::is_bad_input)
             || cause.downcast_ref::<StoreError>().is_some_and(|e| {
                 // A `--store` that names nothing, or a file: the command line is wrong.
                 matches!(
