@@ -69,6 +69,9 @@ pub struct VerifyArgs {
     /// again those this farm.toml describes.
     #[arg(long)]
     pub repair: bool,
+    /// With `--repair`: print what would be set aside and built again; change nothing.
+    #[arg(long, requires = "repair")]
+    pub dry_run: bool,
     /// Skip `qemu-img check` of each disk's metadata: hashes and chains only.
     #[arg(long)]
     pub no_qemu_check: bool,
@@ -159,6 +162,10 @@ fn verify(
     }
     let project = Project::load_if_present(options)?;
     let plan = plan_repair(&report, project.as_ref());
+    if args.dry_run {
+        print!("{}", plan.render());
+        return Ok(report.outcome(store, DamageHint::DryRun)?);
+    }
     for (entry, reason) in &plan.aside {
         if let AsideReason::BackedBy(parent) = reason {
             reporter.line(format!(

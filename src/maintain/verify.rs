@@ -8,6 +8,7 @@
 //! bit-reproducible) would make it a different disk.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
 use std::path::PathBuf;
 
 use crate::build::realise::{BuildError, RealiseOptions, present_hashes, realise};
@@ -64,6 +65,9 @@ impl VerifyReport {
             (_, DamageHint::Repair) => {
                 "`farm store verify --repair` moves damaged entries aside and builds them again"
             }
+            (_, DamageHint::DryRun) => {
+                "`farm store verify --repair` without `--dry-run` does what is listed above"
+            }
         };
         Err(VerifyError::Damaged {
             store: store.root().to_path_buf(),
@@ -78,6 +82,8 @@ impl VerifyReport {
 pub enum DamageHint {
     /// `--repair`.
     Repair,
+    /// `--repair` without `--dry-run`: its plan was just shown.
+    DryRun,
 }
 
 fn strays_line(store: &Store, count: usize) -> String {
@@ -154,6 +160,32 @@ pub struct RepairPlan {
     /// Entries set aside that farm.toml does not describe (or with no farm.toml), so farm
     /// cannot build them again.
     pub not_rebuilt: Vec<String>,
+}
+
+impl RepairPlan {
+    /// The plan as `--dry-run` prints it.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "repair, in this order (entries set aside go to `damaged/` in the store):\n",
+        );
+        for (entry, reason) in &self.aside {
+            let why = match reason {
+                AsideReason::Damaged { files } => format!("damaged: `{}`", files.join("`, `")),
+                AsideReason::BackedBy(parent) => format!("it backs onto `{parent}`"),
+            };
+            let _ = writeln!(out, "  set aside {} ({why})", entry.dir_name());
+        }
+        for node in &self.rebuild {
+            let _ = writeln!(out, "  build again {}", node.name);
+        }
+        for name in &self.not_rebuilt {
+            let _ = writeln!(
+                out,
+                "  leave {name} set aside: not a derivation of this farm.toml, so not built again"
+            );
+        }
+        out
+    }
 }
 
 /// The repair of what `report` found damaged: every damaged entry and every entry that

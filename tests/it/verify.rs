@@ -260,6 +260,87 @@ fn repair_sets_aside_the_damaged_entry_and_what_it_backs_then_builds_both_again(
     assert!(project.entry("local").join("disk.qcow2").is_file());
 }
 
+/// blake3 of every file under `dir`, by path relative to it.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(current) = dirs.pop() {
+        for entry in fs_err::read_dir(&current).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let hash = blake3::hash(&fs_err::read(&path).unwrap());
+                files.push((
+                    path.strip_prefix(dir).unwrap().to_path_buf(),
+                    hash.to_hex().to_string(),
+                ));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_repair_dry_run_lists_what_it_would_set_aside_and_build_and_changes_nothing() {
+    let project = Project::new(
+        "[images.local]\npath = \"base.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n\n\
+         [platforms.p]\nfrom = \"local\"\n",
+    );
+    project.blank_disk("base.qcow2");
+    project.ok(&["build"]);
+    let image = project.entry("local");
+    let layer = project.entry("p_amd64");
+    flip_byte(&image.join("disk.qcow2"), 1000);
+    let entries = project.store.join("store");
+    let before = fingerprint(&entries);
+
+    let out = project.run(&["store", "verify", "--repair", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let image_name = image.file_name().unwrap().to_string_lossy().into_owned();
+    let layer_name = layer.file_name().unwrap().to_string_lossy().into_owned();
+    // The damage, as verify names it, then the plan: parents first.
+    assert!(
+        said.contains(&format!(
+            "error: `disk.qcow2` of entry `{image_name}`: its content changed"
+        )),
+        "{said}"
+    );
+    let aside_image = format!("set aside {image_name} (damaged: `disk.qcow2`)");
+    let aside_layer = format!("set aside {layer_name} (it backs onto `{image_name}`)");
+    for line in [
+        &aside_image,
+        &aside_layer,
+        "build again local",
+        "build again p_amd64",
+    ] {
+        assert!(stdout.contains(line), "{line:?} not in:\n{stdout}");
+    }
+    assert!(
+        stdout.find(&aside_image) < stdout.find(&aside_layer),
+        "{stdout}"
+    );
+    assert!(
+        said.contains("1 of 2 entries are damaged")
+            && said.contains("without `--dry-run` does what is listed above"),
+        "{said}"
+    );
+    assert!(!said.contains("moved"), "{said}");
+
+    // Nothing moved, nothing built: every file of every entry is as it was.
+    assert_eq!(fingerprint(&entries), before);
+    assert!(!project.store.join("damaged").exists());
+    let again = project.run(&["store", "verify", "--no-qemu-check"]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+
+    // `--dry-run` is `--repair`'s.
+    let alone = project.run(&["store", "verify", "--dry-run"]);
+    assert_eq!(alone.status.code(), Some(2), "{}", text(&alone));
+}
+
 #[test]
 fn repair_without_a_farm_toml_sets_aside_and_says_what_it_could_not_build() {
     let lab = lab();
