@@ -14,7 +14,7 @@ pub enum SnapshotCommand {
     /// them): memory, devices and disks; it runs on from the snapshot unless --stop.
     Save(SaveArgs),
     /// Stop the snapshot's VMs and start them from it; waits until every VM answers ssh.
-    Restore(NameArgs),
+    Restore(RestoreArgs),
     /// List the snapshots: name, when, VMs, size.
     Ls(StateOnly),
     /// Remove a snapshot.
@@ -43,6 +43,18 @@ pub struct NameArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot's name, as `farm snapshot ls` lists it.
+    pub name: String,
+    /// Print which VMs would stop and which saved disks and states would be loaded on
+    /// which host; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct StateOnly {
     #[command(flatten)]
     pub state: StateArgs,
@@ -64,6 +76,10 @@ pub fn run(
                 args.stop,
                 reporter,
             )?;
+        }
+        SnapshotCommand::Restore(args) if args.dry_run => {
+            let plan = snapshot::plan_restore(&project, &args.state.dir(&project), &args.name)?;
+            print!("{}", plan.render());
         }
         SnapshotCommand::Restore(args) => {
             snapshot::restore(&project, &args.state.dir(&project), &args.name, reporter)?;

@@ -75,6 +75,37 @@ fn assert_the_saved_moment(p: &Project) {
     assert!(stdout(&tap).contains("10.0.0.254/24"), "{}", text(&tap));
 }
 
+/// `restore --dry-run` says which VMs stop and which saved files load on which host, and
+/// leaves the lab as it runs: hv's qemu is the same process and every VM still has the file
+/// written after the save.
+fn assert_a_restore_dry_run_changes_nothing(p: &Project, entry: &std::path::Path) {
+    let pid = || fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();
+    let before = pid();
+    let out = p.ok(&["snapshot", "restore", "booted", "--dry-run"]);
+    let plan = stdout(&out);
+    let entry = entry.file_name().unwrap().to_string_lossy().into_owned();
+    for line in [
+        "stop hv on host local (its state is discarded, and pyleaf_amd64, vleaf_amd64 inside it)",
+        "start hv on host local: a new overlay on `",
+        "resume pyleaf_amd64, vleaf_amd64 inside hv (saved in its state)",
+        "wait for the 3 VM(s) to answer ssh",
+    ] {
+        assert!(plan.contains(line), "{line:?} not in:\n{}", text(&out));
+    }
+    let start = plan.lines().find(|l| l.contains("start hv")).unwrap();
+    assert!(
+        start.contains(&format!("{entry}/disk.qcow2`"))
+            && start.contains(&format!("{entry}/state.zst`")),
+        "{start}"
+    );
+    assert!(!text(&out).contains("restored"), "{}", text(&out));
+    assert_eq!(pid(), before, "a dry run restarted hv");
+    for vm in VMS_ALL {
+        let out = p.ok(&["ssh", vm, "--", "test -e /root/after && echo still"]);
+        assert_eq!(stdout(&out).trim(), "still", "{vm}: {}", text(&out));
+    }
+}
+
 #[test]
 fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     let Some(lab) = restored("snapshot", &nested_lab()) else {
@@ -123,6 +154,9 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     for round in 0..2 {
         for vm in VMS_ALL {
             p.ok(&["ssh", vm, "--", "echo x > /root/after; sync"]);
+        }
+        if round == 0 {
+            assert_a_restore_dry_run_changes_nothing(p, &entries[0]);
         }
         let restore = p.ok(&["snapshot", "restore", "booted"]);
         let log = String::from_utf8_lossy(&restore.stderr).into_owned();
@@ -256,4 +290,20 @@ fn a_device_that_cannot_migrate_is_named() {
     );
     assert!(!state.exists(), "a failed save left {state:?}");
     assert_eq!(status.unwrap()["status"], "prelaunch");
+}
+
+/// A dry run is refused as the restore would be (exit 2), and reads only: no state
+/// directory, no store.
+#[test]
+fn a_restore_dry_run_of_an_unknown_snapshot_is_refused_and_creates_nothing() {
+    let p = Project::new(
+        "[images.local]\npath = \"base.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n\n\
+         [platforms.p]\nfrom = \"local\"\n\n[vms.a]\nplatform = \"p\"\n",
+    );
+    p.blank_disk("base.qcow2");
+    let out = p.run(&["snapshot", "restore", "nope", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("No snapshot `nope`"), "{}", text(&out));
+    assert!(!p.path().join(".farm").exists());
+    assert!(!p.store.exists());
 }

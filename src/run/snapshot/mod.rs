@@ -10,7 +10,7 @@ mod remote;
 mod restore;
 mod save;
 
-pub use restore::restore;
+pub use restore::{RestorePlan, RestoreVm, plan_restore, restore};
 pub use save::{save, save_state};
 
 use std::collections::BTreeMap;

@@ -1,11 +1,13 @@
 //! `farm snapshot restore`: refusals first, then each saved VM started from its entry, and
-//! every VM at every level waited for.
+//! every VM at every level waited for. `plan_restore` finds what it would do, for
+//! `--dry-run`, and changes nothing.
 
 use super::*;
 use crate::model::boot_watch::BootRules;
 use crate::model::instance::InstanceSpec;
 use crate::run::boot::SiteVm;
 use crate::run::host::qmp_over_ssh;
+use crate::run::state::StatePaths;
 use crate::sys::boot_wait::{self, BootError, SshRoute, Unobserved};
 use crate::sys::ssh::Ssh;
 
@@ -20,8 +22,141 @@ pub fn restore(
     valid_name(name).map_err(SnapshotError::Refused)?;
     let state = StateDir::open(state_root)?;
     let store = Store::open(&project.store_dir).map_err(store_error)?;
-    let manifest = find_manifest(&state, &store, name)?;
-    let entries = entries_of(&store, &manifest)?;
+    let (manifest, vms) = checked(project, &state, &state.own_ssh_config(), Some(&store), name)?;
+    // What runs of the snapshot's VMs goes (refused about before anything stops); the
+    // VMs outside it run on.
+    let records = state.records();
+    for vm in &vms {
+        if let Some(record) = records.get(&vm.name) {
+            quit(&*vm.host, &record.spec, &vm.name)?;
+        }
+    }
+    load(project, &state, &store, &manifest, &vms, reporter)?;
+    Ok(manifest)
+}
+
+/// What `restore` would do, found as it finds it (every refusal included), with nothing
+/// changed: for `farm snapshot restore --dry-run`.
+#[derive(Debug)]
+pub struct RestorePlan {
+    pub snapshot: String,
+    /// The snapshot's top-level VMs, in its order.
+    pub vms: Vec<RestoreVm>,
+}
+
+/// One top-level VM of a restore.
+#[derive(Debug)]
+pub struct RestoreVm {
+    pub name: String,
+    /// The host it runs on, and is started on.
+    pub host: String,
+    /// It runs now: it is stopped, its state discarded, the VMs inside it with it.
+    pub running: bool,
+    /// The saved disk its new overlay backs onto, on that host.
+    pub disk: PathBuf,
+    /// The machine state loaded into it, on that host.
+    pub state: PathBuf,
+    /// The VMs inside it the snapshot holds: they come back with its state, and are
+    /// resumed once it answers.
+    pub inside: Vec<String>,
+}
+
+impl RestorePlan {
+    pub fn render(&self) -> String {
+        let mut out = format!("restore of snapshot {}:\n", self.snapshot);
+        for vm in self.vms.iter().filter(|vm| vm.running) {
+            let inside = match vm.inside.is_empty() {
+                true => String::new(),
+                false => format!(", and {} inside it", vm.inside.join(", ")),
+            };
+            out.push_str(&format!(
+                "  stop {} on host {} (its state is discarded{inside})\n",
+                vm.name, vm.host
+            ));
+        }
+        for vm in &self.vms {
+            out.push_str(&format!(
+                "  start {} on host {}: a new overlay on `{}`, its state loaded from `{}`\n",
+                vm.name,
+                vm.host,
+                vm.disk.display(),
+                vm.state.display()
+            ));
+            if !vm.inside.is_empty() {
+                out.push_str(&format!(
+                    "  resume {} inside {} (saved in its state)\n",
+                    vm.inside.join(", "),
+                    vm.name
+                ));
+            }
+        }
+        let count: usize = self.vms.iter().map(|vm| 1 + vm.inside.len()).sum();
+        out.push_str(&format!("  wait for the {count} VM(s) to answer ssh\n"));
+        out
+    }
+}
+
+/// Finds what `restore` would do without changing anything: the state directory is only
+/// read, the store not created, and hosts are reached through the ssh_config that exists
+/// (or one rendered in a temporary directory).
+pub fn plan_restore(
+    project: &Project,
+    state_root: &Path,
+    name: &str,
+) -> Result<RestorePlan, SnapshotError> {
+    valid_name(name).map_err(SnapshotError::Refused)?;
+    let paths = StatePaths::new(state_root);
+    let store = Store::open_existing(&project.store_dir).map_err(store_error)?;
+    let (ssh_config, _scratch) = crate::run::lab::dry_run_ssh_config(project, &paths)
+        .map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    let (manifest, vms) = checked(project, &paths, &ssh_config, store.as_ref(), name)?;
+    let entries: BTreeMap<String, crate::store::Entry> =
+        entries_of(store.as_ref(), &project.store_dir, &manifest)?
+            .into_iter()
+            .collect();
+    let records = paths.records();
+    let topology = &project.loaded.topology;
+    let vms = sources(&vms, &entries, &manifest)?
+        .into_iter()
+        .map(|source| {
+            let (vm, host) = (&source.vm.name, &*source.vm.host);
+            let running = match records.get(vm) {
+                Some(record) => instance::is_running(host, &record.spec.paths, vm)?,
+                None => false,
+            };
+            Ok(RestoreVm {
+                name: vm.clone(),
+                host: host.name().to_string(),
+                running,
+                disk: source.disk,
+                state: source.state_file,
+                inside: manifest
+                    .inside
+                    .iter()
+                    .filter(|inside| top_level_of(topology, inside) == *vm)
+                    .cloned()
+                    .collect(),
+            })
+        })
+        .collect::<Result<_, SnapshotError>>()?;
+    Ok(RestorePlan {
+        snapshot: manifest.name,
+        vms,
+    })
+}
+
+/// Snapshot `name`'s manifest and its top-level VMs on their hosts (reached through
+/// `ssh_config`), once every refusal is ruled out: another topology, qemu or format,
+/// another state directory, a missing entry here or on a remote host. Changes nothing.
+fn checked(
+    project: &Project,
+    state: &StatePaths,
+    ssh_config: &Path,
+    store: Option<&Store>,
+    name: &str,
+) -> Result<(SnapshotManifest, Vec<TopVm>), SnapshotError> {
+    let manifest = find_manifest(state, store, name)?;
+    let entries = entries_of(store, &project.store_dir, &manifest)?;
     let binary = entries
         .first()
         .and_then(|(vm, entry)| read_record(&entry.dir.join(VMS_DIR).join(vm)))
@@ -51,7 +186,7 @@ pub fn restore(
         }
     }
     let topology = &project.loaded.topology;
-    let sites = Sites::new(topology, &state.own_ssh_config());
+    let sites = Sites::new(topology, ssh_config);
     let names: Vec<String> = manifest.vms.iter().map(|v| v.name.clone()).collect();
     let vms = top_vms(topology, &sites, &names)?;
     let snapshot_dir = SnapshotPaths::new(state.root(), name).dir;
@@ -79,32 +214,29 @@ pub fn restore(
             return Err(SnapshotError::Refused(format!("{why} (snapshot `{name}`)")));
         }
     }
-    // What runs of the snapshot's VMs goes (refused about before anything stops); the
-    // VMs outside it run on.
-    let records = state.records();
-    for vm in &vms {
-        if let Some(record) = records.get(&vm.name) {
-            quit(&*vm.host, &record.spec, &vm.name)?;
-        }
-    }
-    load(project, &state, &store, &manifest, &vms, reporter)?;
-    Ok(manifest)
+    Ok((manifest, vms))
 }
 
 /// The snapshot's manifest: from the state directory that saved it, or else from its
 /// entries in the store (imported or pulled from another machine).
 fn find_manifest(
-    state: &StateDir,
-    store: &Store,
+    state: &StatePaths,
+    store: Option<&Store>,
     name: &str,
 ) -> Result<SnapshotManifest, SnapshotError> {
     let path = SnapshotPaths::new(state.root(), name).manifest();
     if let Ok(bytes) = fs_err::read(&path) {
         return parse_manifest(&bytes, &path, name);
     }
-    let entries = store.entries().map_err(store_error)?;
+    let entries = match store {
+        Some(store) => store.entries().map_err(store_error)?,
+        None => Vec::new(),
+    };
     let latest = latest_entries(&entries, name);
-    let Some(entry) = latest.first().and_then(|dir| store.entry_by_dir(dir)) else {
+    let found = store
+        .zip(latest.first())
+        .and_then(|(store, dir)| store.entry_by_dir(dir));
+    let Some(entry) = found else {
         return Err(SnapshotError::Refused(format!(
             "No snapshot `{name}`\nhint: `farm snapshot ls` lists them"
         )));
@@ -115,9 +247,10 @@ fn find_manifest(
 }
 
 /// Each saved VM's store entry (of this machine's VMs); refused when one is missing (removed by gc with its
-/// snapshot, or never imported).
+/// snapshot, or never imported), or when there is no store (`store_dir` names it).
 fn entries_of(
-    store: &Store,
+    store: Option<&Store>,
+    store_dir: &Path,
     manifest: &SnapshotManifest,
 ) -> Result<Vec<(String, crate::store::Entry)>, SnapshotError> {
     manifest
@@ -126,7 +259,7 @@ fn entries_of(
         .filter(|saved| saved.host.is_none())
         .map(|saved| {
             store
-                .entry_by_dir(&saved.entry)
+                .and_then(|store| store.entry_by_dir(&saved.entry))
                 .map(|e| (saved.name.clone(), e))
                 .ok_or_else(|| {
                     SnapshotError::Refused(format!(
@@ -134,7 +267,7 @@ fn entries_of(
                         manifest.name,
                         saved.entry,
                         saved.name,
-                        store.root().display()
+                        store.map_or(store_dir, Store::root).display()
                     ))
                 })
         })
@@ -154,7 +287,9 @@ pub(super) fn load(
     let started = Instant::now();
     let topology = &project.loaded.topology;
     let entries: BTreeMap<String, crate::store::Entry> =
-        entries_of(store, manifest)?.into_iter().collect();
+        entries_of(Some(store), store.root(), manifest)?
+            .into_iter()
+            .collect();
     let snapshot_dir = SnapshotPaths::new(state.root(), &manifest.name).dir;
     // The records of each VM and of the VMs inside it: in its entry, or in the snapshot's
     // directory for a VM of a remote host.
@@ -204,36 +339,7 @@ pub(super) fn load(
                 .map_err(|e| SnapshotError::Failed(e.to_string()))?;
         }
     }
-    let no_entry = |vm: &TopVm| {
-        SnapshotError::Failed(format!(
-            "Snapshot `{}` has no entry for VM `{}`",
-            manifest.name, vm.name
-        ))
-    };
-    let sources: Vec<Source> = vms
-        .iter()
-        .map(|vm| match (entries.get(&vm.name), &vm.remote_store) {
-            (Some(entry), _) => Ok(Source {
-                vm,
-                disk: entry.disk_path(),
-                state_file: entry.dir.join(STATE_FILE),
-                vm_dir: None,
-            }),
-            (None, Some(remote_store)) => match manifest.vms.iter().find(|s| s.name == vm.name) {
-                Some(saved) => {
-                    let dir = remote::entry_dir(remote_store, &saved.entry);
-                    Ok(Source {
-                        vm,
-                        disk: dir.join(crate::store::DISK_FILE),
-                        state_file: dir.join(STATE_FILE),
-                        vm_dir: Some(dir.join(VMS_DIR).join(&vm.name)),
-                    })
-                }
-                None => Err(no_entry(vm)),
-            },
-            (None, None) => Err(no_entry(vm)),
-        })
-        .collect::<Result<_, _>>()?;
+    let sources = sources(vms, &entries, manifest)?;
     let results = crate::run::parallel::each(&sources, |source| {
         // The state is immutable: a load that failed (qemu died while reading it) is tried
         // once more from scratch before the restore fails.
@@ -328,6 +434,44 @@ fn install_identity(state: &StateDir, saved: &Path) -> Result<(), SnapshotError>
         fs_err::rename(&tmp, to).map_err(io("write", to))?;
     }
     Ok(())
+}
+
+/// Where each top-level VM starts from: its entry here (`entries`), or its entry in its
+/// remote host's store.
+fn sources<'a>(
+    vms: &'a [TopVm],
+    entries: &BTreeMap<String, crate::store::Entry>,
+    manifest: &SnapshotManifest,
+) -> Result<Vec<Source<'a>>, SnapshotError> {
+    let no_entry = |vm: &TopVm| {
+        SnapshotError::Failed(format!(
+            "Snapshot `{}` has no entry for VM `{}`",
+            manifest.name, vm.name
+        ))
+    };
+    vms.iter()
+        .map(|vm| match (entries.get(&vm.name), &vm.remote_store) {
+            (Some(entry), _) => Ok(Source {
+                vm,
+                disk: entry.disk_path(),
+                state_file: entry.dir.join(STATE_FILE),
+                vm_dir: None,
+            }),
+            (None, Some(remote_store)) => match manifest.vms.iter().find(|s| s.name == vm.name) {
+                Some(saved) => {
+                    let dir = remote::entry_dir(remote_store, &saved.entry);
+                    Ok(Source {
+                        vm,
+                        disk: dir.join(crate::store::DISK_FILE),
+                        state_file: dir.join(STATE_FILE),
+                        vm_dir: Some(dir.join(VMS_DIR).join(&vm.name)),
+                    })
+                }
+                None => Err(no_entry(vm)),
+            },
+            (None, None) => Err(no_entry(vm)),
+        })
+        .collect()
 }
 
 /// Where a top-level VM starts from: its saved disk and state, on its host.
