@@ -214,8 +214,9 @@ fn qemu_img_check_finds_damaged_qcow2_metadata() {
     );
 }
 
-#[test]
-fn repair_sets_aside_the_damaged_entry_and_what_it_backs_then_builds_both_again() {
+/// A project whose image `local` is the parent of its platform's layer, both built, then a
+/// byte of the image's disk flipped; with the image's and the layer's entry directories.
+fn built_with_a_damaged_image() -> (Project, String, String) {
     let project = Project::new(
         "[images.local]\npath = \"base.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n\n\
          [platforms.p]\nfrom = \"local\"\n",
@@ -225,12 +226,17 @@ fn repair_sets_aside_the_damaged_entry_and_what_it_backs_then_builds_both_again(
     let image = project.entry("local");
     let layer = project.entry("p_amd64");
     flip_byte(&image.join("disk.qcow2"), 1000);
+    let name = |dir: &Path| dir.file_name().unwrap().to_string_lossy().into_owned();
+    (project, name(&image), name(&layer))
+}
+
+#[test]
+fn repair_sets_aside_the_damaged_entry_and_what_it_backs_then_builds_both_again() {
+    let (project, image_name, layer_name) = built_with_a_damaged_image();
 
     let out = project.run(&["store", "verify", "--repair"]);
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
-    let image_name = image.file_name().unwrap().to_string_lossy().into_owned();
-    let layer_name = layer.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
         said.contains(&format!(
             "setting aside {layer_name} too: it backs onto `{image_name}`"
@@ -284,15 +290,7 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, String)> {
 
 #[test]
 fn a_repair_dry_run_lists_what_it_would_set_aside_and_build_and_changes_nothing() {
-    let project = Project::new(
-        "[images.local]\npath = \"base.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n\n\
-         [platforms.p]\nfrom = \"local\"\n",
-    );
-    project.blank_disk("base.qcow2");
-    project.ok(&["build"]);
-    let image = project.entry("local");
-    let layer = project.entry("p_amd64");
-    flip_byte(&image.join("disk.qcow2"), 1000);
+    let (project, image_name, layer_name) = built_with_a_damaged_image();
     let entries = project.store.join("store");
     let before = fingerprint(&entries);
 
@@ -300,8 +298,6 @@ fn a_repair_dry_run_lists_what_it_would_set_aside_and_build_and_changes_nothing(
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let said = text(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let image_name = image.file_name().unwrap().to_string_lossy().into_owned();
-    let layer_name = layer.file_name().unwrap().to_string_lossy().into_owned();
     // The damage, as verify names it, then the plan: parents first.
     assert!(
         said.contains(&format!(
