@@ -3,6 +3,7 @@
 
 mod build_vm;
 mod checkpointing;
+mod context;
 pub mod debian_image;
 mod guest;
 pub mod layer;

@@ -1,11 +1,16 @@
-//! Producing one derivation's output in a staging directory: downloading or importing an
-//! image, building one from a Debian mirror or farm's tiny recipe, or booting a build VM
-//! for a platform's steps. Nothing here commits; `realise` does, under the entry's lock.
+//! Realising one derivation: under its lock, its output is produced in a staging directory
+//! (downloading or importing an image, building one from a Debian mirror or farm's tiny
+//! recipe, booting a build VM for a platform's steps) or substituted from a binary cache,
+//! then committed to the store. `realise` schedules these; `reproduce` calls `produce`
+//! alone and commits nothing.
+//!
+//! `realise_one`, `realise_appliance` and `produce` live together because they recurse: a
+//! chroot layer's production realises farm's appliance first.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::realise::{BuildError, Context, failed, human_bytes, realise_appliance};
+use super::context::{Ancestry, BuildError, Context, failed, human_bytes};
 use crate::build::layer::{Appliance, BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
 use crate::model::config::{Config, ImageSource};
@@ -13,43 +18,167 @@ use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::ContentHash;
 use crate::model::plan::Action;
 use crate::model::qemu::{MachineSpec, choose_accel};
-use crate::model::values::{Builder, DiskFormat};
+use crate::model::values::{Arch, Builder, DiskFormat};
 use crate::progress::Reporter;
-use crate::store::{Entry, Staging, relative_backing};
+use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
 use crate::sys::qemu_img;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A downloaded image that matched its declared hash but does not unpack was broken when
-/// it was published: fetching it again cannot help, and the error must not say it might.
-fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> BuildError {
-    match e.downcast::<fetch::FetchError>() {
-        Ok(decompress) if matches!(*decompress, fetch::FetchError::Decompress { .. }) => {
-            let fetch::FetchError::Decompress {
-                compression,
-                source,
-                ..
-            } = *decompress
-            else {
-                unreachable!("matched above")
-            };
-            BuildError::BrokenPublished {
-                name: name.to_string(),
-                url: url.to_string(),
-                algo,
-                detail: format!("it is not a valid {compression} stream ({source})"),
+pub(super) fn lookup(store: &Store, node: &DrvNode) -> Result<Option<Entry>, BuildError> {
+    store
+        .lookup(&node.hash, &node.name)
+        .map_err(failed(&node.name))
+}
+
+/// Realises one derivation under its lock. `ancestry` blocks until the parent is in the
+/// store (None: the run failed meanwhile); a substitution calls it only after downloading.
+pub(super) fn realise_one(
+    cx: &Context,
+    node: &DrvNode,
+    action: &Action,
+    ancestry: &dyn Fn() -> Option<Ancestry>,
+) -> Result<Entry, BuildError> {
+    let (store, reporter) = (cx.store, cx.reporter);
+    let name = node.name.as_str();
+    let parent_failed = || failed(name)(std::io::Error::other("its parent could not be made"));
+    let lock = match store.try_lock(&node.hash).map_err(failed(name))? {
+        Some(lock) => lock,
+        None => {
+            reporter.line(format!(
+                "waiting for another farm process building `{name}`"
+            ));
+            store.lock(&node.hash).map_err(failed(name))?
+        }
+    };
+    if let Some(entry) = lookup(store, node)? {
+        reporter.line(format!(
+            "{:>12} {name} (built by another farm process)",
+            "cached"
+        ));
+        return Ok(entry);
+    }
+    let started = Instant::now();
+    // Every action but a substitution needs its parent in the store before it starts.
+    let build = |action: &Action, staging: &Staging| {
+        let ancestry = ancestry().ok_or_else(parent_failed)?;
+        let output = produce(
+            cx,
+            node,
+            action,
+            ancestry.parent.as_ref(),
+            ancestry.boot,
+            staging,
+            started,
+        )?;
+        Ok::<_, BuildError>((output, ancestry.parent))
+    };
+    let mut staging = store.stage(&lock, name).map_err(failed(name))?;
+    let (output, parent) = match action {
+        Action::Substitute { from, fallback, .. } => {
+            match substitute(cx, node, from, &staging, ancestry) {
+                Ok(Some(done)) => done,
+                Ok(None) => return Err(parent_failed()),
+                Err(e) => {
+                    let Some(fallback) = fallback else {
+                        return Err(e);
+                    };
+                    reporter.warn(format!(
+                        "{}; building `{name}` instead",
+                        crate::sys::ssh::error_chain(&e).replace('\n', " ")
+                    ));
+                    drop(staging);
+                    staging = store.stage(&lock, name).map_err(failed(name))?;
+                    build(fallback, &staging)?
+                }
             }
         }
-        Ok(other) => BuildError::Failed {
-            name: name.to_string(),
-            source: other,
-        },
-        Err(other) => BuildError::Failed {
-            name: name.to_string(),
-            source: other,
-        },
-    }
+        _ => build(action, &staging)?,
+    };
+    let (output_blake3, size) = output;
+    let meta = EntryMeta {
+        layout: LAYOUT_VERSION,
+        name: name.to_string(),
+        drv_hash: node.hash,
+        derivation: serde_json::to_value(&node.derivation).expect("derivations serialize"),
+        output_blake3,
+        size,
+        parent: parent.map(|p| p.dir_name().to_string()),
+        built_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        build_seconds: started.elapsed().as_secs_f64(),
+        disk_mtime_ns: None,
+        files: Default::default(),
+        meta_blake3: None,
+    };
+    let entry = store.commit(staging, meta).map_err(failed(name))?;
+    drop(lock);
+    Ok(entry)
 }
+
+/// farm's appliance for `arch` (see `derivation::appliance_node`), realised when a chroot
+/// build first needs it, under its own lock.
+fn realise_appliance(cx: &Context, arch: Arch) -> Result<Entry, BuildError> {
+    let node = crate::model::derivation::appliance_node(arch);
+    if let Some(entry) = lookup(cx.store, &node)? {
+        return Ok(entry);
+    }
+    realise_one(cx, &node, &Action::BuildTiny, &|| {
+        Some(Ancestry {
+            parent: None,
+            boot: None,
+        })
+    })
+}
+
+/// Downloads `node` from the cache that offers it into `staging`, then waits for its
+/// parent (which may still be arriving) and checks the download backs onto it. Returns the
+/// disk's blake3 and size with the parent; `None` when the parent never came.
+fn substitute(
+    cx: &Context,
+    node: &DrvNode,
+    from: &str,
+    staging: &Staging,
+    ancestry: &dyn Fn() -> Option<Ancestry>,
+) -> Result<Option<SubstitutedOutput>, BuildError> {
+    let started = Instant::now();
+    let name = node.name.as_str();
+    let substitution = cx
+        .options
+        .substitution
+        .as_ref()
+        .expect("substitute steps come with their caches");
+    let offer = &substitution.offers[&node.hash];
+    let bar = cx.reporter.bytes_for(
+        "substitute",
+        &format!("{name} from {from}"),
+        Some(offer.record.download_size()),
+    );
+    let output = substitution
+        .caches
+        .fetch(offer, staging.dir(), &|n| bar.inc(n))
+        .map_err(failed(name))?;
+    bar.finish_and_clear();
+    let Some(ancestry) = ancestry() else {
+        return Ok(None);
+    };
+    substitution
+        .caches
+        .check_parent(offer, ancestry.parent.as_ref())
+        .map_err(failed(name))?;
+    cx.reporter.line(format!(
+        "{:>12} {name} from {from} ({}, {:.0} s, signature and hashes checked)",
+        "substituted",
+        human_bytes(offer.record.download_size()),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Some((output, ancestry.parent)))
+}
+
+/// A substituted disk's blake3 and size, and the parent entry it backs onto.
+type SubstitutedOutput = ((ContentHash, u64), Option<Entry>);
 
 /// Makes the derivation's output in `staging` (download, import, mmdebstrap, tiny image,
 /// layer build) and returns its disk's blake3 and size. Commits nothing.
@@ -295,6 +424,37 @@ pub(super) fn produce(
         (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
     };
     Ok(output)
+}
+
+/// A downloaded image that matched its declared hash but does not unpack was broken when
+/// it was published: fetching it again cannot help, and the error must not say it might.
+fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> BuildError {
+    match e.downcast::<fetch::FetchError>() {
+        Ok(decompress) if matches!(*decompress, fetch::FetchError::Decompress { .. }) => {
+            let fetch::FetchError::Decompress {
+                compression,
+                source,
+                ..
+            } = *decompress
+            else {
+                unreachable!("matched above")
+            };
+            BuildError::BrokenPublished {
+                name: name.to_string(),
+                url: url.to_string(),
+                algo,
+                detail: format!("it is not a valid {compression} stream ({source})"),
+            }
+        }
+        Ok(other) => BuildError::Failed {
+            name: name.to_string(),
+            source: other,
+        },
+        Err(other) => BuildError::Failed {
+            name: name.to_string(),
+            source: other,
+        },
+    }
 }
 
 /// Puts an image file into `staging` as `disk.qcow2`: decompressing, converting raw to

@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use super::context::{BuildError, Context, RealiseOptions, failed};
 use super::produce::produce;
-use super::realise::{BuildError, Context, RealiseOptions, boot_files_for, failed};
+use super::realise::boot_files_for;
 use crate::model::config::Config;
 use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::ContentHash;

@@ -4,18 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use std::time::Instant;
-
-use super::realise::{Ancestry, BuildError, Context, failed, human_bytes};
 use crate::binary_cache::{BackendError, Offer, Substituters, Timeouts};
 use crate::model::derivation::DrvId;
-use crate::model::derivation::DrvNode;
-use crate::model::hash::ContentHash;
 use crate::model::hash::DrvHash;
 use crate::model::plan::{BuildPlan, CacheOffer, plan_build, substitute_offered};
 use crate::progress::Reporter;
 use crate::project::Project;
-use crate::store::{Entry, Staging};
 
 /// Which caches a command asks: farm.toml's `substituters`, after those given with
 /// `--substituter` (or `FARM_SUBSTITUTERS`); none with `--no-substitute`.
@@ -103,50 +97,3 @@ pub fn plan_with_caches(
     substitute_offered(&mut plan, &summary);
     Ok((plan, Some(Arc::new(Substitution { caches, offers }))))
 }
-
-/// Downloads `node` from the cache that offers it into `staging`, then waits for its
-/// parent (which may still be arriving) and checks the download backs onto it. Returns the
-/// disk's blake3 and size with the parent; `None` when the parent never came.
-pub(super) fn substitute(
-    cx: &Context,
-    node: &DrvNode,
-    from: &str,
-    staging: &Staging,
-    ancestry: &dyn Fn() -> Option<Ancestry>,
-) -> Result<Option<SubstitutedOutput>, BuildError> {
-    let started = Instant::now();
-    let name = node.name.as_str();
-    let substitution = cx
-        .options
-        .substitution
-        .as_ref()
-        .expect("substitute steps come with their caches");
-    let offer = &substitution.offers[&node.hash];
-    let bar = cx.reporter.bytes_for(
-        "substitute",
-        &format!("{name} from {from}"),
-        Some(offer.record.download_size()),
-    );
-    let output = substitution
-        .caches
-        .fetch(offer, staging.dir(), &|n| bar.inc(n))
-        .map_err(failed(name))?;
-    bar.finish_and_clear();
-    let Some(ancestry) = ancestry() else {
-        return Ok(None);
-    };
-    substitution
-        .caches
-        .check_parent(offer, ancestry.parent.as_ref())
-        .map_err(failed(name))?;
-    cx.reporter.line(format!(
-        "{:>12} {name} from {from} ({}, {:.0} s, signature and hashes checked)",
-        "substituted",
-        human_bytes(offer.record.download_size()),
-        started.elapsed().as_secs_f64()
-    ));
-    Ok(Some((output, ancestry.parent)))
-}
-
-/// A substituted disk's blake3 and size, and the parent entry it backs onto.
-pub(super) type SubstitutedOutput = ((ContentHash, u64), Option<Entry>);
