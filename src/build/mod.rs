@@ -1,14 +1,10 @@
 //! Realising a build plan: fetched and imported images, Debian images from a mirror, farm's
 //! tiny image, and platform layers built in a VM, each committed to the store.
 
-mod build_vm;
-mod checkpointing;
 mod context;
 pub mod debian_image;
-mod guest;
 pub mod layer;
 pub mod missing;
-mod playbook;
 mod produce;
 pub mod pull;
 pub mod realise;

@@ -3,7 +3,9 @@
 //! `crate::model::chroot`). Everything that acts on the image (steps, checkpoint syncs,
 //! kernel downloads, cleanup) goes through a [`Guest`], so it reads the same either way.
 
-use super::layer::{BuilderError, LayerBuild, Log};
+use std::path::Path;
+
+use super::context::{BuilderError, LayerBuild, Log};
 use crate::model::chroot;
 use crate::sys::ssh::{Output, Ssh, SshError, shell_quote};
 
@@ -74,4 +76,34 @@ impl<'a> Guest<'a> {
     pub(super) fn machine(&self) -> &Ssh {
         self.ssh
     }
+}
+
+/// Downloads the guest's newest kernel and its initrd into `dir` (`vmlinuz`, `initrd.img`,
+/// and `cmdline`); `false` when it has none that can be read.
+pub(super) fn download_newest_kernel(
+    guest: &Guest,
+    dir: &Path,
+    cmdline: &str,
+    log: &mut Log,
+) -> Result<bool, BuilderError> {
+    let find = guest.run(
+        "k=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1); [ -n \"$k\" ] && echo \"$k\" && echo \"/boot/initrd.img-${k#/boot/vmlinuz-}\"",
+        None,
+    )?;
+    let listing = String::from_utf8_lossy(&find.stdout).into_owned();
+    let mut lines = listing.lines();
+    let (Some(kernel), Some(initrd)) = (lines.next(), lines.next()) else {
+        return Ok(false);
+    };
+    let kernel_bytes = guest.download(kernel)?;
+    let initrd_bytes = guest.download(initrd)?;
+    if !kernel_bytes.success() || !initrd_bytes.success() {
+        return Ok(false);
+    }
+    log.line(&format!("copied {kernel} and {initrd} out of the guest"));
+    fs_err::create_dir_all(dir)?;
+    fs_err::write(dir.join("vmlinuz"), &kernel_bytes.stdout)?;
+    fs_err::write(dir.join("initrd.img"), &initrd_bytes.stdout)?;
+    fs_err::write(dir.join("cmdline"), format!("{cmdline}\n"))?;
+    Ok(true)
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::layer::{BuilderError, LayerBuild, Log};
+use super::context::{BuilderError, LayerBuild, Log};
 use crate::sys::ssh::shell_quote;
 
 /// `ansible-playbook`: `FARM_ANSIBLE_PLAYBOOK`, or found on PATH.

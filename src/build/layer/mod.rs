@@ -4,7 +4,11 @@
 //! parent, and leave it (plus kernel and initrd when they changed) in the staging directory
 //! for the store to commit. With `builder = "chroot"` the build VM is farm's appliance with
 //! the layer's disk as its second disk, and the steps run in a chroot of the image's root
-//! (`crate::build::guest`, `crate::model::chroot`); everything else is the same.
+//! (`guest`, `crate::model::chroot`); everything else is the same.
+//!
+//! The parts: `context` (what they all share), `build_vm` (boot or load the VM, reach it),
+//! `guest` (where steps run), `checkpointing` (a checkpoint after each step), `playbook`
+//! (the Ansible step); this module runs the build with them.
 //!
 //! Steps run in a fixed order (`model::build_steps`): authorized keys, upgrade, packages,
 //! files, run, then a playbook, which `ansible-playbook` applies from this machine. Access
@@ -12,131 +16,25 @@
 //! pinned (also from the seed), so even the build VM is reached with host-key checking on.
 //! The key is removed from the layer before commit.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+mod build_vm;
+mod checkpointing;
+mod context;
+mod guest;
+mod playbook;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::checkpointing::{Checkpointer, StepDisks, commit_checkpoints};
-use super::guest::Guest;
-use crate::model::boot_watch::BootFailure;
 use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
-use crate::model::config::Platform;
 use crate::model::derivation::Recipe;
 use crate::model::hash::ContentHash;
-use crate::model::qemu::MachineSpec;
-use crate::model::values::Firmware;
 use crate::progress::Reporter;
-use crate::store::{Entry, Staging, Store};
 use crate::sys::qemu_img;
 use crate::sys::ssh::shell_quote;
-
-/// Kernel, initrd and command line for direct kernel boot, as kept in an entry's `boot/`.
-#[derive(Clone, Debug)]
-pub struct BootFiles {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-}
-
-impl BootFiles {
-    /// The boot files in `dir` (`vmlinuz`, `initrd.img`, `cmdline`), if it has a kernel.
-    pub fn in_dir(dir: &Path) -> Option<BootFiles> {
-        let kernel = dir.join("vmlinuz");
-        if !kernel.is_file() {
-            return None;
-        }
-        let initrd = Some(dir.join("initrd.img")).filter(|p| p.is_file());
-        let cmdline = fs_err::read_to_string(dir.join("cmdline"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "root=/dev/vda rw console=ttyS0".to_string());
-        Some(BootFiles {
-            kernel,
-            initrd,
-            cmdline,
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuilderError {
-    #[error("Step {step} of platform `{platform}` failed with exit status {status}\n{tail}\nhint: the full log is `{}`", log.display())]
-    StepFailed {
-        platform: String,
-        step: String,
-        status: String,
-        tail: String,
-        log: PathBuf,
-    },
-    #[error("{}", failure.render(&format!("the build VM for `{platform}`"), &format!("the full log is `{}`", log.display())))]
-    Boot {
-        platform: String,
-        failure: Box<BootFailure>,
-        log: PathBuf,
-    },
-    #[error("Cannot mount the image of `{platform}` for a chroot build\n{detail}\nhint: farm's appliance mounts ext4 root filesystems (ext4 /boot and vfat /boot/efi beside them); for another layout set `builder = \"boot\"` on the platform; the full log is `{}`", log.display())]
-    NoChrootRoot {
-        platform: String,
-        detail: String,
-        log: PathBuf,
-    },
-    #[error(
-        "Cannot give the build VM for `{platform}` UEFI firmware: {reason}\nhint: install Debian's `ovmf` (x86_64) or `qemu-efi-aarch64` (aarch64), or set `firmware = \"bios\"` on an x86_64 image that boots from BIOS"
-    )]
-    NoFirmware { platform: String, reason: String },
-    #[error(
-        "Platform `{platform}` names a playbook, but `ansible-playbook` is not installed here\nhint: install ansible-core (`pip install ansible-core`), or point FARM_ANSIBLE_PLAYBOOK at it"
-    )]
-    NoAnsible { platform: String },
-    #[error("The file `{}` changed since farm hashed it; run farm build again", path.display())]
-    InputChanged { path: PathBuf },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    QemuImg(#[from] qemu_img::QemuImgError),
-    #[error(transparent)]
-    Seed(#[from] crate::model::seed::SeedError),
-    #[error(transparent)]
-    Vm(#[from] crate::sys::vm_process::VmProcessError),
-    #[error(transparent)]
-    Ssh(#[from] crate::sys::ssh::SshError),
-    #[error(transparent)]
-    Keygen(#[from] crate::sys::keys::KeygenError),
-    #[error("Cannot checkpoint the build VM's disk: {0}")]
-    Qmp(#[from] crate::sys::qmp::QmpError),
-}
-
-/// Everything one layer build needs.
-pub struct LayerBuild<'a> {
-    pub name: &'a str,
-    pub platform: &'a Platform,
-    pub recipe: &'a Recipe,
-    pub parent: &'a Entry,
-    /// Where step checkpoints are found and kept.
-    pub store: &'a Store,
-    /// Whether to resume from step checkpoints and keep new ones.
-    pub checkpoints: bool,
-    /// The boot files the parent boots with (its own or an ancestor's), if it boots directly.
-    pub boot: Option<BootFiles>,
-    /// How the image's bootloader is started when there are no boot files.
-    pub firmware: Firmware,
-    pub staging: &'a Staging,
-    /// The build VM's hardware, from the target and the command line.
-    pub hw: MachineSpec,
-    /// How long the guest may take to answer ssh.
-    pub boot_timeout: Duration,
-    pub log: &'a Path,
-    /// farm's appliance, for a `builder = "chroot"` platform: the steps run in a chroot of
-    /// the image's root inside it, and the image never boots.
-    pub appliance: Option<Appliance>,
-}
-
-/// farm's tiny image as the VM a chroot build runs in: its disk (an entry's, never written:
-/// the build VM gets an overlay) and its boot files.
-#[derive(Clone, Debug)]
-pub struct Appliance {
-    pub disk: PathBuf,
-    pub boot: BootFiles,
-}
+use checkpointing::{Checkpointer, StepDisks, commit_checkpoints};
+use context::Log;
+pub use context::{Appliance, BootFiles, BuilderError, LayerBuild};
+use guest::{Guest, download_newest_kernel};
 
 /// A virtual size large enough for upgrades and packages. The layer is sparse, so unused
 /// space costs nothing; the guest's root filesystem is grown to fill it before the steps.
@@ -158,7 +56,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     let steps = build_steps(&build.platform.steps, inputs);
     if steps.iter().any(|s| s.playbook.is_some()) {
         // Known before minutes of booting.
-        super::playbook::ansible_playbook(build)?;
+        playbook::ansible_playbook(build)?;
     }
     let keys = checkpoint_keys(build.recipe, &steps);
     let work = build.staging.dir().join("build");
@@ -206,7 +104,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     let restored = match &saved {
         Some(saved) => {
             spinner.set_message("loading the saved build VM");
-            match super::build_vm::restore(build, &work, &disks.during(reused), saved, &mut log) {
+            match build_vm::restore(build, &work, &disks.during(reused), saved, &mut log) {
                 Ok(running) => Some(running),
                 Err(reason) => {
                     log.line(&format!(
@@ -229,7 +127,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
     };
     let running = match restored {
         Some(running) => running,
-        None => super::build_vm::boot(
+        None => build_vm::boot(
             build,
             &work,
             &disks.during(reused),
@@ -269,7 +167,7 @@ pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerRepor
         )
     });
     spinner.finish_and_clear();
-    let super::build_vm::BuildVm {
+    let build_vm::BuildVm {
         mut process,
         qmp_dir: _qmp_dir,
         ssh,
@@ -348,7 +246,7 @@ fn run_steps(
         if let Some(playbook) = &step.playbook {
             spinner.set_message(step.label.clone());
             read_verified(&playbook.path, &playbook.hash)?;
-            super::playbook::run_playbook(build, &step.label, &playbook.path, log)?;
+            playbook::run_playbook(build, &step.label, &playbook.path, log)?;
             checkpointer.after_step(index, guest, build.boot.as_ref(), log)?;
             continue;
         }
@@ -452,76 +350,4 @@ fn extract_boot_files(
         log.line("boot files changed: the layer keeps its own");
     }
     Ok(())
-}
-
-/// Downloads the guest's newest kernel and its initrd into `dir` (`vmlinuz`, `initrd.img`,
-/// and `cmdline`); `false` when it has none that can be read.
-pub(super) fn download_newest_kernel(
-    guest: &Guest,
-    dir: &Path,
-    cmdline: &str,
-    log: &mut Log,
-) -> Result<bool, BuilderError> {
-    let find = guest.run(
-        "k=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1); [ -n \"$k\" ] && echo \"$k\" && echo \"/boot/initrd.img-${k#/boot/vmlinuz-}\"",
-        None,
-    )?;
-    let listing = String::from_utf8_lossy(&find.stdout).into_owned();
-    let mut lines = listing.lines();
-    let (Some(kernel), Some(initrd)) = (lines.next(), lines.next()) else {
-        return Ok(false);
-    };
-    let kernel_bytes = guest.download(kernel)?;
-    let initrd_bytes = guest.download(initrd)?;
-    if !kernel_bytes.success() || !initrd_bytes.success() {
-        return Ok(false);
-    }
-    log.line(&format!("copied {kernel} and {initrd} out of the guest"));
-    fs_err::create_dir_all(dir)?;
-    fs_err::write(dir.join("vmlinuz"), &kernel_bytes.stdout)?;
-    fs_err::write(dir.join("initrd.img"), &initrd_bytes.stdout)?;
-    fs_err::write(dir.join("cmdline"), format!("{cmdline}\n"))?;
-    Ok(true)
-}
-
-/// The build log: every command, its output, and the serial console at the end.
-pub(super) struct Log {
-    file: fs_err::File,
-    started: Instant,
-}
-
-impl Log {
-    fn create(path: &Path) -> std::io::Result<Log> {
-        if let Some(dir) = path.parent() {
-            fs_err::create_dir_all(dir)?;
-        }
-        Ok(Log {
-            file: fs_err::File::create(path)?,
-            started: Instant::now(),
-        })
-    }
-
-    /// One line of farm's own, stamped with the seconds since the build began, so where
-    /// a build's time went can be read off the log.
-    pub(super) fn line(&mut self, text: &str) {
-        let at = self.started.elapsed().as_secs_f64();
-        self.raw(&format!("[{at:7.1}s] {text}\n"));
-    }
-
-    pub(super) fn raw(&mut self, text: &str) {
-        use std::io::Write;
-        let _ = self.file.write_all(text.as_bytes());
-    }
-
-    pub(super) fn append_file(&mut self, title: &str, path: &Path) {
-        let mut text = format!("== {title} ({})\n", path.display());
-        let _ = writeln!(
-            text,
-            "{}",
-            fs_err::read(path)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default()
-        );
-        self.raw(&text);
-    }
 }

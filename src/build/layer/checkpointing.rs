@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::build_vm::{BuildVm, MACHINE_FILE, STATE_FILE};
+use super::context::{BootFiles, BuilderError, Log};
 use super::guest::Guest;
-use super::layer::{BootFiles, BuilderError, Log};
 use crate::model::build_steps::BuildStep;
 use crate::model::hash::ContentHash;
 use crate::store::{CheckpointMeta, Entry, Store};
@@ -158,7 +158,7 @@ impl Checkpointer {
         {
             let dir = self.work.join(format!("boot-{step}"));
             let cmdline = inherited.map(|b| b.cmdline.as_str()).unwrap_or_default();
-            if super::layer::download_newest_kernel(guest, &dir, cmdline, log)? {
+            if super::guest::download_newest_kernel(guest, &dir, cmdline, log)? {
                 self.boot = Some(dir);
             }
             self.boot_listing = Some(listing);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::layer::{BootFiles, BuilderError, LayerBuild, Log};
+use super::context::{BootFiles, BuilderError, LayerBuild, Log};
 use crate::model::boot_watch::BootRules;
 use crate::model::qemu::{
     DirectBoot, Disk, DiskCache, NetBackend, Nic, PortForward, QemuVm, mac_for,
