@@ -13,8 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use super::context::{Ancestry, BuildError, Context, failed, human_bytes};
 use crate::build::layer::{Appliance, BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
-use crate::model::config::{Config, ImageSource};
-use crate::model::derivation::{DrvId, DrvNode};
+use crate::model::derivation::{DrvNode, Make};
 use crate::model::hash::ContentHash;
 use crate::model::plan::Action;
 use crate::model::qemu::{MachineSpec, choose_accel};
@@ -59,13 +58,13 @@ pub(super) fn realise_one(
         return Ok(entry);
     }
     let started = Instant::now();
-    // Every action but a substitution needs its parent in the store before it starts.
-    let build = |action: &Action, staging: &Staging| {
+    // Everything but a substitution needs its parent in the store before it starts.
+    let build = |make: &Make, staging: &Staging| {
         let ancestry = ancestry().ok_or_else(parent_failed)?;
         let output = produce(
             cx,
             node,
-            action,
+            make,
             ancestry.parent.as_ref(),
             ancestry.boot,
             staging,
@@ -93,7 +92,13 @@ pub(super) fn realise_one(
                 }
             }
         }
-        _ => build(action, &staging)?,
+        Action::Make(make) => build(make, &staging)?,
+        // Planned as present, and removed since (the lookup above found nothing).
+        Action::Cached => {
+            return Err(failed(name)(std::io::Error::other(
+                "it was in the store when the build was planned, and is no longer",
+            )));
+        }
     };
     let (output_blake3, size) = output;
     let meta = EntryMeta {
@@ -125,7 +130,7 @@ fn realise_appliance(cx: &Context, arch: Arch) -> Result<Entry, BuildError> {
     if let Some(entry) = lookup(cx.store, &node)? {
         return Ok(entry);
     }
-    realise_one(cx, &node, &Action::BuildTiny, &|| {
+    realise_one(cx, &node, &Action::Make(node.make.clone()), &|| {
         Some(Ancestry {
             parent: None,
             boot: None,
@@ -145,12 +150,17 @@ fn substitute(
 ) -> Result<Option<SubstitutedOutput>, BuildError> {
     let started = Instant::now();
     let name = node.name.as_str();
-    let substitution = cx
+    // The plan names the cache; the offer itself comes with the options (`plan_with_caches`).
+    let (substitution, offer) = cx
         .options
         .substitution
         .as_ref()
-        .expect("substitute steps come with their caches");
-    let offer = &substitution.offers[&node.hash];
+        .and_then(|s| Some((s, s.offers.get(&node.hash)?)))
+        .ok_or_else(|| {
+            failed(name)(std::io::Error::other(format!(
+                "the plan substitutes it from {from}, but the build was given no offer of it"
+            )))
+        })?;
     let bar = cx.reporter.bytes_for(
         "substitute",
         &format!("{name} from {from}"),
@@ -185,7 +195,7 @@ type SubstitutedOutput = ((ContentHash, u64), Option<Entry>);
 pub(super) fn produce(
     cx: &Context,
     node: &DrvNode,
-    action: &Action,
+    make: &Make,
     parent: Option<&Entry>,
     boot: Option<BootFiles>,
     staging: &Staging,
@@ -193,11 +203,12 @@ pub(super) fn produce(
 ) -> Result<(ContentHash, u64), BuildError> {
     let (config, store, options, reporter) = (cx.config, cx.store, cx.options, cx.reporter);
     let name = node.name.as_str();
-    let output = match (action, &node.id) {
-        (Action::Fetch { url }, DrvId::Image { image, .. }) => {
-            let ImageSource::Url { hash, .. } = &config.images[image].source else {
-                unreachable!("fetch actions come from url images")
-            };
+    // Only layers have one; the plan puts their parents before them.
+    let parent = || {
+        parent.ok_or_else(|| failed(name)(std::io::Error::other("its parent is not in the store")))
+    };
+    let output = match make {
+        Make::Fetch { url, hash, format } => {
             let bar = reporter.bytes_for("fetch", &format!("{name} from {url}"), None);
             // Retries and cut-offs are problems, shown even with `--quiet`; resumes are news.
             let say = |line: &str| match line.strip_prefix("warning: ") {
@@ -217,12 +228,11 @@ pub(super) fn produce(
             )
             .map_err(failed(name))?;
             bar.finish_and_clear();
-            let format = config.images[image].format;
             let out = place_image(
                 &downloaded.path,
                 downloaded.compression,
                 Some(downloaded.blake3),
-                format,
+                *format,
                 staging,
                 true,
                 reporter,
@@ -236,11 +246,7 @@ pub(super) fn produce(
             ));
             out
         }
-        (Action::Import { path }, DrvId::Image { image, .. }) => {
-            let img = &config.images[image];
-            let ImageSource::Path { hash, .. } = &img.source else {
-                unreachable!("import actions come from path images")
-            };
+        Make::Import { path, hash, format } => {
             let bar =
                 reporter.bytes_for("import", &format!("{name} from `{}`", path.display()), None);
             let hashes = match hash {
@@ -255,7 +261,7 @@ pub(super) fn produce(
                 path,
                 compression,
                 Some(hashes.blake3),
-                img.format,
+                *format,
                 staging,
                 false,
                 reporter,
@@ -271,8 +277,8 @@ pub(super) fn produce(
             ));
             out
         }
-        (Action::Layer { steps: 0 }, DrvId::Platform { .. }) => {
-            let parent = parent.expect("parents are realised first");
+        Make::EmptyLayer => {
+            let parent = parent()?;
             empty_layer(staging, parent).map_err(failed(name))?;
             reporter.line(format!(
                 "{:>12} {name} (empty layer on {})",
@@ -281,10 +287,10 @@ pub(super) fn produce(
             ));
             staging.hash_disk().map_err(failed(name))?
         }
-        (Action::Layer { .. }, DrvId::Platform { platform, target }) => {
-            let parent = parent.expect("parents are realised first");
-            let target = &config.targets[target];
-            let platform = &config.platforms[platform];
+        Make::Layer(layer) => {
+            let parent = parent()?;
+            let target = &config.targets[&layer.target];
+            let platform = &config.platforms[&layer.platform];
             let host_arch = crate::sys::hostinfo::host_arch().unwrap_or(target.arch);
             let accel = choose_accel(
                 options.accel.unwrap_or(target.accel),
@@ -315,7 +321,7 @@ pub(super) fn produce(
                 appliance,
                 name,
                 platform,
-                recipe: &node.derivation.recipe,
+                recipe: &layer.recipe,
                 parent,
                 store,
                 checkpoints: options.step_checkpoints,
@@ -358,16 +364,13 @@ pub(super) fn produce(
             reporter.line(format!(
                 "{:>12} {name} ({} steps{reused}, {:.0} s, {accel})",
                 "built",
-                node_step_count(config, &node.id),
+                layer.step_kinds,
                 started.elapsed().as_secs_f64()
             ));
             staging.hash_disk().map_err(failed(name))?
         }
-        (Action::Debootstrap { .. }, DrvId::Image { image, arch }) => {
-            let ImageSource::Debian(spec) = &config.images[image].source else {
-                unreachable!("debootstrap actions come from debian images")
-            };
-            let arch = arch.expect("Debian image ids carry an arch");
+        Make::Debootstrap { spec, arch } => {
+            let arch = *arch;
             let bar = reporter.spinner(name, "mmdebstrap");
             let report = crate::build::debian_image::build_debian_image(
                 &crate::build::debian_image::DebianImageRequest {
@@ -394,8 +397,8 @@ pub(super) fn produce(
             ));
             staging.hash_disk().map_err(failed(name))?
         }
-        (Action::BuildTiny, DrvId::Image { arch, .. }) => {
-            let arch = arch.expect("tiny image ids carry an arch");
+        Make::BuildTiny { arch } => {
+            let arch = *arch;
             let bar = reporter.spinner(name, "tiny image");
             let report = crate::build::tiny_image::build_tiny_image(
                 &crate::build::tiny_image::TinyImageRequest {
@@ -421,7 +424,6 @@ pub(super) fn produce(
             ));
             staging.hash_disk().map_err(failed(name))?
         }
-        (action, id) => unreachable!("plan gave {action:?} for {id:?}"),
     };
     Ok(output)
 }
@@ -429,31 +431,26 @@ pub(super) fn produce(
 /// A downloaded image that matched its declared hash but does not unpack was broken when
 /// it was published: fetching it again cannot help, and the error must not say it might.
 fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> BuildError {
-    match e.downcast::<fetch::FetchError>() {
-        Ok(decompress) if matches!(*decompress, fetch::FetchError::Decompress { .. }) => {
-            let fetch::FetchError::Decompress {
-                compression,
-                source,
-                ..
-            } = *decompress
-            else {
-                unreachable!("matched above")
-            };
-            BuildError::BrokenPublished {
-                name: name.to_string(),
-                url: url.to_string(),
-                algo,
-                detail: format!("it is not a valid {compression} stream ({source})"),
-            }
-        }
-        Ok(other) => BuildError::Failed {
+    let failed = |source: BoxError| BuildError::Failed {
+        name: name.to_string(),
+        source,
+    };
+    let fetch_error = match e.downcast::<fetch::FetchError>() {
+        Ok(fetch_error) => fetch_error,
+        Err(other) => return failed(other),
+    };
+    match *fetch_error {
+        fetch::FetchError::Decompress {
+            compression,
+            source,
+            ..
+        } => BuildError::BrokenPublished {
             name: name.to_string(),
-            source: other,
+            url: url.to_string(),
+            algo,
+            detail: format!("it is not a valid {compression} stream ({source})"),
         },
-        Err(other) => BuildError::Failed {
-            name: name.to_string(),
-            source: other,
-        },
+        other => failed(Box::new(other)),
     }
 }
 
@@ -518,11 +515,4 @@ fn empty_layer(staging: &Staging, parent: &Entry) -> Result<(), qemu_img::QemuIm
     let disk = staging.disk_path();
     qemu_img::create_overlay(&disk, &parent.disk_path(), None)?;
     qemu_img::rebase_unsafe(&disk, &relative_backing(parent))
-}
-
-fn node_step_count(config: &Config, id: &DrvId) -> usize {
-    match id {
-        DrvId::Platform { platform, .. } => config.platforms[platform].steps.count(),
-        DrvId::Image { .. } => 0,
-    }
 }

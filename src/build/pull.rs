@@ -51,7 +51,7 @@ pub fn pull(
     reporter: &Reporter,
 ) -> Result<Pulled, PullError> {
     let present = present_hashes(store, project.graph.closure(wanted))?;
-    let mut plan = plan_build(&project.loaded.config, &project.graph, wanted, &present);
+    let mut plan = plan_build(&project.graph, wanted, &present);
     let trusted = project
         .loaded
         .config

@@ -12,9 +12,9 @@ use super::context::{BuildError, Context, RealiseOptions, failed};
 use super::produce::produce;
 use super::realise::boot_files_for;
 use crate::model::config::Config;
-use crate::model::derivation::{DrvId, DrvNode};
+use crate::model::derivation::{DrvId, DrvNode, Make};
 use crate::model::hash::ContentHash;
-use crate::model::plan::{Action, BuildPlan};
+use crate::model::plan::BuildPlan;
 use crate::progress::Reporter;
 use crate::store::{Entry, Store};
 
@@ -80,23 +80,17 @@ pub fn rebuild_and_compare(
         let node = &step.node;
         let name = node.name.as_str();
         let entry = &stored[&node.id];
-        let outcome = match step.action {
-            Action::Fetch { .. } | Action::Import { .. } | Action::Cached => Outcome::FixedOutput,
-            _ => {
+        // Rebuilt as its derivation is made, whatever the plan would have done.
+        let outcome = match &node.make {
+            Make::Fetch { .. } | Make::Import { .. } => Outcome::FixedOutput,
+            make => {
                 let parent = node.parent.as_ref().map(|p| &stored[p]);
                 let boot = boot_files_for(plan, &stored, node);
                 let lock = store.lock(&node.hash).map_err(failed(name))?;
                 // A scratch directory: dropped, never committed, whatever the outcome.
                 let staging = store.stage(&lock, name).map_err(failed(name))?;
-                let (rebuilt, _) = produce(
-                    &cx,
-                    node,
-                    &step.action,
-                    parent,
-                    boot,
-                    &staging,
-                    Instant::now(),
-                )?;
+                let (rebuilt, _) =
+                    produce(&cx, node, make, parent, boot, &staging, Instant::now())?;
                 drop(staging);
                 match rebuilt == entry.meta.output_blake3 {
                     true => Outcome::Same,

@@ -78,7 +78,7 @@ pub fn plan_with_caches(
     choice: &CacheChoice,
     reporter: &Reporter,
 ) -> Result<(BuildPlan, Option<Arc<Substitution>>), BackendError> {
-    let mut plan = plan_build(&project.loaded.config, &project.graph, wanted, present);
+    let mut plan = plan_build(&project.graph, wanted, present);
     if plan.is_noop() {
         return Ok((plan, None));
     }

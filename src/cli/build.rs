@@ -240,12 +240,7 @@ fn check_reproducible(
     options: &RealiseOptions,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    let plan = plan_build(
-        &project.loaded.config,
-        &project.graph,
-        ids,
-        &Default::default(),
-    );
+    let plan = plan_build(&project.graph, ids, &Default::default());
     let checked =
         rebuild_and_compare(&project.loaded.config, &plan, ids, store, options, reporter)?;
     let differs: Vec<&str> = checked

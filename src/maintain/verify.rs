@@ -346,7 +346,7 @@ pub fn repair(
         let _shared = store.use_as(UseMode::Shared, || {})?;
         let closure = project.graph.closure(&ids);
         let present = present_hashes(store, closure)?;
-        let build = plan_build(&project.loaded.config, &project.graph, &ids, &present);
+        let build = plan_build(&project.graph, &ids, &present);
         let built = realise(&project.loaded.config, &build, store, options, reporter)?;
         report.rebuilt = build
             .steps

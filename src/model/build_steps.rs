@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::config::Steps;
-use super::derivation::{Recipe, StepInputs};
+use super::derivation::{LayerRecipe, StepInputs};
 use super::hash::{ContentHash, DrvHash};
 use super::shell::shell_quote;
 use super::values::{Arch, Builder, Firmware};
@@ -166,24 +166,13 @@ const KEY_CONTEXT: &str = "farm 2026-11 build step checkpoint v1";
 
 /// The key of the build disk after each step of `steps` (one key per step, in order), for
 /// a layer `recipe`. A key covers its step and every step before it.
-pub fn checkpoint_keys(recipe: &Recipe, steps: &[BuildStep]) -> Vec<ContentHash> {
-    let Recipe::Layer {
-        parent,
-        arch,
-        machine,
-        firmware,
-        builder,
-        ..
-    } = recipe
-    else {
-        return Vec::new();
-    };
+pub fn checkpoint_keys(recipe: &LayerRecipe, steps: &[BuildStep]) -> Vec<ContentHash> {
     let base = BuildBase {
-        parent: *parent,
-        arch: *arch,
-        machine,
-        firmware,
-        builder: *builder,
+        parent: recipe.parent,
+        arch: recipe.arch,
+        machine: &recipe.machine,
+        firmware: &recipe.firmware,
+        builder: recipe.builder,
     };
     let mut hasher = blake3::Hasher::new_derive_key(KEY_CONTEXT);
     hasher.update(&serde_json::to_vec(&base).expect("the build base serializes"));
@@ -212,14 +201,14 @@ pub fn checkpoint_keys(recipe: &Recipe, steps: &[BuildStep]) -> Vec<ContentHash>
 mod tests {
     use super::*;
 
-    fn layer(run: &[&str], parent: u8) -> (Recipe, Vec<BuildStep>) {
+    fn layer(run: &[&str], parent: u8) -> (LayerRecipe, Vec<BuildStep>) {
         let inputs = StepInputs {
             upgrade: true,
             packages: vec!["curl".into()],
             run: run.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        let recipe = Recipe::Layer {
+        let recipe = LayerRecipe {
             parent: DrvHash([parent; 32]),
             arch: Arch::X86_64,
             machine: None,
@@ -266,7 +255,7 @@ mod tests {
                 }),
                 ..Default::default()
             };
-            let recipe = Recipe::Layer {
+            let recipe = LayerRecipe {
                 parent: DrvHash([1; 32]),
                 arch: Arch::X86_64,
                 machine: None,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::config::{Config, DebianInit, ImageSource, Origin};
+use super::config::{Config, DebianInit, DebianSpec, ImageSource, Origin};
 use super::diagnostic::Diagnostic;
 use super::hash::{ContentHash, DrvHash, ExpectedHash};
 use super::topology::Topology;
@@ -67,21 +67,26 @@ pub enum Recipe {
         farm_parts: ContentHash,
     },
     /// A platform: one qcow2 layer on its parent's.
-    Layer {
-        parent: DrvHash,
-        arch: Arch,
-        machine: Option<String>,
-        /// The firmware the build VM boots the image's bootloader with, when the image asks
-        /// for other than its architecture's default (absent otherwise, so the hashes of
-        /// labs that never say stay what they were).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        firmware: Option<Firmware>,
-        /// How the steps reached the image: a chroot build leaves no trace of a first boot,
-        /// so it is another output (absent for `boot`, so existing keys stay).
-        #[serde(default, skip_serializing_if = "Builder::is_boot")]
-        builder: Builder,
-        steps: StepInputs,
-    },
+    Layer(LayerRecipe),
+}
+
+/// What a platform's layer is built from: its parent, the build VM's hardware and the
+/// step inputs (a struct of its own so a layer build can be handed exactly this).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LayerRecipe {
+    pub parent: DrvHash,
+    pub arch: Arch,
+    pub machine: Option<String>,
+    /// The firmware the build VM boots the image's bootloader with, when the image asks
+    /// for other than its architecture's default (absent otherwise, so the hashes of
+    /// labs that never say stay what they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// How the steps reached the image: a chroot build leaves no trace of a first boot,
+    /// so it is another output (absent for `boot`, so existing keys stay).
+    #[serde(default, skip_serializing_if = "Builder::is_boot")]
+    pub builder: Builder,
+    pub steps: StepInputs,
 }
 
 /// A platform's steps with every file replaced by its content hash.
@@ -135,7 +140,7 @@ impl Derivation {
 
     pub fn parent(&self) -> Option<DrvHash> {
         match &self.recipe {
-            Recipe::Layer { parent, .. } => Some(*parent),
+            Recipe::Layer(layer) => Some(layer.parent),
             _ => None,
         }
     }
@@ -176,6 +181,7 @@ pub fn appliance_node(arch: Arch) -> DrvNode {
         hash: derivation.hash(),
         derivation,
         parent: None,
+        make: Make::BuildTiny { arch },
     }
 }
 
@@ -185,11 +191,11 @@ pub fn appliance_arches(graph: &DrvGraph) -> BTreeSet<Arch> {
         .nodes
         .values()
         .filter_map(|node| match &node.derivation.recipe {
-            Recipe::Layer {
+            Recipe::Layer(LayerRecipe {
                 arch,
                 builder: Builder::Chroot,
                 ..
-            } => Some(*arch),
+            }) => Some(*arch),
             _ => None,
         })
         .collect()
@@ -204,7 +210,7 @@ pub enum DrvId {
     Platform { platform: String, target: String },
 }
 
-/// A derivation in context: its id, store name, parent and source details for planning.
+/// A derivation in context: its id, store name, parent and how it is made.
 #[derive(Clone, Debug)]
 pub struct DrvNode {
     pub id: DrvId,
@@ -213,6 +219,47 @@ pub struct DrvNode {
     pub derivation: Derivation,
     pub hash: DrvHash,
     pub parent: Option<DrvId>,
+    pub make: Make,
+}
+
+/// How a derivation is made when the store lacks it, with everything its producer
+/// (`build::produce`) needs: where an image comes from, what a layer is built from. Found
+/// in the configuration with the recipe, so the two always agree; a plan carries it
+/// (`model::plan::Action::Make`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Make {
+    /// Download `url` and verify it against `hash`.
+    Fetch {
+        url: String,
+        hash: ExpectedHash,
+        format: Option<DiskFormat>,
+    },
+    /// Copy a local file into the store, verifying it against `hash` when one is declared.
+    Import {
+        path: PathBuf,
+        hash: Option<ExpectedHash>,
+        format: Option<DiskFormat>,
+    },
+    /// Build a root filesystem from a Debian mirror.
+    Debootstrap { spec: DebianSpec, arch: Arch },
+    /// Assemble farm's tiny image from Debian packages.
+    BuildTiny { arch: Arch },
+    /// A platform without steps: an empty overlay on its parent's entry.
+    EmptyLayer,
+    /// Run a platform's steps in a build VM, or in a chroot in farm's appliance.
+    Layer(Box<LayerMake>),
+}
+
+/// What a platform's layer build needs besides its parent's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerMake {
+    /// The platform and target in the configuration: the steps' files, the build VM's
+    /// hardware and resources.
+    pub platform: String,
+    pub target: String,
+    /// How many kinds of steps the platform has, for the plan and the status line.
+    pub step_kinds: usize,
+    pub recipe: LayerRecipe,
 }
 
 /// Every derivation of a configuration, keyed by id.
@@ -370,46 +417,69 @@ fn derive(
             )
         })
     };
-    let (name, recipe, parent) = match id {
+    let (name, recipe, parent, make) = match id {
         DrvId::Image { image, arch } => {
             let img = &config.images[image];
-            let recipe = match &img.source {
-                ImageSource::Url { hash, .. }
-                | ImageSource::Path {
-                    hash: Some(hash), ..
-                } => Recipe::FixedImage {
-                    hash: hash.clone(),
-                    format: img.format,
-                },
-                ImageSource::Path { path, hash: None } => Recipe::LocalImage {
-                    content: content(&path.value, &path.at)?,
-                    format: img.format,
-                },
+            let (recipe, make) = match &img.source {
+                ImageSource::Url { url, hash } => (
+                    Recipe::FixedImage {
+                        hash: hash.clone(),
+                        format: img.format,
+                    },
+                    Make::Fetch {
+                        url: url.value.clone(),
+                        hash: hash.clone(),
+                        format: img.format,
+                    },
+                ),
+                ImageSource::Path { path, hash } => (
+                    match hash {
+                        Some(hash) => Recipe::FixedImage {
+                            hash: hash.clone(),
+                            format: img.format,
+                        },
+                        None => Recipe::LocalImage {
+                            content: content(&path.value, &path.at)?,
+                            format: img.format,
+                        },
+                    },
+                    Make::Import {
+                        path: path.value.clone(),
+                        hash: hash.clone(),
+                        format: img.format,
+                    },
+                ),
                 ImageSource::Debian(spec) => {
                     let arch = arch.expect("Debian image ids carry an arch");
                     let packages: BTreeSet<String> = spec.packages.iter().cloned().collect();
-                    Recipe::DebianImage {
+                    let recipe = Recipe::DebianImage {
                         suite: spec.suite.clone(),
                         variant: spec.variant.clone(),
                         packages: packages.into_iter().collect(),
                         arch,
                         init: spec.init,
                         farm_parts: super::debian_recipe::digest(arch, spec.init),
-                    }
+                    };
+                    let make = Make::Debootstrap {
+                        spec: spec.clone(),
+                        arch,
+                    };
+                    (recipe, make)
                 }
                 ImageSource::Tiny => {
                     let arch = arch.expect("tiny image ids carry an arch");
-                    Recipe::TinyImage {
+                    let recipe = Recipe::TinyImage {
                         arch,
                         farm_parts: super::tiny_recipe::digest(arch),
-                    }
+                    };
+                    (recipe, Make::BuildTiny { arch })
                 }
             };
             let name = match arch {
                 Some(arch) => format!("{image}-{}", arch.debian_name()),
                 None => image.clone(),
             };
-            (name, recipe, None)
+            (name, recipe, None, make)
         }
         DrvId::Platform { platform, target } => {
             let p = &config.platforms[platform];
@@ -450,7 +520,7 @@ fn derive(
                 config, platform, t.arch,
             ))
             .filter(|f| *f != Firmware::default_for(t.arch));
-            let recipe = Recipe::Layer {
+            let layer = LayerRecipe {
                 parent: parent_hash,
                 arch: t.arch,
                 machine: t.machine.clone(),
@@ -471,7 +541,21 @@ fn derive(
                     },
                 },
             };
-            (format!("{platform}_{target}"), recipe, Some(parent_id))
+            let make = match steps.count() {
+                0 => Make::EmptyLayer,
+                step_kinds => Make::Layer(Box::new(LayerMake {
+                    platform: platform.clone(),
+                    target: target.clone(),
+                    step_kinds,
+                    recipe: layer.clone(),
+                })),
+            };
+            (
+                format!("{platform}_{target}"),
+                Recipe::Layer(layer),
+                Some(parent_id),
+                make,
+            )
         }
     };
     let derivation = Derivation {
@@ -487,6 +571,7 @@ fn derive(
             derivation,
             hash,
             parent,
+            make,
         },
     );
     Ok(hash)

@@ -247,23 +247,32 @@ pub fn render(lock: &LockFile) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::derivation::{Derivation, FORMAT_VERSION, Recipe, StepInputs};
+    use crate::model::derivation::{
+        Derivation, FORMAT_VERSION, LayerMake, LayerRecipe, Make, Recipe, StepInputs,
+    };
     use crate::model::values::Arch;
 
     fn layer(packages: &[&str], parent: u8) -> DrvNode {
+        let recipe = LayerRecipe {
+            parent: DrvHash([parent; 32]),
+            arch: Arch::X86_64,
+            machine: None,
+            firmware: None,
+            builder: Default::default(),
+            steps: StepInputs {
+                packages: packages.iter().map(|p| p.to_string()).collect(),
+                ..Default::default()
+            },
+        };
+        let make = Make::Layer(Box::new(LayerMake {
+            platform: "web".into(),
+            target: "amd64".into(),
+            step_kinds: 1,
+            recipe: recipe.clone(),
+        }));
         let derivation = Derivation {
             format: FORMAT_VERSION,
-            recipe: Recipe::Layer {
-                parent: DrvHash([parent; 32]),
-                arch: Arch::X86_64,
-                machine: None,
-                firmware: None,
-                builder: Default::default(),
-                steps: StepInputs {
-                    packages: packages.iter().map(|p| p.to_string()).collect(),
-                    ..Default::default()
-                },
-            },
+            recipe: Recipe::Layer(recipe),
         };
         DrvNode {
             id: DrvId::Platform {
@@ -274,6 +283,7 @@ mod tests {
             hash: derivation.hash(),
             derivation,
             parent: None,
+            make,
         }
     }
 

@@ -3,10 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::PathBuf;
 
-use super::config::{Config, ImageSource};
-use super::derivation::{DrvGraph, DrvId, DrvNode, Recipe};
+use super::derivation::{DrvGraph, DrvId, DrvNode, Make, Recipe};
 use super::hash::DrvHash;
 use super::values::Builder;
 
@@ -14,22 +12,14 @@ use super::values::Builder;
 pub enum Action {
     /// Already in the store: nothing to do.
     Cached,
-    /// Download and verify.
-    Fetch { url: String },
-    /// Copy a local file into the store, verifying it.
-    Import { path: PathBuf },
-    /// Build a root filesystem from a Debian mirror.
-    Debootstrap { suite: String, mirror: String },
-    /// Assemble farm's tiny image from Debian packages.
-    BuildTiny,
-    /// Run a platform's steps in a build VM (or, with no steps, make an empty layer).
-    Layer { steps: usize },
-    /// Download from a binary cache whose signed record matched; `fallback` is what is
-    /// done if that fails (`None` for `farm store pull`, which never builds).
+    /// Fetch, import or build it, as the derivation says it is made.
+    Make(Make),
+    /// Download from a binary cache whose signed record matched; `fallback` is how it is
+    /// made if that fails (`None` for `farm store pull`, which never builds).
     Substitute {
         from: String,
         bytes: u64,
-        fallback: Option<Box<Action>>,
+        fallback: Option<Make>,
     },
 }
 
@@ -37,11 +27,10 @@ impl Action {
     pub fn verb(&self) -> &'static str {
         match self {
             Action::Cached => "cached",
-            Action::Fetch { .. } => "fetch",
-            Action::Import { .. } => "import",
-            Action::Debootstrap { .. } => "debootstrap",
-            Action::BuildTiny => "build",
-            Action::Layer { .. } => "build",
+            Action::Make(Make::Fetch { .. }) => "fetch",
+            Action::Make(Make::Import { .. }) => "import",
+            Action::Make(Make::Debootstrap { .. }) => "debootstrap",
+            Action::Make(Make::BuildTiny { .. } | Make::EmptyLayer | Make::Layer(_)) => "build",
             Action::Substitute { .. } => "substitute",
         }
     }
@@ -66,12 +55,7 @@ impl BuildPlan {
 }
 
 /// Plans realising `wanted` and its ancestors, given the hashes `present` in the store.
-pub fn plan_build(
-    config: &Config,
-    graph: &DrvGraph,
-    wanted: &[DrvId],
-    present: &BTreeSet<DrvHash>,
-) -> BuildPlan {
+pub fn plan_build(graph: &DrvGraph, wanted: &[DrvId], present: &BTreeSet<DrvHash>) -> BuildPlan {
     let steps = graph
         .closure(wanted)
         .into_iter()
@@ -79,7 +63,7 @@ pub fn plan_build(
             action: if present.contains(&node.hash) {
                 Action::Cached
             } else {
-                action_for(config, node)
+                Action::Make(node.make.clone())
             },
             node: node.clone(),
         })
@@ -98,37 +82,33 @@ pub struct CacheOffer {
 /// `Substitute`, keeping what it was as the fallback.
 pub fn substitute_offered(plan: &mut BuildPlan, offers: &BTreeMap<DrvHash, CacheOffer>) {
     for step in &mut plan.steps {
-        if step.action == Action::Cached {
+        let Action::Make(make) = &step.action else {
             continue;
-        }
+        };
         if let Some(offer) = offers.get(&step.node.hash) {
-            let fallback = std::mem::replace(&mut step.action, Action::Cached);
             step.action = Action::Substitute {
                 from: offer.from.clone(),
                 bytes: offer.bytes,
-                fallback: Some(Box::new(fallback)),
+                fallback: Some(make.clone()),
             };
         }
     }
 }
 
-fn action_for(config: &Config, node: &DrvNode) -> Action {
-    match (&node.id, &node.derivation.recipe) {
-        (DrvId::Image { image, .. }, _) => match &config.images[image].source {
-            ImageSource::Url { url, .. } => Action::Fetch {
-                url: url.value.clone(),
-            },
-            ImageSource::Path { path, .. } => Action::Import {
-                path: path.value.clone(),
-            },
-            ImageSource::Debian(spec) => Action::Debootstrap {
-                suite: spec.suite.clone(),
-                mirror: spec.mirror.clone(),
-            },
-            ImageSource::Tiny => Action::BuildTiny,
-        },
-        (DrvId::Platform { platform, .. }, _) => Action::Layer {
-            steps: config.platforms[platform].steps.count(),
+/// What the plan says of making a derivation, after its verb.
+fn detail(make: &Make) -> String {
+    match make {
+        Make::Fetch { url, .. } => url.clone(),
+        Make::Import { path, .. } => path.display().to_string(),
+        Make::Debootstrap { spec, .. } => format!("{} from {}", spec.suite, spec.mirror),
+        Make::BuildTiny { .. } => "tiny image (kernel, busybox, dropbear) from apt".to_string(),
+        Make::EmptyLayer => "empty layer".to_string(),
+        Make::Layer(layer) => match layer.recipe.builder {
+            Builder::Chroot => format!(
+                "{} step kinds in a chroot from farm's appliance",
+                layer.step_kinds
+            ),
+            Builder::Boot => format!("{} step kinds in a build VM", layer.step_kinds),
         },
     }
 }
@@ -144,18 +124,7 @@ impl fmt::Display for BuildPlan {
         for step in &self.steps {
             let detail = match &step.action {
                 Action::Cached => String::new(),
-                Action::Fetch { url } => url.clone(),
-                Action::Import { path } => path.display().to_string(),
-                Action::Debootstrap { suite, mirror } => format!("{suite} from {mirror}"),
-                Action::BuildTiny => "tiny image (kernel, busybox, dropbear) from apt".to_string(),
-                Action::Layer { steps: 0 } => "empty layer".to_string(),
-                Action::Layer { steps } => match &step.node.derivation.recipe {
-                    Recipe::Layer {
-                        builder: Builder::Chroot,
-                        ..
-                    } => format!("{steps} step kinds in a chroot from farm's appliance"),
-                    _ => format!("{steps} step kinds in a build VM"),
-                },
+                Action::Make(make) => detail(make),
                 Action::Substitute { from, bytes, .. } => {
                     format!("from {from} ({:.1} MiB)", *bytes as f64 / (1 << 20) as f64)
                 }
@@ -174,5 +143,5 @@ impl fmt::Display for BuildPlan {
 
 /// Whether a recipe needs a parent layer realised first.
 pub fn needs_parent(recipe: &Recipe) -> bool {
-    matches!(recipe, Recipe::Layer { .. })
+    matches!(recipe, Recipe::Layer(_))
 }

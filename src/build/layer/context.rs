@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::model::config::Platform;
-use crate::model::derivation::Recipe;
 use crate::model::boot_watch::BootFailure;
+use crate::model::config::Platform;
+use crate::model::derivation::LayerRecipe;
 use crate::model::qemu::MachineSpec;
 use crate::model::values::Firmware;
 use crate::store::{Entry, Staging, Store};
@@ -93,7 +93,7 @@ pub enum BuilderError {
 pub struct LayerBuild<'a> {
     pub name: &'a str,
     pub platform: &'a Platform,
-    pub recipe: &'a Recipe,
+    pub recipe: &'a LayerRecipe,
     pub parent: &'a Entry,
     /// Where step checkpoints are found and kept.
     pub store: &'a Store,

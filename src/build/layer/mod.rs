@@ -26,7 +26,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
-use crate::model::derivation::Recipe;
 use crate::model::hash::ContentHash;
 use crate::progress::Reporter;
 use crate::sys::qemu_img;
@@ -50,10 +49,7 @@ pub struct LayerReport {
 }
 
 pub fn build_layer(build: &LayerBuild, reporter: &Reporter) -> Result<LayerReport, BuilderError> {
-    let Recipe::Layer { steps: inputs, .. } = build.recipe else {
-        unreachable!("build_layer is only called for layers")
-    };
-    let steps = build_steps(&build.platform.steps, inputs);
+    let steps = build_steps(&build.platform.steps, &build.recipe.steps);
     if steps.iter().any(|s| s.playbook.is_some()) {
         // Known before minutes of booting.
         playbook::ansible_playbook(build)?;
