@@ -9,12 +9,16 @@
 pub mod backend;
 mod blob;
 mod blocking;
+mod file;
+mod http;
 pub mod keys;
 mod oci;
+mod open;
 pub mod push;
 mod s3;
 pub mod substitute;
 
-pub use backend::{Backend, BackendError, Timeouts, open};
+pub use backend::{Backend, BackendError, Timeouts};
+pub use open::open;
 pub use push::{PushReport, push};
 pub use substitute::{Offer, SubstituteError, Substituters};

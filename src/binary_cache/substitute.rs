@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
 
-use super::backend::{Backend, BackendError, Timeouts, open};
+use super::backend::{Backend, BackendError, Timeouts};
 use super::blob::{BlobError, download};
+use super::open::open;
 use crate::model::cache_record::{CACHE_FORMAT, CacheRecord, record_path};
 use crate::model::derivation::{DrvNode, hash_of_json};
 use crate::model::hash::{ContentHash, DrvHash};

@@ -301,14 +301,6 @@ fn file_name(module: &Module) -> String {
     format!("src/{}", module.join("/"))
 }
 
-/// The circles issue 28 has not untied yet, each as its files joined by ` ↔ `: a circle
-/// not listed fails, and so does a listed one that is gone (so the list only shrinks).
-const NOT_YET_UNTIED: [&str; 3] = [
-    "src/binary_cache/backend ↔ src/binary_cache/oci ↔ src/binary_cache/s3",
-    "src/build/build_vm ↔ src/build/checkpointing ↔ src/build/guest ↔ src/build/layer ↔ src/build/playbook",
-    "src/build/produce ↔ src/build/realise ↔ src/build/substitution",
-];
-
 #[test]
 fn no_two_files_of_src_import_each_other_directly_or_through_others() {
     let graph = import_graph();
@@ -321,26 +313,10 @@ fn no_two_files_of_src_import_each_other_directly_or_through_others() {
             names.join(" ↔ ")
         })
         .collect();
-    let known: BTreeSet<&str> = NOT_YET_UNTIED.iter().copied().collect();
-    let new: Vec<&String> = found
-        .iter()
-        .filter(|c| !known.contains(c.as_str()))
-        .collect();
     assert!(
-        new.is_empty(),
-        "new import circles:\n{}",
-        new.iter()
-            .map(|c| c.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let untied: Vec<&&str> = known
-        .iter()
-        .filter(|c| !found.iter().any(|f| f == *c))
-        .collect();
-    assert!(
-        untied.is_empty(),
-        "untied, take them off NOT_YET_UNTIED: {untied:?}"
+        found.is_empty(),
+        "import circles (untie them: move what both sides share into a leaf module):\n{}",
+        found.join("\n")
     );
 }
 
