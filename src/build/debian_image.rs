@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 use indicatif::ProgressBar;
 
 use crate::build::tool_log::LogError;
-use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, quote_word, tree_bytes};
+use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, tree_bytes};
 use crate::model::config::{DebianInit, DebianSpec};
 pub use crate::model::debian_recipe::{
     AGENT_SCRIPT, AGENT_UNIT, CUSTOMIZE_SCRIPT, DEFAULT_VARIANT, ESSENTIAL_HOOK, SEED_LIBRARY,
     customize_script, kernel_cmdline, required_packages,
 };
+use crate::model::shell::quote_word;
 use crate::model::tiny_recipe;
 use crate::model::values::Arch;
 
@@ -161,8 +162,8 @@ pub fn mmdebstrap_args(
     };
     let customize = format!(
         "sh {} \"$1\" {}",
-        shell_quote(&agent_dir.join(customize_file(spec.init))),
-        shell_quote(agent_dir)
+        quote_word(&agent_dir.join(customize_file(spec.init)).to_string_lossy()),
+        quote_word(&agent_dir.to_string_lossy())
     );
     let mut args: Vec<OsString> = vec![
         // Root mode: real owners in the tree (see `NeedsRoot`), and shell hooks can read the
@@ -181,11 +182,6 @@ pub fn mmdebstrap_args(
     args.push(rootfs.as_os_str().to_owned());
     args.push(spec.mirror.clone().into());
     args
-}
-
-/// Single-quotes a path for `sh`.
-fn shell_quote(path: &Path) -> String {
-    quote_word(&path.to_string_lossy())
 }
 
 /// Everything that can be known to fail before minutes of downloading: missing tools, not

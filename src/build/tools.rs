@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::build::tool_log::{LogError, ToolLog};
+use crate::model::shell::command_line;
 use crate::sys::programs::{debian_package, find_program};
 
 /// How many trailing output lines an error quotes: enough for the tool's complaint, short
@@ -146,11 +147,7 @@ impl<'a> Invocation<'a> {
             })?,
         };
         let log = &self.runner.log;
-        let command_line = std::iter::once(program.as_os_str())
-            .chain(self.args.iter().map(OsString::as_os_str))
-            .map(|arg| quote_word(&arg.to_string_lossy()))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let command_line = command_line(program.as_os_str(), &self.args);
         log.note(&format!("$ {command_line}"))?;
         let started = Instant::now();
         let spawn_error = |source| ToolError::Spawn {
@@ -277,20 +274,6 @@ impl ToolRunner {
     }
 }
 
-/// A word as `sh` would need it: bare when it is plainly safe, single-quoted otherwise, so a
-/// logged command line can be pasted into a shell.
-pub fn quote_word(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./,:=@%+".contains(c));
-    if plain {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ScratchError {
     #[error(
@@ -384,17 +367,6 @@ pub fn tree_bytes(root: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn logged_command_lines_can_be_pasted_into_a_shell() {
-        assert_eq!(quote_word("/usr/sbin/mkfs.ext4"), "/usr/sbin/mkfs.ext4");
-        assert_eq!(
-            quote_word("--aptopt=Acquire::Retries \"3\""),
-            "'--aptopt=Acquire::Retries \"3\"'"
-        );
-        assert_eq!(quote_word("it's"), r"'it'\''s'");
-        assert_eq!(quote_word(""), "''");
-    }
 
     #[test]
     fn a_failing_tool_quotes_its_tail_and_hint_and_output_is_logged() {

@@ -10,10 +10,10 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::model::instance::InstancePaths;
+use crate::model::shell::quote_path;
 use crate::model::up_plan::SiteLayout;
 use crate::project::{Project, ProjectOptions};
 use crate::run::state::StatePaths;
-use crate::sys::ssh::shell_quote;
 
 use super::lab::{StateArgs, check_vm_names};
 
@@ -48,7 +48,7 @@ pub fn run(options: &ProjectOptions, args: LogsArgs) -> anyhow::Result<()> {
     }
     // On the VM's site, through the same ssh_config users get: `tail -F` follows a log
     // that a restart truncates.
-    let path = shell_quote(&serial.display().to_string());
+    let path = quote_path(&serial);
     let remote = if args.follow {
         format!("tail -n +1 -F {path}")
     } else {

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::limits::Refusal;
+use super::shell::quote_path;
 
 /// libvirt's connection for a site when farm.toml names none: the system daemon, whose
 /// domains outlive the user's session (what the Ansible collection farm replaces used).
@@ -53,7 +54,7 @@ impl Backend {
     pub fn qemu_log_shell(&self, stderr_log: &std::path::Path, vm: &str) -> String {
         let vm = crate::model::shell::shell_quote(vm);
         match self {
-            Backend::Qemu => crate::model::shell::shell_quote(&stderr_log.display().to_string()),
+            Backend::Qemu => quote_path(stderr_log),
             Backend::Libvirt { uri } if is_session(uri) => {
                 format!("\"${{XDG_CACHE_HOME:-$HOME/.cache}}/libvirt/qemu/log/\"{vm}.log")
             }

@@ -8,10 +8,11 @@
 //! `run::observe` runs it through the site's `Host` and adds the ssh checks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::instance::InstanceRecord;
 use super::qemu::{KvmFacts, TAG_PROJECT, TAG_WHAT};
+use super::shell::{quote_path, shell_quote};
 use super::values::Arch;
 
 /// What a site has.
@@ -132,15 +133,6 @@ pub struct ObserveRequest {
     pub networks: Vec<NetworkProbe>,
 }
 
-/// Single-quotes a string for a POSIX shell.
-fn q(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-fn qp(p: &Path) -> String {
-    q(&p.display().to_string())
-}
-
 /// A shell test, true when `pidfile` names a live process that has `argument` as one of
 /// its command-line arguments (pids are reused, so a live pid alone proves nothing). It
 /// leaves the pid in `$pid`. Built-ins and one `grep`: under TCG every process costs.
@@ -157,7 +149,7 @@ pub fn observe_script(req: &ObserveRequest) -> String {
     for tool in &req.tools {
         s.push_str(&format!(
             "command -v {t} >/dev/null 2>&1 || echo missing {t}\n",
-            t = q(tool)
+            t = shell_quote(tool)
         ));
     }
     if req.taps {
@@ -179,7 +171,7 @@ pub fn observe_script(req: &ObserveRequest) -> String {
         "for d in {vms}/*/; do [ -d \"$d\" ] || continue; d=${{d%/}}; n=${{d##*/}}; \
          p=-; read -r p 2>/dev/null < \"$d/qemu.pid\"; echo \"vm $n ${{p:--}}\"; \
          if [ -f \"$d/instance.json\" ]; then r=; IFS= read -r r < \"$d/instance.json\"; printf 'record %s %s\\n' \"$n\" \"$r\"; fi; done\n",
-        vms = qp(&vms),
+        vms = quote_path(&vms),
     ));
     // Every process's tag, NUL-terminated (read as lines by the parser): one process for
     // all of them.
@@ -189,11 +181,11 @@ pub fn observe_script(req: &ObserveRequest) -> String {
     if let Some((dir, names)) = &req.store
         && !names.is_empty()
     {
-        let metas: Vec<String> = names.iter().map(|n| q(n)).collect();
+        let metas: Vec<String> = names.iter().map(|n| shell_quote(n)).collect();
         s.push_str(&format!(
             "for e in {}; do [ -e {}/\"$e\"/meta.json ] && echo \"entry $e\"; done\n",
             metas.join(" "),
-            qp(dir)
+            quote_path(dir)
         ));
     }
     for network in &req.networks {
@@ -201,7 +193,7 @@ pub fn observe_script(req: &ObserveRequest) -> String {
             if let Some(pidfile) = pidfile {
                 s.push_str(&format!(
                     "p=-; read -r p 2>/dev/null < {}; echo \"netpid {} {kind} ${{p:--}}\"\n",
-                    qp(pidfile),
+                    quote_path(pidfile),
                     network.name
                 ));
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::model::boot_watch::Qemu;
 use crate::model::instance::InstanceSpec;
-use crate::model::shell::shell_quote;
+use crate::model::shell::quote_path;
 use crate::run::backend;
 use crate::run::host::Host;
 use crate::run::instance::{self, InstanceError};
@@ -34,7 +34,7 @@ impl BootTarget for SiteVm<'_> {
         let script = format!(
             "tail -c +{} {} 2>/dev/null; true",
             offset + 1,
-            shell_quote(&path.display().to_string())
+            quote_path(&path)
         );
         self.host
             .run(&script)

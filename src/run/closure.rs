@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::model::hash::ContentHash;
+use crate::model::shell::{quote_path, shell_quote};
 use crate::progress::Reporter;
 use crate::run::host::{Host, HostError};
 use crate::store::{DISK_FILE, Entry, META_FILE};
-use crate::sys::ssh::shell_quote;
 
 /// How many times one entry is sent before a push gives up on it.
 pub const PUSH_ATTEMPTS: u32 = 3;
@@ -225,7 +225,7 @@ fn complete_entries(
 ) -> Result<std::collections::BTreeSet<String>, PushError> {
     let metas: Vec<String> = entries
         .iter()
-        .map(|e| shell_quote(&store.entry_dir(e).join(META_FILE).display().to_string()))
+        .map(|e| quote_path(&store.entry_dir(e).join(META_FILE)))
         .collect();
     let out = host.run(&format!(
         "for m in {}; do [ -e \"$m\" ] && basename \"$(dirname \"$m\")\"; done; true",
@@ -313,8 +313,8 @@ fn send_entries(
         .root
         .join("tmp")
         .join(format!("push.{}", std::process::id()));
-    let staging = shell_quote(&staging_dir.display().to_string());
-    let target = shell_quote(&store.root.join("store").display().to_string());
+    let staging = quote_path(&staging_dir);
+    let target = quote_path(&store.root.join("store"));
     let checks: String = entries
         .iter()
         .flat_map(|(entry, files)| {

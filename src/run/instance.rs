@@ -1,13 +1,12 @@
 //! The qemu backend: an instance's overlay, seed and daemonized qemu, made from its
 //! resolved `InstanceSpec`, through a `Host`, so it is the same on every site.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::model::instance::{InstancePaths, InstanceRecord, InstanceSpec};
 use crate::model::seed::seed_image_bytes;
+use crate::model::shell::quote_path;
 use crate::run::host::{Host, HostError, process_alive_test};
-use crate::sys::ssh::shell_quote;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -25,10 +24,6 @@ pub enum InstanceError {
     Seed(#[from] crate::model::seed::SeedError),
     #[error(transparent)]
     Libvirt(#[from] crate::sys::libvirt::LibvirtError),
-}
-
-pub(crate) fn q(path: &Path) -> String {
-    shell_quote(&path.display().to_string())
 }
 
 pub(crate) fn check(
@@ -105,9 +100,9 @@ pub fn create(
         "Creating the overlay",
         &format!(
             "mkdir -p {dir} && chmod 700 {dir} && qemu-img create -q -f qcow2 -F qcow2 -b {layer} {disk} {size}",
-            dir = q(&paths.dir),
-            layer = q(&spec.layer.disk),
-            disk = q(&paths.disk()),
+            dir = quote_path(&paths.dir),
+            layer = quote_path(&spec.layer.disk),
+            disk = quote_path(&paths.disk()),
         ),
     )?;
     write_seed_and_record(host, spec, host_key)
@@ -122,7 +117,7 @@ pub fn prepare_restart(
     rebase: bool,
     host_key: (String, String),
 ) -> Result<InstanceRecord, InstanceError> {
-    let disk = q(&spec.paths.disk());
+    let disk = quote_path(&spec.paths.disk());
     if rebase {
         check(
             host,
@@ -130,7 +125,7 @@ pub fn prepare_restart(
             "Pointing the overlay at its layer's new place",
             &format!(
                 "qemu-img rebase -u -f qcow2 -F qcow2 -b {} {disk}",
-                q(&spec.layer.disk)
+                quote_path(&spec.layer.disk)
             ),
         )?;
     }
@@ -161,7 +156,7 @@ fn write_seed_and_record(
             "Giving the VM its UEFI variable store",
             &format!(
                 "[ -e {vars} ] || {{ [ -e {template} ] || {{ echo \"no UEFI firmware at {template}; hint: install Debian's ovmf (x86_64) or qemu-efi-aarch64 (aarch64) on this host\" >&2; exit 1; }}; cp {template} {vars}; }}",
-                vars = q(&spec.paths.efi_vars()),
+                vars = quote_path(&spec.paths.efi_vars()),
             ),
         )?;
     }
@@ -173,7 +168,10 @@ fn write_seed_and_record(
         host,
         &spec.name,
         "Syncing the instance's files",
-        &format!("sync -f {} 2>/dev/null || sync", q(&spec.paths.dir)),
+        &format!(
+            "sync -f {} 2>/dev/null || sync",
+            quote_path(&spec.paths.dir)
+        ),
     )?;
     Ok(record)
 }
@@ -250,7 +248,7 @@ pub fn remove(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<(), 
         host,
         name,
         "Removing the instance's state",
-        &format!("rm -rf {}", q(&paths.dir)),
+        &format!("rm -rf {}", quote_path(&paths.dir)),
     )
     .map(drop)
 }

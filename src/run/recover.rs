@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use crate::model::instance::InstanceSpec;
 use crate::model::kernel_panic::kernel_panic;
+use crate::model::shell::quote_path;
 use crate::model::topology::Topology;
 use crate::run::host::Host;
 use crate::run::lab::LabError;
 use crate::run::site::Sites;
 use crate::run::state::StatePaths;
-use crate::sys::ssh::shell_quote;
 
 /// A hypervisor VM found dead, with what its console says.
 pub struct Panicked {
@@ -59,7 +59,7 @@ pub fn panicked_hypervisors(
 /// The kernel panic `spec`'s console ends in, if it does (its last 64 KiB are read: a
 /// panic and its oops are a few KiB, a long-running VM's console may be large).
 pub fn panic_on_console(host: &dyn Host, spec: &InstanceSpec) -> Option<String> {
-    let serial = shell_quote(&spec.paths.serial_log().display().to_string());
+    let serial = quote_path(&spec.paths.serial_log());
     let out = host
         .run(&format!("tail -c 65536 {serial} 2>/dev/null"))
         .ok()?;

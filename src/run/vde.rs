@@ -12,8 +12,8 @@ use std::path::Path;
 
 use crate::model::network::{SiteNetwork, VdeBackend};
 use crate::model::qemu::ProcessTag;
+use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::{Host, HostError, process_alive_test};
-use crate::sys::ssh::shell_quote;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VdeError {
@@ -78,7 +78,6 @@ pub fn ensure_up(
             .collect()
     };
     let dir = network.dir(site_state);
-    let q = |p: &Path| shell_quote(&p.display().to_string());
     let failed = |what: &'static str, output: String| VdeError::Start {
         host: host.name().to_string(),
         network: network.name.clone(),
@@ -87,8 +86,8 @@ pub fn ensure_up(
     };
     let prepare = format!(
         "mkdir -p {dir} && chmod 700 {networks} {dir}",
-        dir = q(&dir),
-        networks = q(&site_state.join("networks")),
+        dir = quote_path(&dir),
+        networks = quote_path(&site_state.join("networks")),
     );
     let out = host.run(&prepare)?;
     if !out.success() {
@@ -105,9 +104,9 @@ pub fn ensure_up(
              i=0; while [ ! -S {ctl}/ctl ]; do i=$((i+1)); [ $i -gt 50 ] && {{ cat {log}; exit 1; }}; sleep 0.1; done",
             alive = process_alive_test(&pidfile, &ctl.display().to_string()),
             env = env("switch"),
-            ctl = q(&ctl),
-            pid = q(&pidfile),
-            log = q(&log),
+            ctl = quote_path(&ctl),
+            pid = quote_path(&pidfile),
+            log = quote_path(&log),
         );
         let out = host.run(&script)?;
         if !out.success() {
@@ -140,10 +139,10 @@ pub fn ensure_up(
              done",
             alive = process_alive_test(&pidfile, &format!("tap://{tap}")),
             env = env("tap"),
-            pid = q(&pidfile),
+            pid = quote_path(&pidfile),
             descr = shell_quote(&format!("farm:{}", network.name)),
             plug = shell_quote(&network.plug(site_state)),
-            log = q(&log),
+            log = quote_path(&log),
         );
         let out = host.run(&script)?;
         if !out.success() {
@@ -173,7 +172,7 @@ pub fn tear_down(
         "{}{}rm -rf {}",
         stop(&dir.join("tap.pid"), &tap),
         stop(&dir.join("switch.pid"), &ctl),
-        shell_quote(&dir.display().to_string())
+        quote_path(&dir)
     );
     host.run(&script).map(drop)
 }

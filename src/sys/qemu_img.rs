@@ -213,7 +213,7 @@ fn parse_json<T: serde::de::DeserializeOwned, A: AsRef<OsStr>>(
     stdout: &[u8],
 ) -> Result<T, QemuImgError> {
     serde_json::from_slice(stdout).map_err(|source| QemuImgError::BadOutput {
-        argv: display_argv(QEMU_IMG.as_ref(), args),
+        argv: crate::model::shell::command_line(QEMU_IMG.as_ref(), args),
         source,
     })
 }
@@ -235,7 +235,7 @@ fn run_program<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> Result<Vec<u8>, 
                 }
             } else {
                 QemuImgError::Spawn {
-                    argv: display_argv(program, args),
+                    argv: crate::model::shell::command_line(program, args),
                     source,
                 }
             }
@@ -244,28 +244,11 @@ fn run_program<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> Result<Vec<u8>, 
         Ok(output.stdout)
     } else {
         Err(QemuImgError::Failed {
-            argv: display_argv(program, args),
+            argv: crate::model::shell::command_line(program, args),
             status: output.status,
             stderr: stderr_tail(&output.stderr),
         })
     }
-}
-
-/// The command line as a user could paste it into a shell (arguments with spaces quoted).
-fn display_argv<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> String {
-    std::iter::once(program)
-        .chain(args.iter().map(AsRef::as_ref))
-        .map(|arg| {
-            let arg = arg.to_string_lossy();
-            if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c))
-            {
-                format!("'{}'", arg.replace('\'', r"'\''"))
-            } else {
-                arg.into_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn stderr_tail(stderr: &[u8]) -> String {

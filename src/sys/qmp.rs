@@ -1,6 +1,7 @@
 //! A minimal QMP client: enough to ask a guest to power down or qemu to quit, and to run a
 //! command with arguments and read its answer (a build VM's disk snapshots).
 
+use crate::model::shell::quote_path;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -103,18 +104,12 @@ impl Qmp {
 
 /// A migration target that writes qemu's machine state, compressed, to `path`.
 pub fn save_command(path: &Path) -> String {
-    format!(
-        "zstd -1 -q -T2 -o {}",
-        crate::model::shell::shell_quote(&path.display().to_string())
-    )
+    format!("zstd -1 -q -T2 -o {}", quote_path(path))
 }
 
 /// The migration source that reads a state [`save_command`] wrote.
 pub fn load_command(path: &Path) -> String {
-    format!(
-        "zstd -d -q -c {}",
-        crate::model::shell::shell_quote(&path.display().to_string())
-    )
+    format!("zstd -d -q -c {}", quote_path(path))
 }
 
 /// Polls `query` until the migration completes; its error or a timeout otherwise.

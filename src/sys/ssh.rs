@@ -3,10 +3,10 @@
 //! handshake). Connections are described by an ssh_config file — the same one users get —
 //! because openssh's builder options do not reach jump hosts.
 
-pub use crate::model::shell::shell_quote;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::model::shell::{quote_path, shell_quote};
 use openssh::{Session, Stdio};
 use tokio::io::AsyncWriteExt;
 
@@ -143,7 +143,7 @@ impl Ssh {
             // A command-line option comes first, so it wins over the config's ProxyJump.
             command.arg("-o").arg(format!(
                 "ProxyCommand=ssh -S {} -o BatchMode=yes -W %h:%p none",
-                shell_quote(&jump.display().to_string()).replace('%', "%%")
+                quote_path(jump).replace('%', "%%")
             ));
         }
         command

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use super::context::{BuilderError, LayerBuild, Log};
 use crate::model::chroot;
-use crate::sys::ssh::{Output, Ssh, SshError, shell_quote};
+use crate::model::shell::shell_quote;
+use crate::sys::ssh::{Output, Ssh, SshError};
 
 /// Mounts the image's root in the appliance of a chroot build (`chroot::setup_script`).
 pub(super) fn mount_chroot(

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
 use crate::model::hash::ContentHash;
+use crate::model::shell::shell_quote;
 use crate::progress::Reporter;
 use crate::sys::qemu_img;
-use crate::sys::ssh::shell_quote;
 use checkpointing::{Checkpointer, StepDisks, commit_checkpoints};
 use context::Log;
 pub use context::{Appliance, BootFiles, BuilderError, LayerBuild};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::context::{BuilderError, LayerBuild, Log};
-use crate::sys::ssh::shell_quote;
+use crate::model::shell::quote_path;
 
 /// `ansible-playbook`: `FARM_ANSIBLE_PLAYBOOK`, or found on PATH.
 pub(super) fn ansible_playbook(build: &LayerBuild) -> Result<PathBuf, BuilderError> {
@@ -29,10 +29,7 @@ pub(super) fn run_playbook(
         &inventory,
         format!(
             "all:\n  hosts:\n    farm-build:\n      ansible_user: root\n      ansible_ssh_common_args: {}\n",
-            serde_json::Value::String(format!(
-                "-F {}",
-                shell_quote(&work.join("ssh_config").display().to_string())
-            ))
+            serde_json::Value::String(format!("-F {}", quote_path(&work.join("ssh_config"))))
         ),
     )?;
     let playbook = std::path::absolute(playbook)?;

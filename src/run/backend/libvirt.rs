@@ -15,14 +15,10 @@ use std::time::{Duration, Instant};
 use crate::model::backend::{Backend, is_session};
 use crate::model::instance::{InstancePaths, InstanceSpec};
 use crate::model::libvirt::{DomainMeta, domain_xml};
+use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::Host;
 use crate::run::instance::{InstanceError, SSH_POWEROFF_AGAIN, Stopped, is_running};
 use crate::sys::libvirt::{Libvirt, LibvirtError};
-use crate::sys::ssh::shell_quote;
-
-fn q(path: &Path) -> String {
-    shell_quote(&path.display().to_string())
-}
 
 /// Runs `with` on a connection to the libvirtd at `uri` as seen on `host`. On a site
 /// reached over ssh, libvirtd is started first if it is installed and nothing runs it (a
@@ -107,9 +103,9 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec, uri: &str) -> Result<(), Inst
     host.put(xml.as_bytes(), &paths.dir.join("domain.xml"), 0o600)?;
     let prepare = format!(
         "rm -f {pid} {qmp}; : > {serial}",
-        pid = q(&paths.pidfile()),
-        qmp = q(&paths.qmp()),
-        serial = q(&paths.serial_log()),
+        pid = quote_path(&paths.pidfile()),
+        qmp = quote_path(&paths.qmp()),
+        serial = quote_path(&paths.serial_log()),
     );
     crate::run::instance::check(host, &spec.name, "Preparing the domain's files", &prepare)?;
     with_libvirt(host, uri, |lv| {
@@ -142,7 +138,7 @@ fn pid_by_tag(spec: &InstanceSpec, pidfile: &Path) -> String {
            tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -qxF -- {project} && \
            {{ echo \"${{d#/proc/}}\" > {pidfile}; exit 0; }}; \
          done; echo 'libvirt started the domain, but its qemu is not to be found' >&2; exit 1",
-        pidfile = q(pidfile)
+        pidfile = quote_path(pidfile)
     )
 }
 

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::model::instance::{InstancePaths, InstanceSpec};
+use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::{Host, HostError, process_alive_test};
-use crate::run::instance::{InstanceError, SSH_POWEROFF_AGAIN, Stopped, check, is_running, q};
-use crate::sys::ssh::shell_quote;
+use crate::run::instance::{InstanceError, SSH_POWEROFF_AGAIN, Stopped, check, is_running};
 
 /// Starts the instance's qemu detached, with farm's process tag in its environment (it
 /// outlives farm).
@@ -32,7 +32,7 @@ pub fn start_vm(
     // afterwards); one that does not is detached by `setsid`, its stderr kept in the file
     // for whoever waits on it (loading a saved state can fail well after start).
     let (env, binary, argv) = (env.join(" "), vm.binary(), argv.join(" "));
-    let stderr = q(&paths.stderr_log());
+    let stderr = quote_path(&paths.stderr_log());
     let launch = if vm.daemonize {
         format!("env {env} {binary} {argv} 2> {stderr} || {{ cat {stderr} >&2; exit 1; }}")
     } else {
@@ -40,9 +40,9 @@ pub fn start_vm(
     };
     let script = format!(
         "rm -f {pid} {qmp}; : > {serial}; {launch}",
-        pid = q(&paths.pidfile()),
-        qmp = q(&paths.qmp()),
-        serial = q(&paths.serial_log()),
+        pid = quote_path(&paths.pidfile()),
+        qmp = quote_path(&paths.qmp()),
+        serial = quote_path(&paths.serial_log()),
     );
     check(host, &spec.name, "Starting qemu", &script)
         .map(drop)

@@ -3,6 +3,7 @@
 //! `LocalHost` is this machine; an ssh host (a hypervisor VM, a remote server) implements
 //! the same three operations over the jump chain.
 
+use crate::model::shell::quote_path;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -99,7 +100,7 @@ fn socat_qmp_script(socket: &Path, command: &str) -> String {
     format!(
         "printf '%s\\n' '{{\"execute\":\"qmp_capabilities\"}}' '{{\"execute\":\"{command}\"}}' | \
          timeout 5 socat - UNIX-CONNECT:{} >/dev/null 2>&1 || true",
-        crate::sys::ssh::shell_quote(&socket.display().to_string())
+        quote_path(socket)
     )
 }
 
@@ -124,8 +125,8 @@ pub fn qmp_over_ssh(
 /// its command-line arguments; it leaves the pid in `$pid`.
 pub fn process_alive_test(pidfile: &Path, argument: &str) -> String {
     crate::model::observation::alive_test(
-        &crate::sys::ssh::shell_quote(&pidfile.display().to_string()),
-        &crate::sys::ssh::shell_quote(argument),
+        &quote_path(pidfile),
+        &crate::model::shell::shell_quote(argument),
     )
 }
 

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::{Host, HostError, Output};
-use crate::sys::ssh::{Ssh, SshError, shell_quote};
+use crate::sys::ssh::{Ssh, SshError};
 
 pub struct RemoteHost {
     name: String,
@@ -104,7 +105,7 @@ impl Host for RemoteHost {
     }
 
     fn put(&self, bytes: &[u8], path: &Path, mode: u32) -> Result<(), HostError> {
-        let target = shell_quote(&path.display().to_string());
+        let target = quote_path(path);
         let tmp = shell_quote(&format!("{}.tmp.farm", path.display()));
         // Written beside and renamed, as on this machine: no reader sees half a file.
         let script = format!(
@@ -121,7 +122,7 @@ impl Host for RemoteHost {
     }
 
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError> {
-        let p = shell_quote(&path.display().to_string());
+        let p = quote_path(path);
         let out = self
             .live_session()?
             .run(&format!("[ -e {p} ] || exit {ABSENT}; cat {p}"), None)

@@ -6,11 +6,7 @@
 
 use super::*;
 use crate::model::hash::ContentHash;
-use crate::sys::ssh::shell_quote;
-
-fn quoted(path: &Path) -> String {
-    shell_quote(&path.display().to_string())
-}
+use crate::model::shell::{quote_path, shell_quote};
 
 /// Where a remote VM's machine state is written while it is saved.
 pub(super) fn state_file(store: &HostStore, snapshot: &str, vm: &str) -> PathBuf {
@@ -34,7 +30,7 @@ pub(super) fn prepare(host: &dyn Host, store: &HostStore, vm: &str) -> Result<u6
         "Preparing the host's store for the snapshot",
         &format!(
             "mkdir -p {tmp} && df -Pk {tmp} | awk 'NR==2 {{ print $4 }}'",
-            tmp = quoted(&tmp)
+            tmp = quote_path(&tmp)
         ),
     )?;
     Ok(out.trim().parse::<u64>().map_or(u64::MAX, |kib| kib << 10))
@@ -68,8 +64,8 @@ pub(super) fn stage(
         "Hashing the saved disk and state",
         &format!(
             "b3sum --no-names {disk} {state} && stat -c %s {state}",
-            disk = quoted(&disk),
-            state = quoted(state_file)
+            disk = quote_path(&disk),
+            state = quote_path(state_file)
         ),
     )?;
     let [disk_hash, state_hash, state_bytes] = words(&hashes, v.vm)?;
@@ -98,12 +94,12 @@ pub(super) fn stage(
                  *) if [ -f \"$f\" ]; then cp -p \"$f\" {s}/{VMS_DIR}/{vm}/; fi ;; esac
              done
              b3sum --no-names {s}/disk.qcow2; stat -c %s {s}/disk.qcow2",
-            s = quoted(&staging),
-            disk = quoted(&disk),
-            backing = quoted(&backing),
-            state = quoted(state_file),
+            s = quote_path(&staging),
+            disk = quote_path(&disk),
+            backing = quote_path(&backing),
+            state = quote_path(state_file),
             vm = shell_quote(v.vm),
-            dir = quoted(&spec.paths.dir),
+            dir = quote_path(&spec.paths.dir),
         ),
     )?;
     let [output, size] = words(&copied, v.vm)?;
@@ -155,10 +151,10 @@ impl RemoteStaged {
                 "set -e; mkdir -p {store}
                  if [ -e {dir}/meta.json ]; then rm -rf {s}; else rm -rf {dir}; mv {s} {dir}; fi
                  rm -f {overlay}",
-                store = quoted(self.dir.parent().unwrap_or(Path::new("/"))),
-                dir = quoted(&self.dir),
-                s = quoted(&self.staging),
-                overlay = quoted(&self.overlay),
+                store = quote_path(self.dir.parent().unwrap_or(Path::new("/"))),
+                dir = quote_path(&self.dir),
+                s = quote_path(&self.staging),
+                overlay = quote_path(&self.overlay),
             ),
         )?;
         Ok(())
@@ -174,7 +170,7 @@ pub(super) fn missing(
     let dir = entry_dir(store, &saved.entry);
     let script = format!(
         "test -f {d}/meta.json && test -f {d}/disk.qcow2 && test -f {d}/{STATE_FILE}",
-        d = quoted(&dir)
+        d = quote_path(&dir)
     );
     if host.run(&script)?.success() {
         return Ok(None);
@@ -198,7 +194,7 @@ pub(super) fn in_use(
     }
     let script = format!(
         "qemu-img info -U --output=json {disk} 2>/dev/null | grep -qF {entry}",
-        disk = quoted(&spec.paths.disk()),
+        disk = quote_path(&spec.paths.disk()),
         entry = shell_quote(&saved.entry)
     );
     Ok(host.run(&script)?.success())
@@ -215,7 +211,7 @@ pub(super) fn remove(
         host,
         &saved.name,
         "Removing the snapshot from the host's store",
-        &format!("rm -rf {}", quoted(&dir)),
+        &format!("rm -rf {}", quote_path(&dir)),
     )?;
     Ok(())
 }

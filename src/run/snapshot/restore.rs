@@ -5,6 +5,7 @@
 use super::*;
 use crate::model::boot_watch::BootRules;
 use crate::model::instance::InstanceSpec;
+use crate::model::shell::quote_path;
 use crate::run::boot::SiteVm;
 use crate::run::host::qmp_over_ssh;
 use crate::run::state::StatePaths;
@@ -495,12 +496,11 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
         ))
     })?;
     let spec = &record.spec;
-    let quoted = |p: &Path| crate::sys::ssh::shell_quote(&p.display().to_string());
     let put_back = source.vm_dir.as_ref().map_or(String::new(), |from| {
         format!(
             "mkdir -p {dir} && cp -rp {from}/. {dir}/ && ",
-            dir = quoted(&spec.paths.dir),
-            from = quoted(from)
+            dir = quote_path(&spec.paths.dir),
+            from = quote_path(from)
         )
     });
     instance::check(
@@ -509,8 +509,8 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
         "Creating the overlay on the snapshot's disk",
         &format!(
             "{put_back}qemu-img create -q -f qcow2 -F qcow2 -b {} {}",
-            quoted(&source.disk),
-            quoted(&spec.paths.disk()),
+            quote_path(&source.disk),
+            quote_path(&spec.paths.disk()),
         ),
     )?;
     let mut qemu = spec.qemu();
