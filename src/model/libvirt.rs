@@ -255,7 +255,7 @@ fn passthrough_args(vm: &QemuVm, machine: &str) -> Vec<String> {
     let mut args = Vec::new();
     if vm.tag.is_some() {
         args.push("-name".to_string());
-        args.push(format!("{},process=farm-{}", vm.name, vm.name));
+        args.push(crate::model::qemu::qemu_name(&vm.name));
     }
     if let Some(qmp) = &vm.qmp_socket {
         args.push("-qmp".to_string());

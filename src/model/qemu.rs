@@ -141,6 +141,18 @@ pub struct MachineSpec {
     pub cpus: u32,
 }
 
+/// The `-name` qemu runs with: the VM's name for QMP and logs, and `farm-NAME` as the
+/// process's title, which is how `ps`, farm's liveness checks and the tests tell one VM's
+/// qemu from another's.
+pub fn qemu_name(vm: &str) -> String {
+    format!("{vm},process={}", process_title(vm))
+}
+
+/// The process title of a VM's qemu (see [`qemu_name`]).
+pub fn process_title(vm: &str) -> String {
+    format!("farm-{vm}")
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QemuVm {
     pub name: String,
@@ -218,10 +230,7 @@ impl QemuVm {
         let mut a: Vec<String> = Vec::new();
         let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
         let hw = &self.hw;
-        push(&[
-            "-name",
-            &format!("{},process=farm-{}", self.name, self.name),
-        ]);
+        push(&["-name", &qemu_name(&self.name)]);
         let machine = hw.machine.clone().unwrap_or_else(|| match hw.arch {
             Arch::X86_64 => "q35".to_string(),
             Arch::Aarch64 => "virt".to_string(),

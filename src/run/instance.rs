@@ -48,7 +48,7 @@ pub(crate) fn check(
 /// Whether the instance's qemu runs: the pidfile's process is alive *and* is this VM's
 /// qemu (pids are reused).
 pub fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<bool, HostError> {
-    let script = process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"));
+    let script = process_alive_test(&paths.pidfile(), &crate::model::qemu::qemu_name(name));
     Ok(host.run(&script)?.success())
 }
 

@@ -13,7 +13,7 @@ use farm::run::host::{Host, LocalHost};
 /// waiting on `read`, a built-in: no child inherits the tag).
 fn fake_qemu(project: &str, vm: &str) -> Child {
     Command::new("sh")
-        .args(["-c", "read x", &format!("{vm},process=farm-{vm}")])
+        .args(["-c", "read x", &farm::model::qemu::qemu_name(vm)])
         .stdin(std::process::Stdio::piped())
         .env("FARM_PROJECT", project)
         .env("FARM_PROCESS", format!("vm:{vm}"))

@@ -126,7 +126,10 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec, uri: &str) -> Result<(), Inst
 /// command line and environment: where libvirtd keeps its own pidfile depends on the
 /// daemon (system, session, root's session), the tag does not.
 fn pid_by_tag(spec: &InstanceSpec, pidfile: &Path) -> String {
-    let name = shell_quote(&format!("process=farm-{}", spec.name));
+    let name = shell_quote(&format!(
+        "process={}",
+        crate::model::qemu::process_title(&spec.name)
+    ));
     let project = shell_quote(&format!(
         "{}={}",
         crate::model::qemu::TAG_PROJECT,

@@ -102,7 +102,7 @@ pub fn stop(
     }
     let kill = format!(
         "{alive} && kill -9 \"$pid\" && while kill -0 \"$pid\" 2>/dev/null; do sleep 0.1; done; true",
-        alive = process_alive_test(&paths.pidfile(), &format!("{name},process=farm-{name}"))
+        alive = process_alive_test(&paths.pidfile(), &crate::model::qemu::qemu_name(name))
     );
     check(host, name, "Killing qemu", &kill)?;
     Ok(Stopped::Killed(timeout))
