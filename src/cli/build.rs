@@ -16,7 +16,7 @@ use crate::progress::Reporter;
 use crate::project::UsageError;
 use crate::project::{Project, ProjectOptions};
 use crate::run::lab::state_dir_for;
-use crate::store::{Store, UseMode};
+use crate::store::Store;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -177,9 +177,7 @@ pub fn run(options: &ProjectOptions, args: BuildArgs, reporter: &Reporter) -> an
         return Ok(());
     }
     let store = open_store(&project)?;
-    let _store_use = store.use_as(UseMode::Shared, || {
-        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-    })?;
+    let _store_use = store.use_shared(reporter)?;
     let realise_options = RealiseOptions {
         fetch_attempts: args.fetch.fetch_attempts,
         fetch_timeout: args.fetch.timeout(),

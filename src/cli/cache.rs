@@ -12,7 +12,7 @@ use crate::build::realise::human_bytes;
 use crate::maintain::chosen_entries;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::store::{Store, UseMode};
+use crate::store::Store;
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
@@ -42,9 +42,7 @@ pub(super) fn push(
 ) -> anyhow::Result<()> {
     super::build::cache_url(&args.url, "")?;
     let key = keys::read_secret(&args.key)?;
-    let _use = store.use_as(UseMode::Shared, || {
-        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-    })?;
+    let _use = store.use_shared(reporter)?;
     let project = Project::load_if_present(options)?;
     let entries = chosen_entries(store, project.as_ref(), &options.config, &args.names)?;
     let cache = open(&args.url, Timeouts::default())?;
@@ -74,9 +72,7 @@ pub(super) fn pull(
     let dir = options.store_dir();
     let store =
         Store::open(&dir).with_context(|| format!("Cannot open the store `{}`", dir.display()))?;
-    let _use = store.use_as(UseMode::Shared, || {
-        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-    })?;
+    let _use = store.use_shared(reporter)?;
     let pulled = pull_entries(&project, &store, &args.url, &wanted, reporter)?;
     reporter.line(format!(
         "{:>12} {} entries from {} in {:.1} s ({} were here already)",

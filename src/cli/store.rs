@@ -12,7 +12,7 @@ use crate::maintain::chosen_entries;
 use crate::maintain::verify::{AsideReason, DamageHint, plan_repair, repair, verify_store};
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
-use crate::store::{Store, UseMode, VerifyDepth};
+use crate::store::{Store, VerifyDepth};
 
 use super::cache::{PullArgs, PushArgs, pull, push};
 
@@ -203,9 +203,7 @@ fn export(
     args: &ExportArgs,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    let _use = store.use_as(UseMode::Shared, || {
-        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-    })?;
+    let _use = store.use_shared(reporter)?;
     let project = Project::load_if_present(options)?;
     let chosen = chosen_entries(store, project.as_ref(), &options.config, &args.names)?;
     let started = Instant::now();
@@ -231,9 +229,7 @@ fn import(options: &ProjectOptions, args: &ImportArgs, reporter: &Reporter) -> a
     let dir = options.store_dir();
     let store =
         Store::open(&dir).with_context(|| format!("Cannot open the store `{}`", dir.display()))?;
-    let _use = store.use_as(UseMode::Shared, || {
-        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-    })?;
+    let _use = store.use_shared(reporter)?;
     let started = Instant::now();
     let report = store.import(&args.file)?;
     let seconds = started.elapsed().as_secs_f64();

@@ -12,7 +12,7 @@ use crate::progress::Reporter;
 use crate::project::{Project, UsageError};
 use crate::run::lab::state_dir_for;
 use crate::run::state::StatePaths;
-use crate::store::{Store, StoreError, Swept, UseMode};
+use crate::store::{Store, StoreError, Swept};
 use crate::sys::procfs;
 
 /// Leftover downloads and logs older than this go (a resume or a look at a failed build's
@@ -65,12 +65,7 @@ pub fn gc(
     // and the removal. A dry run only looks.
     let _use = match options.dry_run {
         true => None,
-        false => Some(store.use_as(UseMode::Exclusive, || {
-            reporter.line(format!(
-                "{:>12} for other farm processes to stop using the store",
-                "waiting"
-            ))
-        })?),
+        false => Some(store.use_exclusive(reporter)?),
     };
     let (entries, problems) = store.scan()?;
     for problem in &problems {

@@ -16,7 +16,7 @@ use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::plan::plan_build;
 use crate::progress::Reporter;
 use crate::project::Project;
-use crate::store::{Entry, Finding, Store, StoreError, UseMode, VerifyDepth};
+use crate::store::{Entry, Finding, Store, StoreError, VerifyDepth};
 
 /// What verify found in one entry.
 #[derive(Clone, Debug)]
@@ -120,9 +120,7 @@ pub fn verify_store(
     reporter: &Reporter,
     mut each: impl FnMut(&Verdict),
 ) -> Result<VerifyReport, StoreError> {
-    let _use = store.use_as(UseMode::Shared, || {
-        reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-    })?;
+    let _use = store.use_shared(reporter)?;
     let (entries, strays) = store.scan()?;
     let mut report = VerifyReport {
         strays,
@@ -323,12 +321,7 @@ pub fn repair(
         ..Default::default()
     };
     {
-        let _exclusive = store.use_as(UseMode::Exclusive, || {
-            reporter.line(format!(
-                "{:>12} for other farm processes to finish with the store",
-                "waiting"
-            ))
-        })?;
+        let _exclusive = store.use_exclusive(reporter)?;
         for (entry, _) in &plan.aside {
             let moved = store.set_aside(entry.dir_name())?;
             reporter.line(format!(
@@ -343,7 +336,7 @@ pub fn repair(
     let ids: Vec<DrvId> = plan.rebuild.iter().map(|n| n.id.clone()).collect();
     if let (Some(project), false) = (project, ids.is_empty()) {
         let hashes: BTreeSet<_> = plan.aside.iter().map(|(e, _)| e.meta.drv_hash).collect();
-        let _shared = store.use_as(UseMode::Shared, || {})?;
+        let _shared = store.use_shared(reporter)?;
         let closure = project.graph.closure(&ids);
         let present = present_hashes(store, closure)?;
         let build = plan_build(&project.graph, &ids, &present);

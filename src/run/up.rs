@@ -22,7 +22,7 @@ use crate::run::provision::Due;
 use crate::run::site::Sites;
 use crate::run::state::{StateDir, StatePaths};
 use crate::run::status::{VmStatus, rows_from_specs};
-use crate::store::{Entry, Store, UseMode};
+use crate::store::{Entry, Store};
 
 /// What `up` did, or would do.
 #[derive(Debug)]
@@ -147,9 +147,7 @@ fn up_once(
     } else {
         let store = Store::open(&project.store_dir)?;
         // Held until up returns: gc waits rather than remove a layer about to boot.
-        let store_use = store.use_as(UseMode::Shared, || {
-            reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
-        })?;
+        let store_use = store.use_shared(reporter)?;
         let built = build_missing::<LabError>(
             project,
             &store,

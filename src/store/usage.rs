@@ -16,6 +16,7 @@ use std::fs::TryLockError;
 use std::io;
 
 use super::{LOCKS_DIR, Store, StoreError};
+use crate::progress::Reporter;
 
 const STORE_LOCK_FILE: &str = "store.lock";
 
@@ -63,6 +64,25 @@ impl Store {
             Err(TryLockError::Error(e)) => return Err(lock_error(&path, e).into()),
         }
         Ok(StoreUse { _file: file, mode })
+    }
+
+    /// Takes the store-wide lock shared, as every command that uses or adds entries does,
+    /// saying on `reporter` when it has to wait for a `farm gc` to finish.
+    pub fn use_shared(&self, reporter: &Reporter) -> Result<StoreUse, StoreError> {
+        self.use_as(UseMode::Shared, || {
+            reporter.line(format!("{:>12} for `farm gc` to finish", "waiting"))
+        })
+    }
+
+    /// Takes the store-wide lock alone, as removing entries does, saying on `reporter` when
+    /// it has to wait for other farm processes to finish with the store.
+    pub fn use_exclusive(&self, reporter: &Reporter) -> Result<StoreUse, StoreError> {
+        self.use_as(UseMode::Exclusive, || {
+            reporter.line(format!(
+                "{:>12} for other farm processes to finish with the store",
+                "waiting"
+            ))
+        })
     }
 }
 
