@@ -18,6 +18,10 @@ pub const LOCAL_HOST: &str = "local";
 /// ssh, unless a remote host's `root` says otherwise.
 pub const REMOTE_ROOT: &str = "/var/lib/farm";
 
+/// The store's directory: beside farm.toml unless `--store` says otherwise, and under farm's
+/// root on a host or hypervisor VM.
+pub const STORE_DIR_NAME: &str = "cache";
+
 /// Where a VM runs: on a host (level 1) or inside another VM that is a hypervisor.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Placement {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{ConfigError, Loaded};
 use crate::model::derivation::{DrvGraph, DrvId, derive_all, wanted_platforms};
 use crate::model::diagnostic::list_names;
+use crate::model::topology::STORE_DIR_NAME;
 use crate::store::{Entry, ProjectRoot, Store, StoreError};
 
 /// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
@@ -36,7 +37,7 @@ impl ProjectOptions {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."))
-                .join("cache")
+                .join(STORE_DIR_NAME)
         })
     }
 }
@@ -61,7 +62,7 @@ impl Project {
         let store_dir = options
             .store
             .clone()
-            .unwrap_or_else(|| loaded.project_dir.join("cache"));
+            .unwrap_or_else(|| loaded.project_dir.join(STORE_DIR_NAME));
         // Files farm.toml names are checked together with hashing them, so one run of
         // `farm check` reports every problem, in line order.
         let home = std::env::var_os("HOME").map(PathBuf::from);

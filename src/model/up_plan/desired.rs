@@ -8,7 +8,7 @@ use crate::model::config::Config;
 use crate::model::hash::{ContentHash, DrvHash};
 use crate::model::network::{SiteNetwork, VdeBackend, site_networks};
 use crate::model::qemu::DirectBoot;
-use crate::model::topology::{Placement, REMOTE_ROOT, Topology, VmNode};
+use crate::model::topology::{Placement, REMOTE_ROOT, STORE_DIR_NAME, Topology, VmNode};
 use crate::model::values::{Accel, Arch};
 
 /// The store entry a VM's platform is realised as, and what a site needs of the store for
@@ -179,7 +179,7 @@ impl SiteLayout {
     fn remote(root: &Path) -> Self {
         Self {
             state_dir: root.join("state"),
-            store_entries: root.join("cache").join("store"),
+            store_entries: root.join(STORE_DIR_NAME).join("store"),
             remote: true,
         }
     }
