@@ -84,7 +84,7 @@ pub(super) fn realise_one(
                     };
                     reporter.warn(format!(
                         "{}; building `{name}` instead",
-                        crate::sys::ssh::error_chain(&e).replace('\n', " ")
+                        crate::model::text::error_chain(&e).replace('\n', " ")
                     ));
                     drop(staging);
                     staging = store.stage(&lock, name).map_err(failed(name))?;

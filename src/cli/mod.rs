@@ -167,7 +167,8 @@ fn print_error(err: &anyhow::Error) {
         return;
     }
     eprintln!("error: {err}");
-    for cause in err.chain().skip(1) {
+    // Many messages already end with their cause; each line is said once.
+    for cause in crate::model::text::unsaid_causes(err.as_ref()) {
         eprintln!("  caused by: {cause}");
     }
 }

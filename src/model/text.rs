@@ -17,17 +17,29 @@ pub fn last_lines_of_bytes(bytes: &[u8], lines: usize) -> String {
 /// the line already holds (reqwest, the object store clients and errors that quote their
 /// source would otherwise say it twice).
 pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+    std::iter::once(error.to_string())
+        .chain(unsaid_causes(error))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// The causes under `error`, outermost first, leaving out each one whose text the message
+/// or a cause before it already quotes: many messages end with their cause (`…: {source}`),
+/// and a reader should see each line once.
+pub fn unsaid_causes(error: &dyn std::error::Error) -> Vec<String> {
+    let mut said = error.to_string();
+    let mut unsaid = Vec::new();
     let mut source = error.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            said.push('\n');
+            said.push_str(&text);
+            unsaid.push(text);
         }
         source = cause.source();
     }
-    text
+    unsaid
 }
 
 #[cfg(test)]
@@ -66,5 +78,14 @@ mod tests {
             error_chain(&outer),
             "Cannot fetch `x`: error sending request: connection refused"
         );
+        assert_eq!(
+            unsaid_causes(&outer),
+            ["error sending request: connection refused"]
+        );
+        let quoted = layer(
+            "Cannot read `f`: Is a directory",
+            Some(layer("Is a directory", None)),
+        );
+        assert!(unsaid_causes(&quoted).is_empty());
     }
 }

@@ -71,7 +71,7 @@ impl<'a> Sites<'a> {
                         |e| SiteError::HostUnreachable {
                             host: name.clone(),
                             address: remote.address.to_string(),
-                            reason: crate::sys::ssh::error_chain(&e),
+                            reason: crate::model::text::error_chain(&e),
                             ssh_config: self.ssh_config.clone(),
                         },
                     )?,
@@ -81,7 +81,7 @@ impl<'a> Sites<'a> {
                 RemoteHost::connect(vm, &self.ssh_config, vm, CONNECT_TIMEOUT).map_err(|e| {
                     SiteError::VmUnreachable {
                         vm: vm.clone(),
-                        reason: crate::sys::ssh::error_chain(&e),
+                        reason: crate::model::text::error_chain(&e),
                     }
                 })?,
             ),

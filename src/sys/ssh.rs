@@ -385,14 +385,3 @@ pub fn banner_through(control: &Path, address: std::net::SocketAddr, timeout: Du
     let _ = child.wait();
     answered
 }
-
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}

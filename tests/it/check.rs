@@ -180,3 +180,19 @@ fn an_unknown_init_and_a_missing_vm_playbook_fail_check_with_their_lines() {
     }
     assert_eq!(list(project.path()), before, "bad input changes no file");
 }
+
+#[test]
+fn a_farm_toml_that_is_a_directory_says_why_once_with_exit_2() {
+    let project = Project::new("");
+    fs_err::remove_file(project.path().join("farm.toml")).unwrap();
+    fs_err::create_dir(project.path().join("farm.toml")).unwrap();
+    let out = project.run(&["check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(err.contains("Cannot read `farm.toml`"), "{err}");
+    assert_eq!(
+        err.matches("Is a directory").count(),
+        1,
+        "each cause is said once:\n{err}"
+    );
+}
