@@ -402,16 +402,3 @@ pub fn ssh_poweroff(ssh_config: &Path, name: &str) {
         .stderr(std::process::Stdio::null())
         .status();
 }
-
-/// The last lines of a log on whichever host has it.
-pub fn host_tail(host: &dyn Host, path: &Path, lines: usize) -> String {
-    match host.get(path) {
-        Ok(Some(bytes)) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Ok(None) => format!("(no `{}` on {})", path.display(), host.name()),
-        Err(e) => format!("(cannot read `{}`: {e})", path.display()),
-    }
-}

@@ -244,7 +244,6 @@ pub fn apply(
         }
         let through = succeeded_hosts(&text);
         if !out.status.success() {
-            let lines: Vec<&str> = text.lines().collect();
             return Err(ProvisionError::Failed {
                 playbook: playbook.to_path_buf(),
                 failed: names
@@ -252,7 +251,7 @@ pub fn apply(
                     .filter(|n| !through.contains(**n))
                     .map(|n| format!("`{n}`"))
                     .collect(),
-                tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+                tail: crate::model::text::last_lines(&text, 15),
                 log: log_path,
             });
         }

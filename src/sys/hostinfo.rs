@@ -62,9 +62,8 @@ pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
 
 /// The last `lines` lines of a text file (a serial console log), for error messages.
 pub fn tail(path: &std::path::Path, lines: usize) -> String {
-    let text = fs_err::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_else(|e| format!("(no log: {e})"));
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    match fs_err::read(path) {
+        Ok(bytes) => crate::model::text::last_lines_of_bytes(&bytes, lines),
+        Err(e) => format!("(no log: {e})"),
+    }
 }

@@ -263,7 +263,6 @@ fn run_steps(
             out.status
         ));
         if !out.success() {
-            let lines: Vec<&str> = text.lines().collect();
             return Err(BuilderError::StepFailed {
                 platform: build.name.to_string(),
                 step: step.label.clone(),
@@ -271,7 +270,7 @@ fn run_steps(
                     .status
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "unknown (killed by a signal)".into()),
-                tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+                tail: crate::model::text::last_lines(&text, 15),
                 log: build.log.to_path_buf(),
             });
         }

@@ -50,7 +50,6 @@ pub(super) fn run_playbook(
     if out.status.success() {
         return Ok(());
     }
-    let lines: Vec<&str> = text.lines().collect();
     Err(BuilderError::StepFailed {
         platform: build.name.to_string(),
         step: label.to_string(),
@@ -58,7 +57,7 @@ pub(super) fn run_playbook(
             .status
             .code()
             .map_or_else(|| "unknown (killed by a signal)".into(), |c| c.to_string()),
-        tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+        tail: crate::model::text::last_lines(&text, 15),
         log: build.log.to_path_buf(),
     })
 }

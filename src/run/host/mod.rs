@@ -47,6 +47,14 @@ pub trait Host: Send + Sync {
     fn put(&self, bytes: &[u8], path: &Path, mode: u32) -> Result<(), HostError>;
     /// Reads a file; `Ok(None)` when it does not exist.
     fn get(&self, path: &Path) -> Result<Option<Vec<u8>>, HostError>;
+    /// The last `lines` lines of a log here, or why there are none, for error messages.
+    fn tail(&self, path: &Path, lines: usize) -> String {
+        match self.get(path) {
+            Ok(Some(bytes)) => crate::model::text::last_lines_of_bytes(&bytes, lines),
+            Ok(None) => format!("(no `{}` on {})", path.display(), self.name()),
+            Err(e) => format!("(cannot read `{}`: {e})", path.display()),
+        }
+    }
     /// Runs `script` with `input` streamed to its stdin a chunk at a time, each chunk shown
     /// to `on_chunk` first (progress): large transfers are read once and never held in
     /// memory. For scripts that print little (`tar -x`, a checksum report).

@@ -518,7 +518,7 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
     qemu.daemonize = false;
     crate::run::backend::qemu::start_vm(host, spec, &qemu)?;
     let failed = |e: String| {
-        let tail = crate::run::apply::host_tail(host, &spec.paths.stderr_log(), 5);
+        let tail = host.tail(&spec.paths.stderr_log(), 5);
         SnapshotError::Failed(format!("Cannot load VM `{vm}`'s saved state: {e}\n{tail}"))
     };
     let load = format!("exec:{}", load_command(&source.state_file));
