@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::build::tool_log::{LogError, ToolLog};
+use crate::model::qemu_img::QemuImg;
 use crate::model::shell::command_line;
 use crate::sys::programs::{debian_package, find_program};
 
@@ -257,9 +258,13 @@ impl ToolRunner {
         let mkfs = phase.elapsed();
         progress.set_message("qemu-img convert to qcow2");
         let phase = Instant::now();
-        self.tool("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .args([raw, disk])
+        let convert = QemuImg::ConvertToQcow2 {
+            src: raw,
+            format: "raw",
+            dest: disk,
+        };
+        self.tool(crate::model::qemu_img::PROGRAM)
+            .args(convert.args())
             .hint(|| {
                 format!(
                     "check free space in `{}`",

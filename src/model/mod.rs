@@ -28,6 +28,7 @@ pub mod plan;
 pub mod programs;
 pub mod provision;
 pub mod qemu;
+pub mod qemu_img;
 pub mod seed;
 pub mod shell;
 pub mod signing;

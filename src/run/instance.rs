@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::model::instance::{InstancePaths, InstanceRecord, InstanceSpec};
+use crate::model::qemu_img::QemuImg;
 use crate::model::seed::seed_image_bytes;
 use crate::model::shell::quote_path;
 use crate::run::host::{Host, HostError, process_alive_test};
@@ -93,16 +94,19 @@ pub fn create(
     host_key: (String, String),
 ) -> Result<InstanceRecord, InstanceError> {
     let paths = &spec.paths;
-    let size = spec.disk_size.map(|s| s.to_string()).unwrap_or_default();
+    let overlay = QemuImg::CreateOverlay {
+        disk: &paths.disk(),
+        backing: &spec.layer.disk,
+        size: spec.disk_size,
+    };
     check(
         host,
         &spec.name,
         "Creating the overlay",
         &format!(
-            "mkdir -p {dir} && chmod 700 {dir} && qemu-img create -q -f qcow2 -F qcow2 -b {layer} {disk} {size}",
+            "mkdir -p {dir} && chmod 700 {dir} && {}",
+            overlay.script(),
             dir = quote_path(&paths.dir),
-            layer = quote_path(&spec.layer.disk),
-            disk = quote_path(&paths.disk()),
         ),
     )?;
     write_seed_and_record(host, spec, host_key)
@@ -117,25 +121,22 @@ pub fn prepare_restart(
     rebase: bool,
     host_key: (String, String),
 ) -> Result<InstanceRecord, InstanceError> {
-    let disk = quote_path(&spec.paths.disk());
+    let disk = spec.paths.disk();
     if rebase {
+        let rebase = QemuImg::RebaseUnsafe {
+            disk: &disk,
+            backing: &spec.layer.disk,
+        };
         check(
             host,
             &spec.name,
             "Pointing the overlay at its layer's new place",
-            &format!(
-                "qemu-img rebase -u -f qcow2 -F qcow2 -b {} {disk}",
-                quote_path(&spec.layer.disk)
-            ),
+            &rebase.script(),
         )?;
     }
     if let Some(size) = grow_to {
-        check(
-            host,
-            &spec.name,
-            "Growing the overlay",
-            &format!("qemu-img resize -q -f qcow2 {disk} {size}"),
-        )?;
+        let resize = QemuImg::Resize { disk: &disk, size };
+        check(host, &spec.name, "Growing the overlay", &resize.script())?;
     }
     write_seed_and_record(host, spec, host_key)
 }

@@ -130,7 +130,7 @@ impl Store {
                              so the store can move"
                         ),
                         &format!(
-                            "run `qemu-img rebase -u -F qcow2 -b {expected} {}` \
+                            "run `qemu-img rebase -u -f qcow2 -F qcow2 -b {expected} {}` \
                              (qemu_img::rebase_unsafe with store::relative_backing) before commit",
                             disk.display()
                         ),

@@ -9,15 +9,14 @@
 //! Relative backing paths are resolved by qemu relative to the directory of the image that
 //! records them, not to the current directory.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 
 use serde::Deserialize;
 
-/// The program run; found through `PATH`.
-const QEMU_IMG: &str = "qemu-img";
+use crate::model::qemu_img::{PROGRAM, QemuImg};
 
 /// How many trailing lines of stderr an error keeps: enough for qemu's message, short enough to
 /// read in a terminal.
@@ -74,34 +73,17 @@ pub struct ImageInfo {
 /// 6.1 omitting it is an error, and probing it would be a security hole. `size` (bytes) grows
 /// the overlay beyond the backing image's size; `None` keeps the backing's size.
 pub fn create_overlay(path: &Path, backing: &Path, size: Option<u64>) -> Result<(), QemuImgError> {
-    let mut args: Vec<OsString> = vec![
-        "create".into(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-F".into(),
-        "qcow2".into(),
-        "-b".into(),
-        backing.into(),
-        path.into(),
-    ];
-    if let Some(size) = size {
-        args.push(size.to_string().into());
-    }
-    run(&args).map(drop)
+    run(&QemuImg::CreateOverlay {
+        disk: path,
+        backing,
+        size,
+    })
+    .map(drop)
 }
 
 /// Creates an empty qcow2 image of `size` bytes, with no backing file: a base layer.
 pub fn create(path: &Path, size: u64) -> Result<(), QemuImgError> {
-    let args: [OsString; 6] = [
-        "create".into(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        path.into(),
-        size.to_string().into(),
-    ];
-    run(&args).map(drop)
+    run(&QemuImg::Create { disk: path, size }).map(drop)
 }
 
 /// Rewrites the backing path recorded in `path` to `new_backing` without touching data (`-u`).
@@ -109,16 +91,11 @@ pub fn create(path: &Path, size: u64) -> Result<(), QemuImgError> {
 /// Used to swap the absolute path a layer was built against for the relative one the store
 /// keeps. It is only correct when both paths name the same bytes, which is the caller's promise.
 pub fn rebase_unsafe(path: &Path, new_backing: &Path) -> Result<(), QemuImgError> {
-    let args: [&OsStr; 7] = [
-        "rebase".as_ref(),
-        "-u".as_ref(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        new_backing.as_ref(),
-        path.as_ref(),
-    ];
-    run(&args).map(drop)
+    run(&QemuImg::RebaseUnsafe {
+        disk: path,
+        backing: new_backing,
+    })
+    .map(drop)
 }
 
 /// Moves `path` onto `new_backing`, copying into `path` every cluster its current backing
@@ -128,17 +105,11 @@ pub fn rebase_unsafe(path: &Path, new_backing: &Path) -> Result<(), QemuImgError
 /// the parent. qemu compares only what the old chain allocated, so a sparse 8 GiB disk with a
 /// few hundred MiB written takes about as long as copying those.
 pub fn rebase_safe(path: &Path, new_backing: &Path) -> Result<(), QemuImgError> {
-    let args: [&OsStr; 8] = [
-        "rebase".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        new_backing.as_ref(),
-        path.as_ref(),
-    ];
-    run(&args).map(drop)
+    run(&QemuImg::RebaseSafe {
+        disk: path,
+        backing: new_backing,
+    })
+    .map(drop)
 }
 
 /// Converts `src` (in `src_format`, e.g. `raw`, `qcow2`, `vmdk`) to a standalone qcow2 `dest`.
@@ -146,17 +117,12 @@ pub fn rebase_safe(path: &Path, new_backing: &Path) -> Result<(), QemuImgError> 
 /// The format is always given so a raw image whose first bytes look like another format is not
 /// misread. Any backing chain of `src` is flattened into `dest`.
 pub fn convert_to_qcow2(src: &Path, src_format: &str, dest: &Path) -> Result<(), QemuImgError> {
-    let args: [&OsStr; 8] = [
-        "convert".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        src_format.as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        src.as_ref(),
-        dest.as_ref(),
-    ];
-    run(&args).map(drop)
+    run(&QemuImg::ConvertToQcow2 {
+        src,
+        format: src_format,
+        dest,
+    })
+    .map(drop)
 }
 
 /// Describes one image, without following its backing chain.
@@ -164,42 +130,21 @@ pub fn convert_to_qcow2(src: &Path, src_format: &str, dest: &Path) -> Result<(),
 /// `-U` (force-share) lets this read an image a running VM holds open: the answer may be a
 /// moment stale, which is fine for metadata.
 pub fn info(path: &Path) -> Result<ImageInfo, QemuImgError> {
-    let args: [&OsStr; 4] = [
-        "info".as_ref(),
-        "-U".as_ref(),
-        "--output=json".as_ref(),
-        path.as_ref(),
-    ];
-    let stdout = run(&args)?;
-    parse_json(&args, &stdout)
+    let op = QemuImg::Info { disk: path };
+    parse_json(&op, &run(&op)?)
 }
 
 /// Describes `path` and every image below it, top first. It fails if any backing file cannot
 /// be opened, so it doubles as a check that a chain resolves.
 pub fn backing_chain(path: &Path) -> Result<Vec<ImageInfo>, QemuImgError> {
-    let args: [&OsStr; 5] = [
-        "info".as_ref(),
-        "-U".as_ref(),
-        "--backing-chain".as_ref(),
-        "--output=json".as_ref(),
-        path.as_ref(),
-    ];
-    let stdout = run(&args)?;
-    parse_json(&args, &stdout)
+    let op = QemuImg::BackingChain { disk: path };
+    parse_json(&op, &run(&op)?)
 }
 
 /// Checks a qcow2 image's metadata for corruption. Leaked clusters (status 3) waste space
 /// but lose nothing, so they pass. `-U` lets it check a layer a running VM reads.
 pub fn check(path: &Path) -> Result<(), QemuImgError> {
-    let args: [&OsStr; 6] = [
-        "check".as_ref(),
-        "-U".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        path.as_ref(),
-    ];
-    match run(&args) {
+    match run(&QemuImg::Check { disk: path }) {
         Err(QemuImgError::Failed { status, .. }) if status.code() == Some(LEAKS_ONLY) => Ok(()),
         other => other.map(drop),
     }
@@ -208,19 +153,19 @@ pub fn check(path: &Path) -> Result<(), QemuImgError> {
 /// `qemu-img check`'s status when the only finding is leaked clusters.
 const LEAKS_ONLY: i32 = 3;
 
-fn parse_json<T: serde::de::DeserializeOwned, A: AsRef<OsStr>>(
-    args: &[A],
+fn parse_json<T: serde::de::DeserializeOwned>(
+    op: &QemuImg,
     stdout: &[u8],
 ) -> Result<T, QemuImgError> {
     serde_json::from_slice(stdout).map_err(|source| QemuImgError::BadOutput {
-        argv: crate::model::shell::command_line(QEMU_IMG.as_ref(), args),
+        argv: crate::model::shell::command_line(PROGRAM.as_ref(), &op.args()),
         source,
     })
 }
 
-/// Runs `qemu-img ARGS…` and returns its stdout.
-fn run<A: AsRef<OsStr>>(args: &[A]) -> Result<Vec<u8>, QemuImgError> {
-    run_program(OsStr::new(QEMU_IMG), args)
+/// Runs `qemu-img` for `op` and returns its stdout.
+fn run(op: &QemuImg) -> Result<Vec<u8>, QemuImgError> {
+    run_program(OsStr::new(PROGRAM), &op.args())
 }
 
 fn run_program<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> Result<Vec<u8>, QemuImgError> {

@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::model::hash::ContentHash;
+use crate::model::qemu_img::QemuImg;
 use crate::model::shell::{quote_path, shell_quote};
 
 /// Where a remote VM's machine state is written while it is saved.
@@ -86,7 +87,7 @@ pub(super) fn stage(
         &format!(
             "set -e; rm -rf {s}; mkdir -p {s}
              cp --sparse=always {disk} {s}/disk.qcow2
-             qemu-img rebase -u -F qcow2 -b {backing} {s}/disk.qcow2
+             {rebase}
              mv {state} {s}/{STATE_FILE}
              mkdir -p {s}/{VMS_DIR}/{vm}
              for f in {dir}/*; do
@@ -96,7 +97,11 @@ pub(super) fn stage(
              b3sum --no-names {s}/disk.qcow2; stat -c %s {s}/disk.qcow2",
             s = quote_path(&staging),
             disk = quote_path(&disk),
-            backing = quote_path(&backing),
+            rebase = QemuImg::RebaseUnsafe {
+                disk: &staging.join(crate::store::DISK_FILE),
+                backing: &backing
+            }
+            .script(),
             state = quote_path(state_file),
             vm = shell_quote(v.vm),
             dir = quote_path(&spec.paths.dir),
@@ -193,8 +198,11 @@ pub(super) fn in_use(
         return Ok(false);
     }
     let script = format!(
-        "qemu-img info -U --output=json {disk} 2>/dev/null | grep -qF {entry}",
-        disk = quote_path(&spec.paths.disk()),
+        "{info} 2>/dev/null | grep -qF {entry}",
+        info = QemuImg::Info {
+            disk: &spec.paths.disk()
+        }
+        .script(),
         entry = shell_quote(&saved.entry)
     );
     Ok(host.run(&script)?.success())

@@ -5,6 +5,7 @@
 use super::*;
 use crate::model::boot_watch::BootRules;
 use crate::model::instance::InstanceSpec;
+use crate::model::qemu_img::QemuImg;
 use crate::model::shell::quote_path;
 use crate::run::boot::SiteVm;
 use crate::run::host::qmp_over_ssh;
@@ -508,9 +509,13 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
         vm,
         "Creating the overlay on the snapshot's disk",
         &format!(
-            "{put_back}qemu-img create -q -f qcow2 -F qcow2 -b {} {}",
-            quote_path(&source.disk),
-            quote_path(&spec.paths.disk()),
+            "{put_back}{}",
+            QemuImg::CreateOverlay {
+                disk: &spec.paths.disk(),
+                backing: &source.disk,
+                size: None,
+            }
+            .script()
         ),
     )?;
     let mut qemu = spec.qemu();
