@@ -82,19 +82,18 @@ pub fn run(
     command: StoreCommand,
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
-    // Importing into a new store is how an offline machine gets its first one.
-    match command {
-        StoreCommand::Import(args) => return import(options, &args, reporter),
-        StoreCommand::Keygen(args) => return keygen(&args),
-        StoreCommand::Pull(args) => return pull(options, &args, reporter),
-        _ => {}
-    }
     // Looking never creates: a mistyped --store is an error, not an empty new store.
-    let dir = options.store_dir();
-    let store = Store::open_existing(&dir)?
-        .ok_or(crate::store::StoreError::NoStore { path: dir.clone() })?;
+    let existing = || -> anyhow::Result<Store> {
+        let dir = options.store_dir();
+        Ok(Store::open_existing(&dir)?.ok_or(crate::store::StoreError::NoStore { path: dir })?)
+    };
     match command {
+        // Importing into a new store is how an offline machine gets its first one.
+        StoreCommand::Import(args) => import(options, &args, reporter)?,
+        StoreCommand::Keygen(args) => keygen(&args)?,
+        StoreCommand::Pull(args) => pull(options, &args, reporter)?,
         StoreCommand::Ls => {
+            let store = existing()?;
             let (entries, problems) = store.scan()?;
             for problem in &problems {
                 reporter.warn(problem.to_string());
@@ -108,12 +107,9 @@ pub fn run(
                 );
             }
         }
-        StoreCommand::Verify(args) => verify(options, &store, args, reporter)?,
-        StoreCommand::Export(args) => export(options, &store, &args, reporter)?,
-        StoreCommand::Push(args) => push(options, &store, &args, reporter)?,
-        StoreCommand::Import(_) | StoreCommand::Keygen(_) | StoreCommand::Pull(_) => {
-            unreachable!("handled above")
-        }
+        StoreCommand::Verify(args) => verify(options, &existing()?, args, reporter)?,
+        StoreCommand::Export(args) => export(options, &existing()?, &args, reporter)?,
+        StoreCommand::Push(args) => push(options, &existing()?, &args, reporter)?,
     }
     Ok(())
 }

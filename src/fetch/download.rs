@@ -130,7 +130,8 @@ impl<'a> Session<'a> {
     fn fetch(&self, fresh: bool) -> Result<Fetched, FetchError> {
         let mut partial = Partial::open(self.req, fresh, self.progress)?;
         let attempts = self.req.attempts.max(1);
-        for attempt in 1..=attempts {
+        let mut attempt = 1;
+        loop {
             match self.runtime.block_on(self.attempt(&mut partial)) {
                 Ok(()) => return Ok(partial.finish()),
                 Err(e) if e.is_retryable() && attempt < attempts => {
@@ -142,11 +143,11 @@ impl<'a> Session<'a> {
                         wait.as_secs_f64()
                     ));
                     std::thread::sleep(wait);
+                    attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
-        unreachable!("the last attempt always returns")
     }
 
     /// One request: asks for what is missing and appends it (or starts over when the server
