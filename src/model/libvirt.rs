@@ -302,7 +302,8 @@ fn unescape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::qemu::{DirectBoot, Disk, DiskCache, MachineSpec, Nic, PortForward, mac_for};
+    use crate::model::qemu::{DirectBoot, Disk, DiskCache, MachineSpec, Nic, PortForward};
+    use crate::model::values::mac_for;
     use std::path::PathBuf;
 
     fn vm() -> QemuVm {

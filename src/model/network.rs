@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use super::config::{Config, NetworkKind};
-use super::qemu::mac_for;
 use super::topology::{Placement, Topology, VmNode};
+use super::values::mac_for;
 use super::values::{IpCidr, MacAddr};
 
 /// How VMs plug into a network.

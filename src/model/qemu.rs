@@ -348,14 +348,6 @@ impl QemuVm {
     }
 }
 
-/// A stable, locally administered MAC for a VM's NIC, derived from names so it survives
-/// restarts and is the same on every host (QEMU's own prefix 52:54:00 keeps tools happy).
-pub fn mac_for(vm: &str, nic_index: usize) -> MacAddr {
-    let hash = blake3::hash(format!("farm mac {vm} {nic_index}").as_bytes());
-    let b = hash.as_bytes();
-    MacAddr([0x52, 0x54, 0x00, b[0], b[1], b[2]])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,13 +465,5 @@ mod tests {
             choose_accel(Accel::Tcg, metal, x86, x86),
             ResolvedAccel::Tcg
         );
-    }
-
-    #[test]
-    fn macs_are_stable_and_distinct() {
-        assert_eq!(mac_for("a", 0), mac_for("a", 0));
-        assert_ne!(mac_for("a", 0), mac_for("a", 1));
-        assert_ne!(mac_for("a", 0), mac_for("b", 0));
-        assert_eq!(mac_for("a", 0).0[..3], [0x52, 0x54, 0x00]);
     }
 }

@@ -11,8 +11,8 @@ use crate::support::test_home::shared_store;
 use std::time::Duration;
 
 use farm::build::layer::BootFiles;
-use farm::model::qemu::mac_for;
 use farm::model::seed::SeedNic;
+use farm::model::values::mac_for;
 use guest::{Guest, keygen};
 use project::Project;
 

@@ -14,11 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use super::context::{BootFiles, BuilderError, LayerBuild, Log};
 use crate::model::boot_watch::BootRules;
-use crate::model::qemu::{
-    DirectBoot, Disk, DiskCache, NetBackend, Nic, PortForward, QemuVm, mac_for,
-};
+use crate::model::qemu::{DirectBoot, Disk, DiskCache, NetBackend, Nic, PortForward, QemuVm};
 use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use crate::model::ssh_config::{SshHost, known_hosts_line, render};
+use crate::model::values::mac_for;
 use crate::model::values::{Firmware, uefi_files};
 use crate::sys::boot_wait::{self, BootError, LocalQemu, SshRoute};
 use crate::sys::qmp::Qmp;

@@ -9,8 +9,9 @@ use crate::model::instance::{
 };
 use crate::model::network::{SiteNetwork, vde_nics};
 use crate::model::observation::SiteFacts;
-use crate::model::qemu::{DirectBoot, MachineSpec, ProcessTag, choose_accel, mac_for};
+use crate::model::qemu::{DirectBoot, MachineSpec, ProcessTag, choose_accel};
 use crate::model::topology::VmNode;
+use crate::model::values::mac_for;
 
 /// The first MAC index of libvirt NICs: clear of the user NIC (0) and VDE NICs (1…).
 const LIBVIRT_NIC_BASE: usize = 64;

@@ -10,11 +10,11 @@ use farm::build::layer::BootFiles;
 use farm::model::boot_watch::BootRules;
 use farm::model::qemu::{
     DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel,
-    mac_for,
 };
 use farm::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use farm::model::ssh_config::{SshHost, known_hosts_line, render};
 use farm::model::values::Arch;
+use farm::model::values::mac_for;
 use farm::sys::boot_wait::{self, LocalQemu, SshRoute};
 use farm::sys::ssh::{Output, Ssh};
 use farm::sys::vm_process::VmProcess;
