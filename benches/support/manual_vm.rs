@@ -64,15 +64,15 @@ impl ManualVm {
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(w.join("id")));
         let public = fs_err::read_to_string(w.join("id.pub")).unwrap();
-        let mut seed = farm::model::seed::SeedSpec::new("manual", "manual");
+        let mut seed = farm::model::build::seed::SeedSpec::new("manual", "manual");
         seed.authorized_keys = vec![public.trim().to_string()];
         if !extra.is_empty() {
-            seed.nics = std::iter::once(farm::model::seed::SeedNic {
+            seed.nics = std::iter::once(farm::model::build::seed::SeedNic {
                 mac: USER_MAC,
                 address: None,
                 gateway: None,
             })
-            .chain(extra.iter().map(|nic| farm::model::seed::SeedNic {
+            .chain(extra.iter().map(|nic| farm::model::build::seed::SeedNic {
                 mac: nic.mac,
                 address: Some(nic.address),
                 gateway: None,
@@ -81,7 +81,7 @@ impl ManualVm {
         }
         fs_err::write(
             w.join("seed.img"),
-            farm::model::seed::seed_image_bytes(&seed).unwrap(),
+            farm::model::build::seed::seed_image_bytes(&seed).unwrap(),
         )
         .unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -4,7 +4,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 
 use super::backend::{Backend, BackendError};
-use crate::model::cache_record::{Blob, blob_path};
+use crate::model::build::cache_record::{Blob, blob_path};
 use crate::model::hash::ContentHash;
 use crate::store::fsutil::start_writeback;
 

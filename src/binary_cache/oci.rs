@@ -55,7 +55,7 @@ enum Object<'a> {
 }
 
 fn object(path: &str) -> Option<Object<'_>> {
-    if path == crate::model::cache_record::CACHE_INFO {
+    if path == crate::model::build::cache_record::CACHE_INFO {
         return Some(Object::Info);
     }
     if let Some(hex) = path
@@ -369,8 +369,8 @@ impl Backend for OciBackend {
                     path: path.to_string(),
                     source,
                 })?;
-                let record: crate::model::cache_record::CacheRecord = serde_json::from_slice(&text)
-                    .map_err(|e| BackendError::Io {
+                let record: crate::model::build::cache_record::CacheRecord =
+                    serde_json::from_slice(&text).map_err(|e| BackendError::Io {
                         url: self.url.clone(),
                         path: path.to_string(),
                         source: io::Error::other(e),

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use super::backend::{Backend, BackendError, Progress, no_progress};
 use super::blob::compress;
-use crate::model::cache_record::{
+use crate::model::build::cache_record::{
     Blob, CACHE_FORMAT, CACHE_INFO, CacheRecord, blob_path, record_path,
 };
 use crate::model::signing::SecretKey;

@@ -8,7 +8,7 @@
 //! tree (`boot/` beside `disk.qcow2`), which is also the fastest way to boot under TCG.
 //!
 //! The image carries farm's seed agent (`src/guest_agent/`) instead of cloud-init: it applies
-//! the `farm/` directory of the instance's NoCloud seed (see [`crate::model::seed`]) before the
+//! the `farm/` directory of the instance's NoCloud seed (see [`crate::model::build::seed`]) before the
 //! network and sshd start, so the first ssh connection already meets the host key farm pinned.
 //!
 //! Every tool's full output is appended to the build log; errors quote only its last lines.
@@ -24,13 +24,13 @@ use indicatif::ProgressBar;
 
 use crate::build::tool_log::LogError;
 use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, tree_bytes};
-use crate::model::config::{DebianInit, DebianSpec};
-pub use crate::model::debian_recipe::{
+pub use crate::model::build::debian_recipe::{
     AGENT_SCRIPT, AGENT_UNIT, CUSTOMIZE_SCRIPT, DEFAULT_VARIANT, ESSENTIAL_HOOK, SEED_LIBRARY,
     customize_script, kernel_cmdline, required_packages,
 };
+use crate::model::build::tiny_recipe;
+use crate::model::config::{DebianInit, DebianSpec};
 use crate::model::shell::quote_word;
-use crate::model::tiny_recipe;
 use crate::model::values::Arch;
 
 /// Free space added to the root filesystem beyond what the packages use: at least this much,

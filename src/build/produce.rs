@@ -13,10 +13,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use super::context::{Ancestry, BuildError, Context, failed, human_bytes};
 use crate::build::layer::{Appliance, BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
-use crate::model::derivation::{DrvNode, Make};
+use crate::model::build::derivation::{DrvNode, Make};
+use crate::model::build::plan::Action;
+use crate::model::build::qemu::{MachineSpec, choose_accel};
 use crate::model::hash::ContentHash;
-use crate::model::plan::Action;
-use crate::model::qemu::{MachineSpec, choose_accel};
 use crate::model::values::{Arch, Builder, DiskFormat};
 use crate::progress::Reporter;
 use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
@@ -126,7 +126,7 @@ pub(super) fn realise_one(
 /// farm's appliance for `arch` (see `derivation::appliance_node`), realised when a chroot
 /// build first needs it, under its own lock.
 fn realise_appliance(cx: &Context, arch: Arch) -> Result<Entry, BuildError> {
-    let node = crate::model::derivation::appliance_node(arch);
+    let node = crate::model::build::derivation::appliance_node(arch);
     if let Some(entry) = lookup(cx.store, &node)? {
         return Ok(entry);
     }
@@ -325,7 +325,7 @@ pub(super) fn produce(
                 parent,
                 store,
                 checkpoints: options.step_checkpoints,
-                firmware: crate::model::validate::firmware_of(
+                firmware: crate::model::config::validate::firmware_of(
                     config,
                     &platform.name.value,
                     target.arch,

@@ -13,10 +13,10 @@ pub use super::context::{
 };
 use super::produce::{lookup, realise_one};
 use crate::build::layer::BootFiles;
+use crate::model::build::derivation::{DrvId, DrvNode};
+use crate::model::build::plan::{Action, BuildPlan};
 use crate::model::config::Config;
-use crate::model::derivation::{DrvId, DrvNode};
 use crate::model::hash::DrvHash;
-use crate::model::plan::{Action, BuildPlan};
 use crate::progress::Reporter;
 use crate::store::{Entry, Store};
 

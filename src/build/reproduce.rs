@@ -11,10 +11,10 @@ use std::time::Instant;
 use super::context::{BuildError, Context, RealiseOptions, failed};
 use super::produce::produce;
 use super::realise::boot_files_for;
+use crate::model::build::derivation::{DrvId, DrvNode, Make};
+use crate::model::build::plan::BuildPlan;
 use crate::model::config::Config;
-use crate::model::derivation::{DrvId, DrvNode, Make};
 use crate::model::hash::ContentHash;
-use crate::model::plan::BuildPlan;
 use crate::progress::Reporter;
 use crate::store::{Entry, Store};
 

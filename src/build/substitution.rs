@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::binary_cache::{BackendError, Offer, Substituters, Timeouts};
-use crate::model::derivation::DrvId;
+use crate::model::build::derivation::DrvId;
+use crate::model::build::plan::{BuildPlan, CacheOffer, plan_build, substitute_offered};
 use crate::model::hash::DrvHash;
-use crate::model::plan::{BuildPlan, CacheOffer, plan_build, substitute_offered};
 use crate::progress::Reporter;
 use crate::project::Project;
 

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::build::tool_log::{LogError, ToolLog};
-use crate::model::qemu_img::QemuImg;
+use crate::model::build::qemu_img::QemuImg;
 use crate::model::shell::command_line;
 use crate::sys::programs::{debian_package, find_program};
 
@@ -263,7 +263,7 @@ impl ToolRunner {
             format: "raw",
             dest: disk,
         };
-        self.tool(crate::model::qemu_img::PROGRAM)
+        self.tool(crate::model::build::qemu_img::PROGRAM)
             .args(convert.args())
             .hint(|| {
                 format!(

@@ -9,8 +9,8 @@ use crate::build::realise::RealiseOptions;
 pub use crate::build::realise::default_jobs;
 use crate::build::reproduce::{Outcome, rebuild_and_compare};
 use crate::build::substitution::CacheChoice;
-use crate::model::derivation::DrvId;
-use crate::model::plan::plan_build;
+use crate::model::build::derivation::DrvId;
+use crate::model::build::plan::plan_build;
 use crate::model::values::Accel;
 use crate::progress::Reporter;
 use crate::project::UsageError;
@@ -117,7 +117,7 @@ impl SubstituteArgs {
 /// Checks a cache URL given on the command line as farm.toml's are checked; `said` goes
 /// before the message (`--substituter `).
 pub(super) fn cache_url(url: &str, said: &str) -> Result<(), UsageError> {
-    crate::model::limits::substituter(url).map_err(|r| UsageError {
+    crate::model::config::limits::substituter(url).map_err(|r| UsageError {
         message: format!("{said}{}", r.message),
         hint: r.hint,
     })

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use crate::model::topology::{Placement, Topology};
+use crate::model::config::topology::{Placement, Topology};
 use crate::project::{Project, ProjectOptions};
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::Context;
 use clap::Args;
 
-use crate::model::graph::render_dot;
+use crate::model::lab::graph::render_dot;
 use crate::project::{Project, ProjectOptions};
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::model::diagnostic::list_names;
+use crate::model::config::diagnostic::list_names;
 use crate::project::{Project, UsageError};
 use crate::run::lab::state_dir_for;
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::model::instance::InstancePaths;
+use crate::model::lab::instance::InstancePaths;
+use crate::model::lab::up_plan::SiteLayout;
 use crate::model::shell::quote_path;
-use crate::model::up_plan::SiteLayout;
 use crate::project::{Project, ProjectOptions};
 use crate::run::state::StatePaths;
 

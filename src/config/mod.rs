@@ -15,10 +15,10 @@ use toml::Spanned;
 pub use lower::{DEFAULT_DEBIAN_MIRROR, is_valid_name};
 pub use render::{SourceFile, SourceMap};
 
+use crate::model::config::diagnostic::Diagnostic;
+use crate::model::config::topology::Topology;
+use crate::model::config::validate::validate;
 use crate::model::config::{Config, Located, Origin};
-use crate::model::diagnostic::Diagnostic;
-use crate::model::topology::Topology;
-use crate::model::validate::validate;
 use lower::FileContext;
 
 /// What a source file contributes: the whole farm.toml, or one image or platform.

@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::path::PathBuf;
 
 use crate::model::config::Origin;
-use crate::model::diagnostic::Diagnostic;
+use crate::model::config::diagnostic::Diagnostic;
 
 #[derive(Clone, Debug)]
 pub struct SourceFile {

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::model::gc::{GcEntry, GcLimits, GcPlan, KeepReason, plan_gc};
-use crate::model::qemu::TAG_PROJECT;
+use crate::model::build::gc::{GcEntry, GcLimits, GcPlan, KeepReason, plan_gc};
+use crate::model::build::qemu::TAG_PROJECT;
 use crate::progress::Reporter;
 use crate::project::{Project, UsageError};
 use crate::run::lab::state_dir_for;

@@ -121,8 +121,8 @@ pub fn chosen_entries(
                 None => missing.push(node.name.clone()),
             }
         }
-        for arch in crate::model::derivation::appliance_arches(&project.graph) {
-            let node = crate::model::derivation::appliance_node(arch);
+        for arch in crate::model::build::derivation::appliance_arches(&project.graph) {
+            let node = crate::model::build::derivation::appliance_node(arch);
             if let Some(entry) = store.lookup(&node.hash, &node.name)? {
                 dirs.push(entry.dir_name().to_string());
             }

@@ -12,8 +12,8 @@ use std::fmt::Write;
 use std::path::PathBuf;
 
 use crate::build::realise::{BuildError, RealiseOptions, present_hashes, realise};
-use crate::model::derivation::{DrvId, DrvNode};
-use crate::model::plan::plan_build;
+use crate::model::build::derivation::{DrvId, DrvNode};
+use crate::model::build::plan::plan_build;
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::store::{Entry, Finding, Store, StoreError, VerifyDepth};

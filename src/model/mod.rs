@@ -1,42 +1,19 @@
 //! The pure model: configuration types, derivations and their hashes, topology, plans.
 //! Nothing in here performs I/O.
+//!
+//! Three floors, each using only those below it and the leaves here (`tests/it/layering.rs`
+//! checks it):
+//! - [`config`]: farm.toml as farm understands it, its value rules, validation and topology;
+//! - [`build`]: derivations, build plans and recipes, and the qemu a build VM runs;
+//! - [`lab`]: instances, what `up`, `down` and snapshots plan, and what is written for users
+//!   (ssh_config, inventories).
 
-pub mod backend;
-pub mod boot_watch;
-pub mod build_steps;
-pub mod cache_record;
-pub mod chroot;
+pub mod build;
 pub mod config;
-pub mod debian_recipe;
-pub mod derivation;
-pub mod diagnostic;
-pub mod down_plan;
-pub mod first_boot;
-pub mod gc;
-pub mod graph;
-pub mod guest_basics;
 pub mod hash;
-pub mod instance;
-pub mod inventory;
-pub mod kernel_panic;
-pub mod libvirt;
-pub mod limits;
-pub mod lock;
-pub mod network;
-pub mod observation;
-pub mod plan;
+pub mod lab;
 pub mod programs;
-pub mod provision;
-pub mod qemu;
-pub mod qemu_img;
-pub mod seed;
 pub mod shell;
 pub mod signing;
-pub mod snapshot;
-pub mod ssh_config;
 pub mod text;
-pub mod tiny_recipe;
-pub mod topology;
-pub mod up_plan;
-pub mod validate;
 pub mod values;

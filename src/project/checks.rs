@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::model::config::Config;
-use crate::model::diagnostic::Diagnostic;
-use crate::model::limits;
+use crate::model::config::diagnostic::Diagnostic;
+use crate::model::config::limits;
 
 /// Problems with the files farm.toml names; `home` expands `~/`.
 pub fn check_referenced(

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::build::derivation::{InputHashes, referenced_files};
 use crate::model::config::Config;
-use crate::model::derivation::{InputHashes, referenced_files};
-use crate::model::diagnostic::Diagnostic;
+use crate::model::config::diagnostic::Diagnostic;
 use crate::model::hash::ContentHash;
 
 /// The file in the store root remembering input hashes between runs.
@@ -101,7 +101,7 @@ pub fn hash_inputs(
     // has no single mtime to trust).
     for platform in config.platforms.values() {
         if let Some(playbook) = &platform.steps.playbook {
-            let roles = crate::model::derivation::roles_dir(&playbook.value);
+            let roles = crate::model::build::derivation::roles_dir(&playbook.value);
             if roles.is_dir() && !hashes.contains_key(&roles) {
                 match hash_tree(&roles) {
                     Ok(hash) => {

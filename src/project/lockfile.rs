@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::Project;
-use crate::model::derivation::DrvId;
-use crate::model::lock::{self, LOCK_FILE, LockFile};
+use crate::model::build::derivation::DrvId;
+use crate::model::build::lock::{self, LOCK_FILE, LockFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockFileError {

@@ -8,9 +8,9 @@ pub mod lockfile;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, Loaded};
-use crate::model::derivation::{DrvGraph, DrvId, derive_all, wanted_platforms};
-use crate::model::diagnostic::list_names;
-use crate::model::topology::STORE_DIR_NAME;
+use crate::model::build::derivation::{DrvGraph, DrvId, derive_all, wanted_platforms};
+use crate::model::config::diagnostic::list_names;
+use crate::model::config::topology::STORE_DIR_NAME;
 use crate::store::{Entry, ProjectRoot, Store, StoreError};
 
 /// Bad input on the command line (an unknown name): exit code 2, like an invalid farm.toml.
@@ -173,8 +173,8 @@ impl Project {
         }
         // The appliance its chroot builds run in: rebuilding it needs the Debian mirror,
         // which an offline lab may not have.
-        for arch in crate::model::derivation::appliance_arches(&self.graph) {
-            let node = crate::model::derivation::appliance_node(arch);
+        for arch in crate::model::build::derivation::appliance_arches(&self.graph) {
+            let node = crate::model::build::derivation::appliance_node(arch);
             entries.extend(store.lookup(&node.hash, &node.name)?);
         }
         Ok(entries)

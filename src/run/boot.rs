@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::model::boot_watch::Qemu;
-use crate::model::instance::InstanceSpec;
+use crate::model::build::boot_watch::Qemu;
+use crate::model::lab::instance::InstanceSpec;
 use crate::model::shell::quote_path;
 use crate::run::backend;
 use crate::run::host::Host;

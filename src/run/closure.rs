@@ -77,7 +77,7 @@ impl HostStore {
 
     /// The store under farm's directory `root` on a host reached over ssh.
     pub fn under(root: &Path) -> Self {
-        Self::new(root.join(crate::model::topology::STORE_DIR_NAME))
+        Self::new(root.join(crate::model::config::topology::STORE_DIR_NAME))
     }
 
     /// Where a local entry lives on the host.

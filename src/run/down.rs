@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::model::down_plan::{
+use crate::model::config::topology::Placement;
+use crate::model::lab::down_plan::{
     DownPlan, DownRequest, SiteAction, SiteLook, Teardown, plan_down, sites_to_visit,
     with_descendants,
 };
-use crate::model::instance::InstancePaths;
-use crate::model::topology::Placement;
-use crate::model::up_plan::Desired;
+use crate::model::lab::instance::InstancePaths;
+use crate::model::lab::up_plan::Desired;
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::apply::ssh_poweroff;
@@ -139,7 +139,7 @@ fn look(
     let backend = desired.topology.backend_on(placement);
     let uri = backend.libvirt_uri().filter(|_| !request.keep);
     let daemon_stopped = |uri: &str| {
-        let socket = crate::model::backend::Backend::libvirt_socket_shell(uri);
+        let socket = crate::model::config::backend::Backend::libvirt_socket_shell(uri);
         dry_run
             && !host.is_local()
             && !host

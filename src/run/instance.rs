@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use crate::model::instance::{InstancePaths, InstanceRecord, InstanceSpec};
-use crate::model::qemu_img::QemuImg;
-use crate::model::seed::seed_image_bytes;
+use crate::model::build::qemu_img::QemuImg;
+use crate::model::build::seed::seed_image_bytes;
+use crate::model::lab::instance::{InstancePaths, InstanceRecord, InstanceSpec};
 use crate::model::shell::quote_path;
 use crate::run::host::{Host, HostError, process_alive_test};
 
@@ -22,7 +22,7 @@ pub enum InstanceError {
         output: String,
     },
     #[error(transparent)]
-    Seed(#[from] crate::model::seed::SeedError),
+    Seed(#[from] crate::model::build::seed::SeedError),
     #[error(transparent)]
     Libvirt(#[from] crate::sys::libvirt::LibvirtError),
 }
@@ -49,7 +49,10 @@ pub(crate) fn check(
 /// Whether the instance's qemu runs: the pidfile's process is alive *and* is this VM's
 /// qemu (pids are reused).
 pub fn is_running(host: &dyn Host, paths: &InstancePaths, name: &str) -> Result<bool, HostError> {
-    let script = process_alive_test(&paths.pidfile(), &crate::model::qemu::qemu_name(name));
+    let script = process_alive_test(
+        &paths.pidfile(),
+        &crate::model::build::qemu::qemu_name(name),
+    );
     Ok(host.run(&script)?.success())
 }
 

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::build::realise::RealiseOptions;
-use crate::model::boot_watch::{BootFailure, BootFailureKind};
-use crate::model::derivation::DrvId;
-use crate::model::instance::InstanceSpec;
-use crate::model::topology::{Placement, Topology};
-use crate::model::up_plan::Desired;
+use crate::model::build::boot_watch::{BootFailure, BootFailureKind};
+use crate::model::build::derivation::DrvId;
+use crate::model::config::topology::{Placement, Topology};
+use crate::model::lab::instance::InstanceSpec;
+use crate::model::lab::up_plan::Desired;
 use crate::project::Project;
 use crate::run::instance::InstanceError;
 use crate::run::observe::ObserveError;
@@ -149,8 +149,11 @@ pub fn dry_run_ssh_config(
     );
     let config = scratch.path().join("ssh_config");
     let configs: Vec<_> = hosts.into_iter().map(|(h, _)| h).collect();
-    fs_err::write(&config, crate::model::ssh_config::render(&configs, None))
-        .map_err(io_error(config.clone()))?;
+    fs_err::write(
+        &config,
+        crate::model::lab::ssh_config::render(&configs, None),
+    )
+    .map_err(io_error(config.clone()))?;
     Ok((config, Some(scratch)))
 }
 

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::build::layer::BootFiles;
-use crate::model::derivation::{DrvGraph, DrvId};
-use crate::model::qemu::DirectBoot;
-use crate::model::topology::Topology;
-use crate::model::up_plan::LayerInfo;
+use crate::model::build::derivation::{DrvGraph, DrvId};
+use crate::model::build::qemu::DirectBoot;
+use crate::model::config::topology::Topology;
+use crate::model::lab::up_plan::LayerInfo;
 use crate::store::{Entry, Store, StoreError, entry_dir_name};
 
 /// Layers by `(platform, target)` for the `vms` given. `built` holds the entries a build
@@ -44,12 +44,13 @@ pub fn resolve(
         let node = &graph.nodes[&id];
         // The directory an entry really has (it may carry another name for the same
         // derivation), or the one it will get when built.
-        let dir_name = |n: &crate::model::derivation::DrvNode| -> Result<String, StoreError> {
-            Ok(match entry_of(&n.id)? {
-                Some(entry) => entry.dir_name().to_string(),
-                None => entry_dir_name(&n.hash, &n.name),
-            })
-        };
+        let dir_name =
+            |n: &crate::model::build::derivation::DrvNode| -> Result<String, StoreError> {
+                Ok(match entry_of(&n.id)? {
+                    Some(entry) => entry.dir_name().to_string(),
+                    None => entry_dir_name(&n.hash, &n.name),
+                })
+            };
         let closure: Vec<String> = graph
             .closure(std::slice::from_ref(&id))
             .into_iter()

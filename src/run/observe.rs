@@ -7,14 +7,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::model::instance::{InstanceRecord, InstanceSpec};
-use crate::model::network::site_attachments;
-use crate::model::observation::{
+use crate::model::config::network::site_attachments;
+use crate::model::config::topology::Placement;
+use crate::model::lab::instance::{InstanceRecord, InstanceSpec};
+use crate::model::lab::observation::{
     NetworkProbe, ObserveRequest, ObservedInstance, SiteObservation, observe_script,
     parse_observation,
 };
-use crate::model::topology::Placement;
-use crate::model::up_plan::Desired;
+use crate::model::lab::up_plan::Desired;
 use crate::progress::Reporter;
 use crate::run::host::{Host, HostError};
 use crate::run::site::{SiteError, Sites};
@@ -88,7 +88,7 @@ pub fn request(desired: &Desired, placement: &Placement) -> ObserveRequest {
                 let dir = n.dir(&layout.state_dir);
                 NetworkProbe {
                     name: n.name.clone(),
-                    switch: (n.backend == crate::model::network::VdeBackend::Switch)
+                    switch: (n.backend == crate::model::config::network::VdeBackend::Switch)
                         .then(|| dir.join("switch.pid")),
                     tap: n.attach.map(|_| dir.join("tap.pid")),
                 }

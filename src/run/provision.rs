@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::model::hash::ContentHash;
-use crate::model::inventory::Inventory;
-use crate::model::provision::{ProvisionReason, marker_text, reason, succeeded_hosts};
+use crate::model::lab::inventory::Inventory;
+use crate::model::lab::provision::{ProvisionReason, marker_text, reason, succeeded_hosts};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::state::StatePaths;
@@ -80,7 +80,7 @@ fn content_hash(playbook: &Path) -> Result<ContentHash, ProvisionError> {
             .to_string()
             .as_bytes(),
     );
-    let roles = crate::model::derivation::roles_dir(playbook);
+    let roles = crate::model::build::derivation::roles_dir(playbook);
     if roles.is_dir() {
         let tree =
             crate::project::inputs::hash_tree(&roles).map_err(|source| ProvisionError::Read {
@@ -148,7 +148,7 @@ pub fn check_ansible(due: &[Due]) -> Result<(), ProvisionError> {
 pub fn lab_inventory(project: &Project, state: &StatePaths, all: bool) -> Inventory {
     let recorded = |vm: &str| -> Option<String> {
         let bytes = fs_err::read(state.instance(vm).record()).ok()?;
-        let record = crate::model::instance::InstanceRecord::parse(&bytes).ok()?;
+        let record = crate::model::lab::instance::InstanceRecord::parse(&bytes).ok()?;
         Some(if record.kept { "stopped" } else { "running" }.to_string())
     };
     let states = |vm: &str| match recorded(vm) {
@@ -156,7 +156,7 @@ pub fn lab_inventory(project: &Project, state: &StatePaths, all: bool) -> Invent
         None if all => Some("missing".to_string()),
         _ => None,
     };
-    crate::model::inventory::inventory(
+    crate::model::lab::inventory::inventory(
         &project.loaded.topology,
         &states,
         &state.ssh_config().display().to_string(),

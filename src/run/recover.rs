@@ -10,10 +10,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::instance::InstanceSpec;
-use crate::model::kernel_panic::kernel_panic;
+use crate::model::build::kernel_panic::kernel_panic;
+use crate::model::config::topology::Topology;
+use crate::model::lab::instance::InstanceSpec;
 use crate::model::shell::quote_path;
-use crate::model::topology::Topology;
 use crate::run::host::Host;
 use crate::run::lab::LabError;
 use crate::run::site::Sites;

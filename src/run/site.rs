@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::model::topology::{LOCAL_HOST, Placement, Topology};
+use crate::model::config::topology::{LOCAL_HOST, Placement, Topology};
 use crate::run::host::remote::RemoteHost;
 use crate::run::host::{Host, LocalHost};
 

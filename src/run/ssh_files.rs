@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::model::instance::InstanceSpec;
-use crate::model::network::site_attachments;
-use crate::model::ssh_config::{HostKeys, SshHost};
-use crate::model::topology::Topology;
+use crate::model::config::network::site_attachments;
+use crate::model::config::topology::Topology;
+use crate::model::lab::instance::InstanceSpec;
+use crate::model::lab::ssh_config::{HostKeys, SshHost};
 use crate::run::observe::ssh_address;
 use crate::run::state::StatePaths;
 

@@ -13,8 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::model::instance::{InstancePaths, InstanceRecord};
-use crate::model::ssh_config::{Sharing, SshHost, known_hosts_line, render};
+use crate::model::lab::instance::{InstancePaths, InstanceRecord};
+use crate::model::lab::ssh_config::{Sharing, SshHost, known_hosts_line, render};
 use crate::sys::keys::{KeyPair, KeygenError, get_or_generate};
 
 /// How long a user's shared connection to a VM outlives its last session: long enough for a

@@ -8,10 +8,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::model::instance::{InstanceSpec, VmState};
-use crate::model::network::site_attachments;
-use crate::model::topology::{Topology, VmNode};
-use crate::model::up_plan::{Basis, plan_up};
+use crate::model::config::network::site_attachments;
+use crate::model::config::topology::{Topology, VmNode};
+use crate::model::lab::instance::{InstanceSpec, VmState};
+use crate::model::lab::up_plan::{Basis, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::lab::{LabError, desired};
@@ -140,7 +140,7 @@ pub fn status(
         };
         let state = match (site.basis, &step.previous) {
             (Basis::Unreachable, Some(_)) => VmState::Unreachable,
-            _ if step.action == crate::model::up_plan::VmAction::Create
+            _ if step.action == crate::model::lab::up_plan::VmAction::Create
                 && observed
                     .get(&vm.placement)
                     .is_some_and(|o| !o.orphans_of(&vm.name).is_empty()) =>

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::build::missing::{build_missing, plan_missing};
-use crate::model::derivation::DrvId;
-use crate::model::plan::BuildPlan;
-use crate::model::topology::Placement;
-use crate::model::up_plan::{SitePlan, UpPlan, plan_up};
+use crate::model::build::derivation::DrvId;
+use crate::model::build::plan::BuildPlan;
+use crate::model::config::topology::Placement;
+use crate::model::lab::up_plan::{SitePlan, UpPlan, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::lab::{

@@ -10,8 +10,8 @@
 
 use std::path::Path;
 
-use crate::model::network::{SiteNetwork, VdeBackend};
-use crate::model::qemu::ProcessTag;
+use crate::model::build::qemu::ProcessTag;
+use crate::model::config::network::{SiteNetwork, VdeBackend};
 use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::{Host, HostError, process_alive_test};
 

@@ -19,7 +19,7 @@ use super::entry::{FileRecord, entry_dir_name, parse_entry_dir_name};
 use super::{
     DISK_FILE, Entry, EntryMeta, META_FILE, STORE_DIR, Store, StoreError, TMP_DIR, fsutil,
 };
-use crate::model::derivation::hash_of_json;
+use crate::model::build::derivation::hash_of_json;
 use crate::model::hash::ContentHash;
 
 /// The manifest's name, first in every archive.

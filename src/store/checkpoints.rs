@@ -11,7 +11,7 @@
 //! <root>/steps/<parent entry>/<key>/meta.json    key, previous key, step label
 //! ```
 //!
-//! Keys come from `crate::model::build_steps::checkpoint_keys`: a key covers its step and
+//! Keys come from `crate::model::build::build_steps::checkpoint_keys`: a key covers its step and
 //! every one before it, so a checkpoint's backing chain holds exactly its prefix. Checkpoints
 //! are grouped by parent entry so `farm gc` drops a group with its parent, and a chain never
 //! leaves its group. They are a local build cache only: no layer, closure or export ever

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use super::entry::relative_backing_for;
 use super::{DISK_FILE, Entry, META_FILE, Store, fsutil, qcow2};
-use crate::model::derivation::hash_of_json;
+use crate::model::build::derivation::hash_of_json;
 use crate::sys::qemu_img;
 
 /// One thing wrong with an entry.

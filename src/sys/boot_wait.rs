@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::model::boot_watch::{
+use crate::model::build::boot_watch::{
     BootFailure, BootFailureKind, BootRules, BootWatch, Look, Qemu, RestartReason, Verdict,
 };
-use crate::model::first_boot;
-use crate::model::qemu::QemuVm;
+use crate::model::build::first_boot;
+use crate::model::build::qemu::QemuVm;
 use crate::model::text::error_chain;
 use crate::sys::ssh::Ssh;
 use crate::sys::vm_process::{VmProcess, VmProcessError};

@@ -1,6 +1,6 @@
 //! Facts about the machine farm runs on, for choices the model makes (which accelerator).
 
-use crate::model::qemu::KvmFacts;
+use crate::model::build::qemu::KvmFacts;
 use crate::model::values::Arch;
 
 /// Probes `/dev/kvm` and the hardware KVM modules. A PVM `/dev/kvm` opens but has neither

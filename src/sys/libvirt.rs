@@ -1,6 +1,6 @@
 //! libvirtd through the `virt` crate (libvirt's C API): connect, define, start, shut down,
 //! undefine, and find farm's domains by their metadata element
-//! ([`crate::model::libvirt::DomainMeta`]). A domain without farm's element, or with
+//! ([`crate::model::lab::libvirt::DomainMeta`]). A domain without farm's element, or with
 //! another project's, is never changed.
 
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
-use crate::model::libvirt::{DomainMeta, METADATA_NS};
+use crate::model::lab::libvirt::{DomainMeta, METADATA_NS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {

@@ -16,7 +16,7 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use serde::Deserialize;
 
-use crate::model::qemu_img::{PROGRAM, QemuImg};
+use crate::model::build::qemu_img::{PROGRAM, QemuImg};
 
 /// How many trailing lines of stderr an error keeps: enough for qemu's message, short enough to
 /// read in a terminal.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::model::qemu::QemuVm;
+use crate::model::build::qemu::QemuVm;
 
 pub struct VmProcess {
     child: Child,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use farm::config::{SourceFile, SourceKind, SourceMap, parse_sources};
-use farm::model::topology::{Placement, Topology};
+use farm::model::config::topology::{Placement, Topology};
 
 const IMAGE: &str = r#"
 [images.deb]
@@ -1181,7 +1181,7 @@ fn a_trusted_public_key_must_be_name_colon_base64_of_an_ed25519_key() {
 fn the_seed_lab_as_an_ansible_inventory() {
     let topology = parse(SEED).unwrap();
     let running = |vm: &str| (vm != "debian_vs_user_amd64").then(|| "running".to_string());
-    let inv = farm::model::inventory::inventory(&topology, &running, "/lab/.farm/ssh config");
+    let inv = farm::model::lab::inventory::inventory(&topology, &running, "/lab/.farm/ssh config");
     let group = |name: &str| -> Vec<&str> {
         inv.groups
             .get(name)
@@ -1236,8 +1236,8 @@ fn the_seed_lab_as_an_ansible_inventory() {
 
 #[test]
 fn backends_are_read_per_host_and_hypervisor_vm() {
-    use farm::model::backend::Backend;
-    use farm::model::topology::Placement;
+    use farm::model::config::backend::Backend;
+    use farm::model::config::topology::Placement;
     let text = format!(
         "{IMAGE}\n[platforms.p]\nfrom = \"deb\"\n[hosts.L0]\nbackend = \"libvirt\"\n\
          [vms.hv]\nplatform = \"p\"\nhost = \"L0\"\nbackend = \"libvirt\"\nlibvirt_uri = \"qemu:///session\"\n\

@@ -1,5 +1,5 @@
 //! farm's Debian image (mmdebstrap from the mirror, ext4 on the whole disk, direct kernel
-//! boot), booted under TCG with a seed from `farm::model::seed` and reached with ssh, host-key
+//! boot), booted under TCG with a seed from `farm::model::build::seed` and reached with ssh, host-key
 //! checking on and pinned to the seeded host key: the whole path from packages to a
 //! reachable, identified VM, and what farm's agent in the image does with the seed.
 //!
@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use farm::build::layer::BootFiles;
-use farm::model::seed::SeedNic;
+use farm::model::build::seed::SeedNic;
 
 use crate::support::guest::{Guest, keygen, test_guest_mac};
 use crate::support::labs::BOOKWORM;

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use farm::config::{SourceFile, SourceKind, SourceMap, parse_sources};
+use farm::model::build::derivation::{DrvGraph, DrvId, InputHashes, derive_all, wanted_platforms};
 use farm::model::config::Config;
-use farm::model::derivation::{DrvGraph, DrvId, InputHashes, derive_all, wanted_platforms};
 use farm::model::hash::ContentHash;
 
 const BASE: &str = r#"
@@ -121,7 +121,7 @@ fn debian_images_depend_on_farms_own_parts() {
         .find(|n| n.name == "bookworm-amd64")
         .unwrap();
     let text = String::from_utf8(node.derivation.canonical_bytes()).unwrap();
-    let parts = farm::model::debian_recipe::digest(
+    let parts = farm::model::build::debian_recipe::digest(
         farm::model::values::Arch::X86_64,
         farm::model::config::DebianInit::Systemd,
     );
@@ -281,7 +281,7 @@ fn tiny_images_are_per_arch_and_depend_on_farms_own_parts() {
     let g = graph(text, "hello\n");
     let node = g.nodes.values().find(|n| n.name == "tiny-amd64").unwrap();
     let encoded = String::from_utf8(node.derivation.canonical_bytes()).unwrap();
-    let parts = farm::model::tiny_recipe::digest(farm::model::values::Arch::X86_64);
+    let parts = farm::model::build::tiny_recipe::digest(farm::model::values::Arch::X86_64);
     assert!(
         encoded.contains(&format!("\"farm_parts\":\"{parts}\"")),
         "{encoded}"

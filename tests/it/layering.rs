@@ -320,12 +320,17 @@ fn no_two_files_of_src_import_each_other_directly_or_through_others() {
     );
 }
 
-#[test]
-fn no_floor_imports_from_a_floor_above_it() {
-    let floor_of = |module: &Module| {
-        let top = module.first().map(String::as_str).unwrap_or("");
-        FLOORS.iter().position(|floor| floor.contains(&top))
-    };
+/// The floors inside `model/`, lowest first: the leaves at its root, then its folders.
+const MODEL_FLOORS: [&[&str]; 4] = [
+    &["hash", "programs", "shell", "signing", "text", "values"],
+    &["config"],
+    &["build"],
+    &["lab"],
+];
+
+/// Every import, as "FILE uses FILE", from a module to one on a higher floor; `floor_of`
+/// places a module, or says it is not on any of these floors.
+fn upward_imports(floor_of: impl Fn(&Module) -> Option<usize>) -> Vec<String> {
     let mut upward = Vec::new();
     for (module, uses) in import_graph() {
         let Some(floor) = floor_of(&module) else {
@@ -337,10 +342,44 @@ fn no_floor_imports_from_a_floor_above_it() {
             }
         }
     }
+    upward
+}
+
+#[test]
+fn no_floor_imports_from_a_floor_above_it() {
+    let upward = upward_imports(|module| {
+        let top = module.first().map(String::as_str).unwrap_or("");
+        FLOORS.iter().position(|floor| floor.contains(&top))
+    });
     assert!(
         upward.is_empty(),
         "imports from a floor above:\n{}",
         upward.join("\n")
+    );
+}
+
+#[test]
+fn no_floor_of_the_model_imports_from_one_above_it() {
+    let upward = upward_imports(|module| match module.as_slice() {
+        [model, part, ..] if model == "model" => MODEL_FLOORS
+            .iter()
+            .position(|floor| floor.contains(&part.as_str())),
+        _ => None,
+    });
+    assert!(
+        upward.is_empty(),
+        "model imports from a floor above:\n{}",
+        upward.join("\n")
+    );
+    let unplaced: Vec<String> = import_graph()
+        .into_keys()
+        .filter(|m| m.len() >= 2 && m[0] == "model")
+        .filter(|m| !MODEL_FLOORS.iter().any(|f| f.contains(&m[1].as_str())))
+        .map(|m| file_name(&m))
+        .collect();
+    assert!(
+        unplaced.is_empty(),
+        "model files on no floor (add them to MODEL_FLOORS or a floor's folder): {unplaced:?}"
     );
 }
 

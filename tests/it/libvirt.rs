@@ -17,8 +17,8 @@ use crate::support::test_home::shared_store;
 use std::time::Duration;
 
 use farm::build::layer::BootFiles;
-use farm::model::boot_watch::{BootRules, Qemu};
-use farm::model::libvirt::{DomainMeta, METADATA_NS, domain_xml};
+use farm::model::build::boot_watch::{BootRules, Qemu};
+use farm::model::lab::libvirt::{DomainMeta, METADATA_NS, domain_xml};
 use farm::sys::boot_wait::{self, BootTarget, SshRoute};
 use farm::sys::libvirt::{DomainStopped, Libvirt, LibvirtError};
 use guest::{keygen, prepare};

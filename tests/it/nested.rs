@@ -167,7 +167,7 @@ fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_noth
     assert!(
         said.lines().any(|l| l.trim() == "pyleaf_amd64")
             && said.lines().any(|l| l.trim() == "vleaf_amd64")
-            && said.contains(farm::model::libvirt::METADATA_NS)
+            && said.contains(farm::model::lab::libvirt::METADATA_NS)
             && said.contains("vde,id=farmnet0,sock=vxvde://234.0.0.1"),
         "{said}"
     );

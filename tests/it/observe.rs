@@ -5,15 +5,15 @@
 use std::path::Path;
 use std::process::{Child, Command};
 
-use farm::model::instance::InstanceRecord;
-use farm::model::observation::{ObserveRequest, observe_script, parse_observation};
+use farm::model::lab::instance::InstanceRecord;
+use farm::model::lab::observation::{ObserveRequest, observe_script, parse_observation};
 use farm::run::host::{Host, LocalHost};
 
 /// A process whose command line and environment look like farm's qemu for `vm` (a shell
 /// waiting on `read`, a built-in: no child inherits the tag).
 fn fake_qemu(project: &str, vm: &str) -> Child {
     Command::new("sh")
-        .args(["-c", "read x", &farm::model::qemu::qemu_name(vm)])
+        .args(["-c", "read x", &farm::model::build::qemu::qemu_name(vm)])
         .stdin(std::process::Stdio::piped())
         .env("FARM_PROJECT", project)
         .env("FARM_PROCESS", format!("vm:{vm}"))

@@ -11,7 +11,7 @@ use crate::support::test_home::shared_store;
 use std::time::Duration;
 
 use farm::build::layer::BootFiles;
-use farm::model::seed::SeedNic;
+use farm::model::build::seed::SeedNic;
 use farm::model::values::mac_for;
 use guest::{Guest, keygen};
 use project::Project;

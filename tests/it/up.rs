@@ -52,7 +52,7 @@ fn pid(p: &Project, vm: &str) -> String {
 
 fn qemu_running(vm: &str, p: &Project) -> bool {
     let out = Command::new("pgrep")
-        .args(["-f", &farm::model::qemu::qemu_name(vm)])
+        .args(["-f", &farm::model::build::qemu::qemu_name(vm)])
         .output()
         .unwrap();
     let dir = p.path().display().to_string();

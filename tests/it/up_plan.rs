@@ -5,13 +5,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use farm::config::{SourceFile, SourceKind, SourceMap, parse_sources};
+use farm::model::build::qemu::{DirectBoot, ResolvedAccel};
 use farm::model::config::Config;
+use farm::model::config::topology::{Placement, Topology};
 use farm::model::hash::{ContentHash, DrvHash};
-use farm::model::instance::{InstanceRecord, InstanceSpec, VmState};
-use farm::model::observation::{NetworkState, ObservedInstance, SiteObservation, TaggedProcess};
-use farm::model::qemu::{DirectBoot, ResolvedAccel};
-use farm::model::topology::{Placement, Topology};
-use farm::model::up_plan::{Desired, LayerInfo, UpPlan, VmAction, plan_up};
+use farm::model::lab::instance::{InstanceRecord, InstanceSpec, VmState};
+use farm::model::lab::observation::{
+    NetworkState, ObservedInstance, SiteObservation, TaggedProcess,
+};
+use farm::model::lab::up_plan::{Desired, LayerInfo, UpPlan, VmAction, plan_up};
 
 const LAB: &str = r#"
 [images.tiny]
@@ -311,7 +313,7 @@ fn stopped_silent_and_unusable_instances_are_restarted_or_replaced() {
     assert_eq!(plan.vm("beta").unwrap().state(), VmState::Unreachable);
     // The inside of a replaced hypervisor is planned from scratch once it runs again.
     let hv = plan.site(&inside("hyper")).unwrap();
-    assert_eq!(hv.basis, farm::model::up_plan::Basis::Fresh);
+    assert_eq!(hv.basis, farm::model::lab::up_plan::Basis::Fresh);
     assert_eq!(hv.vm("inner").unwrap().action, VmAction::Create);
 }
 
@@ -329,7 +331,7 @@ fn a_hypervisor_that_restarts_restarts_what_runs_inside_it() {
         .pid = None;
     let plan = plan_up(&d, &observed);
     let hv = plan.site(&inside("hyper")).unwrap();
-    assert_eq!(hv.basis, farm::model::up_plan::Basis::AfterRestart);
+    assert_eq!(hv.basis, farm::model::lab::up_plan::Basis::AfterRestart);
     assert_eq!(
         hv.vm("inner").unwrap().reasons[0].to_string(),
         "its hypervisor restarts"
@@ -439,8 +441,8 @@ fn a_disk_size_smaller_than_the_layer_is_refused_before_the_overlay_is_made() {
 fn down_looks(
     d: &Desired,
     hyper_running: bool,
-) -> BTreeMap<Placement, farm::model::down_plan::SiteLook> {
-    use farm::model::down_plan::SiteLook;
+) -> BTreeMap<Placement, farm::model::lab::down_plan::SiteLook> {
+    use farm::model::lab::down_plan::SiteLook;
     let mut observed = steady(d);
     observed
         .get_mut(&here())
@@ -476,7 +478,7 @@ fn down_looks(
 
 #[test]
 fn down_plans_the_deepest_site_first_with_its_networks_and_orphans() {
-    use farm::model::down_plan::{DownRequest, plan_down, sites_to_visit, with_descendants};
+    use farm::model::lab::down_plan::{DownRequest, plan_down, sites_to_visit, with_descendants};
     let (config, topology) = load(LAB);
     let d = desired(&config, &topology);
     let all = DownRequest {
@@ -542,7 +544,7 @@ fn down_plans_the_deepest_site_first_with_its_networks_and_orphans() {
     let mut empty = BTreeMap::new();
     empty.insert(
         here(),
-        farm::model::down_plan::SiteLook::Observed {
+        farm::model::lab::down_plan::SiteLook::Observed {
             observation: site(),
             domains: Vec::new(),
         },

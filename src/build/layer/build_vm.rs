@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::context::{BootFiles, BuilderError, LayerBuild, Log};
-use crate::model::boot_watch::BootRules;
-use crate::model::qemu::{DirectBoot, Disk, DiskCache, NetBackend, Nic, PortForward, QemuVm};
-use crate::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
-use crate::model::ssh_config::{SshHost, known_hosts_line, render};
+use crate::model::build::boot_watch::BootRules;
+use crate::model::build::qemu::{
+    DirectBoot, Disk, DiskCache, NetBackend, Nic, PortForward, QemuVm,
+};
+use crate::model::build::seed::{SeedNic, SeedSpec, seed_image_bytes};
+use crate::model::lab::ssh_config::{SshHost, known_hosts_line, render};
 use crate::model::values::mac_for;
 use crate::model::values::{Firmware, uefi_files};
 use crate::sys::boot_wait::{self, BootError, LocalQemu, SshRoute};
@@ -274,7 +276,7 @@ pub(super) fn boot(
         // The appliance has no cloud-init; the image's root is mounted for the steps.
         spinner.set_message("mounting the image");
         super::guest::mount_chroot(build, &ssh, log)?;
-        crate::model::chroot::DISK_DEVICE
+        crate::model::build::chroot::DISK_DEVICE
     } else {
         spinner.set_message("waiting for cloud-init");
         let remaining = (started + build.boot_timeout).saturating_duration_since(Instant::now());

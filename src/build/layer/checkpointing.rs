@@ -1,5 +1,5 @@
 //! Checkpoints taken while a build VM runs a layer's steps (see `crate::store::checkpoints`
-//! for how they are kept, `crate::model::build_steps` for their keys).
+//! for how they are kept, `crate::model::build::build_steps` for their keys).
 //!
 //! After each step the guest syncs, and qemu freezes the disk it was writing
 //! (`blockdev-snapshot-sync`): that file is the step's checkpoint, and the VM goes on on a
@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::build_vm::{BuildVm, MACHINE_FILE, STATE_FILE};
 use super::context::{BootFiles, BuilderError, Log};
 use super::guest::Guest;
-use crate::model::build_steps::BuildStep;
+use crate::model::build::build_steps::BuildStep;
 use crate::model::hash::ContentHash;
 use crate::store::{CheckpointMeta, Entry, Store};
 use crate::sys::qemu_img;

@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::model::boot_watch::BootFailure;
+use crate::model::build::boot_watch::BootFailure;
+use crate::model::build::derivation::LayerRecipe;
+use crate::model::build::qemu::MachineSpec;
 use crate::model::config::Platform;
-use crate::model::derivation::LayerRecipe;
-use crate::model::qemu::MachineSpec;
 use crate::model::values::Firmware;
 use crate::store::{Entry, Staging, Store};
 use crate::sys::qemu_img;
@@ -78,7 +78,7 @@ pub enum BuilderError {
     #[error(transparent)]
     QemuImg(#[from] qemu_img::QemuImgError),
     #[error(transparent)]
-    Seed(#[from] crate::model::seed::SeedError),
+    Seed(#[from] crate::model::build::seed::SeedError),
     #[error(transparent)]
     Vm(#[from] crate::sys::vm_process::VmProcessError),
     #[error(transparent)]

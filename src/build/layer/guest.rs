@@ -1,12 +1,12 @@
 //! Where a layer's steps run: the build VM's own shell (`builder = "boot"`), or a chroot of
 //! the image's root inside farm's appliance VM (`builder = "chroot"`, see
-//! `crate::model::chroot`). Everything that acts on the image (steps, checkpoint syncs,
+//! `crate::model::build::chroot`). Everything that acts on the image (steps, checkpoint syncs,
 //! kernel downloads, cleanup) goes through a [`Guest`], so it reads the same either way.
 
 use std::path::Path;
 
 use super::context::{BuilderError, LayerBuild, Log};
-use crate::model::chroot;
+use crate::model::build::chroot;
 use crate::model::shell::shell_quote;
 use crate::sys::ssh::{Output, Ssh, SshError};
 

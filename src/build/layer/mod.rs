@@ -4,7 +4,7 @@
 //! parent, and leave it (plus kernel and initrd when they changed) in the staging directory
 //! for the store to commit. With `builder = "chroot"` the build VM is farm's appliance with
 //! the layer's disk as its second disk, and the steps run in a chroot of the image's root
-//! (`guest`, `crate::model::chroot`); everything else is the same.
+//! (`guest`, `crate::model::build::chroot`); everything else is the same.
 //!
 //! The parts: `context` (what they all share), `build_vm` (boot or load the VM, reach it),
 //! `guest` (where steps run), `checkpointing` (a checkpoint after each step), `playbook`
@@ -25,7 +25,7 @@ mod playbook;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::model::build_steps::{BuildStep, build_steps, checkpoint_keys};
+use crate::model::build::build_steps::{BuildStep, build_steps, checkpoint_keys};
 use crate::model::hash::ContentHash;
 use crate::model::shell::shell_quote;
 use crate::progress::Reporter;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::modules::index_modules;
 use super::{TinyImageError, lines};
-use crate::model::tiny_recipe::INITRAMFS_INIT;
+use crate::model::build::tiny_recipe::INITRAMFS_INIT;
 
 /// The gzip'd newc initramfs: busybox, the modules (flat, by module name) and `/init`.
 pub(super) fn initramfs(

@@ -5,7 +5,7 @@
 //! started inside a guest never finishes booting in a CI run. Guests inside guests must have
 //! no systemd, no udev, no cloud-init: busybox `init` runs one shell script
 //! (`src/guest_agent/tiny-init.sh`, listed with everything else baked in by
-//! [`crate::model::tiny_recipe`]) that applies the same `farm/` seed files as the Debian
+//! [`crate::model::build::tiny_recipe`]) that applies the same `farm/` seed files as the Debian
 //! images' agent, then starts dropbear.
 //!
 //! Why this shape: everything comes from Debian bookworm packages fetched with
@@ -34,7 +34,7 @@ pub use packages::deb_file_name;
 
 use crate::build::tool_log::LogError;
 use crate::build::tools::{Scratch, ScratchError, ToolError, ToolRunner, tree_bytes};
-use crate::model::tiny_recipe::{PACKAGES, kernel_cmdline};
+use crate::model::build::tiny_recipe::{PACKAGES, kernel_cmdline};
 use crate::model::values::Arch;
 
 /// Free space in the root filesystem beyond what the files use: room for logs, keys and a

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::TinyImageError;
-use crate::model::tiny_recipe::WANTED_MODULES;
+use crate::model::build::tiny_recipe::WANTED_MODULES;
 
 /// The `depends=` field of a kernel module's `.modinfo` section: the modules it needs
 /// loaded first. Read from the bytes, so the host needs no `modinfo` (kmod).

@@ -8,7 +8,7 @@ use indicatif::ProgressBar;
 
 use super::TinyImageError;
 use crate::build::tools::ToolRunner;
-use crate::model::tiny_recipe::kernel_meta_package;
+use crate::model::build::tiny_recipe::kernel_meta_package;
 use crate::model::values::Arch;
 
 /// How apt is asked about one architecture's packages. For the host's own architecture,

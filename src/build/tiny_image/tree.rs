@@ -8,7 +8,7 @@ use std::path::Path;
 use super::modules::index_modules;
 use super::{TinyImageError, lines};
 use crate::build::tools::ToolRunner;
-use crate::model::tiny_recipe::{
+use crate::model::build::tiny_recipe::{
     BOOT_SCRIPT, DROPBEAR_LIBS, SEED_LIBRARY, SSHD_SCRIPT, UDHCPC_SCRIPT, inittab, library_layout,
 };
 use crate::model::values::Arch;

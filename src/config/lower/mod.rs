@@ -10,15 +10,15 @@ use super::raw::{
     RawDeploy, RawFile, RawHost, RawImage, RawKeys, RawNetworkKind, RawNic, RawPlatform, RawSize,
     RawVm,
 };
-use crate::model::backend::{self, Backend};
+use crate::model::config::backend::{self, Backend};
+use crate::model::config::diagnostic::Diagnostic;
+use crate::model::config::limits::{self, Refusal};
 use crate::model::config::{
     Attachment, Config, DebianSpec, Deploy, DuplicateDefinition, FileId, Forward, Host, Image,
     ImageSource, KeyGrant, Located, Network, NetworkKind, Nic, Origin, Platform, Resources, Steps,
     Target, VmDecl,
 };
-use crate::model::diagnostic::Diagnostic;
 use crate::model::hash::{ExpectedHash, HashAlgo};
-use crate::model::limits::{self, Refusal};
 
 mod build;
 mod site;

@@ -12,9 +12,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::model::backend::{Backend, is_session};
-use crate::model::instance::{InstancePaths, InstanceSpec};
-use crate::model::libvirt::{DomainMeta, domain_xml};
+use crate::model::config::backend::{Backend, is_session};
+use crate::model::lab::instance::{InstancePaths, InstanceSpec};
+use crate::model::lab::libvirt::{DomainMeta, domain_xml};
 use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::Host;
 use crate::run::instance::{InstanceError, SSH_POWEROFF_AGAIN, Stopped, is_running};
@@ -128,11 +128,11 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec, uri: &str) -> Result<(), Inst
 fn pid_by_tag(spec: &InstanceSpec, pidfile: &Path) -> String {
     let name = shell_quote(&format!(
         "process={}",
-        crate::model::qemu::process_title(&spec.name)
+        crate::model::build::qemu::process_title(&spec.name)
     ));
     let project = shell_quote(&format!(
         "{}={}",
-        crate::model::qemu::TAG_PROJECT,
+        crate::model::build::qemu::TAG_PROJECT,
         spec.tag.project
     ));
     format!(

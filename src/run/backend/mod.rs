@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use crate::model::backend::Backend;
-use crate::model::instance::InstanceSpec;
-use crate::model::libvirt::DomainMeta;
+use crate::model::config::backend::Backend;
+use crate::model::lab::instance::InstanceSpec;
+use crate::model::lab::libvirt::DomainMeta;
 use crate::run::host::Host;
 use crate::run::instance::{InstanceError, Stopped};
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::model::instance::{InstancePaths, InstanceSpec};
+use crate::model::lab::instance::{InstancePaths, InstanceSpec};
 use crate::model::shell::{quote_path, shell_quote};
 use crate::run::host::{Host, HostError, process_alive_test};
 use crate::run::instance::{InstanceError, SSH_POWEROFF_AGAIN, Stopped, check, is_running};
@@ -18,7 +18,7 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> 
 pub fn start_vm(
     host: &dyn Host,
     spec: &InstanceSpec,
-    vm: &crate::model::qemu::QemuVm,
+    vm: &crate::model::build::qemu::QemuVm,
 ) -> Result<(), InstanceError> {
     let paths = &spec.paths;
     let env: Vec<String> = vm
@@ -102,7 +102,10 @@ pub fn stop(
     }
     let kill = format!(
         "{alive} && kill -9 \"$pid\" && while kill -0 \"$pid\" 2>/dev/null; do sleep 0.1; done; true",
-        alive = process_alive_test(&paths.pidfile(), &crate::model::qemu::qemu_name(name))
+        alive = process_alive_test(
+            &paths.pidfile(),
+            &crate::model::build::qemu::qemu_name(name)
+        )
     );
     check(host, name, "Killing qemu", &kill)?;
     Ok(Stopped::Killed(timeout))

@@ -132,7 +132,7 @@ pub fn qmp_over_ssh(
 /// A shell test, true when `pidfile` names a live process that has `argument` as one of
 /// its command-line arguments; it leaves the pid in `$pid`.
 pub fn process_alive_test(pidfile: &Path, argument: &str) -> String {
-    crate::model::observation::alive_test(
+    crate::model::lab::observation::alive_test(
         &quote_path(pidfile),
         &crate::model::shell::shell_quote(argument),
     )

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::instance::{InstanceRecord, InstanceSpec};
-use crate::model::snapshot::{
+use crate::model::config::topology::{Placement, Topology};
+use crate::model::lab::instance::{InstanceRecord, InstanceSpec};
+use crate::model::lab::snapshot::{
     IDENTITY_DIR, MANIFEST_FILE, SNAPSHOT_FORMAT, STATE_FILE, SavedVm, Selection, SnapshotManifest,
     SnapshotPaths, VMS_DIR, entry_derivation, entry_key, entry_name, refusal, relocate_store,
     selection, snapshot_of, state_root_of, top_level_of, topology_digest, valid_name,
 };
-use crate::model::topology::{Placement, Topology};
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::closure::HostStore;
@@ -236,7 +236,7 @@ fn records_of(
 
 fn local() -> LocalHost {
     LocalHost {
-        name: crate::model::topology::LOCAL_HOST.to_string(),
+        name: crate::model::config::topology::LOCAL_HOST.to_string(),
     }
 }
 

@@ -5,8 +5,8 @@
 //! records in the snapshot's directory and the manifest names the host.
 
 use super::*;
+use crate::model::build::qemu_img::QemuImg;
 use crate::model::hash::ContentHash;
-use crate::model::qemu_img::QemuImg;
 use crate::model::shell::{quote_path, shell_quote};
 
 /// Where a remote VM's machine state is written while it is saved.

@@ -3,9 +3,9 @@
 //! `--dry-run`, and changes nothing.
 
 use super::*;
-use crate::model::boot_watch::BootRules;
-use crate::model::instance::InstanceSpec;
-use crate::model::qemu_img::QemuImg;
+use crate::model::build::boot_watch::BootRules;
+use crate::model::build::qemu_img::QemuImg;
+use crate::model::lab::instance::InstanceSpec;
 use crate::model::shell::quote_path;
 use crate::run::boot::SiteVm;
 use crate::run::host::qmp_over_ssh;
@@ -328,15 +328,17 @@ pub(super) fn load(
     }
     let project_tag = state.root().display().to_string();
     for (placement, vm) in sites {
-        let layout = crate::model::up_plan::SiteLayout::of(
+        let layout = crate::model::lab::up_plan::SiteLayout::of(
             topology,
             placement,
             state.root(),
             &store.root().join("store"),
         );
-        for network in
-            crate::model::network::site_networks(&project.loaded.config, topology, placement)
-        {
+        for network in crate::model::config::network::site_networks(
+            &project.loaded.config,
+            topology,
+            placement,
+        ) {
             crate::run::vde::ensure_up(&*vm.host, &layout.state_dir, &network, &project_tag)
                 .map_err(|e| SnapshotError::Failed(e.to_string()))?;
         }

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use farm::model::derivation::hash_of_json;
+use farm::model::build::derivation::hash_of_json;
 use farm::model::hash::DrvHash;
 use farm::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
 use farm::sys::qemu_img;
@@ -83,7 +83,7 @@ fn commit_staged(
 /// Commits farm's appliance for x86_64 under its real derivation and name, as a chroot
 /// build leaves it, with a small blank disk instead of the tiny image (no mirror needed).
 pub fn commit_appliance(store: &Store) -> Entry {
-    let node = farm::model::derivation::appliance_node(farm::model::values::Arch::X86_64);
+    let node = farm::model::build::derivation::appliance_node(farm::model::values::Arch::X86_64);
     let lock = store.lock(&node.hash).unwrap();
     let staging = store.stage(&lock, &node.name).unwrap();
     qemu_img::create(&staging.disk_path(), 8 * MIB).unwrap();

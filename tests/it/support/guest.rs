@@ -7,12 +7,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use farm::build::layer::BootFiles;
-use farm::model::boot_watch::BootRules;
-use farm::model::qemu::{
+use farm::model::build::boot_watch::BootRules;
+use farm::model::build::qemu::{
     DirectBoot, Disk, DiskCache, MachineSpec, NetBackend, Nic, PortForward, QemuVm, ResolvedAccel,
 };
-use farm::model::seed::{SeedNic, SeedSpec, seed_image_bytes};
-use farm::model::ssh_config::{SshHost, known_hosts_line, render};
+use farm::model::build::seed::{SeedNic, SeedSpec, seed_image_bytes};
+use farm::model::lab::ssh_config::{SshHost, known_hosts_line, render};
 use farm::model::values::Arch;
 use farm::model::values::mac_for;
 use farm::sys::boot_wait::{self, LocalQemu, SshRoute};

@@ -185,7 +185,7 @@ fn lab_project(recipe: &LabRecipe) -> Project {
 /// machines other devices is another lab (a guest restored under a panic device it never
 /// probed would not use it).
 fn machine_shape() -> Vec<String> {
-    use farm::model::qemu::{MachineSpec, QemuVm, ResolvedAccel};
+    use farm::model::build::qemu::{MachineSpec, QemuVm, ResolvedAccel};
     use farm::model::values::Arch;
     QemuVm {
         name: "hv".into(),

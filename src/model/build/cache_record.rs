@@ -1,0 +1,135 @@
+//! Binary cache records: what a cache says about one derivation's output, signed.
+//!
+//! A cache (see docs/binary-cache.md) holds `records/<drv-hash>.json` and the entry's files
+//! as zstd blobs `blobs/<blake3>.zst`, keyed by the blake3 of their *uncompressed* bytes,
+//! so a file two entries share (a kernel) is stored once. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::hash::{ContentHash, DrvHash};
+use crate::model::signing::Signature;
+
+/// The cache format this farm reads and writes (`farm-cache.json` and every record).
+pub const CACHE_FORMAT: u32 = 1;
+/// The file at a cache's root naming its format.
+pub const CACHE_INFO: &str = "farm-cache.json";
+/// What signatures cover, before the record's canonical JSON: keeps a record signature
+/// from ever being valid for anything else.
+const SIGNING_DOMAIN: &[u8] = b"farm binary cache record v1\n";
+/// The entry file every record has.
+pub const DISK_FILE: &str = "disk.qcow2";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRecord {
+    pub format: u32,
+    pub drv_hash: DrvHash,
+    /// The entry's label where it was pushed (`tiny-amd64`, `web_amd64`).
+    pub name: String,
+    /// The derivation, as the entry's `meta.json` keeps it: hashes to `drv_hash`.
+    pub derivation: serde_json::Value,
+    /// The parent's derivation hash, and the directory name the disk's backing file
+    /// names (`../<parent_dir>/disk.qcow2`).
+    pub parent: Option<DrvHash>,
+    pub parent_dir: Option<String>,
+    /// The blake3 of the parent's disk this layer was built on: a layer holds only its
+    /// differences, so it is only valid on those exact bytes (an `upgrade` rebuilt
+    /// elsewhere gives others).
+    pub parent_output: Option<ContentHash>,
+    /// Every file of the entry but `meta.json` (the receiver writes its own).
+    pub files: BTreeMap<String, Blob>,
+    #[serde(default)]
+    pub signatures: Vec<Signature>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blob {
+    /// blake3 of the uncompressed bytes: the blob's name and its check.
+    pub blake3: ContentHash,
+    pub size: u64,
+    /// Size of the compressed blob, for progress bars.
+    pub zstd_size: u64,
+}
+
+impl CacheRecord {
+    /// The bytes signatures sign: a domain string, then the record without its signatures
+    /// as canonical JSON (sorted keys, no whitespace).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut value = serde_json::to_value(self).expect("records serialize");
+        if let serde_json::Value::Object(map) = &mut value {
+            map.remove("signatures");
+        }
+        let mut bytes = SIGNING_DOMAIN.to_vec();
+        bytes.extend(serde_json::to_vec(&value).expect("JSON values encode"));
+        bytes
+    }
+
+    pub fn disk(&self) -> Option<&Blob> {
+        self.files.get(DISK_FILE)
+    }
+
+    /// Bytes to download (compressed).
+    pub fn download_size(&self) -> u64 {
+        self.files.values().map(|b| b.zstd_size).sum()
+    }
+}
+
+/// Where a derivation's record lives in a cache.
+pub fn record_path(drv: &DrvHash) -> String {
+    format!("records/{}.json", drv.to_hex())
+}
+
+/// Where a blob lives in a cache.
+pub fn blob_path(hash: &ContentHash) -> String {
+    format!("blobs/{}.zst", hash.to_hex())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::signing::{SecretKey, verify};
+
+    fn record() -> CacheRecord {
+        CacheRecord {
+            format: CACHE_FORMAT,
+            drv_hash: DrvHash([1; 32]),
+            name: "web_amd64".into(),
+            derivation: serde_json::json!({"type": "layer"}),
+            parent: Some(DrvHash([2; 32])),
+            parent_dir: Some("0202-base".into()),
+            parent_output: Some(ContentHash([4; 32])),
+            files: [(
+                DISK_FILE.to_string(),
+                Blob {
+                    blake3: ContentHash([3; 32]),
+                    size: 10,
+                    zstd_size: 4,
+                },
+            )]
+            .into(),
+            signatures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn signatures_cover_everything_but_themselves() {
+        let key = SecretKey::from_seed("ci", [9; 32]).unwrap();
+        let mut signed = record();
+        signed.signatures.push(key.sign(&signed.signed_bytes()));
+        let trusted = [key.public()];
+        assert_eq!(
+            verify(&trusted, &signed.signed_bytes(), &signed.signatures),
+            Ok("ci")
+        );
+        let mut altered = signed.clone();
+        altered.files.get_mut(DISK_FILE).unwrap().size = 11;
+        assert!(verify(&trusted, &altered.signed_bytes(), &altered.signatures).is_err());
+        assert_eq!(
+            record_path(&signed.drv_hash),
+            format!("records/{}.json", "01".repeat(32))
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! The `qemu-img` commands farm runs, as data: one argument list per operation, run here by
+//! `sys::qemu_img` or written into a script for a host or hypervisor VM. One spelling of
+//! each, so an overlay made on L0 and one made inside L1 are made the same way.
+//!
+//! Formats are always given (`-f`, `-F`): since QEMU 6.1 omitting a backing format is an
+//! error, and probing a format is a security hole.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::model::shell::quote_word;
+
+/// One `qemu-img` invocation.
+#[derive(Clone, Copy, Debug)]
+pub enum QemuImg<'a> {
+    /// A qcow2 overlay at `disk` whose reads fall through to `backing` (relative to `disk`'s
+    /// directory when relative), `size` bytes when it grows beyond the backing's size.
+    CreateOverlay {
+        disk: &'a Path,
+        backing: &'a Path,
+        size: Option<u64>,
+    },
+    /// An empty qcow2 image of `size` bytes with no backing file.
+    Create { disk: &'a Path, size: u64 },
+    /// The backing path recorded in `disk` rewritten to `backing`, data untouched (`-u`):
+    /// right only when both name the same bytes.
+    RebaseUnsafe { disk: &'a Path, backing: &'a Path },
+    /// `disk` moved onto `backing`, copying in what its old chain reads differently.
+    RebaseSafe { disk: &'a Path, backing: &'a Path },
+    /// `disk` grown to `size` bytes.
+    Resize { disk: &'a Path, size: u64 },
+    /// `src` (in `format`) to a standalone qcow2 `dest`, its chain flattened.
+    ConvertToQcow2 {
+        src: &'a Path,
+        format: &'a str,
+        dest: &'a Path,
+    },
+    /// One image described as JSON; `-U` reads an image a running VM holds open.
+    Info { disk: &'a Path },
+    /// `disk` and every image below it as a JSON list, top first.
+    BackingChain { disk: &'a Path },
+    /// The qcow2 metadata of `disk` checked for corruption.
+    Check { disk: &'a Path },
+}
+
+/// The program's name, found on `PATH`.
+pub const PROGRAM: &str = "qemu-img";
+
+impl QemuImg<'_> {
+    /// The arguments after `qemu-img`.
+    pub fn args(&self) -> Vec<OsString> {
+        let words = |w: &[&str]| w.iter().map(OsString::from).collect::<Vec<_>>();
+        match *self {
+            QemuImg::CreateOverlay {
+                disk,
+                backing,
+                size,
+            } => {
+                let mut a = words(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]);
+                a.extend([backing.into(), disk.into()]);
+                a.extend(size.map(|s| s.to_string().into()));
+                a
+            }
+            QemuImg::Create { disk, size } => {
+                let mut a = words(&["create", "-q", "-f", "qcow2"]);
+                a.extend([disk.into(), size.to_string().into()]);
+                a
+            }
+            QemuImg::RebaseUnsafe { disk, backing } => {
+                let mut a = words(&["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"]);
+                a.extend([backing.into(), disk.into()]);
+                a
+            }
+            QemuImg::RebaseSafe { disk, backing } => {
+                let mut a = words(&["rebase", "-f", "qcow2", "-F", "qcow2", "-b"]);
+                a.extend([backing.into(), disk.into()]);
+                a
+            }
+            QemuImg::Resize { disk, size } => {
+                let mut a = words(&["resize", "-q", "-f", "qcow2"]);
+                a.extend([disk.into(), size.to_string().into()]);
+                a
+            }
+            QemuImg::ConvertToQcow2 { src, format, dest } => {
+                let mut a = words(&["convert", "-q", "-f", format, "-O", "qcow2"]);
+                a.extend([src.into(), dest.into()]);
+                a
+            }
+            QemuImg::Info { disk } => {
+                let mut a = words(&["info", "-U", "--output=json"]);
+                a.push(disk.into());
+                a
+            }
+            QemuImg::BackingChain { disk } => {
+                let mut a = words(&["info", "-U", "--backing-chain", "--output=json"]);
+                a.push(disk.into());
+                a
+            }
+            QemuImg::Check { disk } => {
+                let mut a = words(&["check", "-U", "-q", "-f", "qcow2"]);
+                a.push(disk.into());
+                a
+            }
+        }
+    }
+
+    /// The command as one line of shell, every argument quoted where it needs it: for the
+    /// scripts farm runs on a host or hypervisor VM.
+    pub fn script(&self) -> String {
+        std::iter::once(PROGRAM.to_string())
+            .chain(self.args().iter().map(|a| quote_word(&a.to_string_lossy())))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlay_names_both_formats_and_quotes_its_paths_in_a_script() {
+        let op = QemuImg::CreateOverlay {
+            disk: Path::new("/var/lib/farm/state/a b/disk.qcow2"),
+            backing: Path::new("../x/disk.qcow2"),
+            size: Some(1 << 30),
+        };
+        assert_eq!(
+            op.script(),
+            "qemu-img create -q -f qcow2 -F qcow2 -b ../x/disk.qcow2 \
+             '/var/lib/farm/state/a b/disk.qcow2' 1073741824"
+        );
+        let no_size = QemuImg::CreateOverlay {
+            disk: Path::new("d"),
+            backing: Path::new("b"),
+            size: None,
+        };
+        assert_eq!(no_size.args().len(), 9);
+    }
+
+    #[test]
+    fn an_unsafe_rebase_touches_no_data_and_names_its_formats() {
+        let op = QemuImg::RebaseUnsafe {
+            disk: Path::new("d.qcow2"),
+            backing: Path::new("../l/disk.qcow2"),
+        };
+        assert_eq!(
+            op.script(),
+            "qemu-img rebase -u -f qcow2 -F qcow2 -b ../l/disk.qcow2 d.qcow2"
+        );
+    }
+}
