@@ -66,7 +66,7 @@ where
 
 /// Plans `wanted` (`plan_missing`), realises the plan into `store` and registers the
 /// project, with its state directory `state_dir`, as one of the store's gc roots. The
-/// caller holds the store in shared use (`Store::use_as`) until it is done with the entries.
+/// caller holds the store in shared use (`Store::use_shared`) until it is done with the entries.
 pub fn build_missing<E>(
     project: &Project,
     store: &Store,
