@@ -83,7 +83,8 @@ if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$mot
   "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
 fi
 
-# Tests: Ansible (ansible-core from PyPI) against the VMs of a lab, in a venv of its own.
+# Ansible (ansible-core from PyPI), in a venv of its own: the bundled lab's provisioning
+# (`farm up` runs ansible/guest_provision.yml) and the tests' labs.
 ansible_venv=/opt/farm-ansible
 ansible_version=2.19.4
 if ! "$ansible_venv/bin/python" -c "import ansible.release as r, sys; sys.exit(r.__version__ != '$ansible_version')" 2>/dev/null; then
@@ -91,6 +92,10 @@ if ! "$ansible_venv/bin/python" -c "import ansible.release as r, sys; sys.exit(r
   python3 -m venv "$ansible_venv"
   "$ansible_venv/bin/pip" install -q --disable-pip-version-check "ansible-core==$ansible_version"
 fi
+# On PATH for farm and the user, unless this machine already has its own.
+for tool in ansible ansible-playbook ansible-inventory; do
+  command -v "$tool" >/dev/null || ln -s "$ansible_venv/bin/$tool" "/usr/local/bin/$tool"
+done
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (rustup)" >&2; exit 1; }
 

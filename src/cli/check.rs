@@ -3,6 +3,7 @@
 use clap::Args;
 
 use crate::model::config::topology::{Placement, Topology};
+use crate::model::text::counted;
 use crate::project::{Project, ProjectOptions};
 
 #[derive(Debug, Args)]
@@ -12,13 +13,13 @@ pub fn run(options: &ProjectOptions, _args: CheckArgs) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let config = &project.loaded.config;
     println!(
-        "`{}` is valid: {} images, {} platforms, {} targets, {} networks, {} VMs",
+        "`{}` is valid: {}, {}, {}, {}, {}",
         options.config.display(),
-        config.images.len(),
-        config.platforms.len(),
-        config.targets.len(),
-        config.networks.len(),
-        project.loaded.topology.vms.len()
+        counted(config.images.len(), "image"),
+        counted(config.platforms.len(), "platform"),
+        counted(config.targets.len(), "target"),
+        counted(config.networks.len(), "network"),
+        counted(project.loaded.topology.vms.len(), "VM")
     );
     for target in config.targets.values() {
         // The implicit target has no place in the file.

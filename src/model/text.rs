@@ -13,6 +13,14 @@ pub fn last_lines_of_bytes(bytes: &[u8], lines: usize) -> String {
     last_lines(&String::from_utf8_lossy(bytes), lines)
 }
 
+/// `count` things, the noun made plural unless there is one: "1 image", "3 VMs".
+pub fn counted(count: usize, noun: &str) -> String {
+    match count {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// An error and its causes on one line, joined with `: `, leaving out a cause whose text
 /// the line already holds (reqwest, the object store clients and errors that quote their
 /// source would otherwise say it twice).
@@ -45,6 +53,13 @@ pub fn unsaid_causes(error: &dyn std::error::Error) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_say_one_thing_and_many_things() {
+        assert_eq!(counted(1, "target"), "1 target");
+        assert_eq!(counted(0, "VM"), "0 VMs");
+        assert_eq!(counted(3, "network"), "3 networks");
+    }
 
     #[test]
     fn last_lines_keeps_the_end_without_trailing_blank_lines() {

@@ -74,7 +74,7 @@ fn without_targets_platforms_are_built_for_this_machine_and_show_finds_them() {
         _ => "amd64",
     };
     let said = String::from_utf8_lossy(&check.stdout);
-    assert!(said.contains("1 platforms, 1 targets"), "{said}");
+    assert!(said.contains("1 platform, 1 target"), "{said}");
     assert!(
         said.contains(&format!("targets: none declared, so `{target}`")),
         "check says which target it assumed: {said}"

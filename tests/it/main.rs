@@ -8,6 +8,7 @@ mod archive;
 mod binary_cache;
 mod build_cli;
 mod build_vm;
+mod bundle;
 mod check;
 mod closure;
 mod cloud_image;

@@ -30,15 +30,15 @@ fn lab_toml() -> String {
         "234.0.0.1",
         "10.0.0",
         r#"hostname = "deep-leaf""#,
-        r#"
-[images.pybox]
-debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3-apt"] }
-
+        &format!(
+            r#"{}
 [platforms.pyleaf]
 from = "pybox"
 memory = "384M"
-files = { "/root/farm-test-hello.deb" = "farm-test-hello.deb" }
+files = {{ "/root/farm-test-hello.deb" = "farm-test-hello.deb" }}
 "#,
+            labs::L2_IMAGE
+        ),
     )
 }
 

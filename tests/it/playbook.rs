@@ -112,8 +112,6 @@ fn a_platform_playbook_is_a_cached_step_and_its_roles_are_inputs() {
 /// not again on a second up, again when it changes; a failing one names the VM and the log
 /// and is tried again next time. The image is the nested test's busybox-init Debian.
 const VM_LAB: &str = r#"
-[images.pybox]
-debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3-apt"] }
 
 [targets.amd64]
 arch = "x86_64"
@@ -139,7 +137,7 @@ fn a_vms_playbook_runs_once_again_when_changed_and_a_failure_names_the_vm() {
     if !require_vm("playbook", &[ANSIBLE]) {
         return;
     }
-    let p = Project::with_store(VM_LAB, &shared_store());
+    let p = Project::with_store(&format!("{}{VM_LAB}", labs::L2_IMAGE), &shared_store());
     p.write("vm.yml", &vm_playbook("one"));
     let stamp = || {
         let out = p.ok(&["ssh", "solo", "--", "cat /root/stamp"]);

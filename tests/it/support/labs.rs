@@ -10,6 +10,13 @@ debian = { suite = "bookworm" }
 arch = "x86_64"
 "#;
 
+/// The image of the Debian L2 guests, as the bundled `images/debian-bookworm-busybox.toml`
+/// (the same derivation: `bundle.rs` checks it), under the name `pybox`.
+pub const L2_IMAGE: &str = r#"
+[images.pybox]
+debian = { suite = "bookworm", init = "busybox", packages = ["python3", "python3-apt", "rsync"] }
+"#;
+
 /// The parent of every Debian layer the tests build: [`BOOKWORM`] upgraded, once.
 const UPGRADED: &str = r#"
 [platforms.upgraded]
@@ -23,15 +30,15 @@ pub fn debian(rest: &str) -> String {
 }
 
 /// farm's tiny image, the L1 hypervisor platform every lab of the tests uses (`debian_vs`:
-/// the bundled farm.toml's qemu, qemu-img, vde2 and b3sum, and libvirt, on the upgraded
-/// parent; one layer, so a run builds one hypervisor) and a tiny `leaf`.
+/// the bundled farm.toml's, on the upgraded parent, so the tests build the bundle's L1
+/// layer: `bundle.rs` checks that they stay the same) and a tiny `leaf`.
 const HYPERVISOR_PLATFORMS: &str = r#"
 [images.tiny]
 tiny = true
 
 [platforms.debian_vs]
 from = "upgraded"
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum", "libvirt-daemon-system"]
+packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum", "libvirt-daemon-system", "python3"]
 memory = "2G"
 cpus = 2
 
