@@ -8,7 +8,7 @@ set -euo pipefail
 packages=(
   qemu-system-x86 qemu-utils   # VMs and qcow2 layers
   mmdebstrap e2fsprogs          # Debian images from a mirror, without mounting
-  openssh-client                # reaching VMs (ssh, ssh-keygen)
+  openssh-client rsync          # reaching VMs (ssh, ssh-keygen, scp) and copying to them
   openssh-server b3sum          # tests: a "remote" host on 127.0.0.1 (sshd; b3sum on hosts)
   vde2 iproute2                 # VDE networks: vde_switch, vde_plug, taps (ip)
   curl                          # the download benchmark's baseline

@@ -362,9 +362,9 @@ pub(super) fn produce(
                 n => format!(", {n}/{} build steps from checkpoints", report.steps),
             };
             reporter.line(format!(
-                "{:>12} {name} ({} steps{reused}, {:.0} s, {accel})",
+                "{:>12} {name} ({}{reused}, {:.0} s, {accel})",
                 "built",
-                layer.step_kinds,
+                crate::model::text::counted(layer.step_kinds, "step"),
                 started.elapsed().as_secs_f64()
             ));
             staging.hash_disk().map_err(failed(name))?

@@ -682,11 +682,11 @@ fn a_dry_run_says_which_platforms_build_in_a_chroot() {
             .to_string()
     };
     assert!(
-        line("jailed_amd64").ends_with("1 step kinds in a chroot from farm's appliance"),
+        line("jailed_amd64").ends_with("1 step kind in a chroot from farm's appliance"),
         "{said}"
     );
     assert!(
-        line("booted_amd64").ends_with("1 step kinds in a build VM"),
+        line("booted_amd64").ends_with("1 step kind in a build VM"),
         "{said}"
     );
     assert!(project.entries().is_empty(), "{:?}", project.entries());

@@ -8,10 +8,15 @@ use crate::support::project::{Project, stdout, text};
 
 use std::path::Path;
 
-/// The bundle copied into a project of its own, so nothing is written into the repository.
+/// The bundle copied into a project of its own, so nothing is written into the repository,
+/// with L1's port on this machine one that is free (a lab of the bundle may be running).
 fn bundle() -> Project {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let project = Project::new(&fs_err::read_to_string(root.join("farm.toml")).unwrap());
+    let farm_toml = fs_err::read_to_string(root.join("farm.toml")).unwrap();
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    assert!(farm_toml.contains("ssh_port = 2201"), "{farm_toml}");
+    let project =
+        Project::new(&farm_toml.replace("ssh_port = 2201", &format!("ssh_port = {port}")));
     for dir in ["images", "platforms", "ansible", "ansible/group_vars"] {
         for entry in fs_err::read_dir(root.join(dir)).unwrap() {
             let path = entry.unwrap().path();

@@ -6,6 +6,7 @@ use std::fmt;
 
 use crate::model::build::derivation::{DrvGraph, DrvId, DrvNode, Make, Recipe};
 use crate::model::hash::DrvHash;
+use crate::model::text::counted;
 use crate::model::values::Builder;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,10 +106,10 @@ fn detail(make: &Make) -> String {
         Make::EmptyLayer => "empty layer".to_string(),
         Make::Layer(layer) => match layer.recipe.builder {
             Builder::Chroot => format!(
-                "{} step kinds in a chroot from farm's appliance",
-                layer.step_kinds
+                "{} in a chroot from farm's appliance",
+                counted(layer.step_kinds, "step kind")
             ),
-            Builder::Boot => format!("{} step kinds in a build VM", layer.step_kinds),
+            Builder::Boot => format!("{} in a build VM", counted(layer.step_kinds, "step kind")),
         },
     }
 }

@@ -38,7 +38,7 @@ tiny = true
 
 [platforms.debian_vs]
 from = "upgraded"
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum", "libvirt-daemon-system", "python3"]
+packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum", "libvirt-daemon-system", "python3", "rsync"]
 memory = "2G"
 cpus = 2
 
