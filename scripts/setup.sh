@@ -83,17 +83,19 @@ if ! "$venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$mot
   "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$moto_version"
 fi
 
-# Ansible (ansible-core from PyPI), in a venv of its own: the bundled lab's provisioning
-# (`farm up` runs ansible/guest_provision.yml) and the tests' labs.
+# The clients people use with such labs, from PyPI in a venv of their own: Ansible (the
+# bundled lab's provisioning: `farm up` runs ansible/guest_provision.yml), pytest-testinfra
+# and pyinfra (the README's "Use it with your tools", and the tests' labs).
 ansible_venv=/opt/farm-ansible
-ansible_version=2.19.4
-if ! "$ansible_venv/bin/python" -c "import ansible.release as r, sys; sys.exit(r.__version__ != '$ansible_version')" 2>/dev/null; then
-  echo "setup: installing ansible-core==$ansible_version into $ansible_venv" >&2
+lab_clients=(ansible-core==2.19.4 pytest-testinfra==10.2.2 pyinfra==3.10.0)
+installed=$("$ansible_venv/bin/pip" freeze 2>/dev/null | grep -cxF -f <(printf '%s\n' "${lab_clients[@]}") || true)
+if [ "${installed:-0}" -ne ${#lab_clients[@]} ]; then
+  echo "setup: installing ${lab_clients[*]} into $ansible_venv" >&2
   python3 -m venv "$ansible_venv"
-  "$ansible_venv/bin/pip" install -q --disable-pip-version-check "ansible-core==$ansible_version"
+  "$ansible_venv/bin/pip" install -q --disable-pip-version-check "${lab_clients[@]}"
 fi
 # On PATH for farm and the user, unless this machine already has its own.
-for tool in ansible ansible-playbook ansible-inventory; do
+for tool in ansible ansible-playbook ansible-inventory pyinfra; do
   command -v "$tool" >/dev/null || ln -s "$ansible_venv/bin/$tool" "/usr/local/bin/$tool"
 done
 
