@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::build::realise::human_bytes;
 use crate::model::build::boot_watch::{BootFailure, BootFailureKind, BootRules};
@@ -147,7 +147,19 @@ impl Apply<'_> {
                 };
                 self.reporter
                     .status(verb, format!("{} ({})", step.name, reasons(step)));
-                let how = self.stop(host, &step.spec, step.previous.as_ref())?;
+                let how = match step.action {
+                    // Its disk is deleted next: a clean power-off would only save writes
+                    // about to go, and a hypervisor VM first waits on its own guests
+                    // (libvirt suspends them), a minute under TCG.
+                    VmAction::Replace => {
+                        let running = step.previous.as_ref().unwrap_or(&step.spec);
+                        backend::stop_spec(host, running, Duration::ZERO, None)?;
+                        "quit at once: its disk is replaced".to_string()
+                    }
+                    _ => self
+                        .stop(host, &step.spec, step.previous.as_ref())?
+                        .to_string(),
+                };
                 self.reporter
                     .status("stopped", format!("{} ({how})", step.name));
             }
