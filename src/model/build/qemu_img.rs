@@ -5,10 +5,10 @@
 //! Formats are always given (`-f`, `-F`): since QEMU 6.1 omitting a backing format is an
 //! error, and probing a format is a security hole.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
 
-use crate::model::shell::quote_word;
+use crate::model::shell::command_line;
 
 /// One `qemu-img` invocation.
 #[derive(Clone, Copy, Debug)]
@@ -107,10 +107,7 @@ impl QemuImg<'_> {
     /// The command as one line of shell, every argument quoted where it needs it: for the
     /// scripts farm runs on a host or hypervisor VM.
     pub fn script(&self) -> String {
-        std::iter::once(PROGRAM.to_string())
-            .chain(self.args().iter().map(|a| quote_word(&a.to_string_lossy())))
-            .collect::<Vec<_>>()
-            .join(" ")
+        command_line(OsStr::new(PROGRAM), &self.args())
     }
 }
 
