@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::model::lab::instance::{InstancePaths, InstanceRecord};
-use crate::model::lab::ssh_config::{Sharing, SshHost, known_hosts_line, render};
+use crate::model::lab::ssh_config::{Sharing, SshHost, render, render_known_hosts};
 use crate::sys::keys::{KeyPair, KeygenError, get_or_generate};
 
 /// How long a user's shared connection to a VM outlives its last session: long enough for a
@@ -221,10 +221,6 @@ impl StateDir {
     pub fn write_ssh_files(&self, hosts: &[(SshHost, Option<String>)]) -> Result<(), StateError> {
         let _turn = self.ssh_files.lock().unwrap_or_else(|e| e.into_inner());
         let config: Vec<SshHost> = hosts.iter().map(|(h, _)| h.clone()).collect();
-        let known: String = hosts
-            .iter()
-            .filter_map(|(h, key)| key.as_ref().map(|key| known_hosts_line(&h.alias, key)))
-            .collect();
         let sharing = Sharing {
             dir: self.control_dir(),
             persist_secs: SHARED_FOR_SECS,
@@ -243,7 +239,7 @@ impl StateDir {
             &self.unshared_ssh_config(),
             render(&config, None).as_bytes(),
         )?;
-        write_atomic(&self.known_hosts(), known.as_bytes())
+        write_atomic(&self.known_hosts(), render_known_hosts(hosts).as_bytes())
     }
 }
 

@@ -143,6 +143,37 @@ pub fn known_hosts_line(alias: &str, public_key: &str) -> String {
     format!("{alias} {}\n", key.join(" "))
 }
 
+/// The known_hosts file for `hosts` and the key farm pins for each (remote hosts have none):
+/// a line per alias, which OpenSSH matches through `HostKeyAlias`, then a line per address
+/// (`[HostName]:Port`, as seen from the host it is reached from) for clients that ignore
+/// `HostKeyAlias`, such as paramiko (pyinfra). An address that two VMs share (a port on L0
+/// and the same port inside L1) gets no line: such a client then refuses it rather than
+/// accepting one VM's key for the other.
+pub fn render_known_hosts(hosts: &[(SshHost, Option<String>)]) -> String {
+    let pinned: Vec<(&SshHost, &String)> = hosts
+        .iter()
+        .filter_map(|(h, key)| key.as_ref().map(|key| (h, key)))
+        .collect();
+    let address = |h: &SshHost| match h.port {
+        None | Some(22) => h.hostname.clone(),
+        Some(port) => format!("[{}]:{port}", h.hostname),
+    };
+    let by_alias = pinned
+        .iter()
+        .map(|(h, key)| known_hosts_line(&h.alias, key));
+    let by_address = pinned
+        .iter()
+        .filter(|(h, _)| {
+            pinned
+                .iter()
+                .filter(|(other, _)| address(other) == address(h))
+                .count()
+                == 1
+        })
+        .map(|(h, key)| known_hosts_line(&address(h), key));
+    by_alias.chain(by_address).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +199,39 @@ mod tests {
         assert_eq!(
             known_hosts_line("l2", "ssh-ed25519 AAAAC3 root@x\n"),
             "l2 ssh-ed25519 AAAAC3\n"
+        );
+    }
+
+    #[test]
+    fn known_hosts_pin_each_vm_by_alias_and_by_an_address_no_other_vm_has() {
+        let at = |alias: &str, hostname: &str, port: u16| {
+            SshHost::vm(
+                alias,
+                hostname,
+                port,
+                "/p/.farm/id_ed25519".into(),
+                "/p/.farm/known_hosts".into(),
+                Vec::new(),
+            )
+        };
+        let remote = SshHost {
+            host_keys: HostKeys::Users(None),
+            ..at("site", "server.example", 22)
+        };
+        let text = render_known_hosts(&[
+            (
+                at("hv", "127.0.0.1", 2201),
+                Some("ssh-ed25519 HV hv".into()),
+            ),
+            (at("l2", "10.0.0.21", 22), Some("ssh-ed25519 L2 l2".into())),
+            (at("a", "127.0.0.1", 2202), Some("ssh-ed25519 A a".into())),
+            (at("b", "127.0.0.1", 2202), Some("ssh-ed25519 B b".into())),
+            (remote, None),
+        ]);
+        assert_eq!(
+            text,
+            "hv ssh-ed25519 HV\nl2 ssh-ed25519 L2\na ssh-ed25519 A\nb ssh-ed25519 B\n\
+             [127.0.0.1]:2201 ssh-ed25519 HV\n10.0.0.21 ssh-ed25519 L2\n"
         );
     }
 
