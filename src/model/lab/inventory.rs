@@ -70,6 +70,12 @@ pub fn inventory(topology: &Topology, states: &dyn VmStates, ssh_config: &str) -
     // exit 255, so no task runs twice). A group or host variable of the user's wins.
     vars.insert("ansible_ssh_timeout".to_string(), json!(30));
     vars.insert("ansible_ssh_retries".to_string(), json!(5));
+    // Ansible finds python3 where the guest has it, without a warning per host on every run
+    // (Debian's is python3.11, which it would name as "discovered").
+    vars.insert(
+        "ansible_python_interpreter".to_string(),
+        Value::String("auto_silent".into()),
+    );
     let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut hostvars = BTreeMap::new();
     for vm in topology.vms.values() {
