@@ -10,6 +10,7 @@ mod build_cli;
 mod build_vm;
 mod bundle;
 mod check;
+mod clients;
 mod closure;
 mod cloud_image;
 mod config;

@@ -16,16 +16,22 @@ pub const SAYS: &str = "hello from farm's test package";
 
 /// `farm-test-hello_1.0_all.deb`, built with dpkg-deb.
 pub fn package() -> Vec<u8> {
+    package_called("farm-test-hello")
+}
+
+/// A package like [`package`] named `name`, whose program `/usr/bin/NAME` prints [`SAYS`]:
+/// for a test that installs one that its lab's provisioning did not.
+pub fn package_called(name: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("pkg");
     fs_err::create_dir_all(root.join("DEBIAN")).unwrap();
     fs_err::create_dir_all(root.join("usr/bin")).unwrap();
     fs_err::write(
         root.join("DEBIAN/control"),
-        "Package: farm-test-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: farm <farm@localhost>\nDescription: farm's test package\n",
+        format!("Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: farm <farm@localhost>\nDescription: farm's test package\n"),
     )
     .unwrap();
-    let program = root.join("usr/bin/farm-test-hello");
+    let program = root.join("usr/bin").join(name);
     fs_err::write(&program, format!("#!/bin/sh\necho \"{SAYS}\"\n")).unwrap();
     fs_err::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
     let touched = Command::new("find")
