@@ -29,16 +29,23 @@ pub fn debian(rest: &str) -> String {
     format!("{BOOKWORM}{UPGRADED}{rest}")
 }
 
-/// farm's tiny image, the L1 hypervisor platform every lab of the tests uses (`debian_vs`:
-/// the bundled farm.toml's, on the upgraded parent, so the tests build the bundle's L1
-/// layer: `bundle.rs` checks that they stay the same) and a tiny `leaf`.
+/// farm's tiny image, the L1 hypervisor platform every lab of the tests uses and a tiny
+/// `leaf`. The hypervisor is the bundled farm.toml's, derivation for derivation (`bundle.rs`
+/// checks that they stay the same): `bookworm_kvm` (Debian with the libvirt stack, installed
+/// by mmdebstrap), upgraded (`kvm_init`), then `debian_vs`.
 const HYPERVISOR_PLATFORMS: &str = r#"
 [images.tiny]
 tiny = true
 
+[images.bookworm_kvm]
+debian = { suite = "bookworm", packages = ["qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "vde2", "b3sum", "python3", "rsync"] }
+
+[platforms.kvm_init]
+from = "bookworm_kvm"
+upgrade = true
+
 [platforms.debian_vs]
-from = "upgraded"
-packages = ["qemu-system-x86", "qemu-utils", "vde2", "b3sum", "libvirt-daemon-system", "python3", "rsync"]
+from = "kvm_init"
 memory = "2G"
 cpus = 2
 
@@ -48,7 +55,7 @@ memory = "256M"
 "#;
 
 /// The Debian image and its upgraded parent, the tiny image, the amd64 target, the
-/// hypervisor platform `debian_vs` and a tiny `leaf`, followed by `rest`.
+/// hypervisor platform `debian_vs` (on its own image) and a tiny `leaf`, followed by `rest`.
 pub fn hypervisor_lab(rest: &str) -> String {
     debian(&format!("{HYPERVISOR_PLATFORMS}{rest}"))
 }
