@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use crate::nested::nested_lab;
+use crate::nested::{nested_lab, shares_a_connection};
 use crate::support::hello_deb;
 use crate::support::lab::restored;
 use crate::support::project::{ANSIBLE_BIN, Project, stdout, text};
@@ -84,6 +84,9 @@ fn ansible_testinfra_pyinfra_rsync_and_scp_work_on_every_level_through_the_ssh_c
     assert!(pinged.status.success(), "{said}");
     for vm in VMS {
         assert!(said.contains(&format!("{vm} | SUCCESS")), "{vm}: {said}");
+        // Through the connection farm's ssh_config shares for this lab's `vm`, not one of
+        // Ansible's own, which another lab's VM of the same name would share.
+        assert!(shares_a_connection(p, vm), "{vm}: no shared connection");
     }
     lap.done("ansible ping");
 

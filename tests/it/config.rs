@@ -1208,6 +1208,9 @@ fn the_seed_lab_as_an_ansible_inventory() {
         inv.vars["ansible_ssh_common_args"],
         "-F '/lab/.farm/ssh config'"
     );
+    // No ControlMaster of Ansible's own, whose socket two labs' `hv` would share: ssh shares
+    // connections through farm's ssh_config, a socket per VM of this project.
+    assert_eq!(inv.vars["ansible_ssh_args"], "");
 
     let list = inv.to_json();
     assert_eq!(
@@ -1232,6 +1235,8 @@ fn the_seed_lab_as_an_ansible_inventory() {
     assert!(ini.contains("\n[level_2]\ndebian_vs_vde_amd64\n"), "{ini}");
     assert!(ini.contains("debian_vs_amd64 farm_addresses="), "{ini}");
     assert!(ini.contains(" farm_level=1 "), "{ini}");
+    assert!(yaml.contains("    ansible_ssh_args: \"\"\n"), "{yaml}");
+    assert!(ini.contains("\nansible_ssh_args=''\n"), "{ini}");
 }
 
 #[test]

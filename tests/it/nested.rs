@@ -343,7 +343,7 @@ host = "l2"
 }
 
 /// Whether a ControlMaster of the users' ssh_config to `vm` runs (`ssh -O check`).
-fn shares_a_connection(p: &Project, vm: &str) -> bool {
+pub fn shares_a_connection(p: &Project, vm: &str) -> bool {
     Command::new("ssh")
         .arg("-F")
         .arg(p.path().join(".farm/ssh_config"))

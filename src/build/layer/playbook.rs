@@ -25,11 +25,19 @@ pub(super) fn run_playbook(
     let program = ansible_playbook(build)?;
     let work = build.staging.dir().join("build");
     let inventory = work.join("inventory.yml");
+    // Ansible names its ControlMaster socket by host, port and user alone, and every build
+    // VM is `farm-build` as root: two builds side by side would share one master, and one
+    // build's modules would run in the other's VM. Each build's socket gets its own name.
+    let control_path = format!(
+        "%(directory)s/farm-build-{}",
+        &blake3::hash(work.as_os_str().as_encoded_bytes()).to_hex()[..16]
+    );
     fs_err::write(
         &inventory,
         format!(
-            "all:\n  hosts:\n    farm-build:\n      ansible_user: root\n      ansible_ssh_common_args: {}\n",
-            serde_json::Value::String(format!("-F {}", quote_path(&work.join("ssh_config"))))
+            "all:\n  hosts:\n    farm-build:\n      ansible_user: root\n      ansible_ssh_common_args: {}\n      ansible_control_path: {}\n",
+            serde_json::Value::String(format!("-F {}", quote_path(&work.join("ssh_config")))),
+            serde_json::Value::String(control_path),
         ),
     )?;
     let playbook = std::path::absolute(playbook)?;

@@ -70,6 +70,14 @@ pub fn inventory(topology: &Topology, states: &dyn VmStates, ssh_config: &str) -
     // exit 255, so no task runs twice). A group or host variable of the user's wins.
     vars.insert("ansible_ssh_timeout".to_string(), json!(30));
     vars.insert("ansible_ssh_retries".to_string(), json!(5));
+    // Ansible's own ControlMaster sockets are named by a hash of the host's name, port and
+    // user alone, in one directory for every project: two labs with a VM of the same name
+    // (two projects, or the tests' labs side by side) share a socket, and a module copied
+    // through one lab's master was run through the other's ("can't open file
+    // AnsiballZ_setup.py"). Without ssh_args, Ansible adds none of its own and ssh shares
+    // connections through farm's ssh_config: a socket per VM in this project's `.farm/mux`,
+    // the one `farm ssh` and plain `ssh -F` use too.
+    vars.insert("ansible_ssh_args".to_string(), Value::String(String::new()));
     // Ansible finds python3 where the guest has it, without a warning per host on every run
     // (Debian's is python3.11, which it would name as "discovered").
     vars.insert(
