@@ -165,6 +165,9 @@ pub(crate) fn first_error(results: Vec<Result<(), LabError>>) -> Result<(), LabE
         .map_or(Ok(()), Err)
 }
 
+/// Writes what users reach the lab with: ssh_config, known_hosts and the Ansible inventory,
+/// after every command that changes what runs (`up`, `down`, a restore), so none of them
+/// describes an earlier lab or an earlier farm's format.
 pub(crate) fn write_state_ssh_files(
     project: &Project,
     state: &StateDir,
@@ -176,5 +179,7 @@ pub(crate) fn write_state_ssh_files(
         state,
         specs,
     );
-    Ok(state.write_ssh_files(&hosts)?)
+    state.write_ssh_files(&hosts)?;
+    let inventory = crate::run::provision::lab_inventory(project, state, false);
+    Ok(state.write_inventory(&inventory.to_yaml())?)
 }

@@ -41,6 +41,8 @@ pub enum ProvisionError {
         vms.join("; ")
     )]
     Unflushed { playbook: PathBuf, vms: Vec<String> },
+    #[error(transparent)]
+    State(#[from] crate::run::state::StateError),
     #[error("Cannot read `{path}`: {source}")]
     Read {
         path: PathBuf,
@@ -176,17 +178,15 @@ pub fn apply(
     }
     check_ansible(due)?;
     let program = ansible_playbook().expect("checked above");
-    let inventory_path = state.root().join("inventory.yml");
+    let inventory_path = state.inventory();
     let write = |path: &Path, text: &str| {
         fs_err::write(path, text).map_err(|source| ProvisionError::Write {
             path: path.to_path_buf(),
             source,
         })
     };
-    write(
-        &inventory_path,
-        &lab_inventory(project, state, false).to_yaml(),
-    )?;
+    // Written again: VMs started since the lab's ssh files were last written are in it.
+    state.write_inventory(&lab_inventory(project, state, false).to_yaml())?;
     let mut by_playbook: BTreeMap<&Path, Vec<&Due>> = BTreeMap::new();
     for d in due {
         by_playbook.entry(&d.playbook).or_default().push(d);

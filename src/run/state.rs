@@ -117,6 +117,17 @@ impl StatePaths {
         self.root.join("known_hosts")
     }
 
+    /// The lab's static Ansible inventory (`ansible -i .farm/inventory.yml`).
+    pub fn inventory(&self) -> PathBuf {
+        self.root.join("inventory.yml")
+    }
+
+    /// Writes the lab's inventory, whole or not at all (an `ansible` reading it meanwhile
+    /// never sees half a file).
+    pub fn write_inventory(&self, yaml: &str) -> Result<(), StateError> {
+        write_atomic(&self.inventory(), yaml.as_bytes())
+    }
+
     /// The VM's local directory: its whole instance when it runs here, its record copy and
     /// host key when it runs elsewhere.
     pub fn instance(&self, name: &str) -> InstancePaths {
