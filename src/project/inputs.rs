@@ -95,7 +95,11 @@ pub fn hash_inputs(
     }
     if let (true, Some(cache_path)) = (changed, cache_path) {
         // Best effort: a cache that cannot be written only costs a re-hash next time.
-        let _ = write_atomically(&cache_path, &serde_json::to_vec(&cache).unwrap_or_default());
+        let _ = crate::sys::files::replace_file(
+            &cache_path,
+            &serde_json::to_vec(&cache).unwrap_or_default(),
+            0o644,
+        );
     }
     // A playbook's `roles/` is an input as a whole tree (not remembered by stamp: a tree
     // has no single mtime to trust).
@@ -165,12 +169,6 @@ pub fn hash_tree(root: &Path) -> std::io::Result<ContentHash> {
         }
     }
     Ok(ContentHash::from_blake3(hasher.finalize()))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    fs_err::write(&tmp, bytes)?;
-    fs_err::rename(&tmp, path)
 }
 
 /// blake3 of a file's content, streamed in large blocks (keys are tiny, images are not).

@@ -254,17 +254,10 @@ impl StateDir {
     }
 }
 
-/// Written beside and renamed: a reader (a `farm status` or an `ssh -F` running meanwhile)
-/// never sees half a file.
+/// Replaced whole (`sys::files`): a reader (a `farm status` or an `ssh -F` running
+/// meanwhile) never sees half a file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    if let Some(dir) = path.parent() {
-        fs_err::create_dir_all(dir).map_err(io_error(dir))?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    fs_err::write(&tmp, bytes)
-        .and_then(|()| fs_err::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
-        .and_then(|()| fs_err::rename(&tmp, path))
-        .map_err(io_error(path))
+    crate::sys::files::replace_file(path, bytes, 0o600).map_err(io_error(path))
 }
 
 #[cfg(test)]

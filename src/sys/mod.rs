@@ -1,9 +1,10 @@
 //! Thin wrappers over the outside programs and kernel facilities farm drives: ssh (with a
-//! ControlMaster), QMP, qemu-img, ssh-keygen, qemu processes, mounts, facts about this
-//! machine. No policy lives here.
+//! ControlMaster), QMP, qemu-img, ssh-keygen, qemu processes, mounts, files replaced whole,
+//! facts about this machine. No policy lives here.
 
 pub mod ansible;
 pub mod boot_wait;
+pub mod files;
 pub mod hostinfo;
 pub mod keys;
 pub mod libvirt;

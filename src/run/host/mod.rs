@@ -6,7 +6,6 @@
 use crate::model::shell::quote_path;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -165,19 +164,8 @@ impl Host for LocalHost {
     }
 
     fn put(&self, bytes: &[u8], path: &Path, mode: u32) -> Result<(), HostError> {
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                fs_err::create_dir_all(dir)?;
-            }
-            // Written beside and renamed: a reader never sees half a file.
-            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-            let mut file = fs_err::File::create(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            fs_err::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-            fs_err::rename(&tmp, path)
-        };
-        write().map_err(|source| HostError::Write {
+        // Replaced whole: a reader never sees half a file.
+        crate::sys::files::replace_file(path, bytes, mode).map_err(|source| HostError::Write {
             host: self.name.clone(),
             path: path.to_path_buf(),
             source,
