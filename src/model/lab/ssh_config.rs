@@ -158,19 +158,19 @@ pub fn render_known_hosts(hosts: &[(SshHost, Option<String>)]) -> String {
         None | Some(22) => h.hostname.clone(),
         Some(port) => format!("[{}]:{port}", h.hostname),
     };
+    let addressed: Vec<(String, &String)> =
+        pinned.iter().map(|(h, key)| (address(h), *key)).collect();
+    let mut uses: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (address, _) in &addressed {
+        *uses.entry(address).or_default() += 1;
+    }
     let by_alias = pinned
         .iter()
         .map(|(h, key)| known_hosts_line(&h.alias, key));
-    let by_address = pinned
+    let by_address = addressed
         .iter()
-        .filter(|(h, _)| {
-            pinned
-                .iter()
-                .filter(|(other, _)| address(other) == address(h))
-                .count()
-                == 1
-        })
-        .map(|(h, key)| known_hosts_line(&address(h), key));
+        .filter(|(address, _)| uses[address.as_str()] == 1)
+        .map(|(address, key)| known_hosts_line(address, key));
     by_alias.chain(by_address).collect()
 }
 
