@@ -104,6 +104,11 @@ pub fn render(hosts: &[SshHost], sharing: Option<&Sharing>) -> String {
                 let _ = writeln!(out, "  UserKnownHostsFile {}", quote(known_hosts));
                 let _ = writeln!(out, "  StrictHostKeyChecking yes");
                 let _ = writeln!(out, "  HostKeyAlias {}", h.alias);
+                // A VM's sshd under TCG encrypts with emulated instructions: AES-GCM (on the
+                // emulated AES-NI of `-cpu max`) carries 1.6-2x what ssh's default
+                // chacha20-poly1305 does (200 MB: 12-16 s against 24-27 s). `^` puts it
+                // first and keeps the rest of ssh's list for a server without it.
+                let _ = writeln!(out, "  Ciphers {VM_CIPHERS}");
             }
             HostKeys::Users(Some(known_hosts)) => {
                 let _ = writeln!(out, "  UserKnownHostsFile {}", quote(known_hosts));
@@ -126,6 +131,9 @@ pub fn render(hosts: &[SshHost], sharing: Option<&Sharing>) -> String {
     }
     out
 }
+
+/// The cipher VMs are asked for first (see `render`).
+const VM_CIPHERS: &str = "^aes128-gcm@openssh.com";
 
 /// ssh_config values with spaces must be quoted.
 fn quote(path: &Path) -> String {
@@ -194,6 +202,7 @@ mod tests {
         );
         assert!(text.contains("Host l2\n  HostName 127.0.0.1\n  Port 2202\n"));
         assert!(text.contains("  StrictHostKeyChecking yes\n"));
+        assert!(text.contains("  Ciphers ^aes128-gcm@openssh.com\n"));
         assert!(text.contains("  HostKeyAlias l2\n"));
         assert!(text.contains("  ProxyJump lab,l1\n"));
         assert_eq!(
