@@ -33,7 +33,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use farm::progress::Reporter;
-use farm::run::closure::{HostStore, push_missing};
+use farm::run::closure::{Compression, HostStore, push_missing};
 use farm::run::host::remote::RemoteHost;
 use farm::store::{Entry, Store};
 use manual_vm::{entry, farm, shared_store};
@@ -81,7 +81,7 @@ fn ssh(config: &Path, script: &str) {
 }
 
 /// The whole push, and the part of it spent connecting (scp connects too).
-fn farm_push(config: &Path, payload: &[Entry]) -> (Duration, Duration) {
+fn farm_push(config: &Path, payload: &[Entry], compression: Compression) -> (Duration, Duration) {
     ssh(config, "rm -rf /var/tmp/push-bench");
     let started = Instant::now();
     let host = RemoteHost::connect("hv", config, "hv", Duration::from_secs(20)).unwrap();
@@ -91,6 +91,7 @@ fn farm_push(config: &Path, payload: &[Entry]) -> (Duration, Duration) {
         &host,
         &HostStore::new("/var/tmp/push-bench"),
         &refs,
+        compression,
         &Reporter::hidden(),
     )
     .unwrap();
@@ -180,23 +181,29 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(payloads.len());
     for (what, payload, runs) in payloads.iter().take(count) {
-        let mut farm_best = (Duration::MAX, Duration::ZERO);
+        let mut plain_best = (Duration::MAX, Duration::ZERO);
+        let mut zstd_best = (Duration::MAX, Duration::ZERO);
         let mut scp_best = Duration::MAX;
         for _ in 0..*runs {
-            farm_best = farm_best.min(farm_push(&config, payload));
+            plain_best = plain_best.min(farm_push(&config, payload, Compression::Off));
+            zstd_best = zstd_best.min(farm_push(&config, payload, Compression::Zstd));
             scp_best = scp_best.min(scp(&config, payload));
         }
-        let (farm_best, connecting) = farm_best;
         let mib = bytes(payload) as f64 / (1024.0 * 1024.0);
+        let scp_secs = scp_best.as_secs_f64();
         println!(
-            "{what}, {mib:.0} MiB into L1 through ssh jump `lab` (best of {runs}): farm push {:.1} s (connecting {:.1} s; {:.1} MiB/s, blake3-verified) vs scp {:.1} s ({:.1} MiB/s); farm speed / scp speed = {:.2}",
-            farm_best.as_secs_f64(),
-            connecting.as_secs_f64(),
-            mib / farm_best.as_secs_f64(),
-            scp_best.as_secs_f64(),
-            mib / scp_best.as_secs_f64(),
-            scp_best.as_secs_f64() / farm_best.as_secs_f64()
+            "{what}, {mib:.0} MiB into L1 through ssh jump `lab` (best of {runs}): scp {scp_secs:.1} s ({:.1} MiB/s)",
+            mib / scp_secs
         );
+        for (how, (best, connecting)) in [("plain", plain_best), ("zstd", zstd_best)] {
+            let secs = best.as_secs_f64();
+            println!(
+                "  farm push, {how}: {secs:.1} s (connecting {:.1} s; {:.1} MiB/s, blake3-verified); farm speed / scp speed = {:.2}",
+                connecting.as_secs_f64(),
+                mib / secs,
+                scp_secs / secs
+            );
+        }
     }
     farm(dir, &store, &["down", "-q", "--timeout", "30"]);
     drop(sshd);

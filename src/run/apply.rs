@@ -116,7 +116,9 @@ impl Apply<'_> {
                 .parent()
                 .unwrap_or(&site.layout.store_entries),
         );
-        let pushed = crate::run::closure::push_missing(host, &store, &needed, self.reporter)?;
+        let compression = crate::run::closure::Compression::for_host(site.push_zstd);
+        let pushed =
+            crate::run::closure::push_missing(host, &store, &needed, compression, self.reporter)?;
         if !pushed.pushed.is_empty() {
             self.reporter.status(
                 "pushed",

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use farm::model::hash::ContentHash;
 use farm::progress::Reporter;
-use farm::run::closure::{HostStore, PushError, push_closure};
+use farm::run::closure::{Compression, HostStore, PushError, push_closure};
 use farm::run::host::{Host, HostError, LocalHost, Output};
 use farm::store::{Entry, Store};
 use project::Project;
@@ -103,13 +103,19 @@ fn built_chain() -> (Project, Vec<Entry>) {
 
 #[test]
 fn push_is_incremental_and_keeps_backing_chains() {
+    for compression in [Compression::Off, Compression::Zstd] {
+        incremental_push(compression);
+    }
+}
+
+fn incremental_push(compression: Compression) {
     let (_p, entries) = built_chain();
     let remote = tempfile::tempdir().unwrap();
     let host_store = HostStore::new(remote.path());
     let refs: Vec<&Entry> = entries.iter().collect();
     let host = flaky(0);
 
-    let first = push_closure(&host, &host_store, &refs, &Reporter::hidden()).unwrap();
+    let first = push_closure(&host, &host_store, &refs, compression, &Reporter::hidden()).unwrap();
     assert_eq!(first.pushed.len(), 2);
     assert_eq!(first.present, 0);
     assert!(first.bytes > 0);
@@ -133,7 +139,7 @@ fn push_is_incremental_and_keeps_backing_chains() {
     assert!(mode.readonly());
 
     // Everything is there: nothing moves.
-    let second = push_closure(&host, &host_store, &refs, &Reporter::hidden()).unwrap();
+    let second = push_closure(&host, &host_store, &refs, compression, &Reporter::hidden()).unwrap();
     assert!(second.pushed.is_empty());
     assert_eq!(second.present, 2);
     assert_eq!(second.bytes, 0);
@@ -141,12 +147,31 @@ fn push_is_incremental_and_keeps_backing_chains() {
 
 #[test]
 fn a_corrupted_transfer_is_detected_and_sent_again() {
+    // Compressed, the flipped byte breaks the zstd stream rather than one file: the whole
+    // stream goes again.
+    for compression in [Compression::Off, Compression::Zstd] {
+        corrupted_once(compression);
+    }
+}
+
+fn corrupted_once(compression: Compression) {
     let (_p, entries) = built_chain();
     let remote = tempfile::tempdir().unwrap();
     let host_store = HostStore::new(remote.path());
     let refs: Vec<&Entry> = entries.iter().collect();
-    let report = push_closure(&flaky(1), &host_store, &refs, &Reporter::hidden()).unwrap();
-    assert_eq!(report.retries, 1);
+    let report = push_closure(
+        &flaky(1),
+        &host_store,
+        &refs,
+        compression,
+        &Reporter::hidden(),
+    )
+    .unwrap();
+    let sent_again = match compression {
+        Compression::Off => 1,
+        Compression::Zstd => entries.len() as u32,
+    };
+    assert_eq!(report.retries, sent_again);
     assert_eq!(report.pushed.len(), 2);
     let disk = host_store.entry_dir(&entries[0]).join("disk.qcow2");
     let mut hasher = blake3::Hasher::new();
@@ -163,8 +188,14 @@ fn a_transfer_that_keeps_failing_commits_nothing() {
     let remote = tempfile::tempdir().unwrap();
     let host_store = HostStore::new(remote.path());
     let refs: Vec<&Entry> = entries.iter().collect();
-    let err = push_closure(&flaky(u32::MAX), &host_store, &refs, &Reporter::hidden())
-        .expect_err("every copy arrives corrupted");
+    let err = push_closure(
+        &flaky(u32::MAX),
+        &host_store,
+        &refs,
+        Compression::Off,
+        &Reporter::hidden(),
+    )
+    .expect_err("every copy arrives corrupted");
     assert!(
         matches!(err, PushError::Corrupted { attempts: 3, .. }),
         "{err}"
@@ -193,8 +224,14 @@ fn a_damaged_local_entry_is_reported_as_such_and_not_sent_again() {
     let remote = tempfile::tempdir().unwrap();
     let host_store = HostStore::new(remote.path());
     let refs: Vec<&Entry> = entries.iter().collect();
-    let err = push_closure(&flaky(0), &host_store, &refs, &Reporter::hidden())
-        .expect_err("the local disk no longer matches its metadata");
+    let err = push_closure(
+        &flaky(0),
+        &host_store,
+        &refs,
+        Compression::Off,
+        &Reporter::hidden(),
+    )
+    .expect_err("the local disk no longer matches its metadata");
     assert!(matches!(err, PushError::LocalCorrupt { .. }), "{err}");
     assert!(err.to_string().contains("hint: run `farm store verify`"));
     assert!(project::list(&remote.path().join("store")).is_empty());

@@ -24,6 +24,8 @@ pub struct SiteFacts {
     pub missing: Vec<String>,
     /// The user may not create tap devices (neither root nor any capability).
     pub no_tap_rights: bool,
+    /// `zstd` is installed: store entries pushed to the site travel compressed.
+    pub zstd: bool,
 }
 
 /// One instance directory farm found on the site.
@@ -159,7 +161,8 @@ pub fn observe_script(req: &ObserveRequest) -> String {
         );
     }
     s.push_str(
-        "[ -r /dev/kvm ] && [ -w /dev/kvm ] && echo kvm-device\n\
+        "command -v zstd >/dev/null 2>&1 && echo zstd\n\
+         [ -r /dev/kvm ] && [ -w /dev/kvm ] && echo kvm-device\n\
          { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; } && echo kvm-hardware\n\
          a=; read -r a 2>/dev/null < /proc/sys/kernel/arch || a=$(uname -m); echo \"arch $a\"\n\
          for t in /proc/net/tcp /proc/net/tcp6; do [ -r $t ] && while read -r sl local rem st rest; do \
@@ -221,6 +224,7 @@ pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
         match word {
             "missing" => obs.facts.missing.push(rest.to_string()),
             "no-tap-rights" => obs.facts.no_tap_rights = true,
+            "zstd" => obs.facts.zstd = true,
             "kvm-device" => obs.facts.kvm.device_usable = true,
             "kvm-hardware" => obs.facts.kvm.hardware_module = true,
             "arch" => {
@@ -360,7 +364,7 @@ mod tests {
     fn output_is_parsed_into_facts_instances_and_processes() {
         let record = InstanceRecord::new(crate::model::lab::instance::tests::spec());
         let text = format!(
-            "missing b3sum\nkvm-device\narch x86_64\nlisten 0100007F:089A\nlisten 00000000:0016\n\
+            "missing b3sum\nzstd\nkvm-device\narch x86_64\nlisten 0100007F:089A\nlisten 00000000:0016\n\
              vm web 4242\nrecord web {}\nvm half 5\nvm old -\nrecord old {{\"name\":\"old\"}}\n\
              /proc/4242/environ:FARM_PROJECT=/p/.farm\0/proc/4242/environ:FARM_PROCESS=vm:web\0\
              /proc/99/environ:FARM_PROJECT=/p/.farm\0/proc/99/environ:FARM_PROCESS=vm:web\0\
@@ -372,6 +376,7 @@ mod tests {
         );
         let obs = parse_observation(&text, "/p/.farm");
         assert_eq!(obs.facts.missing, ["b3sum"]);
+        assert!(obs.facts.zstd);
         assert!(obs.facts.kvm.device_usable && !obs.facts.kvm.hardware_module);
         assert_eq!(obs.facts.arch, Some(Arch::X86_64));
         assert_eq!(obs.listening, BTreeSet::from([2202, 22]));

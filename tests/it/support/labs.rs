@@ -38,7 +38,7 @@ const HYPERVISOR_PLATFORMS: &str = r#"
 tiny = true
 
 [images.bookworm_kvm]
-debian = { suite = "bookworm", packages = ["qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "vde2", "b3sum", "python3", "rsync"] }
+debian = { suite = "bookworm", packages = ["qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "vde2", "b3sum", "zstd", "python3", "rsync"] }
 
 [platforms.kvm_init]
 from = "bookworm_kvm"

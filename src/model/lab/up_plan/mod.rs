@@ -133,6 +133,8 @@ pub struct SitePlan {
     pub check_vde: Vec<String>,
     /// Store entries to push, parents first.
     pub push: Vec<String>,
+    /// The site unpacks zstd, so the push travels compressed.
+    pub push_zstd: bool,
     pub networks: Vec<NetworkStep>,
     pub vms: Vec<VmStep>,
 }
@@ -234,6 +236,7 @@ pub fn plan_site(
         warnings: Vec::new(),
         check_vde: Vec::new(),
         push: Vec::new(),
+        push_zstd: facts.zstd,
         networks: Vec::new(),
         vms: Vec::new(),
     };
