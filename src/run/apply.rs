@@ -91,6 +91,7 @@ impl Apply<'_> {
                 // Its host key is pinned in known_hosts before it first boots.
                 if step.action != VmAction::Keep {
                     self.state.host_key(&step.name)?;
+                    self.state.stop_shared_connection(&step.name);
                 }
                 specs.insert(step.name.clone(), step.spec.clone());
             }

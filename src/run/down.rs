@@ -104,6 +104,9 @@ pub fn down(
             stopped.extend(site_stopped?);
         }
     }
+    for vm in &stopped {
+        state.stop_shared_connection(vm);
+    }
     write_state_ssh_files(project, &state, &BTreeMap::new())?;
     Ok(DownOutcome::Stopped(stopped))
 }

@@ -113,6 +113,13 @@ impl StatePaths {
         self.root.join("mux")
     }
 
+    /// Ends the users' shared ssh connection to `vm` (see `sys::ssh::stop_master`): called
+    /// for every VM farm stops, replaces or restores, so the next `ssh` logs into the VM
+    /// that runs now.
+    pub fn stop_shared_connection(&self, vm: &str) {
+        crate::sys::ssh::stop_master(&self.control_dir().join(vm));
+    }
+
     pub fn known_hosts(&self) -> PathBuf {
         self.root.join("known_hosts")
     }

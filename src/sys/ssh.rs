@@ -385,3 +385,23 @@ pub fn banner_through(control: &Path, address: std::net::SocketAddr, timeout: Du
     let _ = child.wait();
     answered
 }
+
+/// Asks the ControlMaster whose control socket is `control` to exit, and removes the socket.
+/// Used for the users' shared connection to a VM farm stopped, replaced or restored: that
+/// master still holds a connection to the VM's earlier self, and every `ssh`, scp or Ansible
+/// task through it would get a channel over a connection that is dead (or dies once the new
+/// VM resets it). Nothing happens when no socket is there.
+pub fn stop_master(control: &Path) {
+    if !control.exists() {
+        return;
+    }
+    let _ = std::process::Command::new("ssh")
+        .arg("-S")
+        .arg(control)
+        .args(["-O", "exit", "none"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = fs_err::remove_file(control);
+}

@@ -306,6 +306,7 @@ pub(super) fn load(
             let dir = state.instance(&name).dir;
             let _ = fs_err::remove_dir_all(&dir);
             copy_vm_dir(&from.join(&name), &dir)?;
+            state.stop_shared_connection(&name);
         }
     }
     // The records point at this store (it may have moved, or received the entries).
