@@ -2,14 +2,12 @@
 //! server. It implements the same `Host` operations as this machine, so starting,
 //! inspecting and stopping a VM is one piece of code wherever the VM runs.
 //!
-//! One openssh session (a ControlMaster) per host, shared by every thread that works on the
-//! host: commands run side by side as channels of the one connection. The mutex only
-//! guards replacing a session whose master died; it is not held while a command runs, since
-//! on a hypervisor VM under TCG one command (a libvirt domain's start, a push) takes seconds
-//! and would hold up every other VM's on the same host.
+//! One openssh session (a ControlMaster) per host; its commands are serialised by a mutex,
+//! which costs nothing that matters (each is a short shell script) and keeps the session's
+//! single-threaded runtime simple.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::model::shell::{quote_path, shell_quote};
@@ -18,7 +16,7 @@ use crate::sys::ssh::{Ssh, SshError};
 
 pub struct RemoteHost {
     name: String,
-    ssh: Mutex<Arc<Ssh>>,
+    ssh: Mutex<Ssh>,
     /// How to connect again when the master is found dead between commands.
     config: PathBuf,
     alias: String,
@@ -38,7 +36,7 @@ impl RemoteHost {
     ) -> Result<RemoteHost, SshError> {
         Ok(RemoteHost {
             name: name.to_string(),
-            ssh: Mutex::new(Arc::new(Ssh::connect(ssh_config, alias, timeout)?)),
+            ssh: Mutex::new(Ssh::connect(ssh_config, alias, timeout)?),
             config: ssh_config.to_path_buf(),
             alias: alias.to_string(),
             timeout,
@@ -48,15 +46,13 @@ impl RemoteHost {
     /// The session, connected again first if its master has died since the last command
     /// (a guest under TCG can stall long enough for ssh's keepalive to give up on it).
     /// A command that was running when the master died is not repeated: it fails.
-    fn live_session(&self) -> Result<Arc<Ssh>, HostError> {
-        let mut session = self.ssh.lock().unwrap_or_else(|e| e.into_inner());
+    fn live_session(&self) -> Result<std::sync::MutexGuard<'_, Ssh>, HostError> {
+        let mut session = self.session();
         if !session.is_alive() {
-            *session = Arc::new(
-                Ssh::connect(&self.config, &self.alias, self.timeout)
-                    .map_err(|e| self.spawn_error(e))?,
-            );
+            *session = Ssh::connect(&self.config, &self.alias, self.timeout)
+                .map_err(|e| self.spawn_error(e))?;
         }
-        Ok(Arc::clone(&session))
+        Ok(session)
     }
 
     /// Whether its ssh connection still stands (it drops when the host reboots).
@@ -64,8 +60,8 @@ impl RemoteHost {
         self.session().is_alive()
     }
 
-    fn session(&self) -> Arc<Ssh> {
-        Arc::clone(&self.ssh.lock().unwrap_or_else(|e| e.into_inner()))
+    fn session(&self) -> std::sync::MutexGuard<'_, Ssh> {
+        self.ssh.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn spawn_error(&self, e: SshError) -> HostError {
@@ -156,8 +152,7 @@ impl Host for RemoteHost {
             .map_err(|e| self.spawn_error(e))
     }
 
-    /// Through the session's master, kept while `use_socket` runs; other commands on the
-    /// host go on meanwhile.
+    /// Through the session's master: the session is held while `use_socket` runs.
     fn with_socket(
         &self,
         remote: &Path,
