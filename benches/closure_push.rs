@@ -33,7 +33,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use farm::progress::Reporter;
-use farm::run::closure::{Compression, HostStore, push_missing};
+use farm::run::closure::{HostStore, PushCompression, push_missing};
 use farm::run::host::remote::RemoteHost;
 use farm::store::{Entry, Store};
 use manual_vm::{entry, farm, shared_store};
@@ -81,7 +81,11 @@ fn ssh(config: &Path, script: &str) {
 }
 
 /// The whole push, and the part of it spent connecting (scp connects too).
-fn farm_push(config: &Path, payload: &[Entry], compression: Compression) -> (Duration, Duration) {
+fn farm_push(
+    config: &Path,
+    payload: &[Entry],
+    compression: PushCompression,
+) -> (Duration, Duration) {
     ssh(config, "rm -rf /var/tmp/push-bench");
     let started = Instant::now();
     let host = RemoteHost::connect("hv", config, "hv", Duration::from_secs(20)).unwrap();
@@ -185,8 +189,8 @@ fn main() {
         let mut zstd_best = (Duration::MAX, Duration::ZERO);
         let mut scp_best = Duration::MAX;
         for _ in 0..*runs {
-            plain_best = plain_best.min(farm_push(&config, payload, Compression::Off));
-            zstd_best = zstd_best.min(farm_push(&config, payload, Compression::Zstd));
+            plain_best = plain_best.min(farm_push(&config, payload, PushCompression::Off));
+            zstd_best = zstd_best.min(farm_push(&config, payload, PushCompression::Zstd));
             scp_best = scp_best.min(scp(&config, payload));
         }
         let mib = bytes(payload) as f64 / (1024.0 * 1024.0);

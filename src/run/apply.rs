@@ -117,7 +117,7 @@ impl Apply<'_> {
                 .parent()
                 .unwrap_or(&site.layout.store_entries),
         );
-        let compression = crate::run::closure::Compression::for_host(site.push_zstd);
+        let compression = crate::run::closure::PushCompression::for_host(site.push_zstd);
         let pushed =
             crate::run::closure::push_missing(host, &store, &needed, compression, self.reporter)?;
         if !pushed.pushed.is_empty() {

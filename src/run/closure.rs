@@ -15,9 +15,10 @@
 //! entry that does not read back as sent is sent again and never renamed into the store.
 //!
 //! A host with `zstd` gets the stream compressed (level 1, here at native speed): ssh into a
-//! hypervisor VM under TCG carries ~25 MB/s whatever the cipher, and layers shrink about
-//! threefold, so the wire, not the host's unpacking, stays the bound. The host's `b3sum`
-//! check reads the unpacked files, so compression changes nothing about what is verified.
+//! hypervisor VM under TCG carries only 10-17 MB/s, and layers shrink about threefold (the
+//! bundle's L2 image: 388 MiB to 136 MiB), so fewer bytes cross the wire; unpacking and
+//! hashing under TCG then take the longest. The host's `b3sum` check reads the unpacked
+//! files, so compression changes nothing about what is verified.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -100,14 +101,14 @@ impl HostStore {
 
 /// How the archive travels: compressed when the host can unpack it (`SiteFacts::zstd`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compression {
+pub enum PushCompression {
     Off,
     Zstd,
 }
 
-impl Compression {
+impl PushCompression {
     /// zstd's fastest level: at ~500 MB/s here it never waits on the wire, which carries
-    /// ~25 MB/s into a TCG guest; higher levels shrink a layer only a little more.
+    /// 10-17 MB/s into a TCG guest; higher levels shrink a layer only a little more.
     const ZSTD_LEVEL: i32 = 1;
 
     /// Zstd when the host has it.
@@ -143,7 +144,7 @@ pub fn push_closure(
     host: &dyn Host,
     store: &HostStore,
     entries: &[&Entry],
-    compression: Compression,
+    compression: PushCompression,
     reporter: &Reporter,
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
@@ -165,7 +166,7 @@ pub fn push_missing(
     host: &dyn Host,
     store: &HostStore,
     entries: &[&Entry],
-    compression: Compression,
+    compression: PushCompression,
     reporter: &Reporter,
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
@@ -340,7 +341,7 @@ fn send_entries(
     host: &dyn Host,
     store: &HostStore,
     entries: &[(&Entry, Vec<EntryFile>)],
-    compression: Compression,
+    compression: PushCompression,
     bar: &indicatif::ProgressBar,
 ) -> Result<BTreeMap<String, String>, PushError> {
     let staging_dir = store
@@ -475,14 +476,14 @@ enum SinkKind {
 impl<'a> ArchiveSink<'a> {
     fn new(
         writer: std::io::PipeWriter,
-        compression: Compression,
+        compression: PushCompression,
         bar: &'a indicatif::ProgressBar,
     ) -> std::io::Result<Self> {
         let buffered = std::io::BufWriter::with_capacity(crate::run::host::STREAM_CHUNK, writer);
         let out = match compression {
-            Compression::Off => SinkKind::Plain(buffered),
-            Compression::Zstd => {
-                SinkKind::Zstd(zstd::Encoder::new(buffered, Compression::ZSTD_LEVEL)?)
+            PushCompression::Off => SinkKind::Plain(buffered),
+            PushCompression::Zstd => {
+                SinkKind::Zstd(zstd::Encoder::new(buffered, PushCompression::ZSTD_LEVEL)?)
             }
         };
         Ok(Self { out, bar })
@@ -521,7 +522,7 @@ impl std::io::Write for ArchiveSink<'_> {
 fn write_archive(
     writer: std::io::PipeWriter,
     entries: &[(&Entry, Vec<EntryFile>)],
-    compression: Compression,
+    compression: PushCompression,
     bar: &indicatif::ProgressBar,
 ) -> Result<(), PushError> {
     // A host that stopped reading (it failed) shows in its exit status, not here.

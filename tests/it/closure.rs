@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use farm::model::hash::ContentHash;
 use farm::progress::Reporter;
-use farm::run::closure::{Compression, HostStore, PushError, push_closure};
+use farm::run::closure::{HostStore, PushCompression, PushError, push_closure};
 use farm::run::host::{Host, HostError, LocalHost, Output};
 use farm::store::{Entry, Store};
 use project::Project;
@@ -103,12 +103,12 @@ fn built_chain() -> (Project, Vec<Entry>) {
 
 #[test]
 fn push_is_incremental_and_keeps_backing_chains() {
-    for compression in [Compression::Off, Compression::Zstd] {
+    for compression in [PushCompression::Off, PushCompression::Zstd] {
         incremental_push(compression);
     }
 }
 
-fn incremental_push(compression: Compression) {
+fn incremental_push(compression: PushCompression) {
     let (_p, entries) = built_chain();
     let remote = tempfile::tempdir().unwrap();
     let host_store = HostStore::new(remote.path());
@@ -149,12 +149,12 @@ fn incremental_push(compression: Compression) {
 fn a_corrupted_transfer_is_detected_and_sent_again() {
     // Compressed, the flipped byte breaks the zstd stream rather than one file: the whole
     // stream goes again.
-    for compression in [Compression::Off, Compression::Zstd] {
+    for compression in [PushCompression::Off, PushCompression::Zstd] {
         corrupted_once(compression);
     }
 }
 
-fn corrupted_once(compression: Compression) {
+fn corrupted_once(compression: PushCompression) {
     let (_p, entries) = built_chain();
     let remote = tempfile::tempdir().unwrap();
     let host_store = HostStore::new(remote.path());
@@ -168,8 +168,8 @@ fn corrupted_once(compression: Compression) {
     )
     .unwrap();
     let sent_again = match compression {
-        Compression::Off => 1,
-        Compression::Zstd => entries.len() as u32,
+        PushCompression::Off => 1,
+        PushCompression::Zstd => entries.len() as u32,
     };
     assert_eq!(report.retries, sent_again);
     assert_eq!(report.pushed.len(), 2);
@@ -192,7 +192,7 @@ fn a_transfer_that_keeps_failing_commits_nothing() {
         &flaky(u32::MAX),
         &host_store,
         &refs,
-        Compression::Off,
+        PushCompression::Off,
         &Reporter::hidden(),
     )
     .expect_err("every copy arrives corrupted");
@@ -228,7 +228,7 @@ fn a_damaged_local_entry_is_reported_as_such_and_not_sent_again() {
         &flaky(0),
         &host_store,
         &refs,
-        Compression::Off,
+        PushCompression::Off,
         &Reporter::hidden(),
     )
     .expect_err("the local disk no longer matches its metadata");
