@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// VMs the snapshot does not hold come up as usual.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["names", "dry_run"])]
     pub snapshot: Option<String>,
+    /// Boot the lab even where its converged snapshot (`[lab] converged_snapshot`) could
+    /// start it; the snapshot is saved again afterwards.
+    #[arg(long, conflicts_with = "snapshot")]
+    pub boot: bool,
     #[command(flatten)]
     pub state: StateArgs,
 }
@@ -83,6 +87,7 @@ pub fn run(options: &ProjectOptions, args: UpArgs, reporter: &Reporter) -> anyho
         },
         caches: args.caches.choice()?,
         stop_timeout: Duration::from_secs(args.stop_timeout),
+        boot: args.boot,
     };
     match up(&project, &args.state.dir(&project), &up_options, reporter)? {
         UpOutcome::Up(rows) => print!("{}", table(&project, &rows)),

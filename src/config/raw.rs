@@ -32,6 +32,18 @@ pub struct RawFile {
     /// `NAME:BASE64` ed25519 keys whose signatures on cache records are trusted.
     #[serde(default, rename = "trusted-public-keys")]
     pub trusted_public_keys: Vec<Spanned<String>>,
+    /// How `farm up` starts the lab.
+    #[serde(default)]
+    pub lab: RawLab,
+}
+
+/// farm.toml's `[lab]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLab {
+    /// Save the lab once `up` converged it from nothing, and start it from that snapshot
+    /// while nothing it was made from changed.
+    pub converged_snapshot: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

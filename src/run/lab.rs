@@ -47,6 +47,9 @@ pub enum LabError {
     Cache(#[from] crate::binary_cache::BackendError),
     #[error(transparent)]
     Provision(#[from] crate::run::provision::ProvisionError),
+    /// Saving, restoring or removing the converged snapshot failed (`run::converged`).
+    #[error("{0}")]
+    Converged(String),
 }
 
 /// A boot failure of `vm`, with where to read more.
@@ -70,6 +73,8 @@ pub struct UpOptions {
     pub caches: crate::build::substitution::CacheChoice,
     /// How long a VM that restarts may take to power off before qemu is told to quit.
     pub stop_timeout: Duration,
+    /// Boot the lab even when its converged snapshot could start it (`--boot`).
+    pub boot: bool,
 }
 
 /// The project's state directory: `.farm/` beside farm.toml unless given.

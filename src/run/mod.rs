@@ -9,6 +9,7 @@ pub mod apply;
 pub mod backend;
 pub mod boot;
 pub mod closure;
+pub mod converged;
 pub mod down;
 pub mod host;
 pub mod instance;

@@ -70,7 +70,7 @@ pub struct Due {
 }
 
 /// The playbook's content: the file and the `roles/` tree beside it.
-fn content_hash(playbook: &Path) -> Result<ContentHash, ProvisionError> {
+pub(crate) fn content_hash(playbook: &Path) -> Result<ContentHash, ProvisionError> {
     let read = |source| ProvisionError::Read {
         path: playbook.to_path_buf(),
         source,

@@ -10,9 +10,11 @@ use crate::build::missing::{build_missing, plan_missing};
 use crate::model::build::derivation::DrvId;
 use crate::model::build::plan::BuildPlan;
 use crate::model::config::topology::Placement;
-use crate::model::lab::up_plan::{SitePlan, UpPlan, plan_up};
+use crate::model::lab::converged::{CONVERGED, from_nothing};
+use crate::model::lab::up_plan::{Desired, SitePlan, UpPlan, plan_up};
 use crate::progress::Reporter;
 use crate::project::Project;
+use crate::run::converged::Found;
 use crate::run::lab::{
     LabError, UpOptions, desired, dry_run_ssh_config, first_error, with_ancestors,
     write_state_ssh_files,
@@ -33,6 +35,9 @@ pub enum UpOutcome {
         build: Option<BuildPlan>,
         plan: UpPlan,
         playbooks: Vec<Due>,
+        /// The lab would start from its converged snapshot (`[lab] converged_snapshot`)
+        /// rather than boot as `plan` says.
+        from_snapshot: bool,
     },
     /// The status rows of the VMs brought up.
     Up(Vec<VmStatus>),
@@ -57,11 +62,17 @@ impl UpOutcome {
             build,
             plan,
             playbooks,
+            from_snapshot,
         } = self
         else {
             return String::new();
         };
         let mut out = build.as_ref().map(ToString::to_string).unwrap_or_default();
+        if *from_snapshot {
+            out.push_str(&format!(
+                "start from snapshot {CONVERGED}: the lab converged from the same farm.toml, layers and playbooks (`--boot` boots it instead, as below)\n"
+            ));
+        }
         out.push_str(&plan.render());
         for due in playbooks {
             out.push_str(&format!(
@@ -82,7 +93,12 @@ pub fn up(
     options: &UpOptions,
     reporter: &Reporter,
 ) -> Result<UpOutcome, LabError> {
-    let failed = match up_once(project, state_root, options, reporter) {
+    let start = if options.boot {
+        Start::Boot
+    } else {
+        Start::Consider
+    };
+    let failed = match up_from(project, state_root, options, start, reporter) {
         Err(e) if !options.dry_run => e,
         done => return done,
     };
@@ -103,16 +119,79 @@ pub fn up(
         ));
         dead.stop()?;
     }
-    up_once(project, state_root, options, reporter)
+    up_from(project, state_root, options, Start::Boot, reporter)
 }
 
-/// Builds what is missing, then observes, plans and applies once.
+/// `up_once` until the lab is up: restored from its converged snapshot when it may be, and
+/// booted when that fails or the restored lab turns out not to be what farm.toml makes.
+fn up_from(
+    project: &Project,
+    state_root: &Path,
+    options: &UpOptions,
+    mut start: Start,
+    reporter: &Reporter,
+) -> Result<UpOutcome, LabError> {
+    loop {
+        start = match up_once(project, state_root, options, start, reporter)? {
+            Next::Done(outcome) => return Ok(outcome),
+            Next::Restore => {
+                match crate::run::snapshot::restore(project, state_root, CONVERGED, reporter) {
+                    Ok(_) => Start::Restored,
+                    Err(e) => {
+                        reporter.warn(format!(
+                            "The lab did not start from its snapshot `{CONVERGED}`, so it boots: {e}"
+                        ));
+                        Start::Boot
+                    }
+                }
+            }
+            Next::Outdated => {
+                crate::run::down::down(
+                    project,
+                    state_root,
+                    &[],
+                    false,
+                    options.stop_timeout,
+                    false,
+                    reporter,
+                )?;
+                crate::run::converged::remove(project, state_root)
+                    .map_err(|e| LabError::Converged(e.to_string()))?;
+                Start::Boot
+            }
+        };
+    }
+}
+
+/// What one pass of `up` left to do.
+enum Next {
+    Done(UpOutcome),
+    /// Start the lab from its converged snapshot, then look again.
+    Restore,
+    /// The restored lab is not what farm.toml makes now: stop it, remove the snapshot, boot.
+    Outdated,
+}
+
+/// How an `up` treats the lab's converged snapshot, when farm.toml keeps one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// Start from it when the whole lab is down and it is current.
+    Consider,
+    /// It was just restored: what is left to do says whether it really was current.
+    Restored,
+    /// Boot (`--boot`, or the snapshot failed to load or was out of date).
+    Boot,
+}
+
+/// Builds what is missing, then observes, plans and applies once (or starts the lab from
+/// its converged snapshot, and checks that nothing is left to do).
 fn up_once(
     project: &Project,
     state_root: &Path,
     options: &UpOptions,
+    start: Start,
     reporter: &Reporter,
-) -> Result<UpOutcome, LabError> {
+) -> Result<Next, LabError> {
     let topology = &project.loaded.topology;
     let selected = with_ancestors(topology, &options.names);
 
@@ -188,14 +267,43 @@ fn up_once(
     let sites = Sites::new(topology, &ssh_config);
     let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Carefully)?;
     let plan = plan_up(&desired, &observed);
+    // The converged snapshot: kept for the whole lab only, and only by an up from nothing.
+    let converged = (project.loaded.config.lab.converged_snapshot
+        && options.names.is_empty()
+        && from_nothing(&plan))
+    .then(|| converged_key(&desired, project))
+    .transpose()?;
+    let found = converged.as_deref().map_or(Found::None, |key| {
+        crate::run::converged::find(state_root, key)
+    });
 
     let Some(state) = state else {
-        return Ok(UpOutcome::Planned {
+        return Ok(Next::Done(UpOutcome::Planned {
             build: planned_build,
             plan,
             playbooks: due,
-        });
+            from_snapshot: found == Found::Current && start == Start::Consider,
+        }));
     };
+    if found == Found::Current && start == Start::Consider {
+        return Ok(Next::Restore);
+    }
+    if start == Start::Restored && (plan.changes() || !due.is_empty()) {
+        // Its key missed a difference: the restored lab is not what farm.toml makes now.
+        reporter.warn(format!(
+            "The lab restored from snapshot `{CONVERGED}` is not what farm.toml makes now:\n{}\nso the snapshot is removed and the lab boots",
+            plan.summary().trim_end()
+        ));
+        return Ok(Next::Outdated);
+    }
+    if found == Found::Users {
+        reporter.warn(format!(
+            "A snapshot `{CONVERGED}` that farm did not save is there, so `up` does not keep one of its own\nhint: `farm snapshot rm {CONVERGED}`, or save yours again under another name"
+        ));
+    }
+    let save = converged
+        .filter(|_| found != Found::Users)
+        .map(|key| (key, found));
     for site in &plan.sites {
         for warning in &site.warnings {
             reporter.warn(warning);
@@ -239,10 +347,48 @@ fn up_once(
     // Replaced VMs lost their markers while the plan was applied: asked again.
     let due = crate::run::provision::due(project, &state, &desired.selected)?;
     crate::run::provision::apply(project, &state, &due, reporter)?;
-    Ok(UpOutcome::Up(rows_from_specs(
-        topology,
-        &desired.selected,
-        &specs,
-        &state,
-    )))
+    let rows = rows_from_specs(topology, &desired.selected, &specs, &state);
+    if let Some((key, found)) = save {
+        // Saving locks the state directory itself.
+        drop(state);
+        save_converged(project, state_root, &key, found, reporter)?;
+    }
+    Ok(Next::Done(UpOutcome::Up(rows)))
+}
+
+/// Saves the lab `up` just converged from nothing as its converged snapshot, in place of
+/// the one `found` (of another lab, or this one's when `--boot` booted it).
+fn save_converged(
+    project: &Project,
+    state_root: &Path,
+    key: &str,
+    found: Found,
+    reporter: &Reporter,
+) -> Result<(), LabError> {
+    let failed = |e: crate::run::snapshot::SnapshotError| {
+        LabError::Converged(format!(
+            "The lab is up, but its snapshot `{CONVERGED}` was not saved: {e}"
+        ))
+    };
+    if found != Found::None {
+        crate::run::converged::remove(project, state_root).map_err(failed)?;
+    }
+    crate::run::converged::save(project, state_root, key, reporter).map_err(failed)
+}
+
+/// The converged snapshot's key for the lab `desired` describes: its layers and
+/// declarations, and each VM's playbook as it is now.
+fn converged_key(desired: &Desired<'_>, project: &Project) -> Result<String, LabError> {
+    let mut playbooks = BTreeMap::new();
+    for vm in project.loaded.topology.vms.values() {
+        if let Some(playbook) = &vm.playbook {
+            let hash = crate::run::provision::content_hash(playbook)?;
+            playbooks.insert(vm.name.clone(), hash.to_string());
+        }
+    }
+    Ok(crate::model::lab::converged::converged_key(
+        desired,
+        &playbooks,
+        env!("CARGO_PKG_VERSION"),
+    ))
 }

@@ -15,6 +15,7 @@ mod closure;
 mod cloud_image;
 mod config;
 mod converge;
+mod converged;
 mod debian_image;
 mod derivation;
 mod fetch;

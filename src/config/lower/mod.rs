@@ -124,6 +124,9 @@ pub fn merge_file(
     cx: &FileContext,
     problems: &mut Vec<Diagnostic>,
 ) {
+    if let Some(on) = raw.lab.converged_snapshot {
+        config.lab.converged_snapshot |= on;
+    }
     for url in &raw.substituters {
         if cx
             .checked(url, |u: &String| limits::substituter(u), problems)

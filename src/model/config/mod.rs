@@ -62,6 +62,8 @@ pub struct Config {
     /// Binary caches and whom to trust (farm.toml's top-level `substituters` and
     /// `trusted-public-keys`).
     pub cache: CacheSettings,
+    /// farm.toml's `[lab]`: how `farm up` starts the lab.
+    pub lab: LabSettings,
     /// Definitions found twice (e.g. in farm.toml and in platforms/NAME.toml): kind, name,
     /// first and second place. Parsing keeps the first; validation reports the pair.
     pub duplicates: Vec<DuplicateDefinition>,
@@ -72,6 +74,14 @@ pub struct CacheSettings {
     /// Cache URLs, in the order they are asked.
     pub substituters: Vec<Located<String>>,
     pub trusted_public_keys: Vec<Located<crate::model::signing::PublicKey>>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LabSettings {
+    /// `converged_snapshot = true`: `up` keeps the snapshot `converged` of the lab as it
+    /// converged from nothing, and starts the lab from it when the whole lab is down and
+    /// nothing it was made from changed (`model::lab::converged`).
+    pub converged_snapshot: bool,
 }
 
 #[derive(Clone, Debug)]

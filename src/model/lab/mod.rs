@@ -3,6 +3,7 @@
 //! (ssh_config, Ansible inventories, the topology graph). Uses the build and configuration
 //! floors.
 
+pub mod converged;
 pub mod down_plan;
 pub mod graph;
 pub mod instance;
