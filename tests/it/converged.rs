@@ -107,6 +107,18 @@ fn up_saves_the_converged_lab_and_starts_from_it_until_farm_toml_changes() {
     assert_eq!(boot_id(&p), saved_boot, "{}", text(&restored));
     assert_eq!(provisioned_in(&p), saved_boot);
     assert!(!has_file(&p, "/root/after-save"));
+    // The snapshot the lab runs on is not removed, however the store is named (here
+    // relative to farm.toml's directory, as `cache/` is by default).
+    let up_to_root = "../".repeat(p.path().components().count() - 1);
+    let store = shared_store();
+    let relative = format!("{up_to_root}{}", store.strip_prefix("/").unwrap().display());
+    let rm = p
+        .farm(&["snapshot", "rm", "converged"])
+        .env("FARM_STORE", &relative)
+        .output()
+        .unwrap();
+    assert_eq!(rm.status.code(), Some(2), "{}", text(&rm));
+    assert!(key_file(&p).exists());
     // A second up changes nothing.
     let pid = fs_err::read_to_string(p.path().join(".farm/vms/solo/qemu.pid")).unwrap();
     p.ok_with_ansible(&["up"]);

@@ -398,18 +398,22 @@ pub fn remove(project: &Project, state_root: &Path, name: &str) -> Result<(), Sn
     })?;
     let manifest = parse_manifest(&bytes, &paths.manifest(), name)?;
     let host = local();
+    // Both sides resolved: farm.toml's directory may be `.`, the store named through `..`
+    // or a symbolic link, and an overlay names its backing file as it was made.
     let store_dir = project.store_dir.join("store");
+    let store_dir = fs_err::canonicalize(&store_dir).unwrap_or(store_dir);
     let records = state.records();
     for (vm, record) in &records {
         let backing = crate::store::qcow2::read_info(&record.spec.paths.disk())
             .ok()
             .flatten()
-            .and_then(|info| info.backing);
+            .and_then(|info| info.backing)
+            .and_then(|b| fs_err::canonicalize(b).ok());
         let on_it = backing.is_some_and(|b| {
             manifest
                 .vms
                 .iter()
-                .any(|v| Path::new(&b).starts_with(store_dir.join(&v.entry)))
+                .any(|v| b.starts_with(store_dir.join(&v.entry)))
         });
         if on_it && instance::is_running(&host, &record.spec.paths, vm)? {
             return Err(in_use(vm, name));
