@@ -556,3 +556,54 @@ fn down_plans_the_deepest_site_first_with_its_networks_and_orphans() {
         "nothing to stop: no VM of this lab is running or has state\n"
     );
 }
+
+/// The converged snapshot may be restored or saved only by an `up` that creates every VM on
+/// the hosts anew; one that keeps or restarts any is not from nothing.
+#[test]
+fn only_an_up_that_creates_every_vm_anew_is_from_nothing() {
+    use farm::model::lab::converged::from_nothing;
+    let (config, topology) = load(LAB);
+    let d = desired(&config, &topology);
+    assert!(from_nothing(&fresh(&d)));
+    assert!(!from_nothing(&plan_up(&d, &steady(&d))));
+    // One VM still running (the others gone) is not nothing either.
+    let mut observed = steady(&d);
+    let local = observed.get_mut(&here()).unwrap();
+    local.instances.remove("beta");
+    local.instances.remove("hyper");
+    assert!(!from_nothing(&plan_up(&d, &observed)));
+}
+
+/// The converged snapshot's key: the same lab, however farm.toml is laid out, has the same
+/// key; a layer's bytes, a VM's memory, a playbook or farm's version make another.
+#[test]
+fn the_converged_key_follows_what_the_lab_is_made_of_and_not_how_farm_toml_is_written() {
+    use farm::model::lab::converged::converged_key;
+    let playbooks = BTreeMap::from([("alpha".to_string(), "blake3-aa".to_string())]);
+    let key_of = |text: &str, bytes: u8, playbooks: &BTreeMap<String, String>, version: &str| {
+        let (config, topology) = load(text);
+        let mut d = desired(&config, &topology);
+        d.layers = layers(&topology, bytes);
+        converged_key(&d, playbooks, version)
+    };
+    let key = key_of(LAB, 7, &playbooks, "1.0");
+    assert_eq!(key, key_of(LAB, 7, &playbooks, "1.0"));
+    // Comments and blank lines move every span; the key stays.
+    let commented = format!(
+        "# the lab\n\n{}",
+        LAB.replace("[vms.alpha]", "# A\n[vms.alpha]")
+    );
+    assert_eq!(key_of(&commented, 7, &playbooks, "1.0"), key);
+    // What the lab is made of changes it.
+    assert_ne!(key_of(LAB, 8, &playbooks, "1.0"), key);
+    let bigger = LAB.replace(
+        "[vms.beta]\nplatform = \"plain\"",
+        "[vms.beta]\nplatform = \"plain\"\nmemory = \"512M\"",
+    );
+    assert_ne!(key_of(&bigger, 7, &playbooks, "1.0"), key);
+    let platform = LAB.replace("memory = \"256M\"", "memory = \"320M\"");
+    assert_ne!(key_of(&platform, 7, &playbooks, "1.0"), key);
+    let other_playbook = BTreeMap::from([("alpha".to_string(), "blake3-bb".to_string())]);
+    assert_ne!(key_of(LAB, 7, &other_playbook, "1.0"), key);
+    assert_ne!(key_of(LAB, 7, &playbooks, "1.1"), key);
+}
