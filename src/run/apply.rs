@@ -346,6 +346,7 @@ impl Apply<'_> {
             config: self.sites.ssh_config(),
             alias: &spec.name,
             jump: None,
+            probe: crate::sys::boot_wait::Probe::Shell,
         };
         let mut target = SiteVm { host, spec: &spec };
         let boot_failed = |failure| LabError::Boot {

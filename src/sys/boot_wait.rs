@@ -48,6 +48,33 @@ pub struct SshRoute<'a> {
     pub alias: &'a str,
     /// The control socket of a connection to the hypervisor VM the guest runs on.
     pub jump: Option<&'a Path>,
+    /// What proves the guest's shell answers.
+    pub probe: Probe,
+}
+
+/// The command run over a new connection before the guest counts as answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// `true`.
+    Shell,
+    /// Set the guest's clock to this machine's, as the attempt is made: a guest loaded from
+    /// a saved state resumes with the clock it was saved with. One command, not two: each
+    /// is a round trip into a guest that may run under TCG.
+    SetClock,
+}
+
+impl Probe {
+    fn command(self) -> String {
+        match self {
+            Probe::Shell => "true".to_string(),
+            Probe::SetClock => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                format!("date -u -s @{now} >/dev/null 2>&1; true")
+            }
+        }
+    }
 }
 
 /// Why a boot was not waited through.
@@ -135,7 +162,7 @@ pub fn wait_for_ssh<T: BootTarget>(
 fn try_ssh(route: SshRoute) -> Result<Ssh, String> {
     let ssh = Ssh::connect_through(route.config, route.alias, SSH_ATTEMPT, route.jump)
         .map_err(|e| error_chain(&e))?;
-    match ssh.run("true", None) {
+    match ssh.run(&route.probe.command(), None) {
         Ok(out) if out.success() => Ok(ssh),
         Ok(out) => Err(out.text()),
         Err(e) => Err(error_chain(&e)),

@@ -84,6 +84,7 @@ fn a_tiny_guest_runs_as_a_libvirt_domain_and_other_domains_are_left_alone() {
         config: &prepared.config,
         alias: "guest",
         jump: None,
+        probe: farm::sys::boot_wait::Probe::Shell,
     };
     let rules = BootRules {
         timeout: Duration::from_secs(300),

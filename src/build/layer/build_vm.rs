@@ -21,7 +21,7 @@ use crate::model::build::seed::{SeedNic, SeedSpec, seed_image_bytes};
 use crate::model::lab::ssh_config::{SshHost, known_hosts_line, render};
 use crate::model::values::mac_for;
 use crate::model::values::{Firmware, uefi_files};
-use crate::sys::boot_wait::{self, BootError, LocalQemu, SshRoute};
+use crate::sys::boot_wait::{self, BootError, LocalQemu, Probe, SshRoute};
 use crate::sys::qmp::Qmp;
 use crate::sys::ssh::Ssh;
 use crate::sys::vm_process::VmProcess;
@@ -247,6 +247,7 @@ pub(super) fn boot(
         config: &ssh_config,
         alias: ALIAS,
         jump: None,
+        probe: Probe::Shell,
     };
     let waited = boot_wait::wait_for_ssh(&mut target, route, rules, &mut |reason, qemu_log| {
         log.line(&format!("restarting the build VM: {reason}"));
@@ -436,6 +437,7 @@ fn load_saved(
         config: &ssh_config,
         alias: ALIAS,
         jump: None,
+        probe: Probe::SetClock,
     };
     let (ssh, _) = boot_wait::wait_for_ssh(&mut target, route, rules, &mut |_, _| {}).map_err(
         |e| match e {
@@ -448,12 +450,8 @@ fn load_saved(
             BootError::Restart(e) => e.to_string(),
         },
     )?;
+    // The guest's clock, which stopped when the state was saved, was set as it answered.
     let LocalQemu { process, .. } = target;
-    // The guest's clock stopped when the state was saved.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let _ = ssh.run(&format!("date -u -s @{now} >/dev/null 2>&1"), None);
     log.line(&format!(
         "loaded the saved machine state; ssh answered after {:.1} s",
         started.elapsed().as_secs_f64()

@@ -596,6 +596,7 @@ fn answer(state: &StateDir, wait: Wait) -> Result<(String, Ssh), SnapshotError> 
         config: &config,
         alias: &vm,
         jump: jump.as_deref(),
+        probe: crate::sys::boot_wait::Probe::SetClock,
     };
     let rules = BootRules {
         timeout: ANSWER_TIMEOUT,
@@ -616,17 +617,32 @@ fn answer(state: &StateDir, wait: Wait) -> Result<(String, Ssh), SnapshotError> 
             .map_err(|e| not_answered(&vm, e)),
     };
     let (ssh, _) = waited?;
-    for socket in &resume {
-        qmp_over_ssh(&ssh, socket, "cont").map_err(|e| {
-            SnapshotError::Failed(format!(
-                "Cannot resume a VM inside `{vm}` (`{}`): {e}",
-                socket.display()
-            ))
-        })?;
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let _ = ssh.run(&format!("date -u -s @{now} >/dev/null 2>&1"), None);
+    // The guests resume at once, over the one connection (its clock was set as it
+    // answered): each is a round trip into a guest that TCG makes slow.
+    let resumed: Vec<Result<(), SnapshotError>> = std::thread::scope(|scope| {
+        let ssh = &ssh;
+        let vm = &vm;
+        let conts: Vec<_> = resume
+            .iter()
+            .map(|socket| {
+                scope.spawn(move || {
+                    qmp_over_ssh(ssh, socket, "cont").map_err(|e| {
+                        SnapshotError::Failed(format!(
+                            "Cannot resume a VM inside `{vm}` (`{}`): {e}",
+                            socket.display()
+                        ))
+                    })
+                })
+            })
+            .collect();
+        conts
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    resumed.into_iter().collect::<Result<(), _>>()?;
     Ok((vm, ssh))
 }

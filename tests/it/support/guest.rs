@@ -95,6 +95,7 @@ impl Guest {
             config: &config,
             alias: "guest",
             jump: None,
+            probe: farm::sys::boot_wait::Probe::Shell,
         };
         let rules = BootRules {
             timeout: Duration::from_secs(300),
