@@ -102,9 +102,12 @@ impl Qmp {
     }
 }
 
-/// A migration target that writes qemu's machine state, compressed, to `path`.
+/// A migration target that writes qemu's machine state, compressed, to `path`. zstd's
+/// fast level 3: loading is most of a restore, and zstd decompresses it in 0.77 s against
+/// 1.12 s at level 1 (the bundle's L1, 1 GiB of memory state), for a file a quarter larger
+/// (434 MiB against 347 MiB); the bundle's restore went from 3.6-3.9 s to 3.1-3.5 s.
 pub fn save_command(path: &Path) -> String {
-    format!("zstd -1 -q -T2 -o {}", quote_path(path))
+    format!("zstd --fast=3 -q -T2 -o {}", quote_path(path))
 }
 
 /// The migration source that reads a state [`save_command`] wrote.
