@@ -117,7 +117,9 @@ impl Apply<'_> {
                 .parent()
                 .unwrap_or(&site.layout.store_entries),
         );
-        let compression = crate::run::closure::PushCompression::for_host(site.push_zstd);
+        let disk_bytes = needed.iter().map(|e| e.meta.size).sum();
+        let compression =
+            crate::run::closure::PushCompression::for_push(site.push_zstd, disk_bytes);
         let pushed =
             crate::run::closure::push_missing(host, &store, &needed, compression, self.reporter)?;
         if !pushed.pushed.is_empty() {
