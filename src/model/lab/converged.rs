@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::lab::up_plan::Desired;
-use crate::model::lab::up_plan::{SitePlan, UpPlan, VmAction};
+use crate::model::config::topology::Placement;
+use crate::model::lab::up_plan::{Desired, UpPlan, VmAction};
 
 /// The snapshot's name, which `farm snapshot ls` shows and `farm test` starts from.
 pub const CONVERGED: &str = "converged";
@@ -85,17 +85,12 @@ pub fn converged_key(
 /// there is created anew (no overlay kept, nothing running), so the VMs inside them are new
 /// too. Only such an `up` may start from the snapshot, or save it.
 pub fn from_nothing(plan: &UpPlan) -> bool {
-    let top: Vec<&SitePlan> = plan
+    let mut vms = plan
         .sites
         .iter()
-        .filter(|s| {
-            matches!(
-                s.placement,
-                crate::model::config::topology::Placement::Host(_)
-            )
-        })
-        .collect();
-    let mut vms = top.iter().flat_map(|s| &s.vms).peekable();
+        .filter(|s| matches!(s.placement, Placement::Host(_)))
+        .flat_map(|s| &s.vms)
+        .peekable();
     vms.peek().is_some()
         && vms.all(|v| v.action == VmAction::Create && v.previous.is_none() && v.running.is_none())
 }

@@ -619,30 +619,15 @@ fn answer(state: &StateDir, wait: Wait) -> Result<(String, Ssh), SnapshotError> 
     let (ssh, _) = waited?;
     // The guests resume at once, over the one connection (its clock was set as it
     // answered): each is a round trip into a guest that TCG makes slow.
-    let resumed: Vec<Result<(), SnapshotError>> = std::thread::scope(|scope| {
-        let ssh = &ssh;
-        let vm = &vm;
-        let conts: Vec<_> = resume
-            .iter()
-            .map(|socket| {
-                scope.spawn(move || {
-                    qmp_over_ssh(ssh, socket, "cont").map_err(|e| {
-                        SnapshotError::Failed(format!(
-                            "Cannot resume a VM inside `{vm}` (`{}`): {e}",
-                            socket.display()
-                        ))
-                    })
-                })
-            })
-            .collect();
-        conts
-            .into_iter()
-            .map(|c| {
-                c.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
-    resumed.into_iter().collect::<Result<(), _>>()?;
+    crate::run::parallel::each(&resume, |socket| {
+        qmp_over_ssh(&ssh, socket, "cont").map_err(|e| {
+            SnapshotError::Failed(format!(
+                "Cannot resume a VM inside `{vm}` (`{}`): {e}",
+                socket.display()
+            ))
+        })
+    })
+    .into_iter()
+    .collect::<Result<(), _>>()?;
     Ok((vm, ssh))
 }
