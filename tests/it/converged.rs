@@ -59,6 +59,18 @@ fn provisioned_in(p: &Project) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The store entry of the one VM of snapshot `name`.
+fn entry_of(p: &Project, name: &str) -> String {
+    let manifest = p
+        .path()
+        .join(".farm/snapshots")
+        .join(name)
+        .join("snapshot.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(&manifest).unwrap()).unwrap();
+    manifest["vms"][0]["entry"].as_str().unwrap().to_string()
+}
+
 fn has_file(p: &Project, path: &str) -> bool {
     p.run(&["ssh", "solo", "--", "test", "-e", path])
         .status
@@ -127,8 +139,43 @@ fn up_saves_the_converged_lab_and_starts_from_it_until_farm_toml_changes() {
         pid
     );
 
+    // A snapshot of the restored lab holds what the lab wrote before `converged` was saved:
+    // its disk backs onto converged's, not onto the layer. Read from the disk, not from the
+    // guest's cache.
+    p.ok(&["ssh", "solo", "--", "echo second > /root/second && sync"]);
+    p.ok(&["snapshot", "save", "second"]);
+    let disk = shared_store()
+        .join("store")
+        .join(entry_of(&p, "second"))
+        .join("disk.qcow2");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["backing-filename"],
+        format!("../{}/disk.qcow2", entry_of(&p, "converged")),
+        "{info}"
+    );
+    p.ok(&["snapshot", "restore", "second"]);
+    let read = p.ok(&[
+        "ssh",
+        "solo",
+        "--",
+        "echo 3 > /proc/sys/vm/drop_caches; cat /root/provisioned-in /root/second",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout),
+        format!("{saved_boot}\nsecond\n"),
+        "{}",
+        text(&read)
+    );
+
     // `--boot` boots, and saves the snapshot again under the same key.
     p.ok(&["down"]);
+    p.ok(&["snapshot", "rm", "second"]);
     let booted = p.ok_with_ansible(&["up", "--boot"]);
     assert!(
         String::from_utf8_lossy(&booted.stderr).contains("saved snapshot converged"),

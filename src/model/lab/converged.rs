@@ -37,6 +37,11 @@ pub fn converged_key(
         hasher.update(b"\n");
     };
     line(format!("farm {version}"));
+    // A machine state loads only into the devices it was saved with.
+    line(format!(
+        "snapshot format {}",
+        crate::model::lab::snapshot::SNAPSHOT_FORMAT
+    ));
     line(format!("accel {:?}", desired.accel));
     for vm in desired.topology.vms.values() {
         let layer = desired

@@ -216,7 +216,10 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
         // own qemu (`QemuVm::has_panic_device`).
         x.push_str("    <panic model='isa'/>\n");
     }
-    x.push_str("    <memballoon model='none'/>\n");
+    // Free page reporting, as with farm's own qemu (`FREE_PAGE_REPORTING`): the guest's
+    // freed memory is handed back to its hypervisor VM, which hands it on to its own host,
+    // so it is not in that VM's saved state.
+    x.push_str("    <memballoon model='virtio' freePageReporting='on'/>\n");
     x.push_str("  </devices>\n");
     if run_as_root {
         x.push_str(

@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::model::config::topology::{Placement, Topology};
 use crate::model::lab::instance::InstanceSpec;
 
-/// The version of the manifest's layout; another is refused, not guessed at.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The version of the manifest's layout and of the machines its states were saved from;
+/// another is refused, not guessed at. 2: every VM has a free page reporting balloon
+/// (`FREE_PAGE_REPORTING`), which moves other devices' PCI slots, so a state saved without
+/// it does not load.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotManifest {
@@ -65,7 +68,7 @@ pub fn entry_name(vm: &str) -> String {
 pub fn entry_derivation(
     snapshot: &str,
     vm: &str,
-    layer: &str,
+    parent: &str,
     disk: &str,
     state: &str,
     topology: &str,
@@ -75,12 +78,32 @@ pub fn entry_derivation(
         "kind": "snapshot",
         "snapshot": snapshot,
         "vm": vm,
-        "layer": layer,
+        "parent": parent,
         "disk_blake3": disk,
         "state_blake3": state,
         "topology": topology,
         "qemu": qemu,
     })
+}
+
+/// The store entry a saved VM's disk backs onto, from its overlay's backing file
+/// (`…/store/<entry>/disk.qcow2`): the VM's layer, or, in a lab restored from a snapshot,
+/// that snapshot's entry, which holds everything the lab wrote before it was saved (an
+/// entry rebased onto the layer instead would lose it, unseen while the guest's page cache
+/// still held the blocks).
+pub fn disk_parent(vm: &str, backing: Option<&Path>) -> Result<String, String> {
+    let entry = backing
+        .filter(|b| b.file_name() == Some(std::ffi::OsStr::new(crate::store::DISK_FILE)))
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str());
+    match entry {
+        Some(entry) if !entry.is_empty() && entry != ".." && entry != "." => Ok(entry.to_string()),
+        _ => Err(format!(
+            "VM `{vm}`'s disk backs onto {}, not a store entry's disk: farm cannot say what the snapshot's disk is made on\nhint: `farm down {vm}` and `farm up` make its overlay anew",
+            backing.map_or("nothing".to_string(), |b| format!("`{}`", b.display()))
+        )),
+    }
 }
 
 /// The store key of a saved VM's entry: its derivation hashed as every entry's is (so an
@@ -319,6 +342,18 @@ mod tests {
             }],
             inside: vec!["leaf".into()],
         }
+    }
+
+    #[test]
+    fn a_saved_disk_backs_onto_the_entry_its_overlay_was_made_on() {
+        let on = |p: &str| disk_parent("hv", Some(Path::new(p)));
+        assert_eq!(on("/s/store/ab-hv/disk.qcow2").unwrap(), "ab-hv");
+        assert_eq!(on("../cd-snap-hv/disk.qcow2").unwrap(), "cd-snap-hv");
+        for not_an_entry in ["/tmp/other.qcow2", "disk.qcow2", "../disk.qcow2"] {
+            let e = on(not_an_entry).unwrap_err();
+            assert!(e.contains("`hv`") && e.contains("hint:"), "{e}");
+        }
+        assert!(disk_parent("hv", None).unwrap_err().contains("nothing"));
     }
 
     #[test]

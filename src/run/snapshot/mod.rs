@@ -6,6 +6,7 @@
 //! a fresh overlay and waits for every VM, at every level, to answer ssh with its pinned
 //! host key. An entry is never written again: restoring twice gives two identical starts.
 
+mod free_memory;
 mod remote;
 mod restore;
 mod save;
@@ -22,8 +23,9 @@ use crate::model::config::topology::{Placement, Topology};
 use crate::model::lab::instance::{InstanceRecord, InstanceSpec};
 use crate::model::lab::snapshot::{
     IDENTITY_DIR, MANIFEST_FILE, SNAPSHOT_FORMAT, STATE_FILE, SavedVm, Selection, SnapshotManifest,
-    SnapshotPaths, VMS_DIR, entry_derivation, entry_key, entry_name, refusal, relocate_store,
-    selection, snapshot_of, state_root_of, top_level_of, topology_digest, valid_name,
+    SnapshotPaths, VMS_DIR, disk_parent, entry_derivation, entry_key, entry_name, refusal,
+    relocate_store, selection, snapshot_of, state_root_of, top_level_of, topology_digest,
+    valid_name,
 };
 use crate::progress::Reporter;
 use crate::project::Project;

@@ -1,7 +1,7 @@
 //! The saved VMs of remote hosts stay on their host: each one's frozen overlay and machine
 //! state become an entry of the host's own store (gigabytes are not carried to this
 //! machine and back, and a state loads only where its qemu is). The entry backs onto the
-//! VM's layer there by a relative path, as local entries do; this machine keeps the VM's
+//! VM's layer (or the snapshot it was restored from) there by a relative path, as local entries do; this machine keeps the VM's
 //! records in the snapshot's directory and the manifest names the host.
 
 use super::*;
@@ -47,9 +47,9 @@ pub(super) struct RemoteStaged {
     overlay: PathBuf,
 }
 
-/// Stages a remote VM's entry on its host: a copy of its overlay rebased onto its layer
-/// there (the original stays until the commit: a failure loses nothing), its state and
-/// the entry's metadata.
+/// Stages a remote VM's entry on its host: a copy of its overlay rebased onto the entry it
+/// backs onto there (its layer, or the snapshot it was restored from; the original stays
+/// until the commit: a failure loses nothing), its state and the entry's metadata.
 pub(super) fn stage(
     host: &Arc<dyn Host>,
     store: &HostStore,
@@ -70,16 +70,25 @@ pub(super) fn stage(
         ),
     )?;
     let [disk_hash, state_hash, state_bytes] = words(&hashes, v.vm)?;
-    let layer = &spec.layer.entry;
+    let info = instance::check(
+        &**host,
+        v.vm,
+        "Reading what the overlay backs onto",
+        &format!("qemu-img info -U --output=json {}", quote_path(&disk)),
+    )?;
+    let backing = serde_json::from_str::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|info| info["backing-filename"].as_str().map(PathBuf::from));
+    let parent = disk_parent(v.vm, backing.as_deref()).map_err(SnapshotError::Failed)?;
     let derivation = entry_derivation(
-        v.snapshot, v.vm, layer, disk_hash, state_hash, v.topology, v.qemu,
+        v.snapshot, v.vm, &parent, disk_hash, state_hash, v.topology, v.qemu,
     );
     let key = entry_key(&derivation);
     let label = entry_name(v.vm);
     let dir_name = crate::store::entry_dir_name(&key, &label);
     let dir = entry_dir(store, &dir_name);
     let staging = store.root.join("tmp").join(format!("{dir_name}.partial"));
-    let backing = Path::new("..").join(layer).join(crate::store::DISK_FILE);
+    let backing = Path::new("..").join(&parent).join(crate::store::DISK_FILE);
     let copied = instance::check(
         &**host,
         v.vm,
@@ -112,7 +121,7 @@ pub(super) fn stage(
         .parse::<ContentHash>()
         .map_err(|e| SnapshotError::Failed(format!("VM `{}`: {e}", v.vm)))?;
     let size = size.parse().unwrap_or_default();
-    let meta = entry_meta(label, key, derivation, (output, size), layer, started);
+    let meta = entry_meta(label, key, derivation, (output, size), &parent, started);
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
     host.put(&json, &staging.join(crate::store::META_FILE), 0o644)?;
     Ok(RemoteStaged {

@@ -60,6 +60,36 @@ pub fn save(
         None => scratch.path().join(format!("{}.{STATE_FILE}", vm.name)),
     };
 
+    let started = Instant::now();
+    let pidfiles: Vec<PathBuf> = vms
+        .iter()
+        .map(|vm| records[&vm.name].spec.paths.pidfile())
+        .collect();
+    let top_qemus: Vec<free_memory::TopQemu<'_>> = vms
+        .iter()
+        .zip(&pidfiles)
+        .map(|(vm, pidfile)| free_memory::TopQemu {
+            name: &vm.name,
+            host: &vm.host,
+            pidfile,
+        })
+        .collect();
+    let freed_kib = free_memory::free_before_save(
+        &state.own_ssh_config(),
+        topology,
+        &top_qemus,
+        &by_level(topology, &inside, false),
+        &state.records(),
+    );
+    reporter.status(
+        "freed",
+        format!(
+            "{} of page cache in the guests ({:.1} s)",
+            crate::build::realise::human_bytes(freed_kib * 1024),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+
     // Every VM is paused before any is saved: the lab is one moment, across VMs and hosts.
     // The VMs inside hypervisor VMs go first, deepest first (see `tell_inside`).
     let started = Instant::now();
@@ -118,7 +148,8 @@ pub fn save(
         quit(&*vm.host, &records[&vm.name].spec, &vm.name)?;
     }
 
-    // Each top-level VM becomes a store entry on its layer's, in its host's store; the
+    // Each top-level VM becomes a store entry on the one its overlay backs onto (its layer's,
+    // or the snapshot's it was restored from), in its host's store; the
     // manifest names them all and travels in each.
     let digest = topology_digest(topology, top.iter().chain(&inside));
     let mut staged = Vec::new();
@@ -273,13 +304,18 @@ struct StagedVm {
     meta: crate::store::EntryMeta,
 }
 
-/// Stages a top-level VM's entry: a copy of its overlay backing onto its layer's entry (the
+/// Stages a top-level VM's entry: a copy of its overlay backing onto the entry the overlay
+/// was made on, its layer's or a snapshot's (`disk_parent`; the
 /// original stays until the entry is committed: a failure loses nothing), its state, and
 /// the local directories of it and the VMs inside it.
 fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm, SnapshotError> {
     let started = Instant::now();
     let spec = &v.record.spec;
-    let layer = &spec.layer.entry;
+    let backing = crate::store::qcow2::read_info(&spec.paths.disk())
+        .map_err(io("read", &spec.paths.disk()))?
+        .and_then(|info| info.backing);
+    let parent_dir =
+        disk_parent(v.vm, backing.as_deref().map(Path::new)).map_err(SnapshotError::Failed)?;
     let (disk_hash, _) = crate::store::fsutil::hash_file(&spec.paths.disk())
         .map_err(io("read", &spec.paths.disk()))?;
     let (state_hash, state_bytes) =
@@ -287,7 +323,7 @@ fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm,
     let derivation = entry_derivation(
         v.snapshot,
         v.vm,
-        layer,
+        &parent_dir,
         &disk_hash.to_hex(),
         &state_hash.to_hex(),
         v.topology,
@@ -310,9 +346,9 @@ fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm,
             spec.paths.disk().display()
         )));
     }
-    let parent = store.entry_by_dir(layer).ok_or_else(|| {
+    let parent = store.entry_by_dir(&parent_dir).ok_or_else(|| {
         SnapshotError::Failed(format!(
-            "VM `{}` runs on store entry `{layer}`, which is not in `{}`\nhint: `farm store verify`",
+            "VM `{}` runs on store entry `{parent_dir}`, which is not in `{}`\nhint: `farm store verify`",
             v.vm,
             store.root().display()
         ))
@@ -338,7 +374,7 @@ fn stage_vm(store: &Store, state: &StateDir, v: StageVm<'_>) -> Result<StagedVm,
         }
     }
     let (output, size) = staging.hash_disk().map_err(store_error)?;
-    let meta = entry_meta(label, key, derivation, (output, size), layer, started);
+    let meta = entry_meta(label, key, derivation, (output, size), &parent_dir, started);
     Ok(StagedVm {
         saved: SavedVm {
             name: v.vm.to_string(),
