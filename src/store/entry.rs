@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::hash::{ContentHash, DrvHash, STORE_KEY_HEX_LEN};
 
 /// File names inside an entry directory. Fixed so that any tool (qemu, rsync, a human) finds
-/// the same things in every entry.
-pub const DISK_FILE: &str = "disk.qcow2";
+/// the same things in every entry; the disk's is the model's, which cache records name too.
+pub use crate::model::build::cache_record::DISK_FILE;
 pub const BOOT_DIR: &str = "boot";
 pub const META_FILE: &str = "meta.json";
 

@@ -93,7 +93,12 @@ pub fn entry_derivation(
 /// still held the blocks).
 pub fn disk_parent(vm: &str, backing: Option<&Path>) -> Result<String, String> {
     let entry = backing
-        .filter(|b| b.file_name() == Some(std::ffi::OsStr::new(crate::store::DISK_FILE)))
+        .filter(|b| {
+            b.file_name()
+                == Some(std::ffi::OsStr::new(
+                    crate::model::build::cache_record::DISK_FILE,
+                ))
+        })
         .and_then(Path::parent)
         .and_then(Path::file_name)
         .and_then(|name| name.to_str());

@@ -44,7 +44,9 @@ pub(super) fn resolve(
         drv_hash: layer.drv_hash,
         layer: LayerRef {
             entry: layer.entry.clone(),
-            disk: on_site(&Path::new(&layer.entry).join("disk.qcow2")),
+            disk: on_site(
+                &Path::new(&layer.entry).join(crate::model::build::cache_record::DISK_FILE),
+            ),
             blake3: layer.blake3,
         },
         boot: layer.boot.as_ref().map(|b| DirectBoot {
