@@ -85,9 +85,10 @@ fi
 
 # The clients people use with such labs, from PyPI in a venv of their own: Ansible (the
 # bundled lab's provisioning: `farm up` runs ansible/guest_provision.yml), pytest-testinfra
-# and pyinfra (the README's "Use it with your tools", and the tests' labs).
+# and pyinfra (the README's "Use it with your tools", and the tests' labs); junitparser, a
+# consumer of `farm test --junit`'s reports.
 ansible_venv=/opt/farm-ansible
-lab_clients=(ansible-core==2.19.4 pytest-testinfra==10.2.2 pyinfra==3.10.0)
+lab_clients=(ansible-core==2.19.4 pytest-testinfra==10.2.2 pyinfra==3.10.0 junitparser==3.2.0)
 installed=$("$ansible_venv/bin/pip" freeze 2>/dev/null | grep -cxF -f <(printf '%s\n' "${lab_clients[@]}") || true)
 if [ "${installed:-0}" -ne ${#lab_clients[@]} ]; then
   echo "setup: installing ${lab_clients[*]} into $ansible_venv" >&2

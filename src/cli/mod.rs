@@ -15,7 +15,9 @@ mod snapshot;
 mod ssh;
 mod status;
 mod store;
+mod test;
 mod up;
+mod verbs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +82,18 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Open a shell, or run a command, on a VM through the generated ssh_config.
     Ssh(ssh::SshArgs),
+    /// Run a command as root on a VM at any level; farm exits with its status.
+    Exec(verbs::ExecArgs),
+    /// Wait until a port listens, a file exists, a command succeeds or a unit is active in a VM.
+    Wait(verbs::WaitArgs),
+    /// Copy files between this machine and a VM at any level (`VM:PATH` on the VM's side).
+    Cp(verbs::CpArgs),
+    /// Cut a VM's power: its qemu stops at once (`farm up` starts it again).
+    Crash(verbs::CrashArgs),
+    /// Reboot a VM from inside and wait until it answers ssh again.
+    Reboot(verbs::RebootArgs),
+    /// Run farm.toml's tests against the lab, each from its start snapshot.
+    Test(test::TestArgs),
     /// Print a VM's serial console, wherever it runs.
     Logs(logs::LogsArgs),
     /// Print an Ansible inventory of the VMs, reached through farm's ssh_config.
@@ -111,6 +125,15 @@ pub fn main() -> ExitCode {
         config: cli.config.clone(),
         store: cli.store.clone(),
     };
+    if let Command::Exec(args) = cli.command {
+        return match verbs::exec(&options, args) {
+            Ok(code) => code,
+            Err(err) => {
+                print_error(&err);
+                exit_code_for(&err)
+            }
+        };
+    }
     let result = match cli.command {
         Command::Build(args) => build::run(&options, args, &reporter),
         Command::Plan(args) => build::plan(&options, args, &reporter),
@@ -122,6 +145,12 @@ pub fn main() -> ExitCode {
         Command::Down(args) => down::run(&options, args, &reporter),
         Command::Status(args) => status::run(&options, args, &reporter),
         Command::Ssh(args) => ssh::run_ssh(&options, args),
+        Command::Exec(_) => unreachable!("handled above: it exits with the command's status"),
+        Command::Wait(args) => verbs::wait(&options, args, &reporter),
+        Command::Cp(args) => verbs::cp(&options, args, &reporter),
+        Command::Test(args) => test::run(&options, args, &reporter),
+        Command::Crash(args) => verbs::crash(&options, args, &reporter),
+        Command::Reboot(args) => verbs::reboot(&options, args, &reporter),
         Command::Logs(args) => logs::run(&options, args),
         Command::Inventory(args) => ssh::run_inventory(&options, args),
         Command::Graph(args) => graph::run(&options, args),

@@ -201,7 +201,7 @@ pub fn parse_sources(
                     let top_level = e.message().contains("`images`");
                     let diagnostic = parse_error(e);
                     problems.push(if top_level {
-                        diagnostic.hint("farm.toml has the tables images, targets, platforms, networks, hosts, vms and lab, and the lists substituters and trusted-public-keys; see README.md")
+                        diagnostic.hint("farm.toml has the tables images, targets, platforms, networks, hosts, vms, lab and tests, and the lists substituters and trusted-public-keys; see README.md")
                     } else {
                         diagnostic
                     });

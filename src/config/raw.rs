@@ -35,6 +35,21 @@ pub struct RawFile {
     /// How `farm up` starts the lab.
     #[serde(default)]
     pub lab: RawLab,
+    /// `farm test`'s tests, each a script run against the lab.
+    #[serde(default)]
+    pub tests: BTreeMap<Spanned<String>, RawTest>,
+}
+
+/// farm.toml's `[tests.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTest {
+    /// The script to run, relative to farm.toml's directory.
+    pub script: Spanned<String>,
+    /// The snapshot each run starts from: `converged` (the default) or one saved by name.
+    pub start: Option<Spanned<String>>,
+    /// How long the script may run: `90s`, `5m`, `1h`, or seconds.
+    pub timeout: Option<Spanned<String>>,
 }
 
 /// farm.toml's `[lab]`.

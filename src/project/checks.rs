@@ -36,6 +36,21 @@ pub fn check_referenced(
             _ => project_dir.join(written),
         }
     };
+    for test in config.tests.values() {
+        if !test.script.value.is_file() {
+            problems.push(
+                Diagnostic::new(
+                    format!(
+                        "The script `{}` of test `{}` does not exist",
+                        test.script.value.display(),
+                        test.name.value
+                    ),
+                    test.script.at.clone(),
+                )
+                .hint("`script` is a path relative to farm.toml's directory"),
+            );
+        }
+    }
     for host in config.hosts.values() {
         for (what, file) in [
             ("identity_file", &host.identity_file),

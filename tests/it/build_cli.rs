@@ -483,6 +483,31 @@ fn a_missing_key_file_is_an_error_naming_the_file_and_line() {
 }
 
 #[test]
+fn a_missing_test_script_is_an_error_naming_it_and_its_line() {
+    let project = Project::new(
+        "[targets.amd64]\narch = \"x86_64\"\n[tests.smoke]\nscript = \"tests/smoke.sh\"\n",
+    );
+    for command in [&["check"][..], &["test"]] {
+        let out = project.run(command);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("tests/smoke.sh` of test `smoke` does not exist")
+                && stderr.contains("farm.toml:4:"),
+            "{}",
+            text(&out)
+        );
+    }
+    let out = Project::new("[targets.amd64]\narch = \"x86_64\"\n").run(&["test"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("declares no tests"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn unknown_names_on_the_command_line_exit_2_with_a_hint() {
     let project = Project::new("[targets.amd64]\narch = \"x86_64\"\n");
     let out = project.run(&["show", "nope"]);

@@ -1346,3 +1346,35 @@ fn an_unknown_builder_is_refused_with_the_choices() {
         "{rendered}"
     );
 }
+
+#[test]
+fn a_tests_timeout_and_start_are_checked_where_they_are_written() {
+    let line_of = |text: &str, start: &str| {
+        text.lines()
+            .position(|l| l.starts_with(start))
+            .map(|i| i + 1)
+            .unwrap()
+    };
+    let text = format!("{IMAGE}\n[tests.smoke]\nscript = \"t.sh\"\ntimeout = \"5 minutes\"\n");
+    let rendered = assert_error(
+        &text,
+        "`timeout = \"5 minutes\"` is not a duration farm takes",
+        line_of(&text, "timeout"),
+    );
+    assert!(
+        rendered.contains("hint: write seconds, minutes or hours"),
+        "{rendered}"
+    );
+    let text = format!("{IMAGE}\n[tests.smoke]\nscript = \"t.sh\"\nstart = \"../up\"\n");
+    assert_error(
+        &text,
+        "`start = \"../up\"` is not a snapshot's name",
+        line_of(&text, "start"),
+    );
+    let text = format!("{IMAGE}\n[tests.smoke]\nscript = \"t.sh\"\nretries = 2\n");
+    assert!(parse(&text).is_err());
+    for fine in ["90s", "5m", "1h", "300"] {
+        let text = format!("{IMAGE}\n[tests.smoke]\nscript = \"t.sh\"\ntimeout = \"{fine}\"\n");
+        parse(&text).unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+}

@@ -14,9 +14,9 @@ use crate::model::config::backend::{self, Backend};
 use crate::model::config::diagnostic::Diagnostic;
 use crate::model::config::limits::{self, Refusal};
 use crate::model::config::{
-    Attachment, Config, DebianSpec, Deploy, DuplicateDefinition, FileId, Forward, Host, Image,
-    ImageSource, KeyGrant, Located, Network, NetworkKind, Nic, Origin, Platform, Resources, Steps,
-    Target, VmDecl,
+    Attachment, Config, DEFAULT_TEST_START, DEFAULT_TEST_TIMEOUT, DebianSpec, Deploy,
+    DuplicateDefinition, FileId, Forward, Host, Image, ImageSource, KeyGrant, Located, Network,
+    NetworkKind, Nic, Origin, Platform, Resources, Steps, Target, TestDecl, VmDecl,
 };
 use crate::model::hash::{ExpectedHash, HashAlgo};
 
@@ -126,6 +126,40 @@ pub fn merge_file(
 ) {
     if let Some(on) = raw.lab.converged_snapshot {
         config.lab.converged_snapshot |= on;
+    }
+    for (name, test) in raw.tests {
+        if check_name(&name, cx, "test", problems) {
+            let start = match &test.start {
+                Some(start) if !is_valid_name(start.get_ref()) => {
+                    problems.push(
+                        Diagnostic::new(
+                            format!("`start = \"{}\"` is not a snapshot's name", start.get_ref()),
+                            cx.origin(start),
+                        )
+                        .hint("a test starts from `converged` (the default) or from a snapshot saved with `farm snapshot save NAME`"),
+                    );
+                    continue;
+                }
+                Some(start) => cx.located(start),
+                None => Located::new(DEFAULT_TEST_START.to_string(), cx.origin(&name)),
+            };
+            let timeout = match &test.timeout {
+                Some(t) => {
+                    match cx.checked(t, |t: &String| limits::duration("timeout", t), problems) {
+                        Some(timeout) => timeout,
+                        None => continue,
+                    }
+                }
+                None => DEFAULT_TEST_TIMEOUT,
+            };
+            let decl = TestDecl {
+                name: cx.located(&name),
+                script: cx.path(&test.script),
+                start,
+                timeout,
+            };
+            insert(config, |c| &mut c.tests, "test", decl);
+        }
     }
     for url in &raw.substituters {
         if cx
@@ -271,7 +305,7 @@ macro_rules! named {
         })*
     };
 }
-named!(Image, Target, Platform, Network, Host, VmDecl);
+named!(Image, Target, Platform, Network, Host, VmDecl, TestDecl);
 
 /// Inserts a definition; a second one with the same name is recorded for validation to
 /// report, and the first is kept.

@@ -115,6 +115,30 @@ pub fn port(field: &str, value: u16) -> Result<u16, Refusal> {
     Ok(value)
 }
 
+/// A test's `timeout`: `90s`, `5m`, `1h` or a number of seconds, from 1 s to a day.
+pub fn duration(field: &str, text: &str) -> Result<std::time::Duration, Refusal> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit.trim() {
+        "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        _ => None,
+    };
+    match (digits.parse::<u64>().ok(), scale) {
+        (Some(n), Some(scale)) if (1..=86_400).contains(&(n * scale)) => {
+            Ok(std::time::Duration::from_secs(n * scale))
+        }
+        _ => Err(refuse(
+            format!("`{field} = \"{text}\"` is not a duration farm takes"),
+            "write seconds, minutes or hours: `90s`, `5m`, `1h` (from 1 s to 24 h)",
+        )),
+    }
+}
+
 /// Names of images, platforms, targets, networks, hosts and VMs (declared, or generated
 /// by a `deploy`): letters, digits, `-`, `_`, `.`, starting with a letter or digit, 64 at
 /// most. They become store entry and state directory names.

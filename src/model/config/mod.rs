@@ -64,6 +64,8 @@ pub struct Config {
     pub cache: CacheSettings,
     /// farm.toml's `[lab]`: how `farm up` starts the lab.
     pub lab: LabSettings,
+    /// farm.toml's `[tests.NAME]`: what `farm test` runs against the lab.
+    pub tests: BTreeMap<String, TestDecl>,
     /// Definitions found twice (e.g. in farm.toml and in platforms/NAME.toml): kind, name,
     /// first and second place. Parsing keeps the first; validation reports the pair.
     pub duplicates: Vec<DuplicateDefinition>,
@@ -83,6 +85,24 @@ pub struct LabSettings {
     /// nothing it was made from changed (`model::lab::converged`).
     pub converged_snapshot: bool,
 }
+
+/// A test `farm test` runs: a script, started against the lab restored from a snapshot.
+#[derive(Clone, Debug)]
+pub struct TestDecl {
+    pub name: Located<String>,
+    /// The script, resolved against farm.toml's directory.
+    pub script: Located<PathBuf>,
+    /// The snapshot every run of it starts from (`converged`, which `farm test` makes with
+    /// `up` when it is missing, or one the user saved).
+    pub start: Located<String>,
+    pub timeout: std::time::Duration,
+}
+
+/// The snapshot a test starts from when it names none: the lab as `up` converged it.
+pub const DEFAULT_TEST_START: &str = "converged";
+
+/// How long a test's script may run when it says nothing.
+pub const DEFAULT_TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Clone, Debug)]
 pub struct DuplicateDefinition {

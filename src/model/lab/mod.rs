@@ -13,4 +13,6 @@ pub mod observation;
 pub mod provision;
 pub mod snapshot;
 pub mod ssh_config;
+pub mod test_report;
 pub mod up_plan;
+pub mod wait;

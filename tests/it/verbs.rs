@@ -1,0 +1,174 @@
+//! The verbs a test script calls on a running lab (`farm exec`, `farm wait`, `farm cp`), at
+//! L1 and at both L2s of the tiny-L2 lab (restored from its snapshot): exit statuses and
+//! output pass through, waits end when their condition holds and fail on time naming the VM
+//! with its console, copies go both ways through the jump chain, each verb's time is logged
+//! where `FARM_VERB_LOG` says, a rebooted L2 answers in a new boot, and a crashed one fails
+//! the next verb until `up` brings it back.
+
+use std::process::Stdio;
+
+use crate::recovery::tiny_lab;
+use crate::support::lab::restored;
+use crate::support::project::{stderr, stdout, text};
+
+#[test]
+fn exec_wait_and_cp_reach_every_level_and_fail_naming_the_vm() {
+    let Some(lab) = restored("verbs", &tiny_lab()) else {
+        return;
+    };
+    let p = &lab.project;
+    let log = tempfile::NamedTempFile::new().unwrap();
+
+    // exec: the command's output streams through and its exit status is farm's.
+    for vm in ["hv", "leaf_amd64", "vleaf_amd64"] {
+        let out = p
+            .farm(&[
+                "exec",
+                vm,
+                "--",
+                "echo out-$(hostname); echo err >&2; exit 7",
+            ])
+            .env("FARM_VERB_LOG", log.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(7), "{vm}: {}", text(&out));
+        assert!(stdout(&out).starts_with("out-"), "{vm}: {}", text(&out));
+        assert_eq!(stderr(&out).trim(), "err", "{vm}: {}", text(&out));
+    }
+    let logged = fs_err::read_to_string(log.path()).unwrap();
+    let lines: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{logged}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["verb"] == "exec" && l["seconds"].as_f64().unwrap() > 0.0),
+        "{logged}"
+    );
+
+    // wait --file: a file that appears two seconds later, in the VDE-only L2.
+    let mut later = p
+        .farm(&["exec", "vleaf_amd64", "--", "sleep 2; touch /tmp/ready"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waited = p.ok(&[
+        "wait",
+        "vleaf_amd64",
+        "--file",
+        "/tmp/ready",
+        "--timeout",
+        "60",
+    ]);
+    assert!(
+        stderr(&waited).contains("waited vleaf_amd64 for `/tmp/ready` existing"),
+        "{}",
+        text(&waited)
+    );
+    assert!(later.wait().unwrap().success());
+    // --port and --until, at both levels.
+    p.ok(&["wait", "leaf_amd64", "--port", "22", "--timeout", "30"]);
+    p.ok(&[
+        "wait",
+        "hv",
+        "--until",
+        "test -d /var/lib/farm",
+        "--timeout",
+        "30",
+    ]);
+
+    // A wait that never ends fails on time, naming the VM and showing its console.
+    let never = p.run(&["wait", "hv", "--file", "/nowhere", "--timeout", "2"]);
+    assert_eq!(never.status.code(), Some(1), "{}", text(&never));
+    let said = stderr(&never);
+    assert!(
+        said.contains("VM `hv`: no `/nowhere` existing after 2 s")
+            && said.contains("serial console")
+            && said.contains("hint:"),
+        "{said}"
+    );
+    // A port nobody listens on, in an L2.
+    let closed = p.run(&["wait", "leaf_amd64", "--port", "9", "--timeout", "1"]);
+    assert_eq!(closed.status.code(), Some(1), "{}", text(&closed));
+    assert!(
+        stderr(&closed).contains("VM `leaf_amd64`: no port 9 listening after 1 s"),
+        "{}",
+        text(&closed)
+    );
+
+    // cp: a file to the L2 behind two hops and back, and a directory.
+    let work = tempfile::tempdir().unwrap();
+    let sent = work.path().join("sent.txt");
+    fs_err::write(&sent, "farm cp's file\n").unwrap();
+    p.ok(&["cp", sent.to_str().unwrap(), "vleaf_amd64:/root/"]);
+    let back = work.path().join("back.txt");
+    p.ok(&["cp", "vleaf_amd64:/root/sent.txt", back.to_str().unwrap()]);
+    assert_eq!(fs_err::read_to_string(&back).unwrap(), "farm cp's file\n");
+    let tree = work.path().join("tree");
+    fs_err::create_dir_all(tree.join("sub")).unwrap();
+    fs_err::write(tree.join("sub/deep"), "deep\n").unwrap();
+    p.ok(&["cp", "-r", tree.to_str().unwrap(), "leaf_amd64:/root/tree"]);
+    let out = p.ok(&["exec", "leaf_amd64", "--", "cat /root/tree/sub/deep"]);
+    assert_eq!(stdout(&out), "deep\n");
+    let fetched = work.path().join("fetched");
+    p.ok(&[
+        "cp",
+        "-r",
+        "leaf_amd64:/root/tree",
+        fetched.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        fs_err::read_to_string(fetched.join("sub/deep")).unwrap(),
+        "deep\n"
+    );
+    // A path that is not there fails naming the VM, and leaves nothing behind.
+    let missing = work.path().join("missing");
+    let failed = p.run(&["cp", "hv:/nowhere", missing.to_str().unwrap()]);
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    assert!(
+        stderr(&failed).contains("VM `hv`: cannot copy `/nowhere`"),
+        "{}",
+        text(&failed)
+    );
+    assert!(
+        crate::support::project::list(work.path())
+            .iter()
+            .all(|n| !n.starts_with("missing"))
+    );
+
+    // Bad input: no VM side, an unknown VM.
+    let neither = p.run(&["cp", "a", "b"]);
+    assert_eq!(neither.status.code(), Some(2), "{}", text(&neither));
+    let unknown = p.run(&["exec", "nope", "--", "true"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+    assert!(
+        stderr(&unknown).contains("`nope` is not a VM"),
+        "{}",
+        text(&unknown)
+    );
+    // reboot: a new boot of the L2, answering again.
+    let boot_id =
+        |vm: &str| stdout(&p.ok(&["exec", vm, "--", "cat /proc/sys/kernel/random/boot_id"]));
+    let before = boot_id("leaf_amd64");
+    let rebooted = p.ok(&["reboot", "leaf_amd64", "--timeout", "120"]);
+    assert!(
+        stderr(&rebooted).contains("rebooted leaf_amd64"),
+        "{}",
+        text(&rebooted)
+    );
+    assert_ne!(boot_id("leaf_amd64"), before);
+
+    // crash: the VDE L2's power cut; a verb then fails naming it, and `up` brings it back.
+    p.ok(&["crash", "vleaf_amd64"]);
+    let gone = p.run(&["exec", "vleaf_amd64", "--", "true"]);
+    assert_eq!(gone.status.code(), Some(1), "{}", text(&gone));
+    assert!(
+        stderr(&gone).contains("VM `vleaf_amd64` did not answer ssh"),
+        "{}",
+        text(&gone)
+    );
+    p.ok_with_ansible(&["up"]);
+    p.ok(&["exec", "vleaf_amd64", "--", "cat /root/provisioned"]);
+}
