@@ -88,6 +88,8 @@ pub enum Command {
     Wait(verbs::WaitArgs),
     /// Copy files between this machine and a VM at any level (`VM:PATH` on the VM's side).
     Cp(verbs::CpArgs),
+    /// Cut (`down`) or plug back (`up`) the cable of a VM's NIC on a network.
+    Link(verbs::LinkArgs),
     /// Cut a VM's power: its qemu stops at once (`farm up` starts it again).
     Crash(verbs::CrashArgs),
     /// Reboot a VM from inside and wait until it answers ssh again.
@@ -149,6 +151,7 @@ pub fn main() -> ExitCode {
         Command::Wait(args) => verbs::wait(&options, args, &reporter),
         Command::Cp(args) => verbs::cp(&options, args, &reporter),
         Command::Test(args) => test::run(&options, args, &reporter),
+        Command::Link(args) => verbs::link(&options, args, &reporter),
         Command::Crash(args) => verbs::crash(&options, args, &reporter),
         Command::Reboot(args) => verbs::reboot(&options, args, &reporter),
         Command::Logs(args) => logs::run(&options, args),

@@ -26,6 +26,13 @@ pub struct TestArgs {
     /// Leave the lab of a failed test running (it is saved as a snapshot either way).
     #[arg(long)]
     pub keep: bool,
+    /// Run each test this many times, each run reported on its own (`NAME#2`, …).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
+    /// Run a failing test again up to this many times; one that then passes is reported
+    /// as flaky, with its failed attempts.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
     /// Accelerator, overriding every target's `accel`, when the lab is made.
     #[arg(long, env = "FARM_ACCEL", value_enum)]
     pub accel: Option<AccelArg>,
@@ -85,6 +92,8 @@ pub fn run(options: &ProjectOptions, args: TestArgs, reporter: &Reporter) -> any
             boot: false,
         },
         keep: args.keep,
+        repeat: args.repeat,
+        retries: args.retries,
         echo: true,
         github: std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true"),
     };

@@ -50,6 +50,25 @@ pub struct WaitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct LinkArgs {
+    /// The VM.
+    pub name: String,
+    /// Its NIC, by network: a VDE network's name, or `user` for QEMU's user network.
+    pub network: String,
+    /// Cut the cable (`down`) or plug it back (`up`).
+    #[arg(value_enum)]
+    pub state_of_link: LinkState,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LinkState {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Args)]
 pub struct CrashArgs {
     /// The VM.
     pub name: String,
@@ -195,6 +214,18 @@ pub fn reboot(
     reporter.status(
         "rebooted",
         format!("{} ({:.1} s)", args.name, took.as_secs_f64()),
+    );
+    Ok(())
+}
+
+pub fn link(options: &ProjectOptions, args: LinkArgs, reporter: &Reporter) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    let lab = lab_with(&project, &args.state, &args.name)?;
+    let up = args.state_of_link == LinkState::Up;
+    lab.link(&args.name, &args.network, up)?;
+    reporter.status(
+        if up { "linked" } else { "unlinked" },
+        format!("{} on {}", args.name, args.network),
     );
     Ok(())
 }

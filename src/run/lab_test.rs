@@ -37,6 +37,10 @@ pub struct TestOptions {
     pub echo: bool,
     /// GitHub Actions' groups and annotations around each test's output.
     pub github: bool,
+    /// How many times each test runs (`--repeat`), each run reported on its own.
+    pub repeat: u32,
+    /// How many times a failing run is tried again (`--retries`).
+    pub retries: u32,
 }
 
 /// Runs the tests; their results, in order. Only a lab that cannot be made at all is an
@@ -66,46 +70,75 @@ pub fn run_tests(
         .any(|t| t.start.value == crate::model::lab::converged::CONVERGED)
         .then(|| crate::model::lab::converged::CONVERGED.to_string());
     for test in &options.tests {
-        let fresh = at_start
-            .take_if(|start| *start == test.start.value)
-            .is_some();
-        if options.github {
-            println!("::group::farm test {}", test.name.value);
-        }
-        let result = run_one(
-            project,
-            state_root,
-            &results_root,
-            test,
-            fresh,
-            options,
-            reporter,
-        );
-        if options.github {
-            println!("::endgroup::");
-            if !result.outcome.passed() {
-                println!("{}", crate::model::lab::test_report::github_error(&result));
-            }
-        }
-        reporter.status(
-            if result.outcome.passed() {
-                "passed"
+        for run in 1..=options.repeat.max(1) {
+            let name = if options.repeat > 1 {
+                format!("{}#{run}", test.name.value)
             } else {
-                "FAILED"
-            },
-            format!(
-                "{} ({:.1} s, restore {:.1} s){}",
-                result.name,
-                result.seconds,
-                result.restore_seconds,
-                if result.outcome.passed() {
-                    String::new()
-                } else {
-                    format!(": {}", result.failure_message())
+                test.name.value.clone()
+            };
+            if options.github {
+                println!("::group::farm test {name}");
+            }
+            // A test that fails is run again, up to `retries` times: one that then passes
+            // is flaky, and keeps its failed attempts (their times and saved labs).
+            let mut earlier = Vec::new();
+            let result = loop {
+                let fresh = at_start
+                    .take_if(|start| *start == test.start.value)
+                    .is_some();
+                let mut result = run_one(
+                    project,
+                    state_root,
+                    &results_root,
+                    test,
+                    fresh,
+                    options,
+                    reporter,
+                );
+                result.name = name.clone();
+                if result.outcome.passed() || earlier.len() as u32 >= options.retries {
+                    result.earlier = earlier;
+                    break result;
                 }
-            ),
-        );
-        results.push(result);
+                reporter.warn(format!(
+                    "Test `{name}` {} (attempt {}); running it again",
+                    result.failure_message(),
+                    earlier.len() + 1
+                ));
+                earlier.push(result.as_attempt());
+            };
+            if options.github {
+                println!("::endgroup::");
+                if !result.outcome.passed() {
+                    println!("{}", crate::model::lab::test_report::github_error(&result));
+                }
+            }
+            reporter.status(
+                if !result.outcome.passed() {
+                    "FAILED"
+                } else if result.flaky() {
+                    "flaky"
+                } else {
+                    "passed"
+                },
+                format!(
+                    "{} ({:.1} s, restore {:.1} s){}",
+                    result.name,
+                    result.seconds,
+                    result.restore_seconds,
+                    if result.outcome.passed() {
+                        if result.flaky() {
+                            format!(": passed on attempt {}", result.earlier.len() + 1)
+                        } else {
+                            String::new()
+                        }
+                    } else {
+                        format!(": {}", result.failure_message())
+                    }
+                ),
+            );
+            results.push(result);
+        }
     }
     Ok(results)
 }
@@ -155,6 +188,7 @@ fn run_one(
         output: String::new(),
         steps: Vec::new(),
         failure_snapshot: None,
+        earlier: Vec::new(),
     };
     if let Err(e) = fs_err::create_dir_all(&dir) {
         return error(e.to_string(), 0.0);
@@ -190,6 +224,7 @@ fn run_one(
         output,
         steps,
         failure_snapshot: None,
+        earlier: Vec::new(),
     };
     if !result.outcome.passed() {
         result.failure_snapshot =

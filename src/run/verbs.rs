@@ -51,6 +51,10 @@ pub enum VerbError {
         status: String,
         said: String,
     },
+    #[error("Cannot switch the link of VM `{vm}`: {why}")]
+    Link { vm: String, why: String },
+    #[error(transparent)]
+    Host(#[from] crate::run::host::HostError),
     #[error("Cannot crash VM `{vm}`: {why}")]
     Crash { vm: String, why: String },
     #[error("VM `{vm}` is not up (no record of it)\nhint: `farm up {vm}` starts it")]
@@ -117,7 +121,7 @@ impl Lab<'_> {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            let out = crate::sys::process::output_within(ssh, left + Duration::from_secs(15))
+            let out = crate::sys::process::output_within(ssh, left + Duration::from_secs(10))
                 .map_err(|source| VerbError::Spawn {
                     program: "ssh",
                     source,
@@ -159,6 +163,44 @@ impl Lab<'_> {
                 }
             }
         }
+    }
+
+    /// Cuts (`up = false`) or restores the cable of `vm`'s NIC on `network` (`user` for
+    /// QEMU's user network): QMP `set_link` on its qemu, wherever it runs. The guest sees
+    /// its carrier go; what was sent meanwhile is lost.
+    pub fn link(&self, vm: &str, network: &str, up: bool) -> Result<(), VerbError> {
+        let started = Instant::now();
+        let records = self.state.records();
+        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
+            return Err(VerbError::NotUp { vm: vm.to_string() });
+        };
+        let failed = |why: String| VerbError::Link {
+            vm: vm.to_string(),
+            why,
+        };
+        let netdev = record.spec.netdev_of(network).map_err(&failed)?;
+        let host = Sites::new(self.topology, &self.state.own_ssh_config())
+            .connect(&node.placement)
+            .map_err(|e| failed(e.to_string()))?;
+        let result = crate::run::host::with_qmp(
+            &*host,
+            &record.spec.paths.qmp(),
+            Duration::from_secs(5),
+            |qmp| {
+                qmp.command("set_link", serde_json::json!({ "name": netdev, "up": up }))
+                    .map(|_| ())
+                    .map_err(|e| failed(e.to_string()))
+            },
+            failed,
+        );
+        log_verb(
+            "link",
+            vm,
+            &format!("{network} {}", if up { "up" } else { "down" }),
+            started,
+            result.is_ok(),
+        );
+        result
     }
 
     /// Stops `vm`'s qemu at once, as a power cut: nothing in the guest is told, and the VMs

@@ -36,6 +36,9 @@ script = "tests/fails.sh"
 [tests.d_too_slow]
 script = "tests/slow.sh"
 timeout = "3s"
+
+[tests.e_flaky]
+script = "tests/flaky.sh"
 "#;
 
 /// Uses the verbs: a wait, a command, a copy back through `$FARM_SSH_CONFIG` too.
@@ -61,6 +64,9 @@ exit 3
 
 const SLOW: &str = "echo started; sleep 60; echo never\n";
 
+/// Fails its first attempt, passes the next (it counts them beside farm.toml).
+const FLAKY: &str = "if [ -e flaky.once ]; then echo second; else touch flaky.once; exit 1; fi\n";
+
 #[test]
 fn farm_test_runs_each_test_from_the_start_snapshot_and_keeps_the_failed_lab() {
     if !require_vm("farm_test", &[ANSIBLE]) {
@@ -72,12 +78,21 @@ fn farm_test_runs_each_test_from_the_start_snapshot_and_keeps_the_failed_lab() {
         ("tests/starts_clean.sh", STARTS_CLEAN),
         ("tests/fails.sh", FAILS),
         ("tests/slow.sh", SLOW),
+        ("tests/flaky.sh", FLAKY),
     ] {
         p.write(path, script);
     }
     let junit = p.path().join("report.xml");
     let out = p
-        .farm(&["test", "--junit", junit.to_str().unwrap()])
+        .farm(&[
+            "test",
+            "a_writes",
+            "b_starts_clean",
+            "c_fails",
+            "d_too_slow",
+            "--junit",
+            junit.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let said = text(&out);
@@ -160,6 +175,21 @@ for suite in xml:
         stdout(&one).contains("1 test(s): 1 passed, 0 failed"),
         "{}",
         text(&one)
+    );
+    // A test that passes on a retry is flaky; `--repeat` runs one several times.
+    let retried = p.ok(&["test", "e_flaky", "--retries", "2"]);
+    let said = stderr(&retried);
+    assert!(
+        said.contains("flaky e_flaky") && said.contains("passed on attempt 2"),
+        "{}",
+        text(&retried)
+    );
+    let repeated = p.ok(&["test", "b_starts_clean", "--repeat", "2"]);
+    let said = stderr(&repeated);
+    assert!(
+        said.contains("passed b_starts_clean#1") && said.contains("passed b_starts_clean#2"),
+        "{}",
+        text(&repeated)
     );
     let unknown = p.run(&["test", "nope"]);
     assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));

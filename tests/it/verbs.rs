@@ -148,6 +148,25 @@ fn exec_wait_and_cp_reach_every_level_and_fail_naming_the_vm() {
         "{}",
         text(&unknown)
     );
+    // link: the VDE L2's cable cut, so a wait on it fails on time; plugged back, it answers.
+    p.ok(&["link", "vleaf_amd64", "lab", "down"]);
+    let cut = p.run(&["wait", "vleaf_amd64", "--until", "true", "--timeout", "3"]);
+    assert_eq!(cut.status.code(), Some(1), "{}", text(&cut));
+    assert!(
+        stderr(&cut).contains("VM `vleaf_amd64`: no `true` succeeding after 3 s"),
+        "{}",
+        text(&cut)
+    );
+    p.ok(&["link", "vleaf_amd64", "lab", "up"]);
+    p.ok(&["wait", "vleaf_amd64", "--until", "true", "--timeout", "120"]);
+    let no_nic = p.run(&["link", "vleaf_amd64", "user", "down"]);
+    assert_eq!(no_nic.status.code(), Some(1), "{}", text(&no_nic));
+    assert!(
+        stderr(&no_nic).contains("`vleaf_amd64` has no NIC on `user`; its NICs: lab"),
+        "{}",
+        text(&no_nic)
+    );
+
     // reboot: a new boot of the L2, answering again.
     let boot_id =
         |vm: &str| stdout(&p.ok(&["exec", vm, "--", "cat /proc/sys/kernel/random/boot_id"]));

@@ -225,6 +225,17 @@ impl ProcessTag {
 /// zeroed), and a restore decompresses all of it. A guest without the driver ignores it.
 pub const FREE_PAGE_REPORTING: &str = "virtio-balloon-pci,free-page-reporting=on";
 
+/// The QMP name of the `i`th NIC's network backend (`set_link` takes it): `net{i}` in a
+/// qemu farm starts, `farmnet{i}` among the NICs farm passes through to a libvirt domain's
+/// qemu (user and VDE NICs, which come before libvirt's own networks).
+pub fn netdev_id(i: usize, through_libvirt: bool) -> String {
+    if through_libvirt {
+        format!("farmnet{i}")
+    } else {
+        format!("net{i}")
+    }
+}
+
 impl QemuVm {
     pub fn binary(&self) -> &'static str {
         match self.hw.arch {
@@ -301,7 +312,7 @@ impl QemuVm {
             push(&["-drive", &drive]);
         }
         for (i, nic) in self.nics.iter().enumerate() {
-            let id = format!("net{i}");
+            let id = netdev_id(i, false);
             let Some(netdev) = nic.netdev(&id) else {
                 continue;
             };

@@ -208,6 +208,36 @@ impl InstanceSpec {
         }
     }
 
+    /// The QMP name of the network backend of the NIC on `network` (`user` for QEMU's user
+    /// network), as its qemu was started; `Err` says which NICs it has.
+    pub fn netdev_of(&self, network: &str) -> Result<String, String> {
+        let names: Vec<&str> = self
+            .user_net
+            .iter()
+            .map(|_| "user")
+            .chain(self.vde_nics.iter().map(|n| n.network.as_str()))
+            .collect();
+        match names.iter().position(|name| *name == network) {
+            Some(i) => Ok(crate::model::build::qemu::netdev_id(
+                i,
+                !self.backend.is_qemu(),
+            )),
+            None if self.libvirt_nics.iter().any(|n| n.network == network) => Err(format!(
+                "VM `{}`'s NIC on `{network}` is libvirt's: farm cannot switch its link yet",
+                self.name
+            )),
+            None => Err(format!(
+                "VM `{}` has no NIC on `{network}`; its NICs: {}",
+                self.name,
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )),
+        }
+    }
+
     /// The seed's NICs: the user NIC by DHCP, VDE NICs with their static addresses, matched
     /// by MAC in the guest, so a VM only on VDE is configured without being reached first.
     fn seed_nics(&self) -> Vec<SeedNic> {
@@ -383,6 +413,29 @@ pub(crate) mod tests {
             tag: ProcessTag::vm("/p/.farm", "web"),
             backend: Backend::Qemu,
         }
+    }
+
+    #[test]
+    fn a_nic_is_named_by_its_network_as_its_qemu_knows_it() {
+        let qemu = spec();
+        assert_eq!(qemu.netdev_of("user").unwrap(), "net0");
+        assert_eq!(qemu.netdev_of("lab").unwrap(), "net1");
+        let argv = qemu.qemu().argv().join(" ");
+        assert!(
+            argv.contains("user,id=net0,") && argv.contains("vde,id=net1,"),
+            "{argv}"
+        );
+        let e = qemu.netdev_of("nowhere").unwrap_err();
+        assert!(
+            e.contains("`web` has no NIC on `nowhere`; its NICs: user, lab"),
+            "{e}"
+        );
+        let mut domain = spec();
+        domain.backend = Backend::Libvirt {
+            uri: "qemu:///system".into(),
+        };
+        domain.user_net = None;
+        assert_eq!(domain.netdev_of("lab").unwrap(), "farmnet0");
     }
 
     #[test]

@@ -270,7 +270,7 @@ fn passthrough_args(vm: &QemuVm, machine: &str) -> Vec<String> {
         .iter()
         .filter(|nic| !matches!(nic.backend, NetBackend::LibvirtNetwork { .. }));
     for (i, nic) in passed.enumerate() {
-        let id = format!("farmnet{i}");
+        let id = crate::model::build::qemu::netdev_id(i, true);
         let Some(netdev) = nic.netdev(&id) else {
             continue;
         };

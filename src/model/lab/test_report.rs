@@ -70,9 +70,33 @@ pub struct TestResult {
     pub steps: Vec<Step>,
     /// The snapshot its failed lab was saved as.
     pub failure_snapshot: Option<String>,
+    /// The attempts that failed before this one (`farm test --retries`).
+    pub earlier: Vec<Attempt>,
+}
+
+/// A failed attempt of a test that was run again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub outcome: Outcome,
+    pub seconds: f64,
+    pub failure_snapshot: Option<String>,
 }
 
 impl TestResult {
+    /// It passed, after failing first.
+    pub fn flaky(&self) -> bool {
+        self.outcome.passed() && !self.earlier.is_empty()
+    }
+
+    /// This run as an earlier attempt of the next one.
+    pub fn as_attempt(&self) -> Attempt {
+        Attempt {
+            outcome: self.outcome.clone(),
+            seconds: self.seconds,
+            failure_snapshot: self.failure_snapshot.clone(),
+        }
+    }
+
     /// What a failure says: its outcome, the snapshot to restore, the output's last lines.
     pub fn failure_message(&self) -> String {
         let mut message = self.outcome.describe();
@@ -156,10 +180,29 @@ pub fn junit_xml(suite: &str, results: &[TestResult]) -> String {
     x
 }
 
-/// A test's steps and their times, then its output.
+/// A test's earlier attempts, its steps and their times, then its output.
 fn system_out(r: &TestResult) -> String {
-    let mut out = format!(
-        "restore of the start snapshot: {:.1} s\n",
+    let mut out = String::new();
+    if r.flaky() {
+        let _ = writeln!(out, "flaky: passed on attempt {}", r.earlier.len() + 1);
+    }
+    for (i, attempt) in r.earlier.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "attempt {}: {} ({:.1} s){}",
+            i + 1,
+            attempt.outcome.describe(),
+            attempt.seconds,
+            attempt
+                .failure_snapshot
+                .as_ref()
+                .map(|s| format!(", its lab saved as snapshot {s}"))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "restore of the start snapshot: {:.1} s",
         r.restore_seconds
     );
     for step in &r.steps {
@@ -187,7 +230,9 @@ pub fn github_summary(results: &[TestResult]) -> String {
             md,
             "| {} | {} | {:.1} s | {:.1} s |",
             r.name,
-            if r.outcome.passed() {
+            if r.flaky() {
+                format!("passed on attempt {} (flaky)", r.earlier.len() + 1)
+            } else if r.outcome.passed() {
                 "passed".to_string()
             } else {
                 r.failure_message().replace('|', "\\|")
@@ -242,7 +287,24 @@ mod tests {
                 "{\"verb\":\"wait\",\"vm\":\"hv\",\"what\":\"port 22 listening\",\"seconds\":0.5,\"ok\":true}\nnot json\n",
             ),
             failure_snapshot: None,
+            earlier: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_test_that_passes_on_a_retry_is_flaky_and_keeps_its_attempts() {
+        let mut flaky = result("flaky", Outcome::Passed);
+        let mut failed = result("flaky", Outcome::Failed { exit: Some(1) });
+        failed.failure_snapshot = Some("failed-flaky-1".into());
+        flaky.earlier.push(failed.as_attempt());
+        assert!(flaky.flaky() && !result("p", Outcome::Passed).flaky());
+        let xml = junit_xml("farm test", &[flaky.clone()]);
+        assert!(xml.contains("failures=\"0\""), "{xml}");
+        assert!(
+            xml.contains("flaky: passed on attempt 2\nattempt 1: failed (exit 1) (2.5 s), its lab saved as snapshot failed-flaky-1"),
+            "{xml}"
+        );
+        assert!(github_summary(&[flaky]).contains("| flaky | passed on attempt 2 (flaky) |"));
     }
 
     #[test]

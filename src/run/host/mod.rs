@@ -102,6 +102,46 @@ pub fn qmp_with_socat<H: Host + ?Sized>(
     host.run(&socat_qmp_script(socket, command)).map(|_| ())
 }
 
+/// Runs `work` on a QMP session with the qemu listening on `socket` on `host` (through a
+/// socket farm's ssh connection forwards when the host is remote or a hypervisor VM),
+/// connecting until `connect_for` has passed (a qemu just started makes its socket a
+/// moment later). `unreachable` makes the error of a session that could not be had.
+pub fn with_qmp<T, E: From<HostError>>(
+    host: &dyn Host,
+    socket: &Path,
+    connect_for: Duration,
+    work: impl FnOnce(&mut crate::sys::qmp::Qmp) -> Result<T, E>,
+    unreachable: impl Fn(String) -> E,
+) -> Result<T, E> {
+    use crate::sys::qmp::Qmp;
+    let mut work = Some(work);
+    let mut result = None;
+    host.with_socket(socket, &mut |local| {
+        let deadline = std::time::Instant::now() + connect_for;
+        let session = loop {
+            match Qmp::connect(local, Duration::from_secs(60)) {
+                Ok(qmp) => break Ok(qmp),
+                Err(e) if std::time::Instant::now() >= deadline => break Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        if let Some(work) = work.take() {
+            result = Some(
+                session
+                    .map_err(|e| unreachable(e.to_string()))
+                    .and_then(|mut qmp| work(&mut qmp)),
+            );
+        }
+    })?;
+    result.unwrap_or_else(|| {
+        Err(unreachable(format!(
+            "Cannot reach QMP socket `{}` on host `{}`",
+            socket.display(),
+            host.name()
+        )))
+    })
+}
+
 /// A shell script sending QMP `command` to `socket` with `socat` (best effort).
 fn socat_qmp_script(socket: &Path, command: &str) -> String {
     format!(

@@ -178,41 +178,14 @@ fn top_vms(
         .collect()
 }
 
-/// Runs `work` on a QMP session with the qemu listening on `socket` on `host` (through a
-/// socket farm's ssh connection forwards when the host is remote), connecting until
-/// `connect_for` has passed (a qemu just started makes its socket a moment later).
+/// `run::host::with_qmp`, its errors the snapshot's.
 fn with_qmp<T>(
     host: &dyn Host,
     socket: &Path,
     connect_for: Duration,
     work: impl FnOnce(&mut Qmp) -> Result<T, SnapshotError>,
 ) -> Result<T, SnapshotError> {
-    let mut work = Some(work);
-    let mut result = None;
-    host.with_socket(socket, &mut |local| {
-        let deadline = Instant::now() + connect_for;
-        let session = loop {
-            match Qmp::connect(local, Duration::from_secs(60)) {
-                Ok(qmp) => break Ok(qmp),
-                Err(e) if Instant::now() >= deadline => break Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        if let Some(work) = work.take() {
-            result = Some(
-                session
-                    .map_err(|e| SnapshotError::Failed(e.to_string()))
-                    .and_then(|mut qmp| work(&mut qmp)),
-            );
-        }
-    })?;
-    result.unwrap_or_else(|| {
-        Err(SnapshotError::Failed(format!(
-            "Cannot reach QMP socket `{}` on host `{}`",
-            socket.display(),
-            host.name()
-        )))
-    })
+    crate::run::host::with_qmp(host, socket, connect_for, work, SnapshotError::Failed)
 }
 
 fn records_of(
