@@ -26,7 +26,7 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("condition").required(true).args(["port", "file", "until", "unit"])))]
+#[command(group(clap::ArgGroup::new("condition").required(true).args(["port", "file", "until", "unit", "console"])))]
 pub struct WaitArgs {
     /// The VM.
     pub name: String,
@@ -42,6 +42,10 @@ pub struct WaitArgs {
     /// Until this systemd unit is active (a failed unit fails the wait at once).
     #[arg(long)]
     pub unit: Option<String>,
+    /// Until a line of the VM's serial console since its qemu started matches this
+    /// extended regular expression (`grep -E`).
+    #[arg(long, value_name = "REGEX")]
+    pub console: Option<String>,
     /// Seconds to wait at most.
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
@@ -124,11 +128,12 @@ pub fn exec(options: &ProjectOptions, args: ExecArgs) -> anyhow::Result<ExitCode
 pub fn wait(options: &ProjectOptions, args: WaitArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let lab = lab_with(&project, &args.state, &args.name)?;
-    let what = match (args.port, args.file, args.until, args.unit) {
+    let what = match (args.port, args.file, args.until, args.unit, args.console) {
         (Some(port), ..) => WaitFor::Port(port),
         (_, Some(file), ..) => WaitFor::File(file),
-        (_, _, Some(command), _) => WaitFor::Until(command),
-        (_, _, _, Some(unit)) => WaitFor::Unit(unit),
+        (_, _, Some(command), ..) => WaitFor::Until(command),
+        (_, _, _, Some(unit), _) => WaitFor::Unit(unit),
+        (.., Some(regex)) => WaitFor::Console(regex),
         _ => unreachable!("clap requires one condition"),
     };
     let took = lab.wait(&args.name, &what, Duration::from_secs(args.timeout))?;

@@ -105,6 +105,9 @@ impl Lab<'_> {
     /// Waits up to `timeout` for `what` in `vm`; how long it took. A VM that does not
     /// answer ssh yet (booting, rebooting) is tried again until the deadline.
     pub fn wait(&self, vm: &str, what: &WaitFor, timeout: Duration) -> Result<Duration, VerbError> {
+        if what.on_site() {
+            return self.wait_on_site(vm, what, timeout);
+        }
         let started = Instant::now();
         let deadline = started + timeout;
         let timed_out = |lab: &Self| VerbError::TimedOut {
@@ -162,6 +165,50 @@ impl Lab<'_> {
                     });
                 }
             }
+        }
+    }
+
+    /// Waits where `vm` runs for what its console shows ([`WaitFor::on_site`]): one
+    /// command on its site loops there until the console matches or the deadline passes.
+    fn wait_on_site(
+        &self,
+        vm: &str,
+        what: &WaitFor,
+        timeout: Duration,
+    ) -> Result<Duration, VerbError> {
+        let started = Instant::now();
+        let records = self.state.records();
+        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
+            return Err(VerbError::NotUp { vm: vm.to_string() });
+        };
+        let host = Sites::new(self.topology, &self.state.own_ssh_config())
+            .connect(&node.placement)
+            .map_err(|e| VerbError::Unreachable {
+                vm: vm.to_string(),
+                console: format!("(its site does not answer: {e})"),
+            })?;
+        let script = what
+            .site_script(
+                &record.spec.paths.serial_log(),
+                timeout.as_secs_f64().ceil() as u64,
+            )
+            .expect("a condition looked for on the site");
+        let out = host.run(&script)?;
+        let ok = out.success();
+        log_verb("wait", vm, &what.describe(), started, ok);
+        match out.status {
+            Some(0) => Ok(started.elapsed()),
+            Some(TIMED_OUT) => Err(VerbError::TimedOut {
+                vm: vm.to_string(),
+                what: what.describe(),
+                timeout,
+                console: self.console_tail(vm),
+            }),
+            other => Err(VerbError::WaitFailed {
+                vm: vm.to_string(),
+                status: other.map_or("a signal".into(), |c| c.to_string()),
+                said: out.text(),
+            }),
         }
     }
 

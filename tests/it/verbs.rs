@@ -79,6 +79,35 @@ fn exec_wait_and_cp_reach_every_level_and_fail_naming_the_vm() {
         "30",
     ]);
 
+    // --console: a line written to the console, read where the VM runs (this machine for
+    // hv, hv for the L2).
+    for vm in ["hv", "leaf_amd64"] {
+        let mark = format!("farm-console-mark-{vm}");
+        p.ok(&["exec", vm, "--", &format!("echo {mark} > /dev/console")]);
+        let seen = p.ok(&[
+            "wait",
+            vm,
+            "--console",
+            &format!("^{mark}"),
+            "--timeout",
+            "30",
+        ]);
+        assert!(
+            stderr(&seen).contains("console line matching"),
+            "{}",
+            text(&seen)
+        );
+    }
+    let unseen = p.run(&[
+        "wait",
+        "leaf_amd64",
+        "--console",
+        "^never-written$",
+        "--timeout",
+        "1",
+    ]);
+    assert_eq!(unseen.status.code(), Some(1), "{}", text(&unseen));
+
     // A wait that never ends fails on time, naming the VM and showing its console.
     let never = p.run(&["wait", "hv", "--file", "/nowhere", "--timeout", "2"]);
     assert_eq!(never.status.code(), Some(1), "{}", text(&never));

@@ -27,6 +27,11 @@ pub enum WaitFor {
     Until(String),
     /// A systemd unit that is active; a failed one fails the wait at once.
     Unit(String),
+    /// A line of the VM's serial console matching this extended regular expression
+    /// (`grep -E`), anywhere in the console since its qemu last started (a restore starts
+    /// it anew). Looked for where the VM runs, not in the guest: a guest that no longer
+    /// answers ssh still writes its console.
+    Console(String),
 }
 
 impl WaitFor {
@@ -37,7 +42,30 @@ impl WaitFor {
             WaitFor::File(path) => format!("`{path}` existing"),
             WaitFor::Until(command) => format!("`{command}` succeeding"),
             WaitFor::Unit(unit) => format!("unit `{unit}` active"),
+            WaitFor::Console(regex) => format!("console line matching `{regex}`"),
         }
+    }
+
+    /// Whether it is looked for on the VM's site (its console) rather than in the guest.
+    pub fn on_site(&self) -> bool {
+        matches!(self, WaitFor::Console(_))
+    }
+
+    /// The script that waits on the VM's site for `console` (the VM's serial log there)
+    /// to match, for at most `timeout_secs`; exit codes as [`WaitFor::guest_script`]'s.
+    /// `None` for the conditions the guest looks for.
+    pub fn site_script(&self, console: &std::path::Path, timeout_secs: u64) -> Option<String> {
+        let WaitFor::Console(regex) = self else {
+            return None;
+        };
+        Some(looping(
+            &format!(
+                "grep -qE -e {} {} 2>/dev/null",
+                shell_quote(regex),
+                crate::model::shell::quote_path(console)
+            ),
+            timeout_secs,
+        ))
     }
 
     /// The test the guest repeats: exit 0 when met, [`FAILED`] when it never will be,
@@ -59,20 +87,26 @@ impl WaitFor {
                 "case $(systemctl is-active {u} 2>/dev/null) in active) true ;; failed) systemctl --no-pager status {u} 2>&1 | tail -n 20; exit {FAILED} ;; *) false ;; esac",
                 u = shell_quote(unit)
             ),
+            // Looked for on the site (`site_script`); in the guest, never met.
+            WaitFor::Console(_) => "false".to_string(),
         }
     }
 
     /// The script that waits in the guest for at most `timeout_secs`: exit 0 when the
     /// condition holds, [`TIMED_OUT`] at the deadline, [`FAILED`] when it cannot hold.
     pub fn guest_script(&self, timeout_secs: u64) -> String {
-        format!(
-            "end=$(( $(date +%s) + {timeout_secs} )); \
-             while :; do ( {test} ); s=$?; \
-             [ $s -eq 0 ] && exit 0; [ $s -eq {FAILED} ] && exit {FAILED}; \
-             [ $(date +%s) -ge $end ] && exit {TIMED_OUT}; sleep {LOOK_EVERY}; done",
-            test = self.test()
-        )
+        looping(&self.test(), timeout_secs)
     }
+}
+
+/// `test` repeated every [`LOOK_EVERY`] until it exits 0 or [`FAILED`], or the deadline.
+fn looping(test: &str, timeout_secs: u64) -> String {
+    format!(
+        "end=$(( $(date +%s) + {timeout_secs} )); \
+         while :; do ( {test} ); s=$?; \
+         [ $s -eq 0 ] && exit 0; [ $s -eq {FAILED} ] && exit {FAILED}; \
+         [ $(date +%s) -ge $end ] && exit {TIMED_OUT}; sleep {LOOK_EVERY}; done"
+    )
 }
 
 #[cfg(test)]
@@ -117,6 +151,22 @@ mod tests {
         drop(listener);
         // A port nobody listens on (bound, then closed).
         assert_eq!(sh(&WaitFor::Port(port).guest_script(0)), TIMED_OUT);
+    }
+
+    #[test]
+    fn a_console_line_is_looked_for_in_the_log_on_the_site() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        fs_err::write(&log, "booting\nWelcome to Debian GNU/Linux 12\n").unwrap();
+        let wait = |regex: &str, secs| {
+            WaitFor::Console(regex.into())
+                .site_script(&log, secs)
+                .unwrap()
+        };
+        assert_eq!(sh(&wait("^Welcome to .* 12$", 5)), 0);
+        assert_eq!(sh(&wait("Kernel panic", 0)), TIMED_OUT);
+        assert!(WaitFor::Port(22).site_script(&log, 1).is_none());
+        assert!(WaitFor::Console("x".into()).on_site());
     }
 
     #[test]
