@@ -16,7 +16,13 @@ fn bundle() -> Project {
     let port = farm::sys::hostinfo::free_local_port().unwrap();
     copied(
         root,
-        &["images", "platforms", "ansible", "ansible/group_vars"],
+        &[
+            "images",
+            "platforms",
+            "ansible",
+            "ansible/group_vars",
+            "tests/lab",
+        ],
         Some(("ssh_port = 2201", &format!("ssh_port = {port}"))),
     )
 }
