@@ -12,6 +12,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::model::config::topology::Topology;
+use crate::model::lab::instance::InstanceSpec;
 use crate::model::lab::wait::{FAILED, TIMED_OUT, WaitFor};
 use crate::model::shell::shell_quote;
 use crate::run::site::Sites;
@@ -55,6 +56,8 @@ pub enum VerbError {
     Link { vm: String, why: String },
     #[error(transparent)]
     Host(#[from] crate::run::host::HostError),
+    #[error("Cannot reach where VM `{vm}` runs: {why}")]
+    Site { vm: String, why: String },
     #[error("Cannot crash VM `{vm}`: {why}")]
     Crash { vm: String, why: String },
     #[error("VM `{vm}` is not up (no record of it)\nhint: `farm up {vm}` starts it")]
@@ -177,19 +180,10 @@ impl Lab<'_> {
         timeout: Duration,
     ) -> Result<Duration, VerbError> {
         let started = Instant::now();
-        let records = self.state.records();
-        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
-            return Err(VerbError::NotUp { vm: vm.to_string() });
-        };
-        let host = Sites::new(self.topology, &self.state.own_ssh_config())
-            .connect(&node.placement)
-            .map_err(|e| VerbError::Unreachable {
-                vm: vm.to_string(),
-                console: format!("(its site does not answer: {e})"),
-            })?;
+        let (spec, host) = self.site_of(vm)?;
         let script = what
             .site_script(
-                &record.spec.paths.serial_log(),
+                &spec.paths.serial_log(),
                 timeout.as_secs_f64().ceil() as u64,
             )
             .expect("a condition looked for on the site");
@@ -217,21 +211,15 @@ impl Lab<'_> {
     /// its carrier go; what was sent meanwhile is lost.
     pub fn link(&self, vm: &str, network: &str, up: bool) -> Result<(), VerbError> {
         let started = Instant::now();
-        let records = self.state.records();
-        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
-            return Err(VerbError::NotUp { vm: vm.to_string() });
-        };
+        let (spec, host) = self.site_of(vm)?;
         let failed = |why: String| VerbError::Link {
             vm: vm.to_string(),
             why,
         };
-        let netdev = record.spec.netdev_of(network).map_err(&failed)?;
-        let host = Sites::new(self.topology, &self.state.own_ssh_config())
-            .connect(&node.placement)
-            .map_err(|e| failed(e.to_string()))?;
+        let netdev = spec.netdev_of(network).map_err(failed)?;
         let result = crate::run::host::with_qmp(
             &*host,
-            &record.spec.paths.qmp(),
+            &spec.paths.qmp(),
             Duration::from_secs(5),
             |qmp| {
                 qmp.command("set_link", serde_json::json!({ "name": netdev, "up": up }))
@@ -254,20 +242,13 @@ impl Lab<'_> {
     /// inside a hypervisor go with it. `farm up` starts it again on its overlay.
     pub fn crash(&self, vm: &str) -> Result<(), VerbError> {
         let started = Instant::now();
-        let records = self.state.records();
-        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
-            return Err(VerbError::NotUp { vm: vm.to_string() });
-        };
-        let crash = |why: String| VerbError::Crash {
-            vm: vm.to_string(),
-            why,
-        };
-        let host = Sites::new(self.topology, &self.state.own_ssh_config())
-            .connect(&node.placement)
-            .map_err(|e| crash(e.to_string()))?;
-        let result = crate::run::backend::stop_spec(&*host, &record.spec, Duration::ZERO, None)
+        let (spec, host) = self.site_of(vm)?;
+        let result = crate::run::backend::stop_spec(&*host, &spec, Duration::ZERO, None)
             .map(|_| ())
-            .map_err(|e| crash(e.to_string()));
+            .map_err(|e| VerbError::Crash {
+                vm: vm.to_string(),
+                why: e.to_string(),
+            });
         // Its shared connection went with it.
         self.state.stop_shared_connection(vm);
         log_verb("crash", vm, "", started, result.is_ok());
@@ -386,15 +367,28 @@ impl Lab<'_> {
         vm: &str,
         read: impl FnOnce(&dyn crate::run::host::Host, &Path) -> String,
     ) -> String {
-        let records = self.state.records();
-        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
-            return format!("(no record of VM `{vm}`: it is not up)");
-        };
-        let sites = Sites::new(self.topology, &self.state.own_ssh_config());
-        match sites.connect(&node.placement) {
-            Ok(host) => read(&*host, &record.spec.paths.serial_log()),
+        match self.site_of(vm) {
+            Ok((spec, host)) => read(&*host, &spec.paths.serial_log()),
             Err(e) => format!("(cannot read its console: {e})"),
         }
+    }
+
+    /// Where `vm` runs: how it was started (its record's spec) and its site's host.
+    fn site_of(
+        &self,
+        vm: &str,
+    ) -> Result<(InstanceSpec, std::sync::Arc<dyn crate::run::host::Host>), VerbError> {
+        let records = self.state.records();
+        let (Some(record), Some(node)) = (records.get(vm), self.topology.vms.get(vm)) else {
+            return Err(VerbError::NotUp { vm: vm.to_string() });
+        };
+        let host = Sites::new(self.topology, &self.state.own_ssh_config())
+            .connect(&node.placement)
+            .map_err(|e| VerbError::Site {
+                vm: vm.to_string(),
+                why: e.to_string(),
+            })?;
+        Ok((record.spec.clone(), host))
     }
 }
 
