@@ -35,12 +35,14 @@ const PLAYBOOK: &str = r#"- hosts: level_2
 /// that unit, so a retry of the first task (a keepalive can drop its connection) does not
 /// find it with no panic to come. The mark holds the boot it was written in: the second
 /// task waits for the panic while it may still come (no mark, or one from this boot), and
-/// once hv has restarted it passes at once.
+/// once hv has restarted it passes at once. The mark is renamed into place whole: the
+/// second task once read it created but still empty (another boot's id, to its test), and
+/// the playbook passed before the panic came (a loaded CI run).
 const PANIC_ONCE: &str = r#"- hosts: hv
   gather_facts: false
   tasks:
     - name: Panic the kernel two seconds from now, the first time only
-      ansible.builtin.raw: "[ -e /root/panicked-once ] || systemd-run --quiet --collect sh -c 'cat /proc/sys/kernel/random/boot_id > /root/panicked-once && sync && sleep 2 && echo c > /proc/sysrq-trigger'"
+      ansible.builtin.raw: "[ -e /root/panicked-once ] || systemd-run --quiet --collect sh -c 'cat /proc/sys/kernel/random/boot_id > /root/panicked-once.new && mv /root/panicked-once.new /root/panicked-once && sync && sleep 2 && echo c > /proc/sysrq-trigger'"
     - name: Still here, until the panic ends the connection
       ansible.builtin.raw: "[ -e /root/panicked-once ] && [ \"$(cat /root/panicked-once)\" != \"$(cat /proc/sys/kernel/random/boot_id)\" ] || sleep 60"
 "#;
