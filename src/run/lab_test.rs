@@ -245,7 +245,7 @@ fn run_script(
     use std::os::unix::process::CommandExt;
     let state = StatePaths::new(state_root);
     let script = &test.script.value;
-    let mut command = if is_executable(script) {
+    let mut command = if crate::sys::programs::is_executable(script) {
         Command::new(script)
     } else {
         let mut sh = Command::new("sh");
@@ -403,11 +403,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs_err::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
 }
 
 fn absolute(path: &Path) -> PathBuf {
