@@ -2,7 +2,7 @@
 //! from, so a missing one is reported with the `apt-get install` that fixes it.
 
 /// Every program farm checks for, here or on a host, with the Debian package providing it.
-const DEBIAN_PACKAGES: [(&str, &str); 17] = [
+const DEBIAN_PACKAGES: [(&str, &str); 18] = [
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("qemu-system-aarch64", "qemu-system-arm"),
     ("qemu-img", "qemu-utils"),
@@ -18,6 +18,7 @@ const DEBIAN_PACKAGES: [(&str, &str); 17] = [
     ("ssh-keygen", "openssh-client"),
     ("vde_switch", "vde2"),
     ("vde_plug", "vde2"),
+    ("wirefilter", "vde2"),
     ("ip", "iproute2"),
     ("socat", "socat"),
 ];

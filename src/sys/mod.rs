@@ -16,3 +16,4 @@ pub mod qemu_img;
 pub mod qmp;
 pub mod ssh;
 pub mod vm_process;
+pub mod wirefilter;

@@ -28,12 +28,14 @@ fn vde_tools_present(test: &str) -> bool {
     if !require_vm(test, &[]) {
         return false;
     }
-    let present = ["vde_switch", "vde_plug", "ip"].iter().all(|tool| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
+    let present = ["vde_switch", "vde_plug", "wirefilter", "ip"]
+        .iter()
+        .all(|tool| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
     if !present && std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: vde2/iproute2 missing under CI=true; run ./scripts/setup.sh");
     }

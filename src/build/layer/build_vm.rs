@@ -121,6 +121,7 @@ fn build_vm(
         daemonize: false,
         tag: None,
         incoming: false,
+        display: false,
     }
 }
 

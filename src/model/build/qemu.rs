@@ -175,6 +175,9 @@ pub struct QemuVm {
     /// then `migrate-incoming`): a build VM resumed from a checkpoint runs on from there
     /// instead of booting.
     pub incoming: bool,
+    /// A standard VGA display (x86_64 instances), which `farm screenshot` dumps through QMP;
+    /// build VMs have none.
+    pub display: bool,
 }
 
 /// What farm's long-lived processes (instances' qemu, VDE switches and taps) carry in their
@@ -224,6 +227,11 @@ impl ProcessTag {
 /// its own freed memory (the bundle's L1: 449 MiB of state, 246 MiB with its free memory
 /// zeroed), and a restore decompresses all of it. A guest without the driver ignores it.
 pub const FREE_PAGE_REPORTING: &str = "virtio-balloon-pci,free-page-reporting=on";
+
+/// The display of an instance: the standard VGA (its BIOS comes with SeaBIOS and the OVMF
+/// firmware drives it), with 4 MiB of video memory, enough for a 1024x768 console, rather
+/// than 16 MiB in every saved state.
+pub const DISPLAY: &str = "VGA,vgamem_mb=4";
 
 /// The QMP name of the `i`th NIC's network backend (`set_link` takes it): `net{i}` in a
 /// qemu farm starts, `farmnet{i}` among the NICs farm passes through to a libvirt domain's
@@ -329,7 +337,16 @@ impl QemuVm {
         // Last, so the devices before it keep their PCI slots: a state saved before it
         // existed still loads (its guest never probed it).
         push(&["-device", FREE_PAGE_REPORTING]);
+        if self.has_display() {
+            push(&["-device", DISPLAY]);
+        }
         a
+    }
+
+    /// Whether the VM has a display to take screenshots of: asked for, and an x86_64
+    /// machine (aarch64's `virt` has no VGA).
+    pub fn has_display(&self) -> bool {
+        self.display && self.hw.arch == Arch::X86_64
     }
 
     /// The kernel command line of a direct boot: the boot's own, and `no_timer_check` for an
@@ -420,6 +437,7 @@ mod tests {
             daemonize: false,
             tag: None,
             incoming: false,
+            display: false,
         }
     }
 

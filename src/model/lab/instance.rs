@@ -186,12 +186,18 @@ impl InstanceSpec {
             uefi_vars: (self.uefi && self.boot.is_none()).then(|| paths.efi_vars()),
             nics: user
                 .into_iter()
-                .chain(self.vde_nics.iter().map(|nic| Nic {
-                    backend: NetBackend::Vde {
-                        sock: nic.plug.clone(),
-                    },
-                    mac: nic.mac,
-                }))
+                .chain(
+                    self.vde_nics
+                        .iter()
+                        .zip(self.wires())
+                        .map(|(nic, wire)| Nic {
+                            // Through its wire (`model::lab::wire`), which `farm link` shapes.
+                            backend: NetBackend::Vde {
+                                sock: wire.files.qemu_plug(),
+                            },
+                            mac: nic.mac,
+                        }),
+                )
                 .chain(self.libvirt_nics.iter().map(|nic| Nic {
                     backend: NetBackend::LibvirtNetwork {
                         network: nic.network.clone(),
@@ -205,6 +211,7 @@ impl InstanceSpec {
             daemonize: true,
             tag: Some(self.tag.clone()),
             incoming: false,
+            display: true,
         }
     }
 
@@ -444,7 +451,7 @@ pub(crate) mod tests {
         let argv = vm.argv().join(" ");
         assert!(argv.contains("-name web,process=farm-web"), "{argv}");
         assert!(argv.contains("hostfwd=tcp:127.0.0.1:2201-:22,hostfwd=tcp:127.0.0.1:8080-:80"));
-        assert!(argv.contains("-netdev vde,id=net1,sock=vxvde://234.0.0.1"));
+        assert!(argv.contains("-netdev vde,id=net1,sock=ptp:///p/.farm/vms/web/wire0.ptp"));
         assert!(argv.contains("disk.qcow2,if=virtio,format=qcow2,index=0,cache=writeback"));
         assert!(!argv.contains("cache=unsafe"), "{argv}");
         assert!(argv.contains("-pidfile /p/.farm/vms/web/qemu.pid -daemonize"));

@@ -220,6 +220,10 @@ pub fn domain_xml(vm: &QemuVm, meta: &DomainMeta, run_as_root: bool) -> String {
     // freed memory is handed back to its hypervisor VM, which hands it on to its own host,
     // so it is not in that VM's saved state.
     x.push_str("    <memballoon model='virtio' freePageReporting='on'/>\n");
+    if vm.has_display() {
+        // The same VGA as farm's own qemu (`DISPLAY`): `farm screenshot` dumps it.
+        x.push_str("    <video><model type='vga' vram='4096' heads='1'/></video>\n");
+    }
     x.push_str("  </devices>\n");
     if run_as_root {
         x.push_str(
@@ -370,6 +374,7 @@ mod tests {
             daemonize: false,
             tag: None,
             incoming: false,
+            display: false,
         }
     }
 

@@ -16,3 +16,4 @@ pub mod ssh_config;
 pub mod test_report;
 pub mod up_plan;
 pub mod wait;
+pub mod wire;

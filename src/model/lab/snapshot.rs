@@ -15,8 +15,9 @@ use crate::model::lab::instance::InstanceSpec;
 /// The version of the manifest's layout and of the machines its states were saved from;
 /// another is refused, not guessed at. 2: every VM has a free page reporting balloon
 /// (`FREE_PAGE_REPORTING`), which moves other devices' PCI slots, so a state saved without
-/// it does not load.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// it does not load. 3: every x86_64 instance has a display (`DISPLAY`), whose video memory
+/// is in the state.
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotManifest {

@@ -102,7 +102,8 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec, uri: &str) -> Result<(), Inst
     let xml = domain_xml(&spec.qemu(), &meta, run_as_root);
     host.put(xml.as_bytes(), &paths.dir.join("domain.xml"), 0o600)?;
     let prepare = format!(
-        "rm -f {pid} {qmp}; : > {serial}",
+        "rm -f {pid} {qmp}; : > {serial}; {wires}",
+        wires = crate::model::lab::wire::start_script(spec),
         pid = quote_path(&paths.pidfile()),
         qmp = quote_path(&paths.qmp()),
         serial = quote_path(&paths.serial_log()),
@@ -174,8 +175,22 @@ fn with_start_hint(e: InstanceError, vm: &str, root: bool) -> InstanceError {
 
 /// Shuts the domain down: ACPI through libvirt (asked again every few seconds: a booting
 /// guest may miss it) and `poweroff` over ssh (again every [`SSH_POWEROFF_AGAIN`]: a nested
-/// guest's sshd now and then drops a connection), up to `timeout`; then destroyed.
+/// guest's sshd now and then drops a connection), up to `timeout`; then destroyed. Its
+/// wires go with it.
 pub fn stop(
+    host: &dyn Host,
+    paths: &InstancePaths,
+    owner: &DomainMeta,
+    uri: &str,
+    timeout: Duration,
+    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
+) -> Result<Stopped, InstanceError> {
+    let stopped = stop_domain(host, paths, owner, uri, timeout, ssh_poweroff)?;
+    super::stop_wires(host, paths, &owner.vm)?;
+    Ok(stopped)
+}
+
+fn stop_domain(
     host: &dyn Host,
     paths: &InstancePaths,
     owner: &DomainMeta,

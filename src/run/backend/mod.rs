@@ -42,6 +42,21 @@ pub fn stop_spec(
     }
 }
 
+/// Stops the wires of the instance in `paths` (see `model::lab::wire`), once its qemu is gone.
+fn stop_wires(
+    host: &dyn Host,
+    paths: &crate::model::lab::instance::InstancePaths,
+    name: &str,
+) -> Result<(), InstanceError> {
+    crate::run::instance::check(
+        host,
+        name,
+        "Stopping its wires",
+        &crate::model::lab::wire::stop_script(paths),
+    )
+    .map(drop)
+}
+
 /// Removes the libvirt domain `old` was defined as, when `new` (if any) is not a libvirt
 /// domain of the same daemon: the instance is replaced, removed, or moves to qemu.
 pub fn retire_domain(

@@ -39,7 +39,8 @@ pub fn start_vm(
         format!("setsid -f env {env} {binary} {argv} < /dev/null > /dev/null 2> {stderr}")
     };
     let script = format!(
-        "rm -f {pid} {qmp}; : > {serial}; {launch}",
+        "rm -f {pid} {qmp}; : > {serial}; {wires}{launch}",
+        wires = crate::model::lab::wire::start_script(spec),
         pid = quote_path(&paths.pidfile()),
         qmp = quote_path(&paths.qmp()),
         serial = quote_path(&paths.serial_log()),
@@ -69,7 +70,20 @@ pub fn start_vm(
 
 /// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when given:
 /// minimal guests have no ACPI daemon), up to `timeout`; then QMP `quit`; then SIGKILL.
+/// Its wires go with it.
 pub fn stop(
+    host: &dyn Host,
+    paths: &InstancePaths,
+    name: &str,
+    timeout: Duration,
+    ssh_poweroff: Option<&(dyn Fn() + Sync)>,
+) -> Result<Stopped, InstanceError> {
+    let stopped = stop_qemu(host, paths, name, timeout, ssh_poweroff)?;
+    super::stop_wires(host, paths, name)?;
+    Ok(stopped)
+}
+
+fn stop_qemu(
     host: &dyn Host,
     paths: &InstancePaths,
     name: &str,

@@ -229,6 +229,7 @@ pub fn prepare(
         daemonize: false,
         tag: None,
         incoming: false,
+        display: false,
     };
     Prepared { work, vm, config }
 }

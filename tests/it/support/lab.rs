@@ -207,6 +207,7 @@ fn machine_shape() -> Vec<String> {
         daemonize: false,
         tag: None,
         incoming: false,
+        display: false,
     }
     .argv()
 }

@@ -112,7 +112,7 @@ impl<'a> Desired<'a> {
     }
 
     /// The programs a site must have: qemu for its VMs' architectures and qemu-img; b3sum
-    /// where layers are pushed; the VDE tools its networks need.
+    /// where layers are pushed; the VDE tools its networks need (`wirefilter` for its VMs' wires).
     pub fn site_tools(&self, placement: &Placement) -> Vec<String> {
         let arches: BTreeSet<Arch> = self
             .vms_on(placement)
@@ -131,6 +131,10 @@ impl<'a> Desired<'a> {
         }
         if networks.iter().any(|n| n.attach.is_some()) {
             tools.extend(["vde_plug".into(), "ip".into()]);
+        }
+        if !networks.is_empty() {
+            // Every VDE NIC is plugged through its wire (`model::lab::wire`).
+            tools.push("wirefilter".into());
         }
         tools
     }
