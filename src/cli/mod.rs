@@ -88,8 +88,13 @@ pub enum Command {
     Wait(verbs::WaitArgs),
     /// Copy files between this machine and a VM at any level (`VM:PATH` on the VM's side).
     Cp(verbs::CpArgs),
-    /// Cut (`down`) or plug back (`up`) the cable of a VM's NIC on a network.
+    /// Cut (`down`) or plug back (`up`) the cable of a VM's NIC on a network; on a VDE
+    /// network, also delay, drop or slow its frames.
     Link(verbs::LinkArgs),
+    /// Capture the frames of a VM's NIC into a pcap (until `--stop`, or `--for` a while).
+    Capture(verbs::CaptureArgs),
+    /// Write a VM's display to a PNG.
+    Screenshot(verbs::ScreenshotArgs),
     /// Cut a VM's power: its qemu stops at once (`farm up` starts it again).
     Crash(verbs::CrashArgs),
     /// Reboot a VM from inside and wait until it answers ssh again.
@@ -152,6 +157,8 @@ pub fn main() -> ExitCode {
         Command::Cp(args) => verbs::cp(&options, args, &reporter),
         Command::Test(args) => test::run(&options, args, &reporter),
         Command::Link(args) => verbs::link(&options, args, &reporter),
+        Command::Capture(args) => verbs::capture(&options, args, &reporter),
+        Command::Screenshot(args) => verbs::screenshot(&options, args, &reporter),
         Command::Crash(args) => verbs::crash(&options, args, &reporter),
         Command::Reboot(args) => verbs::reboot(&options, args, &reporter),
         Command::Logs(args) => logs::run(&options, args),

@@ -1,6 +1,7 @@
-//! `farm exec`, `farm wait` and `farm cp`: the verbs a test script calls on a running lab,
+//! `farm exec`, `wait`, `cp`, `link`, `capture`, `screenshot`, `crash` and `reboot`: the verbs a test script calls on a running lab,
 //! at any level (see `run::verbs`).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use crate::model::lab::wait::WaitFor;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions, UsageError};
 use crate::run::state::StatePaths;
-use crate::run::verbs::{Lab, Transfer};
+use crate::run::verbs::{Lab, Shaping, Transfer};
 
 use super::lab::{StateArgs, check_vm_names};
 
@@ -54,6 +55,7 @@ pub struct WaitArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["state_of_link", "delay", "loss", "rate"])))]
 pub struct LinkArgs {
     /// The VM.
     pub name: String,
@@ -61,7 +63,46 @@ pub struct LinkArgs {
     pub network: String,
     /// Cut the cable (`down`) or plug it back (`up`).
     #[arg(value_enum)]
-    pub state_of_link: LinkState,
+    pub state_of_link: Option<LinkState>,
+    /// On a VDE network: delay every frame, both ways (`150ms`, `2s`; `0` for none).
+    #[arg(long, value_parser = crate::model::lab::wire::parse_delay)]
+    pub delay: Option<u64>,
+    /// On a VDE network: drop this share of frames, both ways (`5%`; `0` for none).
+    #[arg(long, value_parser = crate::model::lab::wire::parse_loss)]
+    pub loss: Option<f64>,
+    /// On a VDE network: the line's bandwidth, both ways (`512kbit`, `10mbit`; `0` for no limit).
+    #[arg(long, value_parser = crate::model::lab::wire::parse_rate)]
+    pub rate: Option<u64>,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// The VM.
+    pub name: String,
+    /// Its NIC, by network: a VDE network's name, or `user` for QEMU's user network.
+    pub network: String,
+    /// The pcap to write when the capture stops (not with `--stop`).
+    #[arg(required_unless_present = "stop")]
+    pub file: Option<PathBuf>,
+    /// Capture this long, then stop (`10s`, `2m`); without it the capture runs until
+    /// `farm capture --stop`.
+    #[arg(long = "for", value_name = "DURATION", conflicts_with = "stop")]
+    pub duration: Option<String>,
+    /// Stop the running capture and write its pcap.
+    #[arg(long)]
+    pub stop: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ScreenshotArgs {
+    /// The VM.
+    pub name: String,
+    /// The PNG to write.
+    pub file: PathBuf,
     #[command(flatten)]
     pub state: StateArgs,
 }
@@ -226,11 +267,81 @@ pub fn reboot(
 pub fn link(options: &ProjectOptions, args: LinkArgs, reporter: &Reporter) -> anyhow::Result<()> {
     let project = Project::load(options)?;
     let lab = lab_with(&project, &args.state, &args.name)?;
-    let up = args.state_of_link == LinkState::Up;
-    lab.link(&args.name, &args.network, up)?;
+    let shaping = Shaping {
+        delay_ms: args.delay,
+        loss_percent: args.loss,
+        rate_bytes: args.rate,
+    };
+    if !shaping.is_empty() {
+        lab.shape(&args.name, &args.network, &shaping)?;
+        reporter.status(
+            "shaped",
+            format!("{} on {}: {}", args.name, args.network, shaping.describe()),
+        );
+    }
+    if let Some(state) = args.state_of_link {
+        let up = state == LinkState::Up;
+        lab.link(&args.name, &args.network, up)?;
+        reporter.status(
+            if up { "linked" } else { "unlinked" },
+            format!("{} on {}", args.name, args.network),
+        );
+    }
+    Ok(())
+}
+
+pub fn capture(
+    options: &ProjectOptions,
+    args: CaptureArgs,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    let lab = lab_with(&project, &args.state, &args.name)?;
+    let duration = args
+        .duration
+        .as_deref()
+        .map(|text| crate::model::config::limits::duration("--for", text))
+        .transpose()
+        .map_err(|refusal| UsageError {
+            message: refusal.message,
+            hint: refusal.hint,
+        })?;
+    if !args.stop {
+        let file = args.file.as_deref().expect("clap requires the file");
+        lab.start_capture(&args.name, &args.network, file)?;
+        reporter.status(
+            "capturing",
+            format!("{} on {} into {}", args.name, args.network, file.display()),
+        );
+        match duration {
+            Some(duration) => std::thread::sleep(duration),
+            None => return Ok(()),
+        }
+    }
+    let (file, frames) = lab.stop_capture(&args.name, &args.network)?;
     reporter.status(
-        if up { "linked" } else { "unlinked" },
-        format!("{} on {}", args.name, args.network),
+        "captured",
+        format!(
+            "{frames} frames of {} on {} in {}",
+            args.name,
+            args.network,
+            file.display()
+        ),
+    );
+    Ok(())
+}
+
+pub fn screenshot(
+    options: &ProjectOptions,
+    args: ScreenshotArgs,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let project = Project::load(options)?;
+    let lab = lab_with(&project, &args.state, &args.name)?;
+    lab.screenshot(&args.name, &args.file)?;
+    reporter.status(
+        "screenshot",
+        format!("of {} in {}", args.name, args.file.display()),
     );
     Ok(())
 }

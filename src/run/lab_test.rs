@@ -4,11 +4,12 @@
 //! The start snapshot `converged` is the lab as `up` converged it from nothing: made by a
 //! `down` and an `up` when it is missing, and made again when what the lab is made from
 //! changed (`up` keys it, see `run::converged`). A script gets the lab's environment
-//! (`FARM_CONFIG`, `FARM_STORE`, `FARM_SSH_CONFIG`, `FARM_TEST`, `FARM_VERB_LOG`, and this
-//! farm first on `PATH`, so its verbs are this farm's); what it prints is shown as it comes
-//! and kept. A test that does not pass leaves its lab saved as a snapshot
-//! (`failed-<test>-<time>`) and every VM's console beside its output in
-//! `.farm/test-results/<test>/`.
+//! (`FARM_CONFIG`, `FARM_STORE`, `FARM_SSH_CONFIG`, `FARM_TEST`, `FARM_VERB_LOG`,
+//! `FARM_TEST_RESULTS`, and this farm first on `PATH`, so its verbs are this farm's); what
+//! it prints is shown as it comes and kept. Its results go in `.farm/test-results/<test>/`:
+//! its output, its verbs' times, and the pcaps of its captures (one it left running is
+//! stopped). A test that does not pass leaves its lab saved as a snapshot
+//! (`failed-<test>-<time>`) and every VM's console there too.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -215,6 +216,7 @@ fn run_one(
         Err(e) => (Outcome::Error(e), String::new()),
     };
     let _ = fs_err::write(dir.join("output.log"), &output);
+    stop_captures(project, state_root, &dir, reporter);
     let steps = steps_from_log(&fs_err::read_to_string(&verb_log).unwrap_or_default());
     let mut result = TestResult {
         name: name.clone(),
@@ -268,6 +270,10 @@ fn run_script(
         .env("FARM_TEST", &test.name.value)
         .env("FARM_VERB_LOG", absolute(verb_log))
         .env(
+            crate::model::lab::test_report::RESULTS_ENV,
+            absolute(verb_log.parent().unwrap_or(Path::new("."))),
+        )
+        .env(
             "PATH",
             std::env::join_paths(paths).map_err(|e| e.to_string())?,
         )
@@ -316,6 +322,32 @@ fn run_script(
     };
     let output = reading.join().unwrap_or_default();
     Ok((outcome, output))
+}
+
+/// Stops the captures a script left running (they land where it asked, and in the test's
+/// results): a failed script often ends before its `farm capture --stop`.
+fn stop_captures(project: &Project, state_root: &Path, results: &Path, reporter: &Reporter) {
+    let lab = crate::run::verbs::Lab {
+        topology: &project.loaded.topology,
+        state: StatePaths::new(state_root),
+    };
+    for (capture, stopped) in lab.stop_all_captures(results) {
+        match stopped {
+            Ok((file, frames)) => reporter.status(
+                "captured",
+                format!(
+                    "{frames} frames of {} on {} in {} (left running by the test)",
+                    capture.vm,
+                    capture.network,
+                    file.display()
+                ),
+            ),
+            Err(e) => reporter.warn(format!(
+                "The capture of {} on {} was lost: {e}",
+                capture.vm, capture.network
+            )),
+        }
+    }
 }
 
 /// SIGTERM to the script's process group, SIGKILL after [`TERM_GRACE`].

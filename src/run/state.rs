@@ -120,6 +120,11 @@ impl StatePaths {
         crate::sys::ssh::stop_master(&self.control_dir().join(vm));
     }
 
+    /// The records of running `farm capture`s.
+    pub fn captures_dir(&self) -> PathBuf {
+        self.root.join("captures")
+    }
+
     pub fn known_hosts(&self) -> PathBuf {
         self.root.join("known_hosts")
     }

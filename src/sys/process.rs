@@ -160,6 +160,11 @@ pub struct LimitedOutput {
     pub stderr: Vec<u8>,
 }
 
+/// How long what a finished command printed may take to arrive: a process it left behind
+/// can hold its pipes open (an ssh ControlMaster it started, waiting on a dead connection),
+/// and its output is whatever came until then.
+const PIPES_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs `command` (its stdout and stderr piped by the caller) for at most `limit`, then
 /// kills it: a wait on a connection that hangs ends on time.
 pub fn output_within(
@@ -167,15 +172,25 @@ pub fn output_within(
     limit: std::time::Duration,
 ) -> io::Result<LimitedOutput> {
     use std::io::Read;
+    use std::sync::{Arc, Mutex, mpsc};
     let mut child = command.spawn()?;
+    let (done, finished) = mpsc::channel::<()>();
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let kept = bytes.clone();
+        let done = done.clone();
         std::thread::spawn(move || {
-            let mut bytes = Vec::new();
             if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    kept.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&chunk[..n]);
+                }
             }
-            bytes
-        })
+            let _ = done.send(());
+        });
+        bytes
     };
     let stdout = drain(
         child
@@ -189,6 +204,7 @@ pub fn output_within(
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
+    drop(done);
     let deadline = std::time::Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait()? {
@@ -201,10 +217,20 @@ pub fn output_within(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
+    let grace = std::time::Instant::now() + PIPES_GRACE;
+    for _ in 0..2 {
+        let left = grace.saturating_duration_since(std::time::Instant::now());
+        if finished.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    let take = |bytes: Arc<Mutex<Vec<u8>>>| {
+        std::mem::take(&mut *bytes.lock().unwrap_or_else(|e| e.into_inner()))
+    };
     Ok(LimitedOutput {
         status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        stdout: take(stdout),
+        stderr: take(stderr),
     })
 }
 
@@ -227,5 +253,19 @@ mod tests {
         assert!(!leaves.exists());
         release(child.id());
         assert!(!HELPERS.lock().unwrap().contains_key(&child.id()));
+    }
+
+    #[test]
+    fn output_comes_back_though_a_process_left_behind_holds_the_pipes() {
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "echo said; sleep 30 & exit 4"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let started = std::time::Instant::now();
+        let out = output_within(command, std::time::Duration::from_secs(20)).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert_eq!(out.status.and_then(|s| s.code()), Some(4));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "said\n");
     }
 }

@@ -99,14 +99,13 @@ fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_noth
     let p = &lab.project;
     // The playbook ran once on both L2s: the package is installed (dpkg knows it) and the
     // file names where each VM runs.
+    // (Through the Rust API, `farm::testing`, as a Rust test of a lab would.)
+    let api = p.lab();
     for vm in ["pyleaf_amd64", "vleaf_amd64"] {
-        let out = p.ok(&[
-            "ssh",
-            vm,
-            "--",
-            "farm-test-hello; dpkg-query -W farm-test-hello; cat /root/provisioned",
-        ]);
-        let said = stdout(&out);
+        let said = api
+            .vm(vm)
+            .succeed("farm-test-hello; dpkg-query -W farm-test-hello; cat /root/provisioned")
+            .unwrap();
         assert!(
             said.contains("hello from farm's test package")
                 && said.contains("farm-test-hello\t1.0")
@@ -139,9 +138,22 @@ fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_noth
     }
 
     // The VDE-only L2 answers from L0: ssh jumps to hv, then over hv's tap on `lab`.
-    let out = p.ok(&["ssh", "vleaf_amd64", "--", "ip", "addr"]);
-    let addrs = stdout(&out);
+    let addrs = api.vm("vleaf_amd64").succeed("ip addr").unwrap();
     assert!(addrs.contains("10.0.0.21/24"), "{addrs}");
+    api.vm("vleaf_amd64")
+        .wait_for_port(22, std::time::Duration::from_secs(30))
+        .unwrap();
+    api.vm("vleaf_amd64").fail("echo no; exit 3").unwrap();
+    let refused = api
+        .vm("vleaf_amd64")
+        .succeed("echo no; exit 3")
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("VM `vleaf_amd64`: `echo no; exit 3` exited with 3, expected 0\nno"),
+        "{refused}"
+    );
     assert!(
         config_text.contains("HostName 10.0.0.21") && config_text.contains("ProxyJump hv"),
         "{config_text}"
@@ -168,7 +180,8 @@ fn every_vm_answers_through_the_jump_chain_provisioned_and_a_second_up_does_noth
         said.lines().any(|l| l.trim() == "pyleaf_amd64")
             && said.lines().any(|l| l.trim() == "vleaf_amd64")
             && said.contains(farm::model::lab::libvirt::METADATA_NS)
-            && said.contains("vde,id=farmnet0,sock=vxvde://234.0.0.1"),
+            && said.contains("vde,id=farmnet0,sock=ptp://")
+            && said.contains("/vms/vleaf_amd64/wire0.ptp"),
         "{said}"
     );
 

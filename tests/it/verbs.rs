@@ -1,9 +1,10 @@
-//! The verbs a test script calls on a running lab (`farm exec`, `farm wait`, `farm cp`), at
-//! L1 and at both L2s of the tiny-L2 lab (restored from its snapshot): exit statuses and
-//! output pass through, waits end when their condition holds and fail on time naming the VM
-//! with its console, copies go both ways through the jump chain, each verb's time is logged
-//! where `FARM_VERB_LOG` says, a rebooted L2 answers in a new boot, and a crashed one fails
-//! the next verb until `up` brings it back.
+//! The verbs a test script calls on a running lab, at L1 and at both L2s of the tiny-L2 lab
+//! (restored from its snapshot): exit statuses and output pass through, waits end when their
+//! condition holds and fail on time naming the VM with its console, copies go both ways
+//! through the jump chain, each verb's time is logged where `FARM_VERB_LOG` says, a cable
+//! cut and a shaped line (delay, loss) are felt from L1, captures hold frames, screenshots
+//! are PNGs, a rebooted L2 answers in a new boot, and a crashed one fails the next verb
+//! until `up` brings it back with its wire.
 
 use std::process::Stdio;
 
@@ -196,6 +197,105 @@ fn exec_wait_and_cp_reach_every_level_and_fail_naming_the_vm() {
         text(&no_nic)
     );
 
+    // link shaping, on the VDE L2's wire: a delay every TCP handshake and banner from hv
+    // waits out, then a line that drops everything, then a clean line again.
+    let banner_ms = |tries: &str| {
+        stdout(&p.ok(&[
+            "exec",
+            "hv",
+            "--",
+            &format!(
+                "for i in {tries}; do s=$EPOCHREALTIME; if timeout 5 bash -c 'exec 3<>/dev/tcp/10.9.0.21/22; read -r l <&3; echo \"$l\" | grep -q SSH'; then \
+                 e=$EPOCHREALTIME; echo $s $e | awk '{{print int(($2-$1)*1000)}}'; else echo none; fi; done"
+            ),
+        ]))
+    };
+    let shaped = p.ok(&["link", "vleaf_amd64", "lab", "--delay", "400ms"]);
+    assert!(
+        stderr(&shaped).contains("shaped vleaf_amd64 on lab: delay 400 ms"),
+        "{}",
+        text(&shaped)
+    );
+    let slow = banner_ms("1");
+    let slow_ms: u64 = slow.trim().parse().unwrap_or_else(|_| panic!("{slow}"));
+    assert!(
+        slow_ms >= 1200,
+        "400 ms each way, 3 crossings: {slow_ms} ms"
+    );
+    p.ok(&[
+        "link",
+        "vleaf_amd64",
+        "lab",
+        "--delay",
+        "0",
+        "--loss",
+        "100%",
+    ]);
+    assert_eq!(banner_ms("1").trim(), "none", "every frame dropped");
+    p.ok(&["link", "vleaf_amd64", "lab", "--loss", "0", "--rate", "0"]);
+    assert_ne!(banner_ms("1").trim(), "none", "a clean line again");
+    let not_vde = p.run(&["link", "leaf_amd64", "user", "--delay", "10ms"]);
+    assert_eq!(not_vde.status.code(), Some(1), "{}", text(&not_vde));
+    assert!(
+        stderr(&not_vde).contains("no NIC on a VDE network"),
+        "{}",
+        text(&not_vde)
+    );
+    let bad = p.run(&["link", "vleaf_amd64", "lab", "--loss", "150%"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+
+    // capture: frames of hv's user NIC (L1) and of the VDE L2's NIC, each while an exec
+    // crosses it, in pcaps that tcpdump-style readers take.
+    for (vm, network) in [("hv", "user"), ("vleaf_amd64", "lab")] {
+        let pcap = work.path().join(format!("{vm}.pcap"));
+        p.ok(&["capture", vm, network, pcap.to_str().unwrap()]);
+        let twice = p.run(&["capture", vm, network, pcap.to_str().unwrap()]);
+        assert_eq!(twice.status.code(), Some(1), "{}", text(&twice));
+        assert!(
+            stderr(&twice).contains("a capture of it runs already"),
+            "{}",
+            text(&twice)
+        );
+        p.ok(&["exec", vm, "--", "echo traffic"]);
+        let stopped = p.ok(&["capture", "--stop", vm, network]);
+        let said = stderr(&stopped);
+        let frames: usize = said
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{said}"));
+        assert!(frames > 0, "{said}");
+        let bytes = fs_err::read(&pcap).unwrap();
+        assert_eq!(
+            &bytes[..4],
+            &[0xd4, 0xc3, 0xb2, 0xa1],
+            "a little-endian pcap"
+        );
+        assert_eq!(
+            u32::from_le_bytes(bytes[20..24].try_into().unwrap()),
+            1,
+            "Ethernet frames"
+        );
+    }
+    let none = p.run(&["capture", "--stop", "hv", "user"]);
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none));
+    assert!(
+        stderr(&none).contains("no capture of it runs"),
+        "{}",
+        text(&none)
+    );
+
+    // screenshot: L1's and an L2's display, as PNGs with a size.
+    for vm in ["hv", "leaf_amd64"] {
+        let png = work.path().join(format!("{vm}.png"));
+        p.ok(&["screenshot", vm, png.to_str().unwrap()]);
+        let bytes = fs_err::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{vm}");
+        let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+        let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert!(width >= 320 && height >= 200, "{vm}: {width}x{height}");
+    }
+
     // reboot: a new boot of the L2, answering again.
     let boot_id =
         |vm: &str| stdout(&p.ok(&["exec", vm, "--", "cat /proc/sys/kernel/random/boot_id"]));
@@ -217,6 +317,17 @@ fn exec_wait_and_cp_reach_every_level_and_fail_naming_the_vm() {
         "{}",
         text(&gone)
     );
+    // Its wire went with it, and came back with it.
+    let wires = || {
+        stdout(&p.ok(&[
+            "exec",
+            "hv",
+            "--",
+            "ps -eo args | grep -c '^[w]irefilter' || true",
+        ]))
+    };
+    assert_eq!(wires().trim(), "0");
     p.ok_with_ansible(&["up"]);
     p.ok(&["exec", "vleaf_amd64", "--", "cat /root/provisioned"]);
+    assert_eq!(wires().trim(), "1");
 }

@@ -2,6 +2,10 @@
 //! verbs it called (`FARM_VERB_LOG` lines), rendered as JUnit XML (one testcase per test),
 //! as a GitHub step summary, and as GitHub Actions annotations.
 
+/// The environment variable naming a test's results directory (`.farm/test-results/<test>`),
+/// where verbs keep what a failure is read from (pcaps).
+pub const RESULTS_ENV: &str = "FARM_TEST_RESULTS";
+
 use std::fmt::Write;
 
 use crate::model::text::last_lines;
