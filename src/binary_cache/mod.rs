@@ -20,5 +20,5 @@ pub mod substitute;
 
 pub use backend::{Backend, BackendError, Timeouts};
 pub use open::open;
-pub use push::{PushReport, push};
+pub use push::{PushReport, push, push_snapshot};
 pub use substitute::{Offer, SubstituteError, Substituters};

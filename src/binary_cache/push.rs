@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use super::backend::{Backend, BackendError, Progress, no_progress};
 use super::blob::compress;
 use crate::model::build::cache_record::{
-    Blob, CACHE_FORMAT, CACHE_INFO, CacheRecord, blob_path, record_path,
+    Blob, CACHE_FORMAT, CACHE_INFO, CacheRecord, SnapshotRecord, blob_path, record_path,
+    snapshot_path,
 };
 use crate::model::signing::SecretKey;
 use crate::progress::Reporter;
@@ -141,6 +142,26 @@ pub fn push(
         report.pushed.push(name);
     }
     Ok(report)
+}
+
+/// Uploads the record naming snapshot `snapshot`'s entries (pushed before it, so the name
+/// never points at entries the cache lacks), signed with `key`. Replaces an older one of
+/// that name: a snapshot saved again is the one its name means.
+pub fn push_snapshot(
+    store: &Store,
+    cache: &dyn Backend,
+    mut snapshot: SnapshotRecord,
+    key: &SecretKey,
+) -> Result<(), PushError> {
+    snapshot.signatures = vec![key.sign(&snapshot.signed_bytes())];
+    let json = tempfile::NamedTempFile::new_in(store.tmp_dir()).map_err(StoreError::Io)?;
+    fs_err::write(
+        json.path(),
+        serde_json::to_vec_pretty(&snapshot).expect("records serialize"),
+    )
+    .map_err(StoreError::Io)?;
+    cache.put(&snapshot_path(&snapshot.name), json.path(), &no_progress())?;
+    Ok(())
 }
 
 /// Uploads one file's blob unless the cache has it; returns the blob and the compressed

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use super::backend::{Backend, BackendError, Timeouts};
 use super::blob::{BlobError, download};
 use super::open::open;
-use crate::model::build::cache_record::{CACHE_FORMAT, CacheRecord, record_path};
+use crate::model::build::cache_record::{
+    CACHE_FORMAT, CacheRecord, SnapshotRecord, record_path, snapshot_path,
+};
 use crate::model::build::derivation::{DrvNode, hash_of_json};
 use crate::model::hash::{ContentHash, DrvHash};
 use crate::model::signing::{PublicKey, Untrusted, verify};
@@ -201,47 +203,120 @@ impl Substituters {
         backend: usize,
         node: &DrvNode,
     ) -> Result<Option<CacheRecord>, SubstituteError> {
+        let Some(record) = self.record_by_hash(backend, &node.hash, &node.name)? else {
+            return Ok(None);
+        };
+        if record.parent != node.derivation.parent() {
+            return Err(self.wrong_record(backend, &node.name, "it is built on another parent"));
+        }
+        Ok(Some(record))
+    }
+
+    /// The record cache `backend` has for the derivation `hash` (`name` for messages),
+    /// checked: trusted, for that derivation, with a disk. `None` when the cache has none.
+    /// For entries farm.toml does not describe (a snapshot's), whose derivation the record
+    /// itself carries.
+    pub fn record_by_hash(
+        &self,
+        backend: usize,
+        hash: &DrvHash,
+        name: &str,
+    ) -> Result<Option<CacheRecord>, SubstituteError> {
+        let Some(bytes) = self.read(backend, &record_path(hash))? else {
+            return Ok(None);
+        };
+        let record: CacheRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| self.wrong_record(backend, name, &format!("it is unreadable: {e}")))?;
+        self.check_format(backend, name, record.format)?;
+        self.check_signed(backend, name, &record.signed_bytes(), &record.signatures)?;
+        if record.drv_hash != *hash || hash_of_json(&record.derivation) != *hash {
+            return Err(self.wrong_record(backend, name, "its derivation is another one"));
+        }
+        if record.disk().is_none() {
+            return Err(self.wrong_record(backend, name, "it lists no disk"));
+        }
+        Ok(Some(record))
+    }
+
+    /// The snapshot cache `backend` has under `name`, checked: trusted, of that name.
+    /// `None` when the cache has none.
+    pub fn snapshot(
+        &self,
+        backend: usize,
+        name: &str,
+    ) -> Result<Option<SnapshotRecord>, SubstituteError> {
+        let Some(bytes) = self.read(backend, &snapshot_path(name))? else {
+            return Ok(None);
+        };
+        let what = format!("snapshot {name}");
+        let snapshot: SnapshotRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| self.wrong_record(backend, &what, &format!("it is unreadable: {e}")))?;
+        self.check_format(backend, &what, snapshot.format)?;
+        self.check_signed(
+            backend,
+            &what,
+            &snapshot.signed_bytes(),
+            &snapshot.signatures,
+        )?;
+        if snapshot.name != name {
+            return Err(self.wrong_record(backend, &what, "it is another snapshot's"));
+        }
+        Ok(Some(snapshot))
+    }
+
+    /// The whole file at `path` of cache `backend`; `None` when it has none.
+    fn read(&self, backend: usize, path: &str) -> Result<Option<Vec<u8>>, SubstituteError> {
         let cache = &self.backends[backend];
-        let path = record_path(&node.hash);
-        let Some(mut reader) = cache.get(&path, 0)? else {
+        let Some(mut reader) = cache.get(path, 0)? else {
             return Ok(None);
         };
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|source| BackendError::Io {
             url: cache.url().to_string(),
-            path: path.clone(),
+            path: path.to_string(),
             source,
         })?;
-        let wrong = |reason: String| SubstituteError::WrongRecord {
-            url: cache.url().to_string(),
-            entry: node.name.clone(),
-            reason,
-        };
-        let record: CacheRecord =
-            serde_json::from_slice(&bytes).map_err(|e| wrong(format!("it is unreadable: {e}")))?;
-        if record.format != CACHE_FORMAT {
-            return Err(wrong(format!(
-                "it is cache format {}, this farm reads {CACHE_FORMAT}",
-                record.format
-            )));
+        Ok(Some(bytes))
+    }
+
+    fn check_format(
+        &self,
+        backend: usize,
+        entry: &str,
+        format: u32,
+    ) -> Result<(), SubstituteError> {
+        if format == CACHE_FORMAT {
+            return Ok(());
         }
-        verify(&self.trusted, &record.signed_bytes(), &record.signatures).map_err(|reason| {
-            SubstituteError::Untrusted {
-                url: cache.url().to_string(),
-                entry: node.name.clone(),
+        Err(self.wrong_record(
+            backend,
+            entry,
+            &format!("it is cache format {format}, this farm reads {CACHE_FORMAT}"),
+        ))
+    }
+
+    fn check_signed(
+        &self,
+        backend: usize,
+        entry: &str,
+        bytes: &[u8],
+        signatures: &[crate::model::signing::Signature],
+    ) -> Result<(), SubstituteError> {
+        verify(&self.trusted, bytes, signatures)
+            .map(drop)
+            .map_err(|reason| SubstituteError::Untrusted {
+                url: self.backends[backend].url().to_string(),
+                entry: entry.to_string(),
                 reason,
-            }
-        })?;
-        if record.drv_hash != node.hash || hash_of_json(&record.derivation) != node.hash {
-            return Err(wrong("its derivation is another one".into()));
+            })
+    }
+
+    fn wrong_record(&self, backend: usize, entry: &str, reason: &str) -> SubstituteError {
+        SubstituteError::WrongRecord {
+            url: self.backends[backend].url().to_string(),
+            entry: entry.to_string(),
+            reason: reason.to_string(),
         }
-        if record.parent != node.derivation.parent() {
-            return Err(wrong("it is built on another parent".into()));
-        }
-        if record.disk().is_none() {
-            return Err(wrong("it lists no disk".into()));
-        }
-        Ok(Some(record))
     }
 
     /// Refuses `offer` unless its disk backs onto `parent` as this store holds it: the

@@ -8,7 +8,7 @@
 //! chroot layer's production realises farm's appliance first.
 
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use super::context::{Ancestry, BuildError, Context, failed, human_bytes};
 use crate::build::layer::{Appliance, BootFiles, LayerBuild};
@@ -103,20 +103,14 @@ pub(super) fn realise_one(
     let (output_blake3, size) = output;
     let meta = EntryMeta {
         layout: LAYOUT_VERSION,
-        name: name.to_string(),
-        drv_hash: node.hash,
-        derivation: serde_json::to_value(&node.derivation).expect("derivations serialize"),
-        output_blake3,
-        size,
-        parent: parent.map(|p| p.dir_name().to_string()),
-        built_at_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        build_seconds: started.elapsed().as_secs_f64(),
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
+        ..EntryMeta::made_now(
+            name.to_string(),
+            node.hash,
+            serde_json::to_value(&node.derivation).expect("derivations serialize"),
+            (output_blake3, size),
+            parent.map(|p| p.dir_name().to_string()),
+            started,
+        )
     };
     let entry = store.commit(staging, meta).map_err(failed(name))?;
     drop(lock);

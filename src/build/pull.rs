@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use crate::binary_cache::{BackendError, Offer, Substituters, Timeouts};
 use crate::build::realise::{BuildError, RealiseOptions, default_jobs, present_hashes, realise};
 use crate::build::substitution::{Substitution, summarise};
+use crate::model::build::cache_record::SnapshotRecord;
 use crate::model::build::derivation::DrvId;
 use crate::model::build::plan::{Action, BuildPlan, plan_build, substitute_offered};
 use crate::progress::Reporter;
 use crate::project::Project;
-use crate::store::{Store, StoreError};
+use crate::store::{EntryMeta, Store, StoreError};
 
 /// What a pull did.
 #[derive(Debug)]
@@ -52,15 +53,11 @@ pub fn pull(
 ) -> Result<Pulled, PullError> {
     let present = present_hashes(store, project.graph.closure(wanted))?;
     let mut plan = plan_build(&project.graph, wanted, &present);
-    let trusted = project
-        .loaded
-        .config
-        .cache
-        .trusted_public_keys
-        .iter()
-        .map(|k| k.value.clone())
-        .collect();
-    let caches = Substituters::new(&[url.to_string()], trusted, Timeouts::default())?;
+    let caches = Substituters::new(
+        &[url.to_string()],
+        trusted_keys(project),
+        Timeouts::default(),
+    )?;
     let missing: Vec<_> = plan
         .steps
         .iter()
@@ -104,6 +101,120 @@ pub fn pull(
         present: done.len() - missing.len(),
         took: started.elapsed(),
     })
+}
+
+/// Downloads snapshot `name` from the cache at `url` into `store`: the layers of its VMs
+/// as farm.toml builds them ([`pull`]), then its own entries, each checked as a
+/// substitution is (trusted, its derivation, its files, the parent it backs onto). Returns
+/// the cache's record of the snapshot, and how many entries were downloaded.
+pub fn pull_snapshot(
+    project: &Project,
+    store: &Store,
+    url: &str,
+    name: &str,
+    reporter: &Reporter,
+) -> Result<(SnapshotRecord, usize), PullError> {
+    let caches = Substituters::new(
+        &[url.to_string()],
+        trusted_keys(project),
+        Timeouts::default(),
+    )?;
+    let not_offered = |problem: String| PullError::NotOffered {
+        url: url.to_string(),
+        problems: vec![problem],
+    };
+    let snapshot = caches
+        .snapshot(0, name)
+        .map_err(|e| not_offered(e.to_string()))?
+        .ok_or_else(|| not_offered(format!("no snapshot `{name}` is in `{url}`")))?;
+    let wanted = project.resolve_all(&snapshot.vms).map_err(|e| {
+        not_offered(format!(
+            "snapshot `{name}` holds VMs this farm.toml does not have ({e})"
+        ))
+    })?;
+    pull(project, store, url, &wanted, reporter)?;
+    let entries = store.entries()?;
+    let mut downloaded = 0;
+    for hash in &snapshot.entries {
+        if entries.iter().any(|e| e.meta.drv_hash == *hash) {
+            continue;
+        }
+        let label = format!("an entry of snapshot {name}");
+        let record = caches
+            .record_by_hash(0, hash, &label)
+            .map_err(|e| not_offered(e.to_string()))?
+            .ok_or_else(|| not_offered(format!("{label} ({}) is not in `{url}`", hash.to_hex())))?;
+        let parent = match &record.parent {
+            Some(parent) => Some(
+                store
+                    .entries()?
+                    .into_iter()
+                    .find(|e| e.meta.drv_hash == *parent)
+                    .ok_or_else(|| {
+                        not_offered(format!(
+                            "`{}` backs onto an entry this store lacks ({})",
+                            record.name,
+                            parent.to_hex()
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let started = Instant::now();
+        let lock = store.lock(hash)?;
+        let staging = store.stage(&lock, &record.name)?;
+        let offer = Offer {
+            backend: 0,
+            url: url.to_string(),
+            record,
+        };
+        let record = &offer.record;
+        let bar = reporter.bytes_for(
+            "substitute",
+            &format!("{} from {url}", record.name),
+            Some(record.download_size()),
+        );
+        let checked = caches
+            .fetch(&offer, staging.dir(), &|n| bar.inc(n))
+            .and_then(|output| {
+                caches
+                    .check_parent(&offer, parent.as_ref())
+                    .map(|()| output)
+            })
+            .map_err(|e| not_offered(e.to_string()))?;
+        bar.finish_and_clear();
+        let meta = EntryMeta::made_now(
+            record.name.clone(),
+            *hash,
+            record.derivation.clone(),
+            checked,
+            parent.map(|p| p.dir_name().to_string()),
+            started,
+        );
+        store.commit(staging, meta)?;
+        drop(lock);
+        reporter.line(format!(
+            "{:>12} {} from {url} ({}, {:.0} s, signature and hashes checked)",
+            "substituted",
+            record.name,
+            crate::build::realise::human_bytes(record.download_size()),
+            started.elapsed().as_secs_f64()
+        ));
+        downloaded += 1;
+    }
+    Ok((snapshot, downloaded))
+}
+
+/// farm.toml's `trusted-public-keys`.
+fn trusted_keys(project: &Project) -> Vec<crate::model::signing::PublicKey> {
+    project
+        .loaded
+        .config
+        .cache
+        .trusted_public_keys
+        .iter()
+        .map(|k| k.value.clone())
+        .collect()
 }
 
 /// Every step `offers` covers becomes a substitution, without the fallback `farm build`

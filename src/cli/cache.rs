@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use crate::binary_cache::{Timeouts, keys, open, push as push_entries};
+use crate::binary_cache::{Timeouts, keys, open, push as push_entries, push_snapshot};
 use crate::build::pull::pull as pull_entries;
 use crate::build::realise::human_bytes;
 use crate::maintain::chosen_entries;
@@ -18,8 +18,9 @@ use crate::store::Store;
 pub struct PushArgs {
     /// The cache: `file:///dir` or `http(s)://…` (a server that accepts PUT).
     pub url: String,
-    /// Entries (directory or label) or what farm.toml calls NAME [default: everything
-    /// `farm build` builds for farm.toml].
+    /// Entries (directory or label), snapshots (their entries, the layers inside them, and
+    /// a record of the name), or what farm.toml calls NAME [default: everything `farm build`
+    /// builds for farm.toml].
     pub names: Vec<String>,
     /// The secret key file `farm store keygen` wrote.
     #[arg(long, env = "FARM_SIGNING_KEY", value_name = "FILE")]
@@ -30,8 +31,12 @@ pub struct PushArgs {
 pub struct PullArgs {
     /// The cache to download from (trusted through farm.toml's `trusted-public-keys`).
     pub url: String,
-    /// Images, platforms or VMs of farm.toml [default: everything `farm build` builds].
+    /// Images, platforms or VMs of farm.toml, or snapshots pushed with `farm store push URL
+    /// NAME` (with every layer of the lab) [default: everything `farm build` builds].
     pub names: Vec<String>,
+    /// Where a pulled snapshot goes (the lab's state directory).
+    #[command(flatten)]
+    pub state: super::lab::StateArgs,
 }
 
 pub(super) fn push(
@@ -48,6 +53,17 @@ pub(super) fn push(
     let cache = open(&args.url, Timeouts::default())?;
     let started = Instant::now();
     let report = push_entries(store, cache.as_ref(), &entries, &key, reporter)?;
+    // A snapshot named goes with a record of its name, which a store without it pulls by.
+    let all = store.entries()?;
+    let state_root = project.as_ref().map(|p| p.project_dir().join(".farm"));
+    for name in &args.names {
+        if let Some(snapshot) =
+            crate::run::snapshot::cache_record(&all, state_root.as_deref(), name)
+        {
+            push_snapshot(store, cache.as_ref(), snapshot, &key)?;
+            reporter.status("pushed", format!("snapshot {name}"));
+        }
+    }
     reporter.line(format!(
         "{:>12} {} entries to {} ({} blobs, {} compressed, {:.1} s); {} already there",
         "pushed",
@@ -68,19 +84,46 @@ pub(super) fn pull(
 ) -> anyhow::Result<()> {
     super::build::cache_url(&args.url, "")?;
     let project = Project::load(options)?;
-    let wanted = project.resolve_all(&args.names)?;
+    // A name farm.toml does not know is a snapshot's.
+    let (snapshots, names): (Vec<&String>, Vec<&String>) = args
+        .names
+        .iter()
+        .partition(|name| project.resolve(name).is_err());
+    let names: Vec<String> = names.into_iter().cloned().collect();
     let dir = options.store_dir();
     let store =
         Store::open(&dir).with_context(|| format!("Cannot open the store `{}`", dir.display()))?;
     let _use = store.use_shared(reporter)?;
-    let pulled = pull_entries(&project, &store, &args.url, &wanted, reporter)?;
-    reporter.line(format!(
-        "{:>12} {} entries from {} in {:.1} s ({} were here already)",
-        "pulled",
-        pulled.downloaded,
-        args.url,
-        pulled.took.as_secs_f64(),
-        pulled.present
-    ));
+    let started = Instant::now();
+    if snapshots.is_empty() || !names.is_empty() {
+        let wanted = project.resolve_all(&names)?;
+        let pulled = pull_entries(&project, &store, &args.url, &wanted, reporter)?;
+        reporter.line(format!(
+            "{:>12} {} entries from {} in {:.1} s ({} were here already)",
+            "pulled",
+            pulled.downloaded,
+            args.url,
+            pulled.took.as_secs_f64(),
+            pulled.present
+        ));
+    }
+    let state_root = args.state.dir(&project);
+    for name in snapshots {
+        let (snapshot, downloaded) =
+            crate::build::pull::pull_snapshot(&project, &store, &args.url, name, reporter)?;
+        crate::run::snapshot::adopt(&store, &state_root, &snapshot)?;
+        reporter.status(
+            "pulled",
+            format!(
+                "snapshot {name} ({downloaded} entries, {:.1} s): `farm snapshot restore {name}` starts it{}",
+                started.elapsed().as_secs_f64(),
+                if snapshot.converged_key.is_some() {
+                    ", and so do `farm up` and `farm test` of this lab"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
     Ok(())
 }

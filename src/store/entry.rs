@@ -63,6 +63,34 @@ pub struct FileRecord {
 }
 
 impl EntryMeta {
+    /// The metadata of an entry made now, its work begun at `started`: what `commit`
+    /// fills (layout, files, its own hash) left for it.
+    pub fn made_now(
+        name: String,
+        drv_hash: DrvHash,
+        derivation: serde_json::Value,
+        (output_blake3, size): (ContentHash, u64),
+        parent: Option<String>,
+        started: std::time::Instant,
+    ) -> EntryMeta {
+        EntryMeta {
+            layout: 0,
+            name,
+            drv_hash,
+            derivation,
+            output_blake3,
+            size,
+            parent,
+            built_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            build_seconds: started.elapsed().as_secs_f64(),
+            disk_mtime_ns: None,
+            files: Default::default(),
+            meta_blake3: None,
+        }
+    }
+
     /// The bytes of `meta.json`: pretty JSON and a newline.
     pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut json = serde_json::to_vec_pretty(self).expect("entry metadata serializes");

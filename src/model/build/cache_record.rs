@@ -58,13 +58,7 @@ impl CacheRecord {
     /// The bytes signatures sign: a domain string, then the record without its signatures
     /// as canonical JSON (sorted keys, no whitespace).
     pub fn signed_bytes(&self) -> Vec<u8> {
-        let mut value = serde_json::to_value(self).expect("records serialize");
-        if let serde_json::Value::Object(map) = &mut value {
-            map.remove("signatures");
-        }
-        let mut bytes = SIGNING_DOMAIN.to_vec();
-        bytes.extend(serde_json::to_vec(&value).expect("JSON values encode"));
-        bytes
+        signed_bytes(SIGNING_DOMAIN, self)
     }
 
     pub fn disk(&self) -> Option<&Blob> {
@@ -75,6 +69,57 @@ impl CacheRecord {
     pub fn download_size(&self) -> u64 {
         self.files.values().map(|b| b.zstd_size).sum()
     }
+}
+
+/// What signatures of a snapshot record cover, before its canonical JSON.
+const SNAPSHOT_SIGNING_DOMAIN: &[u8] = b"farm binary cache snapshot v1\n";
+
+/// What a cache says a snapshot is (`snapshots/<name>.json`): which entries hold it, so a
+/// store that has none of them can ask for them by name (`farm store pull URL converged`).
+/// Signed like a record: whoever can write to the cache cannot point a name elsewhere.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub format: u32,
+    pub name: String,
+    /// When it was saved (seconds since the epoch).
+    pub created: u64,
+    /// The derivation hashes of its entries (one per VM saved on the machine that pushed
+    /// it), each with its own record.
+    pub entries: Vec<DrvHash>,
+    /// Every VM it holds, those inside hypervisors too: what a store pulls first, as
+    /// farm.toml builds them, for the entries to back onto and for `up` to find.
+    pub vms: Vec<String>,
+    /// The key `up` saved it under, when it is farm's `converged` snapshot: a store that
+    /// pulls it finds it current only for the same lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged_key: Option<String>,
+    #[serde(default)]
+    pub signatures: Vec<Signature>,
+}
+
+impl SnapshotRecord {
+    /// The bytes signatures sign, as for [`CacheRecord::signed_bytes`] under their own domain.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        signed_bytes(SNAPSHOT_SIGNING_DOMAIN, self)
+    }
+}
+
+/// `domain`, then `signed` without its `signatures` as canonical JSON (sorted keys, no
+/// whitespace).
+fn signed_bytes(domain: &[u8], signed: &impl Serialize) -> Vec<u8> {
+    let mut value = serde_json::to_value(signed).expect("records serialize");
+    if let serde_json::Value::Object(map) = &mut value {
+        map.remove("signatures");
+    }
+    let mut bytes = domain.to_vec();
+    bytes.extend(serde_json::to_vec(&value).expect("JSON values encode"));
+    bytes
+}
+
+/// Where a snapshot's record lives in a cache (its name is letters, digits, `-`, `_`, `.`).
+pub fn snapshot_path(name: &str) -> String {
+    format!("snapshots/{name}.json")
 }
 
 /// Where a derivation's record lives in a cache.
@@ -131,5 +176,32 @@ mod tests {
             record_path(&signed.drv_hash),
             format!("records/{}.json", "01".repeat(32))
         );
+    }
+
+    #[test]
+    fn a_snapshot_signature_is_no_record_signature_and_covers_its_entries() {
+        let key = SecretKey::from_seed("ci", [9; 32]).unwrap();
+        let mut snapshot = SnapshotRecord {
+            format: CACHE_FORMAT,
+            name: "converged".into(),
+            created: 1,
+            entries: vec![DrvHash([5; 32])],
+            vms: vec!["hv".into()],
+            converged_key: Some("k".into()),
+            signatures: Vec::new(),
+        };
+        snapshot.signatures.push(key.sign(&snapshot.signed_bytes()));
+        let trusted = [key.public()];
+        assert_eq!(
+            verify(&trusted, &snapshot.signed_bytes(), &snapshot.signatures),
+            Ok("ci")
+        );
+        let mut moved = snapshot.clone();
+        moved.entries = vec![DrvHash([6; 32])];
+        assert!(verify(&trusted, &moved.signed_bytes(), &moved.signatures).is_err());
+        let mut as_record = record();
+        as_record.signatures = snapshot.signatures.clone();
+        assert!(verify(&trusted, &as_record.signed_bytes(), &as_record.signatures).is_err());
+        assert_eq!(snapshot_path("converged"), "snapshots/converged.json");
     }
 }

@@ -229,22 +229,14 @@ fn entry_meta(
     layer: &str,
     started: Instant,
 ) -> crate::store::EntryMeta {
-    crate::store::EntryMeta {
-        layout: 0,
-        name: label,
-        drv_hash: key,
+    crate::store::EntryMeta::made_now(
+        label,
+        key,
         derivation,
-        output_blake3: output,
-        size,
-        parent: Some(layer.to_string()),
-        built_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        build_seconds: started.elapsed().as_secs_f64(),
-        disk_mtime_ns: None,
-        files: Default::default(),
-        meta_blake3: None,
-    }
+        (output, size),
+        Some(layer.to_string()),
+        started,
+    )
 }
 
 /// Tells qemu to quit and waits for it (killed after 10 s).
@@ -326,6 +318,94 @@ pub fn latest_entries(entries: &[crate::store::Entry], name: &str) -> Vec<String
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// What a binary cache is told about snapshot `name` of this store (unsigned): its latest
+/// entries, and its `up` key when it is farm's `converged` of `state_root`. `None` when the
+/// store holds no snapshot of that name.
+pub fn cache_record(
+    entries: &[crate::store::Entry],
+    state_root: Option<&Path>,
+    name: &str,
+) -> Option<crate::model::build::cache_record::SnapshotRecord> {
+    let dirs = latest_entries(entries, name);
+    let saved: Vec<&crate::store::Entry> = dirs
+        .iter()
+        .filter_map(|dir| entries.iter().find(|e| e.dir_name() == dir))
+        .collect();
+    let first = saved.first()?;
+    let path = first.dir.join(MANIFEST_FILE);
+    let manifest = parse_manifest(&fs_err::read(&path).ok()?, &path, name).ok()?;
+    // The state directory's key is this snapshot's only if its manifest is the same save.
+    let converged_key = state_root.and_then(|root| {
+        let paths = SnapshotPaths::new(root, name);
+        let here = parse_manifest(
+            &fs_err::read(paths.manifest()).ok()?,
+            &paths.manifest(),
+            name,
+        )
+        .ok()?;
+        (here.created == manifest.created)
+            .then(|| {
+                fs_err::read_to_string(paths.dir.join(crate::model::lab::converged::KEY_FILE))
+            })?
+            .ok()
+            .map(|key| key.trim().to_string())
+    });
+    Some(crate::model::build::cache_record::SnapshotRecord {
+        format: crate::model::build::cache_record::CACHE_FORMAT,
+        name: name.to_string(),
+        created: manifest.created,
+        entries: saved.iter().map(|e| e.meta.drv_hash).collect(),
+        vms: manifest
+            .vms
+            .iter()
+            .map(|v| v.name.clone())
+            .chain(manifest.inside.iter().cloned())
+            .collect(),
+        converged_key,
+        signatures: Vec::new(),
+    })
+}
+
+/// Makes snapshot `record`, whose entries this store now holds (pulled from a cache), one
+/// of `state_root`'s: its manifest, and its `up` key when it is `converged`, so `up` and
+/// `farm test` start from it as if it had been saved here. A snapshot of that name saved
+/// here is replaced.
+pub fn adopt(
+    store: &Store,
+    state_root: &Path,
+    record: &crate::model::build::cache_record::SnapshotRecord,
+) -> Result<(), SnapshotError> {
+    let entry = record
+        .entries
+        .iter()
+        .find_map(|hash| {
+            store
+                .entries()
+                .ok()?
+                .into_iter()
+                .find(|e| e.meta.drv_hash == *hash)
+        })
+        .ok_or_else(|| {
+            SnapshotError::Refused(format!(
+                "Snapshot `{}` has no entry in this store\nhint: `farm store pull URL {}` brings them",
+                record.name, record.name
+            ))
+        })?;
+    let from = entry.dir.join(MANIFEST_FILE);
+    let manifest = fs_err::read(&from).map_err(io("read", &from))?;
+    let paths = SnapshotPaths::new(state_root, &record.name);
+    let write = |path: &Path, bytes: &[u8]| {
+        crate::sys::files::replace_file(path, bytes, 0o644).map_err(io("write", path))
+    };
+    let key = paths.dir.join(crate::model::lab::converged::KEY_FILE);
+    let _ = fs_err::remove_file(&key);
+    write(&paths.manifest(), &manifest)?;
+    if let Some(converged_key) = &record.converged_key {
+        write(&key, format!("{converged_key}\n").as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The layers the VMs inside a saved VM boot on, by entry directory: a store that restores
