@@ -4,6 +4,7 @@
 //! Each folder is a floor that only uses the floors below it:
 //!
 //! - `cli` — clap; one thin file per subcommand.
+//! - `testing` — the verbs as a Rust API (`Lab`, `Vm`), for tests written in Rust.
 //! - `maintain` — looking after the store: gc, verify and repair.
 //! - `run` — applies `farm up`/`down` plans: sites, instances, closure push, networks, hosts.
 //! - `build` — realises build plans: layers, Debian and tiny images, substitution, one tool runner.
@@ -25,3 +26,4 @@ pub mod project;
 pub mod run;
 pub mod store;
 pub mod sys;
+pub mod testing;

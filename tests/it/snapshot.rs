@@ -57,22 +57,21 @@ fn fingerprint(entries: &[std::path::PathBuf]) -> Vec<(String, String)> {
     files
 }
 
-/// Every VM has the mark written before the save and not the file written after it.
-fn assert_the_saved_moment(p: &Project) {
+/// Every VM has the mark written before the save and not the file written after it (read
+/// through the Rust API, `farm::testing`).
+fn assert_the_saved_moment(lab: &farm::testing::Lab) {
     for vm in VMS_ALL {
-        let out = p.ok(&[
-            "ssh",
-            vm,
-            "--",
-            "cat /root/mark; test -e /root/after && echo after-is-there; true",
-        ]);
-        assert_eq!(stdout(&out).trim(), "before", "{vm}: {}", text(&out));
+        let said = lab
+            .vm(vm)
+            .succeed("cat /root/mark; test -e /root/after && echo after-is-there; true")
+            .unwrap();
+        assert_eq!(said.trim(), "before", "{vm}");
     }
     // The VDE-only L2 answers over hv's tap (its ssh route), which the state holds.
-    let out = p.ok(&["ssh", "vleaf_amd64", "--", "ip", "addr"]);
-    assert!(stdout(&out).contains("10.0.0.21/24"), "{}", text(&out));
-    let tap = p.ok(&["ssh", "hv", "--", "ip", "addr"]);
-    assert!(stdout(&tap).contains("10.0.0.254/24"), "{}", text(&tap));
+    let addresses = lab.vm("vleaf_amd64").succeed("ip addr").unwrap();
+    assert!(addresses.contains("10.0.0.21/24"), "{addresses}");
+    let tap = lab.vm("hv").succeed("ip addr").unwrap();
+    assert!(tap.contains("10.0.0.254/24"), "{tap}");
 }
 
 /// `restore --dry-run` says which VMs stop and which saved files load on which host, and
@@ -114,8 +113,11 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     let p = &lab.project;
     // A name an earlier, failed run of this test may have left in the kept lab.
     let _ = p.run(&["snapshot", "rm", "booted"]);
+    let api = p.lab();
     for vm in VMS_ALL {
-        p.ok(&["ssh", vm, "--", "echo before > /root/mark; sync"]);
+        api.vm(vm)
+            .succeed("echo before > /root/mark; sync")
+            .unwrap();
     }
 
     let save = p.ok(&["snapshot", "save", "booted"]);
@@ -144,7 +146,7 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     let gc = text(&p.ok(&["gc", "--dry-run", "--why"]));
     assert!(gc.contains("snapshot `booted`"), "{gc}");
     // It runs on from the snapshot: the same moment.
-    assert_the_saved_moment(p);
+    assert_the_saved_moment(&api);
     let listed = stdout(&p.ok(&["snapshot", "ls"]));
     assert!(
         listed.contains("booted") && listed.contains("hv, pyleaf_amd64, vleaf_amd64"),
@@ -158,13 +160,19 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
         if round == 0 {
             assert_a_restore_dry_run_changes_nothing(p, &entries[0]);
         }
-        let restore = p.ok(&["snapshot", "restore", "booted"]);
-        let log = String::from_utf8_lossy(&restore.stderr).into_owned();
-        assert!(
-            log.contains("3 VM(s) answering ssh"),
-            "round {round}: {log}"
-        );
-        assert_the_saved_moment(p);
+        // Once with the command, once through the Rust API.
+        if round == 0 {
+            let restore = p.ok(&["snapshot", "restore", "booted"]);
+            let log = String::from_utf8_lossy(&restore.stderr).into_owned();
+            assert!(
+                log.contains("3 VM(s) answering ssh"),
+                "round {round}: {log}"
+            );
+        } else {
+            let manifest = api.restore("booted").unwrap();
+            assert_eq!(manifest.inside, ["pyleaf_amd64", "vleaf_amd64"]);
+        }
+        assert_the_saved_moment(&api);
         assert_eq!(p.state_of("vleaf_amd64"), "running");
         // Nothing to do for `up`: the restored lab is what farm.toml says.
         let up = String::from_utf8_lossy(&p.ok_with_ansible(&["up"]).stderr).into_owned();
@@ -234,7 +242,7 @@ fn the_nested_lab_is_saved_and_restored_twice_to_the_same_moment() {
     };
     with_other(&["store", "import", &archive_arg]);
     with_other(&["snapshot", "restore", "booted"]);
-    assert_the_saved_moment(p);
+    assert_the_saved_moment(&api);
     let up = String::from_utf8_lossy(&with_other(&["up"]).stderr).into_owned();
     assert!(
         !up.contains("starting") && !up.contains("restarting"),

@@ -69,6 +69,12 @@ impl Project {
         assert!(status.success(), "qemu-img create {relative}");
     }
 
+    /// The lab as a Rust test drives it (`farm::testing`): the same store and state.
+    pub fn lab(&self) -> farm::testing::Lab {
+        farm::testing::Lab::open(&self.path().join("farm.toml"), Some(&self.store))
+            .unwrap_or_else(|e| panic!("{}", farm::model::text::error_chain(&e)))
+    }
+
     pub fn farm(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_farm"));
         cmd.current_dir(self.path())
