@@ -275,17 +275,26 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The bundled lab (farm.toml, `images/`, `platforms/`) copied into `dir`, with `extra`
-/// (top-level keys) put before farm.toml's own text.
+/// The bundled lab (farm.toml, `images/`, `platforms/`, `ansible/`, `tests/lab/`) copied
+/// into `dir`, with `extra` (top-level keys) put before farm.toml's own text.
 pub fn copy_bundled_lab(dir: &Path, extra: &str) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let toml = fs_err::read_to_string(repo.join("farm.toml")).unwrap();
     fs_err::write(dir.join("farm.toml"), format!("{extra}\n{toml}")).unwrap();
-    for folder in ["images", "platforms"] {
-        fs_err::create_dir_all(dir.join(folder)).unwrap();
-        for file in fs_err::read_dir(repo.join(folder)).unwrap() {
-            let file = file.unwrap();
-            fs_err::copy(file.path(), dir.join(folder).join(file.file_name())).unwrap();
+    for folder in ["images", "platforms", "ansible", "tests/lab"] {
+        copy_tree(&repo.join(folder), &dir.join(folder));
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs_err::create_dir_all(to).unwrap();
+    for file in fs_err::read_dir(from).unwrap() {
+        let path = file.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            fs_err::copy(&path, &target).unwrap();
         }
     }
 }

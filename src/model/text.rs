@@ -14,6 +14,15 @@ pub fn last_lines_of_bytes(bytes: &[u8], lines: usize) -> String {
 }
 
 /// `count` things, the noun made plural unless there is one: "1 image", "3 VMs".
+/// `text` cut to at most `chars` characters, with `…` when it was longer (a progress line
+/// that fits its terminal).
+pub fn clip(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars.saturating_sub(1)) {
+        Some((at, _)) if text[at..].chars().nth(1).is_some() => format!("{}…", &text[..at]),
+        _ => text.to_string(),
+    }
+}
+
 pub fn counted(count: usize, noun: &str) -> String {
     match count {
         1 => format!("1 {noun}"),
@@ -53,6 +62,14 @@ pub fn unsaid_causes(error: &dyn std::error::Error) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipped_text_fits_and_says_it_was_cut() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("exactly10!", 10), "exactly10!");
+        assert_eq!(clip("a bit longer than ten", 10), "a bit lon…");
+        assert_eq!(clip("ééééé", 3), "éé…");
+    }
 
     #[test]
     fn counts_say_one_thing_and_many_things() {

@@ -11,7 +11,7 @@
 //! stopped). A test that does not pass leaves its lab saved as a snapshot
 //! (`failed-<test>-<time>`) and every VM's console there too.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,8 +70,10 @@ pub fn run_tests(
         .iter()
         .any(|t| t.start.value == crate::model::lab::converged::CONVERGED)
         .then(|| crate::model::lab::converged::CONVERGED.to_string());
+    let total = options.tests.len() * options.repeat.max(1) as usize;
     for test in &options.tests {
         for run in 1..=options.repeat.max(1) {
+            let position = (results.len() + 1, total);
             let name = if options.repeat > 1 {
                 format!("{}#{run}", test.name.value)
             } else {
@@ -92,7 +94,7 @@ pub fn run_tests(
                     state_root,
                     &results_root,
                     test,
-                    fresh,
+                    (fresh, position),
                     options,
                     reporter,
                 );
@@ -165,15 +167,14 @@ fn make_converged(
     Ok(())
 }
 
-/// One test: its start snapshot restored (unless the lab is `fresh` from it), its script
-/// run, and its lab kept when it did not pass.
-#[allow(clippy::too_many_arguments)]
+/// One test, the `position`th of a run: its start snapshot restored (unless the lab is
+/// `fresh` from it), its script run, and its lab kept when it did not pass.
 fn run_one(
     project: &Project,
     state_root: &Path,
     results_root: &Path,
     test: &TestDecl,
-    fresh: bool,
+    (fresh, position): (bool, (usize, usize)),
     options: &TestOptions,
     reporter: &Reporter,
 ) -> TestResult {
@@ -210,7 +211,21 @@ fn run_one(
     }
     let restore_seconds = started.elapsed().as_secs_f64();
     let verb_log = dir.join("verbs.jsonl");
-    let run = run_script(project, state_root, test, &verb_log, options);
+    // On a terminal, a spinner under the script's lines says which test runs and what it
+    // last said; elsewhere a line when it starts, then a heartbeat.
+    let bar = reporter.spinner(
+        "testing",
+        &format!("{name} ({}/{})", position.0, position.1),
+    );
+    let run = run_script(
+        project,
+        state_root,
+        test,
+        &verb_log,
+        options,
+        (reporter, &bar),
+    );
+    bar.finish_and_clear();
     let (outcome, output) = match run {
         Ok(ran) => ran,
         Err(e) => (Outcome::Error(e), String::new()),
@@ -243,6 +258,7 @@ fn run_script(
     test: &TestDecl,
     verb_log: &Path,
     options: &TestOptions,
+    (reporter, bar): (&Reporter, &indicatif::ProgressBar),
 ) -> Result<(Outcome, String), String> {
     use std::os::unix::process::CommandExt;
     let state = StatePaths::new(state_root);
@@ -289,12 +305,18 @@ fn run_script(
     drop(command);
     let prefix = format!("{} | ", test.name.value);
     let echo = options.echo;
+    let (reporter, bar) = (reporter.clone(), bar.clone());
+    let heading = bar.message();
     let reading = std::thread::spawn(move || {
         let mut kept = String::new();
         for line in BufReader::new(reader).lines() {
             let Ok(line) = line else { break };
             if echo {
-                let _ = writeln!(std::io::stderr(), "{prefix}{line}");
+                reporter.line(format!("{prefix}{line}"));
+                bar.set_message(format!(
+                    "{heading}: {}",
+                    crate::model::text::clip(&line, 60)
+                ));
             }
             kept.push_str(&line);
             kept.push('\n');

@@ -21,6 +21,7 @@ mod derivation;
 mod fetch;
 mod fixtures;
 mod gc;
+mod lab_suite;
 mod lab_test;
 mod layering;
 mod libvirt;
