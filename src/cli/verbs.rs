@@ -19,7 +19,8 @@ use super::lab::{StateArgs, check_vm_names};
 pub struct ExecArgs {
     /// The VM.
     pub name: String,
-    /// The command, run as root by the VM's shell (after `--`).
+    /// The command, run as root by the VM's shell (after `--`): one argument is a command
+    /// line (`'echo $HOME; ls'`), several a command and its arguments, each kept whole.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
     #[command(flatten)]

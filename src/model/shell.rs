@@ -38,6 +38,20 @@ pub fn command_line<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> String {
         .join(" ")
 }
 
+/// What a remote shell is given for `farm exec VM -- ARGS…`: one argument is a command line
+/// of its own (`'echo $HOME; ls'`), several are a command and its arguments as given, each
+/// quoted (`grep -q 'a b' /etc/motd` greps for `a b`; ssh alone would split it).
+pub fn remote_command(args: &[String]) -> String {
+    match args {
+        [line] => line.clone(),
+        _ => args
+            .iter()
+            .map(|a| quote_word(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +61,21 @@ mod tests {
         assert_eq!(shell_quote("/etc/motd"), "'/etc/motd'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(quote_path(Path::new("/var/a b")), "'/var/a b'");
+    }
+
+    #[test]
+    fn a_remote_command_keeps_its_arguments_whole() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(remote_command(&args(&["echo $HOME; ls"])), "echo $HOME; ls");
+        assert_eq!(
+            remote_command(&args(&[
+                "grep",
+                "-q",
+                "project_id: example_03",
+                "/etc/motd"
+            ])),
+            "grep -q 'project_id: example_03' /etc/motd"
+        );
     }
 
     #[test]

@@ -36,6 +36,17 @@ fn exec_wait_and_cp_reach_every_level_and_fail_naming_the_vm() {
         assert!(stdout(&out).starts_with("out-"), "{vm}: {}", text(&out));
         assert_eq!(stderr(&out).trim(), "err", "{vm}: {}", text(&out));
     }
+    // Several arguments are a command and its arguments, each kept whole.
+    let whole = p.ok(&[
+        "exec",
+        "vleaf_amd64",
+        "--",
+        "printf",
+        "%s|",
+        "two words",
+        "it's",
+    ]);
+    assert_eq!(stdout(&whole), "two words|it's|");
     let logged = fs_err::read_to_string(log.path()).unwrap();
     let lines: Vec<serde_json::Value> = logged
         .lines()

@@ -96,17 +96,20 @@ impl Lab<'_> {
         ssh
     }
 
-    /// Runs `command` as root in `vm`, its output streamed and its exit status returned.
+    /// Runs `command` as root in `vm` (one argument: a shell command line; several: a
+    /// command and its arguments, each kept whole), its output streamed and its exit status
+    /// returned.
     pub fn exec(&self, vm: &str, command: &[String]) -> Result<i32, VerbError> {
         let started = Instant::now();
+        let line = crate::model::shell::remote_command(command);
         let mut ssh = self.ssh(vm);
-        ssh.arg("--").args(command);
+        ssh.arg("--").arg(&line);
         let status = ssh.status().map_err(|source| VerbError::Spawn {
             program: "ssh",
             source,
         })?;
         let code = exit_code(status);
-        log_verb("exec", vm, &command.join(" "), started, code == 0);
+        log_verb("exec", vm, &line, started, code == 0);
         if code == SSH_FAILED {
             return Err(self.unreachable(vm));
         }
