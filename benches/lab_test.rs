@@ -53,8 +53,7 @@ fn main() {
         "{ANSIBLE_BIN}:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    let run = |args: &[&str]| -> Duration {
-        let started = Instant::now();
+    let try_run = |args: &[&str]| -> (bool, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_farm"))
             .current_dir(dir)
             .env("FARM_STORE", &store)
@@ -62,12 +61,30 @@ fn main() {
             .args(args)
             .output()
             .unwrap();
-        assert!(
+        (
             out.status.success(),
-            "farm {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let run = |args: &[&str]| -> Duration {
+        let started = Instant::now();
+        let (ok, said) = try_run(args);
+        assert!(ok, "farm {args:?}: {said}");
         started.elapsed()
+    };
+    // KVM inside an L1 under TCG now and then hangs an L2 or panics L1 (`up` restarts it
+    // once); an `up` that still fails is run again, as a user would, and counted.
+    let mut ups_again = 0;
+    let mut up = || {
+        for _ in 0..3 {
+            let (ok, said) = try_run(&["up", "-q"]);
+            if ok {
+                return;
+            }
+            eprintln!("`farm up` failed; running it again:\n{said}");
+            ups_again += 1;
+        }
+        panic!("`farm up` failed three times");
     };
 
     // Untimed: the lab built, booted, provisioned and saved as `converged`.
@@ -90,7 +107,7 @@ fn main() {
     let started = Instant::now();
     for test in TESTS {
         run(&["down", "-q", "--timeout", "30"]);
-        run(&["up", "-q"]);
+        up();
         let script = dir.join(format!("tests/lab/{test}.sh"));
         let out = Command::new("sh")
             .arg(&script)
@@ -177,7 +194,7 @@ fn main() {
     let s = |d: Duration| d.as_secs_f64();
     println!(
         "bundled lab's suite (5 tests, L1 + 2 L2s, TCG): restored before each test {:.1} s; \
-         `down && up` before each test {:.1} s; ratio {:.3}x (target <= 0.15x)",
+         `down && up` before each test {:.1} s ({ups_again} `up` run again); ratio {:.3}x (target <= 0.15x)",
         s(with_restores),
         s(with_boots),
         s(with_restores) / s(with_boots)
