@@ -99,9 +99,11 @@ impl InstanceSpec {
 }
 
 /// A script that (re)starts every wire of `spec`, each passing everything; empty when it
-/// has none. A wire still running from an earlier start is stopped first: what it was told
-/// belongs to the VM that ran then. The ptp socket is left in place: vdeplug4 replaces a
-/// stale one, and removing a live one would leave two ends that never meet.
+/// has none. It runs only while the VM's qemu does not (before it starts). A wire still
+/// running from an earlier start is stopped first: what it was told belongs to the VM that
+/// ran then. The point-to-point link's socket files (`wireN.ptp`, and `wireN.ptp+`, qemu's
+/// end in vdeplug4 4.0's datagram `ptp`) are removed: stale ones, left by a hypervisor that
+/// crashed, are refused connections the link would otherwise have to find and replace.
 pub fn start_script(spec: &InstanceSpec) -> String {
     spec.wires()
         .iter()
@@ -114,13 +116,14 @@ pub fn start_script(spec: &InstanceSpec) -> String {
                 .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
                 .collect();
             format!(
-                "{stop}printf '%s\\n' {url} > {url_file} && rm -f {mgmt} && \
+                "{stop}printf '%s\\n' {url} > {url_file} && rm -f {mgmt} {socket} {socket}+ && \
                  env {env}wirefilter -v {plugs} -M {mgmt} --mgmtmode 600 --daemon --pidfile {pid} \
                    </dev/null >{log} 2>&1 || {{ echo {what}; cat {log}; exit 1; }}; ",
                 stop = stop_one(f),
                 url = shell_quote(&f.qemu_plug()),
                 url_file = quote_path(&f.url_file),
                 mgmt = quote_path(&f.mgmt),
+                socket = quote_path(&f.socket),
                 plugs = shell_quote(&format!("{}:{}", f.url_file.display(), wire.plug)),
                 pid = quote_path(&f.pidfile),
                 log = quote_path(&f.log),
