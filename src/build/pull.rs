@@ -126,7 +126,11 @@ pub fn pull_snapshot(
     let snapshot = caches
         .snapshot(0, name)
         .map_err(|e| not_offered(e.to_string()))?
-        .ok_or_else(|| not_offered(format!("no snapshot `{name}` is in `{url}`")))?;
+        .ok_or_else(|| {
+            not_offered(format!(
+                "no snapshot `{name}` is in `{url}`, and farm.toml has no image, platform or VM of that name"
+            ))
+        })?;
     let wanted = project.resolve_all(&snapshot.vms).map_err(|e| {
         not_offered(format!(
             "snapshot `{name}` holds VMs this farm.toml does not have ({e})"
