@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::binary_cache::{BackendError, Offer, Substituters, Timeouts};
 use crate::build::realise::{BuildError, RealiseOptions, default_jobs, present_hashes, realise};
-use crate::build::substitution::{Substitution, summarise};
+use crate::build::substitution::{Substitution, summarise, trusted_keys};
 use crate::model::build::cache_record::SnapshotRecord;
 use crate::model::build::derivation::DrvId;
 use crate::model::build::plan::{Action, BuildPlan, plan_build, substitute_offered};
@@ -207,18 +207,6 @@ pub fn pull_snapshot(
         downloaded += 1;
     }
     Ok((snapshot, downloaded))
-}
-
-/// farm.toml's `trusted-public-keys`.
-fn trusted_keys(project: &Project) -> Vec<crate::model::signing::PublicKey> {
-    project
-        .loaded
-        .config
-        .cache
-        .trusted_public_keys
-        .iter()
-        .map(|k| k.value.clone())
-        .collect()
 }
 
 /// Every step `offers` covers becomes a substitution, without the fallback `farm build`

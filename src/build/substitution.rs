@@ -61,12 +61,23 @@ pub fn caches_for(
     if urls.is_empty() {
         return Ok(None);
     }
-    let trusted = settings
+    Ok(Some(Substituters::new(
+        &urls,
+        trusted_keys(project),
+        choice.timeouts,
+    )?))
+}
+
+/// farm.toml's `trusted-public-keys`: the keys a cache's records must be signed by.
+pub fn trusted_keys(project: &Project) -> Vec<crate::model::signing::PublicKey> {
+    project
+        .loaded
+        .config
+        .cache
         .trusted_public_keys
         .iter()
         .map(|k| k.value.clone())
-        .collect();
-    Ok(Some(Substituters::new(&urls, trusted, choice.timeouts)?))
+        .collect()
 }
 
 /// Plans `wanted` given what the store has, then asks the caches for every derivation

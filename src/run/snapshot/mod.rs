@@ -377,16 +377,10 @@ pub fn adopt(
     state_root: &Path,
     record: &crate::model::build::cache_record::SnapshotRecord,
 ) -> Result<(), SnapshotError> {
-    let entry = record
-        .entries
-        .iter()
-        .find_map(|hash| {
-            store
-                .entries()
-                .ok()?
-                .into_iter()
-                .find(|e| e.meta.drv_hash == *hash)
-        })
+    let entries = store.entries().map_err(store_error)?;
+    let entry = entries
+        .into_iter()
+        .find(|e| record.entries.contains(&e.meta.drv_hash))
         .ok_or_else(|| {
             SnapshotError::Refused(format!(
                 "Snapshot `{}` has no entry in this store\nhint: `farm store pull URL {}` brings them",
