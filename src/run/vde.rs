@@ -98,7 +98,7 @@ pub fn ensure_up(
         let pidfile = dir.join("switch.pid");
         let log = dir.join("switch.log");
         let script = format!(
-            "{alive} && exit 0; rm -rf {ctl}; \
+            "{alive} && exit 0; rm -rf {ctl} {pid}; \
              env {env}vde_switch --sock {ctl} --dirmode 0700 --mode 0600 --daemon --pidfile {pid} \
                </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; \
              i=0; while [ ! -S {ctl}/ctl ]; do i=$((i+1)); [ $i -gt 50 ] && {{ cat {log}; exit 1; }}; sleep 0.1; done",
@@ -117,8 +117,10 @@ pub fn ensure_up(
         let tap = network.tap_name(site_state);
         let pidfile = dir.join("tap.pid");
         let log = dir.join("tap.log");
-        // A vde_plug can exit right after it made the tap (seen once here, in an L1 just
-        // rebooted), taking the tap with it: the tap counts as up once it has its address
+        // A stale pidfile (a hypervisor that crashed leaves them) is removed first: vde2's
+        // daemons refuse to start over one, after they daemonized. A vde_plug can exit right
+        // after it made the tap (seen once here, in an L1 just rebooted), taking the tap
+        // with it: the tap counts as up once it has its address
         // and its vde_plug still runs half a second later; else it is started again, a few
         // times, and the last vde_plug's log is the error.
         let script = format!(
@@ -131,6 +133,7 @@ pub fn ensure_up(
                [ $n -gt 1 ] && sleep 2; \
                [ -e /dev/net/tun ] || modprobe tun 2>/dev/null || true; \
                if ! {alive}; then \
+                 rm -f {pid}; \
                  env {env}vde_plug --daemon --pidfile {pid} --descr {descr} tap://{tap} {plug} \
                    </dev/null >{log} 2>&1 || {{ cat {log}; exit 1; }}; \
                  started=1; \
