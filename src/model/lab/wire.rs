@@ -388,10 +388,10 @@ mod tests {
         let mut spec = spec_with_vde();
         spec.paths = InstancePaths::new(dir.path(), "web");
         spec.vde_nics[0].plug = format!("vde://{}", ctl.display());
-        std::fs::create_dir_all(&spec.paths.dir).unwrap();
+        fs_err::create_dir_all(&spec.paths.dir).unwrap();
         let files = &spec.wires()[0].files;
         // A pid that runs, but is not a wirefilter: this test's own.
-        std::fs::write(&files.pidfile, format!("{}\n", std::process::id())).unwrap();
+        fs_err::write(&files.pidfile, format!("{}\n", std::process::id())).unwrap();
 
         let (started, said) = sh(&start_script(&spec));
         let alive = sh(&wire_alive(&files.pidfile, &files.mgmt)).0 && files.mgmt.exists();
