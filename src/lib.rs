@@ -5,6 +5,7 @@
 //!
 //! - `cli` — clap; one thin file per subcommand.
 //! - `testing` — the verbs as a Rust API (`Lab`, `Vm`), for tests written in Rust.
+//! - `fuzz` — fuzz targets for every parser of bytes farm did not write, and their driver.
 //! - `maintain` — looking after the store: gc, verify and repair.
 //! - `run` — applies `farm up`/`down` plans: sites, instances, closure push, networks, hosts.
 //! - `build` — realises build plans: layers, Debian and tiny images, substitution, one tool runner.
@@ -19,6 +20,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod fetch;
+pub mod fuzz;
 pub mod maintain;
 pub mod model;
 pub mod progress;

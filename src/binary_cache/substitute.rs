@@ -14,7 +14,7 @@ use super::backend::{Backend, BackendError, Timeouts};
 use super::blob::{BlobError, download};
 use super::open::open;
 use crate::model::build::cache_record::{
-    CACHE_FORMAT, CacheRecord, SnapshotRecord, record_path, snapshot_path,
+    CacheRecord, MAX_RECORD_BYTES, SnapshotRecord, record_path, snapshot_path,
 };
 use crate::model::build::derivation::{DrvNode, hash_of_json};
 use crate::model::hash::{ContentHash, DrvHash};
@@ -225,15 +225,11 @@ impl Substituters {
         let Some(bytes) = self.read(backend, &record_path(hash))? else {
             return Ok(None);
         };
-        let record: CacheRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| self.wrong_record(backend, name, &format!("it is unreadable: {e}")))?;
-        self.check_format(backend, name, record.format)?;
+        let record = CacheRecord::from_json(&bytes)
+            .map_err(|reason| self.wrong_record(backend, name, &reason))?;
         self.check_signed(backend, name, &record.signed_bytes(), &record.signatures)?;
         if record.drv_hash != *hash || hash_of_json(&record.derivation) != *hash {
             return Err(self.wrong_record(backend, name, "its derivation is another one"));
-        }
-        if record.disk().is_none() {
-            return Err(self.wrong_record(backend, name, "it lists no disk"));
         }
         Ok(Some(record))
     }
@@ -249,9 +245,8 @@ impl Substituters {
             return Ok(None);
         };
         let what = format!("snapshot {name}");
-        let snapshot: SnapshotRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| self.wrong_record(backend, &what, &format!("it is unreadable: {e}")))?;
-        self.check_format(backend, &what, snapshot.format)?;
+        let snapshot = SnapshotRecord::from_json(&bytes)
+            .map_err(|reason| self.wrong_record(backend, &what, &reason))?;
         self.check_signed(
             backend,
             &what,
@@ -270,29 +265,18 @@ impl Substituters {
         let Some(mut reader) = cache.get(path, 0)? else {
             return Ok(None);
         };
+        // One byte more than a record may have: enough for `from_json` to refuse it.
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|source| BackendError::Io {
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut reader, MAX_RECORD_BYTES as u64 + 1),
+            &mut bytes,
+        )
+        .map_err(|source| BackendError::Io {
             url: cache.url().to_string(),
             path: path.to_string(),
             source,
         })?;
         Ok(Some(bytes))
-    }
-
-    fn check_format(
-        &self,
-        backend: usize,
-        entry: &str,
-        format: u32,
-    ) -> Result<(), SubstituteError> {
-        if format == CACHE_FORMAT {
-            return Ok(());
-        }
-        Err(self.wrong_record(
-            backend,
-            entry,
-            &format!("it is cache format {format}, this farm reads {CACHE_FORMAT}"),
-        ))
     }
 
     fn check_signed(
@@ -361,17 +345,6 @@ impl Substituters {
     ) -> Result<(ContentHash, u64), SubstituteError> {
         let record = &offer.record;
         let cache = self.backends[offer.backend].as_ref();
-        if let Some(file) = record.files.keys().find(|file| {
-            !Path::new(file)
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-        }) {
-            return Err(SubstituteError::WrongRecord {
-                url: offer.url.clone(),
-                entry: record.name.clone(),
-                reason: format!("it lists `{file}`, outside the entry"),
-            });
-        }
         // Every file at once: the kernel and initrd arrive while the disk does.
         let results: Vec<_> = std::thread::scope(|scope| {
             let downloads: Vec<_> = record

@@ -43,13 +43,15 @@ pub enum BuildError {
     #[error("The build was interrupted")]
     Interrupted,
     #[error(
-        "Image `{name}`: `{url}` matches its declared {algo}, but the file itself is broken: {detail}\nhint: the file as published is damaged (and its checksum was taken of the damaged file): use another mirror or release of the image, and its own checksum"
+        "Image `{name}`: `{origin}` matches its declared {algo}, but the file itself is broken: {detail}\nhint: {hint}"
     )]
     BrokenPublished {
         name: String,
-        url: String,
+        /// The `url` or `path` it came from.
+        origin: String,
         algo: &'static str,
         detail: String,
+        hint: &'static str,
     },
 }
 

@@ -231,7 +231,7 @@ pub(super) fn produce(
                 true,
                 reporter,
             )
-            .map_err(|e| broken_published(name, url, hash.algo.name(), e))?;
+            .map_err(|e| broken_published(name, url, hash.algo.name(), BROKEN_AT_URL, e))?;
             reporter.line(format!(
                 "{:>12} {name} from {url} ({}, verified {})",
                 "fetched",
@@ -260,9 +260,18 @@ pub(super) fn produce(
                 false,
                 reporter,
             )
-            .map_err(|e| BuildError::Failed {
-                name: name.to_string(),
-                source: e,
+            .map_err(|e| match hash {
+                Some(expected) => broken_published(
+                    name,
+                    &path.display().to_string(),
+                    expected.algo.name(),
+                    BROKEN_AT_PATH,
+                    e,
+                ),
+                None => BuildError::Failed {
+                    name: name.to_string(),
+                    source: e,
+                },
             })?;
             reporter.line(format!(
                 "{:>12} {name} from `{}`",
@@ -422,9 +431,20 @@ pub(super) fn produce(
     Ok(output)
 }
 
-/// A downloaded image that matched its declared hash but does not unpack was broken when
-/// it was published: fetching it again cannot help, and the error must not say it might.
-fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> BuildError {
+/// Why fetching or copying again cannot help an image that matches its declared hash but
+/// does not unpack: the hash was taken of the broken file.
+const BROKEN_AT_URL: &str = "the file as published is damaged (and its checksum was taken of the damaged file): fix the declaration, with another mirror or release of the image and its own checksum";
+const BROKEN_AT_PATH: &str = "the file is damaged (and its declared checksum was taken of the damaged file): fix the declaration, with a good copy of the image and its own checksum";
+
+/// An image that matched its declared hash but does not unpack was broken when its hash
+/// was taken: fetching it again cannot help, and the error must not say it might.
+fn broken_published(
+    name: &str,
+    origin: &str,
+    algo: &'static str,
+    hint: &'static str,
+    e: BoxError,
+) -> BuildError {
     let failed = |source: BoxError| BuildError::Failed {
         name: name.to_string(),
         source,
@@ -440,9 +460,10 @@ fn broken_published(name: &str, url: &str, algo: &'static str, e: BoxError) -> B
             ..
         } => BuildError::BrokenPublished {
             name: name.to_string(),
-            url: url.to_string(),
+            origin: origin.to_string(),
             algo,
             detail: format!("it is not a valid {compression} stream ({source})"),
+            hint,
         },
         other => failed(Box::new(other)),
     }

@@ -115,7 +115,7 @@ pub enum FetchError {
     },
 
     #[error(
-        "Could not decompress `{path}` as {compression}: {source}\nhint: the file may be truncated or not really {compression}; delete it and fetch it again"
+        "Could not decompress `{path}` as {compression}: {source}\nhint: the file may be truncated or not really {compression}"
     )]
     Decompress {
         path: PathBuf,

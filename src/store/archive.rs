@@ -37,6 +37,76 @@ pub struct Manifest {
     pub entries: Vec<ManifestEntry>,
 }
 
+/// The largest manifest an import reads: ~250 bytes per file, so room for thousands of
+/// entries, and a member that says it is larger is refused before it is read.
+pub const MAX_MANIFEST_BYTES: usize = 16 << 20;
+
+/// Why an archive's manifest is refused, and what to do about it.
+pub type Refused = (String, &'static str);
+
+impl Manifest {
+    /// Reads an archive's manifest: JSON of this format, every entry a store entry's
+    /// name, every file inside its entry. Pure, so any bytes give an answer or an error.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, Refused> {
+        const NOT_OURS: &str = "give a file written by `farm store export`";
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err((
+                format!("its manifest is larger than {MAX_MANIFEST_BYTES} bytes"),
+                NOT_OURS,
+            ));
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| {
+            (
+                format!("its manifest is unreadable: {e}"),
+                "give a file written by `farm store export` of this farm version",
+            )
+        })?;
+        if manifest.format != ARCHIVE_FORMAT {
+            return Err((
+                format!(
+                    "it is archive format {}; this farm reads {ARCHIVE_FORMAT}",
+                    manifest.format
+                ),
+                "import it with the farm version that exported it",
+            ));
+        }
+        for entry in &manifest.entries {
+            if parse_entry_dir_name(&entry.dir).is_none() {
+                return Err((
+                    format!(
+                        "its manifest lists `{}`, which is not an entry name",
+                        entry.dir
+                    ),
+                    NOT_OURS,
+                ));
+            }
+            if let Some(file) = entry.files.keys().find(|f| !is_plain_relative(f)) {
+                return Err((
+                    format!(
+                        "its manifest lists `{}/{file}`, outside its entry",
+                        entry.dir
+                    ),
+                    NOT_OURS,
+                ));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Every member the archive may hold (`<entry>/<file>`), with what it must be.
+    fn expected_members(&self) -> BTreeMap<String, &FileRecord> {
+        self.entries
+            .iter()
+            .flat_map(|entry| {
+                entry
+                    .files
+                    .iter()
+                    .map(move |(file, record)| (format!("{}/{file}", entry.dir), record))
+            })
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestEntry {
@@ -212,48 +282,13 @@ impl Store {
                 ));
             }
             let mut bytes = Vec::new();
-            first.read_to_end(&mut bytes).map_err(damaged)?;
-            let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-                invalid(
-                    format!("its manifest is unreadable: {e}"),
-                    "give a file written by `farm store export` of this farm version",
-                )
-            })?;
-            if manifest.format != ARCHIVE_FORMAT {
-                return Err(invalid(
-                    format!(
-                        "it is archive format {}; this farm reads {ARCHIVE_FORMAT}",
-                        manifest.format
-                    ),
-                    "import it with the farm version that exported it",
-                ));
-            }
-            manifest
+            (&mut first)
+                .take(MAX_MANIFEST_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+                .map_err(damaged)?;
+            Manifest::parse(&bytes).map_err(|(reason, hint)| invalid(reason, hint))?
         };
-        let mut expected: BTreeMap<String, &FileRecord> = BTreeMap::new();
-        for entry in &manifest.entries {
-            if parse_entry_dir_name(&entry.dir).is_none() {
-                return Err(invalid(
-                    format!(
-                        "its manifest lists `{}`, which is not an entry name",
-                        entry.dir
-                    ),
-                    "give a file written by `farm store export`",
-                ));
-            }
-            for (file, record) in &entry.files {
-                if !is_plain_relative(file) {
-                    return Err(invalid(
-                        format!(
-                            "its manifest lists `{}/{file}`, outside its entry",
-                            entry.dir
-                        ),
-                        "give a file written by `farm store export`",
-                    ));
-                }
-                expected.insert(format!("{}/{file}", entry.dir), record);
-            }
-        }
+        let expected = manifest.expected_members();
 
         // Everything is unpacked in a directory of our own under tmp/, removed on any error.
         let scratch = tempfile::Builder::new()

@@ -126,6 +126,16 @@ pub enum StoreError {
         hint: String,
     },
     #[error(
+        "The store at `{path}` cannot be written to ({reason}), and {what} writes to it\nhint: \
+         what it holds can be used as it is; to build, add or remove entries, point --store \
+         (FARM_STORE) at a writable store (`farm store export` and `import` carry entries over)"
+    )]
+    ReadOnly {
+        path: PathBuf,
+        what: String,
+        reason: String,
+    },
+    #[error(
         "Store entry `{path}` has changed since it was built: expected {expected} ({expected_size} \
          bytes), found {actual} ({actual_size} bytes)\nhint: `farm store verify` lists every damaged \
          entry; `farm store verify --repair` moves them aside and builds them again"
@@ -303,12 +313,22 @@ impl Store {
 
     fn open_lock_file(&self, store_key: &str) -> Result<fs_err::File, StoreError> {
         let path = self.locks_dir().join(format!("{store_key}.lock"));
-        Ok(fs_err::OpenOptions::new()
+        // Only a builder takes a key's lock, and a build writes: a store that cannot be
+        // written to is said to be so here, before any work.
+        fs_err::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(path)?)
+            .open(path)
+            .map_err(|e| match usage::cannot_write(&e) {
+                true => StoreError::ReadOnly {
+                    path: self.root.clone(),
+                    what: "building".to_string(),
+                    reason: e.kind().to_string(),
+                },
+                false => e.into(),
+            })
     }
 
     /// Creates a fresh staging directory for the locked key, `tmp/<key>-<name>.<pid>.<random>`.

@@ -36,17 +36,29 @@ impl ProjectRoot {
 pub type RootFile = (PathBuf, Result<ProjectRoot, String>);
 
 impl Store {
-    /// Registers (or updates) `root`, replacing the file atomically.
+    /// Registers (or updates) `root`, replacing the file atomically; a root registered as
+    /// it is already is left alone. On a store this process cannot write to, nothing is
+    /// registered and that is no error: a root only keeps `farm gc` off the project's
+    /// entries, and whoever can run gc there is not this process.
     pub fn register_root(&self, root: &ProjectRoot) -> Result<(), StoreError> {
         let dir = self.root.join(ROOTS_DIR);
-        fs_err::create_dir_all(&dir)?;
         let path = dir.join(root_file_name(&root.state_dir));
         let mut json = serde_json::to_vec_pretty(root).map_err(std::io::Error::other)?;
         json.push(b'\n');
-        let mut file = tempfile::NamedTempFile::new_in(&dir)?;
-        file.write_all(&json)?;
-        file.persist(&path).map_err(|e| e.error)?;
-        Ok(())
+        if fs_err::read(&path).is_ok_and(|known| known == json) {
+            return Ok(());
+        }
+        let written = fs_err::create_dir_all(&dir)
+            .and_then(|()| tempfile::NamedTempFile::new_in(&dir))
+            .and_then(|mut file| {
+                file.write_all(&json)?;
+                file.persist(&path).map_err(|e| e.error)
+            });
+        match written {
+            Ok(_) => Ok(()),
+            Err(e) if super::usage::cannot_write(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every registered root with the file it is in; a file that does not parse is

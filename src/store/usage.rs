@@ -32,21 +32,45 @@ pub enum UseMode {
 /// The store-wide lock, held until dropped (the kernel drops it if farm dies).
 #[derive(Debug)]
 pub struct StoreUse {
-    _file: fs_err::File,
+    /// `None` on a store nobody can write to: nobody can remove entries from it either, so
+    /// there is nothing to hold off.
+    _file: Option<fs_err::File>,
     pub mode: UseMode,
 }
 
 impl Store {
     /// Takes the store-wide lock in `mode`. If another farm holds it in a conflicting mode,
     /// `waiting` is called once (to say so) before blocking until it is released.
+    ///
+    /// On a store this process cannot write to (a read-only mount, a shared cache owned by
+    /// someone else), a shared use takes the lock through a read-only handle when the lock
+    /// file exists (flock needs no write access) and goes without when it does not; an
+    /// exclusive use, which is for removing entries, is refused saying why.
     pub fn use_as(&self, mode: UseMode, waiting: impl FnOnce()) -> Result<StoreUse, StoreError> {
         let path = self.root.join(LOCKS_DIR).join(STORE_LOCK_FILE);
-        let file = fs_err::OpenOptions::new()
+        let opened = fs_err::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)?;
+            .open(&path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) if mode == UseMode::Shared && cannot_write(&e) => {
+                match fs_err::File::open(&path) {
+                    Ok(file) => file,
+                    Err(_) => return Ok(StoreUse { _file: None, mode }),
+                }
+            }
+            Err(e) if cannot_write(&e) => {
+                return Err(StoreError::ReadOnly {
+                    path: self.root.clone(),
+                    what: "removing entries".to_string(),
+                    reason: e.kind().to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let attempt = match mode {
             UseMode::Shared => file.file().try_lock_shared(),
             UseMode::Exclusive => file.file().try_lock(),
@@ -63,7 +87,10 @@ impl Store {
             }
             Err(TryLockError::Error(e)) => return Err(lock_error(&path, e).into()),
         }
-        Ok(StoreUse { _file: file, mode })
+        Ok(StoreUse {
+            _file: Some(file),
+            mode,
+        })
     }
 
     /// Takes the store-wide lock shared, as every command that uses or adds entries does,
@@ -84,6 +111,14 @@ impl Store {
             ))
         })
     }
+}
+
+/// Whether `e` says this process may not write there (rather than that something broke).
+pub(crate) fn cannot_write(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::PermissionDenied
+    )
 }
 
 fn lock_error(path: &std::path::Path, e: io::Error) -> io::Error {

@@ -2,10 +2,42 @@
 //! command with arguments and read its answer (a build VM's disk snapshots).
 
 use crate::model::shell::quote_path;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// The longest line farm reads from a QMP socket. qemu's answers to farm's commands are a
+/// few KiB; the socket may be a hypervisor VM's, forwarded, so its bytes are not trusted.
+const MAX_LINE: u64 = 1 << 20;
+
+/// Reads one line of at most [`MAX_LINE`] bytes into `line` (cleared first); 0 at the end.
+fn read_line(reader: &mut impl BufRead, line: &mut String) -> std::io::Result<usize> {
+    line.clear();
+    let n = reader.by_ref().take(MAX_LINE).read_line(line)?;
+    if n as u64 == MAX_LINE && !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a line longer than {MAX_LINE} bytes"),
+        ));
+    }
+    Ok(n)
+}
+
+/// What one line from qemu says about the command farm sent: `None` for anything else (an
+/// event, or what is not JSON), the `return` value, or the error's description.
+pub(crate) fn answer_of(line: &str) -> Option<Result<serde_json::Value, String>> {
+    let mut answer = serde_json::from_str::<serde_json::Value>(line).ok()?;
+    if let Some(value) = answer.get_mut("return") {
+        return Some(Ok(value.take()));
+    }
+    let error = answer.get("error")?;
+    Some(Err(error
+        .get("desc")
+        .and_then(|d| d.as_str())
+        .unwrap_or("no description")
+        .to_string()))
+}
 
 /// Sends `command` (e.g. `system_powerdown`, `quit`) after the capabilities handshake.
 pub fn execute(socket: &Path, command: &str) -> std::io::Result<()> {
@@ -14,13 +46,11 @@ pub fn execute(socket: &Path, command: &str) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     let mut line = String::new();
-    reader.read_line(&mut line)?; // greeting
+    read_line(&mut reader, &mut line)?; // greeting
     writer.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
-    line.clear();
-    reader.read_line(&mut line)?;
+    read_line(&mut reader, &mut line)?;
     writer.write_all(format!("{{\"execute\":\"{command}\"}}\n").as_bytes())?;
-    line.clear();
-    let _ = reader.read_line(&mut line); // `quit` may close before answering
+    let _ = read_line(&mut reader, &mut line); // `quit` may close before answering
     Ok(())
 }
 
@@ -38,6 +68,8 @@ pub enum QmpError {
 /// A QMP session on one qemu's socket, past the capabilities handshake.
 pub struct Qmp {
     socket: String,
+    /// How long an answer is awaited.
+    timeout: Duration,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -56,9 +88,10 @@ impl Qmp {
             reader: BufReader::new(stream.try_clone().map_err(io)?),
             writer: stream,
             socket: name.clone(),
+            timeout,
         };
         let mut greeting = String::new();
-        qmp.reader.read_line(&mut greeting).map_err(io)?;
+        read_line(&mut qmp.reader, &mut greeting).map_err(io)?;
         qmp.command("qmp_capabilities", serde_json::json!({}))?;
         Ok(qmp)
     }
@@ -78,25 +111,29 @@ impl Qmp {
         self.writer
             .write_all(format!("{request}\n").as_bytes())
             .map_err(io)?;
+        // Events may come first, but not for ever: the answer is awaited at most
+        // `timeout` in all, however the lines trickle in.
+        let deadline = Instant::now() + self.timeout;
+        let mut line = String::new();
         loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line).map_err(io)? == 0 {
+            if read_line(&mut self.reader, &mut line).map_err(io)? == 0 {
                 return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            let Ok(answer) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let Some(value) = answer.get("return") {
-                return Ok(value.clone());
-            }
-            if let Some(error) = answer.get("error") {
-                return Err(QmpError::Command {
-                    command: command.to_string(),
-                    message: error["desc"]
-                        .as_str()
-                        .unwrap_or("no description")
-                        .to_string(),
-                });
+            match answer_of(&line) {
+                Some(Ok(value)) => return Ok(value),
+                Some(Err(message)) => {
+                    return Err(QmpError::Command {
+                        command: command.to_string(),
+                        message,
+                    });
+                }
+                None if Instant::now() > deadline => {
+                    return Err(io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer to `{command}` within {:?}", self.timeout),
+                    )));
+                }
+                None => {}
             }
         }
     }

@@ -83,7 +83,7 @@ impl Wirefilter {
 }
 
 /// The output of an answer whose status is `1000`; the status line otherwise.
-fn parse_answer(answer: &str) -> Result<String, String> {
+pub(crate) fn parse_answer(answer: &str) -> Result<String, String> {
     let mut data = Vec::new();
     let mut in_data = false;
     for line in answer.lines() {

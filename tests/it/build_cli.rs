@@ -251,12 +251,37 @@ fn a_truncated_xz_that_matches_its_hash_is_called_broken_as_published() {
         )),
         "{said}"
     );
-    assert!(said.contains("use another mirror or release"), "{said}");
+    assert!(
+        said.contains("fix the declaration, with another mirror"),
+        "{said}"
+    );
     assert!(
         !said.contains("fetch it again"),
         "fetching again cannot help: {said}"
     );
     assert!(project.entries().is_empty());
+
+    // The same file on disk, declared by `path`: copying it again cannot help either.
+    let local = Project::new(&format!(
+        "[images.deb]\npath = \"deb.raw.xz\"\nsha256 = \"{}\"\n",
+        sha256_hex(&xz)
+    ));
+    fs_err::write(local.path().join("deb.raw.xz"), &xz).unwrap();
+    let out = local.run(&["build"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("Image `deb`: `")
+            && said
+                .contains("deb.raw.xz` matches its declared sha256, but the file itself is broken"),
+        "{said}"
+    );
+    assert!(
+        said.contains("fix the declaration, with a good copy"),
+        "{said}"
+    );
+    assert!(!said.contains("fetch it again"), "{said}");
+    assert!(local.entries().is_empty());
 }
 
 #[test]

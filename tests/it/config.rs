@@ -426,6 +426,13 @@ fn invalid_names_are_rejected() {
         "The target name `amd 64` is not allowed",
         1,
     );
+    let long = "v".repeat(65);
+    let said = assert_error(
+        &format!("[targets.{long}]\narch = \"x86_64\"\n"),
+        &format!("The target name `{long}` is not allowed: it has 65 characters"),
+        1,
+    );
+    assert!(said.contains("at most 64 characters"), "{said}");
 }
 
 #[test]
@@ -695,7 +702,7 @@ fn names_a_deploy_generates_are_held_to_the_same_limits() {
     );
     assert_refused(
         &text,
-        "this deploy makes is longer than 64 characters",
+        "this deploy makes has 71 characters, more than 64",
         9,
         "shorten the platform or target name",
     );

@@ -17,7 +17,7 @@ const FLOORS: [&[&str]; 11] = [
     &["project"],
     &["build"],
     &["run"],
-    &["maintain", "testing"],
+    &["maintain", "testing", "fuzz"],
     &["cli"],
 ];
 

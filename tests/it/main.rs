@@ -28,6 +28,7 @@ mod libvirt;
 mod nested;
 mod observe;
 mod playbook;
+mod read_only;
 mod recovery;
 mod remote_host;
 mod snapshot;

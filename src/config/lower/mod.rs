@@ -278,10 +278,16 @@ fn check_name(
     if !ok {
         problems.push(
             Diagnostic::new(
-                format!("The {kind} name `{}` is not allowed", name.get_ref()),
+                match name.get_ref().len() {
+                    n if n > limits::NAME_MAX_LEN => format!(
+                        "The {kind} name `{}` is not allowed: it has {n} characters",
+                        name.get_ref()
+                    ),
+                    _ => format!("The {kind} name `{}` is not allowed", name.get_ref()),
+                },
                 cx.origin(name),
             )
-            .hint("names use letters, digits, `-`, `_` and `.`, and start with a letter or digit"),
+            .hint(limits::NAME_RULE),
         );
     }
     ok

@@ -54,7 +54,58 @@ pub struct Blob {
     pub zstd_size: u64,
 }
 
+/// The largest record (or snapshot record) farm reads from a cache; real ones are a few
+/// KiB. A cache is someone else's bytes: a larger file is refused unread.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+/// The most files an entry's record may list (a disk, a kernel, an initrd, and room): each
+/// is downloaded on its own thread.
+pub const MAX_RECORD_FILES: usize = 16;
+/// The most entries a snapshot record may list (one per VM saved on one machine).
+pub const MAX_SNAPSHOT_ENTRIES: usize = 1024;
+
+/// Reads `bytes` as a record of type `T` in this cache format; `Err` says why not.
+fn read_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    format_of: impl Fn(&T) -> u32,
+) -> Result<T, String> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(format!("it is larger than {MAX_RECORD_BYTES} bytes"));
+    }
+    let record: T = serde_json::from_slice(bytes).map_err(|e| format!("it is unreadable: {e}"))?;
+    match format_of(&record) {
+        CACHE_FORMAT => Ok(record),
+        other => Err(format!(
+            "it is cache format {other}, this farm reads {CACHE_FORMAT}"
+        )),
+    }
+}
+
 impl CacheRecord {
+    /// Reads a record a cache sent: JSON of this format, listing a disk and only files
+    /// inside the entry. Its signatures and derivation are checked by the caller, which
+    /// knows the trusted keys and the hash it asked for. Pure: any bytes give an answer.
+    pub fn from_json(bytes: &[u8]) -> Result<CacheRecord, String> {
+        let record: CacheRecord = read_json(bytes, |r: &CacheRecord| r.format)?;
+        if record.files.len() > MAX_RECORD_FILES {
+            return Err(format!(
+                "it lists {} files (an entry has at most {MAX_RECORD_FILES})",
+                record.files.len()
+            ));
+        }
+        if let Some(file) = record.files.keys().find(|file| {
+            file.is_empty()
+                || !std::path::Path::new(file)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        }) {
+            return Err(format!("it lists `{file}`, outside the entry"));
+        }
+        if record.disk().is_none() {
+            return Err("it lists no disk".to_string());
+        }
+        Ok(record)
+    }
+
     /// The bytes signatures sign: a domain string, then the record without its signatures
     /// as canonical JSON (sorted keys, no whitespace).
     pub fn signed_bytes(&self) -> Vec<u8> {
@@ -99,6 +150,22 @@ pub struct SnapshotRecord {
 }
 
 impl SnapshotRecord {
+    /// Reads a snapshot record a cache sent: JSON of this format, named as snapshots are,
+    /// listing a bounded number of entries. Signatures are the caller's to check.
+    pub fn from_json(bytes: &[u8]) -> Result<SnapshotRecord, String> {
+        let record: SnapshotRecord = read_json(bytes, |r: &SnapshotRecord| r.format)?;
+        if record.entries.len() > MAX_SNAPSHOT_ENTRIES {
+            return Err(format!(
+                "it lists {} entries (at most {MAX_SNAPSHOT_ENTRIES})",
+                record.entries.len()
+            ));
+        }
+        if !crate::model::config::limits::is_snapshot_name(&record.name) {
+            return Err(format!("its name `{}` is not a snapshot name", record.name));
+        }
+        Ok(record)
+    }
+
     /// The bytes signatures sign, as for [`CacheRecord::signed_bytes`] under their own domain.
     pub fn signed_bytes(&self) -> Vec<u8> {
         signed_bytes(SNAPSHOT_SIGNING_DOMAIN, self)

@@ -139,13 +139,30 @@ pub fn duration(field: &str, text: &str) -> Result<std::time::Duration, Refusal>
     }
 }
 
+/// The longest name of an image, platform, target, network, host or VM.
+pub const NAME_MAX_LEN: usize = 64;
+
+/// What such a name may be, for hints.
+pub const NAME_RULE: &str = "names use letters, digits, `-`, `_` and `.`, start with a letter or digit, and have at most 64 characters";
+
 /// Names of images, platforms, targets, networks, hosts and VMs (declared, or generated
-/// by a `deploy`): letters, digits, `-`, `_`, `.`, starting with a letter or digit, 64 at
-/// most. They become store entry and state directory names.
+/// by a `deploy`): letters, digits, `-`, `_`, `.`, starting with a letter or digit,
+/// [`NAME_MAX_LEN`] at most. They become store entry and state directory names.
 pub fn is_vm_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= NAME_MAX_LEN
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A snapshot's name: a file name of letters, digits, `-`, `_` and `.`, not starting with
+/// `.`, [`NAME_MAX_LEN`] at most. Also what a cache's snapshot record must be named.
+pub fn is_snapshot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_MAX_LEN
+        && !name.starts_with('.')
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))

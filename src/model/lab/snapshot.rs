@@ -312,13 +312,7 @@ pub fn state_root_of(spec: &InstanceSpec) -> Option<&Path> {
 
 /// A snapshot name: a file name of letters, digits, `-`, `_` and `.` (not leading).
 pub fn valid_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if crate::model::config::limits::is_snapshot_name(name) {
         Ok(())
     } else {
         Err(format!(

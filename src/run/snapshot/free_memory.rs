@@ -103,7 +103,7 @@ pub(super) fn free_before_save(
 }
 
 /// `"<KiB freed> <0|1>"`, as `DROP_CACHES` says it.
-fn parse_freed(said: &str) -> Option<(u64, bool)> {
+pub(crate) fn parse_freed(said: &str) -> Option<(u64, bool)> {
     let mut words = said.split_whitespace();
     let kib: i64 = words.next()?.parse().ok()?;
     let reporting = words.next()? == "1";

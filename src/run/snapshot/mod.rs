@@ -6,7 +6,7 @@
 //! a fresh overlay and waits for every VM, at every level, to answer ssh with its pinned
 //! host key. An entry is never written again: restoring twice gives two identical starts.
 
-mod free_memory;
+pub(crate) mod free_memory;
 mod remote;
 mod restore;
 mod save;

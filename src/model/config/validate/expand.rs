@@ -532,8 +532,10 @@ fn check_vm_names(config: &Config, topology: &Topology, problems: &mut Vec<Diagn
             problems.push(
                 Diagnostic::new(
                     format!(
-                        "The VM name `{}` this deploy makes is longer than 64 characters",
-                        vm.name
+                        "The VM name `{}` this deploy makes has {} characters, more than {}",
+                        vm.name,
+                        vm.name.len(),
+                        crate::model::config::limits::NAME_MAX_LEN
                     ),
                     vm.origin.clone(),
                 )

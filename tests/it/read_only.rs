@@ -1,0 +1,103 @@
+//! A read-only store serves what it holds (issue 31): a cache shared on a read-only mount,
+//! or a container's layer. Each command runs in a mount namespace of its own where the
+//! store is bind-mounted read-only: the kernel refuses every write with EROFS, as on a real
+//! read-only filesystem.
+
+use std::process::{Command, Output};
+
+use crate::support::project::{Project, text};
+
+const TOML: &str = "[images.local]\npath = \"disk.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n";
+
+/// `farm ARGS` in the project, with its store read-only.
+fn read_only(project: &Project, args: &[&str]) -> Output {
+    let store = project.store.display().to_string();
+    let mut inner = format!(
+        "mount --bind '{store}' '{store}' && mount -o remount,bind,ro '{store}' && exec '{}'",
+        env!("CARGO_BIN_EXE_farm")
+    );
+    for arg in args {
+        inner.push_str(&format!(" '{arg}'"));
+    }
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &inner])
+        .current_dir(project.path())
+        .env("FARM_STORE", &project.store)
+        .output()
+        .unwrap()
+}
+
+/// Whether this machine lets a test make mount namespaces (root does; CI runs as root).
+fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(["--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_read_only_store_serves_builds_verify_listing_and_export() {
+    if !can_unshare() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs as root, with unshare"
+        );
+        eprintln!("skipped: no mount namespaces here");
+        return;
+    }
+    let project = Project::new(TOML);
+    project.blank_disk("disk.qcow2");
+    project.ok(&["build"]);
+    let entries = project.entries();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    // Writing is refused, as on a read-only filesystem.
+    let probe = read_only(&project, &["--version"]);
+    assert!(probe.status.success(), "{}", text(&probe));
+
+    for args in [
+        vec!["build"],
+        vec!["store", "verify"],
+        vec!["store", "ls"],
+        vec!["check"],
+    ] {
+        let out = read_only(&project, &args);
+        assert!(
+            out.status.success(),
+            "farm {args:?} on a read-only store:\n{}",
+            text(&out)
+        );
+    }
+    let exported = project.path().join("out.farm");
+    let out = read_only(
+        &project,
+        &["store", "export", "local", "-o", exported.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "export on a read-only store:\n{}",
+        text(&out)
+    );
+    assert!(exported.metadata().unwrap().len() > 0);
+
+    // What must write says so, and names the store.
+    let gc = read_only(&project, &["gc"]);
+    assert!(!gc.status.success(), "{}", text(&gc));
+    let said = String::from_utf8_lossy(&gc.stderr);
+    assert!(
+        said.contains(&format!(
+            "The store at `{}` cannot be written to",
+            project.store.display()
+        )),
+        "{said}"
+    );
+    project.write(
+        "farm.toml",
+        &format!("{TOML}\n[platforms.p]\nfrom = \"local\"\nrun = [\"true\"]\n"),
+    );
+    let build = read_only(&project, &["build"]);
+    assert!(!build.status.success(), "{}", text(&build));
+    let said = String::from_utf8_lossy(&build.stderr);
+    assert!(said.contains("cannot be written to"), "{said}");
+    assert_eq!(project.entries(), entries, "nothing changed in the store");
+}
