@@ -34,6 +34,8 @@ pub struct Offer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubstituteError {
+    #[error(transparent)]
+    Space(#[from] crate::sys::space::SpaceShort),
     #[error(
         "Cache `{url}` has `{entry}`, but its record is not trusted: {reason}\nhint: add the \
          public key that signs the cache to `trusted-public-keys` in farm.toml (`farm store \
@@ -345,6 +347,12 @@ impl Substituters {
     ) -> Result<(ContentHash, u64), SubstituteError> {
         let record = &offer.record;
         let cache = self.backends[offer.backend].as_ref();
+        let size: u64 = record.files.values().map(|b| b.size).sum();
+        crate::sys::space::ensure(
+            dir,
+            size,
+            &format!("`{}` from `{}`", record.name, offer.url),
+        )?;
         // Every file at once: the kernel and initrd arrive while the disk does.
         let results: Vec<_> = std::thread::scope(|scope| {
             let downloads: Vec<_> = record

@@ -114,7 +114,3 @@ pub(super) struct Ancestry {
     pub(super) parent: Option<Entry>,
     pub(super) boot: Option<BootFiles>,
 }
-
-pub fn human_bytes(bytes: u64) -> String {
-    indicatif::BinaryBytes(bytes).to_string()
-}

@@ -10,13 +10,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::context::{Ancestry, BuildError, Context, failed, human_bytes};
+use super::context::{Ancestry, BuildError, Context, failed};
 use crate::build::layer::{Appliance, BootFiles, LayerBuild};
 use crate::fetch::{self, Compression, Download};
 use crate::model::build::derivation::{DrvNode, Make};
 use crate::model::build::plan::Action;
 use crate::model::build::qemu::{MachineSpec, choose_accel};
 use crate::model::hash::ContentHash;
+use crate::model::text::human_bytes;
 use crate::model::values::{Arch, Builder, DiskFormat};
 use crate::progress::Reporter;
 use crate::store::{Entry, EntryMeta, LAYOUT_VERSION, Staging, Store, relative_backing};
@@ -482,6 +483,9 @@ fn place_image(
     reporter: &Reporter,
 ) -> Result<(ContentHash, u64), BoxError> {
     let unpacked = staging.dir().join("image");
+    // At least the file's own size (an unpacked or converted image is no smaller).
+    let size = fs_err::metadata(src)?.len();
+    crate::sys::space::ensure(staging.dir(), size, &format!("`{}`", src.display()))?;
     let mut blake3 = known_blake3;
     if compression == Compression::None {
         if owned {

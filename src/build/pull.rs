@@ -201,7 +201,7 @@ pub fn pull_snapshot(
             "{:>12} {} from {url} ({}, {:.0} s, signature and hashes checked)",
             "substituted",
             record.name,
-            crate::build::realise::human_bytes(record.download_size()),
+            crate::model::text::human_bytes(record.download_size()),
             started.elapsed().as_secs_f64()
         ));
         downloaded += 1;

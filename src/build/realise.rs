@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::context::{Ancestry, Context};
 pub use super::context::{
-    BuildError, DEFAULT_BOOT_TIMEOUT_SECS, DEFAULT_FETCH_ATTEMPTS, RealiseOptions, human_bytes,
+    BuildError, DEFAULT_BOOT_TIMEOUT_SECS, DEFAULT_FETCH_ATTEMPTS, RealiseOptions,
 };
 use super::produce::{lookup, realise_one};
 use crate::build::layer::BootFiles;

@@ -8,8 +8,8 @@ use clap::Args;
 
 use crate::binary_cache::{Timeouts, keys, open, push as push_entries, push_snapshot};
 use crate::build::pull::pull as pull_entries;
-use crate::build::realise::human_bytes;
 use crate::maintain::chosen_entries;
+use crate::model::text::human_bytes;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::store::Store;

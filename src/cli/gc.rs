@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::maintain::gc::{GcError, GcOptions, gc, human};
+use crate::maintain::gc::{GcError, GcOptions, gc};
 use crate::model::values::ByteSize;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
@@ -82,11 +82,11 @@ pub fn run(options: &ProjectOptions, args: GcArgs, reporter: &Reporter) -> anyho
         "done",
         format!(
             "{would} {} in {} entries, kept {}; {} leftovers ({}); {} gc roots of gone projects",
-            human(plan.freed_bytes),
+            crate::model::text::human_bytes(plan.freed_bytes),
             plan.remove.len(),
             plan.keep.len(),
             report.swept.items,
-            human(report.swept.bytes),
+            crate::model::text::human_bytes(report.swept.bytes),
             report.forgotten_roots.len()
         ),
     );

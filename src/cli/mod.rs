@@ -136,7 +136,7 @@ pub fn main() -> ExitCode {
         return match verbs::exec(&options, args) {
             Ok(code) => code,
             Err(err) => {
-                print_error(&err);
+                print_error(&err, &options);
                 exit_code_for(&err)
             }
         };
@@ -169,7 +169,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            print_error(&err);
+            print_error(&err, &options);
             exit_code_for(&err)
         }
     }
@@ -200,7 +200,7 @@ fn exit_code_for(err: &anyhow::Error) -> ExitCode {
     ExitCode::from(if bad_input { 2 } else { 1 })
 }
 
-fn print_error(err: &anyhow::Error) {
+fn print_error(err: &anyhow::Error, options: &ProjectOptions) {
     if let Some(ConfigError::Invalid { rendered, .. }) = err.downcast_ref::<ConfigError>() {
         eprintln!("{rendered}");
         return;
@@ -209,6 +209,16 @@ fn print_error(err: &anyhow::Error) {
     // Many messages already end with their cause; each line is said once.
     for cause in crate::model::text::unsaid_causes(err.as_ref()) {
         eprintln!("  caused by: {cause}");
+    }
+    // A full disk somewhere below: farm writes to the store and the project's `.farm/`.
+    let store = options.store_dir();
+    let project = options
+        .config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if let Some(note) = crate::sys::space::full_note(err.as_ref(), &[&store, project]) {
+        eprintln!("{note}");
     }
 }
 

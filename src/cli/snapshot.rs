@@ -106,7 +106,7 @@ pub fn run(
                     "{:<20} {:>12} {:>10}  {}",
                     m.name,
                     age(now.saturating_sub(m.created)),
-                    crate::build::realise::human_bytes(size),
+                    crate::model::text::human_bytes(size),
                     vms.join(", ")
                 );
             }

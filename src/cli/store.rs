@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::build::realise::RealiseOptions;
-use crate::build::realise::human_bytes;
 use crate::maintain::chosen_entries;
 use crate::maintain::verify::{AsideReason, DamageHint, plan_repair, repair, verify_store};
+use crate::model::text::human_bytes;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
 use crate::store::{Store, VerifyDepth};
@@ -102,7 +102,7 @@ pub fn run(
                 println!(
                     "{}\t{}\t{}",
                     entry.dir_name(),
-                    crate::build::realise::human_bytes(entry.meta.size),
+                    crate::model::text::human_bytes(entry.meta.size),
                     entry.meta.parent.as_deref().unwrap_or("-")
                 );
             }

@@ -215,6 +215,14 @@ impl<'a> Session<'a> {
                 _ => return Err(status_error(url, status)),
             };
 
+            if let Some(total) = total {
+                let dir = partial.path.parent().unwrap_or(Path::new("."));
+                crate::sys::space::ensure(
+                    dir,
+                    total.saturating_sub(partial.written),
+                    &format!("the download of `{url}`"),
+                )?;
+            }
             self.show_progress(offset, total);
             let mut pipeline = HashPipeline::spawn(partial.take_hasher());
             let streamed = async {

@@ -124,6 +124,9 @@ pub enum FetchError {
         source: std::io::Error,
     },
 
+    #[error(transparent)]
+    Space(#[from] crate::sys::space::SpaceShort),
+
     #[error("Could not set up the HTTP client: {detail}")]
     Client { detail: String },
 

@@ -187,7 +187,10 @@ pub fn gc(
             .iter()
             .find(|e| &e.dir_name == name)
             .map_or(0, |e| e.bytes);
-        reporter.line(format!("{verb:>12} {name} ({})", human(bytes)));
+        reporter.line(format!(
+            "{verb:>12} {name} ({})",
+            crate::model::text::human_bytes(bytes)
+        ));
     }
     for file in &report.forgotten_roots {
         if !dry {
@@ -216,8 +219,4 @@ pub fn gc(
 
 fn absolute(path: &std::path::Path) -> PathBuf {
     std::path::absolute(path).unwrap_or(path.to_path_buf())
-}
-
-pub fn human(bytes: u64) -> String {
-    crate::build::realise::human_bytes(bytes)
 }

@@ -30,6 +30,11 @@ pub fn counted(count: usize, noun: &str) -> String {
     }
 }
 
+/// A byte count as people read it (`1.50 GiB`).
+pub fn human_bytes(bytes: u64) -> String {
+    indicatif::BinaryBytes(bytes).to_string()
+}
+
 /// An error and its causes on one line, joined with `: `, leaving out a cause whose text
 /// the line already holds (reqwest, the object store clients and errors that quote their
 /// source would otherwise say it twice).

@@ -7,12 +7,12 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::build::realise::human_bytes;
 use crate::model::build::boot_watch::{BootFailure, BootFailureKind, BootRules};
 use crate::model::build::qemu::ResolvedAccel;
 use crate::model::config::topology::Placement;
 use crate::model::lab::instance::{InstanceRecord, InstanceSpec};
 use crate::model::lab::up_plan::{Basis, Desired, SitePlan, UpPlan, VmAction, VmStep, plan_site};
+use crate::model::text::human_bytes;
 use crate::progress::Reporter;
 use crate::project::Project;
 use crate::run::boot::SiteVm;

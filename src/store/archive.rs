@@ -120,6 +120,8 @@ pub struct ManifestEntry {
 pub enum ArchiveError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Space(#[from] crate::sys::space::SpaceShort),
     #[error("Cannot read `{path}` as a farm store archive: {reason}\nhint: {hint}")]
     Invalid {
         path: PathBuf,
@@ -289,6 +291,12 @@ impl Store {
             Manifest::parse(&bytes).map_err(|(reason, hint)| invalid(reason, hint))?
         };
         let expected = manifest.expected_members();
+        let total: u64 = expected.values().map(|r| r.size).sum();
+        crate::sys::space::ensure(
+            &self.root.join(TMP_DIR),
+            total,
+            &format!("importing `{}`", path.display()),
+        )?;
 
         // Everything is unpacked in a directory of our own under tmp/, removed on any error.
         let scratch = tempfile::Builder::new()

@@ -14,6 +14,7 @@ pub mod procfs;
 pub mod programs;
 pub mod qemu_img;
 pub mod qmp;
+pub mod space;
 pub mod ssh;
 pub mod vm_process;
 pub mod wirefilter;

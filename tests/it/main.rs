@@ -18,6 +18,7 @@ mod converge;
 mod converged;
 mod debian_image;
 mod derivation;
+mod disk_full;
 mod fetch;
 mod fixtures;
 mod gc;

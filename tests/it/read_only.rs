@@ -3,46 +3,20 @@
 //! store is bind-mounted read-only: the kernel refuses every write with EROFS, as on a real
 //! read-only filesystem.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
+use crate::support::mount_ns::{self, StoreMount};
 use crate::support::project::{Project, text};
 
 const TOML: &str = "[images.local]\npath = \"disk.qcow2\"\n\n[targets.amd64]\narch = \"x86_64\"\n";
 
-/// `farm ARGS` in the project, with its store read-only.
 fn read_only(project: &Project, args: &[&str]) -> Output {
-    let store = project.store.display().to_string();
-    let mut inner = format!(
-        "mount --bind '{store}' '{store}' && mount -o remount,bind,ro '{store}' && exec '{}'",
-        env!("CARGO_BIN_EXE_farm")
-    );
-    for arg in args {
-        inner.push_str(&format!(" '{arg}'"));
-    }
-    Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &inner])
-        .current_dir(project.path())
-        .env("FARM_STORE", &project.store)
-        .output()
-        .unwrap()
-}
-
-/// Whether this machine lets a test make mount namespaces (root does; CI runs as root).
-fn can_unshare() -> bool {
-    Command::new("unshare")
-        .args(["--mount", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
+    mount_ns::farm(project, StoreMount::ReadOnly, args)
 }
 
 #[test]
 fn a_read_only_store_serves_builds_verify_listing_and_export() {
-    if !can_unshare() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI runs as root, with unshare"
-        );
-        eprintln!("skipped: no mount namespaces here");
+    if !mount_ns::available("a_read_only_store_serves_builds_verify_listing_and_export") {
         return;
     }
     let project = Project::new(TOML);

@@ -85,7 +85,7 @@ pub fn save(
         "freed",
         format!(
             "{} of page cache in the guests ({:.1} s)",
-            crate::build::realise::human_bytes(freed_kib * 1024),
+            crate::model::text::human_bytes(freed_kib * 1024),
             started.elapsed().as_secs_f64()
         ),
     );
@@ -231,8 +231,8 @@ pub fn save(
                         .as_ref()
                         .map(|h| format!(" (on {h})"))
                         .unwrap_or_default(),
-                    crate::build::realise::human_bytes(v.state_bytes),
-                    crate::build::realise::human_bytes(v.disk_bytes)
+                    crate::model::text::human_bytes(v.state_bytes),
+                    crate::model::text::human_bytes(v.disk_bytes)
                 ))
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -267,17 +267,15 @@ fn check_space(
         .filter(|vm| vm.remote_store.is_none())
         .map(needed)
         .sum();
-    let free = crate::sys::hostinfo::free_bytes(store.root()).unwrap_or(u64::MAX);
+    crate::sys::space::ensure(store.root(), local, "the snapshot")
+        .map_err(|short| SnapshotError::Refused(short.to_string()))?;
     let short = |place: String, needed: u64, free: u64| {
         SnapshotError::Refused(format!(
             "Not enough space for the snapshot in {place}: about {} needed, {} free\nhint: `farm gc` removes what nothing needs, or point FARM_STORE at a larger disk",
-            crate::build::realise::human_bytes(needed),
-            crate::build::realise::human_bytes(free)
+            crate::model::text::human_bytes(needed),
+            crate::model::text::human_bytes(free)
         ))
     };
-    if free < local {
-        return Err(short(format!("`{}`", store.root().display()), local, free));
-    }
     for vm in vms {
         if let Some(remote_store) = &vm.remote_store {
             let free = remote::prepare(&*vm.host, remote_store, &vm.name)?;

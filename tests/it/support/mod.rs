@@ -11,6 +11,7 @@ pub mod lab;
 pub mod labs;
 pub mod libvirtd;
 pub mod moto;
+pub mod mount_ns;
 pub mod nginx;
 pub mod project;
 pub mod registry;
