@@ -217,11 +217,17 @@ impl<'a> Session<'a> {
 
             if let Some(total) = total {
                 let dir = partial.path.parent().unwrap_or(Path::new("."));
-                crate::sys::space::ensure(
-                    dir,
-                    total.saturating_sub(partial.written),
-                    &format!("the download of `{url}`"),
-                )?;
+                let needed = total.saturating_sub(partial.written);
+                if let Err(short) =
+                    crate::sys::space::ensure(dir, needed, &format!("the download of `{url}`"))
+                {
+                    // An empty part file is no start to keep; bytes already there are.
+                    if partial.written == 0 {
+                        let _ = remove_if_exists(&partial.path);
+                        let _ = remove_if_exists(&sidecar_path(&partial.path));
+                    }
+                    return Err(short.into());
+                }
             }
             self.show_progress(offset, total);
             let mut pipeline = HashPipeline::spawn(partial.take_hasher());
@@ -468,6 +474,34 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(250));
         assert_eq!(backoff(2), Duration::from_millis(500));
         assert_eq!(backoff(9), backoff(4));
+    }
+
+    /// A write the kernel refuses for space (`/dev/full` refuses every one) keeps nothing
+    /// and says where: the download's own check happens only when the server announced a
+    /// length.
+    #[test]
+    fn a_full_disk_mid_download_removes_the_part_file_and_says_how_far_it_got() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = dir.path().join("x.part");
+        fs_err::write(&partial, b"half").unwrap();
+        fs_err::write(sidecar_path(&partial), b"{}").unwrap();
+        let full = std::io::Write::write_all(&mut fs_err::File::create("/dev/full").unwrap(), b"x")
+            .unwrap_err();
+        let err = disk_error("http://127.0.0.1/x", 4, &partial, full);
+        assert!(
+            matches!(err, FetchError::DiskFull { removed: true, .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("is full after 4 bytes of `http://127.0.0.1/x`"),
+            "{message}"
+        );
+        assert!(
+            message.contains("the partial download was removed"),
+            "{message}"
+        );
+        assert!(!partial.exists() && !sidecar_path(&partial).exists());
     }
 
     #[test]

@@ -591,7 +591,7 @@ impl Drop for SmallDisk {
 }
 
 #[test]
-fn a_download_that_fills_the_disk_says_so_and_removes_its_part_file() {
+fn a_download_that_does_not_fit_is_refused_before_a_byte_is_written() {
     let disk = SmallDisk::mount();
     let mut fx = Fixture::new();
     fx.partial = disk.dir.path().join("tmp").join("image.part");
@@ -599,16 +599,19 @@ fn a_download_that_fills_the_disk_says_so_and_removes_its_part_file() {
     let url = fx.server.add_bytes("/disk.qcow2", data.clone());
     let expected = digest(HashAlgo::Sha256, &data);
     let err = fx.get(&url, &expected, 3).unwrap_err();
-    assert!(matches!(err, FetchError::DiskFull { .. }), "{err:?}");
+    assert!(matches!(err, FetchError::Space(_)), "{err:?}");
     let message = err.to_string();
-    assert!(message.contains("is full after"), "{message}");
-    assert!(message.contains(&url), "{message}");
     assert!(
-        message.contains("the partial download was removed"),
+        message.contains(&format!("Not enough space for the download of `{url}`")),
         "{message}"
     );
-    assert!(message.contains("hint: free space"), "{message}");
-    assert_eq!(fx.partial_len(), None, "the .part file is gone");
+    assert!(
+        message.contains("(the tmpfs filesystem mounted at `")
+            && message.contains("about 4.00 MiB needed"),
+        "{message}"
+    );
+    assert!(message.contains("hint:"), "{message}");
+    assert_eq!(fx.partial_len(), None, "nothing is left");
     assert!(!fx.sidecar().exists());
     assert_eq!(fx.server.request_count(), 1, "a full disk is not retried");
 }
