@@ -75,3 +75,33 @@ fn a_read_only_store_serves_builds_verify_listing_and_export() {
     assert!(said.contains("cannot be written to"), "{said}");
     assert_eq!(project.entries(), entries, "nothing changed in the store");
 }
+
+/// `up` from layers a read-only store holds: the overlays live in the project's state
+/// directory, so nothing needs the store to be writable. The tiny image comes from the
+/// shared store (built once per run), which only this command's namespace sees read-only.
+#[test]
+fn up_starts_a_lab_from_layers_in_a_read_only_store() {
+    let test = "up_starts_a_lab_from_layers_in_a_read_only_store";
+    if !crate::support::skip::require_vm(test, &[]) || !mount_ns::available(test) {
+        return;
+    }
+    let project = Project::with_store(
+        "[images.tiny]\ntiny = true\n\n[targets.amd64]\narch = \"x86_64\"\n\n\
+         [platforms.small]\nfrom = \"tiny\"\nmemory = \"256M\"\n\n[vms.t]\nplatform = \"small\"\n",
+        &crate::support::test_home::shared_store(),
+    );
+    project.ok(&["build"]);
+    let up = read_only(&project, &["up"]);
+    let stopped = project.run(&["down"]);
+    assert!(
+        up.status.success(),
+        "up on a read-only store:\n{}",
+        text(&up)
+    );
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("ready t"),
+        "{}",
+        text(&up)
+    );
+    assert!(stopped.status.success(), "{}", text(&stopped));
+}
