@@ -22,6 +22,7 @@ mod disk_full;
 mod fetch;
 mod fixtures;
 mod gc;
+mod hostile_site;
 mod lab_suite;
 mod lab_test;
 mod layering;

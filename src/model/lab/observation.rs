@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use crate::model::build::qemu::{KvmFacts, TAG_PROJECT, TAG_WHAT};
+use crate::model::config::limits::is_vm_name;
 use crate::model::lab::instance::InstanceRecord;
 use crate::model::shell::{quote_path, shell_quote};
 use crate::model::values::Arch;
@@ -222,7 +223,10 @@ pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
     for line in text.split(['\n', '\0']) {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
-            "missing" => obs.facts.missing.push(rest.to_string()),
+            // What the site prints is its root's to choose: a name that is not one farm
+            // could have asked about or written is dropped, never used in a path, a
+            // command or a hint.
+            "missing" if is_program_name(rest) => obs.facts.missing.push(rest.to_string()),
             "no-tap-rights" => obs.facts.no_tap_rights = true,
             "zstd" => obs.facts.zstd = true,
             "kvm-device" => obs.facts.kvm.device_usable = true,
@@ -236,7 +240,9 @@ pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
             }
             "listen" => obs.listening.extend(hex_port(rest)),
             "vm" => {
-                if let Some((name, pid)) = rest.split_once(' ') {
+                if let Some((name, pid)) = rest.split_once(' ')
+                    && is_vm_name(name)
+                {
                     pidfiles.push((name.to_string(), pid.trim().parse().ok()));
                     obs.instances.insert(
                         name.to_string(),
@@ -255,13 +261,14 @@ pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
                     instance.record = InstanceRecord::parse(json.as_bytes());
                 }
             }
-            "entry" => {
+            "entry" if is_entry_name(rest) => {
                 obs.entries.insert(rest.to_string());
             }
             "netpid" => {
                 let mut parts = rest.splitn(3, ' ');
                 if let (Some(name), Some(kind), Some(pid)) =
                     (parts.next(), parts.next(), parts.next())
+                    && is_vm_name(name)
                 {
                     network_pids.push((
                         name.to_string(),
@@ -323,10 +330,42 @@ pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
     obs
 }
 
+/// A program's name as farm asks a site for it (`qemu-system-x86_64`, `b3sum`).
+fn is_program_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+}
+
+/// A store entry's directory name (`<key>-<name>`): no `/`, not hidden.
+fn is_entry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::lab::instance::InstanceRecord;
+
+    #[test]
+    fn names_no_farm_could_have_written_are_dropped() {
+        let obs = parse_observation(
+            "missing $(touch /tmp/x)\nmissing b3sum\nvm ../../etc 1\nvm a;b 2\nvm web 3\n\
+             entry ../../etc\nentry k-a\nnetpid ../x tap 4\n",
+            "/p/.farm",
+        );
+        assert_eq!(obs.facts.missing, ["b3sum"]);
+        assert_eq!(obs.instances.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(obs.entries.iter().collect::<Vec<_>>(), ["k-a"]);
+        assert!(obs.networks.is_empty());
+    }
 
     #[test]
     fn the_script_asks_for_what_the_request_names() {
