@@ -106,6 +106,26 @@ fn a_flipped_byte_in_a_disk_and_in_a_kernel_is_named_by_entry_and_file() {
     );
 }
 
+/// The first user-visible case of issue 31: byte 23 of a disk set to 0 (`cluster_bits` 0)
+/// made `farm store verify`, whose job is to report damage, panic in its qcow2 reader.
+#[test]
+fn a_disk_whose_qcow2_header_is_damaged_is_reported_not_a_panic() {
+    let lab = lab();
+    let disk = lab.child.disk_path();
+    let mut bytes = fs_err::read(&disk).unwrap();
+    bytes[23] = 0;
+    fs_err::write(&disk, &bytes).unwrap();
+
+    let out = verify(lab.store.root(), &["--no-qemu-check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(
+        said.contains(&format!("`disk.qcow2` of entry `{}`", lab.child.dir_name())),
+        "{said}"
+    );
+}
+
 #[test]
 fn a_changed_metadata_value_and_an_unrecorded_file_are_found() {
     let lab = lab();
