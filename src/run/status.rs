@@ -127,7 +127,10 @@ pub fn status(
         None,
         &project.store_dir,
     )?;
-    let sites = Sites::new(topology, &paths.own_ssh_config());
+    // `status` only reads: a lab never brought up has no ssh_config yet, and remote hosts
+    // are reached through one rendered in a temporary directory.
+    let (ssh_config, _scratch) = crate::run::lab::dry_run_ssh_config(project, &paths)?;
+    let sites = Sites::new(topology, &ssh_config);
     let observed = observe_lab(&desired, &sites, &paths, reporter, Ask::Quickly)?;
     let plan = plan_up(&desired, &observed);
     let mut rows = Vec::new();

@@ -128,6 +128,10 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
             out.status.code().is_some(),
             "farm {args:?} was killed:\n{said}"
         );
+        assert!(
+            !said.contains("Cannot reach host"),
+            "farm {args:?}:\n{said}"
+        );
         // Nor does it repeat the site's names in messages or hints a user might paste.
         for crafted in ["$(touch", "${IFS}", "../../", "`touch"] {
             assert!(
