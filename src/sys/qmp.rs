@@ -175,3 +175,81 @@ pub fn wait_for_migration(qmp: &mut Qmp, query: &str, timeout: Duration) -> Resu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A QMP socket that greets, then does what `serve` does with each connection.
+    fn hostile(serve: fn(UnixStream)) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            if let Ok((stream, _)) = listener.accept() {
+                serve(stream);
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_socket_that_never_answers_times_out() {
+        let (_dir, path) = hostile(|stream| {
+            std::thread::sleep(Duration::from_secs(30));
+            drop(stream);
+        });
+        let started = Instant::now();
+        let err = Qmp::connect(&path, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(err.to_string().starts_with("QMP on `"), "{err}");
+    }
+
+    #[test]
+    fn events_forever_do_not_hold_a_command_past_its_timeout() {
+        let (_dir, path) = hostile(|mut stream| {
+            let _ = stream.write_all(b"{\"QMP\": {}}\n");
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = stream.write_all(b"{\"return\": {}}\n");
+            // Then an event every 50 ms, and never an answer.
+            for _ in 0..400 {
+                if stream
+                    .write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\n")
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let mut qmp = Qmp::connect(&path, Duration::from_millis(500)).unwrap();
+        let started = Instant::now();
+        let err = qmp
+            .command("query-status", serde_json::json!({}))
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+        assert!(
+            err.to_string().contains("no answer to `query-status`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_line_without_end_is_refused_at_its_bound() {
+        let (_dir, path) = hostile(|mut stream| {
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..32 {
+                if stream.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let err = Qmp::connect(&path, Duration::from_secs(5)).err().unwrap();
+        assert!(err.to_string().contains("a line longer than"), "{err}");
+    }
+}
