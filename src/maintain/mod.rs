@@ -36,7 +36,12 @@ pub fn entries_named(
         .filter(|e| e.dir_name() == name || e.meta.name == name)
         .map(|e| e.dir_name().to_string())
         .collect();
-    by_store.extend(crate::run::snapshot::latest_entries(entries, name));
+    let state_root = project.map(|p| p.project_dir().join(".farm"));
+    by_store.extend(crate::run::snapshot::entries_of(
+        state_root.as_deref(),
+        entries,
+        name,
+    ));
     if !by_store.is_empty() {
         // A snapshot's entries bring the layers of the VMs saved inside them.
         let inside: Vec<String> = entries

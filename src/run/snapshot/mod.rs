@@ -320,15 +320,39 @@ pub fn latest_entries(entries: &[crate::store::Entry], name: &str) -> Vec<String
         .unwrap_or_default()
 }
 
-/// What a binary cache is told about snapshot `name` of this store (unsigned): its latest
-/// entries, and its `up` key when it is farm's `converged` of `state_root`. `None` when the
-/// store holds no snapshot of that name.
+/// The entries of snapshot `name`: those the manifest in `state_root` lists when the
+/// project saved one of that name, since several labs on one store may each have a `base`
+/// (their L1s even share a name); else the latest of that name in the store.
+pub fn entries_of(
+    state_root: Option<&Path>,
+    entries: &[crate::store::Entry],
+    name: &str,
+) -> Vec<String> {
+    let own = state_root.and_then(|root| {
+        let path = SnapshotPaths::new(root, name).manifest();
+        parse_manifest(&fs_err::read(&path).ok()?, &path, name).ok()
+    });
+    match own {
+        Some(manifest) => manifest
+            .vms
+            .into_iter()
+            .filter(|v| v.host.is_none())
+            .map(|v| v.entry)
+            .filter(|dir| entries.iter().any(|e| e.dir_name() == dir))
+            .collect(),
+        None => latest_entries(entries, name),
+    }
+}
+
+/// What a binary cache is told about snapshot `name` (unsigned): its entries
+/// ([`entries_of`]), and its `up` key when it is farm's `converged` of `state_root`. `None`
+/// when there is no snapshot of that name.
 pub fn cache_record(
     entries: &[crate::store::Entry],
     state_root: Option<&Path>,
     name: &str,
 ) -> Option<crate::model::build::cache_record::SnapshotRecord> {
-    let dirs = latest_entries(entries, name);
+    let dirs = entries_of(state_root, entries, name);
     let saved: Vec<&crate::store::Entry> = dirs
         .iter()
         .filter_map(|dir| entries.iter().find(|e| e.dir_name() == dir))
