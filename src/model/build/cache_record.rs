@@ -57,9 +57,10 @@ pub struct Blob {
 /// The largest record (or snapshot record) farm reads from a cache; real ones are a few
 /// KiB. A cache is someone else's bytes: a larger file is refused unread.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
-/// The most files an entry's record may list (a disk, a kernel, an initrd, and room): each
-/// is downloaded on its own thread.
-pub const MAX_RECORD_FILES: usize = 16;
+/// The most files an entry's record may list: a layer has a disk and boot files, but a
+/// snapshot's entry has the files of every VM saved with it (17 for the tiny nested lab's).
+/// Each is downloaded on its own thread, so a record cannot ask for thousands.
+pub const MAX_RECORD_FILES: usize = 1024;
 /// The most entries a snapshot record may list (one per VM saved on one machine).
 pub const MAX_SNAPSHOT_ENTRIES: usize = 1024;
 

@@ -1,0 +1,422 @@
+//! Kill at any moment (issue 31): farm is killed with SIGKILL at seeded random points of
+//! its commands, and after every kill `farm store verify` must find no damaged entry and
+//! the same command, run again, must converge.
+//!
+//! `cargo bench --bench chaos` (FARM_CHAOS_SEED, default 1; FARM_CHAOS_ROUNDS, default 8
+//! kills per scenario). Scenarios: a build that downloads and converts an image, a build
+//! that runs a step in a build VM and commits it, `up` of a tiny VM, `snapshot save` and
+//! `restore`, `store push` and `pull` through a `file://` cache, `gc`, and `store import`.
+//! Each is first run whole to learn how long it takes; each kill falls at a uniform point
+//! of that time, and kills either farm alone (as `kill -9 PID` does) or its whole process
+//! group (as a CI runner cancelling a job does).
+//!
+//! Prints one line per kill and a summary: kills, damaged entries found, runs that did not
+//! converge.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// ansible-core is not needed here; qemu, qemu-img and python3 (for the HTTP server) are.
+const TOML: &str = r#"
+[images.tiny]
+tiny = true
+
+[images.blob]
+url = "URL"
+sha256 = "SHA"
+format = "raw"
+
+[targets.amd64]
+arch = "x86_64"
+
+[platforms.small]
+from = "tiny"
+memory = "256M"
+run = ["dd if=/dev/urandom of=/chaos bs=1M count=16 2>/dev/null; echo NONCE > /nonce"]
+
+[vms.t]
+platform = "small"
+"#;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    cache_url: String,
+    served: PathBuf,
+    server: Child,
+    port: u16,
+    nonce: u64,
+    /// The sha256 of the current image.
+    sha: String,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.farm(&["down", "-q", "--timeout", "0"]).output();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let served = dir.path().join("served");
+        fs_err::create_dir_all(&served).unwrap();
+        let port = farm::sys::hostinfo::free_local_port().unwrap();
+        let server = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .current_dir(&served)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 serves the image");
+        std::thread::sleep(Duration::from_millis(500));
+        let cache = dir.path().join("bincache");
+        let lab = Lab {
+            store: dir.path().join("store"),
+            cache_url: format!("file://{}", cache.display()),
+            served,
+            server,
+            port,
+            nonce: 0,
+            sha: String::new(),
+            dir,
+        };
+        let made = Command::new(env!("CARGO_BIN_EXE_farm"))
+            .args(["store", "keygen", "chaos", "--dir"])
+            .arg(lab.dir.path())
+            .output()
+            .unwrap();
+        assert!(made.status.success());
+        fs_err::write(lab.dir.path().join("trust"), made.stdout).unwrap();
+        lab
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn farm(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_farm"));
+        cmd.current_dir(self.path())
+            .args(args)
+            .env("FARM_STORE", &self.store)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.farm(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "farm {args:?}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A new version of every input: a fresh 96 MiB image to download and a new step, so
+    /// the next build has work to do.
+    fn renew(&mut self) {
+        self.nonce += 1;
+        let bytes: Vec<u8> = {
+            let mut rng = Rng(self.nonce);
+            (0..(96u64 << 20) / 8)
+                .flat_map(|_| rng.next().to_le_bytes())
+                .collect()
+        };
+        let name = format!("blob-{}.raw", self.nonce);
+        fs_err::write(self.served.join(&name), &bytes).unwrap();
+        self.sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        self.write_toml(true);
+    }
+
+    /// farm.toml for the current inputs; without the image `blob` when `with_blob` is
+    /// false (so `gc` removes its entry).
+    fn write_toml(&self, with_blob: bool) {
+        let trust = fs_err::read_to_string(self.path().join("trust")).unwrap();
+        let mut toml = TOML
+            .replace(
+                "URL",
+                &format!("http://127.0.0.1:{}/blob-{}.raw", self.port, self.nonce),
+            )
+            .replace("SHA", &self.sha)
+            .replace("NONCE", &self.nonce.to_string());
+        if !with_blob {
+            let start = toml.find("[images.blob]").unwrap();
+            let end = toml.find("[targets.amd64]").unwrap();
+            toml.replace_range(start..end, "");
+        }
+        fs_err::write(
+            self.path().join("farm.toml"),
+            format!("{}\n{toml}", trust.trim()),
+        )
+        .unwrap();
+    }
+
+    /// Damaged entries `farm store verify` reports (each is one `error:` line).
+    fn damaged(&self) -> (usize, String) {
+        let out = self
+            .farm(&["store", "verify", "--no-qemu-check"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (said.matches("error:").count(), said)
+    }
+}
+
+/// One kind of command, and what it needs before it runs.
+struct Scenario {
+    name: &'static str,
+    /// Brings the lab to where the command has work to do.
+    prepare: fn(&mut Lab),
+    args: fn(&Lab) -> Vec<String>,
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "build: download, convert, commit",
+            prepare: |lab| lab.renew(),
+            args: |_| strings(&["build", "-q", "blob"]),
+        },
+        Scenario {
+            name: "build: a step in a build VM, commit",
+            prepare: |lab| lab.renew(),
+            args: |_| strings(&["build", "-q", "small"]),
+        },
+        Scenario {
+            name: "up: start a VM",
+            prepare: |lab| {
+                lab.ok(&["build", "-q", "small"]);
+                let _ = lab.farm(&["down", "-q", "--timeout", "0"]).output();
+            },
+            args: |_| strings(&["up", "-q", "--boot"]),
+        },
+        Scenario {
+            name: "snapshot save",
+            prepare: |lab| {
+                lab.ok(&["up", "-q"]);
+                let _ = lab.farm(&["snapshot", "rm", "chaos"]).output();
+            },
+            args: |_| strings(&["snapshot", "save", "-q", "chaos"]),
+        },
+        Scenario {
+            name: "snapshot restore",
+            prepare: |lab| {
+                lab.ok(&["up", "-q"]);
+                if !lab.path().join(".farm/snapshots/chaos").exists() {
+                    lab.ok(&["snapshot", "save", "-q", "chaos"]);
+                }
+            },
+            args: |_| strings(&["snapshot", "restore", "-q", "chaos"]),
+        },
+        Scenario {
+            name: "store push",
+            prepare: |lab| {
+                lab.renew();
+                lab.ok(&["build", "-q", "blob"]);
+            },
+            args: |lab| {
+                let key = lab.path().join("chaos.secret");
+                vec![
+                    "store".into(),
+                    "push".into(),
+                    "-q".into(),
+                    lab.cache_url.clone(),
+                    "blob".into(),
+                    "--key".into(),
+                    key.display().to_string(),
+                ]
+            },
+        },
+        Scenario {
+            name: "store pull",
+            prepare: |lab| {
+                lab.renew();
+                lab.ok(&["build", "-q", "blob"]);
+                let key = lab.path().join("chaos.secret");
+                lab.ok(&[
+                    "store",
+                    "push",
+                    "-q",
+                    &lab.cache_url,
+                    "blob",
+                    "--key",
+                    key.to_str().unwrap(),
+                ]);
+                // Gone from the store, so the pull has work to do.
+                lab.write_toml(false);
+                lab.ok(&["gc", "-q"]);
+                lab.write_toml(true);
+            },
+            args: |lab| {
+                vec![
+                    "store".into(),
+                    "pull".into(),
+                    "-q".into(),
+                    lab.cache_url.clone(),
+                    "blob".into(),
+                ]
+            },
+        },
+        Scenario {
+            name: "gc",
+            prepare: |lab| {
+                lab.renew();
+                lab.ok(&["build", "-q", "blob"]);
+                lab.renew();
+            },
+            args: |_| strings(&["gc", "-q"]),
+        },
+        Scenario {
+            name: "store import",
+            prepare: |lab| {
+                lab.renew();
+                lab.ok(&["build", "-q", "blob"]);
+                let archive = lab.path().join("blob.farm");
+                let _ = fs_err::remove_file(&archive);
+                lab.ok(&[
+                    "store",
+                    "export",
+                    "-q",
+                    "blob",
+                    "-o",
+                    archive.to_str().unwrap(),
+                ]);
+                let _ = fs_err::remove_dir_all(lab.path().join("other"));
+            },
+            args: |lab| {
+                vec![
+                    "store".into(),
+                    "import".into(),
+                    "-q".into(),
+                    lab.path().join("blob.farm").display().to_string(),
+                    "--store".into(),
+                    lab.path().join("other").display().to_string(),
+                ]
+            },
+        },
+    ]
+}
+
+/// Starts farm in a process group of its own, so the group can be killed.
+fn spawn(lab: &Lab, args: &[String]) -> Child {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = lab.farm(&args);
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd.spawn().unwrap()
+}
+
+fn main() {
+    let seed: u64 = std::env::var("FARM_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let rounds: usize = std::env::var("FARM_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let mut rng = Rng(seed);
+    let mut lab = Lab::new();
+    let (mut kills, mut damaged, mut stuck) = (0, 0, Vec::new());
+    let started = Instant::now();
+    for scenario in scenarios() {
+        // Once whole, to learn its length.
+        (scenario.prepare)(&mut lab);
+        let args = (scenario.args)(&lab);
+        let t0 = Instant::now();
+        let whole = lab
+            .farm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap();
+        let length = t0.elapsed();
+        assert!(
+            whole.status.success(),
+            "{}, unkilled: {}",
+            scenario.name,
+            String::from_utf8_lossy(&whole.stderr)
+        );
+        for round in 0..rounds {
+            (scenario.prepare)(&mut lab);
+            let args = (scenario.args)(&lab);
+            let at = length.mul_f64(0.02 + 0.96 * rng.unit());
+            let group = rng.next() % 2 == 0;
+            let mut child = spawn(&lab, &args);
+            std::thread::sleep(at);
+            let finished = child.try_wait().unwrap().is_some();
+            let pid = child.id() as i32;
+            // SAFETY: plain signals to a child this program started (and its group).
+            unsafe {
+                libc::kill(if group { -pid } else { pid }, libc::SIGKILL);
+            }
+            let _ = child.wait();
+            kills += usize::from(!finished);
+            let (found, said) = lab.damaged();
+            damaged += found;
+            let again = lab
+                .farm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .output()
+                .unwrap();
+            let converged = again.status.success();
+            if !converged {
+                stuck.push(format!(
+                    "{} round {round}: {}",
+                    scenario.name,
+                    String::from_utf8_lossy(&again.stderr)
+                ));
+            }
+            println!(
+                "{:<40} kill at {:>6.2} s of {:>6.2} s ({}){}: {} damaged, {}",
+                scenario.name,
+                at.as_secs_f64(),
+                length.as_secs_f64(),
+                if group { "group" } else { "farm" },
+                if finished { " (had finished)" } else { "" },
+                found,
+                if converged {
+                    "converged"
+                } else {
+                    "DID NOT CONVERGE"
+                }
+            );
+            if found > 0 {
+                println!("{said}");
+            }
+        }
+    }
+    println!(
+        "chaos (seed {seed}): {kills} kills in {:.0} s; {damaged} damaged entries; {} runs after a kill did not converge",
+        started.elapsed().as_secs_f64(),
+        stuck.len()
+    );
+    for s in &stuck {
+        println!("  {s}");
+    }
+}
