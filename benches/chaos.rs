@@ -367,7 +367,7 @@ fn main() {
             (scenario.prepare)(&mut lab);
             let args = (scenario.args)(&lab);
             let at = length.mul_f64(0.02 + 0.96 * rng.unit());
-            let group = rng.next() % 2 == 0;
+            let group = rng.next().is_multiple_of(2);
             let mut child = spawn(&lab, &args);
             std::thread::sleep(at);
             let finished = child.try_wait().unwrap().is_some();
