@@ -39,20 +39,11 @@ run = ["dd if=/dev/urandom of=/chaos bs=1M count=16 2>/dev/null; echo NONCE > /n
 platform = "small"
 "#;
 
-struct Rng(u64);
+use farm::fuzz::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// A uniform number in [0, 1).
+fn unit(rng: &mut Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 struct Lab {
@@ -139,9 +130,9 @@ impl Lab {
     fn renew(&mut self) {
         self.nonce += 1;
         let bytes: Vec<u8> = {
-            let mut rng = Rng(self.nonce);
+            let mut rng = Rng::new(self.nonce);
             (0..(96u64 << 20) / 8)
-                .flat_map(|_| rng.next().to_le_bytes())
+                .flat_map(|_| rng.next_u64().to_le_bytes())
                 .collect()
         };
         let name = format!("blob-{}.raw", self.nonce);
@@ -345,7 +336,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut lab = Lab::new();
     let (mut kills, mut damaged, mut stuck) = (0, 0, Vec::new());
     let started = Instant::now();
@@ -371,8 +362,8 @@ fn main() {
         for round in 0..rounds {
             (scenario.prepare)(&mut lab);
             let args = (scenario.args)(&lab);
-            let at = length.mul_f64(0.02 + 0.96 * rng.unit());
-            let group = rng.next().is_multiple_of(2);
+            let at = length.mul_f64(0.02 + 0.96 * unit(&mut rng));
+            let group = rng.next_u64().is_multiple_of(2);
             let mut child = spawn(&lab, &args);
             std::thread::sleep(at);
             let finished = child.try_wait().unwrap();
