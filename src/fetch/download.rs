@@ -393,7 +393,7 @@ fn status_error(url: &str, status: StatusCode) -> FetchError {
 /// A write to the `.part` file failed. A full disk keeps nothing: the partial download is
 /// removed, and the error says how far it got and where.
 fn disk_error(url: &str, written: u64, partial: &Path, e: std::io::Error) -> FetchError {
-    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+    if crate::sys::space::is_full(&e) {
         let removed =
             remove_if_exists(partial).is_ok() && remove_if_exists(&sidecar_path(partial)).is_ok();
         return FetchError::DiskFull {
