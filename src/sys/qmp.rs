@@ -152,6 +152,46 @@ pub fn load_command(path: &Path) -> String {
     format!("zstd -d -q -c {}", quote_path(path))
 }
 
+/// Pauses a VM whose machine state is about to be saved, first undoing what a save that was
+/// killed may have left: a migration still running is cancelled, and a VM that qemu holds in
+/// `postmigrate` (a finished migration, its disks handed over) runs again, since qemu
+/// refuses to migrate it a second time. A VM already paused stays paused.
+pub fn pause_for_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), String> {
+    let ongoing = |qmp: &mut Qmp| -> Result<bool, String> {
+        let info = qmp
+            .command("query-migrate", serde_json::json!({}))
+            .map_err(|e| e.to_string())?;
+        Ok(!matches!(
+            info["status"].as_str(),
+            None | Some("none" | "completed" | "failed" | "cancelled")
+        ))
+    };
+    if ongoing(qmp)? {
+        qmp.command("migrate_cancel", serde_json::json!({}))
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + timeout;
+        while ongoing(qmp)? {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "an earlier migration was still running {} s after it was cancelled",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = qmp
+        .command("query-status", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
+    if status["status"] == "postmigrate" {
+        qmp.command("cont", serde_json::json!({}))
+            .map_err(|e| e.to_string())?;
+    }
+    qmp.command("stop", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Polls `query` until the migration completes; its error or a timeout otherwise.
 pub fn wait_for_migration(qmp: &mut Qmp, query: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
@@ -251,5 +291,95 @@ mod tests {
         });
         let err = Qmp::connect(&path, Duration::from_secs(5)).err().unwrap();
         assert!(err.to_string().contains("a line longer than"), "{err}");
+    }
+
+    /// A real qemu (no disk, no guest) left as a killed save leaves it: once in the middle of
+    /// a migration, once paused after one. Each time the next save's pause readies it for
+    /// `migrate`, which qemu would otherwise refuse.
+    #[test]
+    fn a_save_killed_mid_migration_leaves_nothing_the_next_save_cannot_undo() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qmp.sock");
+        /// Kills qemu however the test ends.
+        struct Killed(std::process::Child);
+        impl Drop for Killed {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _qemu = Killed(
+            std::process::Command::new("qemu-system-x86_64")
+                .args([
+                    "-machine",
+                    "pc",
+                    "-accel",
+                    "tcg",
+                    "-nodefaults",
+                    "-display",
+                    "none",
+                ])
+                .args(["-m", "32", "-qmp"])
+                .arg(format!("unix:{},server=on,wait=off", socket.display()))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-system-x86_64 runs (scripts/setup.sh installs it)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(10)).unwrap();
+        let status = |qmp: &mut Qmp| {
+            qmp.command("query-status", serde_json::json!({})).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let migrate = |qmp: &mut Qmp, command: &str| {
+            qmp.command(
+                "migrate",
+                serde_json::json!({ "uri": format!("exec:{command}") }),
+            )
+        };
+        let state = dir.path().join("state");
+
+        // A migration held to 4 KiB/s: it is still running, as when farm is killed while
+        // zstd writes the state.
+        qmp.command("stop", serde_json::json!({})).unwrap();
+        let bandwidth = |qmp: &mut Qmp, bytes: u64| {
+            qmp.command(
+                "migrate-set-parameters",
+                serde_json::json!({ "max-bandwidth": bytes }),
+            )
+            .unwrap();
+        };
+        bandwidth(&mut qmp, 4096);
+        migrate(&mut qmp, "cat >/dev/null").unwrap();
+        let ongoing = qmp.command("query-migrate", serde_json::json!({})).unwrap();
+        assert!(
+            ["setup", "active"].contains(&ongoing["status"].as_str().unwrap_or("")),
+            "{ongoing}"
+        );
+        pause_for_migration(&mut qmp, Duration::from_secs(20)).unwrap();
+        assert_eq!(status(&mut qmp), "paused");
+        bandwidth(&mut qmp, 1 << 30);
+
+        // A migration that finished: qemu holds the VM in `postmigrate`, and refuses another.
+        migrate(&mut qmp, &save_command(&state)).unwrap();
+        wait_for_migration(&mut qmp, "query-migrate", Duration::from_secs(60)).unwrap();
+        assert_eq!(status(&mut qmp), "postmigrate");
+        let refused = migrate(&mut qmp, &save_command(&state)).unwrap_err();
+        assert!(
+            refused.to_string().contains("previous migration"),
+            "{refused}"
+        );
+
+        pause_for_migration(&mut qmp, Duration::from_secs(20)).unwrap();
+        assert_eq!(status(&mut qmp), "paused");
+        migrate(&mut qmp, &save_command(&state)).unwrap();
+        wait_for_migration(&mut qmp, "query-migrate", Duration::from_secs(60)).unwrap();
+        assert!(std::fs::metadata(&state).unwrap().len() > 0);
     }
 }

@@ -112,8 +112,8 @@ pub fn save(
     for vm in &vms {
         let socket = records[&vm.name].spec.paths.qmp();
         let stopped = with_qmp(&*vm.host, &socket, Duration::ZERO, |qmp| {
-            qmp.command("stop", serde_json::json!({}))
-                .map_err(|e| SnapshotError::Failed(e.to_string()))
+            crate::sys::qmp::pause_for_migration(qmp, MIGRATION_TIMEOUT)
+                .map_err(SnapshotError::Failed)
         });
         if let Err(e) = stopped {
             resume(&paused);
