@@ -2,10 +2,11 @@
 //! definition each, so every message that quotes a log or a cause reads the same.
 
 /// The last `lines` lines of `text` (a serial console, qemu's log, a tool's stderr), with
-/// trailing blank space left out, for an error message.
+/// trailing blank space left out, for an error message: [`printable`], since a guest
+/// writes its console.
 pub fn last_lines(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.trim_end().lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    printable(&all[all.len().saturating_sub(lines)..].join("\n"))
 }
 
 /// [`last_lines`] of bytes that are mostly text (a console may hold anything).
@@ -13,7 +14,6 @@ pub fn last_lines_of_bytes(bytes: &[u8], lines: usize) -> String {
     last_lines(&String::from_utf8_lossy(bytes), lines)
 }
 
-/// `count` things, the noun made plural unless there is one: "1 image", "3 VMs".
 /// `text` cut to at most `chars` characters, with `…` when it was longer (a progress line
 /// that fits its terminal).
 pub fn clip(text: &str, chars: usize) -> String {
@@ -23,6 +23,61 @@ pub fn clip(text: &str, chars: usize) -> String {
     }
 }
 
+/// The most of another machine's output a message quotes: its end, where the error is.
+pub const MAX_QUOTED_BYTES: usize = 64 << 10;
+
+/// Text that another machine wrote (a site's command output, a guest's console), made safe
+/// to print on the user's terminal: terminal control sequences (colours, but also those
+/// that move the cursor, retitle the window or rewrite what farm printed) are left out,
+/// any other control character but newline and tab becomes `�`, and only the last
+/// [`MAX_QUOTED_BYTES`] are kept.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_QUOTED_BYTES));
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\r' => {}
+            '\u{1b}' => match chars.peek() {
+                // CSI: parameters and intermediates, up to a final byte in @..~.
+                Some('[') => {
+                    chars.next();
+                    while let Some(next) = chars.next() {
+                        if ('@'..='~').contains(&next) {
+                            break;
+                        }
+                    }
+                }
+                // OSC (a window title, a hyperlink): up to BEL or ESC \\.
+                Some(']') => {
+                    while let Some(next) = chars.next() {
+                        if next == '\u{7}'
+                            || (next == '\u{1b}' && chars.next_if_eq(&'\\').is_some())
+                        {
+                            break;
+                        }
+                    }
+                }
+                _ => {
+                    chars.next();
+                }
+            },
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    if out.len() > MAX_QUOTED_BYTES {
+        let mut start = out.len() - MAX_QUOTED_BYTES;
+        while !out.is_char_boundary(start) {
+            start += 1;
+        }
+        let left_out = start;
+        out = format!("… ({left_out} bytes left out)\n{}", &out[start..]);
+    }
+    out
+}
+
+/// `count` things, the noun made plural unless there is one: "1 image", "3 VMs".
 pub fn counted(count: usize, noun: &str) -> String {
     match count {
         1 => format!("1 {noun}"),
@@ -67,6 +122,26 @@ pub fn unsaid_causes(error: &dyn std::error::Error) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_text_keeps_words_and_lines_and_drops_what_steers_a_terminal() {
+        let hostile = "ok\tline\r\n\u{1b}[2J\u{1b}[1;31mred\u{1b}[0m \u{1b}]0;pwned\u{7}title \u{1b}]8;;http://x\u{1b}\\link\u{0}\u{8}end";
+        assert_eq!(
+            printable(hostile),
+            "ok\tline\nred title link\u{fffd}\u{fffd}end"
+        );
+        let long = format!("{}é{}", "x".repeat(MAX_QUOTED_BYTES), "tail");
+        let kept = printable(&long);
+        assert!(
+            kept.starts_with("… (") && kept.ends_with("étail"),
+            "{}",
+            &kept[..40]
+        );
+        assert!(kept.len() < MAX_QUOTED_BYTES + 64);
+        // An escape cut off at the end of the text ends it.
+        assert_eq!(printable("a\u{1b}[12"), "a");
+        assert_eq!(printable("a\u{1b}"), "a");
+    }
 
     #[test]
     fn clipped_text_fits_and_says_it_was_cut() {

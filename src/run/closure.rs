@@ -279,7 +279,7 @@ fn complete_entries(
             host: host.name().to_string(),
             what: "Listing the host's store",
             status: out.status,
-            output: out.text(),
+            output: out.said(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout)
@@ -431,13 +431,18 @@ fn send_entries(
         Some(REJECTED) => {
             // A stream that could not be read from the local store is a local problem.
             written?;
-            let text = out.text();
+            let text = out.said();
             let mut rejected: BTreeMap<String, String> = BTreeMap::new();
             let mut current: Option<String> = None;
+            // The host says which entries failed: only names farm sent count (a hostile
+            // host could name anything), and what it says of them is quoted printable.
+            let sent = |name: &str| entries.iter().any(|(e, _)| e.dir_name() == name);
             for line in text.lines() {
                 if let Some(entry) = line.strip_prefix("rejected ") {
-                    current = Some(entry.to_string());
-                    rejected.insert(entry.to_string(), String::new());
+                    current = sent(entry).then(|| entry.to_string());
+                    if let Some(entry) = &current {
+                        rejected.insert(entry.clone(), String::new());
+                    }
                 } else if let Some(check) = current.as_ref().and_then(|e| rejected.get_mut(e)) {
                     check.push_str(line);
                     check.push('\n');
@@ -455,7 +460,7 @@ fn send_entries(
             host: host.name().to_string(),
             what: "Receiving store entries",
             status,
-            output: out.text(),
+            output: out.said(),
         }),
     }
 }

@@ -40,7 +40,7 @@ pub(crate) fn check(
             host: host.name().to_string(),
             what: what.to_string(),
             status: out.status,
-            output: out.text(),
+            output: out.said(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -85,7 +85,7 @@ pub fn qemu_log_tail(host: &dyn Host, spec: &InstanceSpec, lines: usize) -> Stri
         _ => format!(
             "(cannot read `{path}` on {}: {})",
             host.name(),
-            out.text().trim()
+            out.said().trim()
         ),
     }
 }

@@ -91,7 +91,7 @@ pub fn ensure_up(
     );
     let out = host.run(&prepare)?;
     if !out.success() {
-        return Err(failed("creating its state directory", out.text()));
+        return Err(failed("creating its state directory", out.said()));
     }
     if network.backend == VdeBackend::Switch {
         let ctl = network.control_dir(site_state);
@@ -110,7 +110,7 @@ pub fn ensure_up(
         );
         let out = host.run(&script)?;
         if !out.success() {
-            return Err(failed("vde_switch", out.text()));
+            return Err(failed("vde_switch", out.said()));
         }
     }
     if let Some(address) = network.attach {
@@ -149,7 +149,7 @@ pub fn ensure_up(
         );
         let out = host.run(&script)?;
         if !out.success() {
-            return Err(failed("the tap of its `attach`", out.text()));
+            return Err(failed("the tap of its `attach`", out.said()));
         }
     }
     Ok(())

@@ -164,7 +164,7 @@ fn try_ssh(route: SshRoute) -> Result<Ssh, String> {
         .map_err(|e| error_chain(&e))?;
     match ssh.run(&route.probe.command(), None) {
         Ok(out) if out.success() => Ok(ssh),
-        Ok(out) => Err(out.text()),
+        Ok(out) => Err(out.said()),
         Err(e) => Err(error_chain(&e)),
     }
 }
@@ -182,7 +182,7 @@ pub fn wait_for_first_boot(watch: &BootWatch, ssh: &Ssh, within: Duration) -> Fi
     let seconds = within.as_secs().max(60);
     match ssh.run(&first_boot::wait_script(seconds), None) {
         Ok(out) => {
-            let output = out.text();
+            let output = out.said();
             let ready = watch.first_boot(first_boot::parse_wait_output(&output), seconds);
             FirstBoot { output, ready }
         }

@@ -69,6 +69,12 @@ impl Output {
         s.push_str(&String::from_utf8_lossy(&self.stderr));
         s
     }
+
+    /// [`Output::text`] for a message on the user's terminal: the other machine wrote it, so
+    /// it is made printable and its end kept (`model::text::printable`).
+    pub fn said(&self) -> String {
+        crate::model::text::printable(&self.text())
+    }
 }
 
 pub struct Ssh {

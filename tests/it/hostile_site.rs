@@ -53,6 +53,26 @@ arch x86_64; touch CANARY-arch
 /proc/1/environ:FARM_PROJECT=PROJECT/proc/1/environ:FARM_PROCESS=vm:far
 "#;
 
+/// A real sshd on 127.0.0.1:`port` that lets `key` in and runs every command it is given
+/// through `wrapper` (a shell script's body, with the command in `$SSH_ORIGINAL_COMMAND`),
+/// as a root that rewrites farm's commands or their answers would; the project trusts it.
+fn hostile_site(p: &Project, dir: &Path, port: u16, key: &str, wrapper: &str) -> Sshd {
+    let path = dir.join("hostile.sh");
+    fs_err::write(&path, format!("#!/bin/sh\n{wrapper}")).unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    let server = Sshd::start(dir, port, &format!("command=\"{}\" {key}", path.display()));
+    p.write("lab_known_hosts", &server.known_hosts_line());
+    server
+}
+
+/// What no message of farm's may carry from a hostile site: what a user could paste and run,
+/// and the escape character that starts terminal control sequences.
+const NEVER_REPEATED: [&str; 5] = ["$(touch", "${IFS}", "../../", "`touch", "\u{1b}"];
+
 #[test]
 fn crafted_observation_answers_run_nothing_and_write_nowhere() {
     let test = "crafted_observation_answers_run_nothing_and_write_nowhere";
@@ -89,30 +109,19 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
             + "\nvm cut-off-mid",
     )
     .unwrap();
-    let wrapper = dir.path().join("hostile.sh");
-    fs_err::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\n\
-             case \"$SSH_ORIGINAL_COMMAND\" in\n\
+    let server = hostile_site(
+        &p,
+        dir.path(),
+        port,
+        &key.public,
+        &format!(
+            "case \"$SSH_ORIGINAL_COMMAND\" in\n\
                *FARM_PROJECT=*) sh -c \"$SSH_ORIGINAL_COMMAND\"; cat '{}' ;;\n\
                *) exec sh -c \"$SSH_ORIGINAL_COMMAND\" ;;\n\
              esac\n",
             crafted.display()
         ),
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x"])
-        .arg(&wrapper)
-        .status()
-        .unwrap();
-    let server = Sshd::start(
-        dir.path(),
-        port,
-        &format!("command=\"{}\" {}", wrapper.display(), key.public),
     );
-    p.write("lab_known_hosts", &server.known_hosts_line());
 
     for args in [vec!["status"], vec!["up", "--dry-run"], vec!["down"]] {
         let out = p.run(&args);
@@ -133,7 +142,7 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
             "farm {args:?}:\n{said}"
         );
         // Nor does it repeat the site's names in messages or hints a user might paste.
-        for crafted in ["$(touch", "${IFS}", "../../", "`touch"] {
+        for crafted in NEVER_REPEATED {
             assert!(
                 !said.contains(crafted),
                 "farm {args:?} repeats `{crafted}`:\n{said}"
@@ -152,5 +161,126 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
         keep.display()
     );
     let _ = fs_err::remove_dir_all(&keep);
+    drop(server);
+}
+
+/// The site lies about its store, the two ways it can (issue 31): every layer farm pushes
+/// reads back wrong (its `b3sum` says so, and it names entries farm never sent, in
+/// terminal escapes), then it claims to hold layers it does not have (its `[ -e …/meta.json ]`
+/// tests always succeed). Each time `farm up` fails saying what the site did, runs nothing the
+/// site wrote and takes nothing from it into L0's store; once the site is honest, the same
+/// `farm up` converges: the layers are pushed, checked on arrival and the VM answers ssh.
+#[test]
+fn a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs() {
+    let test = "a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs";
+    if !crate::support::skip::require_vm(test, &[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("farm-root");
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    let p = Project::with_store(
+        &site_toml(port, &root),
+        &crate::support::test_home::shared_store(),
+    );
+    let key = keygen(p.path(), "lab_key");
+    let canary = std::env::temp_dir().join(format!("farm-canary-{}", nonce()));
+    let lies = dir.path().join("lies");
+    fs_err::create_dir_all(&lies).unwrap();
+    let fake_bin = dir.path().join("fake-bin");
+    fs_err::create_dir_all(&fake_bin).unwrap();
+    // A b3sum whose every check fails, with a line of its own.
+    fs_err::write(
+        fake_bin.join("b3sum"),
+        format!(
+            "#!/bin/sh\nwhile read -r sum path; do echo \"$path: FAILED\"; done\n\
+             printf '%s\\033]0;pwned\\007\\n' 'junk $(touch {canary}-b3sum)'\nexit 1\n",
+            canary = canary.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(fake_bin.join("b3sum"))
+        .status()
+        .unwrap();
+    let server = hostile_site(
+        &p,
+        dir.path(),
+        port,
+        &key.public,
+        &format!(
+            "lies={lies}\n\
+             cmd=$SSH_ORIGINAL_COMMAND\n\
+             if [ -e $lies/hashes ]; then\n\
+               case \"$cmd\" in *b3sum*)\n\
+                 PATH={fake_bin}:$PATH sh -c \"$cmd\"; rc=$?\n\
+                 printf 'rejected $(touch {canary}-rejected)\\nrejected ../../etc\\n\\033[2J\\n'\n\
+                 exit $rc ;;\n\
+               esac\n\
+             fi\n\
+             if [ -e $lies/present ]; then\n\
+               cmd=$(printf '%s' \"$cmd\" | sed 's|\\[ -e \\([^]]*\\)/meta.json \\]|true|g')\n\
+             fi\n\
+             exec sh -c \"$cmd\"\n",
+            lies = lies.display(),
+            fake_bin = fake_bin.display(),
+            canary = canary.display(),
+        ),
+    );
+    p.ok(&["build", "small"]);
+    let layer = p.entry("small").join("meta.json");
+    let layer_meta = fs_err::read(&layer).unwrap();
+    let site_entries = || crate::support::project::list(&root.join("cache/store"));
+    let refused = |what: &str, expected: &str| {
+        let out = p.run(&["up", "--boot-timeout", "300"]);
+        let said = text(&out);
+        eprintln!("farm up, {what}:\n{said}");
+        assert!(!out.status.success(), "{what}: farm up succeeded:\n{said}");
+        assert!(
+            said.contains(expected),
+            "{what}: expected `{expected}`:\n{said}"
+        );
+        assert!(!said.contains("panicked"), "{what}:\n{said}");
+        for crafted in NEVER_REPEATED {
+            assert!(
+                !said.contains(crafted),
+                "{what}: farm repeats `{crafted}`:\n{said}"
+            );
+        }
+    };
+
+    // Every push reads back wrong: farm sends it three times, then says so, and the site's
+    // store gets nothing.
+    fs_err::write(lies.join("hashes"), "").unwrap();
+    refused("every layer reads back wrong", "corrupted 3 times in a row");
+    assert!(site_entries().is_empty(), "{:?}", site_entries());
+    fs_err::remove_file(lies.join("hashes")).unwrap();
+
+    // The site claims every layer: nothing is pushed, and the VM cannot start on it.
+    fs_err::write(lies.join("present"), "").unwrap();
+    refused("the site claims layers it lacks", "far");
+    fs_err::remove_file(lies.join("present")).unwrap();
+
+    // Honest again: the same command converges.
+    let out = p.run(&["up", "--boot-timeout", "300"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!site_entries().is_empty());
+    let hello = p.ok(&["ssh", "far", "--", "echo", "hello-from-far"]);
+    assert!(crate::support::project::stdout(&hello).contains("hello-from-far"));
+    p.ok(&["down"]);
+
+    let ran: Vec<String> = crate::support::project::list(&std::env::temp_dir())
+        .into_iter()
+        .filter(|name| {
+            name.starts_with(&canary.file_name().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    assert!(ran.is_empty(), "farm ran what the site wrote: {ran:?}");
+    assert_eq!(
+        fs_err::read(&layer).unwrap(),
+        layer_meta,
+        "L0's layer changed"
+    );
     drop(server);
 }

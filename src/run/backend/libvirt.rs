@@ -84,7 +84,7 @@ fn ensure_daemon(host: &dyn Host, uri: &str) -> Result<String, InstanceError> {
     if !out.success() {
         return Err(LibvirtError::Unreachable {
             uri: format!("{uri} on `{}`", host.name()),
-            message: out.text().trim().to_string(),
+            message: out.said().trim().to_string(),
         }
         .into());
     }

@@ -75,7 +75,7 @@ impl RemoteHost {
         let source = std::io::Error::other(format!(
             "exit status {:?}: {}",
             out.status,
-            out.text().trim()
+            out.said().trim()
         ));
         if write {
             HostError::Write {

@@ -129,7 +129,7 @@ fn qemu_version(host: &dyn Host, binary: &str) -> Result<String, SnapshotError> 
         return Err(SnapshotError::Failed(format!(
             "Cannot run `{binary} --version` on host `{}`: {}",
             host.name(),
-            out.text().trim()
+            out.said().trim()
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout)

@@ -234,7 +234,7 @@ impl Lab<'_> {
             other => Err(VerbError::WaitFailed {
                 vm: vm.to_string(),
                 status: other.map_or("a signal".into(), |c| c.to_string()),
-                said: out.text(),
+                said: out.said(),
             }),
         }
     }
