@@ -42,7 +42,7 @@ pub fn printable(text: &str) -> String {
                 // CSI: parameters and intermediates, up to a final byte in @..~.
                 Some('[') => {
                     chars.next();
-                    while let Some(next) = chars.next() {
+                    for next in chars.by_ref() {
                         if ('@'..='~').contains(&next) {
                             break;
                         }

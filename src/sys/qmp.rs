@@ -380,6 +380,6 @@ mod tests {
         assert_eq!(status(&mut qmp), "paused");
         migrate(&mut qmp, &save_command(&state)).unwrap();
         wait_for_migration(&mut qmp, "query-migrate", Duration::from_secs(60)).unwrap();
-        assert!(std::fs::metadata(&state).unwrap().len() > 0);
+        assert!(fs_err::metadata(&state).unwrap().len() > 0);
     }
 }
