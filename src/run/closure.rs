@@ -397,8 +397,17 @@ fn send_entries(
             )
         })
         .collect();
+    // One push at a time into a host's store (where `flock` exists, as on every Debian):
+    // then any other `push.*` in its `tmp/` is what a push killed half way left (farm, or
+    // the host's own qemu, killed mid-stream), and goes.
+    let tmp = quote_path(&store.root.join("tmp"));
     let script = format!(
         "set -u\n\
+         mkdir -p {tmp} || exit 1\n\
+         if command -v flock >/dev/null 2>&1; then\n\
+           exec 9>{tmp}/pushing.lock && flock -w 600 9 || exit 1\n\
+           rm -rf {tmp}/push.*\n\
+         fi\n\
          rm -rf {staging} && mkdir -p {staging} {target} || exit 1\n\
          {{ {unpack}tar -x -f - -C {staging}; }} 2>{staging}.tar || {{ cat {staging}.tar; rm -rf {staging} {staging}.tar; exit {REJECTED}; }}\n\
          cd {staging} && b3sum --check --quiet > {staging}.report 2>&1 <<'FARM_SUMS'\n{checks}FARM_SUMS\n\

@@ -1,5 +1,5 @@
 //! Recovery of a nested lab: a hypervisor whose kernel panics while `up` provisions it, and
-//! one whose qemu is killed. Neither needs
+//! one whose qemu is killed in the middle of a push into its store. Neither needs
 //! Debian guests at level 2, so it runs on the tiny-L2 lab: L1 as in `nested.rs` (`debian_vs`
 //! running its guests as libvirt domains), and two of farm's tiny guests inside it, one on
 //! QEMU's user network and one only on the VDE network L1 joins. Tiny L2s boot in seconds
@@ -134,20 +134,59 @@ fn a_hypervisor_whose_kernel_panics_during_up_is_restarted_with_its_guests() {
 }
 
 #[test]
-fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
+fn a_hypervisor_killed_in_the_middle_of_a_push_is_restarted_with_its_guests_on_their_overlays() {
     let Some(lab) = restored("recovery_kill_9", &tiny_lab()) else {
         return;
     };
     let p = &lab.project;
-    // L1's qemu dies: up restarts it, then the L2s inside it (their disks are in L1's
-    // overlay), and logs in to the new L1 without tripping over the old connection.
-    let hv_pid = fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();
-    Command::new("kill")
-        .args(["-9", hv_pid.trim()])
-        .status()
+    // A third L2 on hv, of a new platform: `up` has a layer to push into hv's store, 32 MiB
+    // that do not compress (most of what the tiny root has free), seconds under TCG.
+    let nonce = crate::support::project::nonce();
+    let toml = fs_err::read_to_string(p.path().join("farm.toml")).unwrap();
+    p.write(
+        "farm.toml",
+        &format!(
+            "{toml}\n[platforms.bulk]\nfrom = \"tiny\"\nmemory = \"256M\"\n\
+             run = [\"dd if=/dev/urandom of=/bulk bs=1M count=32; echo {nonce} > /nonce\"]\n\n\
+             [vms.bulky]\nplatform = \"bulk\"\nhost = \"hv\"\n"
+        ),
+    );
+    p.ok(&["build", "-q", "bulk"]);
+
+    // L1's qemu dies (`kill -9`) while the layer streams into it.
+    let mut up = p
+        .farm_with_ansible(&["up"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let log = std::io::BufReader::new(up.stderr.take().unwrap());
+    let mut said = String::new();
+    let mut killed = false;
+    for line in std::io::BufRead::lines(log) {
+        let line = line.unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        if !killed && line.contains("push") && line.contains("to hv") {
+            std::thread::sleep(std::time::Duration::from_millis(1000));
+            let hv_pid = fs_err::read_to_string(p.path().join(".farm/vms/hv/qemu.pid")).unwrap();
+            Command::new("kill")
+                .args(["-9", hv_pid.trim()])
+                .status()
+                .unwrap();
+            killed = true;
+        }
+    }
+    let status = up.wait().unwrap();
+    assert!(killed, "no push to hv was seen:\n{said}");
+    assert!(!status.success(), "up went on past hv's death:\n{said}");
+    assert!(
+        said.contains("`hv`") && !said.contains("panicked"),
+        "the failure names hv:\n{said}"
+    );
     assert_eq!(p.state_of("hv"), "stopped");
+
+    // up restarts L1, then the L2s inside it (their disks are in L1's overlay), logs in to
+    // the new L1 without tripping over the old connection, and pushes the layer again.
     let again = p.ok_with_ansible(&["up"]);
     let log = stderr(&again);
     assert!(
@@ -155,6 +194,7 @@ fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
             && log.contains("restart  leaf_amd64")
             && log.contains("its hypervisor restarts")
             && log.contains("restarting leaf_amd64 (qemu not running)")
+            && log.contains("pushed")
             // Restarted on the same overlays: provisioned already.
             && !log.contains("playbook")
             // No warning but farm's own restart of a guest whose start KVM inside TCG
@@ -167,4 +207,19 @@ fn a_killed_hypervisor_is_restarted_with_its_guests_on_their_overlays() {
     let out = p.ok(&["ssh", "vleaf_amd64", "--", "hostname"]);
     assert_eq!(stdout(&out).trim(), "vleaf-amd64");
     assert_provisioned_once(p);
+    let out = p.ok(&["ssh", "bulky", "--", "cat", "/nonce"]);
+    assert_eq!(stdout(&out).trim(), nonce);
+    // hv's store: the killed push's staging is gone, and every entry is whole (an entry is
+    // renamed into `store/` only after its files read back as sent).
+    let out = p.ok(&[
+        "ssh",
+        "hv",
+        "--",
+        "cd /var/lib/farm/cache && ls tmp; for e in store/*/; do [ -e $e/meta.json ] || echo partial $e; done",
+    ]);
+    let listing = stdout(&out);
+    assert!(
+        !listing.contains("push.") && !listing.contains("partial"),
+        "{listing}"
+    );
 }
