@@ -192,6 +192,24 @@ pub fn pause_for_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), Strin
     Ok(())
 }
 
+/// qemu says a migration is `completed` a moment before the VM leaves `finish-migrate`,
+/// and refuses `cont` until it has ("Migration is not finalized yet": a build once failed
+/// so under load). Waits for that moment to pass.
+fn wait_past_finish_migrate(qmp: &mut Qmp, deadline: Instant) -> Result<(), String> {
+    loop {
+        let status = qmp
+            .command("query-status", serde_json::json!({}))
+            .map_err(|e| e.to_string())?;
+        if status["status"] != "finish-migrate" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the VM was still finishing its migration at the deadline".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls `query` until the migration completes; its error or a timeout otherwise.
 pub fn wait_for_migration(qmp: &mut Qmp, query: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
@@ -200,7 +218,7 @@ pub fn wait_for_migration(qmp: &mut Qmp, query: &str, timeout: Duration) -> Resu
             .command(query, serde_json::json!({}))
             .map_err(|e| e.to_string())?;
         match info["status"].as_str() {
-            Some("completed") => return Ok(()),
+            Some("completed") => return wait_past_finish_migrate(qmp, deadline),
             Some("failed") | Some("cancelled") => {
                 return Err(format!(
                     "the migration {}: {}",
