@@ -126,8 +126,13 @@ pub fn full_note(error: &(dyn std::error::Error + 'static), places: &[&Path]) ->
     let mut cause = Some(error);
     let mut full = false;
     while let Some(e) = cause {
-        full |= e.downcast_ref::<std::io::Error>().is_some_and(is_full)
-            || e.to_string().contains("No space left on device");
+        // An errno from this process's own writes, or the words of `qemu-img`, which farm
+        // runs here. Not any text that says so: a build step's or a site's output quotes a
+        // guest's or another machine's disk, and this machine's may have room.
+        let local_tool = e
+            .downcast_ref::<crate::sys::qemu_img::QemuImgError>()
+            .is_some_and(|e| e.to_string().contains("No space left on device"));
+        full |= e.downcast_ref::<std::io::Error>().is_some_and(is_full) || local_tool;
         cause = e.source();
     }
     if !full {
@@ -137,6 +142,12 @@ pub fn full_note(error: &(dyn std::error::Error + 'static), places: &[&Path]) ->
         .iter()
         .filter_map(|path| Some((*path, filesystem_of(path)?)))
         .min_by_key(|(_, fs)| fs.free);
+    Some(full_message(fullest))
+}
+
+/// The line that says a disk is full: which filesystem, holding which path, with how much
+/// free; and what to do.
+fn full_message(fullest: Option<(&Path, Filesystem)>) -> String {
     let place = match fullest {
         Some((path, fs)) => format!(
             "{fs}, which holds `{}`, has {} free",
@@ -145,9 +156,20 @@ pub fn full_note(error: &(dyn std::error::Error + 'static), places: &[&Path]) ->
         ),
         None => "farm could not tell which filesystem".to_string(),
     };
-    Some(format!(
+    format!(
         "The disk is full: {place}; nothing half-written was kept\nhint: `farm gc` removes what nothing needs; or free space there, or point --store (FARM_STORE) at a larger disk"
-    ))
+    )
+}
+
+/// Below this much free, a filesystem counts as full for [`full_at`].
+const NEARLY_FULL: u64 = 4 << 20;
+
+/// For work that failed without an errno farm can see (a program qemu ran to write a
+/// machine state, whose pipe broke): the full-disk line when `path`'s filesystem has (next
+/// to) nothing free, which is then the likely cause.
+pub fn full_at(path: &Path) -> Option<String> {
+    let fs = filesystem_of(path).filter(|fs| fs.free < NEARLY_FULL)?;
+    Some(full_message(Some((path, fs))))
 }
 
 #[cfg(test)]
@@ -186,5 +208,14 @@ mod tests {
         let note = full_note(&full, &[Path::new("/")]).unwrap();
         assert!(note.starts_with("The disk is full: the "), "{note}");
         assert!(full_note(&std::io::Error::other("x"), &[Path::new("/")]).is_none());
+        // A guest's words are not this machine's disk; qemu-img's, run here, are.
+        let guest = std::io::Error::other("dd: error writing '/bulk': No space left on device");
+        assert!(full_note(&guest, &[Path::new("/")]).is_none());
+        let qemu_img = crate::sys::qemu_img::QemuImgError::Failed {
+            argv: "qemu-img convert".into(),
+            status: std::os::unix::process::ExitStatusExt::from_raw(256),
+            stderr: "qemu-img: error while writing at byte 0: No space left on device".into(),
+        };
+        assert!(full_note(&qemu_img, &[Path::new("/")]).is_some());
     }
 }

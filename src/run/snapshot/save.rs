@@ -143,48 +143,63 @@ pub fn save(
         resume(&paused);
         return Err(e);
     }
-    // qemu quits (its disk caches written out); the overlay is then the state's disk.
+    // Each top-level VM becomes a store entry on the one its overlay backs onto (its layer's,
+    // or the snapshot's it was restored from), in its host's store; the
+    // manifest names them all and travels in each. They are staged while their qemu still
+    // holds them paused: a finished migration has flushed and handed over the disks, so
+    // the overlays no longer change, and a staging that fails (a disk that filled up since
+    // the space was checked) leaves VMs that run on where they were.
+    let digest = topology_digest(topology, top.iter().chain(&inside));
+    let staging = || -> Result<(Vec<StagedVm>, Vec<remote::RemoteStaged>), SnapshotError> {
+        let mut staged = Vec::new();
+        let mut staged_remote = Vec::new();
+        for vm in &vms {
+            let record = &records[&vm.name];
+            let inside_it: Vec<&String> = inside
+                .iter()
+                .filter(|v| top_level_of(topology, v) == vm.name)
+                .collect();
+            let stage = StageVm {
+                snapshot: name,
+                vm: &vm.name,
+                record,
+                state_file: &state_file(vm),
+                inside: &inside_it,
+                topology: &digest,
+                qemu: &qemus[vm.host.name()],
+            };
+            match &vm.remote_store {
+                None => staged.push(stage_vm(&store, &state, stage)?),
+                Some(remote_store) => {
+                    // Its records stay on this machine, in the snapshot's directory.
+                    for v in std::iter::once(&vm.name).chain(inside_it.iter().copied()) {
+                        copy_vm_dir(&state.instance(v).dir, &paths.dir.join(VMS_DIR).join(v))?;
+                    }
+                    staged_remote.push(remote::stage(
+                        &vm.host,
+                        remote_store,
+                        &state_file(vm),
+                        stage,
+                    )?);
+                }
+            }
+        }
+        Ok((staged, staged_remote))
+    };
+    let (staged, staged_remote) = match staging() {
+        Ok(staged) => staged,
+        Err(e) => {
+            // The snapshot's directory did not exist before this save.
+            let _ = fs_err::remove_dir_all(&paths.dir);
+            resume(&paused);
+            return Err(e);
+        }
+    };
+    // qemu quits; the overlay is then the state's disk.
     for vm in &vms {
         quit(&*vm.host, &records[&vm.name].spec, &vm.name)?;
     }
 
-    // Each top-level VM becomes a store entry on the one its overlay backs onto (its layer's,
-    // or the snapshot's it was restored from), in its host's store; the
-    // manifest names them all and travels in each.
-    let digest = topology_digest(topology, top.iter().chain(&inside));
-    let mut staged = Vec::new();
-    let mut staged_remote = Vec::new();
-    for vm in &vms {
-        let record = &records[&vm.name];
-        let inside_it: Vec<&String> = inside
-            .iter()
-            .filter(|v| top_level_of(topology, v) == vm.name)
-            .collect();
-        let stage = StageVm {
-            snapshot: name,
-            vm: &vm.name,
-            record,
-            state_file: &state_file(vm),
-            inside: &inside_it,
-            topology: &digest,
-            qemu: &qemus[vm.host.name()],
-        };
-        match &vm.remote_store {
-            None => staged.push(stage_vm(&store, &state, stage)?),
-            Some(remote_store) => {
-                // Its records stay on this machine, in the snapshot's directory.
-                for v in std::iter::once(&vm.name).chain(inside_it.iter().copied()) {
-                    copy_vm_dir(&state.instance(v).dir, &paths.dir.join(VMS_DIR).join(v))?;
-                }
-                staged_remote.push(remote::stage(
-                    &vm.host,
-                    remote_store,
-                    &state_file(vm),
-                    stage,
-                )?);
-            }
-        }
-    }
     let mut manifest = SnapshotManifest {
         format: SNAPSHOT_FORMAT,
         name: name.to_string(),
@@ -401,8 +416,13 @@ pub fn save_state(vm: &str, qmp: &mut Qmp, state_file: &Path) -> Result<(), Snap
         serde_json::json!({ "uri": format!("exec:{}", save_command(state_file)) }),
     )
     .map_err(|e| failed(migration_hint(&e.to_string())))?;
-    wait_for_migration(qmp, "query-migrate", MIGRATION_TIMEOUT)
-        .map_err(|e| failed(migration_hint(&e)))
+    wait_for_migration(qmp, "query-migrate", MIGRATION_TIMEOUT).map_err(|e| {
+        // qemu sees only a broken pipe when the state's disk fills up.
+        match crate::sys::space::full_at(state_file) {
+            Some(full) => failed(format!("{e}\n{full}")),
+            None => failed(migration_hint(&e)),
+        }
+    })
 }
 
 /// qemu names the device that blocks a migration; farm adds what to do about it.
