@@ -32,6 +32,12 @@ pub enum SshError {
         #[source]
         source: openssh::Error,
     },
+    #[error("`{command}` on `{alias}` did not finish within {} s", limit.as_secs())]
+    TimedOut {
+        alias: String,
+        command: String,
+        limit: Duration,
+    },
     #[error("Cannot make a directory for a forwarded socket: {0}")]
     ForwardDir(std::io::Error),
     #[error("Cannot make a directory for ssh's control socket: {0}")]
@@ -236,6 +242,37 @@ impl Ssh {
                 drop(pipe);
             }
             let out = child.wait_with_output().await.map_err(command_error)?;
+            Ok(Output {
+                status: out.status.code(),
+                stdout: out.stdout,
+                stderr: out.stderr,
+            })
+        })
+    }
+
+    /// [`Ssh::run`] without input, given up after `limit`: for a guest that may be frozen
+    /// (qemu pauses a VM whose disk filled up), where waiting is waiting for ever.
+    pub fn run_within(&self, script: &str, limit: Duration) -> Result<Output, SshError> {
+        self.runtime.block_on(async {
+            let mut command = self.session().shell(script);
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let command_error = |source| SshError::Command {
+                alias: self.alias.clone(),
+                command: script.to_string(),
+                source,
+            };
+            let child = command.spawn().await.map_err(command_error)?;
+            let out = tokio::time::timeout(limit, child.wait_with_output())
+                .await
+                .map_err(|_| SshError::TimedOut {
+                    alias: self.alias.clone(),
+                    command: script.to_string(),
+                    limit,
+                })?
+                .map_err(command_error)?;
             Ok(Output {
                 status: out.status.code(),
                 stdout: out.stdout,

@@ -79,7 +79,7 @@ pub(super) fn free_before_save(
             .collect();
         let dropped = crate::run::parallel::each(&jumps, |(vm, jump)| {
             let ssh = Ssh::connect_through(config, vm, ANSWER, jump.as_deref()).ok()?;
-            let out = ssh.run(DROP_CACHES, None).ok()?;
+            let out = ssh.run_within(DROP_CACHES, ANSWER).ok()?;
             let said = parse_freed(&String::from_utf8_lossy(&out.stdout));
             Some((vm.clone(), ssh, said))
         });
