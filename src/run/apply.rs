@@ -37,6 +37,9 @@ pub(crate) struct Apply<'a> {
     pub(crate) reporter: &'a Reporter,
     /// The spec of every VM brought up (or kept), for ssh_config and the status table.
     pub(crate) specs: Mutex<BTreeMap<String, InstanceSpec>>,
+    /// VMs planned to restart because they did not answer, which their qemu held paused
+    /// and which run again instead: they are waited for, not restarted.
+    pub(crate) resumed: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Apply<'_> {
@@ -145,6 +148,9 @@ impl Apply<'_> {
             .iter()
             .filter(|s| matches!(s.action, VmAction::Restart | VmAction::Replace));
         first_error(parallel::each(changed, |step| -> Result<(), LabError> {
+            if self.resume_instead(host, step)? {
+                return Ok(());
+            }
             if step.running.is_some() {
                 let verb = match step.action {
                     VmAction::Replace => "replacing",
@@ -178,6 +184,32 @@ impl Apply<'_> {
             }
             Ok(())
         }))
+    }
+
+    /// A VM to restart only because it did not answer, whose qemu held it paused (its disk
+    /// filled up, or a save was killed): it runs again where it was, memory and all, and is
+    /// waited for instead (`vm`). Whether it was.
+    fn resume_instead(&self, host: &dyn Host, step: &VmStep) -> Result<bool, LabError> {
+        let unanswered = !step.reasons.is_empty()
+            && step
+                .reasons
+                .iter()
+                .all(|r| matches!(r, crate::model::lab::up_plan::Reason::NoAnswer { .. }));
+        if step.action != VmAction::Restart || step.running.is_none() || !unanswered {
+            return Ok(false);
+        }
+        let Some(was) = backend::resume_if_paused(host, &step.spec)? else {
+            return Ok(false);
+        };
+        self.reporter.status(
+            "resumed",
+            format!("{} (its qemu held it paused: {was})", step.name),
+        );
+        self.resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(step.name.clone());
+        Ok(true)
     }
 
     /// Powers a VM off (where it was last started from, when its paths changed).
@@ -219,6 +251,15 @@ impl Apply<'_> {
                 self.save_mirror(site, &record)?;
                 backend::start(host, spec)?;
                 self.wait_ready(host, site, record)?;
+            }
+            VmAction::Restart
+                if self
+                    .resumed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(name) =>
+            {
+                self.wait_or_restart(host, site, step)?
             }
             VmAction::Restart => {
                 if step.running.is_none() {
@@ -278,7 +319,8 @@ impl Apply<'_> {
         self.wait_ready(host, site, record)
     }
 
-    /// A kept VM that has not answered ssh since it started: waited for, restarted once if
+    /// A kept VM that has not answered ssh since it started (or one its qemu held paused, now
+    /// resumed): waited for, restarted once if
     /// it does not answer, then given up on with its console's tail.
     fn wait_or_restart(
         &self,

@@ -334,6 +334,7 @@ fn up_once(
         options,
         reporter,
         specs: std::sync::Mutex::new(BTreeMap::new()),
+        resumed: std::sync::Mutex::new(std::collections::BTreeSet::new()),
     };
     let roots: Vec<&SitePlan> = plan
         .sites

@@ -119,6 +119,26 @@ fn up_ssh_restart_replace_and_down() {
         (alpha.clone(), beta.clone())
     );
 
+    // A VM its qemu holds paused (as qemu does when a disk write finds no space, or as a
+    // killed `snapshot save` leaves it) is resumed where it was, not restarted.
+    let mut qmp = farm::sys::qmp::Qmp::connect(
+        &p.path().join(".farm/vms/alpha/qmp.sock"),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    qmp.command("stop", serde_json::json!({})).unwrap();
+    drop(qmp);
+    let resumed = p.ok(&["up"]);
+    assert!(
+        String::from_utf8_lossy(&resumed.stderr)
+            .contains("resumed alpha (its qemu held it paused: paused)"),
+        "{}",
+        text(&resumed)
+    );
+    assert_eq!(pid(&p, "alpha"), alpha);
+    let out = p.ok(&["ssh", "alpha", "--", "cat", "/tmp/note.txt"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "copied by scp\n");
+
     // A dead VM is reported and restarted alone.
     Command::new("kill").args(["-9", &beta]).status().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));

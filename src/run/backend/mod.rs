@@ -22,6 +22,19 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> 
     }
 }
 
+/// Runs again the instance if its qemu holds it paused (see `qemu::resume_if_paused`),
+/// saying in which state it was. A libvirt domain is left to libvirt, which resumes what it
+/// paused itself.
+pub fn resume_if_paused(
+    host: &dyn Host,
+    spec: &InstanceSpec,
+) -> Result<Option<String>, InstanceError> {
+    match &spec.backend {
+        Backend::Qemu => qemu::resume_if_paused(host, &spec.paths, &spec.name),
+        Backend::Libvirt { .. } => Ok(None),
+    }
+}
+
 /// Stops the instance `spec` describes (its last record's) on its backend.
 pub fn stop_spec(
     host: &dyn Host,
