@@ -3,9 +3,10 @@
 //! the same command, run again, must converge.
 //!
 //! `cargo bench --bench chaos` (FARM_CHAOS_SEED, default 1; FARM_CHAOS_ROUNDS, default 8
-//! kills per scenario). Scenarios: a build that downloads and converts an image, a build
+//! kills per scenario; FARM_CHAOS_ONLY, run only the scenarios whose name holds it). Scenarios: a build that downloads and converts an image, a build
 //! that runs a step in a build VM and commits it, `up` of a tiny VM, `snapshot save` and
-//! `restore`, `store push` and `pull` through a `file://` cache, `gc`, and `store import`.
+//! `restore`, `store push` and `pull` through a `file://` cache, `gc`, and `store import`;
+//! then `snapshot save` with its disk filled at a random point (a tmpfs; root only).
 //! Each is first run whole to learn how long it takes; each kill falls at a uniform point
 //! of that time, and kills either farm alone (as `kill -9 PID` does) or its whole process
 //! group (as a CI runner cancelling a job does).
@@ -67,8 +68,9 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    fn new() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
+    /// A lab (project, store, served images) in a new directory under `parent`.
+    fn new_in(parent: &Path) -> Lab {
+        let dir = tempfile::tempdir_in(parent).unwrap();
         let served = dir.path().join("served");
         fs_err::create_dir_all(&served).unwrap();
         let port = farm::sys::hostinfo::free_local_port().unwrap();
@@ -337,10 +339,13 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
     let mut rng = Rng::new(seed);
-    let mut lab = Lab::new();
+    let mut lab = Lab::new_in(&std::env::temp_dir());
     let (mut kills, mut damaged, mut stuck) = (0, 0, Vec::new());
     let started = Instant::now();
-    for scenario in scenarios() {
+    // FARM_CHAOS_ONLY: run only the scenarios whose name holds it ("disk filled": only the
+    // full-disk saves).
+    let only = std::env::var("FARM_CHAOS_ONLY").unwrap_or_default();
+    for scenario in scenarios().into_iter().filter(|s| s.name.contains(&only)) {
         // Once whole, to learn its length.
         (scenario.prepare)(&mut lab);
         let args = (scenario.args)(&lab);
@@ -423,12 +428,133 @@ fn main() {
             }
         }
     }
+    drop(lab);
+    let fills = match "snapshot save, disk filled".contains(&only) {
+        true => fill_during_saves(&mut rng, rounds, &mut damaged, &mut stuck),
+        false => 0,
+    };
     println!(
-        "chaos (seed {seed}): {kills} kills in {:.0} s; {damaged} damaged entries; {} runs after a kill did not converge",
+        "chaos (seed {seed}): {kills} kills and {fills} disks filled during a save in {:.0} s; {damaged} damaged entries; {} runs after a kill or a full disk did not converge",
         started.elapsed().as_secs_f64(),
         stuck.len()
     );
     for s in &stuck {
         println!("  {s}");
     }
+}
+
+/// The disk filled in the middle of `snapshot save` (issue 31): the whole lab (project and
+/// store) on a 1 GiB tmpfs, and at a seeded uniform point of the save a file takes all the
+/// space left. Whatever the save then says, no entry is damaged; once the file is gone the
+/// same save (or, when the snapshot was committed, its restore) succeeds, `up` succeeds
+/// (resuming a VM qemu paused on the full disk) and the VM answers.
+/// Returns how many saves had their disk filled; needs root (mount), else says so and does
+/// none.
+fn fill_during_saves(
+    rng: &mut Rng,
+    rounds: usize,
+    damaged: &mut usize,
+    stuck: &mut Vec<String>,
+) -> usize {
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1G", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("disk filled during a save: skipped (mounting a tmpfs needs root)");
+        return 0;
+    }
+    let filled = {
+        let lab = Lab::new_in(mount.path());
+        lab.write_toml(false);
+        let name = "snapshot save, disk filled";
+        let prepare = |lab: &Lab| {
+            let _ = lab.farm(&["down", "-q", "--timeout", "0"]).output();
+            let _ = lab.farm(&["snapshot", "rm", "chaos"]).output();
+            lab.ok(&["up", "-q"]);
+        };
+        let save = ["snapshot", "save", "-q", "chaos"];
+        lab.ok(&["build", "-q", "small"]);
+        prepare(&lab);
+        let t0 = Instant::now();
+        lab.ok(&save);
+        let length = t0.elapsed();
+        let filler = mount.path().join("filler");
+        for round in 0..rounds {
+            prepare(&lab);
+            let at = length.mul_f64(0.02 + 0.96 * unit(rng));
+            let child = spawn(&lab, &strings(&save));
+            std::thread::sleep(at);
+            let free = farm::sys::space::filesystem_of(mount.path()).map_or(0, |fs| fs.free);
+            let _ = Command::new("fallocate")
+                .args(["-l", &free.saturating_sub(4096).to_string()])
+                .arg(&filler)
+                .status();
+            let out = child.wait_with_output().unwrap();
+            let said = String::from_utf8_lossy(&out.stderr).into_owned();
+            let (found, report) = lab.damaged();
+            *damaged += found;
+            // What qemu made of the full disk: `io-error` when a guest write found no space.
+            let qemu_said = farm::sys::qmp::Qmp::connect(
+                &lab.path().join(".farm/vms/t/qmp.sock"),
+                Duration::from_secs(5),
+            )
+            .and_then(|mut qmp| qmp.command("query-status", serde_json::json!({})))
+            .map_or("no qemu".to_string(), |s| {
+                s["status"].as_str().unwrap_or("?").to_string()
+            });
+            let _ = fs_err::remove_file(&filler);
+            let saved = lab
+                .path()
+                .join(".farm/snapshots/chaos")
+                .join(farm::model::lab::snapshot::MANIFEST_FILE)
+                .exists();
+            let again: &[&str] = if saved {
+                &["snapshot", "restore", "-q", "chaos"]
+            } else {
+                &save
+            };
+            // The space is back: the same command succeeds, `up` finds the lab as it should
+            // be (a VM qemu paused is resumed), and the VM answers.
+            let again = lab.farm(again).output().unwrap();
+            let up = lab.farm(&["up", "-q"]).output().unwrap();
+            let running = lab.farm(&["ssh", "t", "--", "true"]).output().unwrap();
+            let converged =
+                again.status.success() && up.status.success() && running.status.success();
+            if !converged {
+                stuck.push(format!(
+                    "{name} round {round}: {}; {}; {}",
+                    String::from_utf8_lossy(&again.stderr).trim(),
+                    String::from_utf8_lossy(&up.stderr).trim(),
+                    String::from_utf8_lossy(&running.stderr).trim()
+                ));
+            }
+            println!(
+                "{name:<40} filled at {:>6.2} s of {:>6.2} s: the save {}; qemu then {qemu_said}; {found} damaged, {}",
+                at.as_secs_f64(),
+                length.as_secs_f64(),
+                match (
+                    out.status.success(),
+                    said.lines().find(|l| l.starts_with("error:"))
+                ) {
+                    (true, _) => "succeeded".to_string(),
+                    (false, Some(error)) => format!("failed ({error})"),
+                    (false, None) => "failed".to_string(),
+                },
+                if converged {
+                    "converged"
+                } else {
+                    "DID NOT CONVERGE"
+                }
+            );
+            if found > 0 {
+                println!("{report}");
+            }
+        }
+        rounds
+    };
+    let _ = Command::new("umount").arg(mount.path()).status();
+    filled
 }
