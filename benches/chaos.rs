@@ -487,10 +487,18 @@ fn fill_during_saves(
             let at = length.mul_f64(0.02 + 0.96 * unit(rng));
             let child = spawn(&lab, &strings(&save));
             std::thread::sleep(at);
+            // Most of the space at once, then the rest written until the kernel refuses: the
+            // save writes meanwhile, so what is free changes under the filler.
             let free = farm::sys::space::filesystem_of(mount.path()).map_or(0, |fs| fs.free);
             let _ = Command::new("fallocate")
-                .args(["-l", &free.saturating_sub(4096).to_string()])
+                .args(["-l", &free.saturating_sub(8 << 20).to_string()])
                 .arg(&filler)
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("dd")
+                .args(["if=/dev/zero", "bs=64k"])
+                .arg(format!("of={}.rest", filler.display()))
+                .stderr(Stdio::null())
                 .status();
             let out = child.wait_with_output().unwrap();
             let said = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -506,6 +514,7 @@ fn fill_during_saves(
                 s["status"].as_str().unwrap_or("?").to_string()
             });
             let _ = fs_err::remove_file(&filler);
+            let _ = fs_err::remove_file(filler.with_extension("rest"));
             let saved = lab
                 .path()
                 .join(".farm/snapshots/chaos")

@@ -155,7 +155,8 @@ pub fn load_command(path: &Path) -> String {
 /// Pauses a VM whose machine state is about to be saved, first undoing what a save that was
 /// killed may have left: a migration still running is cancelled, and a VM that qemu holds in
 /// `postmigrate` (a finished migration, its disks handed over) runs again, since qemu
-/// refuses to migrate it a second time. A VM already paused stays paused.
+/// refuses to migrate it a second time; so does one qemu paused on a full disk
+/// (`io-error`), once there is room. A VM already paused stays paused.
 pub fn pause_for_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), String> {
     let ongoing = |qmp: &mut Qmp| -> Result<bool, String> {
         let info = qmp
@@ -180,12 +181,27 @@ pub fn pause_for_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), Strin
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let status = qmp
-        .command("query-status", serde_json::json!({}))
-        .map_err(|e| e.to_string())?;
-    if status["status"] == "postmigrate" {
-        qmp.command("cont", serde_json::json!({}))
-            .map_err(|e| e.to_string())?;
+    let status = |qmp: &mut Qmp| {
+        qmp.command("query-status", serde_json::json!({}))
+            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+            .map_err(|e| e.to_string())
+    };
+    match status(qmp)?.as_str() {
+        "postmigrate" => {
+            qmp.command("cont", serde_json::json!({}))
+                .map_err(|e| e.to_string())?;
+        }
+        // qemu paused the guest when a write to its disk found no space; its state would
+        // be saved paused on that error. `cont` retries the write: with room again it runs.
+        "io-error" => {
+            qmp.command("cont", serde_json::json!({}))
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(500));
+            if status(qmp)? == "io-error" {
+                return Err("qemu holds the VM paused: a write to its disk found no space\nhint: free space on the filesystem that holds its overlay (`farm status` names it), then save again".into());
+            }
+        }
+        _ => {}
     }
     qmp.command("stop", serde_json::json!({}))
         .map_err(|e| e.to_string())?;

@@ -543,7 +543,9 @@ fn start_from_state(state: &StateDir, source: &Source<'_>) -> Result<(), Snapsho
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Some("running") => return Ok(()),
-                Some("paused") | Some("postmigrate") | Some("prelaunch") => {
+                // `io-error`: saved while qemu held it on a full disk; `cont` retries the
+                // write.
+                Some("paused") | Some("postmigrate") | Some("prelaunch") | Some("io-error") => {
                     qmp.command("cont", serde_json::json!({}))
                         .map_err(|e| failed(e.to_string()))?;
                     return Ok(());
