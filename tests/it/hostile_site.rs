@@ -53,44 +53,94 @@ arch x86_64; touch CANARY-arch
 /proc/1/environ:FARM_PROJECT=PROJECT/proc/1/environ:FARM_PROCESS=vm:far
 "#;
 
-/// A real sshd on 127.0.0.1:`port` that lets `key` in and runs every command it is given
-/// through `wrapper` (a shell script's body, with the command in `$SSH_ORIGINAL_COMMAND`),
-/// as a root that rewrites farm's commands or their answers would; the project trusts it.
-fn hostile_site(p: &Project, dir: &Path, port: u16, key: &str, wrapper: &str) -> Sshd {
-    let path = dir.join("hostile.sh");
-    fs_err::write(&path, format!("#!/bin/sh\n{wrapper}")).unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x"])
-        .arg(&path)
-        .status()
-        .unwrap();
-    let server = Sshd::start(dir, port, &format!("command=\"{}\" {key}", path.display()));
-    p.write("lab_known_hosts", &server.known_hosts_line());
-    server
-}
-
 /// What no message of farm's may carry from a hostile site: what a user could paste and run,
 /// and the escape character that starts terminal control sequences.
 const NEVER_REPEATED: [&str; 5] = ["$(touch", "${IFS}", "../../", "`touch", "\u{1b}"];
 
+/// A project whose VM `far` runs on the site `lab` (its farm root in `root`), before the
+/// site's sshd starts, and the canary path a command the site wrote would create.
+struct Setup {
+    dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    port: u16,
+    p: Project,
+    key: crate::support::guest::Key,
+    canary: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(test: &str) -> Option<Setup> {
+        if !crate::support::skip::require_vm(test, &[]) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("farm-root");
+        let port = farm::sys::hostinfo::free_local_port().unwrap();
+        let p = Project::with_store(
+            &site_toml(port, &root),
+            &crate::support::test_home::shared_store(),
+        );
+        let key = keygen(p.path(), "lab_key");
+        let canary = std::env::temp_dir().join(format!("farm-canary-{}", nonce()));
+        Some(Setup {
+            dir,
+            root,
+            port,
+            p,
+            key,
+            canary,
+        })
+    }
+
+    /// Starts the site: a real sshd on 127.0.0.1 that lets the project's key in and runs
+    /// every command it is given through `wrapper` (a shell script's body, with the command
+    /// in `$SSH_ORIGINAL_COMMAND`), as a root that rewrites farm's commands or their answers
+    /// would; the project trusts its host key.
+    fn serve(&self, wrapper: &str) -> Sshd {
+        let path = self.dir.path().join("hostile.sh");
+        fs_err::write(&path, format!("#!/bin/sh\n{wrapper}")).unwrap();
+        std::process::Command::new("chmod")
+            .args(["+x"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        let server = Sshd::start(
+            self.dir.path(),
+            self.port,
+            &format!("command=\"{}\" {}", path.display(), self.key.public),
+        );
+        self.p.write("lab_known_hosts", &server.known_hosts_line());
+        server
+    }
+
+    /// Fails the test if anything created a path named by the canary (but `-keep`).
+    fn assert_nothing_ran(&self) {
+        let name = self
+            .canary
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let ran: Vec<String> = crate::support::project::list(&std::env::temp_dir())
+            .into_iter()
+            .filter(|n| n.starts_with(&name) && !n.ends_with("-keep"))
+            .collect();
+        assert!(ran.is_empty(), "farm ran what the site wrote: {ran:?}");
+    }
+}
+
 #[test]
 fn crafted_observation_answers_run_nothing_and_write_nowhere() {
-    let test = "crafted_observation_answers_run_nothing_and_write_nowhere";
-    if !crate::support::skip::require_vm(test, &[]) {
+    let Some(setup) = Setup::new("crafted_observation_answers_run_nothing_and_write_nowhere")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("farm-root");
-    let port = farm::sys::hostinfo::free_local_port().unwrap();
-    let p = Project::with_store(
-        &site_toml(port, &root),
-        &crate::support::test_home::shared_store(),
-    );
-    let key = keygen(p.path(), "lab_key");
-    let canary_name = format!("farm-canary-{}", nonce());
-    let canary = std::env::temp_dir().join(&canary_name);
+    };
+    let Setup { dir, p, canary, .. } = &setup;
     // A directory no command of farm's may touch, named by the site through `../`.
-    let keep = std::env::temp_dir().join(format!("{canary_name}-keep"));
+    let keep = std::env::temp_dir().join(format!(
+        "{}-keep",
+        canary.file_name().unwrap().to_string_lossy()
+    ));
     fs_err::create_dir_all(&keep).unwrap();
     fs_err::write(keep.join("file"), "keep").unwrap();
     let crafted = dir.path().join("crafted");
@@ -109,19 +159,13 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
             + "\nvm cut-off-mid",
     )
     .unwrap();
-    let server = hostile_site(
-        &p,
-        dir.path(),
-        port,
-        &key.public,
-        &format!(
-            "case \"$SSH_ORIGINAL_COMMAND\" in\n\
+    let server = setup.serve(&format!(
+        "case \"$SSH_ORIGINAL_COMMAND\" in\n\
                *FARM_PROJECT=*) sh -c \"$SSH_ORIGINAL_COMMAND\"; cat '{}' ;;\n\
                *) exec sh -c \"$SSH_ORIGINAL_COMMAND\" ;;\n\
              esac\n",
-            crafted.display()
-        ),
-    );
+        crafted.display()
+    ));
 
     for args in [vec!["status"], vec!["up", "--dry-run"], vec!["down"]] {
         let out = p.run(&args);
@@ -150,11 +194,7 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
         }
     }
 
-    let ran: Vec<String> = crate::support::project::list(&std::env::temp_dir())
-        .into_iter()
-        .filter(|name| name.starts_with(&canary_name) && !name.ends_with("-keep"))
-        .collect();
-    assert!(ran.is_empty(), "farm ran what the site wrote: {ran:?}");
+    setup.assert_nothing_ran();
     assert!(
         keep.join("file").exists(),
         "a `../` name from the site reached `{}`",
@@ -172,19 +212,18 @@ fn crafted_observation_answers_run_nothing_and_write_nowhere() {
 /// `farm up` converges: the layers are pushed, checked on arrival and the VM answers ssh.
 #[test]
 fn a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs() {
-    let test = "a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs";
-    if !crate::support::skip::require_vm(test, &[]) {
+    let Some(setup) =
+        Setup::new("a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs")
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("farm-root");
-    let port = farm::sys::hostinfo::free_local_port().unwrap();
-    let p = Project::with_store(
-        &site_toml(port, &root),
-        &crate::support::test_home::shared_store(),
-    );
-    let key = keygen(p.path(), "lab_key");
-    let canary = std::env::temp_dir().join(format!("farm-canary-{}", nonce()));
+    };
+    let Setup {
+        dir,
+        root,
+        p,
+        canary,
+        ..
+    } = &setup;
     let lies = dir.path().join("lies");
     fs_err::create_dir_all(&lies).unwrap();
     let fake_bin = dir.path().join("fake-bin");
@@ -204,13 +243,8 @@ fn a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs() {
         .arg(fake_bin.join("b3sum"))
         .status()
         .unwrap();
-    let server = hostile_site(
-        &p,
-        dir.path(),
-        port,
-        &key.public,
-        &format!(
-            "lies={lies}\n\
+    let server = setup.serve(&format!(
+        "lies={lies}\n\
              cmd=$SSH_ORIGINAL_COMMAND\n\
              if [ -e $lies/hashes ]; then\n\
                case \"$cmd\" in *b3sum*)\n\
@@ -223,11 +257,10 @@ fn a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs() {
                cmd=$(printf '%s' \"$cmd\" | sed 's|\\[ -e \\([^]]*\\)/meta.json \\]|true|g')\n\
              fi\n\
              exec sh -c \"$cmd\"\n",
-            lies = lies.display(),
-            fake_bin = fake_bin.display(),
-            canary = canary.display(),
-        ),
-    );
+        lies = lies.display(),
+        fake_bin = fake_bin.display(),
+        canary = canary.display(),
+    ));
     p.ok(&["build", "small"]);
     let layer = p.entry("small").join("meta.json");
     let layer_meta = fs_err::read(&layer).unwrap();
@@ -270,13 +303,7 @@ fn a_site_that_lies_about_its_store_gets_a_clear_refusal_and_nothing_runs() {
     assert!(crate::support::project::stdout(&hello).contains("hello-from-far"));
     p.ok(&["down"]);
 
-    let ran: Vec<String> = crate::support::project::list(&std::env::temp_dir())
-        .into_iter()
-        .filter(|name| {
-            name.starts_with(&canary.file_name().unwrap().to_string_lossy().into_owned())
-        })
-        .collect();
-    assert!(ran.is_empty(), "farm ran what the site wrote: {ran:?}");
+    setup.assert_nothing_ran();
     assert_eq!(
         fs_err::read(&layer).unwrap(),
         layer_meta,
