@@ -258,7 +258,17 @@ pub fn parse_observation(text: &str, project: &str) -> SiteObservation {
                 if let Some((name, json)) = rest.split_once(' ')
                     && let Some(instance) = obs.instances.get_mut(name)
                 {
-                    instance.record = InstanceRecord::parse(json.as_bytes());
+                    // A record is of the VM whose directory holds it: one that names another
+                    // VM or directory (a copy moved by hand, or a site's root steering
+                    // farm's stop and removal elsewhere) is not used.
+                    instance.record = InstanceRecord::parse(json.as_bytes()).and_then(|r| {
+                        let own_dir = r.spec.paths.dir.file_name() == Some(name.as_ref());
+                        if r.spec.name == name && own_dir {
+                            Ok(r)
+                        } else {
+                            Err("its record names another VM or directory".to_string())
+                        }
+                    });
                 }
             }
             "entry" if is_entry_name(rest) => {
@@ -432,6 +442,18 @@ mod tests {
         assert_eq!(
             obs.instances["old"].record,
             Err("written by an older farm".into())
+        );
+        // The same record under another VM's name is not that VM's.
+        let elsewhere = parse_observation(
+            &format!(
+                "vm api 4242\nrecord api {}\n",
+                String::from_utf8(record.to_json()).unwrap()
+            ),
+            "/p/.farm",
+        );
+        assert_eq!(
+            elsewhere.instances["api"].record,
+            Err("its record names another VM or directory".into())
         );
         assert_eq!(obs.orphans_of("web"), [99]);
         assert_eq!(
