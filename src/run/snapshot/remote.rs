@@ -43,8 +43,6 @@ pub(super) struct RemoteStaged {
     host: Arc<dyn Host>,
     staging: PathBuf,
     dir: PathBuf,
-    /// The VM's overlay the entry's disk is a copy of: it goes with the commit.
-    overlay: PathBuf,
 }
 
 /// Stages a remote VM's entry on its host: a copy of its overlay rebased onto the entry it
@@ -136,7 +134,6 @@ pub(super) fn stage(
         host: host.clone(),
         staging,
         dir,
-        overlay: disk,
     })
 }
 
@@ -152,8 +149,9 @@ fn words<'a, const N: usize>(text: &'a str, vm: &str) -> Result<[&'a str; N], Sn
 }
 
 impl RemoteStaged {
-    /// Writes the manifest into the entry, renames it into the host's store and removes
-    /// the overlay its disk copies (its bytes are in the entry now).
+    /// Writes the manifest into the entry and renames it into the host's store. The overlay
+    /// its disk copies stays until the VM has quit (`save`): a save that fails after this
+    /// resumes the VM on it.
     pub(super) fn commit(self, manifest: &[u8]) -> Result<(), SnapshotError> {
         self.host
             .put(manifest, &self.staging.join(MANIFEST_FILE), 0o644)?;
@@ -163,12 +161,10 @@ impl RemoteStaged {
             "Committing the snapshot to the host's store",
             &format!(
                 "set -e; mkdir -p {store}
-                 if [ -e {dir}/meta.json ]; then rm -rf {s}; else rm -rf {dir}; mv {s} {dir}; fi
-                 rm -f {overlay}",
+                 if [ -e {dir}/meta.json ]; then rm -rf {s}; else rm -rf {dir}; mv {s} {dir}; fi",
                 store = quote_path(self.dir.parent().unwrap_or(Path::new("/"))),
                 dir = quote_path(&self.dir),
                 s = quote_path(&self.staging),
-                overlay = quote_path(&self.overlay),
             ),
         )?;
         Ok(())

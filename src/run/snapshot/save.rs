@@ -195,11 +195,6 @@ pub fn save(
             return Err(e);
         }
     };
-    // qemu quits; the overlay is then the state's disk.
-    for vm in &vms {
-        quit(&*vm.host, &records[&vm.name].spec, &vm.name)?;
-    }
-
     let mut manifest = SnapshotManifest {
         format: SNAPSHOT_FORMAT,
         name: name.to_string(),
@@ -213,25 +208,48 @@ pub fn save(
             .map(|s| s.saved.clone())
             .chain(staged_remote.iter().map(|s| s.saved.clone()))
             .collect(),
-        inside,
+        inside: inside.clone(),
     };
     manifest.vms.sort_by(|a, b| a.name.cmp(&b.name));
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    for vm in staged {
-        fs_err::write(vm.staging.dir().join(MANIFEST_FILE), &json)
-            .map_err(io("write", vm.staging.dir()))?;
-        store.commit(vm.staging, vm.meta).map_err(store_error)?;
-        // The overlay's bytes are in the entry now.
-        let _ = fs_err::remove_file(records[&vm.saved.name].spec.paths.disk());
+    // The snapshot is committed while the VMs are still paused, and only then do they quit:
+    // a save killed before its manifest is written leaves VMs that `farm up` resumes (and
+    // entries nothing names, for `gc`); one killed after it leaves a snapshot that restores.
+    let committing = || -> Result<(), SnapshotError> {
+        for vm in staged {
+            fs_err::write(vm.staging.dir().join(MANIFEST_FILE), &json)
+                .map_err(io("write", vm.staging.dir()))?;
+            store.commit(vm.staging, vm.meta).map_err(store_error)?;
+        }
+        for vm in staged_remote {
+            vm.commit(&json)?;
+        }
+        fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
+        let manifest_path = paths.manifest();
+        let tmp = manifest_path.with_extension("tmp");
+        fs_err::write(&tmp, &json).map_err(io("write", &tmp))?;
+        fs_err::rename(&tmp, &manifest_path).map_err(io("write", &manifest_path))
+    };
+    if let Err(e) = committing() {
+        let _ = fs_err::remove_dir_all(&paths.dir);
+        resume(&paused);
+        return Err(e);
     }
-    for vm in staged_remote {
-        vm.commit(&json)?;
+    // qemu quits; each overlay's bytes are in its entry now.
+    for vm in &vms {
+        let disk = records[&vm.name].spec.paths.disk();
+        quit(&*vm.host, &records[&vm.name].spec, &vm.name)?;
+        match vm.remote_store {
+            None => {
+                let _ = fs_err::remove_file(&disk);
+            }
+            Some(_) => {
+                let _ = vm
+                    .host
+                    .run(&format!("rm -f {}", crate::model::shell::quote_path(&disk)));
+            }
+        }
     }
-    fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
-    let manifest_path = paths.manifest();
-    let tmp = manifest_path.with_extension("tmp");
-    fs_err::write(&tmp, &json).map_err(io("write", &tmp))?;
-    fs_err::rename(&tmp, &manifest_path).map_err(io("write", &manifest_path))?;
     reporter.status(
         "saved",
         format!(
