@@ -340,6 +340,8 @@ fn main() {
         .unwrap_or(8);
     let mut rng = Rng::new(seed);
     let mut lab = Lab::new_in(&std::env::temp_dir());
+    // A farm.toml from the start, for runs of only some scenarios.
+    lab.renew();
     let (mut kills, mut damaged, mut stuck) = (0, 0, Vec::new());
     let started = Instant::now();
     // FARM_CHAOS_ONLY: run only the scenarios whose name holds it ("disk filled": only the
