@@ -6,7 +6,8 @@
 //! kills per scenario; FARM_CHAOS_ONLY, run only the scenarios whose name holds it). Scenarios: a build that downloads and converts an image, a build
 //! that runs a step in a build VM and commits it, `up` of a tiny VM, `snapshot save` and
 //! `restore`, `store push` and `pull` through a `file://` cache, `gc`, and `store import`;
-//! then `snapshot save` with its disk filled at a random point (a tmpfs; root only).
+//! then `up` of a VM on a remote host (sshd on 127.0.0.1) with a new layer to push; then
+//! `snapshot save` with its disk filled at a random point (a tmpfs; root only).
 //! Each is first run whole to learn how long it takes; each kill falls at a uniform point
 //! of that time, and kills either farm alone (as `kill -9 PID` does) or its whole process
 //! group (as a CI runner cancelling a job does).
@@ -57,6 +58,24 @@ struct Lab {
     nonce: u64,
     /// The sha256 of the current image.
     sha: String,
+    /// A remote host (sshd on 127.0.0.1) with VM `far` on it, for the push phase.
+    remote: Option<Remote>,
+}
+
+/// A real OpenSSH server on 127.0.0.1 that farm treats as a remote host: its own host key,
+/// config and authorized_keys (the lab's `lab_key`), killed with the lab.
+struct Remote {
+    port: u16,
+    /// farm's root on it (`root = …`): its store is `cache/`.
+    root: PathBuf,
+    child: Child,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Lab {
@@ -92,6 +111,7 @@ impl Lab {
             port,
             nonce: 0,
             sha: String::new(),
+            remote: None,
             dir,
         };
         let made = Command::new(env!("CARGO_BIN_EXE_farm"))
@@ -159,11 +179,80 @@ impl Lab {
             let end = toml.find("[targets.amd64]").unwrap();
             toml.replace_range(start..end, "");
         }
+        if let Some(remote) = &self.remote {
+            toml.push_str(&format!(
+                "\n[hosts.lab]\naddress = \"root@127.0.0.1:{}\"\nidentity_file = \"lab_key\"\n\
+                 known_hosts = \"lab_known_hosts\"\nroot = \"{}\"\n\n\
+                 [vms.far]\nplatform = \"small\"\nhost = \"lab\"\n",
+                remote.port,
+                remote.root.display()
+            ));
+        }
         fs_err::write(
             self.path().join("farm.toml"),
             format!("{}\n{toml}", trust.trim()),
         )
         .unwrap();
+    }
+
+    /// Starts the remote host: sshd on a free port of 127.0.0.1 letting `lab_key` in.
+    fn start_remote(&mut self) {
+        let dir = self.path().join("remote");
+        fs_err::create_dir_all(&dir).unwrap();
+        let keygen = |path: &Path| {
+            let made = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(made.success());
+            fs_err::read_to_string(path.with_extension("pub")).unwrap()
+        };
+        let client = keygen(&self.path().join("lab_key"));
+        let host = keygen(&dir.join("host_key"));
+        fs_err::write(dir.join("authorized_keys"), client).unwrap();
+        let port = farm::sys::hostinfo::free_local_port().unwrap();
+        fs_err::write(
+            dir.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nPidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 StrictModes no\nAllowTcpForwarding yes\nAllowStreamLocalForwarding yes\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        fs_err::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                fs_err::File::create(dir.join("sshd.log"))
+                    .unwrap()
+                    .into_parts()
+                    .0,
+            )
+            .spawn()
+            .expect("sshd starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let key: Vec<&str> = host.split_whitespace().take(2).collect();
+        fs_err::write(
+            self.path().join("lab_known_hosts"),
+            format!("[127.0.0.1]:{port} {}\n", key.join(" ")),
+        )
+        .unwrap();
+        self.remote = Some(Remote {
+            port,
+            root: dir.join("farm-root"),
+            child,
+        });
     }
 
     /// Damaged entries `farm store verify` reports (each is one `error:` line).
@@ -431,6 +520,11 @@ fn main() {
         }
     }
     drop(lab);
+    let pushes = match "up: push to a remote host, start".contains(&only) {
+        true => push_to_a_remote_host(&mut rng, rounds, &mut damaged, &mut stuck),
+        false => 0,
+    };
+    kills += pushes;
     let fills = match "snapshot save, disk filled".contains(&only) {
         true => fill_during_saves(&mut rng, rounds, &mut damaged, &mut stuck),
         false => 0,
@@ -475,6 +569,8 @@ fn fill_during_saves(
         let prepare = |lab: &Lab| {
             let _ = lab.farm(&["down", "-q", "--timeout", "0"]).output();
             let _ = lab.farm(&["snapshot", "rm", "chaos"]).output();
+            // The snapshots of earlier rounds go: the tmpfs holds a few, not twenty.
+            lab.ok(&["gc", "-q"]);
             lab.ok(&["up", "-q"]);
         };
         let save = ["snapshot", "save", "-q", "chaos"];
@@ -568,4 +664,107 @@ fn fill_during_saves(
     };
     let _ = Command::new("umount").arg(mount.path()).status();
     filled
+}
+
+/// `up` of a VM on a remote host (sshd on 127.0.0.1, farm's root in a directory of the lab),
+/// killed at a seeded point: each round has a new layer to push (a new step), so the kill
+/// falls in the push, the VM's replacement or its start. After each kill nothing in the
+/// local store is damaged, the same `up` converges and the VM answers, and the host's store
+/// holds only whole entries and no push left half way. Returns how many kills landed.
+fn push_to_a_remote_host(
+    rng: &mut Rng,
+    rounds: usize,
+    damaged: &mut usize,
+    stuck: &mut Vec<String>,
+) -> usize {
+    let name = "up: push to a remote host, start";
+    let mut lab = Lab::new_in(&std::env::temp_dir());
+    lab.start_remote();
+    let up = strings(&["up", "-q", "far"]);
+    let prepare = |lab: &mut Lab| {
+        lab.renew();
+        lab.ok(&["build", "-q", "small"]);
+    };
+    prepare(&mut lab);
+    let t0 = Instant::now();
+    lab.ok(&["up", "-q", "far"]);
+    let mut length = t0.elapsed();
+    let mut kills = 0;
+    let root = lab.remote.as_ref().unwrap().root.clone();
+    for round in 0..rounds {
+        prepare(&mut lab);
+        let at = length.mul_f64(0.02 + 0.96 * unit(rng));
+        let group = rng.next_u64().is_multiple_of(2);
+        let mut child = spawn(&lab, &up);
+        std::thread::sleep(at);
+        let finished = child.try_wait().unwrap();
+        let pid = child.id() as i32;
+        // SAFETY: plain signals to a child this program started (and its group).
+        unsafe {
+            libc::kill(if group { -pid } else { pid }, libc::SIGKILL);
+        }
+        let _ = child.wait();
+        kills += usize::from(finished.is_none());
+        if finished.is_some() {
+            length = length.mul_f64(0.5);
+        }
+        let (found, report) = lab.damaged();
+        *damaged += found;
+        let again = lab.farm(&["up", "-q", "far"]).output().unwrap();
+        let answers = lab
+            .farm(&["ssh", "far", "--", "cat", "/nonce"])
+            .output()
+            .unwrap();
+        let nonce_there = String::from_utf8_lossy(&answers.stdout).trim() == lab.nonce.to_string();
+        let store = root.join("cache/store");
+        let partial: Vec<String> = fs_err::read_dir(&store)
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| !e.path().join("meta.json").exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let left: Vec<String> = fs_err::read_dir(root.join("cache/tmp"))
+            .map(|dir| {
+                dir.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("push."))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let converged = again.status.success() && nonce_there && partial.is_empty();
+        if !converged {
+            stuck.push(format!(
+                "{name} round {round}: {} {} partial: {partial:?}",
+                String::from_utf8_lossy(&again.stderr).trim(),
+                String::from_utf8_lossy(&answers.stderr).trim(),
+            ));
+        }
+        println!(
+            "{name:<40} kill at {:>6.2} s of {:>6.2} s ({}){}: {found} damaged, {}{}",
+            at.as_secs_f64(),
+            length.as_secs_f64(),
+            if group { "group" } else { "farm" },
+            if finished.is_some() {
+                " (had finished)"
+            } else {
+                ""
+            },
+            if converged {
+                "converged"
+            } else {
+                "DID NOT CONVERGE"
+            },
+            if left.is_empty() {
+                String::new()
+            } else {
+                format!(" (left on the host: {left:?})")
+            }
+        );
+        if found > 0 {
+            println!("{report}");
+        }
+    }
+    kills
 }
