@@ -215,22 +215,7 @@ pub fn save(
     // The snapshot is committed while the VMs are still paused, and only then do they quit:
     // a save killed before its manifest is written leaves VMs that `farm up` resumes (and
     // entries nothing names, for `gc`); one killed after it leaves a snapshot that restores.
-    let committing = || -> Result<(), SnapshotError> {
-        for vm in staged {
-            fs_err::write(vm.staging.dir().join(MANIFEST_FILE), &json)
-                .map_err(io("write", vm.staging.dir()))?;
-            store.commit(vm.staging, vm.meta).map_err(store_error)?;
-        }
-        for vm in staged_remote {
-            vm.commit(&json)?;
-        }
-        fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
-        let manifest_path = paths.manifest();
-        let tmp = manifest_path.with_extension("tmp");
-        fs_err::write(&tmp, &json).map_err(io("write", &tmp))?;
-        fs_err::rename(&tmp, &manifest_path).map_err(io("write", &manifest_path))
-    };
-    if let Err(e) = committing() {
+    if let Err(e) = commit(&store, &paths, staged, staged_remote, &json) {
         let _ = fs_err::remove_dir_all(&paths.dir);
         resume(&paused);
         return Err(e);
@@ -276,6 +261,31 @@ pub fn save(
         super::restore::load(project, &state, &store, &manifest, &vms, reporter)?;
     }
     Ok(manifest)
+}
+
+/// Commits the staged entries (each with the manifest `json` inside), in this machine's
+/// store and remote hosts', then writes the snapshot's manifest: the snapshot exists once
+/// that file does.
+fn commit(
+    store: &Store,
+    paths: &SnapshotPaths,
+    staged: Vec<StagedVm>,
+    staged_remote: Vec<remote::RemoteStaged>,
+    json: &[u8],
+) -> Result<(), SnapshotError> {
+    for vm in staged {
+        fs_err::write(vm.staging.dir().join(MANIFEST_FILE), json)
+            .map_err(io("write", vm.staging.dir()))?;
+        store.commit(vm.staging, vm.meta).map_err(store_error)?;
+    }
+    for vm in staged_remote {
+        vm.commit(json)?;
+    }
+    fs_err::create_dir_all(&paths.dir).map_err(io("create", &paths.dir))?;
+    let manifest_path = paths.manifest();
+    let tmp = manifest_path.with_extension("tmp");
+    fs_err::write(&tmp, json).map_err(io("write", &tmp))?;
+    fs_err::rename(&tmp, &manifest_path).map_err(io("write", &manifest_path))
 }
 
 /// Refuses a save a store's filesystem has no room for (this machine's, or a remote
