@@ -8,6 +8,7 @@ pub mod cache_record;
 pub mod chroot;
 pub mod debian_recipe;
 pub mod derivation;
+pub mod export;
 pub mod first_boot;
 pub mod gc;
 pub mod guest_basics;

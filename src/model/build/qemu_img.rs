@@ -35,6 +35,15 @@ pub enum QemuImg<'a> {
         format: &'a str,
         dest: &'a Path,
     },
+    /// `src`'s chain (qcow2) flattened into one standalone `dest` in `format` (`qcow2`,
+    /// `raw`, `vmdk`, `vhdx`), qcow2 compressed with `compress`. Never `-W`: out-of-order
+    /// writes lay out a different file each run, and exports must be reproducible.
+    Export {
+        src: &'a Path,
+        format: &'a str,
+        compress: bool,
+        dest: &'a Path,
+    },
     /// One image described as JSON; `-U` reads an image a running VM holds open.
     Info { disk: &'a Path },
     /// `disk` and every image below it as a JSON list, top first.
@@ -86,6 +95,19 @@ impl QemuImg<'_> {
                 a.extend([src.into(), dest.into()]);
                 a
             }
+            QemuImg::Export {
+                src,
+                format,
+                compress,
+                dest,
+            } => {
+                let mut a = words(&["convert", "-q", "-f", "qcow2", "-O", format]);
+                if compress {
+                    a.push("-c".into());
+                }
+                a.extend([src.into(), dest.into()]);
+                a
+            }
             QemuImg::Info { disk } => {
                 let mut a = words(&["info", "-U", "--output=json"]);
                 a.push(disk.into());
@@ -133,6 +155,25 @@ mod tests {
             size: None,
         };
         assert_eq!(no_size.args().len(), 9);
+    }
+
+    #[test]
+    fn an_export_flattens_a_qcow2_chain_and_compresses_only_when_asked() {
+        let op = |compress| QemuImg::Export {
+            src: Path::new("s/disk.qcow2"),
+            format: "qcow2",
+            compress,
+            dest: Path::new("out.qcow2"),
+        };
+        assert_eq!(
+            op(false).script(),
+            "qemu-img convert -q -f qcow2 -O qcow2 s/disk.qcow2 out.qcow2"
+        );
+        assert_eq!(
+            op(true).script(),
+            "qemu-img convert -q -f qcow2 -O qcow2 -c s/disk.qcow2 out.qcow2"
+        );
+        assert!(!op(true).script().contains(" -W"));
     }
 
     #[test]

@@ -1,0 +1,155 @@
+//! Images out (issue 32), as data: the artifact formats a built platform can leave the
+//! store as, the `qemu-img` conversion each needs, and the small files that go beside a
+//! disk (its checksum line, a Vagrant box's metadata and Vagrantfile).
+//!
+//! Which formats are reproducible is a fact of qemu-img 7.2, measured: `convert -O raw`
+//! and `-O qcow2` (with or without `-c`) give the same bytes for the same chain every run
+//! (as long as `-W` is not given); vmdk and vhdx embed random ids and timestamps that no
+//! `-o` option fixes.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What `farm image export --format` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// One qcow2 with no backing file (compressed with `--compress`).
+    Qcow2,
+    /// The disk's bytes, as big as its virtual size (sparse where the filesystem allows).
+    Raw,
+    /// VMware's format.
+    Vmdk,
+    /// Hyper-V's format.
+    Vhdx,
+    /// A box for Vagrant's libvirt provider: `box.img`, `metadata.json`, `Vagrantfile`.
+    VagrantLibvirt,
+    /// A KubeVirt containerDisk: an OCI image whose one layer holds `disk/<name>.qcow2`.
+    ContainerDisk,
+}
+
+impl ExportFormat {
+    pub const ALL: [ExportFormat; 6] = [
+        ExportFormat::Qcow2,
+        ExportFormat::Raw,
+        ExportFormat::Vmdk,
+        ExportFormat::Vhdx,
+        ExportFormat::VagrantLibvirt,
+        ExportFormat::ContainerDisk,
+    ];
+
+    /// How it is spelt on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportFormat::Qcow2 => "qcow2",
+            ExportFormat::Raw => "raw",
+            ExportFormat::Vmdk => "vmdk",
+            ExportFormat::Vhdx => "vhdx",
+            ExportFormat::VagrantLibvirt => "vagrant-libvirt",
+            ExportFormat::ContainerDisk => "containerdisk",
+        }
+    }
+
+    /// The `qemu-img -O` format of the disk inside the artifact.
+    pub fn disk_format(self) -> &'static str {
+        match self {
+            ExportFormat::Raw => "raw",
+            ExportFormat::Vmdk => "vmdk",
+            ExportFormat::Vhdx => "vhdx",
+            ExportFormat::Qcow2 | ExportFormat::VagrantLibvirt | ExportFormat::ContainerDisk => {
+                "qcow2"
+            }
+        }
+    }
+
+    /// Whether two exports of one derivation are the same bytes. Not vmdk or vhdx: each
+    /// carries ids and times qemu-img makes anew.
+    pub fn reproducible(self) -> bool {
+        !matches!(self, ExportFormat::Vmdk | ExportFormat::Vhdx)
+    }
+}
+
+impl fmt::Display for ExportFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ExportFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        ExportFormat::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = ExportFormat::ALL.iter().map(|f| f.name()).collect();
+                format!(
+                    "Unknown export format `{s}`\nhint: one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The line `sha256sum -c` reads for `file` (its name only: the checksum file lies beside
+/// it).
+pub fn sha256sums_line(sha256_hex: &str, file: &str) -> String {
+    format!("{sha256_hex}  {file}\n")
+}
+
+/// A Vagrant libvirt box's `metadata.json`: vagrant-libvirt wants the virtual size in
+/// whole GiB, rounded up (a size too small breaks the boot).
+pub fn vagrant_metadata(virtual_size: u64) -> String {
+    let gib = virtual_size.div_ceil(1 << 30).max(1);
+    format!(
+        "{{\n  \"provider\": \"libvirt\",\n  \"format\": \"qcow2\",\n  \"virtual_size\": {gib}\n}}\n"
+    )
+}
+
+/// A Vagrant box's own Vagrantfile: log in as the platform's user with the key shipped in
+/// the box (`key_file`, beside this file; Vagrant reads a relative path from the user's
+/// project, hence `__FILE__`), no synced folder (a guest may have no NFS or rsync).
+pub fn vagrantfile(user: &str, key_file: &str) -> String {
+    format!(
+        "# Written by farm: log in as the platform's user with the key in this box.\n\
+         Vagrant.configure(\"2\") do |config|\n  \
+           config.ssh.username = \"{user}\"\n  \
+           config.ssh.private_key_path = File.expand_path(\"../{key_file}\", __FILE__)\n  \
+           config.ssh.insert_key = false\n  \
+           config.vm.synced_folder \".\", \"/vagrant\", disabled: true\n\
+         end\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_format_reads_back_from_its_name_and_an_unknown_one_lists_them() {
+        for format in ExportFormat::ALL {
+            assert_eq!(format.name().parse::<ExportFormat>(), Ok(format));
+        }
+        let err = "qcow".parse::<ExportFormat>().unwrap_err();
+        assert!(
+            err.contains("`qcow`") && err.contains("hint: one of qcow2, raw, vmdk"),
+            "{err}"
+        );
+        assert!(ExportFormat::Qcow2.reproducible() && !ExportFormat::Vhdx.reproducible());
+        assert_eq!(ExportFormat::ContainerDisk.disk_format(), "qcow2");
+    }
+
+    #[test]
+    fn a_box_gives_whole_gibibytes_rounded_up_and_logs_in_with_its_own_key() {
+        assert!(vagrant_metadata(1 << 30).contains("\"virtual_size\": 1\n"));
+        assert!(vagrant_metadata((1 << 30) + 1).contains("\"virtual_size\": 2\n"));
+        let json: serde_json::Value = serde_json::from_str(&vagrant_metadata(3 << 29)).unwrap();
+        assert_eq!(json["provider"], "libvirt");
+        assert_eq!(json["format"], "qcow2");
+        assert_eq!(json["virtual_size"], 2);
+        let file = vagrantfile("root", "farm_key");
+        assert!(file.contains("config.ssh.username = \"root\""));
+        assert!(file.contains("File.expand_path(\"../farm_key\", __FILE__)"));
+        assert_eq!(sha256sums_line("ab", "disk.raw"), "ab  disk.raw\n");
+    }
+}
