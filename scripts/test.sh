@@ -27,6 +27,8 @@ export FARM_TEST_SKIPS=$PWD/target/skipped-tests
 # Each test's CPU seconds, with the qemus it started (scripts/test-cpu-runner).
 export FARM_TEST_CPU_LOG=$PWD/target/test-cpu
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$PWD/scripts/test-cpu-runner
+# Empty cgroups an earlier run's runner could not remove (a qemu still ran in them).
+rmdir /sys/fs/cgroup/cpuacct/farm-tests/*/ 2>/dev/null || true
 mkdir -p target
 rm -f "$FARM_TEST_SKIPS" "$FARM_TEST_CPU_LOG"
 
