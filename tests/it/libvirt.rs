@@ -240,6 +240,18 @@ fn farm_up_converges_libvirt_domains_and_down_leaves_other_domains() {
     );
     assert_eq!(fs_err::read_to_string(&pidfile).unwrap(), pid);
 
+    // A domain paused (here by libvirt itself; by qemu on a full disk, or by a killed
+    // `snapshot save`) is resumed by `up`, the same qemu, and libvirt sees it run.
+    assert!(virsh(&["suspend", &vm]).status.success());
+    let resumed = project::text(&p.ok(&["up"]));
+    assert!(
+        resumed.contains(&format!("resumed {vm} (its qemu held it paused: paused)")),
+        "{resumed}"
+    );
+    assert_eq!(fs_err::read_to_string(&pidfile).unwrap(), pid);
+    let state = project::text(&virsh(&["domstate", &vm]));
+    assert!(state.contains("running"), "{state}");
+
     // A changed `memory` restarts the domain with it, on the same disk.
     fs_err::write(
         p.path().join("farm.toml"),

@@ -22,17 +22,51 @@ pub fn start(host: &dyn Host, spec: &InstanceSpec) -> Result<(), InstanceError> 
     }
 }
 
-/// Runs again the instance if its qemu holds it paused (see `qemu::resume_if_paused`),
-/// saying in which state it was. A libvirt domain is left to libvirt, which resumes what it
-/// paused itself.
+/// Runs again an instance whose qemu holds it paused, and says in which state it was:
+/// qemu pauses a guest whose disk write found no space (`io-error`) rather than lose the
+/// write, and a `snapshot save` killed half way leaves its VMs paused (`paused`,
+/// `postmigrate`). `None` when it was not paused. A guest whose disk is still full pauses
+/// again at its next write: that is an error that says so. Through the QMP socket farm
+/// gives every instance's qemu, a libvirt domain's too: libvirt takes the resume as its own
+/// event, as it does a guest's.
 pub fn resume_if_paused(
     host: &dyn Host,
     spec: &InstanceSpec,
 ) -> Result<Option<String>, InstanceError> {
-    match &spec.backend {
-        Backend::Qemu => qemu::resume_if_paused(host, &spec.paths, &spec.name),
-        Backend::Libvirt { .. } => Ok(None),
-    }
+    let failed = |output: String| InstanceError::Command {
+        vm: spec.name.clone(),
+        host: host.name().to_string(),
+        what: "Asking its qemu whether it paused the VM".to_string(),
+        status: None,
+        output,
+    };
+    let status = |qmp: &mut crate::sys::qmp::Qmp| {
+        qmp.command("query-status", serde_json::json!({}))
+            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+            .map_err(|e| failed(e.to_string()))
+    };
+    crate::run::host::with_qmp(
+        host,
+        &spec.paths.qmp(),
+        Duration::from_secs(2),
+        |qmp| {
+            let was = status(qmp)?;
+            if !matches!(was.as_str(), "paused" | "io-error" | "postmigrate") {
+                return Ok(None);
+            }
+            qmp.command("cont", serde_json::json!({}))
+                .map_err(|e| failed(e.to_string()))?;
+            std::thread::sleep(Duration::from_millis(500));
+            match status(qmp)?.as_str() {
+                "io-error" => Err(failed(format!(
+                    "qemu paused it ({was}): a write to its disk found no space, and again after it was resumed\nhint: free space on the filesystem that holds `{}`, then `farm up` again",
+                    spec.paths.disk().display()
+                ))),
+                _ => Ok(Some(was)),
+            }
+        },
+        failed,
+    )
 }
 
 /// Stops the instance `spec` describes (its last record's) on its backend.

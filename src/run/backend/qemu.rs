@@ -68,52 +68,6 @@ pub fn start_vm(
         })
 }
 
-/// Runs again an instance whose qemu holds it paused, and says in which state it was:
-/// qemu pauses a guest whose disk write found no space (`io-error`) rather than lose the
-/// write, and a `snapshot save` killed half way leaves its VMs paused (`paused`,
-/// `postmigrate`). `None` when it was not paused. A guest whose disk is still full pauses
-/// again at its next write: that is an error that says so.
-pub fn resume_if_paused(
-    host: &dyn Host,
-    paths: &InstancePaths,
-    name: &str,
-) -> Result<Option<String>, InstanceError> {
-    let failed = |output: String| InstanceError::Command {
-        vm: name.to_string(),
-        host: host.name().to_string(),
-        what: "Asking its qemu whether it paused the VM".to_string(),
-        status: None,
-        output,
-    };
-    let status = |qmp: &mut crate::sys::qmp::Qmp| {
-        qmp.command("query-status", serde_json::json!({}))
-            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
-            .map_err(|e| failed(e.to_string()))
-    };
-    crate::run::host::with_qmp(
-        host,
-        &paths.qmp(),
-        Duration::from_secs(2),
-        |qmp| {
-            let was = status(qmp)?;
-            if !matches!(was.as_str(), "paused" | "io-error" | "postmigrate") {
-                return Ok(None);
-            }
-            qmp.command("cont", serde_json::json!({}))
-                .map_err(|e| failed(e.to_string()))?;
-            std::thread::sleep(Duration::from_millis(500));
-            match status(qmp)?.as_str() {
-                "io-error" => Err(failed(format!(
-                    "qemu paused it ({was}): a write to its disk found no space, and again after it was resumed\nhint: free space on the filesystem that holds `{}`, then `farm up` again",
-                    paths.disk().display()
-                ))),
-                _ => Ok(Some(was)),
-            }
-        },
-        failed,
-    )
-}
-
 /// Stops the instance: an ACPI power-down through QMP (and `poweroff` over ssh when given:
 /// minimal guests have no ACPI daemon), up to `timeout`; then QMP `quit`; then SIGKILL.
 /// Its wires go with it.
