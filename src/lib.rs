@@ -6,6 +6,7 @@
 //! - `cli` — clap; one thin file per subcommand.
 //! - `testing` — the verbs as a Rust API (`Lab`, `Vm`), for tests written in Rust.
 //! - `fuzz` — fuzz targets for every parser of bytes farm did not write, and their driver.
+//! - `image_export` — a built platform as one standalone disk (`farm image export`).
 //! - `maintain` — looking after the store: gc, verify and repair.
 //! - `run` — applies `farm up`/`down` plans: sites, instances, closure push, networks, hosts.
 //! - `build` — realises build plans: layers, Debian and tiny images, substitution, one tool runner.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod fetch;
 pub mod fuzz;
+pub mod image_export;
 pub mod maintain;
 pub mod model;
 pub mod progress;

@@ -8,6 +8,7 @@ mod check;
 mod down;
 mod gc;
 mod graph;
+mod image;
 mod lab;
 mod logs;
 mod show;
@@ -71,6 +72,9 @@ pub enum Command {
     /// Inspect and verify the store.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Write built platforms out as standalone artifacts for other tools.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Remove store entries that no project, instance or running VM needs, and leftovers.
     Gc(gc::GcArgs),
     /// Build what is missing, then start the topology's VMs and wait for ssh; idempotent.
@@ -147,6 +151,7 @@ pub fn main() -> ExitCode {
         Command::Show(args) => show::run(&options, args),
         Command::Check(args) => check::run(&options, args),
         Command::Store(command) => store::run(&options, command, &reporter),
+        Command::Image(command) => image::run(&options, command, &reporter),
         Command::Gc(args) => gc::run(&options, args, &reporter),
         Command::Up(args) => up::run(&options, args, &reporter),
         Command::Down(args) => down::run(&options, args, &reporter),

@@ -125,6 +125,18 @@ pub fn convert_to_qcow2(src: &Path, src_format: &str, dest: &Path) -> Result<(),
     .map(drop)
 }
 
+/// Flattens the qcow2 chain of `src` into one standalone `dest` in `format` (see
+/// `QemuImg::Export`).
+pub fn export(src: &Path, format: &str, compress: bool, dest: &Path) -> Result<(), QemuImgError> {
+    run(&QemuImg::Export {
+        src,
+        format,
+        compress,
+        dest,
+    })
+    .map(drop)
+}
+
 /// Describes one image, without following its backing chain.
 ///
 /// `-U` (force-share) lets this read an image a running VM holds open: the answer may be a

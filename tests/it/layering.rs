@@ -17,7 +17,7 @@ const FLOORS: [&[&str]; 11] = [
     &["project"],
     &["build"],
     &["run"],
-    &["maintain", "testing", "fuzz"],
+    &["maintain", "testing", "fuzz", "image_export"],
     &["cli"],
 ];
 

@@ -23,6 +23,7 @@ mod fetch;
 mod fixtures;
 mod gc;
 mod hostile_site;
+mod image_export;
 mod lab_suite;
 mod lab_test;
 mod layering;

@@ -1,0 +1,81 @@
+//! `farm image export`: a built platform as one standalone disk (`crate::image_export`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::image_export::{ExportError, ExportRequest, export};
+use crate::model::build::export::ExportFormat;
+use crate::model::text::human_bytes;
+use crate::progress::Reporter;
+use crate::project::{Project, ProjectOptions};
+use crate::store::Store;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Write a built platform as one standalone disk (its chain flattened, no backing
+    /// file), with `FILE.sha256` and `FILE.farm.json` (the derivation it came from) beside it.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A platform built for one target, a `<platform>_<target>`, or an image.
+    pub name: String,
+    /// The disk to write.
+    pub file: PathBuf,
+    /// `qcow2` or `raw` (the same bytes every export of one derivation), `vmdk` or `vhdx`.
+    #[arg(long, default_value = "qcow2")]
+    pub format: ExportFormat,
+    /// qcow2 with compressed clusters: smaller, slower to read.
+    #[arg(long)]
+    pub compress: bool,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(
+    options: &ProjectOptions,
+    command: ImageCommand,
+    reporter: &Reporter,
+) -> anyhow::Result<()> {
+    let ImageCommand::Export(args) = command;
+    let project = Project::load(options)?;
+    let store = Store::open_existing(&project.store_dir)?.ok_or_else(|| ExportError::NotBuilt {
+        name: args.name.clone(),
+        store: project.store_dir.clone(),
+    })?;
+    let _use = store.use_shared(reporter)?;
+    let spinner = reporter.spinner(
+        "export",
+        &format!("{} to `{}`", args.name, args.file.display()),
+    );
+    let exported = export(
+        &project,
+        &store,
+        &ExportRequest {
+            name: &args.name,
+            file: &args.file,
+            format: args.format,
+            compress: args.compress,
+            force: args.force,
+        },
+    )
+    .with_context(|| format!("Cannot export `{}`", args.name));
+    spinner.finish_and_clear();
+    let exported = exported?;
+    reporter.line(format!(
+        "{:>12} {} ({}) as `{}`: {} {}, sha256 {} ({:.1} s)",
+        "exported",
+        args.name,
+        exported.entry,
+        args.file.display(),
+        args.format,
+        human_bytes(exported.bytes),
+        exported.sha256,
+        exported.elapsed.as_secs_f64()
+    ));
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! `farm image export`: a built platform's layer chain flattened into one standalone disk
+//! that another tool boots (issue 32), with a `sha256sum -c` line and a sidecar naming the
+//! derivation it came from. The disk is written under a hidden name beside the target and
+//! renamed into place last: a failed or killed export leaves nothing under the target's
+//! name.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::model::build::export::{ExportFormat, sha256sums_line};
+use crate::project::Project;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("`{name}` is not built in the store `{}`\nhint: `farm build {name}` first", store.display())]
+    NotBuilt { name: String, store: PathBuf },
+    #[error("`{name}` names {count} derivations ({names})\nhint: export one of them by its name")]
+    NotOne {
+        name: String,
+        count: usize,
+        names: String,
+    },
+    #[error("`{}` exists\nhint: `--force` replaces it", file.display())]
+    Exists { file: PathBuf },
+    #[error(
+        "`--format {format}` is not written by `farm image export` yet\nhint: one of qcow2, raw, vmdk, vhdx"
+    )]
+    NotADisk { format: ExportFormat },
+    #[error(transparent)]
+    Space(#[from] crate::sys::space::SpaceShort),
+    #[error("Cannot export `{name}`: {source}")]
+    Convert {
+        name: String,
+        source: crate::sys::qemu_img::QemuImgError,
+    },
+    #[error("Cannot write `{}`: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Usage(#[from] crate::project::UsageError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What to export, and where.
+pub struct ExportRequest<'a> {
+    /// A platform built for one target, a `<platform>_<target>` or an image.
+    pub name: &'a str,
+    pub file: &'a Path,
+    pub format: ExportFormat,
+    /// qcow2 only: compressed clusters (smaller, slower to read).
+    pub compress: bool,
+    /// Replace `file` when it exists.
+    pub force: bool,
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct Exported {
+    /// The store entry the disk came from.
+    pub entry: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// The checksum file beside the disk (`FILE.sha256`) and the sidecar (`FILE.farm.json`).
+    pub checksum: PathBuf,
+    pub sidecar: PathBuf,
+    pub elapsed: Duration,
+}
+
+/// Exports `request.name`'s store entry as `request.file`.
+pub fn export(
+    project: &Project,
+    store: &Store,
+    request: &ExportRequest<'_>,
+) -> Result<Exported, ExportError> {
+    let started = Instant::now();
+    if matches!(
+        request.format,
+        ExportFormat::VagrantLibvirt | ExportFormat::ContainerDisk
+    ) {
+        return Err(ExportError::NotADisk {
+            format: request.format,
+        });
+    }
+    let ids = project.resolve(request.name)?;
+    let [id] = ids.as_slice() else {
+        return Err(ExportError::NotOne {
+            name: request.name.to_string(),
+            count: ids.len(),
+            names: ids
+                .iter()
+                .map(|id| project.graph.nodes[id].name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let node = &project.graph.nodes[id];
+    let entry = store
+        .lookup(&node.hash, &node.name)?
+        .ok_or_else(|| ExportError::NotBuilt {
+            name: node.name.clone(),
+            store: store.root().to_path_buf(),
+        })?;
+    let file = request.file;
+    if file.exists() && !request.force {
+        return Err(ExportError::Exists {
+            file: file.to_path_buf(),
+        });
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The chain's bytes bound what any of the disk formats needs (raw is written sparse).
+    let needed = chain_bytes(&entry.disk_path());
+    crate::sys::space::ensure(&dir, needed, &format!("the export of `{}`", node.name))?;
+
+    let partial = dir.join(format!(".{file_name}.farm-partial"));
+    let _ = fs_err::remove_file(&partial);
+    let written = (|| {
+        crate::sys::qemu_img::export(
+            &entry.disk_path(),
+            request.format.disk_format(),
+            request.compress && request.format == ExportFormat::Qcow2,
+            &partial,
+        )
+        .map_err(|source| ExportError::Convert {
+            name: node.name.clone(),
+            source,
+        })?;
+        let (sha256, bytes) = sha256_of(&partial).map_err(io(&partial))?;
+        let checksum = dir.join(format!("{file_name}.sha256"));
+        fs_err::write(&checksum, sha256sums_line(&sha256, &file_name)).map_err(io(&checksum))?;
+        let sidecar = dir.join(format!("{file_name}.farm.json"));
+        let meta = serde_json::json!({
+            "name": node.name,
+            "derivation": node.hash.to_string(),
+            "entry": entry.dir_name(),
+            "layer_blake3": entry.meta.output_blake3.to_string(),
+            "format": request.format.name(),
+            "compressed": request.compress && request.format == ExportFormat::Qcow2,
+            "sha256": sha256,
+        });
+        let text = serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n";
+        fs_err::write(&sidecar, text).map_err(io(&sidecar))?;
+        fs_err::rename(&partial, file).map_err(io(file))?;
+        Ok(Exported {
+            entry: entry.dir_name().to_string(),
+            sha256,
+            bytes,
+            checksum,
+            sidecar,
+            elapsed: started.elapsed(),
+        })
+    })();
+    if written.is_err() {
+        let _ = fs_err::remove_file(&partial);
+    }
+    written
+}
+
+/// The bytes of `disk` and every file below it in its backing chain (relative backings, as
+/// farm's store writes them).
+fn chain_bytes(disk: &Path) -> u64 {
+    let mut total = 0;
+    let mut next = Some(disk.to_path_buf());
+    while let Some(path) = next.take() {
+        total += fs_err::metadata(&path).map_or(0, |m| m.len());
+        next = crate::store::qcow2::read_info(&path)
+            .ok()
+            .flatten()
+            .and_then(|info| info.backing)
+            .map(|b| match path.parent() {
+                Some(parent) if Path::new(&b).is_relative() => parent.join(b),
+                _ => PathBuf::from(b),
+            });
+    }
+    total
+}
+
+/// The sha256 (hex) and length of `path`.
+fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = crate::model::hash::StreamHasher::new(crate::model::hash::HashAlgo::Sha256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((hex::encode(hasher.finish().digest), bytes))
+}
