@@ -407,6 +407,36 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
+/// One kill: when it fell, whether it took farm's whole process group, and how the command
+/// had ended if it had already.
+struct Kill {
+    at: Duration,
+    group: bool,
+    finished: Option<std::process::ExitStatus>,
+}
+
+/// Runs farm with `args` and sends SIGKILL at a seeded uniform point of `length`, to farm
+/// alone (as `kill -9 PID` does) or to its process group (as a CI runner cancelling a job
+/// does).
+fn kill_during(lab: &Lab, args: &[String], rng: &mut Rng, length: Duration) -> Kill {
+    let at = length.mul_f64(0.02 + 0.96 * unit(rng));
+    let group = rng.next_u64().is_multiple_of(2);
+    let mut child = spawn(lab, args);
+    std::thread::sleep(at);
+    let finished = child.try_wait().unwrap();
+    let pid = child.id() as i32;
+    // SAFETY: plain signals to a child this program started (and its group).
+    unsafe {
+        libc::kill(if group { -pid } else { pid }, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    Kill {
+        at,
+        group,
+        finished,
+    }
+}
+
 /// Starts farm in a process group of its own, so the group can be killed.
 fn spawn(lab: &Lab, args: &[String]) -> Child {
     use std::os::unix::process::CommandExt;
@@ -458,17 +488,11 @@ fn main() {
         for round in 0..rounds {
             (scenario.prepare)(&mut lab);
             let args = (scenario.args)(&lab);
-            let at = length.mul_f64(0.02 + 0.96 * unit(&mut rng));
-            let group = rng.next_u64().is_multiple_of(2);
-            let mut child = spawn(&lab, &args);
-            std::thread::sleep(at);
-            let finished = child.try_wait().unwrap();
-            let pid = child.id() as i32;
-            // SAFETY: plain signals to a child this program started (and its group).
-            unsafe {
-                libc::kill(if group { -pid } else { pid }, libc::SIGKILL);
-            }
-            let _ = child.wait();
+            let Kill {
+                at,
+                group,
+                finished,
+            } = kill_during(&lab, &args, &mut rng, length);
             kills += usize::from(finished.is_none());
             if finished.is_some() {
                 length = length.mul_f64(0.5);
@@ -693,17 +717,11 @@ fn push_to_a_remote_host(
     let root = lab.remote.as_ref().unwrap().root.clone();
     for round in 0..rounds {
         prepare(&mut lab);
-        let at = length.mul_f64(0.02 + 0.96 * unit(rng));
-        let group = rng.next_u64().is_multiple_of(2);
-        let mut child = spawn(&lab, &up);
-        std::thread::sleep(at);
-        let finished = child.try_wait().unwrap();
-        let pid = child.id() as i32;
-        // SAFETY: plain signals to a child this program started (and its group).
-        unsafe {
-            libc::kill(if group { -pid } else { pid }, libc::SIGKILL);
-        }
-        let _ = child.wait();
+        let Kill {
+            at,
+            group,
+            finished,
+        } = kill_during(&lab, &up, rng, length);
         kills += usize::from(finished.is_none());
         if finished.is_some() {
             length = length.mul_f64(0.5);

@@ -34,15 +34,16 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     p.ok(&["build", "plain"]);
     let out = p.path().join("out");
     fs_err::create_dir_all(&out).unwrap();
-    let export = |name: &str, format: &str| {
-        p.ok(&[
-            "image",
-            "export",
-            "plain",
-            out.join(name).to_str().unwrap(),
-            "--format",
-            format,
-        ])
+    // `farm image export NAME out/FILE ARGS…`.
+    let run = |name: &str, file: &str, args: &[&str]| {
+        let file = out.join(file).display().to_string();
+        let mut all = vec!["image", "export", name, &file];
+        all.extend(args);
+        p.run(&all)
+    };
+    let export = |file: &str, format: &str| {
+        let done = run("plain", file, &["--format", format]);
+        assert!(done.status.success(), "{}", text(&done));
     };
 
     export("a.qcow2", "qcow2");
@@ -80,14 +81,7 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
 
     // An existing file is kept unless `--force`; nothing half-written is left beside it.
     let before = fs_err::read(out.join("a.raw")).unwrap();
-    let refused = p.run(&[
-        "image",
-        "export",
-        "plain",
-        out.join("a.raw").to_str().unwrap(),
-        "--format",
-        "qcow2",
-    ]);
+    let refused = run("plain", "a.raw", &["--format", "qcow2"]);
     assert!(!refused.status.success());
     assert!(
         text(&refused).contains("exists") && text(&refused).contains("--force"),
@@ -95,37 +89,20 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
         text(&refused)
     );
     assert_eq!(fs_err::read(out.join("a.raw")).unwrap(), before);
-    p.ok(&[
-        "image",
-        "export",
-        "plain",
-        out.join("a.raw").to_str().unwrap(),
-        "--format",
-        "qcow2",
-        "--force",
-    ]);
+    let forced = run("plain", "a.raw", &["--format", "qcow2", "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced));
     let names = crate::support::project::list(&out);
     assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
 
     // What is not built, and what does not exist, are refused by name.
-    let unbuilt = p.run(&[
-        "image",
-        "export",
-        "unbuilt",
-        out.join("u.qcow2").to_str().unwrap(),
-    ]);
+    let unbuilt = run("unbuilt", "u.qcow2", &[]);
     assert!(
         text(&unbuilt).contains("is not built") && text(&unbuilt).contains("farm build"),
         "{}",
         text(&unbuilt)
     );
     assert!(!out.join("u.qcow2").exists());
-    let unknown = p.run(&[
-        "image",
-        "export",
-        "nosuch",
-        out.join("n.qcow2").to_str().unwrap(),
-    ]);
+    let unknown = run("nosuch", "n.qcow2", &[]);
     assert!(
         !unknown.status.success() && text(&unknown).contains("nosuch"),
         "{}",
