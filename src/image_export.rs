@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::model::build::export::{ExportFormat, sha256sums_line};
+use crate::model::hash::HashAlgo;
 use crate::project::Project;
-use crate::store::Store;
+use crate::store::{Entry, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -38,6 +39,11 @@ pub enum ExportError {
     Io {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("Cannot hash `{}`: {source}", path.display())]
+    Hash {
+        path: PathBuf,
+        source: Box<crate::fetch::FetchError>,
     },
     #[error(transparent)]
     Usage(#[from] crate::project::UsageError),
@@ -123,23 +129,34 @@ pub fn export(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     // The chain's bytes bound what any of the disk formats needs (raw is written sparse).
-    let needed = chain_bytes(&entry.disk_path());
+    let needed = chain_bytes(store, &entry);
     crate::sys::space::ensure(&dir, needed, &format!("the export of `{}`", node.name))?;
 
     let partial = dir.join(format!(".{file_name}.farm-partial"));
     let _ = fs_err::remove_file(&partial);
+    let compressed = request.compress && request.format == ExportFormat::Qcow2;
     let written = (|| {
         crate::sys::qemu_img::export(
             &entry.disk_path(),
             request.format.disk_format(),
-            request.compress && request.format == ExportFormat::Qcow2,
+            compressed,
             &partial,
         )
         .map_err(|source| ExportError::Convert {
             name: node.name.clone(),
             source,
         })?;
-        let (sha256, bytes) = sha256_of(&partial).map_err(io(&partial))?;
+        let hashes = crate::fetch::hash_file(
+            &partial,
+            Some(HashAlgo::Sha256),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .map_err(|source| ExportError::Hash {
+            path: partial.clone(),
+            source: Box::new(source),
+        })?;
+        let sha256 = hashes.digest.expect("a sha256 was asked for").to_hex();
+        let bytes = hashes.size;
         let checksum = dir.join(format!("{file_name}.sha256"));
         fs_err::write(&checksum, sha256sums_line(&sha256, &file_name)).map_err(io(&checksum))?;
         let sidecar = dir.join(format!("{file_name}.farm.json"));
@@ -149,7 +166,7 @@ pub fn export(
             "entry": entry.dir_name(),
             "layer_blake3": entry.meta.output_blake3.to_string(),
             "format": request.format.name(),
-            "compressed": request.compress && request.format == ExportFormat::Qcow2,
+            "compressed": compressed,
             "sha256": sha256,
         });
         let text = serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n";
@@ -170,39 +187,13 @@ pub fn export(
     written
 }
 
-/// The bytes of `disk` and every file below it in its backing chain (relative backings, as
-/// farm's store writes them).
-fn chain_bytes(disk: &Path) -> u64 {
-    let mut total = 0;
-    let mut next = Some(disk.to_path_buf());
-    while let Some(path) = next.take() {
-        total += fs_err::metadata(&path).map_or(0, |m| m.len());
-        next = crate::store::qcow2::read_info(&path)
-            .ok()
-            .flatten()
-            .and_then(|info| info.backing)
-            .map(|b| match path.parent() {
-                Some(parent) if Path::new(&b).is_relative() => parent.join(b),
-                _ => PathBuf::from(b),
-            });
+/// The disk bytes of `entry` and of every entry below it, as their metadata records them.
+fn chain_bytes(store: &Store, entry: &Entry) -> u64 {
+    let mut total = entry.meta.size;
+    let mut parent = entry.meta.parent.clone();
+    while let Some(below) = parent.and_then(|dir| store.entry_by_dir(&dir)) {
+        total += below.meta.size;
+        parent = below.meta.parent;
     }
     total
-}
-
-/// The sha256 (hex) and length of `path`.
-fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
-    use std::io::Read;
-    let mut file = fs_err::File::open(path)?;
-    let mut hasher = crate::model::hash::StreamHasher::new(crate::model::hash::HashAlgo::Sha256);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
-    }
-    Ok((hex::encode(hasher.finish().digest), bytes))
 }
