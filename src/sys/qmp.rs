@@ -181,31 +181,49 @@ pub fn pause_for_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), Strin
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let status = |qmp: &mut Qmp| {
-        qmp.command("query-status", serde_json::json!({}))
-            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
-            .map_err(|e| e.to_string())
-    };
-    match status(qmp)?.as_str() {
-        "postmigrate" => {
-            qmp.command("cont", serde_json::json!({}))
-                .map_err(|e| e.to_string())?;
-        }
-        // qemu paused the guest when a write to its disk found no space; its state would
-        // be saved paused on that error. `cont` retries the write: with room again it runs.
-        "io-error" => {
-            qmp.command("cont", serde_json::json!({}))
-                .map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(500));
-            if status(qmp)? == "io-error" {
-                return Err("qemu holds the VM paused: a write to its disk found no space\nhint: free space on the filesystem that holds its overlay (`farm status` names it), then save again".into());
-            }
-        }
-        _ => {}
+    // qemu refuses to migrate a VM in `postmigrate` again; one it paused on a full disk
+    // (`io-error`) would be saved paused on that error. Resumed, `cont` retrying the write.
+    if let Held::StillFull(_) = resume_held(qmp, &["postmigrate", "io-error"])? {
+        return Err("qemu holds the VM paused: a write to its disk found no space\nhint: free space on the filesystem that holds its overlay (`farm status` names it), then save again".into());
     }
     qmp.command("stop", serde_json::json!({}))
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The run state qemu reports (`running`, `paused`, `postmigrate`, `io-error`, …).
+pub fn run_state(qmp: &mut Qmp) -> Result<String, String> {
+    qmp.command("query-status", serde_json::json!({}))
+        .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// What [`resume_held`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Held {
+    /// The VM was in none of the states asked about; nothing was done.
+    No,
+    /// It was held in this state, and runs again.
+    Resumed(String),
+    /// It was held in this state, was resumed, and qemu paused it again at once on a full
+    /// disk (`io-error`).
+    StillFull(String),
+}
+
+/// Resumes a VM qemu holds in one of `states`. A guest whose disk is still full pauses again
+/// at its next write, so the state is read once more half a second after `cont`.
+pub fn resume_held(qmp: &mut Qmp, states: &[&str]) -> Result<Held, String> {
+    let was = run_state(qmp)?;
+    if !states.contains(&was.as_str()) {
+        return Ok(Held::No);
+    }
+    qmp.command("cont", serde_json::json!({}))
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(match run_state(qmp)?.as_str() {
+        "io-error" => Held::StillFull(was),
+        _ => Held::Resumed(was),
+    })
 }
 
 /// qemu says a migration is `completed` a moment before the VM leaves `finish-migrate`,
@@ -213,10 +231,7 @@ pub fn pause_for_migration(qmp: &mut Qmp, timeout: Duration) -> Result<(), Strin
 /// so under load). Waits for that moment to pass.
 fn wait_past_finish_migrate(qmp: &mut Qmp, deadline: Instant) -> Result<(), String> {
     loop {
-        let status = qmp
-            .command("query-status", serde_json::json!({}))
-            .map_err(|e| e.to_string())?;
-        if status["status"] != "finish-migrate" {
+        if run_state(qmp)? != "finish-migrate" {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -40,30 +40,18 @@ pub fn resume_if_paused(
         status: None,
         output,
     };
-    let status = |qmp: &mut crate::sys::qmp::Qmp| {
-        qmp.command("query-status", serde_json::json!({}))
-            .map(|s| s["status"].as_str().unwrap_or_default().to_string())
-            .map_err(|e| failed(e.to_string()))
-    };
+    use crate::sys::qmp::{Held, resume_held};
     crate::run::host::with_qmp(
         host,
         &spec.paths.qmp(),
         Duration::from_secs(2),
-        |qmp| {
-            let was = status(qmp)?;
-            if !matches!(was.as_str(), "paused" | "io-error" | "postmigrate") {
-                return Ok(None);
-            }
-            qmp.command("cont", serde_json::json!({}))
-                .map_err(|e| failed(e.to_string()))?;
-            std::thread::sleep(Duration::from_millis(500));
-            match status(qmp)?.as_str() {
-                "io-error" => Err(failed(format!(
-                    "qemu paused it ({was}): a write to its disk found no space, and again after it was resumed\nhint: free space on the filesystem that holds `{}`, then `farm up` again",
-                    spec.paths.disk().display()
-                ))),
-                _ => Ok(Some(was)),
-            }
+        |qmp| match resume_held(qmp, &["paused", "io-error", "postmigrate"]).map_err(failed)? {
+            Held::No => Ok(None),
+            Held::Resumed(was) => Ok(Some(was)),
+            Held::StillFull(was) => Err(failed(format!(
+                "qemu paused it ({was}): a write to its disk found no space, and again after it was resumed\nhint: free space on the filesystem that holds `{}`, then `farm up` again",
+                spec.paths.disk().display()
+            ))),
         },
         failed,
     )
