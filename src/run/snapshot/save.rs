@@ -224,16 +224,9 @@ pub fn save(
     for vm in &vms {
         let disk = records[&vm.name].spec.paths.disk();
         quit(&*vm.host, &records[&vm.name].spec, &vm.name)?;
-        match vm.remote_store {
-            None => {
-                let _ = fs_err::remove_file(&disk);
-            }
-            Some(_) => {
-                let _ = vm
-                    .host
-                    .run(&format!("rm -f {}", crate::model::shell::quote_path(&disk)));
-            }
-        }
+        let _ = vm
+            .host
+            .run(&format!("rm -f {}", crate::model::shell::quote_path(&disk)));
     }
     reporter.status(
         "saved",
