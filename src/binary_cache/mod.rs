@@ -19,6 +19,7 @@ mod s3;
 pub mod substitute;
 
 pub use backend::{Backend, BackendError, Timeouts};
+pub use oci::Registry;
 pub use open::open;
 pub use push::{PushReport, push, push_snapshot};
 pub use substitute::{Offer, SubstituteError, Substituters};

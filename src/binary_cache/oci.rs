@@ -27,6 +27,7 @@ use sha2::Digest;
 
 use super::backend::{Backend, BackendError, Progress, Timeouts};
 use super::blocking::{StreamReader, runtime};
+use crate::model::build::container_disk::MANIFEST_MEDIA_TYPE;
 use crate::model::text::error_chain;
 
 const RECORD_ARTIFACT: &str = "application/vnd.farm.record.v1";
@@ -34,17 +35,144 @@ const RECORD_MEDIA_TYPE: &str = "application/vnd.farm.record.v1+json";
 const BLOB_ARTIFACT: &str = "application/vnd.farm.blob.v1";
 const BLOB_MEDIA_TYPE: &str = "application/vnd.farm.blob.v1+zstd";
 const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
-const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Bytes read from disk per upload chunk.
 const CHUNK: usize = 8 << 20;
 
 pub(super) struct OciBackend {
     url: String,
-    registry: String,
     repository: String,
+    registry: Registry,
+}
+
+/// A registry as farm speaks to every registry: plain HTTP when it is on a loopback
+/// address (as Docker does), HTTPS otherwise; basic credentials from `FARM_OCI_USERNAME`
+/// and `FARM_OCI_PASSWORD`, anonymous without them. Shared by the binary cache and by
+/// `farm image export --push`.
+pub struct Registry {
+    /// `host[:port]`, as references name it.
+    host: String,
     client: Client,
     auth: RegistryAuth,
     runtime: Arc<tokio::runtime::Runtime>,
+}
+
+/// Whether `registry` (`host[:port]`, `[v6]:port`) is on this machine.
+fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => registry.split(':').next().unwrap_or_default(),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Registry {
+    /// A client for `registry` (`host[:port]`). Errors are the reason, for the caller to
+    /// put in its own words.
+    pub fn connect(registry: &str, timeouts: Timeouts) -> Result<Registry, String> {
+        let protocol = match is_loopback(registry) {
+            true => ClientProtocol::Http,
+            false => ClientProtocol::Https,
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(timeouts.connect),
+            read_timeout: Some(timeouts.read),
+            ..Default::default()
+        });
+        let auth = match (
+            std::env::var("FARM_OCI_USERNAME"),
+            std::env::var("FARM_OCI_PASSWORD"),
+        ) {
+            (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
+            _ => RegistryAuth::Anonymous,
+        };
+        let runtime = runtime().map_err(|e| e.to_string())?;
+        runtime.block_on(client.store_auth_if_needed(registry, &auth));
+        Ok(Registry {
+            host: registry.to_string(),
+            client,
+            auth,
+            runtime,
+        })
+    }
+
+    pub fn reference(&self, repository: &str, tag: &str) -> Reference {
+        Reference::with_tag(self.host.clone(), repository.to_string(), tag.to_string())
+    }
+
+    /// Sends the `size` bytes `open` reads as the blob `digest` (`sha256:<hex>`), unless the
+    /// registry has it already. The registry checks the digest it is told.
+    pub fn push_stream(
+        &self,
+        reference: &Reference,
+        open: impl FnOnce() -> io::Result<Box<dyn Read + Send>>,
+        digest: &str,
+        size: u64,
+        sent: &Progress,
+    ) -> Result<(), OciDistributionError> {
+        let exists = self
+            .runtime
+            .block_on(self.client.blob_exists(reference, digest))
+            .unwrap_or(false);
+        if exists {
+            return Ok(());
+        }
+        let reader = open().map_err(OciDistributionError::IoError)?;
+        let progress = sent.clone();
+        let chunks = futures_util::stream::unfold(reader, move |mut reader| {
+            let progress = progress.clone();
+            async move {
+                let mut buf = vec![0u8; CHUNK];
+                match crate::fetch::read_full(&mut reader, &mut buf) {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        progress(n as u64);
+                        Some((Ok(bytes::Bytes::from(buf)), reader))
+                    }
+                    Err(e) => Some((Err(OciDistributionError::IoError(e)), reader)),
+                }
+            }
+        });
+        self.runtime
+            .block_on(
+                self.client
+                    .push_blob_stream(reference, chunks, digest, Some(size)),
+            )
+            .map(drop)
+    }
+
+    /// Sends a small blob held in memory; returns its digest.
+    pub fn push_bytes(
+        &self,
+        reference: &Reference,
+        bytes: Vec<u8>,
+    ) -> Result<String, OciDistributionError> {
+        let digest = sha256_digest(&bytes);
+        self.runtime
+            .block_on(self.client.push_blob(reference, bytes, &digest))?;
+        Ok(digest)
+    }
+
+    /// Tags `reference` with the manifest `body` exactly as given (so its digest is the one
+    /// the caller computed), of type `media_type`.
+    pub fn push_manifest_bytes(
+        &self,
+        reference: &Reference,
+        body: Vec<u8>,
+        media_type: &'static str,
+    ) -> Result<(), OciDistributionError> {
+        self.runtime
+            .block_on(self.client.push_manifest_raw(
+                reference,
+                body,
+                reqwest::header::HeaderValue::from_static(media_type),
+            ))
+            .map(drop)
+    }
 }
 
 /// What a cache path is in the registry.
@@ -111,46 +239,16 @@ impl OciBackend {
         if repository.is_empty() {
             return Err(unreachable("it names no repository".into()));
         }
-        let loopback = host == "localhost"
-            || host
-                .trim_matches(|c| c == '[' || c == ']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        let protocol = match loopback {
-            true => ClientProtocol::Http,
-            false => ClientProtocol::Https,
-        };
-        let client = Client::new(ClientConfig {
-            protocol,
-            connect_timeout: Some(timeouts.connect),
-            read_timeout: Some(timeouts.read),
-            ..Default::default()
-        });
-        let auth = match (
-            std::env::var("FARM_OCI_USERNAME"),
-            std::env::var("FARM_OCI_PASSWORD"),
-        ) {
-            (Ok(user), Ok(password)) => RegistryAuth::Basic(user, password),
-            _ => RegistryAuth::Anonymous,
-        };
-        let runtime = runtime().map_err(|e| unreachable(e.to_string()))?;
-        runtime.block_on(client.store_auth_if_needed(&registry, &auth));
+        let registry = Registry::connect(&registry, timeouts).map_err(unreachable)?;
         Ok(OciBackend {
             url: url.trim_end_matches('/').to_string(),
-            registry,
             repository,
-            client,
-            auth,
-            runtime,
+            registry,
         })
     }
 
     fn reference(&self, tag: &str) -> Reference {
-        Reference::with_tag(
-            self.registry.clone(),
-            self.repository.clone(),
-            tag.to_string(),
-        )
+        self.registry.reference(&self.repository, tag)
     }
 
     fn failed(&self, path: &str, e: OciDistributionError) -> BackendError {
@@ -170,10 +268,11 @@ impl OciBackend {
     /// The manifest tagged `tag`, or `None`.
     fn manifest(&self, path: &str, tag: &str) -> Result<Option<OciImageManifest>, BackendError> {
         let reference = self.reference(tag);
-        match self
-            .runtime
-            .block_on(self.client.pull_image_manifest(&reference, &self.auth))
-        {
+        match self.registry.runtime.block_on(
+            self.registry
+                .client
+                .pull_image_manifest(&reference, &self.registry.auth),
+        ) {
             Ok((manifest, _)) => Ok(Some(manifest)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(self.failed(path, e)),
@@ -188,12 +287,13 @@ impl OciBackend {
     ) -> Result<Box<dyn Read + Send>, BackendError> {
         let reference = self.reference(tag);
         let sized = self
+            .registry
             .runtime
-            .block_on(self.client.pull_blob_stream(&reference, layer))
+            .block_on(self.registry.client.pull_blob_stream(&reference, layer))
             .map_err(|e| self.failed(path, e))?;
         Ok(Box::new(StreamReader::new(
             sized.stream,
-            self.runtime.clone(),
+            self.registry.runtime.clone(),
         )))
     }
 
@@ -213,51 +313,24 @@ impl OciBackend {
         };
         // The registry checks the digest it is told, so the file is read twice: once to
         // hash it, once to send it, chunk by chunk.
-        let mut hasher = sha2::Sha256::new();
-        let mut size = 0u64;
-        {
-            let mut reader = fs_err::File::open(file).map_err(io)?;
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                let n = reader.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                size += n as u64;
-            }
-        }
-        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let hashes = crate::fetch::hash_file(
+            file,
+            Some(crate::model::hash::HashAlgo::Sha256),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .map_err(|e| io(io::Error::other(error_chain(&e))))?;
+        let size = hashes.size;
+        let digest = format!(
+            "sha256:{}",
+            hashes.digest.expect("a sha256 was asked for").to_hex()
+        );
         let reference = self.reference(tag);
-        let exists = self
-            .runtime
-            .block_on(self.client.blob_exists(&reference, &digest))
-            .unwrap_or(false);
-        if !exists {
-            let reader = fs_err::File::open(file).map_err(io)?.into_parts().0;
-            let progress = sent.clone();
-            let chunks = futures_util::stream::unfold(reader, move |mut reader| {
-                let progress = progress.clone();
-                async move {
-                    let mut buf = vec![0u8; CHUNK];
-                    match reader.read(&mut buf) {
-                        Ok(0) => None,
-                        Ok(n) => {
-                            buf.truncate(n);
-                            progress(n as u64);
-                            Some((Ok(bytes::Bytes::from(buf)), reader))
-                        }
-                        Err(e) => Some((Err(OciDistributionError::IoError(e)), reader)),
-                    }
-                }
-            });
-            self.runtime
-                .block_on(
-                    self.client
-                        .push_blob_stream(&reference, chunks, &digest, Some(size)),
-                )
-                .map_err(|e| self.failed(path, e))?;
-        }
+        let open = || -> io::Result<Box<dyn Read + Send>> {
+            Ok(Box::new(fs_err::File::open(file)?.into_parts().0))
+        };
+        self.registry
+            .push_stream(&reference, open, &digest, size, sent)
+            .map_err(|e| self.failed(path, e))?;
         Ok(OciDescriptor {
             media_type: media_type.to_string(),
             digest,
@@ -273,9 +346,11 @@ impl OciBackend {
         manifest: OciImageManifest,
     ) -> Result<(), BackendError> {
         let reference = self.reference(tag);
-        self.runtime
+        self.registry
+            .runtime
             .block_on(
-                self.client
+                self.registry
+                    .client
                     .push_manifest(&reference, &OciManifest::Image(manifest)),
             )
             .map(drop)
@@ -285,10 +360,9 @@ impl OciBackend {
     /// The empty config artifacts without one of their own carry.
     fn empty_config(&self, path: &str, tag: &str) -> Result<OciDescriptor, BackendError> {
         let empty = b"{}";
-        let digest = sha256_digest(empty);
-        let reference = self.reference(tag);
-        self.runtime
-            .block_on(self.client.push_blob(&reference, empty.to_vec(), &digest))
+        let digest = self
+            .registry
+            .push_bytes(&self.reference(tag), empty.to_vec())
             .map_err(|e| self.failed(path, e))?;
         Ok(OciDescriptor {
             media_type: EMPTY_MEDIA_TYPE.to_string(),

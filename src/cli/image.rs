@@ -25,12 +25,19 @@ pub struct ExportArgs {
     pub name: String,
     /// The disk to write.
     pub file: PathBuf,
-    /// `qcow2` or `raw` (the same bytes every export of one derivation), `vmdk` or `vhdx`.
+    /// `qcow2` or `raw` (the same bytes every export of one derivation), `vmdk` or `vhdx`;
+    /// `containerdisk`: a KubeVirt containerDisk as an OCI archive (also the same bytes).
     #[arg(long, default_value = "qcow2")]
     pub format: ExportFormat,
-    /// qcow2 with compressed clusters: smaller, slower to read.
+    /// qcow2 with compressed clusters (also the qcow2 inside a containerdisk): smaller,
+    /// slower to read.
     #[arg(long)]
     pub compress: bool,
+    /// containerdisk: also send the image to REGISTRY/REPOSITORY[:TAG] (plain HTTP for a
+    /// registry on a loopback address; `FARM_OCI_USERNAME`/`FARM_OCI_PASSWORD` for
+    /// credentials).
+    #[arg(long, value_name = "REGISTRY/REPOSITORY:TAG")]
+    pub push: Option<String>,
     /// Replace FILE if it exists.
     #[arg(long)]
     pub force: bool,
@@ -61,6 +68,7 @@ pub fn run(
             format: args.format,
             compress: args.compress,
             force: args.force,
+            push: args.push.as_deref(),
         },
     )
     .with_context(|| format!("Cannot export `{}`", args.name));
@@ -77,5 +85,8 @@ pub fn run(
         exported.sha256,
         exported.elapsed.as_secs_f64()
     ));
+    if let Some(target) = &args.push {
+        reporter.line(format!("{:>12} {} to `{target}`", "pushed", args.name));
+    }
     Ok(())
 }

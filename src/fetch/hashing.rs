@@ -206,16 +206,8 @@ pub(crate) fn hash_reader(
     let result = (|| {
         loop {
             let mut buf = BytesMut::zeroed(READ_BUF);
-            let mut filled = 0;
-            // Fill whole buffers so the hashers always get large, SIMD-friendly chunks.
-            while filled < buf.len() {
-                match reader.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            // Whole buffers, so the hashers always get large, SIMD-friendly chunks.
+            let filled = read_full(reader, &mut buf)?;
             if filled == 0 {
                 return Ok(());
             }
@@ -226,6 +218,30 @@ pub(crate) fn hash_reader(
     })();
     let hasher = pipeline.finish();
     result.map(|()| hasher)
+}
+
+/// Reads until `buf` is full or `reader` ends; returns how much it read. Readers chained
+/// from parts (a header, a file, a trailer) otherwise return short reads at each seam.
+pub fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Hashes what `reader` gives, as [`hash_file`] hashes a file.
+pub fn hash_stream(
+    reader: &mut impl Read,
+    algo: Option<HashAlgo>,
+    progress: &ProgressBar,
+) -> std::io::Result<FileHashes> {
+    Ok(hash_reader(reader, DualHasher::new(algo), progress)?.finish())
 }
 
 /// Hashes a local file (a `path = …` image) with blake3 and, if given, `algo`, in one read.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use decompress::{Compression, decompress};
 pub use download::{DEFAULT_STALL_TIMEOUT, Downloaded, download};
-pub use hashing::{FileHashes, hash_file, verify_file};
+pub use hashing::{FileHashes, hash_file, hash_stream, read_full, verify_file};
 
 use crate::model::hash::ExpectedHash;
 

@@ -29,6 +29,7 @@ use crate::model::shell::{quote_path, shell_quote};
 use crate::progress::Reporter;
 use crate::run::host::{Host, HostError};
 use crate::store::{DISK_FILE, Entry, META_FILE};
+use crate::sys::tar_entry::append_read_only;
 
 /// How many times one entry is sent before a push gives up on it.
 pub const PUSH_ATTEMPTS: u32 = 3;
@@ -561,19 +562,14 @@ fn write_archive(
             path: file.local.clone(),
             source,
         })?;
-        let mut header = tar::Header::new_ustar();
-        header.set_size(file.len);
-        header.set_mode(0o444);
-        header.set_mtime(0);
-        header.set_entry_type(tar::EntryType::Regular);
         // A host that stopped reading (it failed) shows in its exit status, not here.
-        if archive
-            .append_data(
-                &mut header,
-                Path::new(entry.dir_name()).join(&file.relative),
-                local,
-            )
-            .is_err()
+        if append_read_only(
+            &mut archive,
+            Path::new(entry.dir_name()).join(&file.relative),
+            file.len,
+            local,
+        )
+        .is_err()
         {
             return Ok(());
         }

@@ -10,7 +10,7 @@
 //! tar is used because any machine can list or unpack it by hand (`tar --zstd -tf`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use super::{
 };
 use crate::model::build::derivation::hash_of_json;
 use crate::model::hash::ContentHash;
+use crate::sys::tar_entry::append_read_only;
 
 /// The manifest's name, first in every archive.
 pub const MANIFEST: &str = "farm-export.json";
@@ -201,7 +202,7 @@ impl Store {
         encoder.multithread(threads).map_err(write_error)?;
         let mut tar = tar::Builder::new(encoder);
         let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
-        append(
+        append_read_only(
             &mut tar,
             MANIFEST,
             manifest_json.len() as u64,
@@ -212,9 +213,9 @@ impl Store {
             for (file, record) in &listed.files {
                 let source = fs_err::File::open(entry.dir.join(file))?;
                 let mut reader = HashingReader::new(source.take(record.size));
-                append(
+                append_read_only(
                     &mut tar,
-                    &format!("{}/{file}", listed.dir),
+                    format!("{}/{file}", listed.dir),
                     record.size,
                     &mut reader,
                 )
@@ -478,20 +479,6 @@ fn is_plain_relative(path: &str) -> bool {
         && Path::new(path)
             .components()
             .all(|c| matches!(c, Component::Normal(_)))
-}
-
-fn append<W: Write>(
-    tar: &mut tar::Builder<W>,
-    path: &str,
-    size: u64,
-    data: impl Read,
-) -> io::Result<()> {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(size);
-    header.set_mode(0o444);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mtime(0);
-    tar.append_data(&mut header, path, data)
 }
 
 /// Hashes what passes through it.

@@ -1,5 +1,5 @@
 //! Thin wrappers over the outside programs and kernel facilities farm drives: ssh (with a
-//! ControlMaster), QMP, qemu-img, ssh-keygen, qemu processes, mounts, files replaced whole,
+//! ControlMaster), QMP, qemu-img, ssh-keygen, qemu processes, mounts, files replaced whole, tar entries,
 //! facts about this machine. No policy lives here.
 
 pub mod ansible;
@@ -16,5 +16,6 @@ pub mod qemu_img;
 pub mod qmp;
 pub mod space;
 pub mod ssh;
+pub mod tar_entry;
 pub mod vm_process;
 pub mod wirefilter;

@@ -121,6 +121,18 @@ pub struct KeyInput {
     pub key: ContentHash,
 }
 
+impl Recipe {
+    /// The architecture of what the recipe makes, when the recipe fixes it (images farm
+    /// builds, layers); a downloaded or local disk is whatever it is.
+    pub fn arch(&self) -> Option<Arch> {
+        match self {
+            Recipe::FixedImage { .. } | Recipe::LocalImage { .. } => None,
+            Recipe::DebianImage { arch, .. } | Recipe::TinyImage { arch, .. } => Some(*arch),
+            Recipe::Layer(layer) => Some(layer.arch),
+        }
+    }
+}
+
 impl Derivation {
     /// The canonical encoding: compact JSON with sorted keys.
     pub fn canonical_bytes(&self) -> Vec<u8> {

@@ -6,6 +6,7 @@ pub mod boot_watch;
 pub mod build_steps;
 pub mod cache_record;
 pub mod chroot;
+pub mod container_disk;
 pub mod debian_recipe;
 pub mod derivation;
 pub mod export;

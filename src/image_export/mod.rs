@@ -1,16 +1,21 @@
 //! `farm image export`: a built platform's layer chain flattened into one standalone disk
-//! that another tool boots (issue 32), with a `sha256sum -c` line and a sidecar naming the
-//! derivation it came from. The disk is written under a hidden name beside the target and
-//! renamed into place last: a failed or killed export leaves nothing under the target's
-//! name.
+//! that another tool boots (issue 32), or wrapped as that tool wants it (a KubeVirt
+//! containerDisk, `container_disk`), with a `sha256sum -c` line and a sidecar naming the
+//! derivation it came from. The artifact is written under a hidden name beside the target
+//! and renamed into place last: a failed or killed export leaves nothing under the
+//! target's name.
+
+mod container_disk;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::model::build::export::{ExportFormat, sha256sums_line};
 use crate::model::hash::HashAlgo;
+use crate::model::values::Arch;
 use crate::project::Project;
 use crate::store::{Entry, Store};
+use container_disk::ContainerDisk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -25,9 +30,15 @@ pub enum ExportError {
     #[error("`{}` exists\nhint: `--force` replaces it", file.display())]
     Exists { file: PathBuf },
     #[error(
-        "`--format {format}` is not written by `farm image export` yet\nhint: one of qcow2, raw, vmdk, vhdx"
+        "`--format {format}` is not written by `farm image export` yet\nhint: one of qcow2, raw, vmdk, vhdx, containerdisk"
     )]
-    NotADisk { format: ExportFormat },
+    NotWritten { format: ExportFormat },
+    #[error(
+        "`--push` sends a containerDisk, not a `{format}` disk\nhint: add `--format containerdisk`"
+    )]
+    PushNeedsContainerDisk { format: ExportFormat },
+    #[error(transparent)]
+    Push(#[from] container_disk::PushError),
     #[error(transparent)]
     Space(#[from] crate::sys::space::SpaceShort),
     #[error("Cannot export `{name}`: {source}")]
@@ -61,6 +72,8 @@ pub struct ExportRequest<'a> {
     pub compress: bool,
     /// Replace `file` when it exists.
     pub force: bool,
+    /// containerdisk only: also send the image to this `REGISTRY/REPOSITORY[:TAG]`.
+    pub push: Option<&'a str>,
 }
 
 /// What an export wrote.
@@ -83,11 +96,13 @@ pub fn export(
     request: &ExportRequest<'_>,
 ) -> Result<Exported, ExportError> {
     let started = Instant::now();
-    if matches!(
-        request.format,
-        ExportFormat::VagrantLibvirt | ExportFormat::ContainerDisk
-    ) {
-        return Err(ExportError::NotADisk {
+    if request.format == ExportFormat::VagrantLibvirt {
+        return Err(ExportError::NotWritten {
+            format: request.format,
+        });
+    }
+    if request.push.is_some() && request.format != ExportFormat::ContainerDisk {
+        return Err(ExportError::PushNeedsContainerDisk {
             format: request.format,
         });
     }
@@ -133,19 +148,45 @@ pub fn export(
     crate::sys::space::ensure(&dir, needed, &format!("the export of `{}`", node.name))?;
 
     let partial = dir.join(format!(".{file_name}.farm-partial"));
-    let _ = fs_err::remove_file(&partial);
-    let compressed = request.compress && request.format == ExportFormat::Qcow2;
+    let disk_partial = dir.join(format!(".{file_name}.disk.farm-partial"));
+    let compressed = request.compress && request.format.disk_format() == "qcow2";
     let written = (|| {
-        crate::sys::qemu_img::export(
-            &entry.disk_path(),
-            request.format.disk_format(),
-            compressed,
-            &partial,
-        )
-        .map_err(|source| ExportError::Convert {
-            name: node.name.clone(),
-            source,
-        })?;
+        let convert_to = |out: &Path| {
+            let _ = fs_err::remove_file(out);
+            crate::sys::qemu_img::export(
+                &entry.disk_path(),
+                request.format.disk_format(),
+                compressed,
+                out,
+            )
+            .map_err(|source| ExportError::Convert {
+                name: node.name.clone(),
+                source,
+            })
+        };
+        let mut extra = serde_json::Map::new();
+        match request.format {
+            ExportFormat::ContainerDisk => {
+                convert_to(&disk_partial)?;
+                let arch = node
+                    .derivation
+                    .recipe
+                    .arch()
+                    .or_else(|| project.loaded.config.images.get(&node.name)?.arch)
+                    .unwrap_or(Arch::X86_64);
+                let image =
+                    ContainerDisk::prepare(&disk_partial, &node.name, arch, &node.hash.to_string())
+                        .map_err(io(&disk_partial))?;
+                image.write_archive(&partial).map_err(io(&partial))?;
+                if let Some(target) = request.push {
+                    image.push(target, &crate::binary_cache::backend::no_progress())?;
+                    extra.insert("pushed".into(), target.into());
+                }
+                extra.insert("image_digest".into(), image.digest().into());
+                let _ = fs_err::remove_file(&disk_partial);
+            }
+            _ => convert_to(&partial)?,
+        }
         let hashes = crate::fetch::hash_file(
             &partial,
             Some(HashAlgo::Sha256),
@@ -160,7 +201,7 @@ pub fn export(
         let checksum = dir.join(format!("{file_name}.sha256"));
         fs_err::write(&checksum, sha256sums_line(&sha256, &file_name)).map_err(io(&checksum))?;
         let sidecar = dir.join(format!("{file_name}.farm.json"));
-        let meta = serde_json::json!({
+        let mut meta = serde_json::json!({
             "name": node.name,
             "derivation": node.hash.to_string(),
             "entry": entry.dir_name(),
@@ -169,6 +210,9 @@ pub fn export(
             "compressed": compressed,
             "sha256": sha256,
         });
+        if let Some(fields) = meta.as_object_mut() {
+            fields.extend(extra);
+        }
         let text = serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n";
         fs_err::write(&sidecar, text).map_err(io(&sidecar))?;
         fs_err::rename(&partial, file).map_err(io(file))?;
@@ -183,6 +227,7 @@ pub fn export(
     })();
     if written.is_err() {
         let _ = fs_err::remove_file(&partial);
+        let _ = fs_err::remove_file(&disk_partial);
     }
     written
 }
