@@ -106,7 +106,12 @@ apply_seed_here() {
 main() {
     mount_api
     load_modules
-    with_seed || log "no seed volume labelled cidata: nothing to apply"
+    # No seed at all (a disk exported by `farm image export`, booted by another tool):
+    # DHCP on the first NIC still, so the keys baked into the disk can log in.
+    if ! with_seed; then
+        log "no seed volume labelled cidata: nothing to apply"
+        fallback_network
+    fi
 }
 
 main "$@"

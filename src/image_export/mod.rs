@@ -5,11 +5,13 @@
 //! and renamed into place last: a failed or killed export leaves nothing under the
 //! target's name.
 
+mod bootable;
 mod container_disk;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::build::layer::BootFiles;
 use crate::model::build::export::{ExportFormat, sha256sums_line};
 use crate::model::hash::HashAlgo;
 use crate::model::values::Arch;
@@ -39,6 +41,12 @@ pub enum ExportError {
     PushNeedsContainerDisk { format: ExportFormat },
     #[error(transparent)]
     Push(#[from] container_disk::PushError),
+    #[error(transparent)]
+    Bootable(#[from] bootable::BootableError),
+    #[error(
+        "`{name}` boots by direct kernel on {arch}, and a standalone {arch} disk needs a UEFI boot loader, which `farm image export` does not write yet\nhint: export an x86_64 platform, or an image with its own boot loader (`url`, `path`)"
+    )]
+    NoBootLoader { name: String, arch: &'static str },
     #[error(transparent)]
     Space(#[from] crate::sys::space::SpaceShort),
     #[error("Cannot export `{name}`: {source}")]
@@ -143,18 +151,63 @@ pub fn export(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // The chain's bytes bound what any of the disk formats needs (raw is written sparse).
-    let needed = chain_bytes(store, &entry);
+    let chain = chain(store, &entry);
+    // farm's own images boot by direct kernel, from the nearest `boot/` in the chain; made
+    // standalone they get a boot loader in front of them.
+    let boot = chain
+        .iter()
+        .find_map(|e| e.boot_dir().and_then(|dir| BootFiles::in_dir(&dir)));
+    let arch = node
+        .derivation
+        .recipe
+        .arch()
+        .or_else(|| project.loaded.config.images.get(&node.name)?.arch)
+        .unwrap_or(Arch::X86_64);
+    if boot.is_some() && arch != Arch::X86_64 {
+        return Err(ExportError::NoBootLoader {
+            name: node.name.clone(),
+            arch: arch.name(),
+        });
+    }
+    // The chain's bytes bound what any of the disk formats needs (raw is written sparse),
+    // with the kernel and initrd in front when they go along.
+    let boot_bytes: u64 = boot
+        .iter()
+        .flat_map(|b| std::iter::once(&b.kernel).chain(&b.initrd))
+        .filter_map(|path| fs_err::metadata(path).ok())
+        .map(|m| m.len())
+        .sum();
+    let needed = chain.iter().map(|e| e.meta.size).sum::<u64>() + boot_bytes;
     crate::sys::space::ensure(&dir, needed, &format!("the export of `{}`", node.name))?;
 
     let partial = dir.join(format!(".{file_name}.farm-partial"));
     let disk_partial = dir.join(format!(".{file_name}.disk.farm-partial"));
+    let head = dir.join(format!(".{file_name}.head.farm-partial"));
+    let grub_scratch = dir.join(format!(".{file_name}.grub.farm-partial"));
     let compressed = request.compress && request.format.disk_format() == "qcow2";
     let written = (|| {
+        let mut extra = serde_json::Map::new();
+        let head = match &boot {
+            Some(boot) => {
+                let root_bytes = entry
+                    .virtual_size()
+                    .map_err(io(&entry.disk_path()))?
+                    .unwrap_or(entry.meta.size);
+                let layout = bootable::write_head(boot, root_bytes, &head, &grub_scratch)?;
+                extra.insert("boot".into(), "grub (BIOS), root on /dev/vda1".into());
+                extra.insert("virtual_size".into(), layout.disk_bytes().into());
+                Some(head.as_path())
+            }
+            None => {
+                extra.insert("boot".into(), "the image's own boot loader".into());
+                None
+            }
+        };
         let convert_to = |out: &Path| {
             let _ = fs_err::remove_file(out);
             crate::sys::qemu_img::export(
                 &entry.disk_path(),
+                head,
                 request.format.disk_format(),
                 compressed,
                 out,
@@ -164,16 +217,9 @@ pub fn export(
                 source,
             })
         };
-        let mut extra = serde_json::Map::new();
         match request.format {
             ExportFormat::ContainerDisk => {
                 convert_to(&disk_partial)?;
-                let arch = node
-                    .derivation
-                    .recipe
-                    .arch()
-                    .or_else(|| project.loaded.config.images.get(&node.name)?.arch)
-                    .unwrap_or(Arch::X86_64);
                 let image =
                     ContainerDisk::prepare(&disk_partial, &node.name, arch, &node.hash.to_string())
                         .map_err(io(&disk_partial))?;
@@ -225,6 +271,8 @@ pub fn export(
             elapsed: started.elapsed(),
         })
     })();
+    let _ = fs_err::remove_file(&head);
+    let _ = fs_err::remove_dir_all(&grub_scratch);
     if written.is_err() {
         let _ = fs_err::remove_file(&partial);
         let _ = fs_err::remove_file(&disk_partial);
@@ -232,13 +280,15 @@ pub fn export(
     written
 }
 
-/// The disk bytes of `entry` and of every entry below it, as their metadata records them.
-fn chain_bytes(store: &Store, entry: &Entry) -> u64 {
-    let mut total = entry.meta.size;
-    let mut parent = entry.meta.parent.clone();
-    while let Some(below) = parent.and_then(|dir| store.entry_by_dir(&dir)) {
-        total += below.meta.size;
-        parent = below.meta.parent;
+/// `entry` and every entry below it, top first, as their metadata link them.
+fn chain(store: &Store, entry: &Entry) -> Vec<Entry> {
+    let mut chain = vec![entry.clone()];
+    while let Some(below) = chain
+        .last()
+        .and_then(|e| e.meta.parent.as_deref())
+        .and_then(|dir| store.entry_by_dir(dir))
+    {
+        chain.push(below);
     }
-    total
+    chain
 }

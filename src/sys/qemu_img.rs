@@ -127,9 +127,16 @@ pub fn convert_to_qcow2(src: &Path, src_format: &str, dest: &Path) -> Result<(),
 
 /// Flattens the qcow2 chain of `src` into one standalone `dest` in `format` (see
 /// `QemuImg::Export`).
-pub fn export(src: &Path, format: &str, compress: bool, dest: &Path) -> Result<(), QemuImgError> {
+pub fn export(
+    src: &Path,
+    head: Option<&Path>,
+    format: &str,
+    compress: bool,
+    dest: &Path,
+) -> Result<(), QemuImgError> {
     run(&QemuImg::Export {
         src,
+        head,
         format,
         compress,
         dest,

@@ -9,7 +9,11 @@ use crate::support::registry::{REGISTRY, Registry};
 use crate::support::skip::{Part, require_vm};
 use crate::support::test_home::shared_store;
 
-use std::process::Command;
+use crate::support::guest::{Key, kept_key};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const LAB: &str = r#"
 [images.tiny]
@@ -18,22 +22,105 @@ tiny = true
 [targets.amd64]
 arch = "x86_64"
 
-[platforms.plain]
+# A key and a step: what the exported disk must show when plain qemu boots it. Fixed
+# inputs, so every test and run shares one build.
+[platforms.stamped]
 from = "tiny"
 memory = "256M"
+authorized_keys = ["keys/export.pub"]
+run = ["echo exported-by-farm > /stamp"]
 
 [platforms.unbuilt]
 from = "tiny"
 run = ["echo NONCE > /nonce"]
 "#;
 
+/// The lab, with the kept key its platform takes, built.
+fn built_lab() -> (Project, Key) {
+    let key = kept_key("image-export");
+    let p = Project::with_store(&LAB.replace("NONCE", &nonce()), &shared_store());
+    fs_err::create_dir_all(p.path().join("keys")).unwrap();
+    fs_err::write(
+        p.path().join("keys/export.pub"),
+        format!("{}\n", key.public),
+    )
+    .unwrap();
+    p.ok(&["build", "stamped"]);
+    (p, key)
+}
+
+/// Boots `disk` with qemu alone (no farm, no seed: the key and the step are in the disk),
+/// waits for ssh on a forwarded port and returns what `cat /stamp` says. The wait has a
+/// timeout that fails with the serial console attached.
+fn boot_and_read_stamp(disk: &Path, format: &str, key: &Key) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let serial = work.path().join("serial.log");
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35,accel=tcg", "-m", "256", "-display", "none"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format={format},if=virtio,snapshot=on",
+            disk.display()
+        ))
+        .args([
+            "-nic",
+            &format!("user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"),
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let said = loop {
+        let ssh = Command::new("ssh")
+            .args(["-F", "/dev/null", "-i"])
+            .arg(&key.private)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=5",
+                "-o",
+                "LogLevel=ERROR",
+                "-p",
+                &port.to_string(),
+                "root@127.0.0.1",
+                "cat /stamp",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if ssh.status.success() {
+            break String::from_utf8_lossy(&ssh.stdout).trim().to_string();
+        }
+        if Instant::now() > deadline || qemu.try_wait().unwrap().is_some() {
+            let _ = qemu.kill();
+            panic!(
+                "the exported {format} disk did not answer ssh in time; serial console:\n{}",
+                farm::sys::hostinfo::tail(&serial, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    said
+}
+
 #[test]
 fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     if !require_vm("image_export", &[]) {
         return;
     }
-    let p = Project::with_store(&LAB.replace("NONCE", &nonce()), &shared_store());
-    p.ok(&["build", "plain"]);
+    let (p, key) = built_lab();
     let out = p.path().join("out");
     fs_err::create_dir_all(&out).unwrap();
     // `farm image export NAME out/FILE ARGS…`.
@@ -44,7 +131,7 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
         p.run(&all)
     };
     let export = |file: &str, format: &str| {
-        let done = run("plain", file, &["--format", format]);
+        let done = run("stamped", file, &["--format", format]);
         assert!(done.status.success(), "{}", text(&done));
     };
 
@@ -68,9 +155,17 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     let sidecar: serde_json::Value =
         serde_json::from_slice(&fs_err::read(out.join("a.qcow2.farm.json")).unwrap()).unwrap();
     let shown: serde_json::Value =
-        serde_json::from_slice(&p.ok(&["show", "--json", "plain"]).stdout).unwrap();
+        serde_json::from_slice(&p.ok(&["show", "--json", "stamped"]).stdout).unwrap();
     assert_eq!(sidecar["derivation"], shown[0]["hash"]);
     assert_eq!(sidecar["format"], "qcow2");
+
+    // farm's tiny image boots by direct kernel; exported, it has GRUB in front of it, and
+    // qemu alone boots it: the key and the step's file are there.
+    assert_eq!(
+        sidecar["boot"], "grub (BIOS), root on /dev/vda1",
+        "{sidecar}"
+    );
+    assert_eq!(info["virtual-size"], sidecar["virtual_size"]);
 
     // The same derivation, exported again: the same bytes, in qcow2 and in raw.
     export("b.qcow2", "qcow2");
@@ -80,10 +175,16 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     export("a.raw", "raw");
     export("b.raw", "raw");
     assert!(fs_err::read(out.join("a.raw")).unwrap() == fs_err::read(out.join("b.raw")).unwrap());
+    for (file, format) in [("a.qcow2", "qcow2"), ("a.raw", "raw")] {
+        assert_eq!(
+            boot_and_read_stamp(&out.join(file), format, &key),
+            "exported-by-farm"
+        );
+    }
 
     // An existing file is kept unless `--force`; nothing half-written is left beside it.
     let before = fs_err::read(out.join("a.raw")).unwrap();
-    let refused = run("plain", "a.raw", &["--format", "qcow2"]);
+    let refused = run("stamped", "a.raw", &["--format", "qcow2"]);
     assert!(!refused.status.success());
     assert!(
         text(&refused).contains("exists") && text(&refused).contains("--force"),
@@ -91,7 +192,7 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
         text(&refused)
     );
     assert_eq!(fs_err::read(out.join("a.raw")).unwrap(), before);
-    let forced = run("plain", "a.raw", &["--format", "qcow2", "--force"]);
+    let forced = run("stamped", "a.raw", &["--format", "qcow2", "--force"]);
     assert!(forced.status.success(), "{}", text(&forced));
     let names = crate::support::project::list(&out);
     assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
@@ -131,21 +232,20 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
     ) {
         return;
     }
-    let p = Project::with_store(&LAB.replace("NONCE", &nonce()), &shared_store());
-    p.ok(&["build", "plain"]);
+    let (p, _) = built_lab();
     let out = p.path().join("out");
     fs_err::create_dir_all(&out).unwrap();
     let path = |file: &str| out.join(file).display().to_string();
     let registry = Registry::start();
-    let target = format!("{}/farm/plain:v1", registry.address());
+    let target = format!("{}/farm/stamped:v1", registry.address());
 
-    let disk = path("plain.qcow2");
-    p.ok(&["image", "export", "plain", &disk, "--compress"]);
-    let archive = path("plain.oci");
+    let disk = path("stamped.qcow2");
+    p.ok(&["image", "export", "stamped", &disk, "--compress"]);
+    let archive = path("stamped.oci");
     let pushed = p.run(&[
         "image",
         "export",
-        "plain",
+        "stamped",
         &archive,
         "--format",
         "containerdisk",
@@ -155,7 +255,7 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
     ]);
     assert!(pushed.status.success(), "{}", text(&pushed));
     let sidecar: serde_json::Value =
-        serde_json::from_slice(&fs_err::read(out.join("plain.oci.farm.json")).unwrap()).unwrap();
+        serde_json::from_slice(&fs_err::read(out.join("stamped.oci.farm.json")).unwrap()).unwrap();
 
     // What the registry holds: one layer, the image's digest the archive's, amd64 linux.
     let skopeo = |args: &[&str]| {
@@ -176,7 +276,7 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
     let local = skopeo(&["inspect", &format!("oci-archive:{archive}")]);
     assert_eq!(local["Layers"], inspected["Layers"]);
 
-    // The layer, pulled back and unpacked: `disk/plain_amd64.qcow2`, owned by qemu (107), read
+    // The layer, pulled back and unpacked: `disk/stamped_amd64.qcow2`, owned by qemu (107), read
     // only, the same bytes as the plain qcow2 export of the same derivation.
     let pulled = out.join("pulled");
     let copy = Command::new("skopeo")
@@ -197,7 +297,8 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
     assert_eq!(lines.len(), 2, "{listing}");
     assert!(lines[0].starts_with("dr-xr-xr-x 107/107") && lines[0].ends_with("disk/"));
     assert!(
-        lines[1].starts_with("-r--r--r-- 107/107") && lines[1].ends_with("disk/plain_amd64.qcow2"),
+        lines[1].starts_with("-r--r--r-- 107/107")
+            && lines[1].ends_with("disk/stamped_amd64.qcow2"),
         "{listing}"
     );
     let unpacked = out.join("unpacked");
@@ -211,7 +312,7 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
         .unwrap();
     assert!(untar.status.success(), "{}", text(&untar));
     assert_eq!(
-        sha256_of(&unpacked.join("disk/plain_amd64.qcow2")),
+        sha256_of(&unpacked.join("disk/stamped_amd64.qcow2")),
         sha256_of(std::path::Path::new(&disk))
     );
 
@@ -219,7 +320,7 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
     p.ok(&[
         "image",
         "export",
-        "plain",
+        "stamped",
         &path("again.oci"),
         "--format",
         "containerdisk",
@@ -235,7 +336,7 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
     let refused = p.run(&[
         "image",
         "export",
-        "plain",
+        "stamped",
         &path("gone.oci"),
         "--format",
         "containerdisk",

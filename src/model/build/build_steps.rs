@@ -60,13 +60,16 @@ pub fn build_steps(platform: &Steps, inputs: &StepInputs) -> Vec<BuildStep> {
         stdin: None,
         playbook: None,
     }];
+    // The home from /etc/passwd with awk, and adduser where there is no useradd: busybox
+    // images (farm's tiny image) have neither getent nor useradd.
     for (grant, key) in platform.authorized_keys.iter().zip(&inputs.authorized_keys) {
         let user = shell_quote(&grant.user);
         out.push(BuildStep {
             label: format!("authorized_keys for {}", grant.user),
             script: format!(
-                "set -e; id -u {user} >/dev/null 2>&1 || useradd -m -s /bin/sh {user}; \
-                 home=$(getent passwd {user} | cut -d: -f6); mkdir -p \"$home/.ssh\"; \
+                "set -e; id -u {user} >/dev/null 2>&1 || useradd -m -s /bin/sh {user} 2>/dev/null || adduser -D -s /bin/sh {user}; \
+                 home=$(awk -F: -v u={user} '$1 == u {{ print $6 }}' /etc/passwd); \
+                 [ -n \"$home\" ] || {{ echo \"no home directory for {user} in /etc/passwd\" >&2; exit 1; }}; mkdir -p \"$home/.ssh\"; \
                  cat >> \"$home/.ssh/authorized_keys\"; \
                  chown -R {user}: \"$home/.ssh\"; chmod 700 \"$home/.ssh\"; chmod 600 \"$home/.ssh/authorized_keys\""
             ),

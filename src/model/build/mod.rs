@@ -3,6 +3,7 @@
 //! with how its first boot is watched. Uses the configuration floor, never the lab.
 
 pub mod boot_watch;
+pub mod bootable_disk;
 pub mod build_steps;
 pub mod cache_record;
 pub mod chroot;

@@ -38,8 +38,13 @@ pub enum QemuImg<'a> {
     /// `src`'s chain (qcow2) flattened into one standalone `dest` in `format` (`qcow2`,
     /// `raw`, `vmdk`, `vhdx`), qcow2 compressed with `compress`. Never `-W`: out-of-order
     /// writes lay out a different file each run, and exports must be reproducible.
+    ///
+    /// With `head`, the disk is `head` (raw bytes: a boot sector, a boot loader, a kernel)
+    /// followed by the chain: qemu-img concatenates its sources, so the bootable disk is
+    /// still one pass over the chain.
     Export {
         src: &'a Path,
+        head: Option<&'a Path>,
         format: &'a str,
         compress: bool,
         dest: &'a Path,
@@ -50,6 +55,14 @@ pub enum QemuImg<'a> {
     BackingChain { disk: &'a Path },
     /// The qcow2 metadata of `disk` checked for corruption.
     Check { disk: &'a Path },
+}
+
+/// A source named in qemu's option syntax (`--image-opts`), where a comma in a value is
+/// written twice.
+fn image_opts(driver: &str, path: &Path) -> OsString {
+    let mut opts = OsString::from(format!("driver={driver},file.filename="));
+    opts.push(path.to_string_lossy().replace(',', ",,"));
+    opts
 }
 
 /// The program's name, found on `PATH`.
@@ -97,15 +110,25 @@ impl QemuImg<'_> {
             }
             QemuImg::Export {
                 src,
+                head,
                 format,
                 compress,
                 dest,
             } => {
-                let mut a = words(&["convert", "-q", "-f", "qcow2", "-O", format]);
+                let mut a = words(&["convert", "-q"]);
+                match head {
+                    None => a.extend([OsString::from("-f"), "qcow2".into(), src.into()]),
+                    Some(head) => {
+                        a.push("--image-opts".into());
+                        a.push(image_opts("raw", head));
+                        a.push(image_opts("qcow2", src));
+                    }
+                }
+                a.extend(words(&["-O", format]));
                 if compress {
                     a.push("-c".into());
                 }
-                a.extend([src.into(), dest.into()]);
+                a.push(dest.into());
                 a
             }
             QemuImg::Info { disk } => {
@@ -159,21 +182,28 @@ mod tests {
 
     #[test]
     fn an_export_flattens_a_qcow2_chain_and_compresses_only_when_asked() {
-        let op = |compress| QemuImg::Export {
+        let op = |compress, head| QemuImg::Export {
             src: Path::new("s/disk.qcow2"),
+            head,
             format: "qcow2",
             compress,
             dest: Path::new("out.qcow2"),
         };
         assert_eq!(
-            op(false).script(),
-            "qemu-img convert -q -f qcow2 -O qcow2 s/disk.qcow2 out.qcow2"
+            op(false, None).script(),
+            "qemu-img convert -q -f qcow2 s/disk.qcow2 -O qcow2 out.qcow2"
         );
         assert_eq!(
-            op(true).script(),
-            "qemu-img convert -q -f qcow2 -O qcow2 -c s/disk.qcow2 out.qcow2"
+            op(true, None).script(),
+            "qemu-img convert -q -f qcow2 s/disk.qcow2 -O qcow2 -c out.qcow2"
         );
-        assert!(!op(true).script().contains(" -W"));
+        assert!(!op(true, None).script().contains(" -W"));
+        // A bootable disk: the head, then the chain, concatenated; commas doubled.
+        assert_eq!(
+            op(false, Some(Path::new("a,b/head.raw"))).script(),
+            "qemu-img convert -q --image-opts driver=raw,file.filename=a,,b/head.raw \
+             driver=qcow2,file.filename=s/disk.qcow2 -O qcow2 out.qcow2"
+        );
     }
 
     #[test]
