@@ -17,6 +17,7 @@ packages=(
   docker-registry               # tests: an OCI registry (the distribution project's registry:2)
   skopeo                        # the OCI cache benchmark's baseline (skopeo copy); tests: containerDisks
   grub-pc-bin grub-common       # `farm image export`: GRUB for BIOS in front of a disk farm boots by kernel
+  vagrant vagrant-libvirt dnsmasq-base  # tests: a real Vagrant brings an exported box up on libvirtd
   nginx                         # tests: a binary cache over HTTP (GET, HEAD, PUT via http_dav)
   ovmf                          # UEFI firmware for x86_64 VMs (`firmware = "uefi"`)
   qemu-system-arm qemu-efi-aarch64  # aarch64 VMs (TCG) and their UEFI firmware (AAVMF)

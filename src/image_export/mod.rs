@@ -7,11 +7,13 @@
 
 mod bootable;
 mod container_disk;
+mod vagrant_box;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::build::layer::BootFiles;
+use crate::model::build::derivation::Recipe;
 use crate::model::build::export::{ExportFormat, sha256sums_line};
 use crate::model::hash::HashAlgo;
 use crate::model::values::Arch;
@@ -31,10 +33,6 @@ pub enum ExportError {
     },
     #[error("`{}` exists\nhint: `--force` replaces it", file.display())]
     Exists { file: PathBuf },
-    #[error(
-        "`--format {format}` is not written by `farm image export` yet\nhint: one of qcow2, raw, vmdk, vhdx, containerdisk"
-    )]
-    NotWritten { format: ExportFormat },
     #[error(
         "`--push` sends a containerDisk, not a `{format}` disk\nhint: add `--format containerdisk`"
     )]
@@ -104,11 +102,6 @@ pub fn export(
     request: &ExportRequest<'_>,
 ) -> Result<Exported, ExportError> {
     let started = Instant::now();
-    if request.format == ExportFormat::VagrantLibvirt {
-        return Err(ExportError::NotWritten {
-            format: request.format,
-        });
-    }
     if request.push.is_some() && request.format != ExportFormat::ContainerDisk {
         return Err(ExportError::PushNeedsContainerDisk {
             format: request.format,
@@ -187,22 +180,22 @@ pub fn export(
     let compressed = request.compress && request.format.disk_format() == "qcow2";
     let written = (|| {
         let mut extra = serde_json::Map::new();
-        let head = match &boot {
+        let root_bytes = entry
+            .virtual_size()
+            .map_err(io(&entry.disk_path()))?
+            .unwrap_or(entry.meta.size);
+        let (head, virtual_size) = match &boot {
             Some(boot) => {
-                let root_bytes = entry
-                    .virtual_size()
-                    .map_err(io(&entry.disk_path()))?
-                    .unwrap_or(entry.meta.size);
                 let layout = bootable::write_head(boot, root_bytes, &head, &grub_scratch)?;
                 extra.insert("boot".into(), "grub (BIOS), root on /dev/vda1".into());
-                extra.insert("virtual_size".into(), layout.disk_bytes().into());
-                Some(head.as_path())
+                (Some(head.as_path()), layout.disk_bytes())
             }
             None => {
                 extra.insert("boot".into(), "the image's own boot loader".into());
-                None
+                (None, root_bytes)
             }
         };
+        extra.insert("virtual_size".into(), virtual_size.into());
         let convert_to = |out: &Path| {
             let _ = fs_err::remove_file(out);
             crate::sys::qemu_img::export(
@@ -229,6 +222,23 @@ pub fn export(
                     extra.insert("pushed".into(), target.into());
                 }
                 extra.insert("image_digest".into(), image.digest().into());
+                let _ = fs_err::remove_file(&disk_partial);
+            }
+            ExportFormat::VagrantLibvirt => {
+                convert_to(&disk_partial)?;
+                let user = login_user(project, id);
+                // busybox images say nothing of themselves that Vagrant could detect.
+                let busybox = chain.last().is_some_and(|root| {
+                    matches!(
+                        root.meta.derivation.get("type").and_then(|t| t.as_str()),
+                        Some("tiny_image")
+                    ) || root.meta.derivation.get("init").and_then(|i| i.as_str())
+                        == Some("busybox")
+                });
+                let guest = busybox.then_some("linux");
+                vagrant_box::write_box(&disk_partial, virtual_size, &user, guest, &partial)
+                    .map_err(io(&partial))?;
+                extra.insert("user".into(), user.into());
                 let _ = fs_err::remove_file(&disk_partial);
             }
             _ => convert_to(&partial)?,
@@ -278,6 +288,21 @@ pub fn export(
         let _ = fs_err::remove_file(&disk_partial);
     }
     written
+}
+
+/// The account a platform's keys were given to, nearest layer first (`root` when none
+/// names one): the user another tool logs in as.
+fn login_user(project: &Project, id: &crate::model::build::derivation::DrvId) -> String {
+    let mut at = Some(id);
+    while let Some(node) = at.and_then(|id| project.graph.nodes.get(id)) {
+        if let Recipe::Layer(layer) = &node.derivation.recipe
+            && let Some(key) = layer.steps.authorized_keys.first()
+        {
+            return key.user.clone();
+        }
+        at = node.parent.as_ref();
+    }
+    "root".to_string()
 }
 
 /// `entry` and every entry below it, top first, as their metadata link them.

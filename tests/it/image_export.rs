@@ -1,9 +1,13 @@
 //! `farm image export` (issue 32): a built platform as one standalone disk, its chain
 //! flattened, with its checksum and the derivation it came from beside it; the same bytes
 //! every time for qcow2 and raw; nothing written over an existing file without `--force`,
-//! and a clear refusal for what is not built. As a KubeVirt containerDisk, pushed to a real
-//! registry (Debian's `docker-registry`) and read back with `skopeo`.
+//! and a clear refusal for what is not built. farm's tiny image, which farm boots by direct
+//! kernel, exported bootable: qemu alone boots the qcow2 and the raw disk, and a real Vagrant
+//! (Debian's, with vagrant-libvirt, on the tests' libvirtd) brings the box up. As a KubeVirt
+//! containerDisk, pushed to a real registry (Debian's `docker-registry`) and read back with
+//! `skopeo`.
 
+use crate::support::libvirtd::{Libvirtd, URI, virsh};
 use crate::support::project::{Project, nonce, text};
 use crate::support::registry::{REGISTRY, Registry};
 use crate::support::skip::{Part, require_vm};
@@ -355,5 +359,139 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
             .iter()
             .any(|n| n.contains("gone") || n.contains("partial")),
         "{names:?}"
+    );
+}
+
+/// What a Vagrant test leaves on this machine's libvirtd, removed however it ends.
+struct VagrantRun {
+    dir: tempfile::TempDir,
+    pool: String,
+    network: String,
+}
+
+impl VagrantRun {
+    fn vagrant(&self, args: &[&str]) -> std::process::Output {
+        Command::new("timeout")
+            .arg("600")
+            .arg("vagrant")
+            .args(args)
+            .env("VAGRANT_HOME", self.dir.path().join("home"))
+            .env("VAGRANT_CHECKPOINT_DISABLE", "1")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for VagrantRun {
+    fn drop(&mut self) {
+        let _ = self.vagrant(&["destroy", "-f"]);
+        for args in [
+            ["net-destroy", &self.network],
+            ["net-undefine", &self.network],
+            ["pool-destroy", &self.pool],
+            ["pool-undefine", &self.pool],
+        ] {
+            let _ = virsh(&args);
+        }
+    }
+}
+
+#[test]
+fn a_vagrant_box_comes_up_under_a_real_vagrant_and_shows_the_step() {
+    if !require_vm(
+        "vagrant_box",
+        &[Part::Program("vagrant"), Part::Program("virsh")],
+    ) {
+        return;
+    }
+    let _daemon = Libvirtd::ensure();
+    let (p, key) = built_lab();
+    let out = p.path().join("out");
+    fs_err::create_dir_all(&out).unwrap();
+    let box_file = out.join("stamped.box");
+    let box_arg = box_file.display().to_string();
+    p.ok(&[
+        "image",
+        "export",
+        "stamped",
+        &box_arg,
+        "--format",
+        "vagrant-libvirt",
+        "--compress",
+    ]);
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&box_file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&listing.stdout),
+        "metadata.json\nVagrantfile\nbox.img\n"
+    );
+
+    let tag = nonce();
+    let run = VagrantRun {
+        dir: tempfile::tempdir().unwrap(),
+        pool: format!("farm-vagrant-{tag}"),
+        network: format!("farm-vagrant-{tag}"),
+    };
+    let pool_dir = run.dir.path().join("pool");
+    fs_err::create_dir_all(&pool_dir).unwrap();
+    let pool_target = pool_dir.display().to_string();
+    for args in [
+        vec!["pool-define-as", &run.pool, "dir", "--target", &pool_target],
+        vec!["pool-start", &run.pool],
+    ] {
+        let done = virsh(&args);
+        assert!(done.status.success(), "virsh {args:?}: {}", text(&done));
+    }
+    let serial = run.dir.path().join("serial.log");
+    // Only what this machine needs (TCG, a pool and a management network of the test's
+    // own, a serial log); login, shell and sudo come from the box's own Vagrantfile.
+    fs_err::write(
+        run.dir.path().join("Vagrantfile"),
+        format!(
+            r#"Vagrant.configure("2") do |config|
+  config.vm.box = "farm-test/stamped"
+  config.ssh.private_key_path = "{key}"
+  config.vm.boot_timeout = 300
+  config.vm.provider :libvirt do |libvirt|
+    libvirt.uri = "{URI}"
+    libvirt.driver = "qemu"
+    libvirt.cpu_mode = "custom"
+    libvirt.cpu_model = "qemu64"
+    libvirt.memory = 256
+    libvirt.storage_pool_name = "{pool}"
+    libvirt.management_network_name = "{network}"
+    libvirt.management_network_address = "192.168.214.0/24"
+    libvirt.graphics_type = "none"
+    libvirt.video_type = "none"
+    libvirt.serial :type => "file", :source => {{:path => "{serial}"}}
+  end
+end
+"#,
+            key = key.private.display(),
+            pool = run.pool,
+            network = run.network,
+            serial = serial.display(),
+        ),
+    )
+    .unwrap();
+    let added = run.vagrant(&["box", "add", "--name", "farm-test/stamped", &box_arg]);
+    assert!(added.status.success(), "vagrant box add: {}", text(&added));
+    let up = run.vagrant(&["up", "--provider=libvirt"]);
+    assert!(
+        up.status.success(),
+        "vagrant up: {}\nserial console:\n{}",
+        text(&up),
+        farm::sys::hostinfo::tail(&serial, 40)
+    );
+    let said = run.vagrant(&["ssh", "-c", "cat /stamp"]);
+    assert!(said.status.success(), "vagrant ssh: {}", text(&said));
+    assert_eq!(
+        String::from_utf8_lossy(&said.stdout).trim(),
+        "exported-by-farm"
     );
 }

@@ -106,20 +106,37 @@ pub fn vagrant_metadata(virtual_size: u64) -> String {
     )
 }
 
-/// A Vagrant box's own Vagrantfile: log in as the platform's user with the key shipped in
-/// the box (`key_file`, beside this file; Vagrant reads a relative path from the user's
-/// project, hence `__FILE__`), no synced folder (a guest may have no NFS or rsync).
-pub fn vagrantfile(user: &str, key_file: &str) -> String {
+/// A Vagrant box's own Vagrantfile, merged under the user's: log in as `user` (the account
+/// the platform gave keys to; the user's Vagrantfile names the private key with
+/// `config.ssh.private_key_path`, since farm never holds one), with `sh` (busybox images
+/// have no bash), without sudo when that account is root (they have no sudo either), and
+/// no synced folder (a guest may have neither NFS nor rsync). `guest` names the guest's
+/// kind for images Vagrant cannot detect (busybox images have no `/etc/os-release`).
+pub fn vagrantfile(user: &str, guest: Option<&str>) -> String {
+    let sudo = match user {
+        "root" => "  config.ssh.sudo_command = \"%c\"\n",
+        _ => "",
+    };
+    let guest = guest
+        .map(|kind| format!("  config.vm.guest = :{kind}\n"))
+        .unwrap_or_default();
     format!(
-        "# Written by farm: log in as the platform's user with the key in this box.\n\
+        "# Written by farm (`farm image export --format vagrant-libvirt`).\n\
          Vagrant.configure(\"2\") do |config|\n  \
            config.ssh.username = \"{user}\"\n  \
-           config.ssh.private_key_path = File.expand_path(\"../{key_file}\", __FILE__)\n  \
            config.ssh.insert_key = false\n  \
-           config.vm.synced_folder \".\", \"/vagrant\", disabled: true\n\
+           config.ssh.shell = \"sh\"\n\
+         {sudo}{guest}  \
+           config.vm.synced_folder \".\", \"/vagrant\", disabled: true\n  \
+           config.vm.provider :libvirt do |libvirt|\n    \
+             libvirt.disk_bus = \"virtio\"\n  \
+           end\n\
          end\n"
     )
 }
+
+/// The files of a Vagrant box, in the order they are written into its tar.
+pub const VAGRANT_BOX_FILES: [&str; 3] = ["metadata.json", "Vagrantfile", "box.img"];
 
 #[cfg(test)]
 mod tests {
@@ -147,9 +164,14 @@ mod tests {
         assert_eq!(json["provider"], "libvirt");
         assert_eq!(json["format"], "qcow2");
         assert_eq!(json["virtual_size"], 2);
-        let file = vagrantfile("root", "farm_key");
+        let file = vagrantfile("root", Some("linux"));
+        assert!(file.contains("  config.vm.guest = :linux\n"));
         assert!(file.contains("config.ssh.username = \"root\""));
-        assert!(file.contains("File.expand_path(\"../farm_key\", __FILE__)"));
+        assert!(file.contains("config.ssh.sudo_command = \"%c\""));
+        assert!(file.contains("config.ssh.shell = \"sh\""));
+        assert!(file.trim_end().ends_with("end"));
+        assert!(!vagrantfile("alice", None).contains("sudo_command"));
+        assert!(!vagrantfile("alice", None).contains("config.vm.guest"));
         assert_eq!(sha256sums_line("ab", "disk.raw"), "ab  disk.raw\n");
     }
 }
