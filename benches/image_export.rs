@@ -1,0 +1,130 @@
+//! `farm image export` of the bundled lab's L1 platform (`debian_vs_amd64`: the Debian
+//! image, the seed's init layer and the hypervisor layer) to one qcow2, against
+//! `qemu-img convert -f qcow2 -O qcow2` of the same chain by hand (target: at most 1.05x).
+//!
+//! farm does more than the convert: it puts GRUB, the kernel and the initrd in front of the
+//! root (the image boots by direct kernel), and it writes the disk's sha256 beside it, which
+//! reads the whole output once more. The figures say what each costs. Both write to the same
+//! directory, read their inputs from the page cache (everything is read once before timing),
+//! and neither syncs; a second line adds `sync FILE` to both, as a copy to another
+//! machine needs the file on disk. Set FARM_BENCH_STORE to a store that holds the bundled lab (otherwise
+//! it is built first, from Debian's mirror, in a few minutes).
+
+#[path = "support/manual_vm.rs"]
+#[allow(dead_code)]
+mod manual_vm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use manual_vm::farm;
+
+const PLATFORM: &str = "debian_vs_amd64";
+const RUNS: usize = 5;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn timed(what: &str, cmd: &mut Command) -> Duration {
+    let started = Instant::now();
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
+}
+
+/// The store entry directory of `PLATFORM`, from `farm show --json`.
+fn entry_dir(dir: &Path, store: &Path) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_farm"))
+        .current_dir(dir)
+        .env("FARM_STORE", store)
+        .args(["show", "--json", PLATFORM])
+        .output()
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hash = shown[0]["hash"].as_str().unwrap();
+    let key = &hash.trim_start_matches("blake3-")[..32];
+    store.join("store").join(format!("{key}-{PLATFORM}"))
+}
+
+fn main() {
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    manual_vm::copy_bundled_lab(dir, "");
+    let scratch = tempfile::tempdir_in(dir).unwrap();
+    let store = std::env::var_os("FARM_BENCH_STORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| scratch.path().join("cache"));
+    farm(dir, &store, &["build", "-q", PLATFORM]);
+    let top = entry_dir(dir, &store).join("disk.qcow2");
+    assert!(top.is_file(), "no `{}`", top.display());
+
+    let by_hand = scratch.path().join("hand.qcow2");
+    let exported = scratch.path().join("farm.qcow2");
+    let hand = || {
+        let _ = fs_err::remove_file(&by_hand);
+        timed(
+            "qemu-img convert",
+            Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+                .arg(&top)
+                .arg(&by_hand),
+        )
+    };
+    let export = || {
+        let _ = fs_err::remove_file(&exported);
+        let file = exported.display().to_string();
+        farm(dir, &store, &["image", "export", "-q", PLATFORM, &file])
+    };
+    // Until the file is on disk, as a copy to another machine needs it: `sync FILE`.
+    let synced = |file: &Path, took: Duration| took + timed("sync", Command::new("sync").arg(file));
+    // Warm the page cache for both, then alternate.
+    hand();
+    export();
+    let (mut hand_times, mut farm_times) = (Vec::new(), Vec::new());
+    let (mut hand_synced, mut farm_synced) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        hand_times.push(hand());
+        farm_times.push(export());
+        hand_synced.push(synced(&by_hand, hand()));
+        farm_synced.push(synced(&exported, export()));
+    }
+    let (hand, farm_time) = (median(hand_times), median(farm_times));
+    let (hand_synced, farm_synced) = (median(hand_synced), median(farm_synced));
+    let bytes = fs_err::metadata(&exported).unwrap().len();
+    // What the checksum alone costs: farm's own hashing of the same file.
+    let hash_started = Instant::now();
+    let hashed = farm::fetch::hash_file(
+        &exported,
+        Some(farm::model::hash::HashAlgo::Sha256),
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    let hashing = hash_started.elapsed();
+    assert_eq!(hashed.size, bytes);
+
+    let s = |d: Duration| d.as_secs_f64();
+    println!(
+        "image export of {PLATFORM} (3-layer chain) to qcow2, {:.0} MiB, median of {RUNS}: \
+         farm {:.2} s, qemu-img convert by hand {:.2} s, ratio {:.2}x (target <= 1.05x); \
+         of farm's time, the sha256 of the output is {:.2} s",
+        bytes as f64 / (1 << 20) as f64,
+        s(farm_time),
+        s(hand),
+        s(farm_time) / s(hand),
+        s(hashing),
+    );
+    println!(
+        "image export of {PLATFORM}, each followed by `sync FILE`: farm {:.2} s, \
+         qemu-img convert by hand {:.2} s, ratio {:.2}x",
+        s(farm_synced),
+        s(hand_synced),
+        s(farm_synced) / s(hand_synced),
+    );
+}
