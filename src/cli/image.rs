@@ -41,6 +41,9 @@ pub struct ExportArgs {
     /// Replace FILE if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Build NAME first when the store lacks it (as `farm build NAME`, with its defaults).
+    #[arg(long)]
+    pub build: bool,
 }
 
 pub fn run(
@@ -49,15 +52,19 @@ pub fn run(
     reporter: &Reporter,
 ) -> anyhow::Result<()> {
     let ImageCommand::Export(args) = command;
+    if args.build {
+        crate::cli::build::run(options, build_args(&args.name)?, reporter)?;
+    }
     let project = Project::load(options)?;
     let store = Store::open_existing(&project.store_dir)?.ok_or_else(|| ExportError::NotBuilt {
         name: args.name.clone(),
         store: project.store_dir.clone(),
     })?;
     let _use = store.use_shared(reporter)?;
-    let spinner = reporter.spinner(
+    let bar = reporter.bytes_for(
         "export",
         &format!("{} to `{}`", args.name, args.file.display()),
+        Some(0),
     );
     let exported = export(
         &project,
@@ -69,10 +76,11 @@ pub fn run(
             compress: args.compress,
             force: args.force,
             push: args.push.as_deref(),
+            progress: &bar,
         },
     )
     .with_context(|| format!("Cannot export `{}`", args.name));
-    spinner.finish_and_clear();
+    bar.finish_and_clear();
     let exported = exported?;
     reporter.line(format!(
         "{:>12} {} ({}) as `{}`: {} {}, sha256 {} ({:.1} s)",
@@ -89,4 +97,13 @@ pub fn run(
         reporter.line(format!("{:>12} {} to `{target}`", "pushed", args.name));
     }
     Ok(())
+}
+
+/// `farm build NAME`'s arguments, every option at its default (and its environment
+/// variables honoured), as the command line would give them.
+fn build_args(name: &str) -> anyhow::Result<crate::cli::build::BuildArgs> {
+    use clap::{Args as _, FromArgMatches};
+    let command = crate::cli::build::BuildArgs::augment_args(clap::Command::new("build"));
+    let matches = command.try_get_matches_from(["build", name])?;
+    Ok(crate::cli::build::BuildArgs::from_arg_matches(&matches)?)
 }

@@ -23,7 +23,7 @@ use container_disk::ContainerDisk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("`{name}` is not built in the store `{}`\nhint: `farm build {name}` first", store.display())]
+    #[error("`{name}` is not built in the store `{}`\nhint: `farm build {name}` first, or add `--build`", store.display())]
     NotBuilt { name: String, store: PathBuf },
     #[error("`{name}` names {count} derivations ({names})\nhint: export one of them by its name")]
     NotOne {
@@ -80,6 +80,8 @@ pub struct ExportRequest<'a> {
     pub force: bool,
     /// containerdisk only: also send the image to this `REGISTRY/REPOSITORY[:TAG]`.
     pub push: Option<&'a str>,
+    /// Shows the conversion, then the checksum, as bytes of the disk.
+    pub progress: &'a indicatif::ProgressBar,
 }
 
 /// What an export wrote.
@@ -196,14 +198,20 @@ pub fn export(
             }
         };
         extra.insert("virtual_size".into(), virtual_size.into());
+        let progress = request.progress;
         let convert_to = |out: &Path| {
             let _ = fs_err::remove_file(out);
+            progress.set_length(virtual_size);
+            progress.set_position(0);
             crate::sys::qemu_img::export(
                 &entry.disk_path(),
                 head,
                 request.format.disk_format(),
                 compressed,
                 out,
+                &mut |percent| {
+                    progress.set_position((virtual_size as f64 * percent / 100.0) as u64)
+                },
             )
             .map_err(|source| ExportError::Convert {
                 name: node.name.clone(),
@@ -243,15 +251,13 @@ pub fn export(
             }
             _ => convert_to(&partial)?,
         }
-        let hashes = crate::fetch::hash_file(
-            &partial,
-            Some(HashAlgo::Sha256),
-            &indicatif::ProgressBar::hidden(),
-        )
-        .map_err(|source| ExportError::Hash {
-            path: partial.clone(),
-            source: Box::new(source),
-        })?;
+        progress.set_message("sha256");
+        let hashes = crate::fetch::hash_file(&partial, Some(HashAlgo::Sha256), progress).map_err(
+            |source| ExportError::Hash {
+                path: partial.clone(),
+                source: Box::new(source),
+            },
+        )?;
         let sha256 = hashes.digest.expect("a sha256 was asked for").to_hex();
         let bytes = hashes.size;
         let checksum = dir.join(format!("{file_name}.sha256"));

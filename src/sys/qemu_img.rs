@@ -16,7 +16,7 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use serde::Deserialize;
 
-use crate::model::build::qemu_img::{PROGRAM, QemuImg};
+use crate::model::build::qemu_img::{PROGRAM, QemuImg, parse_progress};
 
 /// How many trailing lines of stderr an error keeps: enough for qemu's message, short enough to
 /// read in a terminal.
@@ -127,19 +127,36 @@ pub fn convert_to_qcow2(src: &Path, src_format: &str, dest: &Path) -> Result<(),
 
 /// Flattens the qcow2 chain of `src` into one standalone `dest` in `format` (see
 /// `QemuImg::Export`).
+///
+/// `on_progress` is told how far qemu-img is, in percent, as it goes.
 pub fn export(
     src: &Path,
     head: Option<&Path>,
     format: &str,
     compress: bool,
     dest: &Path,
+    on_progress: &mut dyn FnMut(f64),
 ) -> Result<(), QemuImgError> {
-    run(&QemuImg::Export {
+    let op = QemuImg::Export {
         src,
         head,
         format,
         compress,
+        progress: true,
         dest,
+    };
+    let mut line = Vec::new();
+    run_streaming(OsStr::new(PROGRAM), &op.args(), &mut |bytes| {
+        for &byte in bytes {
+            if byte == b'\r' || byte == b'\n' {
+                if let Some(percent) = parse_progress(&String::from_utf8_lossy(&line)) {
+                    on_progress(percent);
+                }
+                line.clear();
+            } else {
+                line.push(byte);
+            }
+        }
     })
     .map(drop)
 }
@@ -188,10 +205,24 @@ fn run(op: &QemuImg) -> Result<Vec<u8>, QemuImgError> {
 }
 
 fn run_program<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> Result<Vec<u8>, QemuImgError> {
-    let output = Command::new(program)
+    run_streaming(program, args, &mut |_| {})
+}
+
+/// Runs the program, showing `on_stdout` its output as it comes (qemu-img's `-p` progress),
+/// and returns all of it.
+fn run_streaming<A: AsRef<OsStr>>(
+    program: &OsStr,
+    args: &[A],
+    on_stdout: &mut dyn FnMut(&[u8]),
+) -> Result<Vec<u8>, QemuImgError> {
+    use std::io::Read;
+    let argv = || crate::model::shell::command_line(program, args);
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
                 QemuImgError::NotInstalled {
@@ -199,18 +230,45 @@ fn run_program<A: AsRef<OsStr>>(program: &OsStr, args: &[A]) -> Result<Vec<u8>, 
                 }
             } else {
                 QemuImgError::Spawn {
-                    argv: crate::model::shell::command_line(program, args),
+                    argv: argv(),
                     source,
                 }
             }
         })?;
-    if output.status.success() {
-        Ok(output.stdout)
+    let spawn_error = |source| QemuImgError::Spawn {
+        argv: argv(),
+        source,
+    };
+    let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
+    let stderr = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr_pipe.read_to_end(&mut bytes);
+        bytes
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut pipe) = child.stdout.take() {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    on_stdout(&chunk[..n]);
+                    stdout.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(spawn_error(e)),
+            }
+        }
+    }
+    let status = child.wait().map_err(spawn_error)?;
+    let stderr = stderr.join().unwrap_or_default();
+    if status.success() {
+        Ok(stdout)
     } else {
         Err(QemuImgError::Failed {
-            argv: crate::model::shell::command_line(program, args),
-            status: output.status,
-            stderr: stderr_tail(&output.stderr),
+            argv: argv(),
+            status,
+            stderr: stderr_tail(&stderr),
         })
     }
 }

@@ -204,11 +204,15 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     // What is not built, and what does not exist, are refused by name.
     let unbuilt = run("unbuilt", "u.qcow2", &[]);
     assert!(
-        text(&unbuilt).contains("is not built") && text(&unbuilt).contains("farm build"),
+        text(&unbuilt).contains("is not built") && text(&unbuilt).contains("--build"),
         "{}",
         text(&unbuilt)
     );
     assert!(!out.join("u.qcow2").exists());
+    // `--build` builds it first.
+    let built = run("unbuilt", "u.qcow2", &["--build"]);
+    assert!(built.status.success(), "{}", text(&built));
+    assert!(out.join("u.qcow2").is_file() && out.join("u.qcow2.sha256").is_file());
     let unknown = run("nosuch", "n.qcow2", &[]);
     assert!(
         !unknown.status.success() && text(&unknown).contains("nosuch"),

@@ -47,6 +47,8 @@ pub enum QemuImg<'a> {
         head: Option<&'a Path>,
         format: &'a str,
         compress: bool,
+        /// `-p`: progress on stdout (see [`parse_progress`]) instead of `-q`.
+        progress: bool,
         dest: &'a Path,
     },
     /// One image described as JSON; `-U` reads an image a running VM holds open.
@@ -55,6 +57,15 @@ pub enum QemuImg<'a> {
     BackingChain { disk: &'a Path },
     /// The qcow2 metadata of `disk` checked for corruption.
     Check { disk: &'a Path },
+}
+
+/// How far a `qemu-img convert -p` is, from one of its progress lines (`    (12.34/100%)`).
+pub fn parse_progress(line: &str) -> Option<f64> {
+    let inner = line.trim().strip_prefix('(')?.strip_suffix("/100%)")?;
+    inner
+        .parse::<f64>()
+        .ok()
+        .filter(|p| (0.0..=100.0).contains(p))
 }
 
 /// A source named in qemu's option syntax (`--image-opts`), where a comma in a value is
@@ -113,9 +124,10 @@ impl QemuImg<'_> {
                 head,
                 format,
                 compress,
+                progress,
                 dest,
             } => {
-                let mut a = words(&["convert", "-q"]);
+                let mut a = words(&["convert", if progress { "-p" } else { "-q" }]);
                 match head {
                     None => a.extend([OsString::from("-f"), "qcow2".into(), src.into()]),
                     Some(head) => {
@@ -187,6 +199,7 @@ mod tests {
             head,
             format: "qcow2",
             compress,
+            progress: false,
             dest: Path::new("out.qcow2"),
         };
         assert_eq!(
@@ -198,6 +211,20 @@ mod tests {
             "qemu-img convert -q -f qcow2 s/disk.qcow2 -O qcow2 -c out.qcow2"
         );
         assert!(!op(true, None).script().contains(" -W"));
+        // With progress, `-p` instead of `-q`, and its lines read back.
+        let shown = QemuImg::Export {
+            src: Path::new("s/disk.qcow2"),
+            head: None,
+            format: "qcow2",
+            compress: false,
+            progress: true,
+            dest: Path::new("out.qcow2"),
+        };
+        assert!(shown.script().starts_with("qemu-img convert -p -f qcow2"));
+        assert_eq!(parse_progress("    (12.34/100%)"), Some(12.34));
+        assert_eq!(parse_progress("(100.00/100%)"), Some(100.0));
+        assert_eq!(parse_progress("(1.0/50%)"), None);
+        assert_eq!(parse_progress("garbage"), None);
         // A bootable disk: the head, then the chain, concatenated; commas doubled.
         assert_eq!(
             op(false, Some(Path::new("a,b/head.raw"))).script(),
