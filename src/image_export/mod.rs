@@ -173,7 +173,12 @@ pub fn export(
         .map(|m| m.len())
         .sum();
     let needed = chain.iter().map(|e| e.meta.size).sum::<u64>() + boot_bytes;
-    crate::sys::space::ensure(&dir, needed, &format!("the export of `{}`", node.name))?;
+    crate::sys::space::ensure_or(
+        &dir,
+        needed,
+        &format!("the export of `{}`", node.name),
+        crate::sys::space::Remedy::Elsewhere,
+    )?;
 
     let partial = dir.join(format!(".{file_name}.farm-partial"));
     let disk_partial = dir.join(format!(".{file_name}.disk.farm-partial"));

@@ -31,17 +31,40 @@ impl std::fmt::Display for Filesystem {
 /// Not enough space for some work whose size is known.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "Not enough space for {what} in `{}` ({filesystem}): about {} needed, {} free\nhint: `farm gc` removes what nothing needs; or free space there, or point --store (FARM_STORE) at a larger disk",
+    "Not enough space for {what} in `{}` ({filesystem}): about {} needed, {} free\nhint: {}",
     path.display(),
     human_bytes(*needed),
-    human_bytes(filesystem.free)
+    human_bytes(filesystem.free),
+    remedy.hint()
 )]
 pub struct SpaceShort {
     pub what: String,
     pub path: PathBuf,
     pub filesystem: Filesystem,
     pub needed: u64,
+    pub remedy: Remedy,
 }
+
+/// The way out of a short disk, for the work in question.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remedy {
+    /// The store's disk: collect garbage, or move the store.
+    Store,
+    /// A file farm writes outside the store (an export): write it elsewhere.
+    Elsewhere,
+}
+
+impl Remedy {
+    pub fn hint(self) -> &'static str {
+        match self {
+            Remedy::Store => STORE_HINT,
+            Remedy::Elsewhere => "free space there, or write it to a larger disk",
+        }
+    }
+}
+
+/// The way out when the store's disk is short.
+const STORE_HINT: &str = "`farm gc` removes what nothing needs; or free space there, or point --store (FARM_STORE) at a larger disk";
 
 /// The filesystem holding `path` (or its nearest existing ancestor), from
 /// `/proc/self/mountinfo`; `None` where that cannot be read.
@@ -100,12 +123,18 @@ fn unescape_octal(text: &str) -> String {
 /// its filesystem has less free. Where the filesystem cannot be read, the work goes ahead
 /// (a full disk is then said by [`full_note`]).
 pub fn ensure(path: &Path, needed: u64, what: &str) -> Result<(), SpaceShort> {
+    ensure_or(path, needed, what, Remedy::Store)
+}
+
+/// [`ensure`] for work outside the store, with its own `remedy`.
+pub fn ensure_or(path: &Path, needed: u64, what: &str, remedy: Remedy) -> Result<(), SpaceShort> {
     match filesystem_of(path) {
         Some(filesystem) if filesystem.free < needed => Err(SpaceShort {
             what: what.to_string(),
             path: path.to_path_buf(),
             filesystem,
             needed,
+            remedy,
         }),
         _ => Ok(()),
     }
@@ -156,9 +185,7 @@ fn full_message(fullest: Option<(&Path, Filesystem)>) -> String {
         ),
         None => "farm could not tell which filesystem".to_string(),
     };
-    format!(
-        "The disk is full: {place}; nothing half-written was kept\nhint: `farm gc` removes what nothing needs; or free space there, or point --store (FARM_STORE) at a larger disk"
-    )
+    format!("The disk is full: {place}; nothing half-written was kept\nhint: {STORE_HINT}")
 }
 
 /// Below this much free, a filesystem counts as full for [`full_at`].

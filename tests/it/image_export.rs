@@ -201,6 +201,40 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     let names = crate::support::project::list(&out);
     assert!(!names.iter().any(|n| n.contains("partial")), "{names:?}");
 
+    // A disk that does not fit where it goes: refused before anything is written, naming
+    // the filesystem (an 8 MiB tmpfs, in a mount namespace of the export's own).
+    if crate::support::mount_ns::available("image_export") {
+        let small = out.join("small");
+        fs_err::create_dir_all(&small).unwrap();
+        let target = small.join("x.qcow2").display().to_string();
+        let full = Command::new("unshare")
+            .args(["--mount", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs -o size=8m tmpfs '{dir}' || exit 9; \"$@\"; rc=$?; \
+                 echo \"left:$(ls -A '{dir}' | tr '\\n' ' ')\"; exit $rc",
+                dir = small.display()
+            ))
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_farm"))
+            .args(["image", "export", "stamped", &target])
+            .current_dir(p.path())
+            .env("FARM_STORE", &p.store)
+            .output()
+            .unwrap();
+        assert!(!full.status.success());
+        assert!(
+            text(&full).contains("tmpfs") && text(&full).contains("write it to a larger disk"),
+            "{}",
+            text(&full)
+        );
+        // Nothing was left in the tmpfs, not even the hidden partial file.
+        assert!(
+            String::from_utf8_lossy(&full.stdout).contains("left:\n"),
+            "{}",
+            text(&full)
+        );
+    }
+
     // What is not built, and what does not exist, are refused by name.
     let unbuilt = run("unbuilt", "u.qcow2", &[]);
     assert!(
