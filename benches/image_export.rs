@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use manual_vm::farm;
+use manual_vm::{farm, timed};
 
 const PLATFORM: &str = "debian_vs_amd64";
 const RUNS: usize = 5;
@@ -26,31 +26,6 @@ const RUNS: usize = 5;
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
-}
-
-fn timed(what: &str, cmd: &mut Command) -> Duration {
-    let started = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
-}
-
-/// The store entry directory of `PLATFORM`, from `farm show --json`.
-fn entry_dir(dir: &Path, store: &Path) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_farm"))
-        .current_dir(dir)
-        .env("FARM_STORE", store)
-        .args(["show", "--json", PLATFORM])
-        .output()
-        .unwrap();
-    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let hash = shown[0]["hash"].as_str().unwrap();
-    let key = &hash.trim_start_matches("blake3-")[..32];
-    store.join("store").join(format!("{key}-{PLATFORM}"))
 }
 
 fn main() {
@@ -62,7 +37,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| scratch.path().join("cache"));
     farm(dir, &store, &["build", "-q", PLATFORM]);
-    let top = entry_dir(dir, &store).join("disk.qcow2");
+    let top = manual_vm::entry(dir, &store, PLATFORM).join("disk.qcow2");
     assert!(top.is_file(), "no `{}`", top.display());
 
     let by_hand = scratch.path().join("hand.qcow2");

@@ -14,20 +14,9 @@ mod manual_vm;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use manual_vm::{farm, files_under};
-
-fn run(what: &str, cmd: &mut Command) -> Duration {
-    let started = Instant::now();
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
-}
+use manual_vm::{farm, files_under, timed};
 
 fn main() {
     let project = tempfile::tempdir().unwrap();
@@ -75,7 +64,7 @@ fn main() {
         &["store", "export", "-q", "-o", archive.to_str().unwrap()],
     ));
     let tarball = scratch.path().join("lab.tar.zst");
-    let tar_create = run(
+    let tar_create = timed(
         "tar --zstd -cf",
         Command::new("tar")
             .args(["--zstd", "-cf"])
@@ -93,7 +82,7 @@ fn main() {
     );
     let untarred = scratch.path().join("untarred");
     fs_err::create_dir_all(&untarred).unwrap();
-    let tar_extract = run(
+    let tar_extract = timed(
         "tar --zstd -xf",
         Command::new("tar")
             .args(["--zstd", "-xf"])
@@ -104,7 +93,7 @@ fn main() {
 
     let verify = farm(dir, &store, &["store", "verify", "-q"]);
     let verify_hashes = farm(dir, &store, &["store", "verify", "-q", "--no-qemu-check"]);
-    let b3sum = run("b3sum", Command::new("b3sum").args(&files));
+    let b3sum = timed("b3sum", Command::new("b3sum").args(&files));
 
     let mib = bytes as f64 / (1 << 20) as f64;
     let rate = |d: Duration| mib / d.as_secs_f64();

@@ -232,21 +232,27 @@ pub fn shared_store() -> PathBuf {
     test_home::shared_store()
 }
 
-/// Runs farm in `project` against `store`; panics with its stderr on failure.
-pub fn farm(project: &Path, store: &Path, args: &[&str]) -> Duration {
+/// Runs `cmd` to its end; panics, naming it `what`, with its stderr on failure.
+pub fn timed(what: &str, cmd: &mut Command) -> Duration {
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_farm"))
-        .current_dir(project)
-        .env("FARM_STORE", store)
-        .args(args)
-        .output()
-        .expect("run farm");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
-        "farm {args:?}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     started.elapsed()
+}
+
+/// Runs farm in `project` against `store`; panics with its stderr on failure.
+pub fn farm(project: &Path, store: &Path, args: &[&str]) -> Duration {
+    timed(
+        &format!("farm {args:?}"),
+        Command::new(env!("CARGO_BIN_EXE_farm"))
+            .current_dir(project)
+            .env("FARM_STORE", store)
+            .args(args),
+    )
 }
 
 /// The store entry farm derives for `name` in `project`.
