@@ -185,6 +185,26 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
             "exported-by-farm"
         );
     }
+    // VMware's and Hyper-V's formats: standalone too, the same virtual disk as the qcow2
+    // (qemu-img compares the guest-visible bytes; the files themselves carry fresh ids).
+    for (file, format) in [("a.vmdk", "vmdk"), ("a.vhdx", "vhdx")] {
+        export(file, format);
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(out.join(file))
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["format"], format, "{info}");
+        assert!(info.get("backing-filename").is_none(), "{info}");
+        let same = Command::new("qemu-img")
+            .args(["compare", "-f", format, "-F", "qcow2"])
+            .arg(out.join(file))
+            .arg(out.join("a.qcow2"))
+            .output()
+            .unwrap();
+        assert!(same.status.success(), "{file}: {}", text(&same));
+    }
 
     // An existing file is kept unless `--force`; nothing half-written is left beside it.
     let before = fs_err::read(out.join("a.raw")).unwrap();

@@ -98,6 +98,20 @@ impl SiteObservation {
             .collect()
     }
 
+    /// The site's entry for `wanted` (`<key>-<name>`): that one, or one with the same key
+    /// under another name (the same derivation, pushed for another platform of the same
+    /// recipe).
+    pub fn entry_for(&self, wanted: &str) -> Option<&str> {
+        if let Some(exact) = self.entries.get(wanted) {
+            return Some(exact);
+        }
+        let key = wanted.split('-').next()?;
+        self.entries
+            .iter()
+            .find(|e| e.split('-').next() == Some(key))
+            .map(String::as_str)
+    }
+
     /// Every tagged qemu whose VM farm has no running state for, by VM name.
     pub fn orphans(&self) -> BTreeMap<String, Vec<u32>> {
         let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -187,10 +201,14 @@ pub fn observe_script(req: &ObserveRequest) -> String {
         && !names.is_empty()
     {
         let metas: Vec<String> = names.iter().map(|n| shell_quote(n)).collect();
+        // An entry may be there under another name for the same derivation (`<key>-*`:
+        // it was pushed for another platform of the same recipe); that one is reported.
         s.push_str(&format!(
-            "for e in {}; do [ -e {}/\"$e\"/meta.json ] && echo \"entry $e\"; done\n",
+            "for e in {}; do if [ -e {dir}/\"$e\"/meta.json ]; then echo \"entry $e\"; \
+             else for m in {dir}/\"${{e%%-*}}\"-*/meta.json; do [ -e \"$m\" ] || continue; \
+             m=${{m%/meta.json}}; echo \"entry ${{m##*/}}\"; break; done; fi; done\n",
             metas.join(" "),
-            quote_path(dir)
+            dir = quote_path(dir)
         ));
     }
     for network in &req.networks {
@@ -405,6 +423,29 @@ mod tests {
             "one scan (and the tap check): {script}"
         );
         assert!(script.contains("[ -e '/var/lib/farm/cache/store'/\"$e\"/meta.json ]"));
+        // The same script, run: an entry asked for by one name is found under another
+        // with the same key, and one with no entry of its key is not.
+        let store = tempfile::tempdir().unwrap();
+        fs_err::create_dir_all(store.path().join("k1-plain_amd64")).unwrap();
+        fs_err::write(store.path().join("k1-plain_amd64/meta.json"), "{}").unwrap();
+        let probe = ObserveRequest {
+            store: Some((
+                store.path().to_path_buf(),
+                vec!["k1-leaf_amd64".into(), "k2-leaf_amd64".into()],
+            )),
+            networks: Vec::new(),
+            ..req
+        };
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(observe_script(&probe))
+            .output()
+            .unwrap();
+        let obs = parse_observation(&String::from_utf8_lossy(&out.stdout), "/p/.farm");
+        assert_eq!(obs.entries.iter().collect::<Vec<_>>(), ["k1-plain_amd64"]);
+        assert_eq!(obs.entry_for("k1-leaf_amd64"), Some("k1-plain_amd64"));
+        assert_eq!(obs.entry_for("k1-plain_amd64"), Some("k1-plain_amd64"));
+        assert_eq!(obs.entry_for("k2-leaf_amd64"), None);
         assert!(script.contains("echo \"netpid lab switch ${p:--}\""));
         assert!(!script.contains("netpid lab tap"));
     }

@@ -241,7 +241,7 @@ pub fn plan_site(
         vms: Vec::new(),
     };
     for vm in &vms {
-        let spec = spec::resolve(
+        let mut spec = spec::resolve(
             desired,
             &layout,
             vm,
@@ -249,6 +249,9 @@ pub fn plan_site(
             ports.get(&vm.name).copied(),
             &networks,
         );
+        if layout.remote {
+            spec::use_site_entries(&mut spec, &layout, &seen);
+        }
         let found = seen.instances.get(&vm.name);
         let (action, reasons) = decide::decide(&spec, found, basis);
         let previous = found
@@ -337,7 +340,7 @@ pub fn plan_site(
                 .map(|l| l.closure.as_slice())
                 .unwrap_or(&[])
             {
-                if !seen.entries.contains(entry) && !push.contains(entry) {
+                if seen.entry_for(entry).is_none() && !push.contains(entry) {
                     push.push(entry.clone());
                 }
             }

@@ -10,7 +10,7 @@ use crate::model::config::topology::VmNode;
 use crate::model::lab::instance::{
     InstancePaths, InstanceSpec, LayerRef, LibvirtNicSpec, UserNet, VdeNicSpec,
 };
-use crate::model::lab::observation::SiteFacts;
+use crate::model::lab::observation::{SiteFacts, SiteObservation};
 use crate::model::values::mac_for;
 
 /// The first MAC index of libvirt NICs: clear of the user NIC (0) and VDE NICs (1…).
@@ -18,6 +18,46 @@ const LIBVIRT_NIC_BASE: usize = 64;
 
 /// Memory of a VM whose platform and table say nothing.
 pub const DEFAULT_MEMORY_MIB: u64 = 1024;
+
+/// Points `spec`'s layer and boot files at the entries the site already has for the same
+/// derivations under other names (see [`SiteObservation::entry_for`]): a layer pushed
+/// there for another platform of the same recipe is that layer, and a VM running on it
+/// has not seen its layer move.
+pub(super) fn use_site_entries(
+    spec: &mut InstanceSpec,
+    layout: &SiteLayout,
+    seen: &SiteObservation,
+) {
+    let Some(there) = seen
+        .entry_for(&spec.layer.entry)
+        .filter(|e| *e != spec.layer.entry)
+    else {
+        return;
+    };
+    spec.layer.entry = there.to_string();
+    spec.layer.disk = layout
+        .store_entries
+        .join(there)
+        .join(crate::model::build::cache_record::DISK_FILE);
+    if let Some(boot) = &mut spec.boot {
+        let rename = |path: &mut std::path::PathBuf| {
+            let Ok(relative) = path.strip_prefix(&layout.store_entries) else {
+                return;
+            };
+            let mut parts = relative.components();
+            let Some(entry) = parts.next().and_then(|c| c.as_os_str().to_str()) else {
+                return;
+            };
+            if let Some(found) = seen.entry_for(entry).filter(|f| *f != entry) {
+                *path = layout.store_entries.join(found).join(parts.as_path());
+            }
+        };
+        rename(&mut boot.kernel);
+        if let Some(initrd) = &mut boot.initrd {
+            rename(initrd);
+        }
+    }
+}
 
 /// The spec of `vm` on a site laid out as `layout` with `facts`.
 pub(super) fn resolve(
