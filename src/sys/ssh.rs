@@ -18,12 +18,15 @@ pub enum SshError {
         #[source]
         source: openssh::Error,
     },
-    #[error("Running `{command}` on `{alias}` failed: {source}")]
+    #[error("Running `{command}` on `{alias}` failed: {source}{master_log}")]
     Command {
         alias: String,
         command: String,
         #[source]
         source: openssh::Error,
+        /// When the connection itself failed: the last lines of the ControlMaster's own log
+        /// (why ssh gave up on the host), else empty.
+        master_log: String,
     },
     #[error("Cannot forward a local socket to `{remote}` on `{alias}`: {source}")]
     Forward {
@@ -140,6 +143,9 @@ impl Ssh {
             .arg("-E")
             .arg(&log)
             .args(["-o", "ControlPersist=no", "-o", "BatchMode=yes"])
+            // Its log (`-E`) then says when and why the connection ended, which a command
+            // that fails with it can only guess (`master_log_for`).
+            .args(["-o", "LogLevel=VERBOSE"])
             .args(["-o", "StrictHostKeyChecking=yes"])
             .arg("-o")
             .arg(format!("ConnectTimeout={}", timeout.as_secs().max(1)))
@@ -193,6 +199,29 @@ impl Ssh {
         })
     }
 
+    /// For an error that may be the connection's own (openssh cannot tell a remote
+    /// process killed by a signal from a master that went away: both are ssh's exit 255),
+    /// the last lines of the master's log, which say why ssh gave up when it did.
+    fn master_log_for(&self, error: &openssh::Error) -> String {
+        if !matches!(
+            error,
+            openssh::Error::RemoteProcessTerminated | openssh::Error::Disconnected
+        ) {
+            return String::new();
+        }
+        let Some(master) = &self.master else {
+            return String::new();
+        };
+        let log = crate::sys::hostinfo::tail(&master.dir.path().join("log"), 5);
+        match log.trim() {
+            "" => " (the ControlMaster's log is empty)".to_string(),
+            said => format!(
+                "\nthe ControlMaster's log ends:\n{}",
+                crate::model::text::printable(said)
+            ),
+        }
+    }
+
     fn session(&self) -> &Session {
         self.session.as_ref().expect("the session lives until drop")
     }
@@ -214,6 +243,7 @@ impl Ssh {
         let command_error = |source| SshError::Command {
             alias: self.alias.clone(),
             command: script.to_string(),
+            master_log: self.master_log_for(&source),
             source,
         };
         let stdin_error = |source| SshError::Stdin {
@@ -262,6 +292,7 @@ impl Ssh {
             let command_error = |source| SshError::Command {
                 alias: self.alias.clone(),
                 command: script.to_string(),
+                master_log: self.master_log_for(&source),
                 source,
             };
             let child = command.spawn().await.map_err(command_error)?;

@@ -5,7 +5,7 @@
 
 use crate::support::guest;
 use crate::support::project;
-use crate::support::skip::{Part, require_vm};
+use crate::support::skip::{Part, require, require_vm};
 use crate::support::sshd;
 use crate::support::test_home::shared_store;
 
@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use farm::run::host::Host;
+use farm::sys::ssh::Ssh;
 use guest::keygen;
 use project::{Project, list, stderr, text};
 use sshd::{SSHD, Sshd};
@@ -449,4 +450,50 @@ fn an_interrupted_up_leaves_no_ssh_master_and_the_next_up_converges() {
     let out = p.ok(&["ssh", "far", "--", "hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "far-away");
     p.ok(&["down"]);
+}
+
+/// A command whose connection dies under it says why ssh gave up, from the ControlMaster's
+/// own log: openssh reports a master that went away as "the remote process has terminated",
+/// which alone points at the command instead.
+#[test]
+fn a_command_whose_master_died_quotes_the_masters_log() {
+    if !require("remote_host_master_log", &[Part::File(SSHD)]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "client");
+    let port = farm::sys::hostinfo::free_local_port().unwrap();
+    let server = Sshd::start(dir.path(), port, &key.public);
+    let known = dir.path().join("known_hosts");
+    fs_err::write(&known, server.known_hosts_line()).unwrap();
+    let config = dir.path().join("ssh_config");
+    fs_err::write(
+        &config,
+        format!(
+            "Host lab\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {}\n  \
+             UserKnownHostsFile {}\n  IdentitiesOnly yes\n",
+            key.private.display(),
+            known.display()
+        ),
+    )
+    .unwrap();
+    let lab = Ssh::connect(&config, "lab", Duration::from_secs(10)).unwrap();
+    assert_eq!(lab.run("echo up", None).unwrap().text().trim(), "up");
+    // The server ends the connection: its per-connection processes, children of the sshd
+    // this test started, are killed.
+    let listener = fs_err::read_to_string(dir.path().join("sshd.pid")).unwrap();
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-P", listener.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no connection of this sshd to kill");
+    std::thread::sleep(Duration::from_millis(500));
+    let err = lab.run("echo again", None).unwrap_err().to_string();
+    assert!(
+        err.contains("the remote process has terminated")
+            && err.contains("the ControlMaster's log ends")
+            // ssh's summary line when a connection ends: the master is gone, not the command.
+            && err.contains("Transferred: sent"),
+        "{err}"
+    );
 }
