@@ -68,6 +68,18 @@ fn blob_of(media_type: &'static str, bytes: &[u8]) -> Blob {
     }
 }
 
+/// The layer's bytes: head, the disk, tail.
+fn layer_reader(
+    disk: &Path,
+    name: &str,
+    disk_bytes: u64,
+) -> io::Result<impl Read + Send + 'static> {
+    let file = fs_err::File::open(disk)?.into_parts().0;
+    Ok(io::Cursor::new(layer_head(name, disk_bytes))
+        .chain(file)
+        .chain(io::Cursor::new(layer_tail(disk_bytes))))
+}
+
 impl ContainerDisk {
     /// Hashes the layer around `disk` (a flattened qcow2) and writes the documents that
     /// name it. `name` is the disk's name in the layer (`disk/<name>.qcow2`).
@@ -78,42 +90,37 @@ impl ContainerDisk {
         derivation: &str,
     ) -> io::Result<ContainerDisk> {
         let disk_bytes = fs_err::metadata(disk)?.len();
-        let mut container = ContainerDisk {
-            disk: disk.to_path_buf(),
-            name: name.to_string(),
-            disk_bytes,
-            layer: Blob {
-                media_type: LAYER_MEDIA_TYPE,
-                digest: String::new(),
-                size: layer_bytes(disk_bytes),
-            },
-            config: Vec::new(),
-            config_blob: blob_of(CONFIG_MEDIA_TYPE, b""),
-            manifest: Vec::new(),
-            manifest_blob: blob_of(MANIFEST_MEDIA_TYPE, b""),
-        };
-        let (digest, size) = sha256_of(&mut container.layer_reader()?)?;
-        if size != container.layer.size {
+        let (digest, size) = sha256_of(&mut layer_reader(disk, name, disk_bytes)?)?;
+        if size != layer_bytes(disk_bytes) {
             return Err(io::Error::other(format!(
                 "`{}` changed while it was read",
                 disk.display()
             )));
         }
-        container.layer.digest = digest;
+        let layer = Blob {
+            media_type: LAYER_MEDIA_TYPE,
+            digest,
+            size,
+        };
         // A plain tar: the layer as stored is the layer unpacked, so its digest is its diff_id.
-        container.config = config(arch, &container.layer.digest);
-        container.config_blob = blob_of(CONFIG_MEDIA_TYPE, &container.config);
-        container.manifest = manifest(&container.config_blob, &container.layer, derivation);
-        container.manifest_blob = blob_of(MANIFEST_MEDIA_TYPE, &container.manifest);
-        Ok(container)
+        let config = config(arch, &layer.digest);
+        let config_blob = blob_of(CONFIG_MEDIA_TYPE, &config);
+        let manifest = manifest(&config_blob, &layer, derivation);
+        let manifest_blob = blob_of(MANIFEST_MEDIA_TYPE, &manifest);
+        Ok(ContainerDisk {
+            disk: disk.to_path_buf(),
+            name: name.to_string(),
+            disk_bytes,
+            layer,
+            config,
+            config_blob,
+            manifest,
+            manifest_blob,
+        })
     }
 
-    /// The layer's bytes: head, disk, tail.
     fn layer_reader(&self) -> io::Result<impl Read + Send + 'static> {
-        let disk = fs_err::File::open(&self.disk)?.into_parts().0;
-        Ok(io::Cursor::new(layer_head(&self.name, self.disk_bytes))
-            .chain(disk)
-            .chain(io::Cursor::new(layer_tail(self.disk_bytes))))
+        layer_reader(&self.disk, &self.name, self.disk_bytes)
     }
 
     /// The image's digest (its manifest's), as registries and `skopeo inspect` show it.

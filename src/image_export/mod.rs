@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::build::layer::BootFiles;
-use crate::model::build::derivation::Recipe;
+use crate::model::build::derivation::{DrvNode, Recipe};
 use crate::model::build::export::{ExportFormat, sha256sums_line};
+use crate::model::config::DebianInit;
 use crate::model::hash::HashAlgo;
 use crate::model::values::Arch;
 use crate::project::Project;
@@ -239,14 +240,18 @@ pub fn export(
             }
             ExportFormat::VagrantLibvirt => {
                 convert_to(&disk_partial)?;
-                let user = login_user(project, id);
+                let lineage = project.graph.closure(std::slice::from_ref(id));
+                let user = login_user(&lineage);
                 // busybox images say nothing of themselves that Vagrant could detect.
-                let busybox = chain.last().is_some_and(|root| {
+                let busybox = lineage.first().is_some_and(|root| {
                     matches!(
-                        root.meta.derivation.get("type").and_then(|t| t.as_str()),
-                        Some("tiny_image")
-                    ) || root.meta.derivation.get("init").and_then(|i| i.as_str())
-                        == Some("busybox")
+                        root.derivation.recipe,
+                        Recipe::TinyImage { .. }
+                            | Recipe::DebianImage {
+                                init: DebianInit::Busybox,
+                                ..
+                            }
+                    )
                 });
                 let guest = busybox.then_some("linux");
                 vagrant_box::write_box(&disk_partial, virtual_size, &user, guest, &partial)
@@ -302,18 +307,17 @@ pub fn export(
 }
 
 /// The account a platform's keys were given to, nearest layer first (`root` when none
-/// names one): the user another tool logs in as.
-fn login_user(project: &Project, id: &crate::model::build::derivation::DrvId) -> String {
-    let mut at = Some(id);
-    while let Some(node) = at.and_then(|id| project.graph.nodes.get(id)) {
-        if let Recipe::Layer(layer) = &node.derivation.recipe
-            && let Some(key) = layer.steps.authorized_keys.first()
-        {
-            return key.user.clone();
-        }
-        at = node.parent.as_ref();
-    }
-    "root".to_string()
+/// names one): the user another tool logs in as. `lineage` is the derivation and its
+/// ancestors, parents first.
+fn login_user(lineage: &[&DrvNode]) -> String {
+    lineage
+        .iter()
+        .rev()
+        .find_map(|node| match &node.derivation.recipe {
+            Recipe::Layer(layer) => layer.steps.authorized_keys.first(),
+            _ => None,
+        })
+        .map_or_else(|| "root".to_string(), |key| key.user.clone())
 }
 
 /// `entry` and every entry below it, top first, as their metadata link them.

@@ -141,14 +141,9 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
 
     export("a.qcow2", "qcow2");
     // Standalone: no backing file.
-    let info = Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(out.join("a.qcow2"))
-        .output()
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(info["format"], "qcow2");
-    assert!(info.get("backing-filename").is_none(), "{info}");
+    let info = farm::sys::qemu_img::info(&out.join("a.qcow2")).unwrap();
+    assert_eq!(info.format, "qcow2");
+    assert!(info.backing_filename.is_none(), "{info:?}");
     // Its checksum file is `sha256sum -c`'s, and its sidecar names the derivation.
     let check = Command::new("sha256sum")
         .args(["-c", "a.qcow2.sha256"])
@@ -169,7 +164,7 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
         sidecar["boot"], "grub (BIOS), root on /dev/vda1",
         "{sidecar}"
     );
-    assert_eq!(info["virtual-size"], sidecar["virtual_size"]);
+    assert_eq!(Some(info.virtual_size), sidecar["virtual_size"].as_u64());
 
     // The same derivation, exported again: the same bytes, in qcow2 and in raw.
     export("b.qcow2", "qcow2");
@@ -189,14 +184,9 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     // (qemu-img compares the guest-visible bytes; the files themselves carry fresh ids).
     for (file, format) in [("a.vmdk", "vmdk"), ("a.vhdx", "vhdx")] {
         export(file, format);
-        let info = Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(out.join(file))
-            .output()
-            .unwrap();
-        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        assert_eq!(info["format"], format, "{info}");
-        assert!(info.get("backing-filename").is_none(), "{info}");
+        let info = farm::sys::qemu_img::info(&out.join(file)).unwrap();
+        assert_eq!(info.format, format, "{info:?}");
+        assert!(info.backing_filename.is_none(), "{info:?}");
         let same = Command::new("qemu-img")
             .args(["compare", "-f", format, "-F", "qcow2"])
             .arg(out.join(file))
