@@ -73,7 +73,9 @@ pub(super) fn realise_one(
         )?;
         Ok::<_, BuildError>((output, ancestry.parent))
     };
-    let mut staging = store.stage(&lock, name).map_err(failed(name))?;
+    let mut staging = store
+        .stage(&lock, committed_label(cx, node, action))
+        .map_err(failed(name))?;
     let (output, parent) = match action {
         Action::Substitute { from, fallback, .. } => {
             match substitute(cx, node, from, &staging, ancestry) {
@@ -105,7 +107,7 @@ pub(super) fn realise_one(
     let meta = EntryMeta {
         layout: LAYOUT_VERSION,
         ..EntryMeta::made_now(
-            name.to_string(),
+            staging.name().to_string(),
             node.hash,
             serde_json::to_value(&node.derivation).expect("derivations serialize"),
             (output_blake3, size),
@@ -116,6 +118,21 @@ pub(super) fn realise_one(
     let entry = store.commit(staging, meta).map_err(failed(name))?;
     drop(lock);
     Ok(entry)
+}
+
+/// The label `node`'s entry is committed under: its own name, except that a substitute
+/// keeps the label it has in the cache. The cache's children of it name their backing
+/// file by that label (`../<key>-<label>/disk.qcow2`), and the same derivation can have
+/// another name there (farm's appliance is the tiny image; a tests' `plain` is a `leaf`).
+fn committed_label<'a>(cx: &'a Context, node: &'a DrvNode, action: &Action) -> &'a str {
+    let offered = || {
+        let offer = cx.options.substitution.as_ref()?.offers.get(&node.hash)?;
+        Some(offer.record.name.as_str())
+    };
+    match action {
+        Action::Substitute { .. } => offered().unwrap_or(&node.name),
+        Action::Make(_) | Action::Cached => &node.name,
+    }
 }
 
 /// farm's appliance for `arch` (see `derivation::appliance_node`), realised when a chroot

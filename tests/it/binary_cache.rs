@@ -176,6 +176,49 @@ fn a_file_cache_substitutes_everything_and_refuses_what_it_cannot_trust() {
     );
 }
 
+/// The same derivation can have another name in the cache than here (farm's appliance is
+/// the tiny image). A parent substituted here keeps the cache's name, which its children's
+/// disks name as their backing file.
+#[test]
+fn a_parent_named_otherwise_in_the_cache_keeps_that_name_so_its_children_find_it() {
+    let key = keygen("ci-renamed");
+    let cache_dir = tempfile::tempdir().unwrap();
+    let url = file_url(&cache_dir.path().join("cache"));
+    let a = cheap_project("");
+    a.ok(&["build"]);
+    a.ok(&["store", "push", &url, "--key", key.secret.to_str().unwrap()]);
+
+    // B's farm.toml calls the same image `golden`: the same bytes, the same derivation.
+    let lines = format!("substituters = [\"{url}\"]\n{}", key.trust_line);
+    let b = Project::new(&cheap_lab(&lines).replace("local", "golden"));
+    b.blank_disk("base.qcow2");
+    let out = b.ok(&["build"]);
+    let said = text(&out);
+    assert_eq!(said.matches("substituted ").count(), 2, "{said}");
+    let base = b.entry("golden");
+    assert!(
+        base.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .ends_with("-local"),
+        "{}",
+        base.display()
+    );
+    // The child's chain resolves, and a second build is a no-op.
+    let info = Command::new("qemu-img")
+        .args(["info", "--backing-chain", "-U"])
+        .arg(b.entry("p").join("disk.qcow2"))
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", text(&info));
+    assert!(
+        text(&b.ok(&["build"])).contains("cached"),
+        "nothing rebuilt"
+    );
+    b.ok(&["store", "verify"]);
+}
+
 #[test]
 fn an_unreachable_cache_costs_a_warning_and_farm_builds() {
     let key = keygen("ci-b");
