@@ -201,13 +201,14 @@ fn run_one(
         crate::run::snapshot::restore(project, state_root, &test.start.value, reporter).map(|_| ())
     };
     if let Err(e) = restored {
-        return error(
-            format!(
-                "its start snapshot `{}` did not restore: {e}",
-                test.start.value
-            ),
-            started.elapsed().as_secs_f64(),
+        let why = format!(
+            "its start snapshot `{}` did not restore: {}",
+            test.start.value,
+            crate::model::text::error_chain(&e)
         );
+        // Kept with the test's results, as a script's output is: the run's log scrolls away.
+        let _ = fs_err::write(dir.join("output.log"), format!("{why}\n"));
+        return error(why, started.elapsed().as_secs_f64());
     }
     let restore_seconds = started.elapsed().as_secs_f64();
     let verb_log = dir.join("verbs.jsonl");
