@@ -140,11 +140,11 @@ fn field<const N: usize>(bytes: &[u8], at: usize) -> Result<[u8; N], String> {
         .ok_or_else(|| format!("a header cut short at byte {at}"))
 }
 
-fn be_u32(bytes: &[u8], at: usize) -> Result<u32, String> {
+pub(super) fn be_u32(bytes: &[u8], at: usize) -> Result<u32, String> {
     field(bytes, at).map(u32::from_be_bytes)
 }
 
-fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
+pub(super) fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
     field(bytes, at).map(u64::from_be_bytes)
 }
 

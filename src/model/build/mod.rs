@@ -12,6 +12,7 @@ pub mod debian_recipe;
 pub mod derivation;
 pub mod export;
 pub mod first_boot;
+pub mod flat_image;
 pub mod gc;
 pub mod guest_basics;
 pub mod kernel_panic;
