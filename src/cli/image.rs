@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::image_export::{ExportError, ExportRequest, export};
-use crate::model::build::export::ExportFormat;
+use crate::model::build::export::{Checksum, ExportFormat};
 use crate::model::text::human_bytes;
 use crate::progress::Reporter;
 use crate::project::{Project, ProjectOptions};
@@ -15,7 +15,8 @@ use crate::store::Store;
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Write a built platform as one standalone disk (its chain flattened, no backing
-    /// file), with `FILE.sha256` and `FILE.farm.json` (the derivation it came from) beside it.
+    /// file), with its checksum (`FILE.blake3` for `b3sum -c`, or `FILE.sha256`) and
+    /// `FILE.farm.json` (the derivation it came from) beside it.
     Export(ExportArgs),
 }
 
@@ -33,6 +34,10 @@ pub struct ExportArgs {
     /// slower to read.
     #[arg(long)]
     pub compress: bool,
+    /// The checksum beside FILE: `blake3` (`b3sum -c FILE.blake3`; farm's own hash, and
+    /// as fast as the disk is written) or `sha256` (`sha256sum -c FILE.sha256`).
+    #[arg(long, default_value = "blake3")]
+    pub checksum: Checksum,
     /// containerdisk: also send the image to REGISTRY/REPOSITORY[:TAG] (plain HTTP for a
     /// registry on a loopback address; `FARM_OCI_USERNAME`/`FARM_OCI_PASSWORD` for
     /// credentials).
@@ -74,6 +79,7 @@ pub fn run(
             file: &args.file,
             format: args.format,
             compress: args.compress,
+            checksum: args.checksum,
             force: args.force,
             push: args.push.as_deref(),
             progress: &bar,
@@ -83,14 +89,15 @@ pub fn run(
     bar.finish_and_clear();
     let exported = exported?;
     reporter.line(format!(
-        "{:>12} {} ({}) as `{}`: {} {}, sha256 {} ({:.1} s)",
+        "{:>12} {} ({}) as `{}`: {} {}, {} {} ({:.1} s)",
         "exported",
         args.name,
         exported.entry,
         args.file.display(),
         args.format,
         human_bytes(exported.bytes),
-        exported.sha256,
+        args.checksum,
+        exported.checksum_hex,
         exported.elapsed.as_secs_f64()
     ));
     if let Some(target) = &args.push {

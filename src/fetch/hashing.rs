@@ -59,7 +59,6 @@ impl DualHasher {
         self.len
     }
 
-    #[cfg(test)]
     pub(crate) fn update(&mut self, bytes: &[u8]) {
         self.len += bytes.len() as u64;
         if let Some(o) = &mut self.other {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 pub use decompress::{Compression, decompress};
 pub use download::{DEFAULT_STALL_TIMEOUT, Downloaded, download};
+pub(crate) use hashing::DualHasher;
 pub use hashing::{FileHashes, hash_file, hash_stream, read_full, verify_file};
 
 use crate::model::hash::ExpectedHash;

@@ -1,6 +1,7 @@
 //! The head of a bootable export (`model::build::bootable_disk` has the layout and why):
-//! GRUB's boot sector and `core.img`, the kernel and the initrd, written into one raw file
-//! that `qemu-img convert` puts in front of the root filesystem.
+//! GRUB's boot sector and `core.img`, the kernel and the initrd. farm's own writer copies
+//! the kernel and initrd from their files into place; for `qemu-img convert` the head is
+//! written as one raw file that it puts in front of the root filesystem.
 //!
 //! GRUB comes from this machine: `grub-mkimage` (Debian's `grub-common`) and the i386-pc
 //! modules and `boot.img` (`grub-pc-bin`). Both are plain files and a deterministic tool,
@@ -11,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::build::layer::BootFiles;
-use crate::model::build::bootable_disk::{BootDiskError, BootLayout, GRUB_MODULES, placed_core};
+use crate::model::build::bootable_disk::{
+    BootDiskError, BootLayout, Extent, GRUB_MODULES, SECTOR, placed_core,
+};
+use crate::model::build::flat_image::{Piece, Source};
 
 /// Where Debian's `grub-pc-bin` puts GRUB's BIOS modules and images.
 const GRUB_PC_DIR: &str = "/usr/lib/grub/i386-pc";
@@ -33,19 +37,26 @@ pub enum BootableError {
     },
 }
 
-/// Writes the head of a bootable disk for `boot` over a root filesystem of `root_bytes`
-/// to `head`; returns the layout. `scratch` is a directory for GRUB's config and
-/// `core.img`, next to the export.
-pub fn write_head(
+/// What goes in front of the root filesystem: the layout, the boot sector and `core.img`
+/// (the disk's first bytes), and the kernel and initrd files placed after them.
+pub struct BootHead {
+    pub layout: BootLayout,
+    /// Sector 0 and `core.img` from sector 1 on.
+    pub loader: Vec<u8>,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+}
+
+/// The head of a bootable disk for `boot` over a root filesystem of `root_bytes`.
+/// `core.img` is taken from `grub_cache` when GRUB made it for the same config before
+/// (`grub-mkimage` costs a tenth of a second, a third of an export); `scratch` is a
+/// directory for making it, next to the export.
+pub fn prepare(
     boot: &BootFiles,
     root_bytes: u64,
-    head: &Path,
+    grub_cache: &Path,
     scratch: &Path,
-) -> Result<BootLayout, BootableError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| BootableError::Io { path, source }
-    };
+) -> Result<BootHead, BootableError> {
     let grub_dir = Path::new(GRUB_PC_DIR);
     let mkimage = crate::sys::programs::find_program("grub-mkimage");
     let (Some(mkimage), true) = (mkimage, grub_dir.join("boot.img").is_file()) else {
@@ -57,18 +68,102 @@ pub fn write_head(
         None => None,
     };
     let layout = BootLayout::new(size(&boot.kernel)?, initrd_bytes, root_bytes);
+    let config = layout.grub_config(&boot.cmdline);
+    let core = placed_core(&core_image(&mkimage, &config, grub_cache, scratch)?)?;
+    let boot_img = grub_dir.join("boot.img");
+    let sector = layout.boot_sector(&fs_err::read(&boot_img).map_err(io(&boot_img))?)?;
+    let mut loader = sector.to_vec();
+    loader.extend_from_slice(&core);
+    Ok(BootHead {
+        layout,
+        loader,
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+    })
+}
 
+impl BootHead {
+    /// The whole head as one raw file, for `qemu-img convert` to put in front of the chain.
+    pub fn write_file(&self, head: &Path) -> Result<(), BootableError> {
+        let mut file = fs_err::File::create(head).map_err(io(head))?;
+        let mut write = |at: u64, source: &mut dyn std::io::Read| -> std::io::Result<()> {
+            file.seek(SeekFrom::Start(at))?;
+            std::io::copy(source, &mut file)?;
+            Ok(())
+        };
+        write(0, &mut &self.loader[..]).map_err(io(head))?;
+        for (path, extent) in self.payload() {
+            let mut from = fs_err::File::open(path).map_err(io(path))?;
+            write(extent.lba * SECTOR, &mut from).map_err(io(head))?;
+        }
+        file.set_len(self.layout.head_bytes()).map_err(io(head))?;
+        file.flush().map_err(io(head))
+    }
+
+    /// The head as pieces of a flat disk: the loader from `loader_file` (this head's
+    /// `loader`, written there), the kernel and the initrd from their own files, numbered
+    /// from `first_file`. Returns the pieces and the files, in that numbering.
+    pub fn pieces(&self, loader_file: &Path, first_file: usize) -> (Vec<Piece>, Vec<PathBuf>) {
+        let mut files = vec![loader_file.to_path_buf()];
+        let mut pieces = vec![Piece {
+            start: 0,
+            length: self.loader.len() as u64,
+            from: Source {
+                file: first_file,
+                offset: 0,
+            },
+        }];
+        for (path, extent) in self.payload() {
+            let length = fs_err::metadata(path).map(|m| m.len()).unwrap_or(0);
+            pieces.push(Piece {
+                start: extent.lba * SECTOR,
+                length: length.min(extent.sectors * SECTOR),
+                from: Source {
+                    file: first_file + files.len(),
+                    offset: 0,
+                },
+            });
+            files.push(path.clone());
+        }
+        (pieces, files)
+    }
+
+    /// The kernel and the initrd, where the layout puts them.
+    fn payload(&self) -> impl Iterator<Item = (&PathBuf, Extent)> {
+        std::iter::once((&self.kernel, self.layout.kernel))
+            .chain(self.initrd.iter().zip(self.layout.initrd))
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BootableError + use<> {
+    let path = path.to_path_buf();
+    move |source| BootableError::Io { path, source }
+}
+
+/// `core.img` for `config`: from the cache when GRUB's files are the ones that made it
+/// there, else made by `grub-mkimage` (deterministic: the same files and config give the
+/// same bytes) and kept.
+fn core_image(
+    mkimage: &Path,
+    config: &str,
+    grub_cache: &Path,
+    scratch: &Path,
+) -> Result<Vec<u8>, BootableError> {
+    let key = core_key(mkimage, config);
+    let cached = grub_cache.join(format!("core-{key}.img"));
+    if let Ok(core) = fs_err::read(&cached) {
+        return Ok(core);
+    }
     fs_err::create_dir_all(scratch).map_err(io(scratch))?;
-    let config = scratch.join("grub.cfg");
-    fs_err::write(&config, layout.grub_config(&boot.cmdline)).map_err(io(&config))?;
+    let config_path = scratch.join("grub.cfg");
+    fs_err::write(&config_path, config).map_err(io(&config_path))?;
     let core_path = scratch.join("core.img");
     let output = Command::new(mkimage)
-        .args(["-O", "i386-pc", "-d"])
-        .arg(grub_dir)
+        .args(["-O", "i386-pc", "-d", GRUB_PC_DIR])
         .arg("-o")
         .arg(&core_path)
         .arg("-c")
-        .arg(&config)
+        .arg(&config_path)
         .args(["-p", "(hd0)"])
         .args(GRUB_MODULES)
         .stdin(Stdio::null())
@@ -79,28 +174,38 @@ pub fn write_head(
             said: crate::model::text::printable(&String::from_utf8_lossy(&output.stderr)),
         });
     }
-    let core = placed_core(&fs_err::read(&core_path).map_err(io(&core_path))?)?;
-    let boot_img = grub_dir.join("boot.img");
-    let sector = layout.boot_sector(&fs_err::read(&boot_img).map_err(io(&boot_img))?)?;
+    let core = fs_err::read(&core_path).map_err(io(&core_path))?;
+    // Kept by a rename, so a reader never sees half of one; a cache that cannot be written
+    // costs the next export a `grub-mkimage`, nothing more.
+    let kept = (|| {
+        fs_err::create_dir_all(grub_cache)?;
+        let partial = grub_cache.join(format!(".core-{key}.{}", std::process::id()));
+        fs_err::write(&partial, &core)?;
+        fs_err::rename(&partial, &cached)
+    })();
+    drop(kept);
+    Ok(core)
+}
 
-    let mut file = fs_err::File::create(head).map_err(io(head))?;
-    let mut write = |at: u64, source: &mut dyn std::io::Read| -> std::io::Result<()> {
-        file.seek(SeekFrom::Start(at))?;
-        std::io::copy(source, &mut file)?;
-        Ok(())
+/// What `core.img` depends on: the config, and GRUB's program and module files (by name,
+/// size and time: a GRUB upgrade replaces them).
+fn core_key(mkimage: &Path, config: &str) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(config.as_bytes());
+    let mut stamp = |path: &Path| {
+        if let Ok(meta) = fs_err::metadata(path) {
+            hasher.update(path.as_os_str().as_encoded_bytes());
+            hasher.update(&meta.len().to_le_bytes());
+            hasher.update(&crate::store::fsutil::mtime_ns(&meta).to_le_bytes());
+        }
     };
-    write(0, &mut &sector[..]).map_err(io(head))?;
-    write(512, &mut &core[..]).map_err(io(head))?;
-    let sector_at = |lba: u64| lba * crate::model::build::bootable_disk::SECTOR;
-    let mut kernel = fs_err::File::open(&boot.kernel).map_err(io(&boot.kernel))?;
-    write(sector_at(layout.kernel.lba), &mut kernel).map_err(io(head))?;
-    if let (Some(extent), Some(path)) = (layout.initrd, &boot.initrd) {
-        let mut initrd = fs_err::File::open(path).map_err(io(path))?;
-        write(sector_at(extent.lba), &mut initrd).map_err(io(head))?;
+    stamp(mkimage);
+    let mut files: Vec<PathBuf> = fs_err::read_dir(GRUB_PC_DIR)
+        .map(|listing| listing.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in &files {
+        stamp(file);
     }
-    file.set_len(layout.head_bytes()).map_err(io(head))?;
-    file.flush().map_err(io(head))?;
-    let _ = fs_err::remove_file(&config);
-    let _ = fs_err::remove_file(&core_path);
-    Ok(layout)
+    hasher.finalize().to_hex()[..32].to_string()
 }

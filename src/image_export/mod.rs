@@ -7,6 +7,7 @@
 
 mod bootable;
 mod container_disk;
+mod flat_writer;
 mod vagrant_box;
 
 use std::path::{Path, PathBuf};
@@ -14,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use crate::build::layer::BootFiles;
 use crate::model::build::derivation::{DrvNode, Recipe};
-use crate::model::build::export::{ExportFormat, sha256sums_line};
+use crate::model::build::export::{Checksum, ExportFormat, checksum_line};
+use crate::model::build::flat_image::{self, FlatImage, LayoutError, Piece};
 use crate::model::config::DebianInit;
-use crate::model::hash::HashAlgo;
 use crate::model::values::Arch;
 use crate::project::Project;
 use crate::store::{Entry, Store};
+use bootable::BootHead;
 use container_disk::ContainerDisk;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,10 @@ pub enum ExportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Write(#[from] flat_writer::FlatWriteError),
+    #[error("Cannot lay out `{name}` as one qcow2: {source}")]
+    Layout { name: String, source: LayoutError },
     #[error("Cannot hash `{}`: {source}", path.display())]
     Hash {
         path: PathBuf,
@@ -77,6 +83,8 @@ pub struct ExportRequest<'a> {
     pub format: ExportFormat,
     /// qcow2 only: compressed clusters (smaller, slower to read).
     pub compress: bool,
+    /// The checksum written beside the artifact.
+    pub checksum: Checksum,
     /// Replace `file` when it exists.
     pub force: bool,
     /// containerdisk only: also send the image to this `REGISTRY/REPOSITORY[:TAG]`.
@@ -90,9 +98,11 @@ pub struct ExportRequest<'a> {
 pub struct Exported {
     /// The store entry the disk came from.
     pub entry: String,
-    pub sha256: String,
+    /// The artifact's checksum, as hex.
+    pub checksum_hex: String,
     pub bytes: u64,
-    /// The checksum file beside the disk (`FILE.sha256`) and the sidecar (`FILE.farm.json`).
+    /// The checksum file beside the disk (`FILE.blake3`, `FILE.sha256`) and the sidecar
+    /// (`FILE.farm.json`).
     pub checksum: PathBuf,
     pub sidecar: PathBuf,
     pub elapsed: Duration,
@@ -192,11 +202,13 @@ pub fn export(
             .virtual_size()
             .map_err(io(&entry.disk_path()))?
             .unwrap_or(entry.meta.size);
-        let (head, virtual_size) = match &boot {
+        let (boot_head, virtual_size) = match &boot {
             Some(boot) => {
-                let layout = bootable::write_head(boot, root_bytes, &head, &grub_scratch)?;
+                let prepared =
+                    bootable::prepare(boot, root_bytes, &store.grub_cache_dir(), &grub_scratch)?;
                 extra.insert("boot".into(), "grub (BIOS), root on /dev/vda1".into());
-                (Some(head.as_path()), layout.disk_bytes())
+                let size = prepared.layout.disk_bytes();
+                (Some(prepared), size)
             }
             None => {
                 extra.insert("boot".into(), "the image's own boot loader".into());
@@ -205,13 +217,32 @@ pub fn export(
         };
         extra.insert("virtual_size".into(), virtual_size.into());
         let progress = request.progress;
-        let convert_to = |out: &Path| {
+        let sources = ChainSources {
+            head: boot_head.as_ref().map(|h| (h, head.as_path())),
+            chain: chain.iter().map(Entry::disk_path).collect(),
+            virtual_size,
+        };
+        // Writes the disk; the hashes come with it when farm wrote it itself.
+        let convert_to = |out: &Path| -> Result<Option<crate::fetch::FileHashes>, ExportError> {
             let _ = fs_err::remove_file(out);
+            let flat = match request.format.disk_format() {
+                "qcow2" if !compressed => sources.flat_image(&node.name, flat_image::qcow2)?,
+                "raw" => sources.flat_image(&node.name, flat_image::raw)?,
+                _ => None,
+            };
+            if let Some((flat, files)) = flat {
+                let hashes =
+                    flat_writer::write(&flat, &files, out, request.checksum.algo(), progress)?;
+                return Ok(Some(hashes));
+            }
+            if let Some(boot_head) = &boot_head {
+                boot_head.write_file(&head)?;
+            }
             progress.set_length(virtual_size);
             progress.set_position(0);
             crate::sys::qemu_img::export(
                 &entry.disk_path(),
-                head,
+                boot_head.as_ref().map(|_| head.as_path()),
                 request.format.disk_format(),
                 compressed,
                 out,
@@ -222,9 +253,10 @@ pub fn export(
             .map_err(|source| ExportError::Convert {
                 name: node.name.clone(),
                 source,
-            })
+            })?;
+            Ok(None)
         };
-        match request.format {
+        let hashed = match request.format {
             ExportFormat::ContainerDisk => {
                 convert_to(&disk_partial)?;
                 let image =
@@ -237,6 +269,7 @@ pub fn export(
                 }
                 extra.insert("image_digest".into(), image.digest().into());
                 let _ = fs_err::remove_file(&disk_partial);
+                None
             }
             ExportFormat::VagrantLibvirt => {
                 convert_to(&disk_partial)?;
@@ -258,20 +291,27 @@ pub fn export(
                     .map_err(io(&partial))?;
                 extra.insert("user".into(), user.into());
                 let _ = fs_err::remove_file(&disk_partial);
+                None
             }
             _ => convert_to(&partial)?,
-        }
-        progress.set_message("sha256");
-        let hashes = crate::fetch::hash_file(&partial, Some(HashAlgo::Sha256), progress).map_err(
-            |source| ExportError::Hash {
-                path: partial.clone(),
-                source: Box::new(source),
-            },
-        )?;
-        let sha256 = hashes.digest.expect("a sha256 was asked for").to_hex();
+        };
+        let hashes = match hashed {
+            Some(hashes) => hashes,
+            None => {
+                progress.set_message(request.checksum.name());
+                crate::fetch::hash_file(&partial, Some(request.checksum.algo()), progress).map_err(
+                    |source| ExportError::Hash {
+                        path: partial.clone(),
+                        source: Box::new(source),
+                    },
+                )?
+            }
+        };
+        let checksum_hex = hashes.digest.expect("a digest was asked for").to_hex();
         let bytes = hashes.size;
-        let checksum = dir.join(format!("{file_name}.sha256"));
-        fs_err::write(&checksum, sha256sums_line(&sha256, &file_name)).map_err(io(&checksum))?;
+        let checksum = dir.join(format!("{file_name}.{}", request.checksum.name()));
+        fs_err::write(&checksum, checksum_line(&checksum_hex, &file_name))
+            .map_err(io(&checksum))?;
         let sidecar = dir.join(format!("{file_name}.farm.json"));
         let mut meta = serde_json::json!({
             "name": node.name,
@@ -280,9 +320,10 @@ pub fn export(
             "layer_blake3": entry.meta.output_blake3.to_string(),
             "format": request.format.name(),
             "compressed": compressed,
-            "sha256": sha256,
+            "bytes": bytes,
         });
         if let Some(fields) = meta.as_object_mut() {
+            fields.insert(request.checksum.name().into(), checksum_hex.clone().into());
             fields.extend(extra);
         }
         let text = serde_json::to_string_pretty(&meta).unwrap_or_default() + "\n";
@@ -290,7 +331,7 @@ pub fn export(
         fs_err::rename(&partial, file).map_err(io(file))?;
         Ok(Exported {
             entry: entry.dir_name().to_string(),
-            sha256,
+            checksum_hex,
             bytes,
             checksum,
             sidecar,
@@ -331,4 +372,61 @@ fn chain(store: &Store, entry: &Entry) -> Vec<Entry> {
         chain.push(below);
     }
     chain
+}
+
+/// What an export is made of: the chain's disks (top first, as the store links them and
+/// as `qemu-img map` numbers them), with a boot head in front when farm adds one (and
+/// where its loader is written).
+struct ChainSources<'a> {
+    head: Option<(&'a BootHead, &'a Path)>,
+    chain: Vec<PathBuf>,
+    virtual_size: u64,
+}
+
+impl ChainSources<'_> {
+    /// The disk as farm lays it out itself (`lay_out`: `flat_image::qcow2` or `raw`), and
+    /// the files it reads; `None` when the chain has clusters farm does not copy as they
+    /// are (compressed ones, say: qemu-img converts such a chain instead).
+    fn flat_image(
+        &self,
+        name: &str,
+        lay_out: fn(u64, &[Piece]) -> Result<FlatImage, LayoutError>,
+    ) -> Result<Option<(FlatImage, Vec<PathBuf>)>, ExportError> {
+        let Some(top) = self.chain.first() else {
+            return Ok(None);
+        };
+        let map = match crate::store::qcow2_map::map_chain(&self.chain) {
+            Ok(Some(map)) => map,
+            Ok(None) => return Ok(None),
+            Err(source) => {
+                return Err(ExportError::Io {
+                    path: top.clone(),
+                    source,
+                });
+            }
+        };
+        let (mut pieces, mut files, shift) = match self.head {
+            Some((head, loader_file)) => {
+                fs_err::write(loader_file, &head.loader).map_err(|source| ExportError::Io {
+                    path: loader_file.to_path_buf(),
+                    source,
+                })?;
+                let (pieces, files) = head.pieces(loader_file, 0);
+                (pieces, files, head.layout.head_bytes())
+            }
+            None => (Vec::new(), Vec::new(), 0),
+        };
+        let layout = |source| ExportError::Layout {
+            name: name.to_string(),
+            source,
+        };
+        match flat_image::pieces_from_map(&map, self.chain.len(), shift, files.len()) {
+            Ok(chain) => pieces.extend(chain),
+            Err(LayoutError::Compressed { .. }) => return Ok(None),
+            Err(other) => return Err(layout(other)),
+        }
+        files.extend(self.chain.iter().cloned());
+        let flat = lay_out(self.virtual_size, &pieces).map_err(layout)?;
+        Ok(Some((flat, files)))
+    }
 }

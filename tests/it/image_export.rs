@@ -144,15 +144,28 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     let info = farm::sys::qemu_img::info(&out.join("a.qcow2")).unwrap();
     assert_eq!(info.format, "qcow2");
     assert!(info.backing_filename.is_none(), "{info:?}");
-    // Its checksum file is `sha256sum -c`'s, and its sidecar names the derivation.
-    let check = Command::new("sha256sum")
-        .args(["-c", "a.qcow2.sha256"])
+    // farm laid the qcow2 out itself: qemu-img finds nothing wrong in it.
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(out.join("a.qcow2"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    // Its checksum file is `b3sum -c`'s (blake3, the default), and its sidecar names the
+    // derivation and says the same checksum.
+    let check = Command::new("b3sum")
+        .args(["-c", "a.qcow2.blake3"])
         .current_dir(&out)
         .output()
         .unwrap();
     assert!(check.status.success(), "{}", text(&check));
     let sidecar: serde_json::Value =
         serde_json::from_slice(&fs_err::read(out.join("a.qcow2.farm.json")).unwrap()).unwrap();
+    let line = fs_err::read_to_string(out.join("a.qcow2.blake3")).unwrap();
+    assert_eq!(
+        Some(line.split_whitespace().next().unwrap()),
+        sidecar["blake3"].as_str()
+    );
     let shown: serde_json::Value =
         serde_json::from_slice(&p.ok(&["show", "--json", "stamped"]).stdout).unwrap();
     assert_eq!(sidecar["derivation"], shown[0]["hash"]);
@@ -174,6 +187,27 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     export("a.raw", "raw");
     export("b.raw", "raw");
     assert!(fs_err::read(out.join("a.raw")).unwrap() == fs_err::read(out.join("b.raw")).unwrap());
+    // The same guest bytes in both.
+    let same = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(out.join("a.qcow2"))
+        .arg(out.join("a.raw"))
+        .output()
+        .unwrap();
+    assert!(same.status.success(), "{}", text(&same));
+    // A SHA-256 instead, for a consumer that wants one: `sha256sum -c` reads it.
+    let sha = run("stamped", "c.qcow2", &["--checksum", "sha256"]);
+    assert!(sha.status.success(), "{}", text(&sha));
+    let check = Command::new("sha256sum")
+        .args(["-c", "c.qcow2.sha256"])
+        .current_dir(&out)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert_eq!(
+        fs_err::read(out.join("a.qcow2")).unwrap(),
+        fs_err::read(out.join("c.qcow2")).unwrap()
+    );
     for (file, format) in [("a.qcow2", "qcow2"), ("a.raw", "raw")] {
         assert_eq!(
             boot_and_read_stamp(&out.join(file), format, &key),
@@ -256,7 +290,7 @@ fn a_platform_is_exported_flat_with_its_checksum_the_same_bytes_each_time() {
     // `--build` builds it first.
     let built = run("unbuilt", "u.qcow2", &["--build"]);
     assert!(built.status.success(), "{}", text(&built));
-    assert!(out.join("u.qcow2").is_file() && out.join("u.qcow2.sha256").is_file());
+    assert!(out.join("u.qcow2").is_file() && out.join("u.qcow2.blake3").is_file());
     let unknown = run("nosuch", "n.qcow2", &[]);
     assert!(
         !unknown.status.success() && text(&unknown).contains("nosuch"),
@@ -302,6 +336,8 @@ fn a_container_disk_goes_to_a_real_registry_with_one_layer_holding_the_disk_for_
         "--format",
         "containerdisk",
         "--compress",
+        "--checksum",
+        "sha256",
         "--push",
         &target,
     ]);
