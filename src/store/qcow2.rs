@@ -149,17 +149,19 @@ pub(super) fn be_u64(bytes: &[u8], at: usize) -> Result<u64, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::path::PathBuf;
     use std::process::Command;
 
-    fn qemu_img(args: &[&str]) {
-        let status = Command::new("qemu-img")
+    /// Runs `qemu-img` and returns what it printed; a failure fails the test.
+    pub(in crate::store) fn qemu_img(args: &[&str]) -> Vec<u8> {
+        let out = Command::new("qemu-img")
             .args(args)
-            .status()
+            .output()
             .expect("qemu-img (scripts/setup.sh installs it)");
-        assert!(status.success(), "qemu-img {args:?}");
+        assert!(out.status.success(), "qemu-img {args:?}");
+        out.stdout
     }
 
     /// `base.qcow2` of `base_size` in `dir`, and `child.qcow2` of `child_size` on it.

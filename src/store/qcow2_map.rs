@@ -235,16 +235,8 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::qcow2::tests::qemu_img;
     use std::process::Command;
-
-    fn qemu_img(args: &[&str]) -> Vec<u8> {
-        let out = Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("qemu-img (scripts/setup.sh installs it)");
-        assert!(out.status.success(), "qemu-img {args:?}");
-        out.stdout
-    }
 
     fn qemu_io(image: &Path, command: &str) {
         let status = Command::new("qemu-io")
