@@ -57,38 +57,42 @@ pub fn write(
         })
         .collect::<Result<_, _>>()?;
     // Every run is checked against its file before a byte is written.
+    let lens: Vec<u64> = files
+        .iter()
+        .zip(sources)
+        .map(|(file, path)| file.metadata().map(|m| m.len()).map_err(read_error(path)))
+        .collect::<Result<_, _>>()?;
     for segment in &flat.segments {
         if let Segment::Copy {
             file,
             offset,
             length,
         } = segment
+            && offset + length > lens[*file]
         {
-            let len = files[*file]
-                .metadata()
-                .map_err(read_error(&sources[*file]))?
-                .len();
-            if offset + length > len {
-                return Err(FlatWriteError::Short {
-                    path: sources[*file].clone(),
-                    len,
-                    wanted: offset + length,
-                });
-            }
+            return Err(FlatWriteError::Short {
+                path: sources[*file].clone(),
+                len: lens[*file],
+                wanted: offset + length,
+            });
         }
     }
-    // Mapped with every page faulted in by the one call (`populate`): measured, a tenth
-    // faster than faulting them in as the hash reads them.
+    // Mapped on the hashing thread, so the copy starts at once, with every page faulted in
+    // by the one call (`populate`): measured, a tenth faster than faulting them in as the
+    // hash reads them.
     // SAFETY: the sources are store files (sealed read-only), the kernel and initrd beside
     // them, and the export's own loader; nothing truncates them while the export runs, and
     // every run was checked in bounds above.
-    let maps: Vec<memmap2::Mmap> = files
-        .iter()
-        .zip(sources)
-        .map(|(file, path)| {
-            unsafe { memmap2::MmapOptions::new().populate().map(file) }.map_err(read_error(path))
-        })
-        .collect::<Result<_, _>>()?;
+    let map_all = || -> Result<Vec<memmap2::Mmap>, FlatWriteError> {
+        files
+            .iter()
+            .zip(sources)
+            .map(|(file, path)| {
+                unsafe { memmap2::MmapOptions::new().populate().map(file) }
+                    .map_err(read_error(path))
+            })
+            .collect()
+    };
     let output = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -100,7 +104,7 @@ pub fn write(
     progress.set_length(flat.file_bytes);
     progress.set_position(0);
     let (written, hashes) = std::thread::scope(|scope| {
-        let hashing = scope.spawn(|| hash(flat, &maps, algo));
+        let hashing = scope.spawn(|| map_all().map(|maps| hash(flat, &maps, algo)));
         let written = copy_all(flat, &files, &output, progress);
         (written, hashing.join().expect("hashing does not panic"))
     });
@@ -110,7 +114,7 @@ pub fn write(
             path: out.to_path_buf(),
             source,
         })?;
-    Ok(hashes)
+    hashes
 }
 
 fn hash(flat: &FlatImage, maps: &[memmap2::Mmap], algo: HashAlgo) -> FileHashes {
