@@ -1,9 +1,11 @@
 //! `farm image export`: a built platform's layer chain flattened into one standalone disk
 //! that another tool boots (issue 32), or wrapped as that tool wants it (a KubeVirt
-//! containerDisk, `container_disk`), with a `sha256sum -c` line and a sidecar naming the
-//! derivation it came from. The artifact is written under a hidden name beside the target
-//! and renamed into place last: a failed or killed export leaves nothing under the
-//! target's name.
+//! containerDisk, `container_disk`), with a checksum line (`b3sum -c` or `sha256sum -c`)
+//! and a sidecar naming the derivation it came from. qcow2 and raw disks are laid out and
+//! written by farm (`flat_writer`), hashed as they are written; other formats go through
+//! `qemu-img convert`. The artifact is written under a hidden name beside the target and
+//! renamed into place last: a failed or killed export leaves nothing under the target's
+//! name.
 
 mod bootable;
 mod container_disk;
