@@ -43,8 +43,9 @@ pub struct BootHead {
     pub layout: BootLayout,
     /// Sector 0 and `core.img` from sector 1 on.
     pub loader: Vec<u8>,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    /// The kernel and the initrd: their files and lengths.
+    pub kernel: (PathBuf, u64),
+    pub initrd: Option<(PathBuf, u64)>,
 }
 
 /// The head of a bootable disk for `boot` over a root filesystem of `root_bytes`.
@@ -62,12 +63,13 @@ pub fn prepare(
     let (Some(mkimage), true) = (mkimage, grub_dir.join("boot.img").is_file()) else {
         return Err(BootableError::NoGrub);
     };
-    let size = |path: &Path| fs_err::metadata(path).map(|m| m.len()).map_err(io(path));
-    let initrd_bytes = match &boot.initrd {
-        Some(initrd) => Some(size(initrd)?),
-        None => None,
+    let sized = |path: &PathBuf| {
+        let len = fs_err::metadata(path).map(|m| m.len()).map_err(io(path))?;
+        Ok::<_, BootableError>((path.clone(), len))
     };
-    let layout = BootLayout::new(size(&boot.kernel)?, initrd_bytes, root_bytes);
+    let kernel = sized(&boot.kernel)?;
+    let initrd = boot.initrd.as_ref().map(sized).transpose()?;
+    let layout = BootLayout::new(kernel.1, initrd.as_ref().map(|i| i.1), root_bytes);
     let config = layout.grub_config(&boot.cmdline);
     let core = placed_core(&core_image(&mkimage, &config, grub_cache, scratch)?)?;
     let boot_img = grub_dir.join("boot.img");
@@ -77,8 +79,8 @@ pub fn prepare(
     Ok(BootHead {
         layout,
         loader,
-        kernel: boot.kernel.clone(),
-        initrd: boot.initrd.clone(),
+        kernel,
+        initrd,
     })
 }
 
@@ -92,7 +94,7 @@ impl BootHead {
             Ok(())
         };
         write(0, &mut &self.loader[..]).map_err(io(head))?;
-        for (path, extent) in self.payload() {
+        for ((path, _), extent) in self.payload() {
             let mut from = fs_err::File::open(path).map_err(io(path))?;
             write(extent.lba * SECTOR, &mut from).map_err(io(head))?;
         }
@@ -113,11 +115,10 @@ impl BootHead {
                 offset: 0,
             },
         }];
-        for (path, extent) in self.payload() {
-            let length = fs_err::metadata(path).map(|m| m.len()).unwrap_or(0);
+        for ((path, length), extent) in self.payload() {
             pieces.push(Piece {
                 start: extent.lba * SECTOR,
-                length: length.min(extent.sectors * SECTOR),
+                length: *length,
                 from: Source {
                     file: first_file + files.len(),
                     offset: 0,
@@ -129,7 +130,7 @@ impl BootHead {
     }
 
     /// The kernel and the initrd, where the layout puts them.
-    fn payload(&self) -> impl Iterator<Item = (&PathBuf, Extent)> {
+    fn payload(&self) -> impl Iterator<Item = (&(PathBuf, u64), Extent)> {
         std::iter::once((&self.kernel, self.layout.kernel))
             .chain(self.initrd.iter().zip(self.layout.initrd))
     }

@@ -36,14 +36,15 @@ pub enum FlatWriteError {
 }
 
 /// Writes `flat` to `out` (created; it must not exist), reading the `sources` its segments
-/// name; returns the file's hashes (blake3, and `algo` when it is another).
+/// name; returns the file's hashes (blake3, and `algo` when it is another), or `None`
+/// without an `algo` (a disk that goes into an archive, which is hashed instead).
 pub fn write(
     flat: &FlatImage,
     sources: &[PathBuf],
     out: &Path,
-    algo: HashAlgo,
+    algo: Option<HashAlgo>,
     progress: &indicatif::ProgressBar,
-) -> Result<FileHashes, FlatWriteError> {
+) -> Result<Option<FileHashes>, FlatWriteError> {
     let read_error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| FlatWriteError::Read { path, source }
@@ -104,9 +105,13 @@ pub fn write(
     progress.set_length(flat.file_bytes);
     progress.set_position(0);
     let (written, hashes) = std::thread::scope(|scope| {
-        let hashing = scope.spawn(|| map_all().map(|maps| hash(flat, &maps, algo)));
+        let hashing =
+            algo.map(|algo| scope.spawn(move || map_all().map(|maps| hash(flat, &maps, algo))));
         let written = copy_all(flat, &files, &output, progress);
-        (written, hashing.join().expect("hashing does not panic"))
+        let hashes = hashing
+            .map(|h| h.join().expect("hashing does not panic"))
+            .transpose();
+        (written, hashes)
     });
     written
         .and_then(|()| output.set_len(flat.file_bytes))

@@ -20,6 +20,7 @@ use crate::model::build::derivation::{DrvNode, Recipe};
 use crate::model::build::export::{Checksum, ExportFormat, checksum_line};
 use crate::model::build::flat_image::{self, FlatImage, LayoutError, Piece};
 use crate::model::config::DebianInit;
+use crate::model::hash::HashAlgo;
 use crate::model::values::Arch;
 use crate::project::Project;
 use crate::store::{Entry, Store};
@@ -224,8 +225,10 @@ pub fn export(
             chain: chain.iter().map(Entry::disk_path).collect(),
             virtual_size,
         };
-        // Writes the disk; the hashes come with it when farm wrote it itself.
-        let convert_to = |out: &Path| -> Result<Option<crate::fetch::FileHashes>, ExportError> {
+        // Writes the disk, hashed as it is written with `algo` when farm writes it itself.
+        let convert_to = |out: &Path,
+                          algo: Option<HashAlgo>|
+         -> Result<Option<crate::fetch::FileHashes>, ExportError> {
             let _ = fs_err::remove_file(out);
             let flat = match request.format.disk_format() {
                 "qcow2" if !compressed => sources.flat_image(&node.name, flat_image::qcow2)?,
@@ -233,9 +236,7 @@ pub fn export(
                 _ => None,
             };
             if let Some((flat, files)) = flat {
-                let hashes =
-                    flat_writer::write(&flat, &files, out, request.checksum.algo(), progress)?;
-                return Ok(Some(hashes));
+                return Ok(flat_writer::write(&flat, &files, out, algo, progress)?);
             }
             if let Some(boot_head) = &boot_head {
                 boot_head.write_file(&head)?;
@@ -260,7 +261,7 @@ pub fn export(
         };
         let hashed = match request.format {
             ExportFormat::ContainerDisk => {
-                convert_to(&disk_partial)?;
+                convert_to(&disk_partial, None)?;
                 let image =
                     ContainerDisk::prepare(&disk_partial, &node.name, arch, &node.hash.to_string())
                         .map_err(io(&disk_partial))?;
@@ -274,7 +275,7 @@ pub fn export(
                 None
             }
             ExportFormat::VagrantLibvirt => {
-                convert_to(&disk_partial)?;
+                convert_to(&disk_partial, None)?;
                 let lineage = project.graph.closure(std::slice::from_ref(id));
                 let user = login_user(&lineage);
                 // busybox images say nothing of themselves that Vagrant could detect.
@@ -295,7 +296,7 @@ pub fn export(
                 let _ = fs_err::remove_file(&disk_partial);
                 None
             }
-            _ => convert_to(&partial)?,
+            _ => convert_to(&partial, Some(request.checksum.algo()))?,
         };
         let hashes = match hashed {
             Some(hashes) => hashes,

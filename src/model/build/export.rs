@@ -99,7 +99,7 @@ impl FromStr for ExportFormat {
 /// blake3 by default: it is farm's own hash (the store is keyed by it), `b3sum` is in
 /// Debian, and at 5 GB/s on one core it is hashed as fast as the disk is written. SHA-256
 /// (for a cloud or a Vagrant catalogue that wants it) runs at about a third of that with
-/// the CPU's SHA instructions, so it costs an export about twice its time.
+/// the CPU's SHA instructions, so it costs an export about three times its time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Checksum {
     Blake3,
@@ -119,14 +119,6 @@ impl Checksum {
             Checksum::Sha256 => HashAlgo::Sha256,
         }
     }
-
-    /// The program whose `-c` checks the file.
-    pub fn tool(self) -> &'static str {
-        match self {
-            Checksum::Blake3 => "b3sum",
-            Checksum::Sha256 => "sha256sum",
-        }
-    }
 }
 
 impl fmt::Display for Checksum {
@@ -142,7 +134,10 @@ impl FromStr for Checksum {
         Checksum::ALL
             .into_iter()
             .find(|c| c.name() == s)
-            .ok_or_else(|| format!("Unknown checksum `{s}`\nhint: one of blake3, sha256"))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Checksum::ALL.iter().map(|c| c.name()).collect();
+                format!("Unknown checksum `{s}`\nhint: one of {}", names.join(", "))
+            })
     }
 }
 
